@@ -1,0 +1,109 @@
+"""``diffopt.innerloop``: higher's ``innerloop_ctx`` with diffopt's optimizers.
+
+::
+
+    with diffopt.innerloop(model, torch.optim.Adam(model.parameters(), lr=0.1)) as (fmodel, dopt):
+        for _ in range(5):
+            dopt.step(loss_fn(fmodel(x_support), y_support))
+        loss_fn(fmodel(x_query), y_query).backward()   # meta-gradients reach model.parameters()
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import higher
+import torch
+from torch import Tensor, nn
+
+from .optim import DifferentiableOptimizer, from_torch
+
+__all__ = ["innerloop", "PatchedOptimizer"]
+
+
+class PatchedOptimizer:
+    """A differentiable optimizer bound to a monkeypatched model.
+
+    ``step(loss)`` computes the update from ``fmodel``'s current fast weights
+    and installs the result with ``fmodel.update_params``; it returns the new
+    fast weights.
+    """
+
+    def __init__(self, fmodel: higher.patch._MonkeyPatchBase, optimizer: DifferentiableOptimizer) -> None:
+        self.fmodel = fmodel
+        self.optimizer = optimizer
+        self._position = optimizer._fmodel_positions  # type: ignore[attr-defined]
+
+    def step(self, loss: Tensor, **kwargs: Any) -> list[Tensor]:
+        fast = list(self.fmodel.fast_params)
+        current = [fast[j] for j in self._position]
+        new = self.optimizer.step(loss, params=current, **kwargs)
+        for j, tensor in zip(self._position, new):
+            fast[j] = tensor
+        self.fmodel.update_params(fast)
+        return fast
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.optimizer, name)
+
+
+@contextlib.contextmanager
+def innerloop(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | DifferentiableOptimizer,
+    *,
+    first_order: bool = False,
+    copy_initial_weights: bool = False,
+    track_higher_grads: bool = True,
+    **options: Any,
+) -> Iterator[tuple[higher.patch._MonkeyPatchBase, PatchedOptimizer]]:
+    """Yield ``(fmodel, dopt)``: a monkeypatched ``model`` and its differentiable optimizer.
+
+    Args:
+        model: the module to unroll.
+        optimizer: a torch.optim optimizer over (some of) ``model``'s parameters,
+            converted with :func:`diffopt.optim.from_torch` (state included), or a
+            diffopt optimizer constructed on ``model``'s parameters.
+        first_order: no graph through the inner gradients (first-order MAML);
+            tensor hyperparameters still receive gradients through the updates.
+        copy_initial_weights: if True the fast weights start from detached copies,
+            so no meta-gradient reaches ``model``'s parameters (higher's default);
+            diffopt's default is False, as MAML needs.
+        track_higher_grads: False runs the loop without any graph (evaluation).
+        **options: passed to ``from_torch`` (``check_finite``, clipping, ...).
+    """
+    model_params = list(model.parameters())
+    fmodel = higher.monkeypatch(
+        model, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
+    )
+    fast = list(fmodel.fast_params)
+    index_of = {id(p): j for j, p in enumerate(model_params)}
+    if isinstance(optimizer, DifferentiableOptimizer):
+        originals = optimizer.params
+        if first_order and not optimizer.first_order:
+            optimizer.first_order = True
+        dopt = optimizer
+    elif isinstance(optimizer, torch.optim.Optimizer):
+        originals = [p for g in optimizer.param_groups for p in g["params"]]
+        dopt = None
+    else:
+        raise TypeError(
+            f"innerloop(optimizer=...): expected a torch.optim or diffopt optimizer, got "
+            f"{type(optimizer).__name__}"
+        )
+    positions = []
+    for k, p in enumerate(originals):
+        if id(p) not in index_of:
+            raise ValueError(
+                f"innerloop: the optimizer's parameter {k} (shape {tuple(p.shape)}) is not a "
+                "parameter of the model; build the optimizer on model.parameters()"
+            )
+        positions.append(index_of[id(p)])
+    starts = [fast[j] for j in positions]
+    if dopt is None:
+        dopt = from_torch(optimizer, params=starts, first_order=first_order, **options)  # type: ignore[arg-type]
+    else:
+        dopt.params = starts
+    dopt._fmodel_positions = positions  # type: ignore[attr-defined]
+    yield fmodel, PatchedOptimizer(fmodel, dopt)

@@ -1,0 +1,37 @@
+"""Differentiable optimizers: exact, differentiable twins of ``torch.optim``.
+
+Each optimizer is a pure update rule (``init_state`` / ``update_one`` over
+tensors, nothing in place) wrapped by a thin stateful class whose
+``step(loss)`` returns the new parameters on the autograd graph::
+
+    opt = diffopt.optim.Adam(params, lr=torch.tensor(1e-2, requires_grad=True))
+    for _ in range(50):
+        params = opt.step(loss_fn(params))
+    loss_fn(params).backward()   # gradients reach the initial params and lr
+"""
+from ._hyper import PerParameter, Schedule
+from ._rule import UpdateRule, safe_sqrt
+from .adadelta import Adadelta, AdadeltaRule
+from .adagrad import Adagrad, AdagradRule
+from .adam import Adam, AdamRule, AdamW
+from .adamax import Adamax, AdamaxRule
+from .asgd import ASGD, ASGDRule
+from .convert import TWINS, from_torch
+from .nadam import NAdam, NAdamRule
+from .optimizer import DifferentiableOptimizer, NonFiniteError
+from .radam import RAdam, RAdamRule
+from .rmsprop import RMSprop, RMSpropRule
+from .rprop import Rprop, RpropRule
+from .sgd import SGD, SGDRule
+from .transforms import clip_grad_norm, clip_grad_value
+
+OPTIMIZERS: dict[str, type[DifferentiableOptimizer]] = {
+    cls.__name__: cls for cls in (SGD, Adam, AdamW, Adagrad, Adadelta, Adamax, NAdam, RAdam, RMSprop, Rprop, ASGD)
+}
+
+__all__ = [
+    "ASGD", "ASGDRule", "Adadelta", "AdadeltaRule", "Adagrad", "AdagradRule", "Adam", "AdamRule", "AdamW",
+    "Adamax", "AdamaxRule", "DifferentiableOptimizer", "NAdam", "NAdamRule", "NonFiniteError", "OPTIMIZERS",
+    "PerParameter", "RAdam", "RAdamRule", "RMSprop", "RMSpropRule", "Rprop", "RpropRule", "SGD", "SGDRule",
+    "Schedule", "TWINS", "UpdateRule", "clip_grad_norm", "clip_grad_value", "from_torch", "safe_sqrt",
+]

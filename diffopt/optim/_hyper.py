@@ -1,0 +1,128 @@
+"""Hyperparameter values: numbers, tensors, per-parameter lists and per-step schedules.
+
+A hyperparameter in a parameter group may be
+
+* a Python number (the torch.optim case);
+* a tensor, possibly requiring grad, that broadcasts against every parameter of
+  its group: a scalar tensor, or a per-element tensor of the parameter's shape
+  (which also broadcasts against weights with a leading task dimension);
+* :class:`PerParameter` — one value per parameter of the group;
+* :class:`Schedule` — one value per optimizer step (a sequence, a tensor whose
+  leading dimension indexes the step, or a callable ``step -> value``).
+
+Wrappers nest: ``PerParameter([Schedule(...), 0.1])`` is valid.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["PerParameter", "Schedule", "HyperValue", "resolve", "is_tensor_valued"]
+
+
+class PerParameter:
+    """One hyperparameter value per parameter of a group, in the group's order."""
+
+    def __init__(self, values: Sequence[Any]) -> None:
+        if isinstance(values, (Tensor, str)) or not isinstance(values, Sequence):
+            raise TypeError(
+                "PerParameter(values): values must be a list or tuple with one entry per "
+                f"parameter of the group, got {type(values).__name__}"
+            )
+        self.values = list(values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __repr__(self) -> str:
+        return f"PerParameter({self.values!r})"
+
+
+class Schedule:
+    """A per-step hyperparameter: entry ``t`` is used at the optimizer's step ``t`` (0-based).
+
+    ``values`` is a sequence of values, a tensor whose leading dimension indexes
+    the step (so ``Schedule(torch.full((K,), 0.1, requires_grad=True))`` is a
+    learnable per-step learning rate), or a callable ``step -> value``.
+    """
+
+    def __init__(self, values: Sequence[Any] | Tensor | Callable[[int], Any]) -> None:
+        if isinstance(values, Tensor):
+            if values.dim() == 0:
+                raise ValueError(
+                    "Schedule(values): a 0-dim tensor has no step dimension; pass a tensor "
+                    "whose leading dimension indexes the step, or use the scalar directly"
+                )
+        elif not callable(values) and not isinstance(values, Sequence):
+            raise TypeError(
+                "Schedule(values): expected a sequence, a tensor with a leading step "
+                f"dimension or a callable step -> value, got {type(values).__name__}"
+            )
+        self.values = values
+
+    def at(self, step: int, name: str) -> Any:
+        if callable(self.values) and not isinstance(self.values, Tensor):
+            return self.values(step)
+        length = len(self.values)
+        if step >= length:
+            raise IndexError(
+                f"hyperparameter {name!r}: its Schedule has {length} entries but step "
+                f"{step} (0-based) was requested; give one entry per inner step"
+            )
+        return self.values[step]
+
+    def __repr__(self) -> str:
+        return f"Schedule({self.values!r})"
+
+
+HyperValue = Union[float, int, bool, Tensor, PerParameter, Schedule, tuple, None]
+
+
+def resolve(value: Any, name: str, index_in_group: int, step: int) -> Any:
+    """The concrete value of a hyperparameter for one parameter at one step."""
+    if isinstance(value, PerParameter):
+        if index_in_group >= len(value):
+            raise ValueError(
+                f"hyperparameter {name!r}: PerParameter has {len(value)} values but the "
+                f"group has a parameter at position {index_in_group}; give one value per "
+                "parameter of the group"
+            )
+        return resolve(value.values[index_in_group], name, index_in_group, step)
+    if isinstance(value, Schedule):
+        return resolve(value.at(step, name), name, index_in_group, step)
+    if isinstance(value, tuple):
+        return tuple(resolve(v, f"{name}[{i}]", index_in_group, step) for i, v in enumerate(value))
+    return value
+
+
+def is_tensor_valued(value: Any) -> bool:
+    """Whether a hyperparameter (or any part of it) is a tensor."""
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, PerParameter):
+        return any(is_tensor_valued(v) for v in value.values)
+    if isinstance(value, Schedule):
+        return isinstance(value.values, Tensor) or callable(value.values) or any(
+            is_tensor_valued(v) for v in value.values
+        )
+    if isinstance(value, tuple):
+        return any(is_tensor_valued(v) for v in value)
+    return False
+
+
+def leaves(value: Any) -> list[Any]:
+    """Every concrete value inside a (possibly wrapped) hyperparameter, for validation."""
+    if isinstance(value, PerParameter):
+        return [leaf for v in value.values for leaf in leaves(v)]
+    if isinstance(value, Schedule):
+        if callable(value.values) and not isinstance(value.values, Tensor):
+            return []
+        if isinstance(value.values, Tensor):
+            return [value.values]
+        return [leaf for v in value.values for leaf in leaves(v)]
+    if isinstance(value, tuple):
+        return [leaf for v in value for leaf in leaves(v)]
+    return [value]

@@ -1,0 +1,71 @@
+r"""Adagrad, as ``torch.optim.Adagrad`` (Duchi et al., 2011).
+
+.. math::
+    s_t = s_{t-1} + g_t^2,\qquad
+    \theta_t = \theta_{t-1} - \frac{\gamma}{1 + (t-1)\eta}\,\frac{g_t}{\sqrt{s_t} + \epsilon}
+
+with :math:`\eta` the ``lr_decay`` and :math:`s_0` the ``initial_accumulator_value``.
+Like torch, the state is created for every parameter at construction.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._rule import Hyper, State, UpdateRule, check_range, safe_sqrt
+from .adam import add_weight_decay
+from .optimizer import DifferentiableOptimizer
+
+
+class AdagradRule(UpdateRule):
+    name = "adagrad"
+    defaults = {
+        "lr": 1e-2, "lr_decay": 0.0, "weight_decay": 0.0, "initial_accumulator_value": 0.0, "eps": 1e-10,
+        "maximize": False,
+    }
+    eager_state = True
+
+    def init_state(self, param: Tensor, hp: Hyper) -> State:
+        initial = hp["initial_accumulator_value"]
+        total = torch.zeros_like(param) + initial
+        return {"step": 0, "sum": total}
+
+    def update_one(self, param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
+        step = state["step"] + 1
+        g = -grad if hp["maximize"] else grad
+        param, g = add_weight_decay(param, g, hp)
+        clr = hp["lr"] / (1 + (step - 1) * hp["lr_decay"])
+        total = state["sum"] + g * g
+        std = safe_sqrt(total) + hp["eps"]
+        return param - clr * (g / std), {"step": step, "sum": total}
+
+    def validate_group(self, group: Mapping[str, Any], where: str) -> None:
+        super().validate_group(group, where)
+        check_range(group["lr_decay"], "lr_decay", where, low=0.0)
+        check_range(group["initial_accumulator_value"], "initial_accumulator_value", where, low=0.0)
+
+
+class Adagrad(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.Adagrad``."""
+
+    rule_class = AdagradRule
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-2,
+        lr_decay: float | Tensor = 0.0,
+        weight_decay: float | Tensor = 0.0,
+        initial_accumulator_value: float | Tensor = 0.0,
+        eps: float | Tensor = 1e-10,
+        *,
+        maximize: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize, **options,
+        )

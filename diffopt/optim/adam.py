@@ -1,0 +1,126 @@
+r"""Adam and AdamW, as ``torch.optim.Adam`` / ``torch.optim.AdamW`` (Kingma & Ba, 2015;
+Loshchilov & Hutter, 2019).
+
+.. math::
+    m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+    \theta_t &= \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,
+        \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+
+with :math:`\hat v_t = \max(\hat v_{t-1}, v_t)` under ``amsgrad``. Weight decay is
+added to the gradient, or with ``decoupled_weight_decay`` (AdamW) applied as
+:math:`\theta \leftarrow \theta(1-\gamma\lambda)` first.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._rule import Hyper, State, UpdateRule, check_pair, check_range, nonzero, safe_sqrt
+from .optimizer import DifferentiableOptimizer
+
+
+def power(base: Any, exponent: int) -> Any:
+    return base**exponent
+
+
+def add_weight_decay(param: Tensor, grad: Tensor, hp: Hyper) -> tuple[Tensor, Tensor]:
+    """Coupled (L2 in the gradient) or decoupled (shrink the weights) weight decay."""
+    wd = hp["weight_decay"]
+    if not nonzero(wd):
+        return param, grad
+    if hp.get("decoupled_weight_decay", False):
+        return param * (1 - hp["lr"] * wd), grad
+    return param, grad + wd * param
+
+
+def check_betas(group: Mapping[str, Any], where: str) -> None:
+    beta1, beta2 = check_pair(group["betas"], "betas", where)
+    check_range(beta1, "betas[0]", where, low=0.0, high=1.0)
+    check_range(beta2, "betas[1]", where, low=0.0, high=1.0)
+
+
+class AdamRule(UpdateRule):
+    name = "adam"
+    defaults = {
+        "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
+        "maximize": False, "decoupled_weight_decay": False,
+    }
+    flags = frozenset({"amsgrad", "maximize", "decoupled_weight_decay"})
+
+    def init_state(self, param: Tensor, hp: Hyper) -> State:
+        state: State = {"step": 0, "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
+        if hp["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(param)
+        return state
+
+    def update_one(self, param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
+        beta1, beta2 = hp["betas"]
+        step = state["step"] + 1
+        g = -grad if hp["maximize"] else grad
+        param, g = add_weight_decay(param, g, hp)
+        exp_avg = torch.lerp(state["exp_avg"], g, 1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"] * beta2 + (1 - beta2) * (g * g)
+        new_state: State = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        bias_correction1 = 1 - power(beta1, step)
+        bias_correction2_sqrt = (1 - power(beta2, step)) ** 0.5
+        second_moment = exp_avg_sq
+        if hp["amsgrad"]:
+            second_moment = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
+            new_state["max_exp_avg_sq"] = second_moment
+        denom = safe_sqrt(second_moment) / bias_correction2_sqrt + hp["eps"]
+        return param - (hp["lr"] / bias_correction1) * (exp_avg / denom), new_state
+
+    def validate_group(self, group: Mapping[str, Any], where: str) -> None:
+        super().validate_group(group, where)
+        check_betas(group, where)
+
+
+class Adam(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.Adam``; see :class:`DifferentiableOptimizer` for the extra options."""
+
+    rule_class = AdamRule
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float | Tensor = 1e-8,
+        weight_decay: float | Tensor = 0.0,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, **options,
+        )
+
+
+class AdamW(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.AdamW`` (Adam with decoupled weight decay, default 1e-2)."""
+
+    rule_class = AdamRule
+    fixed_options = {"decoupled_weight_decay": True}
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float | Tensor = 1e-8,
+        weight_decay: float | Tensor = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, **options,
+        )

@@ -1,0 +1,59 @@
+r"""Adamax, as ``torch.optim.Adamax`` (Kingma & Ba, 2015, section 7).
+
+.. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+    u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon),\quad
+    \theta_t = \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\frac{m_t}{u_t}
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._rule import Hyper, State, UpdateRule
+from .adam import add_weight_decay, check_betas
+from .optimizer import DifferentiableOptimizer
+
+
+class AdamaxRule(UpdateRule):
+    name = "adamax"
+    defaults = {"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "maximize": False}
+
+    def init_state(self, param: Tensor, hp: Hyper) -> State:
+        return {"step": 0, "exp_avg": torch.zeros_like(param), "exp_inf": torch.zeros_like(param)}
+
+    def update_one(self, param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
+        beta1, beta2 = hp["betas"]
+        step = state["step"] + 1
+        g = -grad if hp["maximize"] else grad
+        param, g = add_weight_decay(param, g, hp)
+        exp_avg = torch.lerp(state["exp_avg"], g, 1 - beta1)
+        exp_inf = torch.maximum(state["exp_inf"] * beta2, g.abs() + hp["eps"])
+        step_size = hp["lr"] / (1 - beta1**step)
+        return param - step_size * (exp_avg / exp_inf), {"step": step, "exp_avg": exp_avg, "exp_inf": exp_inf}
+
+    def validate_group(self, group: Mapping[str, Any], where: str) -> None:
+        super().validate_group(group, where)
+        check_betas(group, where)
+
+
+class Adamax(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.Adamax``."""
+
+    rule_class = AdamaxRule
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 2e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float | Tensor = 1e-8,
+        weight_decay: float | Tensor = 0.0,
+        *,
+        maximize: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, **options)

@@ -1,0 +1,65 @@
+r"""Rprop, as ``torch.optim.Rprop`` (Riedmiller & Braun, 1993).
+
+Per element, the step size grows by :math:`\eta_+` when the gradient keeps its
+sign, shrinks by :math:`\eta_-` when it flips (and that gradient is then treated
+as zero), and is clamped to ``step_sizes``; the parameter moves by
+:math:`-\mathrm{sign}(g)\cdot\text{step size}`. The initial step size is ``lr``,
+which is therefore the differentiable path to the learning rate.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._rule import Hyper, State, UpdateRule, check_pair, check_range
+from .optimizer import DifferentiableOptimizer
+
+
+class RpropRule(UpdateRule):
+    name = "rprop"
+    defaults = {"lr": 1e-2, "etas": (0.5, 1.2), "step_sizes": (1e-6, 50.0), "maximize": False}
+
+    def init_state(self, param: Tensor, hp: Hyper) -> State:
+        return {"step": 0, "prev": torch.zeros_like(param), "step_size": torch.zeros_like(param) + hp["lr"]}
+
+    def update_one(self, param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
+        etaminus, etaplus = hp["etas"]
+        step_size_min, step_size_max = hp["step_sizes"]
+        g = -grad if hp["maximize"] else grad
+        agreement = (g * state["prev"]).sign().detach()
+        one = torch.ones_like(agreement)
+        factor = torch.where(agreement > 0, etaplus * one, torch.where(agreement < 0, etaminus * one, one))
+        step_size = torch.clamp(state["step_size"] * factor, step_size_min, step_size_max)
+        g = torch.where(factor == etaminus, torch.zeros_like(g), g)
+        new_state = {"step": state["step"] + 1, "prev": g, "step_size": step_size}
+        return param - g.sign() * step_size, new_state
+
+    def validate_group(self, group: Mapping[str, Any], where: str) -> None:
+        super().validate_group(group, where)
+        etaminus, etaplus = check_pair(group["etas"], "etas", where)
+        check_range(etaminus, "etas[0]", where, low=0.0, high=1.0, low_inclusive=False)
+        check_range(etaplus, "etas[1]", where, low=1.0, low_inclusive=False)
+        low, high = check_pair(group["step_sizes"], "step_sizes", where)
+        check_range(low, "step_sizes[0]", where, low=0.0)
+        check_range(high, "step_sizes[1]", where, low=0.0)
+
+
+class Rprop(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.Rprop``."""
+
+    rule_class = RpropRule
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-2,
+        etas: tuple[float | Tensor, float | Tensor] = (0.5, 1.2),
+        step_sizes: tuple[float | Tensor, float | Tensor] = (1e-6, 50.0),
+        *,
+        maximize: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(params, lr=lr, etas=etas, step_sizes=step_sizes, maximize=maximize, **options)

@@ -1,0 +1,74 @@
+r"""Stochastic gradient descent with momentum, as ``torch.optim.SGD``.
+
+.. math::
+    g_t &= \pm\nabla f(\theta_{t-1}) + \lambda\theta_{t-1} \\
+    b_t &= \begin{cases} g_t & t = 1 \\ \mu b_{t-1} + (1-\tau) g_t & t > 1\end{cases} \\
+    \theta_t &= \theta_{t-1} - \gamma\,(g_t + \mu b_t \text{ if nesterov else } b_t)
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import Tensor
+
+from ._rule import Hyper, State, UpdateRule, check_range, nonzero
+from .optimizer import DifferentiableOptimizer
+
+
+class SGDRule(UpdateRule):
+    name = "sgd"
+    defaults = {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False}
+    flags = frozenset({"nesterov", "maximize"})
+
+    def init_state(self, param: Tensor, hp: Hyper) -> State:
+        return {"momentum_buffer": None}
+
+    def update_one(self, param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
+        g = -grad if hp["maximize"] else grad
+        if nonzero(hp["weight_decay"]):
+            g = g + hp["weight_decay"] * param
+        momentum = hp["momentum"]
+        new_state = state
+        if nonzero(momentum):
+            buf = state.get("momentum_buffer")
+            buf = g if buf is None else buf * momentum + (1 - hp["dampening"]) * g
+            new_state = {"momentum_buffer": buf}
+            g = g + momentum * buf if hp["nesterov"] else buf
+        return param - hp["lr"] * g, new_state
+
+    def validate_group(self, group: Mapping[str, Any], where: str) -> None:
+        super().validate_group(group, where)
+        check_range(group["momentum"], "momentum", where, low=0.0)
+        check_range(group["dampening"], "dampening", where)
+        if group["nesterov"] and (
+            not nonzero(group["momentum"]) or isinstance(group["dampening"], Tensor) or group["dampening"] != 0
+        ):
+            raise ValueError(f"{where}: nesterov=True requires momentum > 0 and dampening = 0")
+
+    def state_from_torch(self, state: Mapping[str, Any], param: Tensor) -> State:
+        buf = state.get("momentum_buffer")
+        return {"momentum_buffer": None if buf is None else buf.detach().clone()}
+
+
+class SGD(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.SGD``; see :class:`DifferentiableOptimizer` for the extra options."""
+
+    rule_class = SGDRule
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        momentum: float | Tensor = 0.0,
+        dampening: float | Tensor = 0.0,
+        weight_decay: float | Tensor = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, **options,
+        )

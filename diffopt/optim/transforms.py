@@ -1,0 +1,63 @@
+"""Differentiable gradient transforms applied before the update rule."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ._rule import safe_sqrt
+
+Grads = list[Tensor | None]
+GradTransform = Callable[[Grads, int], Sequence[Tensor | None]]
+
+__all__ = ["clip_grad_norm", "clip_grad_value", "build_transforms"]
+
+
+def clip_grad_norm(grads: Sequence[Tensor | None], max_norm: float | Tensor) -> Grads:
+    """Rescale ``grads`` to global L2 norm at most ``max_norm``, differentiably.
+
+    Same formula as ``torch.nn.utils.clip_grad_norm_``: the coefficient is
+    ``min(1, max_norm / (||g|| + 1e-6))``. The norm's square root has a finite
+    derivative at zero (all-zero gradients do not produce NaN).
+    """
+    present = [g for g in grads if g is not None]
+    if not present:
+        return list(grads)
+    total = safe_sqrt(sum((g * g).sum() for g in present))
+    coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return [None if g is None else g * coefficient for g in grads]
+
+
+def clip_grad_value(grads: Sequence[Tensor | None], clip_value: float) -> Grads:
+    """Clamp every gradient element to ``[-clip_value, clip_value]``."""
+    return [None if g is None else g.clamp(-clip_value, clip_value) for g in grads]
+
+
+def build_transforms(
+    max_norm: float | None, max_value: float | None, custom: GradTransform | None
+) -> Callable[[Sequence[Tensor | None], int], Grads]:
+    """Compose the configured transforms: value clip, then norm clip, then ``custom``."""
+    if max_norm is not None and not (isinstance(max_norm, Tensor) or max_norm > 0):
+        raise ValueError(f"clip_grad_norm must be positive, got {max_norm!r}")
+    if max_value is not None and not max_value > 0:
+        raise ValueError(f"clip_grad_value must be positive, got {max_value!r}")
+    if custom is not None and not callable(custom):
+        raise TypeError("grad_transform must be a callable f(grads, step) -> grads")
+
+    def apply(grads: Sequence[Tensor | None], step: int) -> Grads:
+        out = list(grads)
+        if max_value is not None:
+            out = clip_grad_value(out, max_value)
+        if max_norm is not None:
+            out = clip_grad_norm(out, max_norm)
+        if custom is not None:
+            transformed = list(custom(out, step))
+            if len(transformed) != len(out):
+                raise ValueError(
+                    f"grad_transform returned {len(transformed)} gradients for {len(out)} parameters"
+                )
+            out = transformed
+        return out
+
+    return apply
