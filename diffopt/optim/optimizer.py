@@ -74,9 +74,8 @@ class DifferentiableOptimizer:
             self.add_param_group(group)
         if not self.params:
             raise ValueError(f"{type(self).__name__}: got an empty parameter list")
-        self.state: list[State | None] = [None] * len(self.params)
         self.step_count = 0
-        self._initial_state()
+        self.state: list[State | None] = self.initial_states(self.params)
 
     # -- construction ----------------------------------------------------------------
     @property
@@ -153,9 +152,8 @@ class DifferentiableOptimizer:
         full["params"] = indices
         self.param_groups.append(full)
         if hasattr(self, "state"):
-            self.state.extend([None] * len(indices))
-            for i in indices:
-                self._initialise(i)
+            fresh = self.initial_states(self.params)
+            self.state.extend(fresh[i] for i in indices)
 
     def _check_hyper_shapes(self, group: Mapping[str, Any], param: Tensor, position: int, where: str) -> None:
         for key, value in group.items():
@@ -185,26 +183,20 @@ class DifferentiableOptimizer:
                         "parameter."
                     )
 
-    def _hp(self, group: Mapping[str, Any], position: int) -> dict[str, Any]:
-        return {
-            k: resolve(v, k, position, self.step_count) for k, v in group.items() if k != "params"
-        }
+    def _hp(self, group: Mapping[str, Any], position: int, step: int) -> dict[str, Any]:
+        return {k: resolve(v, k, position, step) for k, v in group.items() if k != "params"}
 
-    def _initialise(self, index: int) -> None:
-        group, position = self._group_of(index)
-        self.state[index] = self.rule.init_state(self.params[index], self._hp(group, position))
-
-    def _initial_state(self) -> None:
-        """Rules whose torch twin creates state at construction (Adagrad) do so here."""
-        if getattr(self.rule, "eager_state", False):
-            for i in range(len(self.params)):
-                self._initialise(i)
-
-    def _group_of(self, index: int) -> tuple[dict[str, Any], int]:
+    def hyperparameter_tensors(self) -> list[Tensor]:
+        """Every tensor hyperparameter that requires grad, once each (for meta-gradients)."""
+        found: dict[int, Tensor] = {}
         for group in self.param_groups:
-            if index in group["params"]:
-                return group, group["params"].index(index)
-        raise IndexError(index)
+            for key, value in group.items():
+                if key == "params":
+                    continue
+                for leaf in leaves(value):
+                    if isinstance(leaf, Tensor) and leaf.requires_grad:
+                        found.setdefault(id(leaf), leaf)
+        return list(found.values())
 
     # -- the step --------------------------------------------------------------------
     def step(
@@ -232,18 +224,43 @@ class DifferentiableOptimizer:
         grads = self.transforms(grads, self.step_count)
         if self.check_finite:
             self._check_finite_grads(grads)
-        new_params = list(current)
+        self.params, self.state = self.update(current, grads, self.state, self.step_count)
+        self.step_count += 1
+        return list(self.params)
+
+    def update(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor | None],
+        states: Sequence[State | None],
+        step: int,
+    ) -> tuple[list[Tensor], list[State | None]]:
+        """Pure: one update of every group at optimizer step ``step`` (0-based).
+
+        Parameters whose gradient is ``None`` are left unchanged, with their
+        state, as torch.optim does. Works on parameters with a leading task
+        dimension (state is created with the parameters' shape).
+        """
+        new_params, new_states = list(params), list(states)
         for group in self.param_groups:
             for position, i in enumerate(group["params"]):
                 if grads[i] is None:
                     continue
-                hp = self._hp(group, position)
-                if self.state[i] is None:
-                    self.state[i] = self.rule.init_state(current[i], hp)
-                new_params[i], self.state[i] = self.rule.update_one(current[i], grads[i], self.state[i], hp)
-        self.params = new_params
-        self.step_count += 1
-        return list(new_params)
+                hp = self._hp(group, position, step)
+                state = new_states[i]
+                if state is None:
+                    state = self.rule.init_state(params[i], hp)
+                new_params[i], new_states[i] = self.rule.update_one(params[i], grads[i], state, hp)
+        return new_params, new_states
+
+    def initial_states(self, params: Sequence[Tensor]) -> list[State | None]:
+        """Fresh state for ``params``: created now only for rules torch initialises eagerly (Adagrad)."""
+        states: list[State | None] = [None] * len(params)
+        if getattr(self.rule, "eager_state", False):
+            for group in self.param_groups:
+                for position, i in enumerate(group["params"]):
+                    states[i] = self.rule.init_state(params[i], self._hp(group, position, 0))
+        return states
 
     def _current(self, params: Sequence[Tensor] | None) -> list[Tensor]:
         if params is None:
