@@ -259,13 +259,21 @@ class InnerLoop:
             if self.vectorize and ("vmap" in str(error) or "batch" in str(error).lower()):
                 raise RuntimeError(describe_vmap_failure(self.model, error)) from error
             raise
-        losses = torch.stack([loss_fn(outputs[t], y[t]) for t in range(outputs.shape[0])])
+        losses = self._per_task_loss(loss_fn, outputs, y)
         if losses.dim() != 1:
             raise ValueError(
                 f"loss_fn must return a scalar per task, got shape {tuple(losses.shape[1:])} per task; reduce "
                 "it over the examples (e.g. reduction='mean')"
             )
         return losses, buffers
+
+    def _per_task_loss(self, loss_fn: LossFn, outputs: Tensor, y: Tensor) -> Tensor:
+        if self.vectorize:
+            try:
+                return torch.func.vmap(loss_fn)(outputs, y)
+            except (RuntimeError, ValueError):
+                pass  # a loss vmap cannot batch: fall back to the task loop below
+        return torch.stack([loss_fn(outputs[t], y[t]) for t in range(outputs.shape[0])])
 
     def inner_objective(self, carry: Carry, x: Tensor, y: Tensor, theta: Sequence[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
         """Per-task inner objective: the inner loss plus iMAML's proximal term if set."""
