@@ -80,14 +80,16 @@ class _Segment(torch.autograd.Function):
             out = ctx.loop.run(unflatten(leaves, ctx.skeleton), ctx.length, x, y, "full")
             outputs, _ = flatten(out)
             pairs = [(o, g) for o, g in zip(outputs, grad_out) if g is not None and o.requires_grad]
-            targets = [t for t in leaves if t.requires_grad] + [m for m in meta if m.requires_grad]
+            data = [x, y]  # inputs may depend on meta-parameters (e.g. ANIL's features)
+            targets = [t for t in leaves if t.requires_grad] + [m for m in meta + data if m.requires_grad]
             grads = torch.autograd.grad(
                 [o for o, _ in pairs], targets, [g for _, g in pairs], allow_unused=True
             ) if pairs and targets else [None] * len(targets)
         it = iter(grads)
         carry_grads = [next(it) if t.requires_grad else None for t in leaves]
         meta_grads = [next(it) if m.requires_grad else None for m in meta]
-        return (None, None, None, None, None, None, *carry_grads, *meta_grads)
+        x_grad, y_grad = (next(it) if d.requires_grad else None for d in data)
+        return (None, None, None, None, x_grad, y_grad, *carry_grads, *meta_grads)
 
 
 def checkpointed(loop: InnerLoop, carry: Carry, x: Tensor, y: Tensor, info: dict[str, Any]) -> Carry:
@@ -142,11 +144,13 @@ class _ImplicitSolution(torch.autograd.Function):
             else:
                 w, solve = neumann(hessian_vector, v, loop.solver_iterations, loop.neumann_alpha, loop.solver_tol)
             loop.last_info["solve"] = solve
-            wanted = [m for m in meta if m.requires_grad]
+            data = [x, y]  # inputs may depend on meta-parameters (e.g. ANIL's features)
+            wanted = [m for m in list(meta) + data if m.requires_grad]
             mixed = torch.autograd.grad(grad, wanted, w, allow_unused=True) if wanted else []
         it = iter(mixed)
-        meta_grads = [(None if (g := next(it)) is None else -g) if m.requires_grad else None for m in meta]
-        return (None, None, None, None, *meta_grads)
+        grads = [(None if (g := next(it)) is None else -g) if m.requires_grad else None for m in list(meta) + data]
+        meta_grads, (x_grad, y_grad) = grads[: len(meta)], grads[len(meta):]
+        return (None, None, x_grad, y_grad, *meta_grads)
 
 
 def implicit(loop: InnerLoop, carry: Carry, x: Tensor, y: Tensor, info: dict[str, Any]) -> Carry:
