@@ -9,12 +9,13 @@ Like torch, the state is created for every parameter at construction.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._hyper import resolve
 from ._rule import Hyper, State, UpdateRule, check_range, safe_sqrt
 from .adam import add_weight_decay
 from .optimizer import DifferentiableOptimizer
@@ -69,3 +70,14 @@ class Adagrad(DifferentiableOptimizer):
             params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize, **options,
         )
+
+    def initial_states(self, params: Sequence[Tensor]) -> list[State | None]:
+        """As torch.optim.Adagrad, which fills every accumulator in ``__init__`` from the
+        constructor's ``initial_accumulator_value``: a group-level value is not used for it."""
+        states: list[State | None] = [None] * len(params)
+        for group in self.param_groups:
+            group = dict(group, initial_accumulator_value=self.defaults["initial_accumulator_value"])
+            for position, i in enumerate(group["params"]):
+                hp = {k: resolve(v, k, position, 0) for k, v in group.items() if k != "params"}
+                states[i] = self.rule.init_state(params[i], hp)
+        return states

@@ -302,9 +302,15 @@ class InnerLoop:
                     "gradients or check the support data"
                 )
             adapted = [carry.params[j] for j in self.positions]
-            grads = torch.autograd.grad(
-                losses.sum(), adapted, create_graph=graph == "full", allow_unused=True
-            )
+            # Frozen parameters (requires_grad=False) get no gradient and stay put, as in
+            # torch.optim, in every mode (graph="none" makes every carry tensor a leaf).
+            trainable = [k for k, j in enumerate(self.positions) if self.theta[j].requires_grad]
+            computed = torch.autograd.grad(
+                losses.sum(), [adapted[k] for k in trainable], create_graph=graph == "full", allow_unused=True
+            ) if trainable else ()
+            grads: list[Tensor | None] = [None] * len(adapted)
+            for k, g in zip(trainable, computed):
+                grads[k] = g
         grads = optimizer.transforms(list(grads), carry.step)
         if self.check_finite:
             for k, g in enumerate(grads):
@@ -364,6 +370,37 @@ class InnerLoop:
             return modes.evolution_strategies_loss(self, support_x, support_y, query_x, query_y, loss_fn)
         adapted = self.adapt(support_x, support_y)
         return self.query_losses(adapted, query_x, query_y, loss_fn).mean()
+
+    def adapt_without_graph(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Adapted:
+        """``steps`` inner steps (default K) with no graph: for evaluation and for Reptile."""
+        self._check_tasks(support_x, support_y)
+        carry = self.run(self.initial_carry(support_x.shape[0]), self.steps if steps is None else steps,
+                         support_x, support_y, "none")
+        return Adapted(carry.params, list(self.adapted_mask), carry.buffers, {"mode": "none"})
+
+    def query_losses_along(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, at: Sequence[int],
+        graph: str = "none", metric: LossFn | None = None,
+    ) -> Tensor:
+        """Per-task query losses (or ``metric``) after each step count in ``at``: shape (len(at), T).
+
+        ``graph="none"`` evaluates without any graph (test-time adaptation with any
+        number of steps); ``"full"`` or ``"first_order"`` keep the graph, for
+        multi-step losses such as MAML++'s.
+        """
+        self._check_tasks(support_x, support_y, query_x, query_y)
+        if not at or min(at) < 0:
+            raise ValueError(f"at must be a non-empty list of step counts >= 0, got {list(at)!r}")
+        carry = self.initial_carry(support_x.shape[0])
+        rows: dict[int, Tensor] = {}
+        for step in range(max(at) + 1):
+            if step in at:
+                adapted = Adapted(carry.params, self.adapted_mask, carry.buffers, {})
+                with torch.set_grad_enabled(graph != "none" and torch.is_grad_enabled()):
+                    rows[step] = self.query_losses(adapted, query_x, query_y, metric)
+            if step < max(at):
+                carry = self.step(carry, support_x, support_y, graph)
+        return torch.stack([rows[step] for step in at])
 
     # -- perturbation support for ES/PES -------------------------------------------------
     def with_hyperparameters(self, mapping: dict[int, Tensor]) -> DifferentiableOptimizer:

@@ -93,7 +93,12 @@ class PatchedModel:
     def forward_one(self, params: Sequence[Tensor], buffers: Sequence[Tensor], x: Tensor, phase: str) -> Tensor:
         """The model on one task's inputs with that task's weights and statistics."""
         self._configure(phase, buffers)
-        return self.fmodel(x, params=list(params))
+        params = list(params)
+        # higher writes a submodule's fast weights only when that submodule is called, so a
+        # forward that reads a submodule's parameter directly (weight tying such as
+        # ``h @ self.embedding.weight.T``) would see stale weights: write them all first.
+        self.fmodel.update_params(params)
+        return self.fmodel(x, params=params)
 
     def forward_tasks(
         self,

@@ -1,0 +1,145 @@
+"""What every meta-learner offers the training loop, the CLI and the diagnostics."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def is_classification(targets: Tensor) -> bool:
+    return not (targets.is_floating_point() or targets.is_complex())
+
+
+def accuracy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-task accuracy, shape (T,), for logits (T, N, C) and labels (T, N)."""
+    return (logits.argmax(-1) == targets).to(logits.dtype if logits.is_floating_point() else torch.float32).mean(-1)
+
+
+class MetaLearner(nn.Module):
+    """Base class: a meta-learner is a module whose parameters are meta-parameters.
+
+    Subclasses implement :meth:`meta_loss` (mean over the tasks of the meta-batch,
+    all tensors with a leading task dimension) and :meth:`predict`. The default
+    :meth:`train_step` differentiates the meta-loss and steps the outer optimizer.
+    """
+
+    def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        """Predictions for the query inputs after learning from the support set (leading task dim)."""
+        raise NotImplementedError
+
+    def train_step(self, batch: tuple[Tensor, Tensor, Tensor, Tensor], optimizer: torch.optim.Optimizer,
+                   iteration: int = 0, total_iterations: int = 1) -> dict[str, float]:
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.meta_loss(*batch)
+        loss.backward()
+        optimizer.step()
+        return {"meta_loss": float(loss.detach())}
+
+    def evaluate(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> dict[str, Tensor]:
+        """Per-task query metrics without any graph: loss, and accuracy for classification."""
+        with torch.no_grad():
+            out = self.predict(support_x, support_y, query_x)
+        return self._metrics(out, query_y)
+
+    def _metrics(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        loss_fn = getattr(self, "loss_fn", None)
+        if is_classification(targets):
+            losses = torch.stack([nn.functional.cross_entropy(o, y) for o, y in zip(outputs, targets)])
+            return {"loss": losses, "accuracy": accuracy(outputs, targets)}
+        fn = loss_fn or nn.functional.mse_loss
+        return {"loss": torch.stack([fn(o, y) for o, y in zip(outputs, targets)])}
+
+    def config(self) -> dict[str, Any]:
+        """The settings that must match for a checkpoint to be loaded into this learner."""
+        return {"algorithm": type(self).__name__}
+
+
+class InnerLoopLearner(MetaLearner):
+    """A meta-learner built on an :class:`~diffopt.unroll.InnerLoop` stored as ``self.loop``.
+
+    ``inputs(x)`` maps raw inputs to what the inner loop sees (ANIL maps them to features).
+    """
+
+    loop: Any
+
+    def inputs(self, x: Tensor) -> Tensor:
+        return x
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Any:
+        """Adapted fast weights for every task (differentiable as the mode prescribes)."""
+        return self.loop.adapt(self.inputs(support_x), support_y)
+
+    def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, steps: int | None = None) -> Tensor:
+        """Query predictions after ``steps`` (default K) inner steps, without a graph."""
+        with torch.no_grad():
+            support, query = self.inputs(support_x), self.inputs(query_x)
+        adapted = self.loop.adapt_without_graph(support, support_y, steps)
+        with torch.no_grad():
+            return self.loop.predict(adapted, query)
+
+    def evaluate_steps(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
+        steps: Sequence[int] = (0, 1, 5, 10),
+    ) -> dict[str, Tensor]:
+        """Per-task query loss (and accuracy) after each number of test-time steps: shape (len(steps), T)."""
+        with torch.no_grad():
+            support, query = self.inputs(support_x), self.inputs(query_x)
+        out = {"loss": self.loop.query_losses_along(support, support_y, query, query_y, steps)}
+        if is_classification(query_y):
+            def correct(logits: Tensor, labels: Tensor) -> Tensor:
+                return (logits.argmax(-1) == labels).to(logits.dtype).mean()
+
+            out["accuracy"] = self.loop.query_losses_along(support, support_y, query, query_y, steps, metric=correct)
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return {"algorithm": type(self).__name__, "inner_steps": self.loop.steps, "mode": self.loop.mode,
+                "parameters": [list(p.shape) for p in self.parameters()]}
+
+
+def ways_of(labels: Tensor) -> int:
+    """The number of classes of an episode with labels 0..N-1 (the same N for every task)."""
+    if labels.numel() == 0:
+        raise ValueError("support labels are empty")
+    return int(labels.max()) + 1
+
+
+def embed_tasks(encoder: nn.Module, x: Tensor) -> Tensor:
+    """Embeddings of (T, N, ...) inputs as (T, N, D).
+
+    Encoders with BatchNorm run task by task so that batch statistics stay
+    within an episode; others run on all tasks at once.
+    """
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in encoder.modules()):
+        return torch.stack([encoder(xt) for xt in x])
+    flat = encoder(x.flatten(0, 1))
+    return flat.reshape(x.shape[0], x.shape[1], *flat.shape[1:]).flatten(2)
+
+
+def check_episode(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor | None = None) -> None:
+    """Shapes shared by every learner: a task dimension, matching tasks and examples."""
+    if support_x.dim() < 2 or query_x.dim() < 2:
+        raise ValueError(
+            f"inputs need a leading task dimension and an example dimension; got support {tuple(support_x.shape)} "
+            f"and query {tuple(query_x.shape)}"
+        )
+    if support_x.shape[:2] != support_y.shape[:2]:
+        raise ValueError(
+            f"support inputs {tuple(support_x.shape[:2])} and labels {tuple(support_y.shape[:2])} disagree on "
+            "(tasks, examples)"
+        )
+    if support_x.shape[0] != query_x.shape[0]:
+        raise ValueError(f"support has {support_x.shape[0]} tasks but query has {query_x.shape[0]}")
+    if support_x.shape[2:] != query_x.shape[2:]:
+        raise ValueError(
+            f"support examples have shape {tuple(support_x.shape[2:])} but query examples {tuple(query_x.shape[2:])}"
+        )
+    if query_y is not None and query_x.shape[:2] != query_y.shape[:2]:
+        raise ValueError(
+            f"query inputs {tuple(query_x.shape[:2])} and labels {tuple(query_y.shape[:2])} disagree on (tasks, examples)"
+        )
