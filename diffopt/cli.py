@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ._version import __version__
 
@@ -15,8 +17,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"diffopt {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = commands.add_parser("demo", help="run the main demonstration (about a minute on a laptop CPU)")
-    demo.add_argument("--steps", type=int, default=50, help="inner Adam steps to differentiate through")
+
+    demo = commands.add_parser("demo", help="meta-train MAML on sinusoid and compare with pretraining (~2 min)")
+    demo.add_argument("--iterations", type=int, default=10000, help="meta-iterations (the paper uses 70,000)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--plot", default="diffopt-demo.png", help="where to save the plot ('' for none)")
+    demo.add_argument("--no-progress", action="store_true")
+
+    from .recipes import ALGORITHMS
+
+    train = commands.add_parser("train", help="meta-train an algorithm on a task family")
+    train.add_argument("--task", choices=("sinusoid", "synthetic", "glyphs", "omniglot"), default="sinusoid")
+    train.add_argument("--algo", choices=ALGORITHMS, default="maml")
+    train.add_argument("--mode", default=None, help="engine mode for gradient-based algorithms")
+    train.add_argument("--iterations", type=int, default=1000)
+    train.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-batch (default: protocol's)")
+    train.add_argument("--inner-steps", type=int, default=1)
+    train.add_argument("--inner-lr", type=float, default=None)
+    train.add_argument("--outer-lr", type=float, default=1e-3)
+    train.add_argument("--ways", type=int, default=5)
+    train.add_argument("--shots", type=int, default=None)
+    train.add_argument("--query", type=int, default=None)
+    train.add_argument("--test-tasks", type=int, default=600)
+    train.add_argument("--eval-every", type=int, default=0)
+    train.add_argument("--eval-steps", default="0,1,5,10", help="test-time inner steps, comma-separated")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--data-root", default=None, help="Omniglot folder (images_background/, images_evaluation/)")
+    train.add_argument("--checkpoint", default=None, help="checkpoint path (written atomically)")
+    train.add_argument("--checkpoint-every", type=int, default=1000)
+    train.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    train.add_argument("--metrics", default=None, help="JSON-lines metrics path")
+    train.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    train.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -29,10 +61,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run
 
-        run(steps=args.steps)
+        run(iterations=args.iterations, seed=args.seed, plot=args.plot or None, progress=not args.no_progress)
+        return 0
+    if args.command == "train":
+        from .run import train_from_args
+
+        summary = train_from_args(args)
+        print(json.dumps(summary, indent=2, default=_plain))
         return 0
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+def _plain(value: Any) -> Any:
+    return float(value)
 
 
 if __name__ == "__main__":

@@ -311,8 +311,8 @@ class InnerLoop:
             grads: list[Tensor | None] = [None] * len(adapted)
             for k, g in zip(trainable, computed):
                 grads[k] = g
-        grads = optimizer.transforms(list(grads), carry.step)
-        if self.check_finite:
+        grads = self._transform(optimizer, grads, carry.step)
+        if self.check_finite and not _all_finite(grads):
             for k, g in enumerate(grads):
                 if g is not None and not torch.isfinite(g.detach()).all():
                     tasks = torch.nonzero(~torch.isfinite(g.detach()).flatten(1).all(1)).flatten().tolist()
@@ -329,6 +329,21 @@ class InnerLoop:
         for j, p in zip(self.positions, new):
             params[j] = p
         return Carry(params, states, buffers, carry.step + 1)
+
+    @staticmethod
+    def _transform(optimizer: DifferentiableOptimizer, grads: list[Tensor | None], step: int) -> list[Tensor | None]:
+        """The optimizer's gradient transforms (clipping, ``grad_transform``) applied task by task.
+
+        Tasks are independent inner problems: a global-norm clip over the task-batched
+        gradients would couple them, so each task's gradients are transformed alone.
+        """
+        out = optimizer.transforms(list(grads), step)
+        present = [g for g in grads if g is not None]
+        if all(a is b for a, b in zip(out, grads)) or not present:
+            return out  # no transform configured
+        per_task = [optimizer.transforms([None if g is None else g[t] for g in grads], step)
+                    for t in range(present[0].shape[0])]
+        return [None if g is None else torch.stack([task[k] for task in per_task]) for k, g in enumerate(grads)]
 
     def run(self, carry: Carry, n: int, x: Tensor, y: Tensor, graph: str, **kwargs: Any) -> Carry:
         for _ in range(n):
@@ -423,6 +438,12 @@ class InnerLoop:
             {k: (v if k == "params" else swap(v)) for k, v in group.items()} for group in self.optimizer.param_groups
         ]
         return clone
+
+
+def _all_finite(tensors: Sequence[Tensor | None]) -> bool:
+    """One synchronisation: a NaN or infinity anywhere makes the sum of sums non-finite."""
+    sums = [t.detach().sum() for t in tensors if t is not None]
+    return not sums or bool(torch.isfinite(torch.stack(sums).sum()))
 
 
 def default_segment(steps: int) -> int:

@@ -1,0 +1,273 @@
+"""Meta-training: the loop, evaluation with confidence intervals, atomic checkpoints
+and exact resume, JSON-lines metrics.
+
+Exact resume: the meta-batch of iteration ``i`` is drawn from a generator
+seeded by ``(seed, i)``, and a checkpoint holds the learner, the outer
+optimizer, the global RNG state (for dropout) and the iteration. Resuming from
+the checkpoint of iteration ``i`` therefore reproduces the uninterrupted run
+bit for bit on CPU. Checkpoints are written to a temporary file in the same
+folder and moved into place with ``os.replace`` (atomic on POSIX), and loaded
+with ``torch.load(weights_only=True)``: no pickled code ever runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from ._progress import Progress
+from .algorithms import MetaLearner
+from .tasks import mean_ci95
+
+CHECKPOINT_FORMAT = "diffopt-checkpoint"
+CHECKPOINT_VERSION = 1
+Batch = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+class TaskSource(Protocol):
+    """Where meta-batches come from."""
+
+    def train_batch(self, generator: torch.Generator) -> Batch: ...
+
+    def test_batches(self) -> Iterable[Batch]: ...
+
+    def config(self) -> dict[str, Any]: ...
+
+
+def iteration_generator(seed: int, iteration: int) -> torch.Generator:
+    """The generator of iteration ``iteration``: independent of any other iteration."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + iteration) % (2**63 - 1))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into this run (format, version or configuration)."""
+
+
+def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
+    """Write ``payload`` atomically: a temporary file in the same folder, fsync, ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(payload, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike[str], config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load a checkpoint safely and check that it belongs to ``config``."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a diffopt checkpoint")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint version {payload.get('version')}, this diffopt reads version {CHECKPOINT_VERSION}"
+        )
+    if config is not None:
+        mismatch = config_differences(payload.get("config", {}), config)
+        if mismatch:
+            raise CheckpointError(
+                f"{path} was written by another configuration: " + "; ".join(mismatch)
+                + ". Resume with the same settings or start a new run."
+            )
+    return payload
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences between two nested configurations."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        if key not in saved:
+            out.append(f"{name} is new (= {current[key]!r})")
+        elif key not in current:
+            out.append(f"{name} is missing (checkpoint has {saved[key]!r})")
+        elif isinstance(saved[key], dict) and isinstance(current[key], dict):
+            out.extend(config_differences(saved[key], current[key], name + "."))
+        elif _normal(saved[key]) != _normal(current[key]):
+            out.append(f"{name} differs (checkpoint {saved[key]!r}, now {current[key]!r})")
+    return out
+
+
+def _normal(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+class Trainer:
+    """The meta-training loop.
+
+    Args:
+        learner: a :class:`~diffopt.algorithms.MetaLearner`.
+        tasks: a :class:`TaskSource`.
+        optimizer: the outer optimizer over ``learner.parameters()``.
+        iterations: total meta-iterations.
+        seed: seeds the per-iteration task generators (and the global RNG at the start).
+        eval_every: evaluate on ``tasks.test_batches()`` every n iterations (0: only at the end).
+        eval_steps: test-time inner steps for gradient-based learners.
+        checkpoint: path of the checkpoint, written every ``checkpoint_every`` iterations and at the end.
+        resume: continue from ``checkpoint`` if it exists.
+        metrics: path of a JSON-lines metrics file.
+        callbacks: ``f(trainer, iteration) -> dict | None``, run after every iteration;
+            returned entries go into the metrics stream.
+        progress: show a progress bar.
+        before_step: ``f(learner, iteration)`` before each step (for example MAML++'s epoch).
+        reduce_gradients: ``f(learner)`` between backward and the outer step (distributed all-reduce).
+    """
+
+    def __init__(
+        self,
+        learner: MetaLearner,
+        tasks: TaskSource,
+        optimizer: torch.optim.Optimizer,
+        *,
+        iterations: int,
+        seed: int = 0,
+        eval_every: int = 0,
+        eval_steps: Sequence[int] = (0, 1, 5, 10),
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 1000,
+        resume: bool = False,
+        metrics: str | os.PathLike[str] | None = None,
+        log_every: int = 100,
+        callbacks: Sequence[Callable[["Trainer", int], dict[str, Any] | None]] = (),
+        progress: bool = True,
+        config: dict[str, Any] | None = None,
+        before_step: Callable[[MetaLearner, int], None] | None = None,
+    ) -> None:
+        if iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {iterations}")
+        if log_every < 1 or checkpoint_every < 1 or eval_every < 0:
+            raise ValueError("log_every and checkpoint_every must be >= 1 and eval_every >= 0")
+        self.learner, self.tasks, self.optimizer = learner, tasks, optimizer
+        self.iterations, self.seed = iterations, seed
+        self.eval_every, self.eval_steps = eval_every, tuple(eval_steps)
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.checkpoint_every, self.resume = checkpoint_every, resume
+        self.metrics = Path(metrics) if metrics is not None else None
+        self.log_every = log_every
+        self.callbacks = list(callbacks)
+        self.progress = progress
+        self.before_step = before_step
+        self.iteration = 0
+        self.history: list[dict[str, Any]] = []
+        self.config = {
+            "learner": learner.config(), "tasks": tasks.config(), "seed": seed, "iterations": iterations,
+            "optimizer": type(optimizer).__name__, **(config or {}),
+        }
+
+    # -- checkpoints ---------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config,
+            "iteration": self.iteration, "learner": self.learner.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+        }
+
+    def save(self) -> None:
+        if self.checkpoint is not None:
+            save_checkpoint(self.checkpoint, self.state())
+
+    def restore(self, payload: dict[str, Any]) -> None:
+        self.learner.load_state_dict(payload["learner"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        torch.set_rng_state(payload["rng"])
+        self.iteration = int(payload["iteration"])
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines written after the checkpoint (a crash between log and save)."""
+        if self.metrics is None or not self.metrics.exists():
+            return
+        kept = [line for line in self.metrics.read_text().splitlines()
+                if line.strip() and json.loads(line).get("iteration", 0) <= self.iteration]
+        self.metrics.write_text("".join(line + "\n" for line in kept))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.metrics is not None:
+            self.metrics.parent.mkdir(parents=True, exist_ok=True)
+            with self.metrics.open("a") as stream:
+                stream.write(json.dumps(record, default=float) + "\n")
+
+    # -- evaluation ----------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        """Mean and 95% confidence half-width of the test metrics over the test tasks."""
+        return evaluate(self.learner, self.tasks.test_batches(), self.eval_steps)
+
+    # -- the loop ------------------------------------------------------------------
+    def fit(self) -> list[dict[str, Any]]:
+        if self.resume and self.checkpoint is not None and self.checkpoint.exists():
+            self.restore(load_checkpoint(self.checkpoint, self.config))
+            self._truncate_metrics()
+        elif self.iteration == 0:
+            torch.manual_seed(self.seed)
+            if self.metrics is not None and self.metrics.exists():
+                self.metrics.unlink()
+        bar = Progress(self.iterations, type(self.learner).__name__, start=self.iteration, enabled=self.progress)
+        started = time.perf_counter()
+        running = []
+        while self.iteration < self.iterations:
+            i = self.iteration
+            if self.before_step is not None:
+                self.before_step(self.learner, i)
+            batch = self.tasks.train_batch(iteration_generator(self.seed, i))
+            stats = self.learner.train_step(batch, self.optimizer, i, self.iterations)
+            if not math.isfinite(stats["meta_loss"]):
+                raise FloatingPointError(
+                    f"meta-loss is {stats['meta_loss']} at iteration {i}; lower the outer or inner learning rate"
+                )
+            self.iteration = i + 1
+            running.append(stats["meta_loss"])
+            record: dict[str, Any] = {}
+            for callback in self.callbacks:
+                record.update(callback(self, self.iteration) or {})
+            if self.iteration % self.log_every == 0 or record:
+                self._log({"iteration": self.iteration, "meta_loss": sum(running) / len(running),
+                           "seconds": time.perf_counter() - started, **record})
+                running = []
+            if self.eval_every and self.iteration % self.eval_every == 0 and self.iteration < self.iterations:
+                self._log({"iteration": self.iteration, "eval": self.evaluate()})
+            if self.checkpoint is not None and self.iteration % self.checkpoint_every == 0:
+                self.save()
+            bar.update(1, postfix=f"loss {stats['meta_loss']:.4f}")
+        bar.close()
+        final = {"iteration": self.iteration, "eval": self.evaluate(), "final": True}
+        self._log(final)
+        self.save()
+        return self.history
+
+
+def evaluate(learner: MetaLearner, batches: Iterable[Batch], steps: Sequence[int] = (0, 1, 5, 10)) -> dict[str, Any]:
+    """Per-metric mean and 95% CI over all test tasks; per test-time step for inner-loop learners."""
+    per_task: dict[str, list[Tensor]] = {}
+    stepwise = hasattr(learner, "evaluate_steps")
+    for sx, sy, qx, qy in batches:
+        values = learner.evaluate_steps(sx, sy, qx, qy, steps) if stepwise else learner.evaluate(sx, sy, qx, qy)
+        for name, value in values.items():
+            per_task.setdefault(name, []).append(value.detach())
+    summary: dict[str, Any] = {}
+    for name, chunks in per_task.items():
+        values = torch.cat(chunks, dim=-1).double()
+        if stepwise:
+            summary[name] = {str(k): _summary(values[j]) for j, k in enumerate(steps)}
+        else:
+            summary[name] = _summary(values)
+    return summary
+
+
+def _summary(values: Tensor) -> dict[str, float]:
+    mean, half = mean_ci95(values)
+    return {"mean": mean, "ci95": half, "tasks": int(values.numel())}
