@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--metrics", default=None, help="JSON-lines metrics path")
     train.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--nproc", type=int, default=1, help="processes to shard the meta-batch over (gloo on CPU)")
+    train.add_argument("--backend", default="auto", help="torch.distributed backend: gloo, nccl or auto")
+    train.add_argument("--timeout", type=float, default=300.0,
+                       help="seconds before the other ranks give up on a dead or hung rank")
     return parser
 
 
@@ -64,13 +68,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(iterations=args.iterations, seed=args.seed, plot=args.plot or None, progress=not args.no_progress)
         return 0
     if args.command == "train":
+        if args.nproc > 1:
+            from .distributed import launch
+
+            raw = list(sys.argv[1:] if argv is None else argv)
+            return launch(_without_nproc(raw), args.nproc, args.timeout)
         from .run import train_from_args
 
         summary = train_from_args(args)
-        print(json.dumps(summary, indent=2, default=_plain))
+        if summary is not None:
+            print(json.dumps(summary, indent=2, default=_plain))
         return 0
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == "--nproc":
+            skip = True
+            continue
+        if item.startswith("--nproc="):
+            continue
+        out.append(item)
+    return out
 
 
 def _plain(value: Any) -> Any:

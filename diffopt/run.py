@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import torch
 
-from . import recipes
+from . import distributed, recipes
 from .recipes import EpisodeSource, SinusoidSource
 from .tasks import omniglot_splits, synthetic_glyphs, synthetic_vectors
 from .training import Trainer
@@ -68,9 +69,24 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     return source, learner, config
 
 
-def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
+def train_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Train as the arguments say; under torchrun (WORLD_SIZE > 1) as one rank of the group.
+
+    Returns the summary on rank 0 and None on the other ranks.
+    """
     if args.threads:
         torch.set_num_threads(args.threads)
+    context = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        context = distributed.initialize(args.backend, args.timeout)
+    try:
+        return _train(args, context)
+    finally:
+        if context is not None:
+            distributed.shutdown()
+
+
+def _train(args: argparse.Namespace, context: Any) -> dict[str, Any] | None:
     source, learner, config = build(args)
     outer_lr = 1.0 if args.algo == "reptile" and args.outer_lr == 1e-3 else args.outer_lr
     optimizer = (torch.optim.SGD(learner.parameters(), lr=outer_lr) if args.algo == "reptile"
@@ -79,6 +95,9 @@ def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
     trainer = Trainer(learner, source, optimizer, iterations=args.iterations, seed=args.seed,
                       eval_every=args.eval_every, eval_steps=steps, checkpoint=args.checkpoint,
                       checkpoint_every=args.checkpoint_every, resume=args.resume, metrics=args.metrics,
-                      progress=not args.no_progress, config=config)
+                      progress=not args.no_progress, config=config, distributed=context)
     history = trainer.fit()
-    return {"iterations": trainer.iteration, "final": history[-1]["eval"]}
+    if not trainer.is_main:
+        return None
+    return {"iterations": trainer.iteration, "world_size": 1 if context is None else context.world_size,
+            "final": history[-1]["eval"]}

@@ -125,7 +125,8 @@ class Trainer:
             returned entries go into the metrics stream.
         progress: show a progress bar.
         before_step: ``f(learner, iteration)`` before each step (for example MAML++'s epoch).
-        reduce_gradients: ``f(learner)`` between backward and the outer step (distributed all-reduce).
+        distributed: a :class:`~diffopt.distributed.DistributedContext`: shard each meta-batch over
+            the ranks and all-reduce the meta-gradients; rank 0 alone writes checkpoints and metrics.
     """
 
     def __init__(
@@ -147,6 +148,7 @@ class Trainer:
         progress: bool = True,
         config: dict[str, Any] | None = None,
         before_step: Callable[[MetaLearner, int], None] | None = None,
+        distributed: Any = None,
     ) -> None:
         if iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {iterations}")
@@ -162,6 +164,8 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.progress = progress
         self.before_step = before_step
+        self.distributed = distributed
+        self.is_main = distributed is None or distributed.is_main
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
         self.config = {
@@ -178,7 +182,7 @@ class Trainer:
         }
 
     def save(self) -> None:
-        if self.checkpoint is not None:
+        if self.checkpoint is not None and self.is_main:
             save_checkpoint(self.checkpoint, self.state())
 
     def restore(self, payload: dict[str, Any]) -> None:
@@ -189,7 +193,7 @@ class Trainer:
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines written after the checkpoint (a crash between log and save)."""
-        if self.metrics is None or not self.metrics.exists():
+        if self.metrics is None or not self.metrics.exists() or not self.is_main:
             return
         kept = [line for line in self.metrics.read_text().splitlines()
                 if line.strip() and json.loads(line).get("iteration", 0) <= self.iteration]
@@ -197,12 +201,25 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        if self.metrics is not None:
+        if self.metrics is not None and self.is_main:
             self.metrics.parent.mkdir(parents=True, exist_ok=True)
             with self.metrics.open("a") as stream:
                 stream.write(json.dumps(record, default=float) + "\n")
 
     # -- evaluation ----------------------------------------------------------------
+    def _train_step(self, batch: Batch, i: int) -> dict[str, Any]:
+        context = self.distributed
+        if context is None:
+            return self.learner.train_step(batch, self.optimizer, i, self.iterations)
+        shard_batch, shard = context.shard_batch(batch)
+
+        def reduce(parameters: list[Tensor]) -> None:
+            context.all_reduce_gradients(parameters, shard.weight, i)
+
+        stats = self.learner.train_step(shard_batch, self.optimizer, i, self.iterations, reduce=reduce)
+        stats["meta_loss"] = context.all_reduce_scalar(stats["meta_loss"], shard.weight, i)
+        return stats
+
     def evaluate(self) -> dict[str, Any]:
         """Mean and 95% confidence half-width of the test metrics over the test tasks."""
         return evaluate(self.learner, self.tasks.test_batches(), self.eval_steps)
@@ -214,9 +231,12 @@ class Trainer:
             self._truncate_metrics()
         elif self.iteration == 0:
             torch.manual_seed(self.seed)
-            if self.metrics is not None and self.metrics.exists():
+            if self.metrics is not None and self.metrics.exists() and self.is_main:
                 self.metrics.unlink()
-        bar = Progress(self.iterations, type(self.learner).__name__, start=self.iteration, enabled=self.progress)
+        if self.distributed is not None:
+            self.distributed.check_consistent({**self.config, "resumed_at": self.iteration})
+        bar = Progress(self.iterations, type(self.learner).__name__, start=self.iteration,
+                       enabled=self.progress and self.is_main)
         started = time.perf_counter()
         running = []
         while self.iteration < self.iterations:
@@ -224,7 +244,7 @@ class Trainer:
             if self.before_step is not None:
                 self.before_step(self.learner, i)
             batch = self.tasks.train_batch(iteration_generator(self.seed, i))
-            stats = self.learner.train_step(batch, self.optimizer, i, self.iterations)
+            stats = self._train_step(batch, i)
             if not math.isfinite(stats["meta_loss"]):
                 raise FloatingPointError(
                     f"meta-loss is {stats['meta_loss']} at iteration {i}; lower the outer or inner learning rate"

@@ -1,7 +1,7 @@
 """What every meta-learner offers the training loop, the CLI and the diagnostics."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,10 +33,14 @@ class MetaLearner(nn.Module):
         raise NotImplementedError
 
     def train_step(self, batch: tuple[Tensor, Tensor, Tensor, Tensor], optimizer: torch.optim.Optimizer,
-                   iteration: int = 0, total_iterations: int = 1) -> dict[str, float]:
+                   iteration: int = 0, total_iterations: int = 1,
+                   reduce: Callable[[list[Tensor]], None] | None = None) -> dict[str, float]:
+        """One outer step; ``reduce(parameters)`` runs between backward and the step (all-reduce)."""
         optimizer.zero_grad(set_to_none=True)
         loss = self.meta_loss(*batch)
         loss.backward()
+        if reduce is not None:
+            reduce(list(self.parameters()))
         optimizer.step()
         return {"meta_loss": float(loss.detach())}
 

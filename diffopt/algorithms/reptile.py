@@ -71,7 +71,8 @@ class Reptile(InnerLoopLearner):
         ]
 
     def train_step(self, batch: tuple[Tensor, Tensor, Tensor, Tensor], optimizer: torch.optim.Optimizer,
-                   iteration: int = 0, total_iterations: int = 1) -> dict[str, float]:
+                   iteration: int = 0, total_iterations: int = 1,
+                   reduce: Callable[[list[Tensor]], None] | None = None) -> dict[str, float]:
         support_x, support_y, query_x, query_y = batch
         check_episode(support_x, support_y, query_x, query_y)
         if self.train_on_query:
@@ -82,10 +83,14 @@ class Reptile(InnerLoopLearner):
         chunks = [(support_x, support_y)] if self.batched else [
             (support_x[t:t + 1], support_y[t:t + 1]) for t in range(support_x.shape[0])
         ]
+        if reduce is not None and not self.batched:
+            raise ValueError("serial Reptile updates θ after every task and cannot be sharded; use batched=True")
         for x, y in chunks:
             optimizer.zero_grad(set_to_none=True)
             for theta, g in zip(self.loop.theta, self.pseudo_gradient(x, y)):
                 theta.grad = g
+            if reduce is not None:
+                reduce(list(self.parameters()))
             optimizer.step()
         with torch.no_grad():
             loss = self.loop.query_losses(self.loop.adapt_without_graph(support_x, support_y), query_x, query_y).mean()

@@ -1,0 +1,203 @@
+"""Meta-batch data parallelism on torch.distributed (gloo, CPU, spawned processes)."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from diffopt import distributed
+from diffopt.algorithms import MAML, Reptile
+from diffopt.recipes import SinusoidSource, sinusoid_mlp
+from diffopt.training import Trainer, load_checkpoint
+
+ITERATIONS = 5
+META_BATCH = 6
+
+
+def make_trainer(checkpoint: Path | None, context=None, callbacks=(), resume=False, algorithm="maml"):
+    torch.manual_seed(0)
+    model = sinusoid_mlp(hidden=8).double()
+    if algorithm == "maml":
+        learner = MAML(model, F.mse_loss, inner_lr=0.05, inner_steps=2, vectorize=True)
+        optimizer = torch.optim.Adam(learner.parameters(), lr=1e-2)
+    else:
+        learner = Reptile(model, F.mse_loss, inner_lr=0.05, inner_steps=2, outer_lr=0.5)
+        optimizer = torch.optim.SGD(learner.parameters(), lr=0.5)
+    source = SinusoidSource(meta_batch=META_BATCH, shots=5, query=5, test_tasks=8, test_shots=5, test_query=5,
+                            dtype=torch.float64)
+    return Trainer(learner, source, optimizer, iterations=ITERATIONS, seed=3, checkpoint=checkpoint,
+                   checkpoint_every=1, progress=False, log_every=1, eval_steps=(0, 1), callbacks=callbacks,
+                   resume=resume, distributed=context)
+
+
+def _worker(rank: int, world_size: int, port: int, folder: str, die_at: int, timeout: float, algorithm: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    context = distributed.initialize("gloo", timeout=timeout, rank=rank, world_size=world_size)
+
+    def die(trainer: Trainer, iteration: int):
+        if rank == 1 and iteration == die_at:
+            os._exit(3)  # a crash, no clean-up
+        return None
+
+    checkpoint = Path(folder) / "checkpoint.pt"
+    trainer = make_trainer(checkpoint, context, callbacks=[die], algorithm=algorithm)
+    started = time.monotonic()
+    try:
+        trainer.fit()
+        outcome = "finished"
+    except distributed.PeerFailure as error:
+        outcome = f"peer-failure after {time.monotonic() - started:.1f}s: {error}"
+    torch.save({"weights": [p.detach() for p in trainer.learner.parameters()], "outcome": outcome,
+                "losses": [r["meta_loss"] for r in trainer.history if "meta_loss" in r]},
+               Path(folder) / f"rank{rank}.pt")
+    distributed.shutdown()
+
+
+def spawn(world_size: int, folder: Path, die_at: int = -1, timeout: float = 30.0, algorithm: str = "maml") -> None:
+    port = distributed.free_port()
+    context = mp.start_processes(_worker, args=(world_size, port, str(folder), die_at, timeout, algorithm),
+                                 nprocs=world_size, join=False, start_method="spawn")
+    context.join(timeout=180) if die_at < 0 else _join_allowing_crash(context)
+
+
+def _join_allowing_crash(context) -> None:
+    deadline = time.monotonic() + 180
+    while not all(not p.is_alive() for p in context.processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "reptile"])
+def test_two_processes_equal_one_process(tmp_path: Path, algorithm: str) -> None:
+    single = make_trainer(tmp_path / "single.pt", algorithm=algorithm)
+    single.fit()
+    spawn(2, tmp_path, algorithm=algorithm)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert rank0["outcome"] == rank1["outcome"] == "finished"
+    for a, b, c in zip(single.learner.parameters(), rank0["weights"], rank1["weights"]):
+        assert torch.equal(b, c), "ranks must take identical outer steps"
+        assert (a.detach() - b).abs().max() <= 1e-12
+    losses = [r["meta_loss"] for r in single.history if "meta_loss" in r]
+    assert max(abs(x - y) for x, y in zip(losses, rank0["losses"])) <= 1e-12
+    # the checkpoint written by rank 0 loads in a single process and matches its weights
+    payload = load_checkpoint(tmp_path / "checkpoint.pt")
+    restored = make_trainer(None)
+    restored.restore(payload)
+    for a, b in zip(restored.learner.parameters(), rank0["weights"]):
+        assert torch.equal(a.detach(), b)
+
+
+def test_killed_rank_stops_the_other_and_resume_reproduces_the_run(tmp_path: Path) -> None:
+    timeout = 20.0
+    started = time.monotonic()
+    spawn(2, tmp_path, die_at=3, timeout=timeout)
+    assert time.monotonic() - started < timeout + 90
+    survivor = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert survivor["outcome"].startswith("peer-failure"), survivor["outcome"]
+    assert "--resume" in survivor["outcome"]
+    assert not (tmp_path / "rank1.pt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "no half-written checkpoint"
+    payload = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert payload["iteration"] == 3  # the last complete iteration before the crash
+    resumed = make_trainer(tmp_path / "checkpoint.pt", resume=True)
+    resumed.fit()
+    uninterrupted = make_trainer(tmp_path / "fresh.pt")
+    uninterrupted.fit()
+    for a, b in zip(resumed.learner.parameters(), uninterrupted.learner.parameters()):
+        assert (a - b).abs().max() <= 1e-12
+
+
+def _mismatch_worker(rank: int, port: int, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    context = distributed.initialize("gloo", timeout=20, rank=rank, world_size=2)
+    try:
+        context.check_consistent({"seed": rank, "shots": 5})
+        outcome = "no error"
+    except distributed.DistributedError as error:
+        outcome = str(error)
+    Path(folder, f"mismatch{rank}.txt").write_text(outcome)
+    distributed.shutdown()
+
+
+def test_mismatched_seed_between_ranks_is_an_error(tmp_path: Path) -> None:
+    mp.start_processes(_mismatch_worker, args=(distributed.free_port(), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    message = (tmp_path / "mismatch0.txt").read_text()
+    assert "different configuration" in message and "seed" in message
+
+
+def test_shards_cover_the_meta_batch_exactly() -> None:
+    for world in range(1, 5):
+        for tasks in range(world, 12):
+            shards = [distributed.DistributedContext(r, world, 1.0).shard(tasks) for r in range(world)]
+            assert shards[0].start == 0 and shards[-1].stop == tasks
+            assert all(a.stop == b.start for a, b in zip(shards, shards[1:]))
+            assert abs(sum(s.weight for s in shards) - 1) < 1e-15
+    with pytest.raises(distributed.DistributedError, match="cannot be split"):
+        distributed.DistributedContext(0, 4, 1.0).shard(3)
+
+
+def test_unavailable_backend_is_a_clear_error() -> None:
+    if distributed.backend_available("nccl"):
+        pytest.skip("nccl is available here")
+    with pytest.raises(distributed.DistributedError, match="nccl.*not available.*gloo"):
+        distributed.choose_backend("nccl")
+    with pytest.raises(distributed.DistributedError, match="not supported"):
+        distributed.choose_backend("mpi-ish")
+
+
+def test_checkpoint_from_another_configuration_names_the_field(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path / "c.pt")
+    trainer.iterations = 2
+    trainer.config["iterations"] = 2
+    trainer.fit()
+    other = make_trainer(tmp_path / "c.pt", resume=True)
+    other.config["seed"] = 4
+    with pytest.raises(ValueError, match="seed differs"):
+        other.fit()
+
+
+def test_cli_launch_two_processes(tmp_path: Path) -> None:
+    from diffopt.cli import main
+
+    code = main(["train", "--task", "sinusoid", "--iterations", "3", "--test-tasks", "4", "--no-progress",
+                 "--nproc", "2", "--threads", "1", "--checkpoint", str(tmp_path / "c.pt"), "--timeout", "60"])
+    assert code == 0
+    assert load_checkpoint(tmp_path / "c.pt")["iteration"] == 3
+
+
+def _hang_worker(rank: int, port: int, folder: str, timeout: float) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    context = distributed.initialize("gloo", timeout=timeout, rank=rank, world_size=2)
+
+    def hang(trainer: Trainer, iteration: int):
+        if rank == 1 and iteration == 2:
+            time.sleep(3 * timeout)  # alive but silent
+            os._exit(0)
+        return None
+
+    trainer = make_trainer(None, context, callbacks=[hang])
+    started = time.monotonic()
+    try:
+        trainer.fit()
+        outcome = "finished"
+    except distributed.PeerFailure:
+        outcome = f"peer-failure {time.monotonic() - started:.2f}"
+    Path(folder, f"hang{rank}.txt").write_text(outcome)
+    os._exit(0)
+
+
+def test_hung_rank_is_detected_within_the_timeout(tmp_path: Path) -> None:
+    timeout = 4.0
+    mp.start_processes(_hang_worker, args=(distributed.free_port(), str(tmp_path), timeout), nprocs=2,
+                       start_method="spawn")
+    outcome = (tmp_path / "hang0.txt").read_text()
+    assert outcome.startswith("peer-failure"), outcome
+    assert float(outcome.split()[1]) < timeout + 10
