@@ -1,0 +1,355 @@
+"""diffopt.diagnostics (4) gradient alignment, (6) representation change, (7) curvature, (8) meta-gradients."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.func import functional_call
+
+import diffopt.diagnostics as dg
+
+F64 = torch.float64
+# torch.func.hessian's forward-mode pass loads jit decompositions, which warn on torch 2.13
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def _f64():
+    torch.set_default_dtype(F64)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def mlp(d=3, h=5, N=3, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, N)).double()
+
+
+def data(seed=0, n=8, d=3, N=3, T=None):
+    g = gen(seed)
+    lead = () if T is None else (T,)
+    return torch.randn(*lead, n, d, generator=g), torch.randint(0, N, (*lead, n), generator=g)
+
+
+def params_of(model):
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+def flat_fn(model, fn):
+    """fn(params dict) -> scalar, as a function of one flat vector (named_parameters order)."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+
+    def f(flat):
+        return fn(dict(zip(names, [t.reshape(s) for t, s in zip(flat.split(sizes), shapes)])))
+
+    return f, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def ce(model, x, y):
+    return lambda p: nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
+
+
+# ----------------------------------------------------------------------------------------
+# (4) alignment
+# ----------------------------------------------------------------------------------------
+@settings(max_examples=30)
+@given(seed=st.integers(0, 10_000), M=st.integers(2, 6), P=st.integers(1, 8), scale=st.floats(1e-3, 1e3))
+def test_cosine_matrix_bounds_and_signs(seed, M, P, scale):
+    G = scale * torch.randn(M, P, generator=gen(seed))
+    C = dg.cosine_matrix(G)
+    assert (C >= -1).all() and (C <= 1).all()
+    assert torch.equal(torch.diagonal(C), torch.ones(M))
+    torch.testing.assert_close(C, C.T)
+    pair = dg.cosine_matrix(torch.stack([G[0], G[0], -G[0]]))
+    assert pair[0, 1].item() == pytest.approx(1.0, abs=1e-15)
+    assert pair[0, 2].item() == pytest.approx(-1.0, abs=1e-15)
+    assert dg.conflict_rate(pair) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("M", [2, 3, 7])
+def test_diversity_identical_and_orthogonal(M):
+    g = torch.randn(5, generator=gen(M))
+    assert dg.gradient_diversity(g.expand(M, 5)) == pytest.approx(1 / M, rel=1e-13)
+    Q, _ = torch.linalg.qr(torch.randn(10, 10, generator=gen(1)))
+    assert dg.gradient_diversity(2.5 * Q[:M]) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_unbiased_sq_norm_of_mean_is_unbiased_on_simulated_gaussian_gradients():
+    g = gen(11)
+    M, P, R = 4, 3, 3000
+    mu = torch.tensor([0.3, -0.2, 0.1])
+    A = torch.randn(P, P, generator=g)
+    cov_sqrt = A / 2
+    target = (mu @ mu).item()
+    Gs = mu + torch.randn(R, M, P, generator=g) @ cov_sqrt.T
+    U = torch.tensor([dg.unbiased_sq_norm_of_mean(Gs[r])[0] for r in range(R)])
+    naive = Gs.mean(1).pow(2).sum(-1)
+
+    def within_3_sigma(samples):
+        return abs(samples.mean().item() - target) <= 3 * samples.std().item() / math.sqrt(R)
+
+    assert within_3_sigma(U)
+    assert not within_3_sigma(naive)  # ‖ḡ‖² is biased by tr Cov/M: the check has power
+    # jackknife standard errors track the Monte-Carlo spread
+    se = torch.tensor([dg.unbiased_sq_norm_of_mean(Gs[r])[1] for r in range(200)])
+    assert se.mean().item() == pytest.approx(U.std().item(), rel=0.35)
+
+
+def test_gsnr_unchanged_when_loss_is_scaled():
+    model = mlp()
+    x, y = data(T=4)
+    base = dg.gradient_alignment(model, None, x, y, loss_fn=nn.functional.cross_entropy)
+    scaled = dg.gradient_alignment(model, None, x, y, loss_fn=lambda o, t: 7.3 * nn.functional.cross_entropy(o, t))
+    for k, v in base["alignment/gsnr"].details["per_parameter"].items():
+        torch.testing.assert_close(scaled["alignment/gsnr"].details["per_parameter"][k], v, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(scaled["alignment/cosine_matrix"].value, base["alignment/cosine_matrix"].value)
+    G = torch.randn(6, 4, generator=gen(3))
+    torch.testing.assert_close(dg.gsnr(123.0 * G), dg.gsnr(G), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dg.gsnr(G, unbiased=False), G.mean(0) ** 2 / G.var(0), rtol=1e-12, atol=0)
+
+
+def test_gradient_alignment_on_a_model_matches_autograd():
+    model = mlp()
+    T = 4
+    x, y = data(T=T)
+    res = dg.gradient_alignment(model, None, x, y, generator=gen(0))
+    rows = []
+    for t in range(T):
+        f, flat = flat_fn(model, ce(model, x[t], y[t]))
+        rows.append(torch.func.grad(f)(flat))
+    G = torch.stack(rows)
+    torch.testing.assert_close(res["alignment/cosine_matrix"].value, dg.cosine_matrix(G), rtol=1e-10, atol=1e-12)
+    assert res["alignment/diversity"].value == pytest.approx(dg.gradient_diversity(G), rel=1e-10)
+    U, se = dg.unbiased_sq_norm_of_mean(G)
+    d = res["alignment/sq_norm_mean_grad"]
+    assert d.value == pytest.approx(U, rel=1e-10) and d.stderr == pytest.approx(se, rel=1e-8)
+    assert d.ci95 == pytest.approx((U - 1.96 * se, U + 1.96 * se), rel=1e-8)
+    assert res["alignment/within_task_dot"].per_task.shape == (T,)
+    w = res["alignment/within_task_cosine"]
+    assert (w.per_task.abs() <= 1).all()
+    # disjoint halves: recompute task 0's split with the same generator stream
+    g0 = gen(0)
+    perm = torch.randperm(8, generator=g0)
+    f1, flat = flat_fn(model, ce(model, x[0][perm[:4]], y[0][perm[:4]]))
+    f2, _ = flat_fn(model, ce(model, x[0][perm[4:]], y[0][perm[4:]]))
+    expected = (torch.func.grad(f1)(flat) @ torch.func.grad(f2)(flat)).item()
+    assert res["alignment/within_task_dot"].per_task[0].item() == pytest.approx(expected, rel=1e-10)
+
+
+# ----------------------------------------------------------------------------------------
+# (6) CKA and effective rank
+# ----------------------------------------------------------------------------------------
+def orthogonal(p, seed):
+    Q, _ = torch.linalg.qr(torch.randn(p, p, generator=gen(seed)))
+    return Q
+
+
+@settings(max_examples=25)
+@given(seed=st.integers(0, 10_000), n=st.integers(3, 12), p=st.integers(1, 6), q=st.integers(1, 6),
+       a=st.floats(1e-3, 1e3), b=st.floats(1e-3, 1e3))
+def test_linear_cka_properties(seed, n, p, q, a, b):
+    g = gen(seed)
+    X, Y = torch.randn(n, p, generator=g), torch.randn(n, q, generator=g)
+    c = dg.linear_cka(X, Y).item()
+    assert 0.0 <= c <= 1.0
+    assert dg.linear_cka(Y, X).item() == pytest.approx(c, rel=1e-10, abs=1e-14)
+    assert dg.linear_cka(X, X).item() == pytest.approx(1.0, abs=1e-12)
+    assert dg.linear_cka(a * X @ orthogonal(p, seed), b * Y @ orthogonal(q, seed + 1)).item() == pytest.approx(
+        c, rel=1e-8, abs=1e-12)
+    assert dg.linear_cka(X, a * X @ orthogonal(p, seed + 2)).item() == pytest.approx(1.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("d", [1, 2, 5, 9])
+def test_effective_rank_identity_rank_one_and_scale(d):
+    assert dg.effective_rank(torch.eye(d)).item() == pytest.approx(d, rel=1e-12)
+    u, v = torch.randn(7, 1, generator=gen(d)), torch.randn(1, d + 2, generator=gen(d + 1))
+    assert dg.effective_rank(u @ v).item() == pytest.approx(1.0, abs=1e-12)
+    X = torch.randn(8, d, generator=gen(2))
+    assert dg.effective_rank(1e4 * X).item() == pytest.approx(dg.effective_rank(X).item(), rel=1e-10)
+    assert 1.0 <= dg.effective_rank(X).item() <= d + 1e-12
+
+
+def test_representation_change_per_layer():
+    model = mlp(h=6)
+    x, _ = data(n=10)
+    theta = params_of(model)
+    res = dg.representation_change(model, theta, theta, x)
+    assert set(res) == {"cka/0", "cka/2", "erank_theta/0", "erank_phi/0", "erank_theta/2", "erank_phi/2"}
+    assert res["cka/0"].value == pytest.approx(1.0, abs=1e-12) and res["cka/2"].value == pytest.approx(1.0, abs=1e-12)
+    head_only = dict(theta)
+    head_only["2.weight"] = theta["2.weight"] + torch.randn(theta["2.weight"].shape, generator=gen(5))
+    res = dg.representation_change(model, theta, head_only, x, layers=["0", "1", "2"])
+    assert res["cka/0"].value == pytest.approx(1.0, abs=1e-12)  # feature reuse below the head
+    assert res["cka/1"].value == pytest.approx(1.0, abs=1e-12)
+    assert res["cka/2"].value < 0.99
+    with pytest.raises(KeyError, match="no submodule"):
+        dg.representation_change(model, theta, theta, x, layers=["nope"])
+
+
+# ----------------------------------------------------------------------------------------
+# (7) curvature
+# ----------------------------------------------------------------------------------------
+def test_curvature_matches_explicit_hessian():
+    model = mlp(h=3, N=2, seed=4)
+    x, y = data(seed=4, n=10, N=2)
+    f, flat = flat_fn(model, ce(model, x, y))
+    H = torch.func.hessian(f)(flat)
+    eig = torch.linalg.eigvalsh(H)
+    dominant = eig[eig.abs().argmax()].item()
+    res = dg.curvature(model, None, x, y, lr=0.1, iters=500, tol=1e-14, samples=0, generator=gen(1))
+    assert res["curvature/lambda_max"].value == pytest.approx(dominant, rel=1e-6)
+    assert res["curvature/stability_ratio"].value == pytest.approx(0.1 * dominant, rel=1e-6)
+    tr = dg.curvature(model, None, x, y, iters=0, samples=300, generator=gen(2))["curvature/hessian_trace"]
+    assert abs(tr.value - torch.trace(H).item()) <= 4 * tr.stderr
+    # HVP against the explicit Hessian
+    v = torch.randn(flat.numel(), generator=gen(3))
+    hv = dg.hessian_vector_product(model, None, x, y, v)
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in hv.values()]), H @ v, rtol=1e-10, atol=1e-12)
+
+
+class Scale(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d, dtype=F64))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def test_hutchinson_exact_for_diagonal_hessian():
+    model = Scale(4)
+    x, y = torch.randn(6, 4, generator=gen(0)), torch.randn(6, 4, generator=gen(1))
+    sigma = 0.5
+    res = dg.curvature(model, None, x, y, likelihood="gaussian", sigma=sigma, iters=0, samples=3)
+    exact = (x * x).mean(0).sum().item() / sigma**2
+    assert res["curvature/hessian_trace"].value == pytest.approx(exact, rel=1e-12)
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 10_000))
+def test_hvp_is_symmetric(seed):
+    model = mlp(seed=seed % 7)
+    x, y = data(seed)
+    P = sum(p.numel() for p in model.parameters())
+    u, v = torch.randn(P, generator=gen(seed)), torch.randn(P, generator=gen(seed + 1))
+    flat = lambda d: torch.cat([t.reshape(-1) for t in d.values()])  # noqa: E731
+    hu = flat(dg.hessian_vector_product(model, None, x, y, u))
+    hv = flat(dg.hessian_vector_product(model, None, x, y, v))
+    assert (u @ hv).item() == pytest.approx((v @ hu).item(), rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("rho,converges", [(1.9, True), (2.1, False)])
+def test_stability_ratio_on_a_quadratic(rho, converges):
+    g = gen(0)
+    model = nn.Linear(3, 1, bias=False).double()
+    X = torch.randn(20, 3, generator=g) @ torch.diag(torch.tensor([3.0, 1.0, 0.3]))
+    y = torch.randn(20, 1, generator=g)
+    lam = dg.curvature(model, None, X, y, likelihood="gaussian", sigma=1.0, iters=500, tol=1e-15,
+                       samples=0)["curvature/lambda_max"].value
+    assert lam == pytest.approx(torch.linalg.eigvalsh(X.T @ X / 20).max().item(), rel=1e-10)
+    lr = rho / lam
+    res = dg.curvature(model, None, X, y, likelihood="gaussian", sigma=1.0, lr=lr, iters=500, tol=1e-15, samples=0)
+    assert res["curvature/stability_ratio"].value == pytest.approx(rho, rel=1e-10)
+    w_star = torch.linalg.lstsq(X, y).solution.T
+    w0 = {"weight": torch.zeros(1, 3)}
+    wT = dg.sgd_adapt(model, lr=lr, steps=200, likelihood="gaussian", sigma=1.0)(w0, X, y)
+    ratio = ((wT["weight"] - w_star).norm() / (w0["weight"] - w_star).norm()).item()
+    assert (ratio < 1e-3) if converges else (ratio > 1e3)
+
+
+class OnceTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class OnceNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4).double()
+        self.b = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        return self.b(OnceTanh.apply(self.a(x)))
+
+
+def test_second_order_diagnostics_on_a_once_differentiable_model_name_the_fix():
+    torch.manual_seed(0)
+    model = OnceNet()
+    x, y = data()
+    with pytest.raises(dg.SecondOrderUnavailable, match="(?s)once_differentiable.*Fix:.*which="):
+        dg.curvature(model, None, x, y)
+    with pytest.raises(dg.SecondOrderUnavailable, match="Fix:"):
+        dg.metagradient_discrepancy(model, None, x, y, x, y, lr=0.1, steps=2)
+    # first-order diagnostics still work
+    phi = dg.sgd_adapt(model, lr=0.1, steps=1)(params_of(model), x, y)
+    assert dg.adaptation_kl(model, None, phi, x)["kl/forward"].value > 0
+
+
+# ----------------------------------------------------------------------------------------
+# (8) first- vs second-order meta-gradients
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("steps,lr", [(0, 0.5), (3, 0.0)])
+def test_metagradients_equal_without_adaptation(steps, lr):
+    model = mlp()
+    xs, ys = data(0)
+    xq, yq = data(1)
+    g1, g2 = dg.metagradients(model, None, xs, ys, xq, yq, lr=lr, steps=steps)
+    for k in g1:
+        assert torch.equal(g1[k], g2[k])
+    res = dg.metagradient_discrepancy(model, None, xs, ys, xq, yq, lr=lr, steps=steps)
+    assert res["metagrad/relative_error"].value == 0.0
+    assert res["metagrad/cosine"].value == pytest.approx(1.0, abs=1e-15)
+
+
+def test_one_step_metagradient_is_identity_minus_lr_hessian_times_first_order():
+    model = mlp(h=4)
+    xs, ys = data(0)
+    xq, yq = data(1)
+    lr = 0.7
+    g1, g2 = dg.metagradients(model, None, xs, ys, xq, yq, lr=lr, steps=1)
+    f, flat = flat_fn(model, ce(model, xs, ys))
+    H = torch.func.hessian(f)(flat)
+    g1f = torch.cat([t.reshape(-1) for t in g1.values()])
+    g2f = torch.cat([t.reshape(-1) for t in g2.values()])
+    expected = (torch.eye(flat.numel()) - lr * H) @ g1f
+    torch.testing.assert_close(g2f, expected, rtol=1e-10, atol=1e-12)
+    # g1 is the query gradient at φ = θ − lr ∇L_S(θ)
+    phi_flat = flat - lr * torch.func.grad(f)(flat)
+    q, _ = flat_fn(model, ce(model, xq, yq))
+    torch.testing.assert_close(g1f, torch.func.grad(q)(phi_flat), rtol=1e-10, atol=1e-12)
+
+
+def test_metagradient_discrepancy_over_tasks_with_callable_adapt():
+    model = mlp()
+    T = 4
+    xs, ys = data(0, T=T)
+    xq, yq = data(1, T=T)
+    adapt = dg.sgd_adapt(model, lr=0.5, steps=2)
+    res = dg.metagradient_discrepancy(model, None, xs, ys, xq, yq, adapt=adapt, batched=True)
+    internal = dg.metagradient_discrepancy(model, None, list(xs), list(ys), list(xq), list(yq), lr=0.5, steps=2)
+    torch.testing.assert_close(res["metagrad/cosine"].per_task, internal["metagrad/cosine"].per_task)
+    assert res["metagrad/cosine"].per_task.shape == (T,) and res["metagrad/cosine"].ci95 is not None
+    assert (res["metagrad/relative_error"].per_task > 0).all()
+    pairs = [dg.metagradients(model, None, xs[t], ys[t], xq[t], yq[t], adapt=adapt) for t in range(T)]
+    G1 = torch.stack([torch.cat([v.reshape(-1) for v in a.values()]) for a, _ in pairs])
+    assert res["metagrad/variance_first_order"].value == pytest.approx(G1.var(0).sum().item(), rel=1e-10)
+    with pytest.raises(ValueError, match="lr="):
+        dg.metagradient_discrepancy(model, None, xs, ys, xq, yq, batched=True)
