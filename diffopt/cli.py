@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--metrics", default=None, help="JSON-lines metrics path")
     train.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     train.add_argument("--no-progress", action="store_true")
+    from .testing.runner import add_parser as add_check
+
+    add_check(commands)
     train.add_argument("--nproc", type=int, default=1, help="processes to shard the meta-batch over (gloo on CPU)")
     train.add_argument("--backend", default="auto", help="torch.distributed backend: gloo, nccl or auto")
     train.add_argument("--timeout", type=float, default=300.0,
@@ -67,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run(iterations=args.iterations, seed=args.seed, plot=args.plot or None, progress=not args.no_progress)
         return 0
+    if args.command == "check":
+        from .testing.runner import run as run_check
+
+        return run_check(args)
     if args.command == "train":
         if args.nproc > 1:
             from .distributed import launch
@@ -74,8 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raw = list(sys.argv[1:] if argv is None else argv)
             return launch(_without_nproc(raw), args.nproc, args.timeout)
         from .run import train_from_args
+        from .tasks import OmniglotLayoutError
 
-        summary = train_from_args(args)
+        try:
+            summary = train_from_args(args)
+        except (ValueError, OmniglotLayoutError) as error:  # settings, data or checkpoint: say what, no traceback
+            parser.exit(2, f"diffopt train: error: {error}\n")
         if summary is not None:
             print(json.dumps(summary, indent=2, default=_plain))
         return 0

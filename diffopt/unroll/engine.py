@@ -290,6 +290,10 @@ class InnerLoop:
              theta: Sequence[Tensor] | None = None) -> Carry:
         """One inner step. ``graph``: "full" (second order), "first_order" or "none" (no graph)."""
         optimizer = optimizer or self.optimizer
+        if not torch.is_grad_enabled():
+            # Under torch.no_grad (evaluation) nothing will be differentiated; the carry's
+            # tensors do not require grad there, so the inner gradient needs fresh leaves.
+            graph = "none"
         if graph == "none":
             carry = detached(carry, requires_grad=True)
         with torch.enable_grad():
@@ -416,6 +420,21 @@ class InnerLoop:
             if step < max(at):
                 carry = self.step(carry, support_x, support_y, graph)
         return torch.stack([rows[step] for step in at])
+
+    def rebind(self, theta: Sequence[Tensor] | None = None, hyperparameters: dict[int, Tensor] | None = None) -> "InnerLoop":
+        """A shallow copy whose initialisation is ``theta`` and whose tensor hyperparameters are
+        replaced (``{id(old): new}``): the meta-loss as a function of explicit tensors, for
+        finite differences and ``torch.autograd.gradcheck``. The patched model is shared."""
+        clone = copy.copy(self)
+        if theta is not None:
+            theta = list(theta)
+            if len(theta) != len(self.theta) or any(a.shape != b.shape for a, b in zip(theta, self.theta)):
+                raise ValueError("rebind(theta=...): give one tensor per model parameter, with the same shapes")
+            clone.theta = theta
+        if hyperparameters:
+            clone.optimizer = self.with_hyperparameters(hyperparameters)
+        clone.last_info = {}
+        return clone
 
     # -- perturbation support for ES/PES -------------------------------------------------
     def with_hyperparameters(self, mapping: dict[int, Tensor]) -> DifferentiableOptimizer:

@@ -1,0 +1,156 @@
+"""``diffopt check``: the gradient-correctness kit over every built-in optimizer and mode,
+or over a user's optimizer given as ``module:Class``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import optim
+from .checks import Report, check_hypergradient, check_modes, check_optimizer
+from .faulty import FAULTY
+
+# Option sets per optimizer: the fast run uses the first, --thorough all of them.
+OPTION_SETS: dict[str, list[dict[str, Any]]] = {
+    "SGD": [{"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}, {"momentum": 0.5, "dampening": 0.2},
+            {"maximize": True}],
+    "Adam": [{"amsgrad": True, "weight_decay": 0.01}, {"decoupled_weight_decay": True, "weight_decay": 0.1},
+             {"maximize": True, "betas": (0.8, 0.99)}],
+    "AdamW": [{}, {"amsgrad": True}],
+    "Adagrad": [{"lr_decay": 0.01, "initial_accumulator_value": 0.1}, {"weight_decay": 0.01}],
+    "Adadelta": [{"rho": 0.8}, {"weight_decay": 0.01, "maximize": True}],
+    "Adamax": [{}, {"weight_decay": 0.01}],
+    "NAdam": [{"momentum_decay": 0.01}, {"decoupled_weight_decay": True, "weight_decay": 0.01}],
+    "RAdam": [{}, {"decoupled_weight_decay": True, "weight_decay": 0.01, "betas": (0.9, 0.9)}],
+    "RMSprop": [{"centered": True, "momentum": 0.5}, {"weight_decay": 0.01}],
+    "Rprop": [{"etas": (0.4, 1.3)}, {"step_sizes": (1e-4, 1.0)}],
+    "ASGD": [{"t0": 5.0, "lambd": 0.01}, {"weight_decay": 0.01}],
+}
+LEARNING_RATES = {"Adadelta": 0.5, "Rprop": 0.01}
+
+MODES = ("second_order", "checkpointed", "truncated", "implicit", "forward", "first_order")
+
+
+def load_object(spec: str) -> Any:
+    """``module:attribute`` -> the object (for user optimizers and references)."""
+    if ":" not in spec:
+        raise SystemExit(f"{spec!r}: give the optimizer as module:Class, e.g. mypackage.optim:MyAdam")
+    module, attribute = spec.split(":", 1)
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as error:
+        raise SystemExit(f"cannot load {spec!r}: {error}") from error
+
+
+def _problem(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    generator = torch.Generator().manual_seed(seed)
+    data = tuple(torch.randn(3, n, 1, generator=generator, dtype=torch.float64) for n in (5, 5, 6, 6))
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1)).double(), data
+
+
+def optimizer_reports(name: str, cls: Callable[..., Any], reference: Any, option_sets: list[dict[str, Any]],
+                      steps: int, lr: float) -> list[tuple[str, Report]]:
+    rows = []
+    for options in option_sets:
+        label = f"{name}({', '.join(f'{k}={v}' for k, v in options.items())})"
+        torch_reference = (lambda ps, o=options: reference(ps, lr=lr, **o)) if reference is not None else None
+        for report in check_optimizer(lambda ps, o=options, **h: cls(ps, **o, **h), torch_reference, steps=steps,
+                                      hyperparameters={"lr": lr}):
+            rows.append((label, report))
+    return rows
+
+
+def mode_reports(optimizer_factory: Callable[..., Any], label: str, thorough: bool) -> list[tuple[str, Report]]:
+    rows = []
+    model, data = _problem()
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    factory = lambda ps: optimizer_factory(ps, lr=lr)  # noqa: E731
+    for report in check_modes(model, factory, data, steps=4 if thorough else 3,
+                              implicit_steps=400 if thorough else 150):
+        rows.append((label, report))
+    for mode, extra in (("second_order", {}), ("checkpointed", {"segment": 2}), ("truncated", {"truncate": 3})):
+        report = check_hypergradient(model, factory, data, steps=3, mode=mode, directions=4 if thorough else 2,
+                                     gradcheck=thorough, vectorize=False, **extra)
+        rows.append((label, report))
+    # Implicit: the solution of the proximal problem does not depend on the learning rate, so only θ
+    # is checked, against finite differences of the unrolled loop (equal up to inner convergence).
+    report = check_hypergradient(model, lambda ps: optimizer_factory(ps, lr=0.1), data,
+                                 steps=300 if thorough else 150, mode="implicit",
+                                 proximal=1.0, directions=2, gradcheck=False, vectorize=False, tolerance=1e-5)
+    report.notes.append("implicit: compared with finite differences of the unrolled loop (tolerance 1e-5: the "
+                        "unrolled solution is exact only up to the inner convergence)")
+    rows.append((label, report))
+    return rows
+
+
+def self_test(steps: int) -> list[tuple[str, Report, bool]]:
+    """Every deliberately wrong optimizer must be flagged by at least one check."""
+    out = []
+    model, data = _problem(1)
+    for name, (cls, reference, options) in FAULTY.items():
+        rest = {k: v for k, v in options.items() if k != "lr"}
+        reports = check_optimizer(lambda ps, **h: cls(ps, **rest, **h), lambda ps: reference(ps, **options),
+                                  steps=steps, hyperparameters={"lr": options["lr"]})
+        reports += check_modes(model, lambda ps: cls(ps, **options), data, modes=("independence",))
+        flagged = any(not r.passed for r in reports)
+        worst = max(reports, key=lambda r: (not r.passed, r.worst_error / r.tolerance))
+        out.append((name, worst, flagged))
+    return out
+
+
+def format_row(subject: str, report: Report) -> str:
+    verdict = "PASS" if report.passed else "FAIL"
+    return f"| {subject} | {report.name} | {report.worst_error:.2e} | {report.tolerance:.0e} | {verdict} |"
+
+
+def add_parser(commands: Any) -> None:
+    check = commands.add_parser("check", help="run the gradient-correctness kit (built-ins or your optimizer)")
+    check.add_argument("--thorough", action="store_true", help="more option sets, steps, directions and gradcheck")
+    check.add_argument("--optimizer", default=None, help="your optimizer as module:Class (same signature as torch.optim)")
+    check.add_argument("--reference", default=None, help="torch.optim reference as module:Class, e.g. torch.optim:Adam")
+    check.add_argument("--lr", type=float, default=0.05, help="learning rate for --optimizer (checked as a tensor)")
+    check.add_argument("--no-self-test", action="store_true", help="skip checking that known bugs are flagged")
+    check.add_argument("--skip-modes", action="store_true", help="check the optimizer only, not the engine modes")
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    steps = 60 if args.thorough else 20
+    rows: list[tuple[str, Report]] = []
+    if args.optimizer:
+        cls = load_object(args.optimizer)
+        reference = load_object(args.reference) if args.reference else None
+        rows += optimizer_reports(cls.__name__, cls, reference, [{}], steps, args.lr)
+        if not args.skip_modes:
+            rows += mode_reports(cls, cls.__name__, args.thorough)
+    else:
+        for name, cls in optim.OPTIMIZERS.items():
+            sets = OPTION_SETS[name] if args.thorough else OPTION_SETS[name][:1]
+            rows += optimizer_reports(name, cls, getattr(torch.optim, name), sets, steps, LEARNING_RATES.get(name, 0.05))
+        for name in ("SGD", "Adam") if args.thorough else ("SGD",):
+            rows += mode_reports(optim.OPTIMIZERS[name], f"modes with {name}", args.thorough)
+    print("| subject | check | worst error | tolerance | verdict |")
+    print("|---|---|---|---|---|")
+    for subject, report in rows:
+        print(format_row(subject, report))
+    failures = [(s, r) for s, r in rows if not r.passed]
+    self_failures = []
+    if not args.optimizer and not args.no_self_test:
+        print("\nSelf-test: deliberately wrong optimizers must be flagged\n")
+        print("| wrong implementation | flagged by | error | verdict |")
+        print("|---|---|---|---|")
+        for name, report, flagged in self_test(steps):
+            print(f"| {name} | {report.name} | {report.worst_error:.2e} | {'FLAGGED' if flagged else 'MISSED'} |")
+            if not flagged:
+                self_failures.append(name)
+    for subject, report in failures:
+        print(f"\n{subject}: {report}")
+    total = len(rows)
+    print(f"\n{total - len(failures)} passed, {len(failures)} failed ({time.perf_counter() - started:.0f} s)")
+    return 1 if failures or self_failures else 0

@@ -1,0 +1,176 @@
+"""The gradient-correctness kit: it passes correct code, flags wrong code, and its references are exact."""
+from __future__ import annotations
+
+import math
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from diffopt import optim
+from diffopt.cli import main
+from diffopt.testing import check_hypergradient, check_modes, check_optimizer, quadratic_sgd, ridge
+from diffopt.testing import strategies as ds
+from diffopt.testing.faulty import FAULTY
+from diffopt.unroll import InnerLoop
+
+F64 = torch.float64
+
+
+def regression_data(tasks: int = 3, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(tasks, n, 1, generator=g, dtype=F64) for n in (5, 5, 6, 6))
+
+
+def smooth_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+
+
+@pytest.mark.parametrize("name", list(FAULTY))
+def test_every_deliberately_wrong_optimizer_is_flagged(name: str) -> None:
+    cls, reference, options = FAULTY[name]
+    rest = {k: v for k, v in options.items() if k != "lr"}
+    reports = check_optimizer(lambda ps, **h: cls(ps, **rest, **h), lambda ps: reference(ps, **options),
+                              hyperparameters={"lr": options["lr"]})
+    reports += check_modes(smooth_mlp(), lambda ps: cls(ps, **options), regression_data(), modes=("independence",))
+    assert any(not r.passed for r in reports), [str(r) for r in reports]
+
+
+def test_detached_momentum_is_caught_only_by_finite_differences() -> None:
+    cls, reference, options = FAULTY["SGD with a detached momentum buffer"]
+    trajectory, hypergradient = check_optimizer(lambda ps, **h: cls(ps, momentum=0.9, **h),
+                                                lambda ps: reference(ps, **options), hyperparameters={"lr": 0.05})
+    assert trajectory.passed and trajectory.worst_error < 1e-14
+    assert not hypergradient.passed and hypergradient.worst_error > 1e-2
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop", "NAdam"])
+def test_builtin_optimizers_pass(name: str) -> None:
+    reports = check_optimizer(optim.OPTIMIZERS[name], getattr(torch.optim, name) and
+                              (lambda ps: getattr(torch.optim, name)(ps, lr=0.05)), hyperparameters={"lr": 0.05})
+    for report in reports:
+        assert report.passed, str(report)
+
+
+def test_modes_agree_and_report_where() -> None:
+    lr = torch.tensor(0.1, dtype=F64, requires_grad=True)
+    reports = check_modes(smooth_mlp(), lambda ps: optim.SGD(ps, lr=lr, momentum=0.5), regression_data())
+    names = {r.name for r in reports}
+    assert {"vectorised vs task loop (second order)", "checkpointed vs second order", "truncated(K) vs second order",
+            "forward vs reverse (hyperparameters)", "first order vs the first-order formula"} <= names
+    for report in reports:
+        assert report.passed, str(report)
+        assert "meta-parameter" in report.where or report.where == "nothing to compare"
+
+
+def test_hypergradient_check_converts_float32_and_says_so() -> None:
+    model = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1))
+    report = check_hypergradient(model, lambda ps: optim.SGD(ps, lr=0.1), regression_data(), steps=2)
+    assert report.passed, str(report)
+    assert any("float64 copy" in n for n in report.notes)
+    assert any("gradcheck" in n and "passed" in n for n in report.notes)
+    assert next(model.parameters()).dtype == torch.float32  # the user's model is untouched
+
+
+def test_relu_kinks_are_detected_and_redrawn() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 32), nn.ReLU(), nn.Linear(32, 1)).double()
+    report = check_hypergradient(model, lambda ps: optim.SGD(ps, lr=0.1), regression_data(), steps=2,
+                                 step_size=0.5, directions=6, gradcheck=False)
+    assert any("non-smooth" in n for n in report.notes), report.notes
+
+
+def test_in_place_optimizer_is_refused() -> None:
+    class InPlaceSGD(optim.SGD):
+        def step(self, loss=None, params=None, **kwargs):
+            params = list(self.params if params is None else params)
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p.sub_(0.05 * g)
+            return params
+
+    with pytest.raises(ValueError, match="mutated parameter 0 in place"):
+        check_optimizer(lambda ps, **h: InPlaceSGD(ps, lr=0.05), None)
+
+
+def test_non_leaf_hyperparameter_is_explained() -> None:
+    log_lr = torch.tensor(-2.0, dtype=F64, requires_grad=True)
+    with pytest.raises(ValueError, match="leaf tensors"):
+        check_hypergradient(smooth_mlp(), lambda ps: optim.SGD(ps, lr=log_lr.exp()), regression_data())
+
+
+@settings(max_examples=15, deadline=None)
+@given(steps=st.integers(1, 15), lr=ds.log_floats(0.01, 0.2), momentum=st.sampled_from([0.0, 0.5, 0.9]),
+       seed=ds.seeds())
+def test_quadratic_closed_form_matches_unrolled_sgd(steps: int, lr: float, momentum: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    n = 4
+    q = torch.randn(n, n, generator=g, dtype=F64)
+    A = q @ q.T / n + 0.5 * torch.eye(n, dtype=F64)
+    b, w0, target = (torch.randn(n, generator=g, dtype=F64) for _ in range(3))
+    exact = quadratic_sgd(A, b, w0, lr, momentum, steps, target)
+    w = w0.clone().requires_grad_()
+    lr_t = torch.tensor(lr, dtype=F64, requires_grad=True)
+    mu_t = torch.tensor(momentum, dtype=F64, requires_grad=True)
+    opt = optim.SGD([w], lr=lr_t, momentum=mu_t)
+    params = [w]
+    for _ in range(steps):
+        params = opt.step(0.5 * params[0] @ A @ params[0] - b @ params[0])
+    loss = 0.5 * ((params[0] - target) ** 2).sum()
+    dw, dlr, dmu = (torch.zeros((), dtype=F64) if g is None else g
+                    for g in torch.autograd.grad(loss, [w, lr_t, mu_t], allow_unused=True))  # μ unused at K=1
+    scale = max(1.0, float(dw.abs().max()))
+    assert float((dw - exact.wrt_initial_weights).abs().max()) <= 1e-12 * scale
+    assert math.isclose(float(dlr), exact.wrt_lr, rel_tol=1e-10, abs_tol=1e-12)
+    assert math.isclose(float(dmu), exact.wrt_momentum, rel_tol=1e-10, abs_tol=1e-12)
+
+
+def test_ridge_closed_form_matches_the_implicit_engine() -> None:
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(1, 12, 3, generator=g, dtype=F64), torch.randn(1, 12, 1, generator=g, dtype=F64)
+    Xv, yv = torch.randn(1, 7, 3, generator=g, dtype=F64), torch.randn(1, 7, 1, generator=g, dtype=F64)
+    model = nn.Linear(3, 1, bias=False).double()
+    exact = ridge(X[0], y[0], Xv[0], yv[0], 2.0, center=model.weight.detach()[0])
+    loop = InnerLoop(model, optim.SGD(model.parameters(), lr=0.1), steps=300, mode="implicit", proximal=2.0)
+    (grad,) = torch.autograd.grad(loop.meta_loss(X, y, Xv, yv), [model.weight])
+    assert float((grad[0] - exact.wrt_center).abs().max() / exact.wrt_center.abs().max()) <= 1e-6
+
+
+@settings(max_examples=5, deadline=None)
+@given(model=ds.mlps(), data=ds.task_batches(max_tasks=3, max_examples=4),
+       optimizer=ds.optimizers(("SGD", "Adam", "RMSprop")))
+def test_strategies_compose_with_the_checks(model: nn.Module, data, optimizer) -> None:
+    name, config = optimizer
+    config = {k: v for k, v in config.items() if k != "maximize"}
+    reports = check_modes(model, lambda ps: optim.OPTIMIZERS[name](ps, **config), data, steps=2,
+                          modes=("independence", "vectorize", "checkpointed"))
+    for report in reports:
+        assert report.worst_error <= 1e-10, str(report)
+
+
+def test_check_command_on_a_user_optimizer(tmp_path, capsys, monkeypatch) -> None:
+    (tmp_path / "user_optim.py").write_text(textwrap.dedent("""
+        from diffopt.optim import SGD
+
+        class MySGD(SGD):
+            pass
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["check", "--optimizer", "user_optim:MySGD", "--reference", "torch.optim:SGD", "--lr", "0.05"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "MySGD trajectory vs SGD" in out and "0 failed" in out
+    sys.modules.pop("user_optim", None)
+
+
+def test_check_command_fails_on_a_wrong_optimizer(capsys) -> None:
+    code = main(["check", "--optimizer", "diffopt.testing.faulty:AdamWithoutBiasCorrection",
+                 "--reference", "torch.optim:Adam", "--skip-modes"])
+    assert code == 1
+    assert "FAIL" in capsys.readouterr().out
