@@ -68,6 +68,7 @@ class DifferentiableOptimizer:
         self.transforms = build_transforms(clip_grad_norm, clip_grad_value, grad_transform)
         self.defaults = self._defaults_from(hyperparameters)
         self.params: list[Tensor] = []
+        self.base_dims: list[int] = []  # dimensions of each parameter as constructed (no task dimension)
         self.param_names: list[str] = []
         self.param_groups: list[dict[str, Any]] = []
         for group in self._groups_from(params):
@@ -148,6 +149,7 @@ class DifferentiableOptimizer:
             self._check_hyper_shapes(full, tensor, len(indices), where)
             indices.append(len(self.params))
             self.params.append(tensor)
+            self.base_dims.append(tensor.dim())
             self.param_names.append(name or f"group{len(self.param_groups)}.params[{j}]")
         full["params"] = indices
         self.param_groups.append(full)
@@ -239,7 +241,9 @@ class DifferentiableOptimizer:
 
         Parameters whose gradient is ``None`` are left unchanged, with their
         state, as torch.optim does. Works on parameters with a leading task
-        dimension (state is created with the parameters' shape).
+        dimension (state is created with the parameters' shape); rules that
+        reduce over a tensor read ``hp["task_dims"]``, the number of leading task
+        dimensions, and must not reduce over them.
         """
         new_params, new_states = list(params), list(states)
         for group in self.param_groups:
@@ -247,6 +251,7 @@ class DifferentiableOptimizer:
                 if grads[i] is None:
                     continue
                 hp = self._hp(group, position, step)
+                hp["task_dims"] = params[i].dim() - self.base_dims[i]
                 state = new_states[i]
                 if state is None:
                     state = self.rule.init_state(params[i], hp)
