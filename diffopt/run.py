@@ -18,6 +18,12 @@ PROTOCOL_DEFAULTS = {  # meta-batch, shots, query, inner lr for each task family
     "glyphs": (4, 1, 15, 0.4),
     "omniglot": (32, 1, 15, 0.4),
 }
+ITERATIONS_PER_EPOCH = 500  # MAML++'s epoch (Antoniou et al., 2019): its annealing schedules count these
+
+
+def set_epoch(learner: Any, iteration: int) -> None:
+    """``Trainer(before_step=...)`` for learners with epoch-based schedules (MAML++)."""
+    learner.set_epoch(iteration // ITERATIONS_PER_EPOCH)
 
 
 def build(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
@@ -95,7 +101,8 @@ def _train(args: argparse.Namespace, context: Any) -> dict[str, Any] | None:
     trainer = Trainer(learner, source, optimizer, iterations=args.iterations, seed=args.seed,
                       eval_every=args.eval_every, eval_steps=steps, checkpoint=args.checkpoint,
                       checkpoint_every=args.checkpoint_every, resume=args.resume, metrics=args.metrics,
-                      progress=not args.no_progress, config=config, distributed=context)
+                      progress=not args.no_progress, config=config, distributed=context,
+                      before_step=set_epoch if hasattr(learner, "set_epoch") else None)
     history = trainer.fit()
     if not trainer.is_main:
         return None

@@ -192,11 +192,13 @@ class Trainer:
         self.iteration = int(payload["iteration"])
 
     def _truncate_metrics(self) -> None:
-        """Drop metric lines written after the checkpoint (a crash between log and save)."""
+        """Drop metric lines written after the checkpoint (a crash between log and save), and the
+        final record of a finished run: ``fit`` writes it again when it ends."""
         if self.metrics is None or not self.metrics.exists() or not self.is_main:
             return
-        kept = [line for line in self.metrics.read_text().splitlines()
-                if line.strip() and json.loads(line).get("iteration", 0) <= self.iteration]
+        records = [(line, json.loads(line)) for line in self.metrics.read_text().splitlines() if line.strip()]
+        kept = [line for line, record in records
+                if record.get("iteration", 0) <= self.iteration and not record.get("final", False)]
         self.metrics.write_text("".join(line + "\n" for line in kept))
 
     def _log(self, record: dict[str, Any]) -> None:

@@ -46,6 +46,7 @@ class MetaLearner(nn.Module):
 
     def evaluate(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> dict[str, Tensor]:
         """Per-task query metrics without any graph: loss, and accuracy for classification."""
+        check_episode(support_x, support_y, query_x, query_y)
         with torch.no_grad():
             out = self.predict(support_x, support_y, query_x)
         return self._metrics(out, query_y)
@@ -80,6 +81,7 @@ class InnerLoopLearner(MetaLearner):
 
     def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, steps: int | None = None) -> Tensor:
         """Query predictions after ``steps`` (default K) inner steps, without a graph."""
+        check_episode(support_x, support_y, query_x)
         with torch.no_grad():
             support, query = self.inputs(support_x), self.inputs(query_x)
         adapted = self.loop.adapt_without_graph(support, support_y, steps)
@@ -91,6 +93,7 @@ class InnerLoopLearner(MetaLearner):
         steps: Sequence[int] = (0, 1, 5, 10),
     ) -> dict[str, Tensor]:
         """Per-task query loss (and accuracy) after each number of test-time steps: shape (len(steps), T)."""
+        check_episode(support_x, support_y, query_x, query_y)
         with torch.no_grad():
             support, query = self.inputs(support_x), self.inputs(query_x)
         out = {"loss": self.loop.query_losses_along(support, support_y, query, query_y, steps)}

@@ -121,18 +121,28 @@ class MetaSGD(MAML):
         return SGD(self.model.parameters(), lr=PerParameter(list(self.inner_lrs)))
 
 
+class _HoldLast(Schedule):
+    """A per-step schedule that keeps its last entry after its end."""
+
+    def at(self, step: int, name: str) -> Any:
+        return super().at(min(step, len(self.values) - 1), name)
+
+
 class MAMLPlusPlus(MAML):
     """MAML++ essentials (Antoniou, Edwards & Storkey, 2019).
 
     * per-layer, per-step learnable learning rates (LSLR): one scalar α_{l,k}
-      for every parameter tensor l and inner step k;
+      for every parameter tensor l and inner step k (test-time adaptation longer
+      than K steps keeps using the last step's rates);
     * the multi-step loss (MSL): a weighted sum of the query losses after every
       inner step, the weights annealed towards the last step over
       ``multi_step_loss_epochs`` epochs;
     * derivative-order annealing (DA): first-order meta-gradients for the first
       ``first_order_epochs`` epochs, second order afterwards.
 
-    Call :meth:`set_epoch` as training proceeds (the trainer does).
+    Call :meth:`set_epoch` as training proceeds: ``diffopt train`` does, one epoch
+    per 500 iterations as in the paper; with your own :class:`~diffopt.training.Trainer`
+    pass ``before_step=diffopt.run.set_epoch`` (or your own schedule).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn = F.mse_loss, inner_lr: float = 0.01, inner_steps: int = 5,
@@ -147,7 +157,7 @@ class MAMLPlusPlus(MAML):
             nn.Parameter(torch.full((self.inner_steps,), float(inner_lr), dtype=p.dtype, device=p.device))
             for p in self.model.parameters()
         )
-        return SGD(self.model.parameters(), lr=PerParameter([Schedule(lr) for lr in self.step_lrs]))
+        return SGD(self.model.parameters(), lr=PerParameter([_HoldLast(lr) for lr in self.step_lrs]))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -55,6 +55,7 @@ class PrototypicalNetwork(MetaLearner):
         return -((query.unsqueeze(2) - centres.unsqueeze(1)) ** 2).sum(-1)
 
     def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
+        check_episode(support_x, support_y, query_x, query_y)
         logits = self.predict(support_x, support_y, query_x)
         return F.cross_entropy(logits.flatten(0, 1), query_y.flatten())
 
@@ -125,6 +126,7 @@ class MatchingNetwork(MetaLearner):
         return torch.log(probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny))
 
     def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
+        check_episode(support_x, support_y, query_x, query_y)
         log_probabilities = self.predict(support_x, support_y, query_x)
         return F.nll_loss(log_probabilities.flatten(0, 1), query_y.flatten())
 

@@ -1,0 +1,242 @@
+"""``diffopt train`` and ``diffopt demo``, called in-process through ``diffopt.cli.main``.
+
+* the sinusoid, synthetic and Omniglot-protocol paths run and print a JSON summary;
+* --checkpoint / --resume: an interrupted run resumed ends where the uninterrupted one does;
+* bad input ends with a one-line message naming the problem (exit status 2), not a traceback:
+  an Omniglot folder in the wrong layout, shots or ways the data cannot supply, a checkpoint
+  from another configuration, an unknown algorithm.
+
+The Omniglot folder is generated in the published layout
+(``images_background/<Alphabet>/<character>/*.png``, ``images_evaluation/...``) with
+``diffopt.tasks.write_png``; the CLI uses the protocol's 1200 training characters, so the
+folder holds 1205 small characters (28×28, the loader's size, two drawings each).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import diffopt.run
+from diffopt.algorithms import MAMLPlusPlus
+from diffopt.cli import main
+from diffopt.tasks import write_png
+from diffopt.training import Trainer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(capsys, *args: str) -> dict:
+    """Run ``diffopt train ARGS --no-progress`` and parse the JSON summary it prints."""
+    assert main(["train", *args, "--no-progress"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def fails(capsys, *args: str) -> str:
+    """Run ``diffopt ARGS``, expect exit status 2, return stderr."""
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def check_summary(summary: dict, iterations: int, tasks: int, steps=None, accuracy: bool = False) -> None:
+    assert summary["iterations"] == iterations and summary["world_size"] == 1
+    final = summary["final"]
+    assert set(final) == ({"loss", "accuracy"} if accuracy else {"loss"})
+    for metric in final.values():
+        entries = [metric[str(k)] for k in steps] if steps else [metric]
+        assert set(metric) == ({str(k) for k in steps} if steps else {"mean", "ci95", "tasks"})
+        for entry in entries:
+            assert entry["tasks"] == tasks and np.isfinite(entry["mean"]) and entry["ci95"] >= 0
+    if accuracy:
+        for entry in ([final["accuracy"][str(k)] for k in steps] if steps else [final["accuracy"]]):
+            assert 0.0 <= entry["mean"] <= 1.0
+
+
+# =============================================================================================
+# The task families
+# =============================================================================================
+
+def test_train_sinusoid_maml_prints_a_json_summary(capsys):
+    summary = train(capsys, "--task", "sinusoid", "--algo", "maml", "--iterations", "20", "--test-tasks", "20")
+    check_summary(summary, 20, 20, steps=(0, 1, 5, 10))
+
+
+@pytest.mark.parametrize("algo", ["protonet", "maml"])
+def test_train_synthetic(capsys, algo):
+    summary = train(capsys, "--task", "synthetic", "--algo", algo, "--iterations", "5", "--test-tasks", "10",
+                    "--eval-steps", "0,1")
+    check_summary(summary, 5, 10, steps=None if algo == "protonet" else (0, 1), accuracy=True)
+
+
+def test_train_mamlpp_anneals_by_epoch_and_evaluates_beyond_its_inner_steps(capsys, monkeypatch):
+    """MAML++'s schedules advance with the iterations; test-time steps may exceed K (5 here)."""
+    epochs = []
+    real = MAMLPlusPlus.set_epoch
+    monkeypatch.setattr(MAMLPlusPlus, "set_epoch", lambda self, e: (epochs.append(e), real(self, e))[1])
+    monkeypatch.setattr(diffopt.run, "ITERATIONS_PER_EPOCH", 2)
+    summary = train(capsys, "--task", "sinusoid", "--algo", "mamlpp", "--iterations", "5", "--meta-batch", "4",
+                    "--test-tasks", "4", "--eval-steps", "0,1,10")
+    assert epochs == [0, 0, 1, 1, 2]
+    check_summary(summary, 5, 4, steps=(0, 1, 10))
+
+
+def test_demo_runs_and_prints_the_table(capsys):
+    assert main(["demo", "--iterations", "50", "--plot", "", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| method | 0 steps | 1 step | 5 steps | 10 steps |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| MAML |") or line.startswith("| pretrained |")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")][1:]
+        assert len(cells) == 4 and all("±" in c and np.isfinite(float(c.split("±")[0])) for c in cells)
+    assert "plot of adapted fits" not in out
+
+
+# =============================================================================================
+# Checkpoints through the command line
+# =============================================================================================
+
+COMMON = ("--task", "sinusoid", "--algo", "maml", "--iterations", "6", "--meta-batch", "5", "--test-tasks", "5",
+          "--eval-steps", "0,1", "--checkpoint-every", "2")
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_checkpoint_and_resume(capsys, monkeypatch, tmp_path):
+    reference = train(capsys, *COMMON, "--checkpoint", str(tmp_path / "a.pt"), "--metrics", str(tmp_path / "a.jsonl"))
+
+    class CrashingTrainer(Trainer):
+        def __init__(self, *args, **kwargs):
+            def crash(trainer, i):
+                if i == 5:
+                    raise Crash("killed at iteration 5")
+            super().__init__(*args, **{**kwargs, "callbacks": [crash]})
+
+    monkeypatch.setattr(diffopt.run, "Trainer", CrashingTrainer)
+    with pytest.raises(Crash):
+        main(["train", *COMMON, "--checkpoint", str(tmp_path / "b.pt"), "--metrics", str(tmp_path / "b.jsonl"),
+              "--no-progress"])
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["iteration"] == 4
+    resumed = train(capsys, *COMMON, "--checkpoint", str(tmp_path / "b.pt"), "--metrics", str(tmp_path / "b.jsonl"),
+                    "--resume")
+    assert resumed == reference
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert all(torch.equal(a["learner"][k], b["learner"][k]) for k in a["learner"])
+
+    def lines(path: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()]
+    assert lines(tmp_path / "a.jsonl") == lines(tmp_path / "b.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "a.pt", "b.jsonl", "b.pt"]  # no temp files
+
+    # a checkpoint from another configuration is refused, naming what differs
+    err = fails(capsys, "train", *COMMON, "--checkpoint", str(tmp_path / "a.pt"), "--resume", "--inner-lr", "0.02",
+                "--no-progress")
+    assert "was written by another configuration" in err
+    assert "inner_lr differs (checkpoint 0.01, now 0.02)" in err
+    err = fails(capsys, "train", *COMMON, "--inner-steps", "2", "--checkpoint", str(tmp_path / "a.pt"), "--resume",
+                "--no-progress")
+    assert "learner.inner_steps differs (checkpoint 1, now 2)" in err
+
+
+# =============================================================================================
+# Bad input
+# =============================================================================================
+
+def test_unknown_algorithm(capsys):
+    err = fails(capsys, "train", "--algo", "mamla")
+    assert "invalid choice: 'mamla'" in err and "maml" in err
+
+
+def test_shots_and_ways_the_data_cannot_supply(capsys):
+    err = fails(capsys, "train", "--task", "synthetic", "--algo", "protonet", "--ways", "300", "--iterations", "1")
+    assert "diffopt train: error: ways=300 but this split has only 140 classes" in err
+    err = fails(capsys, "train", "--task", "synthetic", "--algo", "protonet", "--shots", "10", "--query", "15",
+                "--iterations", "1")
+    assert "shots + query = 10 + 15 = 25 examples per class are needed" in err
+
+
+def test_omniglot_folder_in_the_wrong_layout(capsys, tmp_path):
+    bad = tmp_path / "flat"
+    (bad / "images_background").mkdir(parents=True)
+    (bad / "images_evaluation").mkdir(parents=True)
+    write_png(np.ones((28, 28), dtype=bool), bad / "images_background" / "a.png")
+    err = fails(capsys, "train", "--task", "omniglot", "--data-root", str(bad), "--iterations", "1")
+    assert err.startswith("diffopt train: error: ")
+    assert "no alphabet folders" in err and "images_background" in err
+    err = fails(capsys, "train", "--task", "omniglot", "--data-root", str(tmp_path / "nowhere"), "--iterations", "1")
+    assert "does not exist" in err and "images_background.zip" in err
+    with pytest.raises(SystemExit, match="--task omniglot needs --data-root"):
+        main(["train", "--task", "omniglot", "--iterations", "1"])
+
+
+# =============================================================================================
+# The Omniglot protocol end to end on a generated folder
+# =============================================================================================
+
+def character(k: int, drawing: int) -> np.ndarray:
+    """White background (True) with a black bar whose place and length encode the character."""
+    img = np.ones((28, 28), dtype=bool)
+    row, length = k % 24, 6 + (k // 24) % 18
+    img[row:row + 4, 2 + drawing:2 + drawing + length] = False
+    return img
+
+
+@pytest.fixture(scope="module")
+def omniglot_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("omniglot")
+    k = 0
+    for subset, alphabets in (("images_background", 3), ("images_evaluation", 2)):
+        for a in range(alphabets):
+            for c in range(241):
+                folder = root / subset / f"Alphabet_{a}" / f"character{c + 1:02d}"
+                folder.mkdir(parents=True)
+                for d in range(2):
+                    write_png(character(k, d), folder / f"{k:04d}_{d + 1:02d}.png")
+                k += 1
+    assert k == 1205
+    return root
+
+
+def test_omniglot_protocol_splits_and_models(omniglot_root):
+    """1200 training characters and the rest for testing, each rotated into 4 classes; Conv-4 on 28×28."""
+    from diffopt.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--task", "omniglot", "--data-root", str(omniglot_root),
+                                      "--algo", "maml", "--shots", "1", "--query", "1", "--meta-batch", "2"])
+    source, learner, config = diffopt.run.build(args)
+    assert (source.train.num_groups, source.train.num_classes) == (1200, 4800)
+    assert (source.test.num_groups, source.test.num_classes) == (5, 20)
+    assert source.train.example_shape == (1, 28, 28)
+    train_names = {n.split("@")[0] for n in source.train.class_names}
+    assert not train_names & {n.split("@")[0] for n in source.test.class_names}
+    sx, sy, qx, qy = source.train_batch(torch.Generator().manual_seed(0))
+    assert sx.shape == (2, 5, 1, 28, 28) and qx.shape == (2, 5, 1, 28, 28)
+    assert 0.0 <= float(sx.min()) and float(sx.max()) <= 1.0 and float(sx.sum()) > 0  # strokes 1, background 0
+    convolutions = [m for m in learner.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convolutions) == 4 and learner.model[-1].out_features == 5 and config["inner_lr"] == 0.4
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "protonet", "matching", "siamese"])
+def test_omniglot_protocol_end_to_end(capsys, omniglot_root, algo):
+    summary = train(capsys, "--task", "omniglot", "--data-root", str(omniglot_root), "--algo", algo,
+                    "--iterations", "3", "--meta-batch", "1", "--shots", "1", "--query", "1", "--test-tasks", "2",
+                    "--eval-steps", "0,1")
+    gradient = algo in ("maml", "fomaml")
+    check_summary(summary, 3, 2, steps=(0, 1) if gradient else None, accuracy=True)
