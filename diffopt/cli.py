@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-steps", default="0,1,5,10", help="test-time inner steps, comma-separated")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--data-root", default=None, help="Omniglot folder (images_background/, images_evaluation/)")
+    train.add_argument("--omniglot-train-classes", type=int, default=1200,
+                       help="characters used for meta-training (the protocol's 1200); the rest are test classes")
     train.add_argument("--checkpoint", default=None, help="checkpoint path (written atomically)")
     train.add_argument("--checkpoint-every", type=int, default=1000)
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")

@@ -121,6 +121,11 @@ def make_learner(algorithm: str, model: nn.Module, *, classification: bool, ways
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     if name in ("protonet", "matching", "siamese") and not classification:
         raise ValueError(f"{algorithm} is a classification method; use a classification task")
+    if mode is not None and name not in ("maml", "metasgd", "anil"):
+        fixed = {"fomaml": "first_order", "imaml": "implicit", "mamlpp": "second order with first-order annealing",
+                 "reptile": "no meta-gradient"}.get(name, "no inner loop")
+        raise ValueError(f"--mode does not apply to {algorithm} (its mode is fixed: {fixed}); use --algo maml "
+                         f"--mode {mode} for MAML in that mode")
     mode_kw = {} if mode is None else {"mode": mode}
     if name == "maml":
         return algorithms.MAML(model, loss, inner_lr, inner_steps, **mode_kw, **options)

@@ -50,7 +50,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
             if args.data_root is None:
                 raise SystemExit("--task omniglot needs --data-root (the folder with images_background/ and "
                                  "images_evaluation/)")
-            splits = omniglot_splits(args.data_root, seed=args.seed)
+            splits = omniglot_splits(args.data_root, seed=args.seed,
+                                     num_train=getattr(args, "omniglot_train_classes", 1200))
             train, test = splits.train, splits.test
         source = EpisodeSource(train, test, meta_batch=meta_batch, ways=args.ways, shots=shots, query=query,
                                test_tasks=args.test_tasks, name=args.task)

@@ -34,7 +34,9 @@ class MAML(InnerLoopLearner):
     Args:
         model: the network whose parameters are the initialisation θ.
         loss_fn: per-task loss ``loss_fn(prediction, target)`` (inner and outer).
-        inner_lr: α, a number or a tensor (a tensor that requires grad is learned).
+        inner_lr: α, a number or a tensor; a tensor that requires grad is learned: it is
+            registered as the parameter ``learner.inner_lr`` (a copy, if it was not already an
+            ``nn.Parameter``), so ``learner.parameters()`` and checkpoints include it.
         inner_steps: K at meta-training time.
         mode: any engine mode (``second_order``, ``first_order``, ``truncated``,
             ``checkpointed``, ``implicit``, ``forward``, ``es``, ``pes``).
@@ -59,7 +61,11 @@ class MAML(InnerLoopLearner):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
-        if isinstance(inner_lr, nn.Parameter):
+        if isinstance(inner_lr, Tensor) and inner_lr.requires_grad:
+            # A learnable learning rate is a meta-parameter: register it so that the outer
+            # optimizer (learner.parameters()) trains it and checkpoints save it.
+            if not isinstance(inner_lr, nn.Parameter):
+                inner_lr = nn.Parameter(inner_lr.detach().clone())
             self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.mode = mode
