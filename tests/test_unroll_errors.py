@@ -1,0 +1,235 @@
+"""diffopt.unroll: bad input (checked by message), evaluation under ``torch.no_grad``, frozen
+parameters in every mode, and memory behaviour as a structural test (saved tensors kept
+alive by the graph, counted with ``torch.autograd.graph.saved_tensors_hooks``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffopt.optim import SGD, NonFiniteError
+from diffopt.unroll import InnerLoop
+from test_unroll import single_threaded, F64, build, tasks  # noqa: F401 (the fixture)
+
+ALL_MODES = ["second_order", "first_order", "truncated", "checkpointed", "implicit", "forward", "es", "pes"]
+OPTIONS = {"truncated": {"truncate": 1}, "implicit": {"proximal": 1.0}, "es": {"es_samples": 2},
+           "pes": {"es_samples": 2, "pes_truncation": 1}}
+
+
+def loop_for(mode: str, model: nn.Module, **extra) -> InnerLoop:
+    options = dict(OPTIONS.get(mode, {}))
+    if mode in ("es", "pes"):
+        options["generator"] = torch.Generator().manual_seed(0)
+    options.update(extra)
+    return InnerLoop(model, SGD(model.parameters(), lr=0.1), steps=2, mode=mode, **options)
+
+
+# =============================================================================================
+# Bad input
+# =============================================================================================
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_support_and_query_with_different_task_counts(vectorize):
+    loop = InnerLoop(build("mlp"), steps=1, vectorize=vectorize)
+    sx, sy, qx, qy = tasks("mlp", 3, 0)
+    with pytest.raises(ValueError, match="support has 3 tasks but query has 2"):
+        loop.meta_loss(sx, sy, qx[:2], qy[:2])
+    with pytest.raises(ValueError, match="support: inputs have 3 tasks but targets have 2"):
+        loop.adapt(sx, sy[:2])
+    with pytest.raises(ValueError, match="query: inputs have 3 tasks but targets have 1"):
+        loop.meta_loss(sx, sy, qx, qy[:1])
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_inputs_without_a_task_dimension(vectorize):
+    loop = InnerLoop(build("mlp"), steps=1, vectorize=vectorize)
+    sx, sy, qx, qy = tasks("mlp", 1, 0)
+    with pytest.raises(ValueError, match=r"leading task dimension.*shape \(5,\).*unsqueeze\(0\)"):
+        loop.adapt(sx[0, :, 0], sy[0, :, 0])
+    with pytest.raises(TypeError, match="must be tensors"):
+        loop.adapt(sx.tolist(), sy)
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_loss_that_is_not_a_scalar_per_task(vectorize):
+    model = build("mlp")
+    loop = InnerLoop(model, loss_fn=lambda p, t: F.mse_loss(p, t, reduction="none"), steps=1, vectorize=vectorize)
+    with pytest.raises(ValueError, match=r"scalar per task, got shape \(5, 1\) per task.*reduction='mean'"):
+        loop.meta_loss(*tasks("mlp", 2, 0))
+
+
+def test_unknown_mode_lists_the_valid_modes():
+    with pytest.raises(ValueError, match="mode='maml' is not a mode; valid modes: second_order, first_order, "
+                                         "truncated, checkpointed, implicit, forward, es, pes"):
+        InnerLoop(build("mlp"), mode="maml")
+
+
+def test_mode_options_are_validated():
+    model = build("mlp")
+    with pytest.raises(ValueError, match=r"mode='truncated' needs truncate=k with 0 <= k <= steps \(3\); got None"):
+        InnerLoop(model, steps=3, mode="truncated")
+    with pytest.raises(ValueError, match=r"needs truncate=k .*got 4"):
+        InnerLoop(model, steps=3, mode="truncated", truncate=4)
+    with pytest.raises(ValueError, match="segment must be a positive"):
+        InnerLoop(model, steps=3, mode="checkpointed", segment=0)
+    with pytest.raises(ValueError, match="solver='lu': choose 'cg' or 'neumann'"):
+        InnerLoop(model, mode="implicit", solver="lu")
+    with pytest.raises(ValueError, match="pes_truncation must be a positive"):
+        InnerLoop(model, mode="pes", pes_truncation=0)
+    with pytest.raises(ValueError, match="es_samples must be >= 1 and es_sigma > 0"):
+        InnerLoop(model, mode="es", es_sigma=0.0)
+    with pytest.raises(ValueError, match="steps must be a non-negative integer"):
+        InnerLoop(model, steps=-1)
+
+
+def test_optimizer_must_be_over_the_model_parameters():
+    model = build("mlp")
+    stranger = torch.zeros(3, dtype=F64, requires_grad=True)
+    with pytest.raises(ValueError, match=r"optimizer parameter 0 \(shape \(3,\)\) is not a parameter of the model"):
+        InnerLoop(model, SGD([stranger], lr=0.1))
+    with pytest.raises(TypeError, match="optimizer must be a diffopt.optim or torch.optim optimizer"):
+        InnerLoop(model, optimizer="sgd")
+
+
+def diverging_problem():
+    """Task 1's inner loss overflows at the second step; task 0 stays finite."""
+    model = nn.Linear(1, 1, bias=False).to(F64)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    sx = torch.tensor([[[1e-3]], [[1e3]]], dtype=F64)
+    sy = torch.full((2, 1, 1), 0.5, dtype=F64)
+    return model, sx, sy
+
+
+@pytest.mark.parametrize("mode", ["second_order", "checkpointed", "forward", "es"])
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_non_finite_inner_loss_names_the_task_and_step(mode, vectorize):
+    model, sx, sy = diverging_problem()
+    loop = InnerLoop(model, SGD(model.parameters(), lr=1e155), steps=3, mode=mode, vectorize=vectorize,
+                     es_samples=1, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NonFiniteError, match=r"inner loss is not finite for task\(s\) \[1\] at inner step 1"):
+        loop.meta_loss(sx, sy, sx, sy)
+    # without the check the NaN/inf propagates silently
+    loop = InnerLoop(model, SGD(model.parameters(), lr=1e155), steps=3, vectorize=vectorize, check_finite=False)
+    assert not torch.isfinite(loop.meta_loss(sx, sy, sx, sy))
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_non_finite_inner_gradient_names_the_parameter_task_and_step(vectorize):
+    """sqrt of a loss that is exactly zero for task 1: the loss is finite, its gradient is not."""
+    model = nn.Linear(2, 1).to(F64)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+    sx = torch.randn(2, 4, 2, dtype=F64)
+    sy = torch.stack([torch.ones(4, 1, dtype=F64), torch.zeros(4, 1, dtype=F64)])
+    loop = InnerLoop(model, SGD(model.parameters(), lr=0.1), lambda p, t: F.mse_loss(p, t).sqrt(), steps=2,
+                     vectorize=vectorize)
+    with pytest.raises(NonFiniteError, match=r"inner gradient of weight is not finite for task\(s\) \[1\] at "
+                                             r"inner step 0"):
+        loop.adapt(sx, sy)
+
+
+# =============================================================================================
+# Evaluation under torch.no_grad, frozen parameters
+# =============================================================================================
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_meta_loss_under_no_grad_adapts_the_same(mode):
+    """Regression: under torch.no_grad the carry did not require grad, the inner gradients came
+    back empty and the inner loop silently took no step at all."""
+    model = build("mlp", 1)
+    data = tasks("mlp", 2, 2)
+    value = loop_for(mode, model).meta_loss(*data).detach()
+    with torch.no_grad():
+        evaluated = loop_for(mode, model).meta_loss(*data)
+        adapted = loop_for(mode, model).adapt(*data[:2])
+    assert torch.equal(value, evaluated)
+    moved = adapted.params[0] - model.body.weight.detach()
+    assert float(moved.abs().max()) > 1e-3
+    with torch.no_grad():
+        start = InnerLoop(model, SGD(model.parameters(), lr=0.1), steps=0).meta_loss(*data)
+    assert float((value - start).abs()) > 1e-6
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_frozen_parameters_stay_put_in_every_mode(mode):
+    """A parameter with requires_grad=False in the inner optimizer is neither updated nor given
+    a meta-gradient, as torch.optim skips it (regression: second order raised, the graph-free
+    modes updated it)."""
+    model = build("frozen", 3)
+    data = tasks("frozen", 2, 4)
+    loop = loop_for(mode, model, forward_wrt=[model.head.weight])
+    adapted = loop.adapt(*data[:2])
+    assert torch.equal(adapted.params[0], model.body.weight.expand(2, 4, 2))
+    assert float((adapted.params[1] - model.body.bias).detach().abs().max()) > 0
+    loop.meta_loss(*data).backward()
+    assert model.body.weight.grad is None
+
+
+# =============================================================================================
+# Memory: tensors the graph of the meta-loss keeps alive before backward
+# =============================================================================================
+# Counted by walking the autograd graph from the meta-loss: every node's saved tensors
+# (``_saved_*``), and for custom Functions ``ctx.saved_tensors`` and tensors held in ctx
+# attributes (forward mode keeps its tangents there), as unique storages. (Counting boxes
+# created by ``saved_tensors_hooks`` overcounts: a box holding a saved *output* forms a
+# cycle through the output's grad_fn that Python's collector cannot see, so boxes outlive
+# their graph.)
+
+def _tensors_in(value, depth: int = 0):
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)) and depth < 3:
+        for v in value:
+            yield from _tensors_in(v, depth + 1)
+
+
+def graph_memory(loss: Tensor) -> tuple[int, int]:
+    """(number, bytes) of distinct storages held by the graph behind ``loss``."""
+    seen, storages, stack = set(), {}, [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        found = []
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                found.extend(_tensors_in(getattr(node, name)))
+        if hasattr(node, "saved_tensors"):  # a custom Function's ctx
+            found.extend(_tensors_in(tuple(node.saved_tensors)))
+            found.extend(t for value in vars(node).values() for t in _tensors_in(value))
+        for t in found:
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        stack.extend(f for f, _ in node.next_functions)
+    return len(storages), sum(storages.values())
+
+
+def measure(steps: int, **options) -> tuple[int, int]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 1)).to(F64)
+    lr = torch.tensor(0.1, dtype=F64, requires_grad=True)
+    loop = InnerLoop(model, SGD(model.parameters(), lr=lr), steps=steps, **options)
+    loss = loop.meta_loss(*tasks("mlp", 4, 8))
+    held = graph_memory(loss)
+    loss.backward()
+    return held
+
+
+def test_checkpointed_keeps_fewer_tensors_than_second_order():
+    full, half = measure(16), measure(8)
+    checkpointed = measure(16, mode="checkpointed", segment=4)
+    assert full[1] > 1.8 * half[1]  # second order: linear in K
+    assert checkpointed[0] * 4 < full[0] and checkpointed[1] * 4 < full[1], (checkpointed, full)
+    # checkpointing holds one carry per segment: K / segment of them
+    assert measure(16, mode="checkpointed", segment=2)[1] > 1.5 * checkpointed[1]
+
+
+def test_forward_truncated_and_implicit_memory_does_not_grow_with_steps():
+    for options in ({"mode": "forward"}, {"mode": "truncated", "truncate": 2},
+                    {"mode": "implicit", "proximal": 1.0}):
+        assert measure(4, **options) == measure(16, **options), options
+    assert measure(16)[1] > 5 * measure(16, mode="forward")[1]
