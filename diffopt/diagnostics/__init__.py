@@ -23,6 +23,9 @@ Natural logs (nats) unless stated; :func:`nats_to_bits`, ``Diagnostic.to_bits()`
  7     curvature (λ_max, Hutchinson trace, ρ)          :func:`curvature`, :func:`hessian_vector_product`
  8     first- vs second-order meta-gradient            :func:`metagradient_discrepancy`, :func:`metagradients`
  all   everything over a batch of tasks                :func:`diagnose_adaptation` → :class:`Report`
+ all   everything for a meta-learner's own inner loop  :func:`diagnose` → :class:`Report`, :func:`headline`
+ log   diagnostics during meta-training                :class:`DiagnosticsCallback` (``Trainer(callbacks=...)``)
+ CLI   a checkpoint of ``diffopt train``               ``diffopt diagnose CHECKPOINT`` (:mod:`.cli`)
 =====  ==============================================  =========================================
 
 Rules every diagnostic follows:
@@ -63,6 +66,8 @@ from .fisher import adapted_weight_information, fisher_information, weight_infor
 from .kl import adaptation_kl, js_categorical, kl_categorical, kl_gaussian
 from .metagrad import metagradient_discrepancy, metagradients
 from .report import DIAGNOSTICS, Report, diagnose_adaptation, plot_history
+from .learner import LoopAdapt, NotApplicable, diagnose, draw_tasks, headline, inner_learning_rates
+from .callback import DiagnosticsCallback
 from .representation import effective_rank, linear_cka, representation_change
 from .stats import conflict_rate, cosine_matrix, gradient_diversity, gsnr, unbiased_sq_norm_of_mean
 
@@ -93,4 +98,6 @@ __all__ = [
     "metagradient_discrepancy", "metagradients",
     # all
     "diagnose_adaptation", "DIAGNOSTICS", "plot_history",
+    # meta-learners
+    "diagnose", "headline", "LoopAdapt", "NotApplicable", "draw_tasks", "inner_learning_rates", "DiagnosticsCallback",
 ]

@@ -106,7 +106,15 @@ def fisher_single(
         diag = {}
         for k, j in J.items():
             jf = j.reshape(n, j.shape[1], -1)
-            diag[k] = torch.einsum("nap,nab,nbp->p", jf, lam, jf).reshape(params[k].shape) / n
+            if lik.categorical:
+                # J_pᵀ(diag(p) − ppᵀ)J_p = Σ_a p_a (J_ap − Σ_b p_b J_bp)²: a variance, computed centred so that
+                # it is ≥ 0 in floating point too (E[J²] − (E J)² cancels to negative values in float32 when the
+                # classes' Jacobians are nearly equal, which mid meta-training broke the weight information)
+                p = out.detach().softmax(-1)
+                centred = jf - torch.einsum("na,nap->np", p, jf).unsqueeze(1)
+                diag[k] = torch.einsum("na,nap->p", p, centred * centred).reshape(params[k].shape) / n
+            else:
+                diag[k] = torch.einsum("nap,nab,nbp->p", jf, lam, jf).reshape(params[k].shape) / n
         mat = None
         if matrix:
             jf = torch.cat([j.reshape(n, j.shape[1], -1) for j in J.values()], dim=-1)

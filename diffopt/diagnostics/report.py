@@ -4,11 +4,13 @@
 support set with ``adapt(params, x, y) -> params`` and computes every requested
 diagnostic with per-task values and 95% confidence intervals across tasks.
 When the adaptation can be stepped (``inner_steps=K`` with ``adapt`` being one
-inner step, or an ``adapt`` with ``.step`` and ``.steps`` like :func:`sgd_adapt`),
-the cheap diagnostics are also recorded after every inner step (``report.steps``).
+inner step, an ``adapt`` with ``.step`` and ``.steps`` like :func:`sgd_adapt`, or
+one with ``.trajectory(params, x, y) -> [θ, φ_1, ..., φ_K]`` and ``.steps`` for
+inner loops that carry optimizer state or per-step rates across steps), the cheap
+diagnostics are also recorded after every inner step (``report.steps``).
 
-A later ``diffopt.diagnostics.diagnose(learner, tasks, ...)`` wraps this once
-meta-learners exist (model, θ and adapt taken from the learner).
+:func:`diffopt.diagnostics.diagnose` wraps this for meta-learners (model, θ and
+the adaptation taken from the learner's own inner loop).
 """
 from __future__ import annotations
 
@@ -96,6 +98,9 @@ class Report(DiagnosticGroup):
 
     def to_table(self, max_estimator_width: int = 60) -> str:
         parts = [DiagnosticGroup.to_table(self, max_estimator_width)]
+        notes = self.settings.get("notes")
+        if notes:
+            parts.insert(0, "\n".join(f"note: {n}" for n in notes))
         if self.steps:
             K = max(len(v) for v in self.steps.values())
             header = ["per inner step"] + [f"step {k}" for k in range(K)]
@@ -270,12 +275,18 @@ def diagnose_adaptation(
     th = _detached(as_params(model, theta))
     gen = resolve_generator(None, seed, device_of(th))
     method = resolve_method(per_example, model, bn_mode)
+    trajectory = None
     if inner_steps is not None:
         step_fn, K = adapt, int(inner_steps)
+    elif callable(getattr(adapt, "trajectory", None)) and isinstance(getattr(adapt, "steps", None), int):
+        # an adaptation that keeps its own state across steps (optimizer state, per-step rates) gives the
+        # whole trajectory [φ_0 = θ, φ_1, ..., φ_K] in one call
+        step_fn, K, trajectory = None, adapt.steps, adapt.trajectory
     elif callable(getattr(adapt, "step", None)) and isinstance(getattr(adapt, "steps", None), int):
         step_fn, K = adapt.step, adapt.steps
     else:
         step_fn, K = None, None
+    stepped = step_fn is not None or trajectory is not None
     lr_used = lr if lr is not None else getattr(adapt, "lr", None)
     layer_names = list(layers) if layers is not None else default_layers(model)
 
@@ -297,7 +308,13 @@ def diagnose_adaptation(
         # trajectories θ = φ_0, φ_1, ..., φ_K (or θ, φ)
         trajs = []
         for xs, ys, _, _ in task_list:
-            if step_fn is not None:
+            if trajectory is not None:
+                points = trajectory(dict(th), xs, ys)
+                if len(points) != K + 1:  # type: ignore[operator]
+                    raise ValueError(f"adapt.trajectory returned {len(points)} points for steps={K}; it must "
+                                     "return [theta, phi_1, ..., phi_K]")
+                traj = [th] + [_detached({n: dict(pt)[n] for n in th}) for pt in points[1:]]
+            elif step_fn is not None:
                 traj, p = [th], th
                 for _ in range(K):  # type: ignore[arg-type]
                     p = _detached(call_adapt(step_fn, p, xs, ys))
@@ -316,7 +333,7 @@ def diagnose_adaptation(
                 per_step.append(group)
             for key in per_step[-1]:
                 results[key] = per_step[-1][key]
-                if step_fn is not None:
+                if stepped:
                     steps[key] = [g[key] for g in per_step]
 
         if "kl" in chosen:

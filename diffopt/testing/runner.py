@@ -72,7 +72,7 @@ def mode_reports(optimizer_factory: Callable[..., Any], label: str, thorough: bo
     lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
     factory = lambda ps: optimizer_factory(ps, lr=lr)  # noqa: E731
     for report in check_modes(model, factory, data, steps=4 if thorough else 3,
-                              implicit_steps=400 if thorough else 150):
+                              implicit_steps=400 if thorough else 250):
         rows.append((label, report))
     for mode, extra in (("second_order", {}), ("checkpointed", {"segment": 2}), ("truncated", {"truncate": 3})):
         report = check_hypergradient(model, factory, data, steps=3, mode=mode, directions=4 if thorough else 2,
@@ -81,7 +81,7 @@ def mode_reports(optimizer_factory: Callable[..., Any], label: str, thorough: bo
     # Implicit: the solution of the proximal problem does not depend on the learning rate, so only θ
     # is checked, against finite differences of the unrolled loop (equal up to inner convergence).
     report = check_hypergradient(model, lambda ps: optimizer_factory(ps, lr=0.1), data,
-                                 steps=300 if thorough else 150, mode="implicit",
+                                 steps=300, mode="implicit",
                                  proximal=1.0, directions=2, gradcheck=False, vectorize=False, tolerance=1e-5)
     report.notes.append("implicit: compared with finite differences of the unrolled loop (tolerance 1e-5: the "
                         "unrolled solution is exact only up to the inner convergence)")
