@@ -126,6 +126,11 @@ class DifferentiableOptimizer:
         if "params" not in group:
             raise ValueError(f"{where}: a parameter group needs a 'params' entry")
         self._reject_unknown((k for k in group if k not in ("params", "name", "initial_lr")), where)
+        if group.get("fused"):
+            raise ValueError(
+                f"{where}: fused=True has no differentiable kernel; the differentiable step "
+                "runs composite autograd ops. Leave fused unset."
+            )
         raw = group["params"]
         raw = [raw] if isinstance(raw, Tensor) else list(raw)
         full = {k: v for k, v in self.defaults.items()}
@@ -161,29 +166,37 @@ class DifferentiableOptimizer:
         for key, value in group.items():
             if key == "params":
                 continue
-            if isinstance(value, PerParameter):
-                n = len(group["params"]) if isinstance(group.get("params"), (list, tuple)) else None
-                value = value.values[position] if position < len(value) else None
-                if value is None:
-                    raise ValueError(
-                        f"{where}: hyperparameter {key!r} is PerParameter with fewer values than "
-                        f"the group has parameters{'' if n is None else f' ({n})'}"
-                    )
-            for leaf in leaves(value):
-                if not isinstance(leaf, Tensor) or leaf.numel() == 1:
-                    continue
-                shape = leaf.shape[1:] if isinstance(value, Schedule) else leaf.shape
-                try:
-                    broadcast = torch.broadcast_shapes(shape, param.shape)
-                except RuntimeError:
-                    broadcast = None
-                if broadcast != param.shape:
-                    raise ValueError(
-                        f"{where}: hyperparameter {key!r} has shape {tuple(shape)}, which does not "
-                        f"broadcast to the parameter's shape {tuple(param.shape)}. Use a scalar, a "
-                        "tensor of the parameter's shape, or PerParameter([...]) with one value per "
-                        "parameter."
-                    )
+            # A pair (betas, etas, step_sizes) is checked entry by entry, so that an entry may
+            # itself be a PerParameter of per-element tensors.
+            for part in value if isinstance(value, tuple) else (value,):
+                self._check_hyper_shape(key, part, group, param, position, where)
+
+    def _check_hyper_shape(
+        self, key: str, value: Any, group: Mapping[str, Any], param: Tensor, position: int, where: str
+    ) -> None:
+        if isinstance(value, PerParameter):
+            n = len(group["params"]) if isinstance(group.get("params"), (list, tuple)) else None
+            value = value.values[position] if position < len(value) else None
+            if value is None:
+                raise ValueError(
+                    f"{where}: hyperparameter {key!r} is PerParameter with fewer values than "
+                    f"the group has parameters{'' if n is None else f' ({n})'}"
+                )
+        for leaf in leaves(value):
+            if not isinstance(leaf, Tensor) or leaf.numel() == 1:
+                continue
+            shape = leaf.shape[1:] if isinstance(value, Schedule) else leaf.shape
+            try:
+                broadcast = torch.broadcast_shapes(shape, param.shape)
+            except RuntimeError:
+                broadcast = None
+            if broadcast != param.shape:
+                raise ValueError(
+                    f"{where}: hyperparameter {key!r} has shape {tuple(shape)}, which does not "
+                    f"broadcast to the parameter's shape {tuple(param.shape)}. Use a scalar, a "
+                    "tensor of the parameter's shape, or PerParameter([...]) with one value per "
+                    "parameter."
+                )
 
     def _hp(self, group: Mapping[str, Any], position: int, step: int) -> dict[str, Any]:
         return {k: resolve(v, k, position, step) for k, v in group.items() if k != "params"}

@@ -32,7 +32,15 @@ class RpropRule(UpdateRule):
         agreement = (g * state["prev"]).sign().detach()
         one = torch.ones_like(agreement)
         factor = torch.where(agreement > 0, etaplus * one, torch.where(agreement < 0, etaminus * one, one))
-        step_size = torch.clamp(state["step_size"] * factor, step_size_min, step_size_max)
+        step_size = state["step_size"] * factor
+        if isinstance(step_size_min, Tensor) or isinstance(step_size_max, Tensor):
+            # torch.clamp takes two numbers or two tensors, not one of each.
+            step_size = torch.clamp(
+                step_size, torch.as_tensor(step_size_min, dtype=step_size.dtype, device=step_size.device),
+                torch.as_tensor(step_size_max, dtype=step_size.dtype, device=step_size.device),
+            )
+        else:
+            step_size = torch.clamp(step_size, step_size_min, step_size_max)
         g = torch.where(factor == etaminus, torch.zeros_like(g), g)
         new_state = {"step": state["step"] + 1, "prev": g, "step_size": step_size}
         return param - g.sign() * step_size, new_state

@@ -1,0 +1,318 @@
+"""diffopt.innerloop: meta-gradients through a patched model against hand-written unrolled loops.
+
+The references are written out by hand with ``torch.func.functional_call`` (SGD
+with momentum and weight decay, Adam), so nothing of diffopt is reused in them.
+Agreement is required to ``1e-12 * max(1, |reference|)`` per element, in float64.
+"""
+from __future__ import annotations
+
+import higher
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call
+
+import diffopt
+from strategies import F64, examples, record
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TOL = 1e-12
+FIXTURE_OK = [HealthCheck.function_scoped_fixture]
+
+
+def close(name: str, ours, reference) -> None:
+    assert ours is not None and reference is not None
+    error = float(((ours - reference).abs() / reference.abs().clamp(min=1.0)).max())
+    record("innerloop vs hand-written", name, error)
+    assert error <= TOL, f"{name}: {error:.3e}"
+
+
+def make_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+def make_data(seed: int):
+    g = torch.Generator().manual_seed(seed + 1)
+    return [torch.randn(n, d, generator=g, dtype=F64) for n, d in ((6, 3), (6, 2), (7, 3), (7, 2))]
+
+
+def mse(prediction, target):
+    return ((prediction - target) ** 2).mean()
+
+
+# -- hand-written references ---------------------------------------------------------------
+
+def hand_sgd(lr, momentum=0.0, weight_decay=0.0, dampening=0.0, first_order=False):
+    def init(params):
+        return [None] * len(params)
+
+    def update(params, grads, bufs):
+        new_params, new_bufs = [], []
+        for p, g, b in zip(params, grads, bufs):
+            g = g + weight_decay * p if weight_decay else g
+            if momentum:
+                b = g if b is None else b * momentum + (1 - dampening) * g
+                g = b
+            new_params.append(p - lr * g)
+            new_bufs.append(b)
+        return new_params, new_bufs
+
+    return init, update
+
+
+def hand_adam(lr, beta1=0.9, beta2=0.999, eps=1e-8):
+    def init(params):
+        return [(torch.zeros_like(p), torch.zeros_like(p), 0) for p in params]
+
+    def update(params, grads, states):
+        new_params, new_states = [], []
+        for p, g, (m, v, t) in zip(params, grads, states):
+            t += 1
+            m = beta1 * m + (1 - beta1) * g
+            v = beta2 * v + (1 - beta2) * g * g
+            m_hat = m / (1 - beta1 ** t)
+            v_hat = v / (1 - beta2 ** t)
+            new_params.append(p - lr * m_hat / (torch.sqrt(v_hat) + eps))
+            new_states.append((m, v, t))
+        return new_params, new_states
+
+    return init, update
+
+
+def hand_unroll(model, data, steps, rule, trained_names=None, first_order=False, start=None):
+    """Query loss after ``steps`` inner steps on the support set, written with functional_call."""
+    x_s, y_s, x_q, y_q = data
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters()) if start is None else dict(zip(names, start))
+    trained = names if trained_names is None else trained_names
+    init, update = rule
+    state = init([params[n] for n in trained])
+    for _ in range(steps):
+        loss = mse(functional_call(model, params, (x_s,)), y_s)
+        grads = torch.autograd.grad(loss, [params[n] for n in trained], create_graph=not first_order)
+        new, state = update([params[n] for n in trained], grads, state)
+        params = dict(params, **dict(zip(trained, new)))
+    return mse(functional_call(model, params, (x_q,)), y_q)
+
+
+def innerloop_query_loss(model, optimizer, data, steps, **options):
+    x_s, y_s, x_q, y_q = data
+    with diffopt.innerloop(model, optimizer, **options) as (fmodel, dopt):
+        for _ in range(steps):
+            dopt.step(mse(fmodel(x_s), y_s))
+        return mse(fmodel(x_q), y_q), fmodel
+
+
+# -- meta-gradients -------------------------------------------------------------------------
+
+CASES = {
+    "SGD": (lambda ps, lr: torch.optim.SGD(ps, lr=lr), lambda lr: hand_sgd(lr)),
+    "SGD-momentum-wd": (lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=0.01, dampening=0.1),
+                        lambda lr: hand_sgd(lr, momentum=0.9, weight_decay=0.01, dampening=0.1)),
+    "Adam": (lambda ps, lr: torch.optim.Adam(ps, lr=lr, betas=(0.8, 0.95)), lambda lr: hand_adam(lr, 0.8, 0.95)),
+}
+DIFFOPT_CASES = {
+    "SGD": lambda ps, lr: diffopt.optim.SGD(ps, lr=lr),
+    "SGD-momentum-wd": lambda ps, lr: diffopt.optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=0.01, dampening=0.1),
+    "Adam": lambda ps, lr: diffopt.optim.Adam(ps, lr=lr, betas=(0.8, 0.95)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("kind", ["torch.optim", "diffopt"])
+@settings(max_examples=examples(2), suppress_health_check=FIXTURE_OK)
+@given(seed=st.integers(0, 2**16), steps=st.integers(1, 5), lr=st.floats(0.01, 0.3))
+def test_meta_gradient_equals_hand_written_unrolled_loop(case, kind, seed, steps, lr):
+    if case == "Adam":
+        lr = lr / 10
+    model, data = make_model(seed), make_data(seed)
+    make = CASES[case][0] if kind == "torch.optim" else DIFFOPT_CASES[case]
+    loss, _ = innerloop_query_loss(model, make(model.parameters(), lr), data, steps)
+    ours = torch.autograd.grad(loss, list(model.parameters()))
+    reference = torch.autograd.grad(hand_unroll(model, data, steps, CASES[case][1](lr)), list(model.parameters()))
+    for a, b in zip(ours, reference):
+        close(f"{case} ({kind})", a, b)
+
+
+@settings(max_examples=examples(3), suppress_health_check=FIXTURE_OK)
+@given(seed=st.integers(0, 2**16), steps=st.integers(1, 5), lr=st.floats(0.01, 0.3),
+       momentum=st.sampled_from([0.0, 0.5, 0.9]))
+def test_meta_gradient_equals_higher_for_sgd(seed, steps, lr, momentum):
+    """higher's differentiable SGD is right; diffopt agrees with it (copy_initial_weights=False for both)."""
+    model, data = make_model(seed), make_data(seed)
+    x_s, y_s, x_q, y_q = data
+    loss, _ = innerloop_query_loss(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum), data, steps)
+    ours = torch.autograd.grad(loss, list(model.parameters()))
+    inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt_higher):
+        for _ in range(steps):
+            diffopt_higher.step(mse(fmodel(x_s), y_s))
+        theirs = torch.autograd.grad(mse(fmodel(x_q), y_q), list(model.parameters()))
+    for a, b in zip(ours, theirs):
+        close("SGD vs higher", a, b)
+
+
+@pytest.mark.parametrize("case", ["SGD-momentum-wd", "Adam"])
+@settings(max_examples=examples(2), suppress_health_check=FIXTURE_OK)
+@given(seed=st.integers(0, 2**16), steps=st.integers(1, 4))
+def test_first_order(case, seed, steps):
+    """first_order=True equals the hand-written loop with detached inner gradients."""
+    lr = 0.1 if case.startswith("SGD") else 0.01
+    model, data = make_model(seed), make_data(seed)
+    loss, _ = innerloop_query_loss(model, CASES[case][0](model.parameters(), lr), data, steps, first_order=True)
+    ours = torch.autograd.grad(loss, list(model.parameters()))
+    reference = torch.autograd.grad(hand_unroll(model, data, steps, CASES[case][1](lr), first_order=True),
+                                    list(model.parameters()))
+    second = torch.autograd.grad(hand_unroll(model, data, steps, CASES[case][1](lr)), list(model.parameters()))
+    for a, b in zip(ours, reference):
+        close(f"{case} first order", a, b)
+    if case.startswith("SGD"):  # (Adam's first steps, g / (|g| + eps), have a tiny second-order term)
+        assert max(float((a - b).abs().max()) for a, b in zip(ours, second)) > 1e-6  # a different gradient
+
+
+def test_first_order_with_a_diffopt_optimizer_sets_it():
+    model, data = make_model(0), make_data(0)
+    opt = diffopt.optim.SGD(model.parameters(), lr=0.1)
+    loss, _ = innerloop_query_loss(model, opt, data, 2, first_order=True)
+    assert opt.first_order
+    ours = torch.autograd.grad(loss, list(model.parameters()))
+    reference = torch.autograd.grad(hand_unroll(model, data, 2, hand_sgd(0.1), first_order=True),
+                                    list(model.parameters()))
+    for a, b in zip(ours, reference):
+        close("SGD first order (diffopt)", a, b)
+
+
+def test_copy_initial_weights_gives_no_gradient_to_the_model():
+    model, data = make_model(1), make_data(1)
+    lr = torch.tensor(0.1, dtype=F64, requires_grad=True)
+    loss, fmodel = innerloop_query_loss(model, torch.optim.SGD(model.parameters(), lr=lr), data, 3,
+                                        copy_initial_weights=True)
+    loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert lr.grad is not None and torch.isfinite(lr.grad) and lr.grad != 0
+    # The inner loop itself is the same as without the copy.
+    reference = hand_unroll(model, data, 3, hand_sgd(0.1))
+    assert abs(float(loss.detach()) - float(reference.detach())) <= 1e-12
+
+
+@pytest.mark.parametrize("kind", ["torch.optim", "diffopt"])
+@settings(max_examples=examples(2), suppress_health_check=FIXTURE_OK)
+@given(seed=st.integers(0, 2**16), steps=st.integers(1, 4), lr=st.floats(0.01, 0.3))
+def test_tensor_learning_rate_receives_its_gradient(kind, seed, steps, lr):
+    model, data = make_model(seed), make_data(seed)
+    lr_t = torch.tensor(lr, dtype=F64, requires_grad=True)
+    make = torch.optim.SGD if kind == "torch.optim" else diffopt.optim.SGD
+    loss, _ = innerloop_query_loss(model, make(model.parameters(), lr=lr_t, momentum=0.5), data, steps)
+    ours = torch.autograd.grad(loss, [lr_t, *model.parameters()])
+    lr_h = torch.tensor(lr, dtype=F64, requires_grad=True)
+    reference = torch.autograd.grad(hand_unroll(model, data, steps, hand_sgd(lr_h, momentum=0.5)),
+                                    [lr_h, *model.parameters()])
+    for a, b in zip(ours, reference):
+        close("tensor lr", a, b)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@settings(max_examples=examples(2), suppress_health_check=FIXTURE_OK)
+@given(seed=st.integers(0, 2**16), steps=st.integers(1, 4))
+def test_optimizer_over_a_subset_of_the_parameters(frozen, seed, steps):
+    """Only the first layer is optimized; the last is either trainable outside the inner loop
+    (it still gets a meta-gradient through its direct use) or frozen (requires_grad=False)."""
+    model, data = make_model(seed), make_data(seed)
+    if frozen:
+        for p in model[2].parameters():
+            p.requires_grad_(False)
+    opt = torch.optim.Adam(model[0].parameters(), lr=0.02)
+    loss, fmodel = innerloop_query_loss(model, opt, data, steps)
+    wanted = [p for p in model.parameters() if p.requires_grad]
+    ours = torch.autograd.grad(loss, wanted)
+    reference = torch.autograd.grad(
+        hand_unroll(model, data, steps, hand_adam(0.02), trained_names=["0.weight", "0.bias"]), wanted)
+    for a, b in zip(ours, reference):
+        close("subset of parameters", a, b)
+    # The last layer's fast weights were never updated.
+    for fast, p in zip(list(fmodel.fast_params)[2:], model[2].parameters()):
+        assert torch.equal(fast.detach(), p.detach())
+
+
+class TiedAutoencoder(nn.Module):
+    """Embedding and output projection share one weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(6, 3)
+        self.hidden = nn.Linear(3, 3)
+        self.decoder = nn.Linear(3, 6, bias=False)
+        self.decoder.weight = self.embedding.weight
+
+    def forward(self, idx):
+        return self.decoder(torch.tanh(self.hidden(self.embedding(idx))))
+
+
+@pytest.mark.parametrize("case", ["SGD-momentum-wd", "Adam"])
+@settings(max_examples=examples(2), suppress_health_check=FIXTURE_OK)
+@given(seed=st.integers(0, 2**16), steps=st.integers(1, 4))
+def test_model_with_tied_weights(case, seed, steps):
+    torch.manual_seed(seed)
+    model = TiedAutoencoder().double()
+    assert len(list(model.parameters())) == 3  # the tied weight counts once
+    g = torch.Generator().manual_seed(seed)
+    idx_s, idx_q = torch.randint(0, 6, (8,), generator=g), torch.randint(0, 6, (8,), generator=g)
+    t_s, t_q = torch.randint(0, 6, (8,), generator=g), torch.randint(0, 6, (8,), generator=g)
+    lr = 0.1 if case.startswith("SGD") else 0.01
+
+    with diffopt.innerloop(model, CASES[case][0](model.parameters(), lr)) as (fmodel, dopt):
+        for _ in range(steps):
+            dopt.step(nn.functional.cross_entropy(fmodel(idx_s), t_s))
+        loss = nn.functional.cross_entropy(fmodel(idx_q), t_q)
+    ours = torch.autograd.grad(loss, list(model.parameters()))
+
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    init, update = CASES[case][1](lr)
+    state = init(params)
+    for _ in range(steps):
+        inner = nn.functional.cross_entropy(functional_call(model, dict(zip(names, params)), (idx_s,)), t_s)
+        grads = torch.autograd.grad(inner, params, create_graph=True)
+        params, state = update(params, grads, state)
+    outer = nn.functional.cross_entropy(functional_call(model, dict(zip(names, params)), (idx_q,)), t_q)
+    reference = torch.autograd.grad(outer, list(model.parameters()))
+    for a, b in zip(ours, reference):
+        close(f"tied weights {case}", a, b)
+
+
+def test_converted_torch_optimizer_keeps_its_state():
+    """An Adam warmed up by torch continues inside the inner loop exactly as torch would."""
+    model, data = make_model(2), make_data(2)
+    x_s, y_s, _, _ = data
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        mse(model(x_s), y_s).backward()
+        opt.step()
+    with diffopt.innerloop(model, opt) as (fmodel, dopt):
+        assert dopt.optimizer.state[0]["step"] == 3
+        for _ in range(4):
+            dopt.step(mse(fmodel(x_s), y_s))
+        fast = [p.detach().clone() for p in fmodel.fast_params]
+    # torch continues on its own (in place) from the same point.
+    for _ in range(4):
+        opt.zero_grad()
+        mse(model(x_s), y_s).backward()
+        opt.step()
+    for a, b in zip(fast, model.parameters()):
+        assert float((a - b.detach()).abs().max()) <= 1e-12
+
+
+def test_innerloop_errors():
+    model = make_model(0)
+    stranger = torch.randn(3, dtype=F64, requires_grad=True)
+    with pytest.raises(ValueError, match="is not a parameter of the model"):
+        with diffopt.innerloop(model, torch.optim.SGD([stranger], lr=0.1)):
+            pass
+    with pytest.raises(TypeError, match="expected a torch.optim or diffopt optimizer"):
+        with diffopt.innerloop(model, "sgd"):
+            pass

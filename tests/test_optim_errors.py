@@ -1,0 +1,297 @@
+"""Bad input is refused early, with a message that names the problem (checked by content)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import diffopt
+from diffopt.optim import NonFiniteError, PerParameter, Schedule
+from strategies import F64, OPTIMIZER_NAMES, examples, twin_class
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def weight(n: int = 3) -> torch.Tensor:
+    return torch.randn(n, dtype=F64, requires_grad=True)
+
+
+# -- unknown keywords ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "typo", "meant"), [
+    ("Adam", "lrr", "lr"), ("SGD", "momentun", "momentum"), ("Adagrad", "lr_decya", "lr_decay"),
+    ("AdamW", "weight_decy", "weight_decay"), ("Adam", "amsgrd", "amsgrad"), ("RMSprop", "centred", "centered"),
+    ("NAdam", "momentum_decays", "momentum_decay"), ("Rprop", "step_size", "step_sizes"), ("ASGD", "lamda", "lambd"),
+])
+def test_unknown_keyword_suggests_the_closest(name, typo, meant):
+    with pytest.raises(TypeError) as info:
+        twin_class(name)([weight()], **{typo: 0.1})
+    message = str(info.value)
+    assert f"unknown argument {typo!r}" in message and f"did you mean {meant!r}?" in message
+    assert name in message and "Valid hyperparameters:" in message
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+@settings(max_examples=examples(5))
+@given(data=st.data())
+def test_any_one_letter_typo_is_caught_and_corrected(name, data):
+    """Hypothesis: a valid keyword with one letter doubled, in the constructor or in a group."""
+    keys = [k for k in twin_class(name).rule_class.defaults if len(k) >= 3]
+    key = data.draw(st.sampled_from(keys))
+    at = data.draw(st.integers(0, len(key) - 1))
+    typo = key[: at + 1] + key[at] + key[at + 1:]
+    in_group = data.draw(st.booleans())
+    with pytest.raises(TypeError, match=re.escape(f"did you mean {key!r}?")):
+        if in_group:
+            twin_class(name)([{"params": [weight()], typo: 0.1}])
+        else:
+            twin_class(name)([weight()], **{typo: 0.1})
+
+
+def test_unknown_keyword_without_a_close_match_lists_the_valid_ones():
+    with pytest.raises(TypeError) as info:
+        diffopt.optim.SGD([weight()], lr=0.1, zzzzzz=1)
+    message = str(info.value)
+    assert "did you mean" not in message
+    assert "Valid hyperparameters: lr, momentum, dampening, weight_decay, nesterov, maximize" in message
+
+
+# -- invalid values --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+@given(lr=st.floats(-10.0, -1e-12))
+@settings(max_examples=examples(3))
+def test_negative_learning_rate(name, lr):
+    with pytest.raises(ValueError, match=r"parameter group 0: invalid lr -?[0-9.e-]+; it must be >= 0\.0"):
+        twin_class(name)([weight()], lr=lr)
+    with pytest.raises(ValueError, match="invalid lr"):  # a tensor lr is checked too
+        twin_class(name)([weight()], lr=torch.tensor(lr, dtype=F64))
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adamax", "NAdam", "RAdam"])
+@settings(max_examples=examples(4))
+@given(bad=st.one_of(st.floats(1.0, 10.0), st.floats(-10.0, -1e-9)), which=st.sampled_from([0, 1]))
+def test_betas_outside_zero_one(name, bad, which):
+    betas = [0.9, 0.999]
+    betas[which] = bad
+    bound = "< 1.0" if bad >= 1 else ">= 0.0"
+    with pytest.raises(ValueError, match=re.escape(f"invalid betas[{which}]") + r".*" + re.escape(bound)):
+        twin_class(name)([weight()], betas=tuple(betas))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"lr": 0.1, "nesterov": True}, "nesterov=True requires momentum > 0 and dampening = 0"),
+    ({"lr": 0.1, "momentum": 0.9, "dampening": 0.5, "nesterov": True},
+     "nesterov=True requires momentum > 0 and dampening = 0"),
+    ({"lr": 0.1, "momentum": -0.5}, "invalid momentum -0.5; it must be >= 0.0"),
+    ({"lr": 0.1, "nesterov": 1}, "nesterov must be True or False, got 1"),
+])
+def test_sgd_option_errors(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        diffopt.optim.SGD([weight()], **kwargs)
+
+
+@pytest.mark.parametrize(("name", "kwargs", "message"), [
+    ("Adam", {"eps": -1e-8}, "invalid eps -1e-08; it must be >= 0.0"),
+    ("Adam", {"weight_decay": -0.1}, "invalid weight_decay -0.1"),
+    ("Adam", {"weight_decay": float("nan")}, "weight_decay contains NaN"),
+    ("Adam", {"betas": 0.9}, "betas must be a pair (a, b), got 0.9"),
+    ("Adam", {"lr": "0.1"}, "lr must be a number or a tensor, got '0.1'"),
+    ("Adam", {"lr": torch.tensor(1, dtype=torch.int64)}, "lr must be a floating-point tensor"),
+    ("Adagrad", {"lr_decay": -0.1}, "invalid lr_decay -0.1"),
+    ("Adagrad", {"initial_accumulator_value": -1.0}, "invalid initial_accumulator_value -1.0"),
+    ("Adadelta", {"rho": 1.5}, "invalid rho 1.5; it must be <= 1.0"),
+    ("NAdam", {"momentum_decay": -0.1}, "invalid momentum_decay -0.1"),
+    ("RMSprop", {"alpha": -0.1}, "invalid alpha -0.1"),
+    ("RMSprop", {"momentum": -0.1}, "invalid momentum -0.1"),
+    ("Rprop", {"etas": (1.5, 1.2)}, "invalid etas[0] 1.5; it must be < 1.0"),
+    ("Rprop", {"etas": (0.5, 0.9)}, "invalid etas[1] 0.9; it must be > 1.0"),
+    ("Rprop", {"step_sizes": (-1.0, 1.0)}, "invalid step_sizes[0] -1.0"),
+    ("ASGD", {"lambd": -1.0}, "invalid lambd -1.0"),
+    ("ASGD", {"t0": torch.tensor(1.0)}, "t0 is a step count and must be a number, not a tensor"),
+])
+def test_invalid_values_name_the_argument(name, kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        twin_class(name)([weight()], **kwargs)
+
+
+def test_invalid_values_in_a_later_group_name_the_group():
+    with pytest.raises(ValueError, match=re.escape("Adam parameter group 1: invalid betas[1] 1.5")):
+        diffopt.optim.Adam([{"params": [weight()]}, {"params": [weight()], "betas": (0.9, 1.5)}])
+
+
+# -- tensor hyperparameters of the wrong shape ---------------------------------------------
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
+@settings(max_examples=examples(5))
+@given(param_shape=st.lists(st.integers(2, 4), min_size=1, max_size=2), extra=st.integers(1, 3))
+def test_hyperparameter_tensor_of_the_wrong_shape(name, param_shape, extra):
+    shape = list(param_shape)
+    shape[-1] += extra  # does not broadcast against the parameter
+    p = torch.zeros(param_shape, dtype=F64, requires_grad=True)
+    with pytest.raises(ValueError) as info:
+        twin_class(name)([p], lr=torch.full(shape, 0.01, dtype=F64))
+    message = str(info.value)
+    assert f"hyperparameter 'lr' has shape {tuple(shape)}" in message
+    assert f"does not broadcast to the parameter's shape {tuple(param_shape)}" in message
+    assert "PerParameter" in message
+
+
+def test_hyperparameter_tensor_that_would_broadcast_beyond_the_parameter():
+    with pytest.raises(ValueError, match=re.escape("has shape (3, 1), which does not broadcast")):
+        diffopt.optim.SGD([weight(3)], lr=torch.full((3, 1), 0.1, dtype=F64))
+
+
+def test_per_parameter_and_schedule_errors():
+    w1, w2 = weight(), weight(2)
+    with pytest.raises(ValueError, match="'lr' is PerParameter with fewer values than the group has parameters"):
+        diffopt.optim.SGD([w1, w2], lr=PerParameter([0.1]))
+    wrong = "'lr' has shape (3,), which does not broadcast to the parameter's shape (2,)"
+    with pytest.raises(ValueError, match=re.escape(wrong)):
+        diffopt.optim.SGD([w1, w2], lr=PerParameter([torch.full((3,), 0.1, dtype=F64)] * 2))
+    wrong = "'betas' has shape (2,), which does not broadcast to the parameter's shape (3,)"
+    with pytest.raises(ValueError, match=re.escape(wrong)):
+        diffopt.optim.Adam([w1, w2], betas=(PerParameter([torch.full((2,), 0.9, dtype=F64)] * 2), 0.999))
+    with pytest.raises(TypeError, match="values must be a list or tuple with one entry per parameter"):
+        PerParameter(torch.ones(2))
+    with pytest.raises(ValueError, match="a 0-dim tensor has no step dimension"):
+        Schedule(torch.tensor(0.1))
+    opt = diffopt.optim.SGD([w1], lr=Schedule([0.1, 0.2]))
+    params = opt.step((w1 ** 2).sum())
+    params = opt.step((params[0] ** 2).sum())
+    with pytest.raises(IndexError, match=re.escape("its Schedule has 2 entries but step 2 (0-based) was requested")):
+        opt.step((params[0] ** 2).sum())
+
+
+# -- the loss and the parameters -----------------------------------------------------------
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_non_scalar_loss(name):
+    w = weight()
+    with pytest.raises(ValueError, match=re.escape("step(loss) at step 0: the loss must be a scalar, got shape (3,)")):
+        twin_class(name)([w]).step(w ** 2)
+
+
+def test_parameters_that_do_not_require_grad_or_a_loss_without_grad():
+    message = "the loss does not depend on any parameter that requires grad"
+    frozen = torch.randn(3, dtype=F64)
+    with pytest.raises(ValueError, match=message):
+        diffopt.optim.SGD([frozen], lr=0.1).step((frozen ** 2).sum())
+    w = weight()
+    opt = diffopt.optim.SGD([w], lr=0.1)
+    with torch.no_grad():
+        loss = (w ** 2).sum()
+    with pytest.raises(ValueError, match=message + r".*torch\.no_grad\(\)"):
+        opt.step(loss)
+    with pytest.raises(ValueError, match=message):
+        opt.step(torch.tensor(1.0, dtype=F64))
+
+
+def test_step_argument_errors():
+    w = weight()
+    opt = diffopt.optim.SGD([w], lr=0.1)
+    with pytest.raises(TypeError, match="a loss tensor is required"):
+        opt.step()
+    with pytest.raises(TypeError, match="loss must be a tensor, got float"):
+        opt.step(1.0)
+    with pytest.raises(ValueError, match="got 2 tensors but the optimizer has 1 parameters"):
+        opt.step((w ** 2).sum(), params=[w, w])
+    with pytest.raises(ValueError, match=re.escape("parameter 0 (group0.params[0]) has shape (4,), expected (3,)")):
+        opt.step((w ** 2).sum(), params=[weight(4)])
+    with pytest.raises(ValueError, match="got 2 gradients for 1 parameters"):
+        opt.step(grads=[w, w])
+
+
+def test_parameter_list_errors():
+    w = weight()
+    with pytest.raises(TypeError, match=re.escape("got a single tensor; wrap it in a list: [tensor]")):
+        diffopt.optim.SGD(w, lr=0.1)
+    with pytest.raises(ValueError, match="got an empty parameter list"):
+        diffopt.optim.SGD([], lr=0.1)
+    with pytest.raises(ValueError, match="appears more than once; tied weights must be passed once"):
+        diffopt.optim.SGD([w, w], lr=0.1)
+    with pytest.raises(TypeError, match="only floating-point tensors can be optimized"):
+        diffopt.optim.SGD([torch.zeros(3, dtype=torch.int64)], lr=0.1)
+    with pytest.raises(TypeError, match="params\\[0\\] is a float, not a tensor"):
+        diffopt.optim.SGD([0.5], lr=0.1)
+    with pytest.raises(ValueError, match="a parameter group needs a 'params' entry"):
+        diffopt.optim.SGD([{"lr": 0.1}])
+
+
+# -- check_finite ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+@settings(max_examples=examples(2))
+@given(bad_step=st.integers(0, 3), bad=st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+def test_check_finite_non_finite_loss_names_the_step(name, bad_step, bad):
+    w = weight()
+    opt = twin_class(name)([w], check_finite=True)
+    params = [w]
+    for _ in range(bad_step):
+        params = opt.step((params[0] ** 2).sum())
+    with pytest.raises(NonFiniteError, match=rf"step {bad_step}: the loss is {re.escape(str(bad))}"):
+        opt.step((params[0] ** 2).sum() * bad)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+@settings(max_examples=examples(2))
+@given(bad_step=st.integers(0, 3))
+def test_check_finite_non_finite_gradient_names_the_step_and_the_parameter(name, bad_step):
+    """The loss is finite but sqrt(|x|) at x = 0 has an infinite derivative."""
+    model = torch.nn.Linear(2, 1).double()
+    named = list(model.named_parameters())
+    opt = twin_class(name)(named, check_finite=True)
+    params = [p for _, p in named]
+    x = torch.ones(1, 2, dtype=F64)
+    for _ in range(bad_step):
+        params = opt.step(((x @ params[0].T + params[1]) ** 2).sum())
+    kink = params[1] - params[1].detach()  # exactly 0, on the graph
+    loss = ((x @ params[0].T) ** 2).sum() + torch.sqrt(kink.abs()).sum()
+    assert torch.isfinite(loss)
+    with pytest.raises(NonFiniteError, match=rf"step {bad_step}: the gradient of parameter 1 \(bias\) is not finite"):
+        opt.step(loss)
+
+
+def test_without_check_finite_non_finite_values_pass_through():
+    w = weight()
+    opt = diffopt.optim.SGD([w], lr=0.1)
+    (new,) = opt.step((w ** 2).sum() * float("nan"))
+    assert torch.isnan(new).all()
+
+
+# -- torch options: fused refused, the rest accepted and ignored -------------------------------
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_fused_is_refused_with_the_reason(name):
+    with pytest.raises(ValueError, match="fused=True has no differentiable kernel"):
+        twin_class(name)([weight()], fused=True)
+    with pytest.raises(ValueError, match="fused=True has no differentiable kernel"):
+        twin_class(name)([{"params": [weight()], "fused": True}])
+    twin_class(name)([weight()], fused=False)
+    twin_class(name)([weight()], fused=None)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_foreach_capturable_differentiable_are_accepted_and_dropped(name):
+    opt = twin_class(name)([{"params": [weight()], "foreach": False}], foreach=True, capturable=True,
+                           differentiable=True)
+    for key in ("foreach", "capturable", "differentiable", "fused"):
+        assert key not in opt.param_groups[0] and key not in opt.defaults
+
+
+# -- transforms ------------------------------------------------------------------------------
+
+def test_transform_option_errors():
+    w = weight()
+    with pytest.raises(ValueError, match="clip_grad_norm must be positive, got -1"):
+        diffopt.optim.SGD([w], lr=0.1, clip_grad_norm=-1)
+    with pytest.raises(ValueError, match="clip_grad_value must be positive, got 0"):
+        diffopt.optim.SGD([w], lr=0.1, clip_grad_value=0)
+    with pytest.raises(TypeError, match=re.escape("grad_transform must be a callable f(grads, step) -> grads")):
+        diffopt.optim.SGD([w], lr=0.1, grad_transform=3)
+    opt = diffopt.optim.SGD([w], lr=0.1, grad_transform=lambda grads, step: grads + grads)
+    with pytest.raises(ValueError, match="grad_transform returned 2 gradients for 1 parameters"):
+        opt.step((w ** 2).sum())
