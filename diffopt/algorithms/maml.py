@@ -127,13 +127,6 @@ class MetaSGD(MAML):
         return SGD(self.model.parameters(), lr=PerParameter(list(self.inner_lrs)))
 
 
-class _HoldLast(Schedule):
-    """A per-step schedule that keeps its last entry after its end."""
-
-    def at(self, step: int, name: str) -> Any:
-        return super().at(min(step, len(self.values) - 1), name)
-
-
 class MAMLPlusPlus(MAML):
     """MAML++ essentials (Antoniou, Edwards & Storkey, 2019).
 
@@ -163,7 +156,7 @@ class MAMLPlusPlus(MAML):
             nn.Parameter(torch.full((self.inner_steps,), float(inner_lr), dtype=p.dtype, device=p.device))
             for p in self.model.parameters()
         )
-        return SGD(self.model.parameters(), lr=PerParameter([_HoldLast(lr) for lr in self.step_lrs]))
+        return SGD(self.model.parameters(), lr=PerParameter([Schedule(lr, hold_last=True) for lr in self.step_lrs]))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

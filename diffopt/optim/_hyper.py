@@ -46,10 +46,12 @@ class Schedule:
 
     ``values`` is a sequence of values, a tensor whose leading dimension indexes
     the step (so ``Schedule(torch.full((K,), 0.1, requires_grad=True))`` is a
-    learnable per-step learning rate), or a callable ``step -> value``.
+    learnable per-step learning rate), or a callable ``step -> value``. With
+    ``hold_last=True`` steps past the end use the last entry (test-time
+    adaptation longer than the meta-trained K); otherwise they are an error.
     """
 
-    def __init__(self, values: Sequence[Any] | Tensor | Callable[[int], Any]) -> None:
+    def __init__(self, values: Sequence[Any] | Tensor | Callable[[int], Any], hold_last: bool = False) -> None:
         if isinstance(values, Tensor):
             if values.dim() == 0:
                 raise ValueError(
@@ -62,11 +64,14 @@ class Schedule:
                 f"dimension or a callable step -> value, got {type(values).__name__}"
             )
         self.values = values
+        self.hold_last = hold_last
 
     def at(self, step: int, name: str) -> Any:
         if callable(self.values) and not isinstance(self.values, Tensor):
             return self.values(step)
         length = len(self.values)
+        if self.hold_last:
+            step = min(step, length - 1)
         if step >= length:
             raise IndexError(
                 f"hyperparameter {name!r}: its Schedule has {length} entries but step "
@@ -74,8 +79,12 @@ class Schedule:
             )
         return self.values[step]
 
+    def with_values(self, values: Any) -> "Schedule":
+        """The same schedule over other values (used to swap learnable tensors)."""
+        return Schedule(values, hold_last=self.hold_last)
+
     def __repr__(self) -> str:
-        return f"Schedule({self.values!r})"
+        return f"Schedule({self.values!r}{', hold_last=True' if self.hold_last else ''})"
 
 
 HyperValue = Union[float, int, bool, Tensor, PerParameter, Schedule, tuple, None]

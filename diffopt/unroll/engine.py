@@ -447,9 +447,9 @@ class InnerLoop:
             if isinstance(value, PerParameter):
                 return PerParameter([swap(v) for v in value.values])
             if isinstance(value, Schedule) and isinstance(value.values, Tensor):
-                return Schedule(swap(value.values))
+                return value.with_values(swap(value.values))
             if isinstance(value, Schedule) and not callable(value.values):
-                return Schedule([swap(v) for v in value.values])
+                return value.with_values([swap(v) for v in value.values])
             return value
 
         clone = copy.copy(self.optimizer)

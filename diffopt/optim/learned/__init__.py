@@ -1,0 +1,43 @@
+"""Learned update rules and learned optimizers: ``diffopt.optim.learned``.
+
+Update rules (pure, differentiable, vectorised over tasks; each a
+:class:`~diffopt.optim.DifferentiableOptimizer` whose learned tensors are
+tensor hyperparameters, so every :class:`diffopt.unroll.InnerLoop` mode
+differentiates them):
+
+* :func:`meta_sgd` / :func:`per_layer_per_step` — learned per-element (Meta-SGD)
+  and per-layer per-step (MAML++) learning rates of SGD;
+* :class:`MetaCurvature` — a learned Kronecker-factored preconditioner per layer;
+* :class:`LSTMOptimizer` — the coordinate-wise LSTM of Andrychowicz et al. (2016);
+* :class:`MLPOptimizer` — a per-coordinate MLP on gradient-history features;
+* :class:`HypergradientSGD` / :class:`HypergradientAdam` — learning rates adapted
+  online by their hypergradient (Baydin et al., 2018).
+
+Meta-training (:class:`OptimizerTrainer`, ``diffopt train-optimizer``) with
+truncated unrolls; saving (:func:`save`) in a versioned, code-free format; and
+use in a plain loop like a torch.optim optimizer::
+
+    opt = diffopt.optim.learned.load("rule.pt", model.parameters())
+    loss.backward(); opt.step(); opt.zero_grad()
+"""
+from ._base import LearnedOptimizer, LearnedRule
+from .curvature import MetaCurvature, MetaCurvatureRule
+from .dropin import DropInOptimizer, load
+from .families import FAMILIES, FewShotFamily, QuadraticFamily, SinusoidFamily, TaskBatch, TaskFamily, family
+from .hypergradient import HypergradientAdam, HypergradientAdamRule, HypergradientSGD, HypergradientSGDRule
+from .lr import LearnedSGD, meta_sgd, per_layer_per_step
+from .lstm import LSTM_FEATURES, LSTMOptimizer, LSTMRule, LSTMRuleNet, preprocess_gradient
+from .mlp import MLP_FEATURES, MLPOptimizer, MLPRule, MLPRuleNet
+from .serialization import (FORMAT, VERSION, LearnedRuleError, SavedRule, build, load_differentiable, read, save,
+                            transfer)
+from .train import MODES, RULES, OptimizerTrainer, TrainConfig, Unroll, loss_curves, make_rule
+
+__all__ = [
+    "FAMILIES", "FORMAT", "MODES", "RULES", "VERSION", "DropInOptimizer", "FewShotFamily",
+    "HypergradientAdam", "HypergradientAdamRule", "HypergradientSGD", "HypergradientSGDRule", "LSTM_FEATURES",
+    "LSTMOptimizer", "LSTMRule", "LSTMRuleNet", "LearnedOptimizer", "LearnedRule", "LearnedRuleError", "LearnedSGD",
+    "MLPOptimizer", "MLPRule", "MLPRuleNet", "MLP_FEATURES", "MetaCurvature", "MetaCurvatureRule", "OptimizerTrainer",
+    "QuadraticFamily", "SavedRule", "SinusoidFamily", "TaskBatch", "TaskFamily", "TrainConfig", "Unroll", "build",
+    "family", "load", "load_differentiable", "loss_curves", "make_rule", "meta_sgd", "per_layer_per_step",
+    "preprocess_gradient", "read", "save", "transfer",
+]
