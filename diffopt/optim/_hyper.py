@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
-import torch
 from torch import Tensor
 
 __all__ = ["PerParameter", "Schedule", "HyperValue", "resolve", "is_tensor_valued"]
