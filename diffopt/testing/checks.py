@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..optim import DifferentiableOptimizer
 from ..unroll import InnerLoop
-from .finite_differences import DirectionalCheck, central_difference, random_direction, relative_error
+from .finite_differences import DirectionalCheck, best_agreement, random_direction
 
 OptimizerFactory = Callable[[list[Tensor]], DifferentiableOptimizer]
 Data = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -161,16 +161,15 @@ def check_hypergradient(
     for k, support in enumerate(plan):
         for _attempt in range(4):
             d = random_direction(wrt, generator, support)
-            numeric, smooth = central_difference(value, wrt, d, step_size)
+            projected = float(sum((g * v).sum() for g, v in zip(analytic, d)))
+            numeric, error, smooth = best_agreement(value, wrt, d, projected, step_size, tolerance)
             if smooth:
                 break
             kinks += 1
         else:
             notes.append(f"direction {k}: non-smooth point on every attempt, not compared")
             continue
-        projected = float(sum((g * v).sum() for g, v in zip(analytic, d)))
-        checks.append(DirectionalCheck(k, projected, numeric, relative_error(projected, numeric),
-                                       "all" if support is None else names[support]))
+        checks.append(DirectionalCheck(k, projected, numeric, error, "all" if support is None else names[support]))
     if kinks:
         notes.append(f"{kinks} direction(s) crossed a non-smooth point (e.g. a ReLU kink) and were redrawn")
     worst = max(checks, key=lambda c: c.relative_error) if checks else None
@@ -230,6 +229,7 @@ def check_optimizer(
     hyperparameters: dict[str, float] | None = None,
     seed: int = 0,
     directions: int = 3,
+    maximize: bool = False,
 ) -> list[Report]:
     """Trajectory parity with a torch.optim reference and finite-difference hypergradients.
 
@@ -239,7 +239,10 @@ def check_optimizer(
         reference: ``reference(params)`` builds the torch.optim optimizer to match (None: skip parity).
         hyperparameters: names and values passed to ``optimizer`` as float64 tensors that
             require grad, whose hypergradients are checked (e.g. ``{"lr": 0.05}``).
+        maximize: the optimizers are configured with ``maximize=True``; they are then given
+            the negated loss, so that they still descend the (bounded) test problem.
 
+    Trajectory errors are ``|ours − torch| / max(1, |torch|)``: absolute up to magnitude 1.
     Also detects an optimizer that mutates its parameters in place (it must return new tensors).
     Runs with float64 as torch's default dtype, so torch.optim keeps its scalar state
     (ASGD's eta and mu, NAdam's momentum product) in float64 like the twin's tensors.
@@ -248,7 +251,7 @@ def check_optimizer(
     torch.set_default_dtype(torch.float64)  # torch.optim's scalar state (ASGD's eta, NAdam's mu) in float64 too
     try:
         return _check_optimizer(optimizer, reference, steps, tolerance, hypergradient_tolerance,
-                                hyperparameters or {}, seed, directions)
+                                hyperparameters or {}, seed, directions, maximize)
     finally:
         torch.set_default_dtype(previous)
 
@@ -256,8 +259,12 @@ def check_optimizer(
 def _check_optimizer(optimizer: Callable[..., DifferentiableOptimizer],
                      reference: Callable[[list[Tensor]], torch.optim.Optimizer] | None, steps: int, tolerance: float,
                      hypergradient_tolerance: float, hyperparameters: dict[str, float], seed: int,
-                     directions: int) -> list[Report]:
-    model, loss = _trajectory_problem(seed)
+                     directions: int, maximize: bool) -> list[Report]:
+    model, minimized = _trajectory_problem(seed)
+
+    def loss(params: list[Tensor]) -> Tensor:
+        return -minimized(params) if maximize else minimized(params)
+
     initial = [p.detach().clone() for p in model.parameters()]
     reports: list[Report] = []
 
@@ -283,13 +290,14 @@ def _check_optimizer(optimizer: Callable[..., DifferentiableOptimizer],
             torch_opt.zero_grad()
             loss(torch_params).backward()
             torch_opt.step()
-        errors = [float((a.detach() - b.detach()).abs().max()) for a, b in zip(current, torch_params)]
+        errors = [float(((a.detach() - b.detach()).abs() / b.detach().abs().clamp_min(1.0)).max())
+                  for a, b in zip(current, torch_params)]
         worst = max(range(len(errors)), key=errors.__getitem__)
         reports.append(Report(f"{type(opt).__name__} trajectory vs {type(torch_opt).__name__} ({steps} steps)",
                               errors[worst], f"parameter {worst}", tolerance))
 
     wrt = [params[i] for i in range(len(params))] + list(tensors.values())
-    final = loss(current)
+    final = minimized(current)
     analytic = torch.autograd.grad(final, wrt, allow_unused=True)
     analytic = [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, analytic)]
 
@@ -299,17 +307,16 @@ def _check_optimizer(optimizer: Callable[..., DifferentiableOptimizer],
             state = list(params)
             for _ in range(steps):
                 state = replay.step(loss(state), params=state)
-            return float(loss(state).detach())
+            return float(minimized(state).detach())
 
     generator = torch.Generator().manual_seed(seed + 1)
     labels = [f"initial parameter {i}" for i in range(len(params))] + [f"hyperparameter {k}" for k in tensors]
     checks = []
     for k, support in enumerate([None] * directions + list(range(len(params), len(wrt)))):
         d = random_direction(wrt, generator, support)
-        numeric, _ = central_difference(value, wrt, d, 1e-5)
         projected = float(sum((g * v).sum() for g, v in zip(analytic, d)))
-        checks.append(DirectionalCheck(k, projected, numeric, relative_error(projected, numeric),
-                                       "all" if support is None else labels[support]))
+        numeric, error, _ = best_agreement(value, wrt, d, projected, 1e-5, hypergradient_tolerance)
+        checks.append(DirectionalCheck(k, projected, numeric, error, "all" if support is None else labels[support]))
     worst_check = max(checks, key=lambda c: c.relative_error)
     reports.append(Report(f"{type(opt).__name__} hypergradients ({steps} steps)", worst_check.relative_error,
                           f"direction over {worst_check.tensor}", hypergradient_tolerance, checks))
