@@ -1,0 +1,158 @@
+"""The reproduction scripts of benchmarks/ run end to end at tiny sizes and report what they promise.
+
+* ``benchmarks/reproduce_sinusoid.py``: ``maml``, ``metasgd`` and ``family`` with a few iterations and
+  test tasks; the printed table and the JSON file have the documented structure.
+* ``benchmarks/reproduce_omniglot.py``: every method in 5-way and 20-way 1-shot on a small
+  Omniglot folder generated in the published layout (``images_background/<Alphabet>/<character>/*.png``
+  and ``images_evaluation/...``), with 10 training characters instead of 1200.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffopt.tasks import write_png
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_repro_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def finite_ci(entry: dict) -> bool:
+    return np.isfinite(entry["mean"]) and entry["ci95"] >= 0
+
+
+# =============================================================================================
+# Sinusoid
+# =============================================================================================
+
+def test_sinusoid_maml(tmp_path, capsys):
+    sinusoid = load("reproduce_sinusoid")
+    path = tmp_path / "maml.json"
+    sinusoid.main(["maml", "--iterations", "5", "--test-tasks", "6", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert "| method | 0 steps | 1 step | 5 steps | 10 steps | paper (1 / 5 / 10) |" in out
+    assert "| MAML |" in out and "| pretrained |" in out and "0.67 / 0.38 / 0.35" in out
+    assert "wall time (s): MAML meta-training" in out
+    data = json.loads(path.read_text())
+    assert data["experiment"] == "maml" and data["iterations"] == 5 and data["test_tasks"] == 6
+    assert set(data["results"]) == {"MAML", "pretrained"}
+    for summary in data["results"].values():
+        assert set(summary) == {"0", "1", "5", "10"}
+        assert all(finite_ci(e) and e["tasks"] == 6 for e in summary.values())
+    assert data["paper"]["pretrained"] == {"1": 2.41, "5": 2.23, "10": 2.19}
+    assert data["machine"]["threads"] == 1 and data["machine"]["torch"] == torch.__version__
+    assert data["seconds"]["MAML meta-training"] > 0
+
+
+def test_sinusoid_metasgd(tmp_path, capsys):
+    sinusoid = load("reproduce_sinusoid")
+    path = tmp_path / "metasgd.json"
+    sinusoid.main(["metasgd", "--iterations", "3", "--test-tasks", "4", "--shots", "5,10", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert "| method | K = 5 | K = 10 |" in out
+    assert "| Meta-SGD (paper) | 0.90 ± 0.16 | 0.53 ± 0.09 |" in out
+    data = json.loads(path.read_text())
+    assert set(data["results"]) == {"Meta-SGD", "MAML"}
+    for method in ("Meta-SGD", "MAML"):
+        assert set(data["results"][method]) == {"5", "10"}
+        assert all(finite_ci(data["results"][method][k]["1"]) for k in ("5", "10"))
+    assert set(data["metasgd_lower"]) == {"5", "10"}
+
+
+def test_sinusoid_family(tmp_path, capsys):
+    sinusoid = load("reproduce_sinusoid")
+    path = tmp_path / "family.json"
+    sinusoid.main(["family", "--iterations", "3", "--test-tasks", "4", "--json", str(path)])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "±" in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["MAML", "FOMAML", "ANIL", "Reptile"]
+    data = json.loads(path.read_text())
+    assert list(data["results"]) == ["MAML", "FOMAML", "ANIL", "Reptile"]
+    for summary in data["results"].values():
+        assert set(summary) == {"0", "1", "5", "10"} and all(finite_ci(e) for e in summary.values())
+
+
+# =============================================================================================
+# Omniglot on a generated folder
+# =============================================================================================
+
+def character(k: int, drawing: int) -> np.ndarray:
+    """White background (True) with a black bar whose place and length encode the character."""
+    img = np.ones((28, 28), dtype=bool)
+    row, length = (3 * k) % 24, 6 + (5 * k) % 16
+    img[row:row + 4, 2 + drawing:2 + drawing + length] = False
+    return img
+
+
+@pytest.fixture(scope="module")
+def omniglot_root(tmp_path_factory) -> Path:
+    """16 characters (10 for training, 6 for testing: 24 test classes with rotations), 6 drawings each."""
+    root = tmp_path_factory.mktemp("omniglot_repro")
+    k = 0
+    for subset, alphabets in (("images_background", 2), ("images_evaluation", 2)):
+        for a in range(alphabets):
+            for c in range(4):
+                folder = root / subset / f"Alphabet_{a}" / f"character{c + 1:02d}"
+                folder.mkdir(parents=True)
+                for d in range(6):
+                    write_png(character(k, d), folder / f"{k:04d}_{d + 1:02d}.png")
+                k += 1
+    return root
+
+
+def test_omniglot_all_methods_and_settings(tmp_path, capsys, omniglot_root):
+    omniglot = load("reproduce_omniglot")
+    path = tmp_path / "omniglot.json"
+    omniglot.main(["--data-root", str(omniglot_root), "--omniglot-train-classes", "10", "--iterations", "1",
+                   "--settings", "5w1s,20w1s",
+                   "--test-tasks", "2", "--query", "1", "--meta-batch", "1", "--protonet-train-query", "1",
+                   "--json", str(path)])
+    out = capsys.readouterr().out
+    header = "| method | 5-way 1-shot | 20-way 1-shot |"
+    assert header in out
+    data = json.loads(path.read_text())
+    assert (data["train_characters"], data["test_characters"]) == (10, 6)
+    assert len(data["rows"]) == 5 * 2
+    for row in data["rows"]:
+        assert row["method"] in omniglot.METHODS and row["setting"] in omniglot.SETTINGS
+        assert 0.0 <= row["accuracy"]["mean"] <= 100.0 and row["accuracy"]["ci95"] >= 0
+        assert row["accuracy"]["tasks"] == 2
+        assert row["paper"] == omniglot.PAPER[row["method"]][row["setting"]][0]
+    settings = {(r["method"], r["setting"]): r["settings"] for r in data["rows"]}
+    assert settings["maml", "5w1s"]["inner_lr"] == 0.4 and settings["maml", "5w1s"]["test_steps"] == 3
+    assert settings["maml", "20w1s"]["inner_lr"] == 0.1 and settings["maml", "20w1s"]["train_steps"] == 5
+    assert settings["protonet", "5w1s"]["train_ways"] == 40  # min(60, 10 characters × 4 rotations)
+    table_rows = [line for line in out.splitlines() if line.startswith("| ") and "paper" in line]
+    assert len(table_rows) == 5 and "MAML | " in table_rows[0] and "(paper 98.7 ± 0.4)" in table_rows[0]
+
+
+def test_omniglot_protocol_network_and_defaults():
+    omniglot = load("reproduce_omniglot")
+    net = omniglot.maml_network(20)
+    assert net(torch.zeros(3, 1, 28, 28)).shape == (3, 20)
+    assert sum(isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2) for m in net.modules()) == 4
+    assert all(not m.track_running_stats for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert omniglot.maml_protocol(5) == {"inner_lr": 0.4, "train_steps": 1, "test_steps": 3, "meta_batch": 32}
+    assert omniglot.maml_protocol(20) == {"inner_lr": 0.1, "train_steps": 5, "test_steps": 5, "meta_batch": 16}
+    args = omniglot.parser().parse_args(["--data-root", "x"])
+    assert args.iterations == 60000 and args.test_tasks == 600
