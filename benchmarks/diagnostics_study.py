@@ -314,7 +314,7 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
     rows = []
     for r in results:
         first, last = r["history"][0], r["history"][-1]
-        t0, t1 = r["test"][0] if r["test"] else None, r["test"][-1]
+        t1 = r["test"][-1]
         rows.append([r["label"], NAMES[r["algo"]], f"{r['test_metric']} {t1['0']:.3g} / {t1['1']:.3g}",
                      f"{fmt(first['kl/forward'])} → {fmt(last['kl/forward'])}",
                      f"{fmt(first['code/savings'])} → {fmt(last['code/savings'])}",
