@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--metrics", default=None, help="JSON-lines metrics path")
     train.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     train.add_argument("--no-progress", action="store_true")
+    from .bench_cli import add_parser as add_bench
     from .diagnostics.cli import add_parser as add_diagnose
     from .optim.learned.cli import add_parser as add_train_optimizer
     from .testing.runner import add_parser as add_check
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_check(commands)
     add_diagnose(commands)
     add_train_optimizer(commands)
+    add_bench(commands)
     train.add_argument("--nproc", type=int, default=1, help="processes to shard the meta-batch over (gloo on CPU)")
     train.add_argument("--backend", default="auto", help="torch.distributed backend: gloo, nccl or auto")
     train.add_argument("--timeout", type=float, default=300.0,
@@ -76,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run(iterations=args.iterations, seed=args.seed, plot=args.plot or None, progress=not args.no_progress)
         return 0
+    if args.command == "bench":
+        from .bench_cli import run as run_bench
+
+        return run_bench(args)
     if args.command == "train-optimizer":
         from .optim.learned.cli import run as run_train_optimizer
 

@@ -1,0 +1,332 @@
+"""Sinusoid MAML meta-step: diffopt's InnerLoop against a plain loop, higher, torch.func and a floor (issue 3).
+
+Problem (MAML, Finn et al. 2017): MLP 1-40-40-1 with ReLU, meta-batch 25 tasks,
+10 support + 10 query points per task, inner SGD with lr 0.01, K inner steps,
+mean-squared error, float32, one thread. One *meta-step* is the meta-loss (the
+mean query loss after K steps on every task) and ``backward()`` to the initial
+weights.
+
+Implementations (all in one process, interleaved in shuffled rounds):
+
+``plain loop``      per task: ``torch.func.functional_call`` + ``torch.autograd.grad``
+                    (``create_graph`` for second order) K times; one backward of the mean.
+``higher loop``     per task: ``higher.innerloop_ctx`` with torch.optim.SGD, backward per
+                    task (higher's MAML example). First order: the gradients are
+                    detached by ``grad_callback`` (higher has no first-order switch).
+``torch.func``      ``vmap`` over tasks of K ``torch.func.grad`` steps (first order:
+                    the gradients detached).
+``baddbmm floor``   the MLP written by hand on task-batched weights (``torch.baddbmm``),
+                    one ``autograd.grad`` of the summed task losses per step.
+``diffopt vmap``    ``diffopt.unroll.InnerLoop(..., vectorize=True)`` (defaults,
+                    so ``check_finite=True``), built once outside the timed region.
+``diffopt vmap nocheck``  the same with ``check_finite=False``.
+``diffopt loop``    ``InnerLoop(..., vectorize=False)``.
+
+Before timing, every implementation's meta-gradient is compared with the plain
+loop's in float64 (max abs difference printed). Ratios are against the plain
+loop measured in the same run: the median over rounds of the per-round ratio. Targets: diffopt second order at K=5 ≤ 0.2x the
+plain loop, first order ≤ 0.25x.
+
+    python benchmarks/engine_sinusoid.py [--quick] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import _common  # noqa: E402
+
+from diffopt.optim import SGD  # noqa: E402
+from diffopt.unroll import InnerLoop  # noqa: E402
+
+IMPLEMENTATIONS = (
+    "plain loop", "higher loop", "torch.func vmap", "baddbmm floor", "diffopt vmap", "diffopt vmap nocheck",
+    "diffopt loop",
+)
+TARGETS = {("second_order", 5): 0.2, ("first_order", 5): 0.25}
+
+
+def make_model(hidden: int = 40, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, 1)).to(dtype)
+
+
+def make_data(tasks: int, shots: int, queries: int, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """Sinusoid tasks y = A sin(x − b), A ~ U[0.1, 5], b ~ U[0, π], x ~ U[−5, 5]."""
+    g = torch.Generator().manual_seed(seed)
+    amplitude = torch.empty(tasks, 1, 1, dtype=dtype).uniform_(0.1, 5.0, generator=g)
+    phase = torch.empty(tasks, 1, 1, dtype=dtype).uniform_(0.0, math.pi, generator=g)
+    x = torch.empty(tasks, shots + queries, 1, dtype=dtype).uniform_(-5.0, 5.0, generator=g)
+    y = amplitude * torch.sin(x - phase)
+    return x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:]
+
+
+# -- implementations ---------------------------------------------------------------------
+def plain_loop(model: nn.Module, data, steps: int, lr: float, first_order: bool) -> Callable[[], None]:
+    sx, sy, qx, qy = data
+    names = [n for n, _ in model.named_parameters()]
+    theta = list(model.parameters())
+
+    def meta_step() -> None:
+        total = 0.0
+        for t in range(sx.shape[0]):
+            fast = theta
+            for _ in range(steps):
+                out = torch.func.functional_call(model, dict(zip(names, fast)), (sx[t],))
+                grads = torch.autograd.grad(F.mse_loss(out, sy[t]), fast, create_graph=not first_order)
+                fast = [p - lr * g for p, g in zip(fast, grads)]
+            out = torch.func.functional_call(model, dict(zip(names, fast)), (qx[t],))
+            total = total + F.mse_loss(out, qy[t])
+        (total / sx.shape[0]).backward()
+
+    return meta_step
+
+
+def higher_loop(model: nn.Module, data, steps: int, lr: float, first_order: bool) -> Callable[[], None]:
+    import higher
+
+    sx, sy, qx, qy = data
+    inner = torch.optim.SGD(model.parameters(), lr=lr)
+    callback = (lambda grads: [None if g is None else g.detach() for g in grads]) if first_order else None
+    tasks = sx.shape[0]
+
+    def meta_step() -> None:
+        for t in range(tasks):
+            with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, dopt):
+                for _ in range(steps):
+                    dopt.step(F.mse_loss(fmodel(sx[t]), sy[t]), grad_callback=callback)
+                (F.mse_loss(fmodel(qx[t]), qy[t]) / tasks).backward()
+
+    return meta_step
+
+
+def func_vmap(model: nn.Module, data, steps: int, lr: float, first_order: bool) -> Callable[[], None]:
+    sx, sy, qx, qy = data
+    params = dict(model.named_parameters())
+
+    def task_loss(p, x, y):
+        return F.mse_loss(torch.func.functional_call(model, p, (x,)), y)
+
+    def adapt_and_query(p, x, y, xq, yq):
+        for _ in range(steps):
+            g = torch.func.grad(task_loss)(p, x, y)
+            if first_order:
+                g = {k: v.detach() for k, v in g.items()}
+            p = {k: p[k] - lr * g[k] for k in p}
+        return task_loss(p, xq, yq)
+
+    batched = torch.func.vmap(adapt_and_query, in_dims=(None, 0, 0, 0, 0))
+
+    def meta_step() -> None:
+        batched(params, sx, sy, qx, qy).mean().backward()
+
+    return meta_step
+
+
+def baddbmm_floor(model: nn.Module, data, steps: int, lr: float, first_order: bool) -> Callable[[], None]:
+    """The MLP by hand on weights with a task dimension: (T, in, out) matrices and baddbmm."""
+    sx, sy, qx, qy = data
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    tasks = sx.shape[0]
+
+    def forward(ws, x):
+        h = x
+        for i in range(0, len(ws), 2):
+            h = torch.baddbmm(ws[i + 1], h, ws[i])
+            if i + 2 < len(ws):
+                h = torch.relu(h)
+        return h
+
+    def losses(ws, x, y):
+        return ((forward(ws, x) - y) ** 2).mean(dim=(1, 2))
+
+    def meta_step() -> None:
+        ws = []
+        for m in linears:
+            ws.append(m.weight.t().unsqueeze(0).expand(tasks, *m.weight.t().shape))
+            ws.append(m.bias.view(1, 1, -1).expand(tasks, 1, m.bias.shape[0]))
+        for _ in range(steps):
+            grads = torch.autograd.grad(losses(ws, sx, sy).sum(), ws, create_graph=not first_order)
+            ws = [w - lr * g for w, g in zip(ws, grads)]
+        losses(ws, qx, qy).mean().backward()
+
+    return meta_step
+
+
+def diffopt_loop(model: nn.Module, data, steps: int, lr: float, first_order: bool, vectorize: bool,
+                 check_finite: bool = True) -> Callable[[], None]:
+    sx, sy, qx, qy = data
+    loop = InnerLoop(model, SGD(model.parameters(), lr=lr), F.mse_loss, steps=steps,
+                     mode="first_order" if first_order else "second_order", vectorize=vectorize,
+                     check_finite=check_finite)
+
+    def meta_step() -> None:
+        loop.meta_loss(sx, sy, qx, qy).backward()
+
+    return meta_step
+
+
+def build(name: str, model: nn.Module, data, steps: int, lr: float, first_order: bool) -> Callable[[], None]:
+    if name == "plain loop":
+        return plain_loop(model, data, steps, lr, first_order)
+    if name == "higher loop":
+        return higher_loop(model, data, steps, lr, first_order)
+    if name == "torch.func vmap":
+        return func_vmap(model, data, steps, lr, first_order)
+    if name == "baddbmm floor":
+        return baddbmm_floor(model, data, steps, lr, first_order)
+    if name == "diffopt vmap":
+        return diffopt_loop(model, data, steps, lr, first_order, vectorize=True)
+    if name == "diffopt vmap nocheck":
+        return diffopt_loop(model, data, steps, lr, first_order, vectorize=True, check_finite=False)
+    if name == "diffopt loop":
+        return diffopt_loop(model, data, steps, lr, first_order, vectorize=False)
+    raise ValueError(name)
+
+
+def with_zeroed_grads(model: nn.Module, fn: Callable[[], None]) -> Callable[[], None]:
+    params = list(model.parameters())
+
+    def call() -> None:
+        _common.zero_grads(params)
+        fn()
+
+    return call
+
+
+# -- agreement check -----------------------------------------------------------------------
+def meta_gradient(name: str, model: nn.Module, data, steps: int, lr: float, first_order: bool) -> list[torch.Tensor]:
+    fn = build(name, model, data, steps, lr, first_order)
+    _common.zero_grads(list(model.parameters()))
+    fn()
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def agreement(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, float]]:
+    """max |meta-gradient − plain loop's| in float64, per (order, K) and implementation."""
+    model = make_model(args.hidden, torch.float64, args.seed)
+    data = make_data(args.tasks, args.shots, args.queries, torch.float64, args.seed)
+    out: dict[str, dict[str, float]] = {}
+    for order in args.orders:
+        for steps in args.steps:
+            reference = meta_gradient("plain loop", model, data, steps, args.lr, order == "first_order")
+            row = {}
+            for name in names:
+                grads = meta_gradient(name, model, data, steps, args.lr, order == "first_order")
+                row[name] = max(float((a - b).abs().max()) for a, b in zip(grads, reference))
+            out[f"{order}/K={steps}"] = row
+    return out
+
+
+# -- timing ----------------------------------------------------------------------------------
+def timing(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    model = make_model(args.hidden, torch.float32, args.seed)
+    data = make_data(args.tasks, args.shots, args.queries, torch.float32, args.seed)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for order in args.orders:
+        for steps in args.steps:
+            fns = {
+                name: with_zeroed_grads(model, build(name, model, data, steps, args.lr, order == "first_order"))
+                for name in names
+            }
+            samples = _common.interleave(fns, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+                                         budget_s=args.budget)
+            base = samples["plain loop"]
+            out[f"{order}/K={steps}"] = {
+                name: {**_common.summarize(v), "ratio": _common.paired_ratio(v, base), "samples": v}
+                for name, v in samples.items()
+            }
+            if args.verbose:
+                print(f"timed {order} K={steps}", file=sys.stderr)
+    return out
+
+
+def tables(results: dict[str, Any], args: argparse.Namespace) -> str:
+    keys = [f"{o}/K={k}" for o in args.orders for k in args.steps]
+    short = {"second_order": "SO", "first_order": "FO"}
+    headers = ["implementation"] + [f"{short[k.split('/')[0]]} K={k.split('=')[1]}" for k in keys]
+    timed = results["timing"]
+    rows = []
+    for name in results["implementations"]:
+        row = [name]
+        for key in keys:
+            s = timed[key][name]
+            row.append(f"{_common.fmt_ms(s)} ({_common.fmt_ratio(s['ratio']['median'])})")
+        rows.append(row)
+    text = ("Median ms per meta-step ±IQR/2 (median of the per-round ratios to the plain loop):\n\n") + _common.markdown_table(headers, rows)
+    agree = results["agreement"]
+    rows = [[name] + [f"{agree[key][name]:.1e}" for key in keys] for name in results["implementations"]]
+    text += "\n\nMax abs difference of the meta-gradient from the plain loop's (float64):\n\n"
+    text += _common.markdown_table(headers, rows)
+    target_rows = []
+    for (order, steps), bound in TARGETS.items():
+        key = f"{order}/K={steps}"
+        if key not in timed:
+            continue
+        for name in ("diffopt vmap", "diffopt vmap nocheck", "diffopt loop"):
+            if name in timed[key]:
+                q = timed[key][name]["ratio"]
+                r = q["median"]
+                target_rows.append([f"{short[order]} K={steps}", name,
+                                    f"{r:.2f}x (IQR {q['q1']:.2f}–{q['q3']:.2f})", f"≤ {bound}x",
+                                    "met" if r <= bound else "missed"])
+    if target_rows:
+        text += "\n\nTargets:\n\n" + _common.markdown_table(["case", "implementation", "ratio to plain loop",
+                                                            "target", ""], target_rows)
+    return text
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _common.add_common_arguments(parser)
+    parser.add_argument("--steps", type=int, nargs="*", default=[1, 5, 10], help="inner steps K")
+    parser.add_argument("--orders", nargs="*", default=["second_order", "first_order"],
+                        choices=["second_order", "first_order"])
+    parser.add_argument("--tasks", type=int, default=25)
+    parser.add_argument("--shots", type=int, default=10)
+    parser.add_argument("--queries", type=int, default=10)
+    parser.add_argument("--hidden", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per configuration")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=None, help="seconds of timed rounds per configuration")
+    parser.add_argument("--implementations", nargs="*", choices=IMPLEMENTATIONS, default=None)
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 10 if args.quick else 40
+    if args.budget is None and args.quick:
+        args.budget = 3.0
+    _common.set_threads(args.threads)
+    names = args.implementations or list(IMPLEMENTATIONS)
+    if "plain loop" not in names:
+        names = ["plain loop"] + names
+    info = _common.machine_info()
+    results: dict[str, Any] = {"implementations": names}
+    results["agreement"] = agreement(args, names)
+    results["timing"] = timing(args, names)
+    info["load_average_end"] = _common.load_average()
+    text = tables(results, args)
+    print(f"# Sinusoid MAML meta-step (MLP 1-{args.hidden}-{args.hidden}-1, {args.tasks} tasks, {args.shots} support + "
+          f"{args.queries} query, inner SGD lr {args.lr}, float32)")
+    print(f"# {_common.describe_machine(info)}")
+    print(text)
+    _common.write_json(args.json, {
+        "benchmark": "engine_sinusoid", "machine": info, "command": _common.command_line(),
+        "config": {k: v for k, v in vars(args).items() if k != "json"}, "results": results, "table": text,
+    })
+    return results
+
+
+if __name__ == "__main__":
+    main()

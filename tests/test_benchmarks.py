@@ -1,0 +1,231 @@
+"""The benchmark scripts' code paths at tiny sizes: structure and output format, never timings.
+
+Also validates the memory measurement used by the benchmarks on known allocations.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import _common, engine_conv4, engine_memory, engine_sinusoid, optimizer_step
+
+MiB = 2**20
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The scripts call torch.set_num_threads(1); give the rest of the suite its thread count back."""
+    saved = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def table_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("|")]
+
+
+def assert_markdown_table(text: str, columns: int | None = None) -> None:
+    lines = table_lines(text)
+    assert len(lines) >= 3, text
+    header, rule = lines[0], lines[1]
+    assert set(rule.replace("|", "")) <= {"-"}, rule
+    n = header.count("|")
+    assert all(line.count("|") == n for line in lines[:2]), text
+    if columns is not None:
+        assert n - 1 == columns
+
+
+# -- memory measurement ------------------------------------------------------------------------
+def test_tensor_peak_reads_a_known_allocation():
+    numel = 16 * 2**20  # float32 elements in 64 MiB
+    _, peak = _common.peak_tensor_bytes(lambda: torch.ones(numel).sum())
+    assert abs(peak - 64 * MiB) <= 0.03 * 64 * MiB, peak / MiB
+
+
+def test_tensor_peak_sees_a_free_between_allocations():
+    numel = 16 * 2**20
+
+    def twice():
+        a = torch.ones(numel)
+        del a
+        b = torch.ones(numel)
+        return b.sum()
+
+    def overlapping():
+        a = torch.ones(numel)
+        b = torch.ones(numel)
+        return a.sum() + b.sum()
+
+    _, peak_sequential = _common.peak_tensor_bytes(twice)
+    _, peak_overlapping = _common.peak_tensor_bytes(overlapping)
+    assert abs(peak_sequential - 64 * MiB) <= 0.03 * 64 * MiB
+    assert abs(peak_overlapping - 128 * MiB) <= 0.03 * 128 * MiB
+
+
+def test_tensor_peak_counts_autograd_backward():
+    w = torch.ones(2**20, requires_grad=True)  # 4 MiB
+
+    def step():
+        (w * 2).sum().backward()  # the gradient (4 MiB) is allocated in backward
+
+    _, peak = _common.peak_tensor_bytes(step)
+    assert peak >= 4 * MiB
+    w.grad = None
+
+
+def test_rss_peak_reads_a_known_allocation():
+    if not _common.reset_peak_rss():
+        pytest.skip("/proc/self/clear_refs is not writable here: the RSS peak cannot be reset")
+    numel = 16 * 2**20
+    torch.ones(numel).sum()  # warm-up: code pages and allocator paths
+
+    _, increase, method = _common.peak_rss_increase(lambda: torch.ones(numel).sum())
+    assert method == "VmHWM reset"
+    assert 0.97 * 64 * MiB <= increase <= 1.10 * 64 * MiB, increase / MiB
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def test_summarize_and_ratio():
+    s = _common.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert s["median"] == 3.0 and s["min"] == 1.0 and s["n"] == 5
+    assert s["q1"] == 2.0 and s["q3"] == 4.0 and s["iqr"] == 2.0
+    assert _common.summarize([])["n"] == 0
+    assert _common.ratio(1.0, 2.0) == 0.5
+    assert _common.ratio(1.0, None) is None and _common.fmt_ratio(None) == "n/a"
+    assert _common.fmt_ratio(0.5) == "0.50x"
+
+
+def test_interleave_runs_every_function_equally():
+    calls: dict[str, int] = {"a": 0, "b": 0}
+
+    def make(name):
+        def f():
+            calls[name] += 1
+        return f
+
+    times = _common.interleave({"a": make("a"), "b": make("b")}, repeats=4, warmup=1, collect=False)
+    assert calls == {"a": 5, "b": 5}
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4}
+    assert all(t >= 0 for v in times.values() for t in v)
+
+
+def test_machine_info_and_markdown():
+    info = _common.machine_info()
+    for key in ("cpu", "cores", "torch", "threads", "python", "date", "load_average"):
+        assert key in info
+    assert info["torch"] == torch.__version__
+    assert "torch" in _common.describe_machine(info)
+    text = _common.markdown_table(["a", "b"], [[1, 2], [3, 4]])
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | 2 |", "| 3 | 4 |"]
+
+
+def test_run_worker_reports_errors(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text("import sys\nraise SystemExit('boom')\n")
+    reply = _common.run_worker(script, {}, timeout=60)
+    assert "error" in reply and "boom" in reply["error"]
+
+
+# -- the scripts at tiny sizes ----------------------------------------------------------------------
+def test_optimizer_step_tiny(tmp_path, capsys):
+    path = tmp_path / "out.json"
+    results = optimizer_step.main([
+        "--layers", "2", "--width", "4", "--batch", "2", "--steps", "2", "--repeats", "1", "--warmup", "0",
+        "--optimizers", "SGD", "NAdam", "--json", str(path),
+    ])
+    out = capsys.readouterr().out
+    assert_markdown_table(out, columns=9)
+    assert set(results) == {"SGD", "NAdam"}
+    assert {"diffopt/step", "diffopt/unroll", "higher/step", "higher/unroll", "torch.optim/step"} <= set(results["SGD"])
+    assert "higher/step" not in results["NAdam"]          # higher has no NAdam
+    nadam_row = next(line for line in table_lines(out) if line.startswith("| NAdam"))
+    assert "n/a" in nadam_row
+    for name in ("SGD", "NAdam"):
+        assert results[name]["parity_vs_torch"] < 1e-10  # float64 trajectories match torch.optim
+    payload = json.loads(path.read_text())
+    assert payload["machine"]["threads"] == 1  # recorded after set_num_threads
+    assert payload["benchmark"] == "optimizer_step" and "machine" in payload and "command" in payload
+    assert payload["results"]["SGD"]["diffopt/step"]["n"] == 1
+
+
+def test_every_optimizer_has_a_diffopt_twin():
+    import diffopt
+
+    for name, (cls_name, _) in optimizer_step.OPTIMIZERS.items():
+        assert hasattr(diffopt.optim, cls_name) and hasattr(torch.optim, cls_name)
+    assert optimizer_step.diff_optimizer_available("Adam")
+    assert not optimizer_step.diff_optimizer_available("RAdam")
+
+
+def test_engine_sinusoid_tiny(tmp_path, capsys):
+    path = tmp_path / "out.json"
+    results = engine_sinusoid.main([
+        "--steps", "2", "--tasks", "2", "--shots", "3", "--queries", "3", "--hidden", "5",
+        "--repeats", "1", "--warmup", "0", "--json", str(path),
+    ])
+    out = capsys.readouterr().out
+    assert_markdown_table(out, columns=3)
+    names = results["implementations"]
+    assert names[0] == "plain loop" and set(engine_sinusoid.IMPLEMENTATIONS) == set(names)
+    for key in ("second_order/K=2", "first_order/K=2"):
+        for name in names:
+            assert results["timing"][key][name]["n"] == 1
+            # every implementation computes the same meta-gradient (float64)
+            assert results["agreement"][key][name] < 1e-10, (key, name)
+    payload = json.loads(path.read_text())
+    assert payload["machine"]["threads"] == 1  # recorded after set_num_threads
+    assert payload["benchmark"] == "engine_sinusoid" and payload["config"]["tasks"] == 2
+
+
+def test_engine_conv4_tiny(tmp_path, capsys):
+    path = tmp_path / "out.json"
+    results = engine_conv4.main([
+        "--steps", "1", "--tasks", "2", "--ways", "2", "--queries", "1", "--filters", "3", "--size", "16",
+        "--repeats", "1", "--warmup", "0", "--in-process", "--json", str(path),
+    ])
+    out = capsys.readouterr().out
+    assert_markdown_table(out, columns=9)
+    for name in engine_conv4.IMPLEMENTATIONS:
+        assert results["timing"]["K=1"][name]["n"] == 1
+        memory = results["memory"]["K=1"][name]
+        assert memory["tensor_peak_bytes"] > 0 and "rss_peak_bytes" in memory
+        assert results["agreement"][name] < 1e-10, name
+    payload = json.loads(path.read_text())
+    assert payload["machine"]["threads"] == 1  # recorded after set_num_threads
+    assert payload["benchmark"] == "engine_conv4" and "memory_method" in payload
+
+
+def test_engine_memory_tiny(tmp_path, capsys):
+    path = tmp_path / "out.json"
+    results = engine_memory.main([
+        "--steps", "2", "4", "--tasks", "2", "--shots", "3", "--queries", "3", "--hidden", "4",
+        "--es-samples", "1", "--pes-truncation", "2", "--solver-iterations", "3", "--repeats", "1",
+        "--in-process", "--json", str(path),
+    ])
+    out = capsys.readouterr().out
+    assert_markdown_table(out, columns=9)
+    for key in ("K=2", "K=4"):
+        for mode in engine_memory.MODES:
+            entry = results["memory"][key][mode]
+            assert entry["meta_gradient"], (key, mode, entry)
+            assert entry["tensor_peak_bytes"] > 0
+            assert results["timing"][key][mode]["n"] == 1
+    assert "Targets" in out
+    payload = json.loads(path.read_text())
+    assert payload["machine"]["threads"] == 1  # recorded after set_num_threads
+    assert payload["benchmark"] == "engine_memory" and "memory_method" in payload
+
+
+def test_memory_worker_runs_in_a_fresh_process():
+    config = {"hidden": 4, "tasks": 2, "shots": 3, "queries": 3, "lr": 0.01, "seed": 0, "threads": 1,
+              "proximal": 1.0, "solver_iterations": 3, "es_samples": 1, "es_sigma": 1e-3, "pes_truncation": 2,
+              "mode": "checkpointed", "steps_k": 4, "skip_profile": False}
+    reply = _common.run_worker(engine_memory.__file__, config, timeout=300)
+    assert "error" not in reply, reply
+    assert reply["meta_gradient"] and reply["tensor_peak_bytes"] > 0
+    assert math.isfinite(reply["seconds"])
