@@ -28,8 +28,10 @@ from diffopt.bench import _main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``diffopt bench`` with the plots written next to this script unless ``--plots`` says where
+    (``--plots ''``: none)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] != ["--worker"] and not any(a == "--plots" or a.startswith("--plots=") for a in argv):
+    if not any(a == "--plots" or a.startswith("--plots=") for a in argv):
         argv += ["--plots", str(Path(__file__).resolve().parent)]
     if "--plots" in argv and argv[argv.index("--plots") + 1:argv.index("--plots") + 2] == [""]:
         i = argv.index("--plots")

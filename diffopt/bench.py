@@ -33,9 +33,13 @@ or a user's model), each number of inner steps K and each engine mode
 * the **meta-test loss or accuracy** (mean and 95% CI over the test tasks,
   after K test-time steps) after a fixed budget of meta-training *time* and
   after a fixed budget of meta-*iterations*, for every mode and for the plain
-  loop: every run sees the same meta-batches (iteration ``i`` draws from a
-  generator seeded by ``(seed, i)``); the clock counts the meta-steps and the
-  outer optimizer's steps, not data sampling, snapshots or evaluation.
+  loop, and its paired difference to second order on the same test tasks:
+  every run starts from the same weights and sees the same meta-batches
+  (iteration ``i`` draws from a generator seeded by ``(seed, i)``); the runs
+  advance in interleaved rounds of one meta-iteration each, so that the load
+  of a shared machine hits every run's clock alike; the clock counts the
+  meta-steps and the outer optimizer's steps, not data sampling, snapshots or
+  evaluation.
 
 Matplotlib is optional: :func:`plot` says so and returns no files without it.
 The command line is ``diffopt bench`` (``diffopt/bench_cli.py``) and
