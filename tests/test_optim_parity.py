@@ -26,9 +26,12 @@ TOL = 1e-10
 FIXTURE_OK = [HealthCheck.function_scoped_fixture]
 
 
-def check_parity(name: str, problem: Problem, configs: list[dict], steps: int, kind: str) -> None:
+def check_parity(name: str, problem: Problem, configs: list[dict], steps: int, kind: str,
+                 foreach: bool | None = None) -> None:
+    """``foreach=False`` takes the per-tensor path; otherwise groups of plain numbers take the
+    multi-tensor one (and must then be bit-identical to torch)."""
     reference, torch_opt, torch_params = torch_run(name, problem, configs, steps)
-    ours, twin, _ = twin_run(name, problem, configs, steps)
+    ours, twin, _ = twin_run(name, problem, configs, steps, foreach=foreach)
     reference_state = torch_states(torch_opt, torch_params)
     error, error_state = trajectory_error(ours, reference), state_error(twin.state, reference_state)
     discard_if_ill_conditioned(max(error, error_state), name, problem, configs, steps,
@@ -37,6 +40,9 @@ def check_parity(name: str, problem: Problem, configs: list[dict], steps: int, k
     record(f"{kind} (state)", name, error_state)
     assert error <= TOL, f"{name} {configs}: trajectory differs from torch.optim by {error:.3e}"
     assert error_state <= TOL, f"{name} {configs}: state differs from torch.optim's by {error_state:.3e}"
+    if foreach is not False:
+        # The multi-tensor path does torch's arithmetic in torch's order: bit-identical.
+        assert error == 0.0, f"{name} {configs}: multi-tensor path differs from torch.optim by {error:.3e}"
     # Parameters torch skips (unused: no gradient; frozen: requires_grad=False) never move.
     for i in problem.unused + problem.frozen:
         assert torch.equal(ours[-1][i], problem.params[i].detach())
@@ -53,7 +59,8 @@ def test_trajectory_parity(name, default_dtype, data):
     """Random configuration per group, random problem structure, 20-25 steps, both default dtypes."""
     problem = data.draw(problems(), label="problem")
     configs = [data.draw(optimizer_configs(name), label=f"group {k}") for k in range(len(problem.groups))]
-    check_parity(name, problem, configs, data.draw(st.integers(20, 25), label="steps"), "parity")
+    foreach = data.draw(st.sampled_from([None, False]), label="foreach")
+    check_parity(name, problem, configs, data.draw(st.integers(20, 25), label="steps"), "parity", foreach)
 
 
 @pytest.mark.parametrize(
@@ -67,7 +74,7 @@ def test_every_flag_combination(name, flags, data):
     """Each combination of boolean options (nesterov, amsgrad, centered, maximize, ...), one group."""
     problem = data.draw(problems(max_groups=1), label="problem")
     config = data.draw(optimizer_configs(name, **flags), label="config")
-    check_parity(name, problem, [config], 20, "parity")
+    check_parity(name, problem, [config], 20, "parity", data.draw(st.sampled_from([None, False]), label="foreach"))
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
@@ -77,7 +84,7 @@ def test_parity_with_every_structure(name, default_dtype, data):
     """Tied weights, a frozen and an unused parameter, zero-gradient rows and two differently set groups."""
     problem = data.draw(problems(tied=True, frozen=True, unused=True, sparse=True, min_groups=2), label="problem")
     configs = [data.draw(optimizer_configs(name), label=f"group {k}") for k in range(2)]
-    check_parity(name, problem, configs, 20, "parity")
+    check_parity(name, problem, configs, 20, "parity", data.draw(st.sampled_from([None, False]), label="foreach"))
 
 
 def test_tied_weights_receive_the_summed_gradient():
@@ -122,12 +129,17 @@ def test_float32_scalar_state_rounding_is_followed(name):
 # -- ignored torch options ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
-def test_foreach_capturable_differentiable_are_accepted_and_ignored(name):
+def test_capturable_differentiable_are_accepted_and_ignored_and_foreach_chooses_the_path(name):
+    """``foreach=True`` is the default multi-tensor path; ``foreach=False`` the per-tensor
+    one, equal up to rounding; ``capturable``/``differentiable``/``fused=None`` change nothing."""
     problem = Problem(*_small_mlp())
+    reference, _, _ = torch_run(name, problem, [{}], 5)
     ours, _, _ = twin_run(name, problem, [{}], 5)
     same, _, _ = twin_run(name, problem, [{"foreach": True, "capturable": False, "differentiable": True}], 5)
-    also, _, _ = twin_run(name, problem, [{"foreach": False, "capturable": True, "fused": None}], 5)
-    assert trajectory_error(same, ours) == 0.0 and trajectory_error(also, ours) == 0.0
+    per_tensor, _, _ = twin_run(name, problem, [{"foreach": False, "capturable": True, "fused": None}], 5)
+    assert trajectory_error(same, ours) == 0.0
+    assert trajectory_error(ours, reference) == 0.0  # the multi-tensor path is torch's arithmetic
+    assert trajectory_error(per_tensor, reference) <= 1e-14
 
 
 def _small_mlp():
@@ -298,3 +310,26 @@ def test_per_task_hyperparameters_in_rules():
 def test_torch_classes_are_the_installed_ones():
     for name in OPTIMIZER_NAMES:
         assert diffopt.optim.TWINS[torch_class(name)] is twin_class(name)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_update_runs_under_torch_func_vmap_and_equals_per_task_updates(name):
+    """Inside ``torch.func.vmap`` (which cannot batch ``_foreach_*`` operations) the update takes
+    the per-tensor path; two steps on each of 3 tasks equal the multi-tensor path task by task."""
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(3, 4, 2, generator=g, dtype=F64), torch.randn(3, 2, generator=g, dtype=F64)]
+    grads = [[torch.randn(3, 4, 2, generator=g, dtype=F64), torch.randn(3, 2, generator=g, dtype=F64)]
+             for _ in range(2)]
+    opt = twin_class(name)([w[0] for w in weights], lr=0.05)
+
+    def two_steps(w0, w1, a0, a1, b0, b1):
+        params, states = [w0, w1], opt.initial_states([w0, w1])
+        for step, step_grads in enumerate(([a0, a1], [b0, b1])):
+            params, states = opt.update(params, step_grads, states, step)
+        return tuple(params)
+
+    batched = torch.func.vmap(two_steps)(*weights, *grads[0], *grads[1])
+    for t in range(3):
+        single = two_steps(*(w[t] for w in weights), *(x[t] for x in grads[0]), *(x[t] for x in grads[1]))
+        for a, b in zip(batched, single):
+            assert (a[t] - b).abs().max() <= 1e-15

@@ -1,8 +1,11 @@
 """Differentiable optimizers: exact, differentiable twins of ``torch.optim``.
 
 Each optimizer is a pure update rule (``init_state`` / ``update_one`` over
-tensors, nothing in place) wrapped by a thin stateful class whose
-``step(loss)`` returns the new parameters on the autograd graph::
+tensors, nothing in place, plus ``update_group``: the same step for a whole
+parameter group in multi-tensor ``torch._foreach_*`` operations, taken when the
+group's hyperparameters are plain numbers and bit-identical to torch.optim)
+wrapped by a thin stateful class whose ``step(loss)`` returns the new parameters
+on the autograd graph::
 
     opt = diffopt.optim.Adam(params, lr=torch.tensor(1e-2, requires_grad=True))
     for _ in range(50):
@@ -10,7 +13,7 @@ tensors, nothing in place) wrapped by a thin stateful class whose
     loss_fn(params).backward()   # gradients reach the initial params and lr
 """
 from ._hyper import PerParameter, Schedule
-from ._rule import UpdateRule, safe_sqrt
+from ._rule import UpdateRule, safe_sqrt, safe_sqrt_all
 from .adadelta import Adadelta, AdadeltaRule
 from .adagrad import Adagrad, AdagradRule
 from .adam import Adam, AdamRule, AdamW
@@ -34,4 +37,5 @@ __all__ = [
     "Adamax", "AdamaxRule", "DifferentiableOptimizer", "NAdam", "NAdamRule", "NonFiniteError", "OPTIMIZERS",
     "PerParameter", "RAdam", "RAdamRule", "RMSprop", "RMSpropRule", "Rprop", "RpropRule", "SGD", "SGDRule",
     "Schedule", "TWINS", "UpdateRule", "clip_grad_norm", "clip_grad_value", "from_torch", "safe_sqrt",
+    "safe_sqrt_all",
 ]

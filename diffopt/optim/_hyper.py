@@ -19,7 +19,7 @@ from typing import Any, Union
 
 from torch import Tensor
 
-__all__ = ["PerParameter", "Schedule", "HyperValue", "resolve", "is_tensor_valued"]
+__all__ = ["PerParameter", "Schedule", "HyperValue", "resolve", "resolve_shared", "is_tensor_valued"]
 
 
 class PerParameter:
@@ -104,6 +104,32 @@ def resolve(value: Any, name: str, index_in_group: int, step: int) -> Any:
     if isinstance(value, tuple):
         return tuple(resolve(v, f"{name}[{i}]", index_in_group, step) for i, v in enumerate(value))
     return value
+
+
+class VariesByParameter(Exception):
+    """Raised by :func:`resolve_shared` for a value that differs between parameters."""
+
+
+def resolve_shared(value: Any, name: str, step: int) -> Any:
+    """The concrete value at ``step`` of a hyperparameter that every parameter shares.
+
+    As :func:`resolve`, but raises :class:`VariesByParameter` on meeting a
+    :class:`PerParameter`, so the caller can resolve it per parameter instead.
+    """
+    if isinstance(value, PerParameter):
+        raise VariesByParameter(name)
+    if isinstance(value, Schedule):
+        return resolve_shared(value.at(step, name), name, step)
+    if isinstance(value, tuple):
+        return tuple(resolve_shared(v, f"{name}[{i}]", step) for i, v in enumerate(value))
+    return value
+
+
+def is_plain_number(value: Any) -> bool:
+    """Whether a resolved hyperparameter is a Python number, bool or None (or a tuple of them)."""
+    if isinstance(value, tuple):
+        return all(is_plain_number(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float))
 
 
 def is_tensor_valued(value: Any) -> bool:

@@ -8,6 +8,7 @@ so a rule works unchanged on weights that carry a leading task dimension.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -20,19 +21,71 @@ State = dict[str, Any]
 Hyper = Mapping[str, Any]
 
 
-def safe_sqrt(x: Tensor) -> Tensor:
-    """``torch.sqrt`` with a finite derivative at zero.
+def inside_torch_func() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jvp, ...) is running."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
+def _sqrt_derivative(grad: Tensor, root: Tensor) -> Tensor:
+    """``grad / (2 sqrt x)``, taken as 0 where ``sqrt x == 0``.
+
+    Both ``where`` calls keep the masked entries away from the division, so the
+    expression has finite derivatives of every order (a bare
+    ``where(root == 0, 0, grad / (2 * root))`` would give ``0 * inf = NaN`` one
+    order further).
+    """
+    at_zero = root == 0
+    return torch.where(at_zero, 0.0, grad) / (2 * torch.where(at_zero, 1.0, root))
+
+
+class _SafeSqrt(torch.autograd.Function):
+    """Elementwise square roots of any number of tensors, with derivative 0 at 0."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*xs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        if inside_torch_func():  # vmap has no batching rule for the _foreach_* operations
+            return tuple(torch.sqrt(x) for x in xs)
+        return tuple(torch._foreach_sqrt(list(xs)))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, ...]) -> None:
+        ctx.save_for_backward(*output)
+        ctx.save_for_forward(*output)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        return tuple(_sqrt_derivative(g, root) for g, root in zip(grads, ctx.saved_tensors))
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        return tuple(_sqrt_derivative(t, root) for t, root in zip(tangents, ctx.saved_tensors))
+
+
+def safe_sqrt_all(xs: Sequence[Tensor]) -> list[Tensor]:
+    """``torch.sqrt`` of every tensor in ``xs``, with a finite derivative at zero.
 
     Forward values are exactly ``torch.sqrt(x)`` (NaN stays NaN for x < 0). Where
     ``x == 0`` the derivative is taken as 0 instead of +inf, so second-order
     gradients through Adam-style denominators stay finite for unused parameters
-    and zero gradients (the ``inf * 0 = NaN`` trap in higher's optimizers). Built
-    from differentiable primitives, so it is differentiable to every order.
+    and zero gradients (the ``inf * 0 = NaN`` trap in higher's optimizers). One
+    autograd node for the whole list; differentiable to every order.
+
+    Under ``torch.no_grad()`` it is the plain ``torch._foreach_sqrt``. (Grad mode,
+    not ``requires_grad``, decides: inside ``torch.func`` transforms, forward
+    mode included, tensors do not report ``requires_grad``.)
     """
-    if not (x.requires_grad and torch.is_grad_enabled()):
-        return torch.sqrt(x)
-    at_zero = x == 0
-    return torch.where(at_zero, torch.zeros_like(x), torch.sqrt(torch.where(at_zero, torch.ones_like(x), x)))
+    xs = list(xs)
+    if torch.is_grad_enabled():
+        return list(_SafeSqrt.apply(*xs))
+    return [torch.sqrt(x) for x in xs] if inside_torch_func() else list(torch._foreach_sqrt(xs))
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    """:func:`safe_sqrt_all` of one tensor."""
+    return _SafeSqrt.apply(x)[0] if torch.is_grad_enabled() else torch.sqrt(x)
 
 
 def scalar_state_dtype() -> torch.dtype:
@@ -46,7 +99,29 @@ def round_like_torch_state(value: float) -> float:
     ASGD's ``eta``/``mu`` and NAdam's ``mu_product`` live in float32 tensors
     unless the default dtype is float64; the exact twin rounds the same way.
     """
-    return float(torch.tensor(value, dtype=scalar_state_dtype()))
+    if scalar_state_dtype() == torch.float64:
+        return float(value)
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def addcdiv_all(tensors: Sequence[Tensor], numerators: Sequence[Tensor], denominators: Sequence[Tensor],
+                value: float = 1.0) -> list[Tensor]:
+    """``[torch.addcdiv(t, n, d, value=value) ...]`` for the whole list, bit for bit.
+
+    torch's CPU kernel computes ``t + value * n / d`` left to right; this builds
+    the same arithmetic from ``_foreach_mul``, ``_foreach_div`` and
+    ``_foreach_add`` because ``torch._foreach_addcdiv``'s double backward fails
+    on lists of differently shaped tensors in torch 2.13 ("select(): index out
+    of range"; tests/test_optim_hypergradients.py keeps a probe of it).
+    """
+    scaled = torch._foreach_mul(list(numerators), value) if value != 1 else list(numerators)
+    return list(torch._foreach_add(list(tensors), torch._foreach_div(scaled, list(denominators))))
+
+
+def common_value(states: Sequence[State], key: str) -> Any:
+    """``states[k][key]``, the same for every state, or ``None`` when they differ."""
+    first = states[0][key]
+    return first if all(s[key] is first or bool(s[key] == first) for s in states[1:]) else None
 
 
 def nonzero(value: Any) -> bool:
@@ -81,28 +156,20 @@ class UpdateRule:
     def update_one(self, param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
         raise NotImplementedError
 
-    # -- over lists of tensors -------------------------------------------------------
-    def init(self, params: Sequence[Tensor], hparams: Sequence[Hyper]) -> list[State]:
-        return [self.init_state(p, hp) for p, hp in zip(params, hparams)]
+    # -- over a whole parameter group at once -----------------------------------------
+    def update_group(
+        self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
+    ) -> tuple[list[Tensor], list[State]] | None:
+        """Optional multi-tensor step of a group whose hyperparameters are plain numbers.
 
-    def update(
-        self,
-        params: Sequence[Tensor],
-        grads: Sequence[Tensor | None],
-        states: Sequence[State],
-        hparams: Sequence[Hyper],
-    ) -> tuple[list[Tensor], list[State]]:
-        """One step over lists; parameters whose gradient is ``None`` are left alone."""
-        new_params, new_states = [], []
-        for p, g, s, hp in zip(params, grads, states, hparams):
-            if g is None:
-                new_params.append(p)
-                new_states.append(s)
-            else:
-                np_, ns = self.update_one(p, g, s, hp)
-                new_params.append(np_)
-                new_states.append(ns)
-        return new_params, new_states
+        ``hp`` is shared by every tensor (no ``task_dims``: only elementwise rules
+        implement this). The result must equal :meth:`update_one` applied to each
+        tensor; built from ``torch._foreach_*`` operations, which autograd
+        differentiates to every order, it costs one dispatch per operation
+        instead of one per operation and tensor. Return ``None`` where the
+        per-tensor path must be taken (the default).
+        """
+        return None
 
     def state_from_torch(self, state: Mapping[str, Any], param: Tensor) -> State:
         """Our state from the torch.optim namesake's (tensors cloned, ``step`` as an int)."""

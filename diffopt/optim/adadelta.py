@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rule import Hyper, State, UpdateRule, check_range, safe_sqrt
-from .adam import add_weight_decay
+from ._rule import Hyper, State, UpdateRule, check_range, safe_sqrt, safe_sqrt_all
+from .adam import add_weight_decay, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 
@@ -35,6 +35,24 @@ class AdadeltaRule(UpdateRule):
         acc_delta = state["acc_delta"] * rho + (1 - rho) * (delta * delta)
         new_state = {"step": state["step"] + 1, "square_avg": square_avg, "acc_delta": acc_delta}
         return param - hp["lr"] * delta, new_state
+
+    def update_group(
+        self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
+    ) -> tuple[list[Tensor], list[State]] | None:
+        rho, eps = hp["rho"], hp["eps"]
+        # With eps > 0 both radicands are positive, where a plain square root is safe.
+        sqrt = (lambda xs: list(torch._foreach_sqrt(xs))) if eps > 0 else safe_sqrt_all
+        params, g = signed_with_weight_decay(params, grads, hp)
+        acc_delta = [s["acc_delta"] for s in states]
+        square_avg = torch._foreach_addcmul(torch._foreach_mul([s["square_avg"] for s in states], rho), g, g,
+                                            value=1 - rho)
+        std = sqrt(torch._foreach_add(square_avg, eps))
+        delta = torch._foreach_mul(torch._foreach_div(sqrt(torch._foreach_add(acc_delta, eps)), std), g)
+        acc_delta = torch._foreach_addcmul(torch._foreach_mul(acc_delta, rho), delta, delta, value=1 - rho)
+        new_params = torch._foreach_add(params, delta, alpha=-hp["lr"])
+        return new_params, [
+            {"step": s["step"] + 1, "square_avg": sq, "acc_delta": acc} for s, sq, acc in zip(states, square_avg, acc_delta)
+        ]
 
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:
         super().validate_group(group, where)

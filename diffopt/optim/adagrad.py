@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from ._hyper import resolve
-from ._rule import Hyper, State, UpdateRule, check_range, safe_sqrt
-from .adam import add_weight_decay
+from ._rule import Hyper, State, UpdateRule, addcdiv_all, check_range, common_value, safe_sqrt, safe_sqrt_all
+from .adam import add_weight_decay, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 
@@ -42,6 +42,20 @@ class AdagradRule(UpdateRule):
         total = state["sum"] + g * g
         std = safe_sqrt(total) + hp["eps"]
         return param - clr * (g / std), {"step": step, "sum": total}
+
+    def update_group(
+        self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
+    ) -> tuple[list[Tensor], list[State]] | None:
+        step = common_value(states, "step")
+        if step is None:
+            return None
+        step += 1
+        params, g = signed_with_weight_decay(params, grads, hp)
+        clr = hp["lr"] / (1 + (step - 1) * hp["lr_decay"])
+        total = torch._foreach_addcmul([s["sum"] for s in states], g, g, value=1)
+        std = torch._foreach_add(safe_sqrt_all(total), hp["eps"])
+        new_params = addcdiv_all(params, g, std, value=-clr)
+        return new_params, [{"step": step, "sum": t} for t in total]
 
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:
         super().validate_group(group, where)

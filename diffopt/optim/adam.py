@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rule import Hyper, State, UpdateRule, check_pair, check_range, nonzero, safe_sqrt
+from ._rule import (
+    Hyper, State, UpdateRule, addcdiv_all, check_pair, check_range, common_value, nonzero, safe_sqrt, safe_sqrt_all,
+)
 from .optimizer import DifferentiableOptimizer
 
 
@@ -34,6 +36,19 @@ def add_weight_decay(param: Tensor, grad: Tensor, hp: Hyper) -> tuple[Tensor, Te
     if hp.get("decoupled_weight_decay", False):
         return param * (1 - hp["lr"] * wd), grad
     return param, grad + wd * param
+
+
+def signed_with_weight_decay(
+    params: list[Tensor], grads: list[Tensor], hp: Hyper
+) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`add_weight_decay` and ``maximize`` for a whole group, with multi-tensor operations."""
+    g = torch._foreach_neg(grads) if hp["maximize"] else grads
+    wd = hp["weight_decay"]
+    if wd == 0:
+        return params, g
+    if hp.get("decoupled_weight_decay", False):
+        return torch._foreach_mul(params, 1 - hp["lr"] * wd), g
+    return params, torch._foreach_add(g, params, alpha=wd)
 
 
 def check_betas(group: Mapping[str, Any], where: str) -> None:
@@ -72,6 +87,34 @@ class AdamRule(UpdateRule):
             new_state["max_exp_avg_sq"] = second_moment
         denom = safe_sqrt(second_moment) / bias_correction2_sqrt + hp["eps"]
         return param - (hp["lr"] / bias_correction1) * (exp_avg / denom), new_state
+
+    def update_group(
+        self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
+    ) -> tuple[list[Tensor], list[State]] | None:
+        step = common_value(states, "step")
+        if step is None:
+            return None
+        step += 1
+        beta1, beta2 = hp["betas"]
+        params, g = signed_with_weight_decay(params, grads, hp)
+        exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], g, 1 - beta1)
+        exp_avg_sq = torch._foreach_addcmul(
+            torch._foreach_mul([s["exp_avg_sq"] for s in states], beta2), g, g, value=1 - beta2
+        )
+        second_moment = exp_avg_sq
+        if hp["amsgrad"]:
+            second_moment = torch._foreach_maximum([s["max_exp_avg_sq"] for s in states], exp_avg_sq)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        denom = torch._foreach_add(torch._foreach_div(safe_sqrt_all(second_moment), bias_correction2_sqrt), hp["eps"])
+        new_params = addcdiv_all(params, exp_avg, denom, value=-(hp["lr"] / bias_correction1))
+        new_states: list[State] = []
+        for k in range(len(params)):
+            state: State = {"step": step, "exp_avg": exp_avg[k], "exp_avg_sq": exp_avg_sq[k]}
+            if hp["amsgrad"]:
+                state["max_exp_avg_sq"] = second_moment[k]
+            new_states.append(state)
+        return new_params, new_states
 
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:
         super().validate_group(group, where)

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rule import Hyper, State, UpdateRule
-from .adam import add_weight_decay, check_betas
+from ._rule import Hyper, State, UpdateRule, addcdiv_all, common_value
+from .adam import add_weight_decay, check_betas, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 
@@ -34,6 +34,23 @@ class AdamaxRule(UpdateRule):
         exp_inf = torch.maximum(state["exp_inf"] * beta2, g.abs() + hp["eps"])
         step_size = hp["lr"] / (1 - beta1**step)
         return param - step_size * (exp_avg / exp_inf), {"step": step, "exp_avg": exp_avg, "exp_inf": exp_inf}
+
+    def update_group(
+        self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
+    ) -> tuple[list[Tensor], list[State]] | None:
+        step = common_value(states, "step")
+        if step is None:
+            return None
+        step += 1
+        beta1, beta2 = hp["betas"]
+        params, g = signed_with_weight_decay(params, grads, hp)
+        exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], g, 1 - beta1)
+        exp_inf = torch._foreach_maximum(
+            torch._foreach_mul([s["exp_inf"] for s in states], beta2),
+            torch._foreach_add(torch._foreach_abs(g), hp["eps"]),
+        )
+        new_params = addcdiv_all(params, exp_avg, exp_inf, value=-(hp["lr"] / (1 - beta1**step)))
+        return new_params, [{"step": step, "exp_avg": m, "exp_inf": u} for m, u in zip(exp_avg, exp_inf)]
 
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:
         super().validate_group(group, where)

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rule import Hyper, State, UpdateRule, check_range, round_like_torch_state
-from .adam import add_weight_decay
+from ._rule import Hyper, State, UpdateRule, check_range, common_value, round_like_torch_state
+from .adam import add_weight_decay, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 
@@ -52,6 +52,25 @@ class ASGDRule(UpdateRule):
             "ax": ax,
         }
         return param, new_state
+
+    def update_group(
+        self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
+    ) -> tuple[list[Tensor], list[State]] | None:
+        step, eta, mu = (common_value(states, key) for key in ("step", "eta", "mu"))
+        if step is None or eta is None or mu is None or isinstance(eta, Tensor):
+            return None
+        step += 1
+        lr, lambd = hp["lr"], hp["lambd"]
+        params, g = signed_with_weight_decay(params, grads, hp)
+        new_params = torch._foreach_add(torch._foreach_mul(params, 1 - lambd * eta), g, alpha=-eta)
+        if mu != 1:
+            ax = [s["ax"] for s in states]
+            ax = torch._foreach_add(ax, torch._foreach_mul(torch._foreach_sub(new_params, ax), mu))
+        else:
+            ax = new_params
+        next_eta = self._stored(lr / ((1 + lambd * lr * step) ** hp["alpha"]))
+        next_mu = round_like_torch_state(1 / max(1, step - float(hp["t0"])))
+        return new_params, [{"step": step, "eta": next_eta, "mu": next_mu, "ax": a} for a in ax]
 
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:
         super().validate_group(group, where)

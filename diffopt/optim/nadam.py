@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rule import Hyper, State, UpdateRule, check_range, safe_sqrt, scalar_state_dtype
-from .adam import add_weight_decay, check_betas
+from ._rule import (
+    Hyper, State, UpdateRule, addcdiv_all, check_range, common_value, safe_sqrt, safe_sqrt_all, scalar_state_dtype,
+)
+from .adam import add_weight_decay, check_betas, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 
@@ -64,6 +66,33 @@ class NAdamRule(UpdateRule):
         )
         new_state = {"step": step, "mu_product": mu_product, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
         return new_param, new_state
+
+    def update_group(
+        self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
+    ) -> tuple[list[Tensor], list[State]] | None:
+        step = common_value(states, "step")
+        if step is None or common_value(states, "mu_product") is None:
+            return None
+        step += 1
+        beta1, beta2 = hp["betas"]
+        lr, psi = hp["lr"], hp["momentum_decay"]
+        params, g = signed_with_weight_decay(params, grads, hp)
+        mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * psi))
+        mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
+        mu_product = states[0]["mu_product"] * mu  # a float32 (or float64) tensor, as torch keeps it
+        mu_product_value = float(mu_product)
+        exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], g, 1 - beta1)
+        exp_avg_sq = torch._foreach_addcmul(
+            torch._foreach_mul([s["exp_avg_sq"] for s in states], beta2), g, g, value=1 - beta2
+        )
+        denom = torch._foreach_add(safe_sqrt_all(torch._foreach_div(exp_avg_sq, 1 - beta2**step)), hp["eps"])
+        new_params = addcdiv_all(params, g, denom, value=-lr * (1.0 - mu) / (1.0 - mu_product_value))
+        new_params = addcdiv_all(
+            new_params, exp_avg, denom, value=(-lr * mu_next) / (1.0 - mu_product_value * mu_next)
+        )
+        return new_params, [
+            {"step": step, "mu_product": mu_product, "exp_avg": m, "exp_avg_sq": v} for m, v in zip(exp_avg, exp_avg_sq)
+        ]
 
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:
         super().validate_group(group, where)

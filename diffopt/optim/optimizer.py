@@ -16,13 +16,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._hyper import PerParameter, Schedule, leaves, resolve
-from ._rule import State, UpdateRule
+from ._hyper import PerParameter, Schedule, VariesByParameter, is_plain_number, leaves, resolve, resolve_shared
+from ._rule import State, UpdateRule, inside_torch_func
 from .transforms import GradTransform, build_transforms
 
 __all__ = ["DifferentiableOptimizer", "NonFiniteError"]
 
-# Options of torch.optim that have no meaning for a differentiable, out-of-place step.
+# Options of torch.optim that have no meaning for a differentiable, out-of-place step
+# (``foreach`` is honoured at the optimizer level and ignored in parameter groups).
 IGNORED_TORCH_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
 PAIR_KEYS = ("betas", "etas", "step_sizes")
 
@@ -45,7 +46,15 @@ class DifferentiableOptimizer:
             global L2 norm, differentiably, as ``torch.nn.utils.clip_grad_norm_``.
         clip_grad_value: clamp every gradient element to ``[-v, v]``.
         grad_transform: ``f(grads, step) -> grads`` applied after clipping.
-        **hyperparameters: the torch.optim namesake's arguments.
+        foreach: ``None`` or ``True`` (default): update a parameter group whose
+            hyperparameters are plain numbers with multi-tensor
+            (``torch._foreach_*``) operations, one dispatch per operation for the
+            whole group; ``False``: always update tensor by tensor. Both give
+            torch.optim's values; groups with tensor or per-parameter
+            hyperparameters always go tensor by tensor.
+        **hyperparameters: the torch.optim namesake's arguments (``fused``,
+            ``capturable`` and ``differentiable`` are accepted and ignored; ``fused=True``
+            is refused).
     """
 
     rule_class: ClassVar[type[UpdateRule]] = UpdateRule
@@ -60,9 +69,13 @@ class DifferentiableOptimizer:
         clip_grad_norm: float | None = None,
         clip_grad_value: float | None = None,
         grad_transform: GradTransform | None = None,
+        foreach: bool | None = None,
         **hyperparameters: Any,
     ) -> None:
         self.rule = self.rule_class()
+        if foreach not in (None, True, False):
+            raise TypeError(f"{type(self).__name__}: foreach must be None, True or False, got {foreach!r}")
+        self.foreach = foreach is not False
         self.first_order = bool(first_order)
         self.check_finite = bool(check_finite)
         self.transforms = build_transforms(clip_grad_norm, clip_grad_value, grad_transform)
@@ -260,16 +273,53 @@ class DifferentiableOptimizer:
         """
         new_params, new_states = list(params), list(states)
         for group in self.param_groups:
+            members = [i for i in group["params"] if grads[i] is not None]
+            if not members:
+                continue
+            shared = self._shared_hp(group, step)
+            if shared is not None and self._update_group_at_once(members, shared, params, grads, new_params, new_states):
+                continue
             for position, i in enumerate(group["params"]):
                 if grads[i] is None:
                     continue
-                hp = self._hp(group, position, step)
+                hp = dict(shared) if shared is not None else self._hp(group, position, step)
                 hp["task_dims"] = params[i].dim() - self.base_dims[i]
                 state = new_states[i]
                 if state is None:
                     state = self.rule.init_state(params[i], hp)
                 new_params[i], new_states[i] = self.rule.update_one(params[i], grads[i], state, hp)
         return new_params, new_states
+
+    def _shared_hp(self, group: Mapping[str, Any], step: int) -> dict[str, Any] | None:
+        """The group's hyperparameters at ``step`` if every parameter shares them, else ``None``."""
+        try:
+            return {k: resolve_shared(v, k, step) for k, v in group.items() if k != "params"}
+        except VariesByParameter:
+            return None
+
+    def _update_group_at_once(
+        self,
+        members: list[int],
+        hp: dict[str, Any],
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor | None],
+        new_params: list[Tensor],
+        new_states: list[State | None],
+    ) -> bool:
+        """Update ``members`` with the rule's multi-tensor step; ``False`` if it does not apply."""
+        if not self.foreach or not all(is_plain_number(v) for v in hp.values()) or inside_torch_func():
+            return False  # (torch.func.vmap has no batching rules for the _foreach_* operations)
+        if any(params[i].is_complex() for i in members):
+            return False
+        states = [new_states[i] if new_states[i] is not None else self.rule.init_state(params[i], hp) for i in members]
+        result = self.rule.update_group(
+            [params[i] for i in members], [grads[i] for i in members], states, hp  # type: ignore[misc]
+        )
+        if result is None:
+            return False
+        for i, p, s in zip(members, *result):
+            new_params[i], new_states[i] = p, s
+        return True
 
     def initial_states(self, params: Sequence[Tensor]) -> list[State | None]:
         """Fresh state for ``params``: created now only for rules torch initialises eagerly (Adagrad)."""

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rule import Hyper, State, UpdateRule, safe_sqrt
-from .adam import add_weight_decay, check_betas
+from ._rule import Hyper, State, UpdateRule, common_value, safe_sqrt, safe_sqrt_all
+from .adam import add_weight_decay, check_betas, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 
@@ -61,6 +61,33 @@ class RAdamRule(UpdateRule):
         else:
             update = corrected_exp_avg * lr
         return param - update, new_state
+
+    def update_group(
+        self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
+    ) -> tuple[list[Tensor], list[State]] | None:
+        step = common_value(states, "step")
+        if step is None:
+            return None
+        step += 1
+        beta1, beta2 = hp["betas"]
+        lr = hp["lr"]
+        params, g = signed_with_weight_decay(params, grads, hp)
+        exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], g, 1 - beta1)
+        exp_avg_sq = torch._foreach_addcmul(
+            torch._foreach_mul([s["exp_avg_sq"] for s in states], beta2), g, g, value=1 - beta2
+        )
+        bias_correction2 = 1 - beta2**step
+        update = torch._foreach_mul(torch._foreach_div(exp_avg, 1 - beta1**step), lr)
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+        if rho_t > 5.0:
+            rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+            denom = torch._foreach_add(safe_sqrt_all(exp_avg_sq), hp["eps"])
+            # ``c / tensor`` is ``tensor.reciprocal() * c`` in torch, here for the whole list.
+            adaptive_lr = torch._foreach_mul(torch._foreach_reciprocal(denom), bias_correction2**0.5)
+            update = torch._foreach_mul(torch._foreach_mul(update, adaptive_lr), rect)
+        new_states: list[State] = [{"step": step, "exp_avg": m, "exp_avg_sq": v} for m, v in zip(exp_avg, exp_avg_sq)]
+        return torch._foreach_sub(params, update), new_states
 
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:
         super().validate_group(group, where)

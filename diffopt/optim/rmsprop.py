@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rule import Hyper, State, UpdateRule, check_range, nonzero, safe_sqrt
-from .adam import add_weight_decay
+from ._rule import Hyper, State, UpdateRule, addcdiv_all, check_range, nonzero, safe_sqrt, safe_sqrt_all
+from .adam import add_weight_decay, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 
@@ -54,6 +54,29 @@ class RMSpropRule(UpdateRule):
             new_state["momentum_buffer"] = buf
             return param - hp["lr"] * buf, new_state
         return param - hp["lr"] * (g / avg), new_state
+
+    def update_group(
+        self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
+    ) -> tuple[list[Tensor], list[State]] | None:
+        alpha, momentum = hp["alpha"], hp["momentum"]
+        params, g = signed_with_weight_decay(params, grads, hp)
+        square_avg = torch._foreach_addcmul(torch._foreach_mul([s["square_avg"] for s in states], alpha), g, g,
+                                            value=1 - alpha)
+        new_states: list[State] = [{"step": s["step"] + 1, "square_avg": v} for s, v in zip(states, square_avg)]
+        if hp["centered"]:
+            grad_avg = torch._foreach_lerp([s["grad_avg"] for s in states], g, 1 - alpha)
+            for state, m in zip(new_states, grad_avg):
+                state["grad_avg"] = m
+            avg = safe_sqrt_all(torch._foreach_addcmul(square_avg, grad_avg, grad_avg, value=-1))
+        else:
+            avg = safe_sqrt_all(square_avg)
+        avg = torch._foreach_add(avg, hp["eps"])
+        if momentum != 0:
+            buffers = addcdiv_all(torch._foreach_mul([s["momentum_buffer"] for s in states], momentum), g, avg)
+            for state, b in zip(new_states, buffers):
+                state["momentum_buffer"] = b
+            return torch._foreach_add(params, buffers, alpha=-hp["lr"]), new_states
+        return addcdiv_all(params, g, avg, value=-hp["lr"]), new_states
 
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:
         super().validate_group(group, where)

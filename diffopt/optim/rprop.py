@@ -45,6 +45,25 @@ class RpropRule(UpdateRule):
         new_state = {"step": state["step"] + 1, "prev": g, "step_size": step_size}
         return param - g.sign() * step_size, new_state
 
+    def update_group(
+        self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
+    ) -> tuple[list[Tensor], list[State]] | None:
+        etaminus, etaplus = hp["etas"]
+        step_size_min, step_size_max = hp["step_sizes"]
+        g = torch._foreach_neg(grads) if hp["maximize"] else grads
+        with torch.no_grad():  # the sign pattern is piecewise constant
+            agreement = torch._foreach_sign(torch._foreach_mul(g, [s["prev"] for s in states]))
+            factor = [torch.where(a > 0, etaplus, torch.where(a < 0, etaminus, torch.ones_like(a))) for a in agreement]
+        step_size = torch._foreach_clamp_max(
+            torch._foreach_clamp_min(torch._foreach_mul([s["step_size"] for s in states], factor), step_size_min),
+            step_size_max,
+        )
+        g = [torch.where(f == etaminus, 0.0, gk) for f, gk in zip(factor, g)]
+        new_params = torch._foreach_addcmul(params, torch._foreach_sign(g), step_size, value=-1)
+        return new_params, [
+            {"step": s["step"] + 1, "prev": gk, "step_size": size} for s, gk, size in zip(states, g, step_size)
+        ]
+
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:
         super().validate_group(group, where)
         etaminus, etaplus = check_pair(group["etas"], "etas", where)

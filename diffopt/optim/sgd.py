@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ._rule import Hyper, State, UpdateRule, check_range, nonzero
@@ -36,6 +37,26 @@ class SGDRule(UpdateRule):
             new_state = {"momentum_buffer": buf}
             g = g + momentum * buf if hp["nesterov"] else buf
         return param - hp["lr"] * g, new_state
+
+    def update_group(
+        self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
+    ) -> tuple[list[Tensor], list[State]] | None:
+        g = torch._foreach_neg(grads) if hp["maximize"] else grads
+        if hp["weight_decay"] != 0:
+            g = torch._foreach_add(g, params, alpha=hp["weight_decay"])
+        momentum = hp["momentum"]
+        new_states = states
+        if momentum != 0:
+            buffers = [s.get("momentum_buffer") for s in states]
+            if all(b is None for b in buffers):
+                buffers = list(g)
+            elif any(b is None for b in buffers):
+                return None  # some tensors start their momentum now: per tensor
+            else:
+                buffers = torch._foreach_add(torch._foreach_mul(buffers, momentum), g, alpha=1 - hp["dampening"])
+            new_states = [{"momentum_buffer": b} for b in buffers]
+            g = torch._foreach_add(g, buffers, alpha=momentum) if hp["nesterov"] else buffers
+        return torch._foreach_add(params, g, alpha=-hp["lr"]), new_states
 
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:
         super().validate_group(group, where)
