@@ -17,6 +17,9 @@ optimizer (not timed) and takes ``--steps`` steps; two quantities are timed:
     loss at the final weights to the initial weights, divided by ``--steps``:
     the cost per step of an actual meta-gradient.
 
+The last column counts the operations the dispatcher sees in one steady-state update
+(gradient excluded): a ``torch._foreach_*`` operation counts once for the whole list.
+
 Implementations run interleaved (shuffled order every round) in one process;
 the table reports medians over trials and the ratio diffopt/higher as the
 median (and quartiles) of the per-round ratios. higher has
@@ -36,6 +39,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import _common  # noqa: E402
@@ -190,6 +194,45 @@ def parity(args: argparse.Namespace, name: str) -> float:
         torch.set_default_dtype(saved)
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the tensor operations dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_update_ops(problem: Problem, name: str) -> dict[str, int]:
+    """Tensor operations dispatched by one steady-state update (third step, gradient excluded)."""
+    cls_name, kwargs = OPTIMIZERS[name]
+    counts: dict[str, int] = {}
+    leaves = problem.leaves()
+    opt = getattr(diffopt.optim, cls_name)(leaves, **kwargs)
+    params = opt.step(problem.loss(leaves), leaves)
+    params = opt.step(problem.loss(params), params)
+    grads = list(torch.autograd.grad(problem.loss(params), params, create_graph=True))
+    with _OpCounter() as counter:
+        opt.update(params, grads, opt.state, opt.step_count)
+    counts["diffopt"] = counter.count
+    if diff_optimizer_available(name):
+        import higher.optim
+
+        leaves = problem.leaves()
+        hopt = higher.optim.get_diff_optim(getattr(torch.optim, cls_name)(leaves, **kwargs), leaves)
+        params = hopt.step(problem.loss(leaves), params=leaves)
+        params = hopt.step(problem.loss(params), params=params)
+        grads = list(torch.autograd.grad(problem.loss(params), params, create_graph=True))
+        hopt.param_groups[0]["params"] = list(params)
+        with _OpCounter() as counter:
+            hopt._update([grads])
+        counts["higher"] = counter.count
+    return counts
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     _common.set_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -225,6 +268,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 entry[f"diffopt/higher {metric}"] = _common.paired_ratio(samples[f"diffopt/{metric}"],
                                                                         samples[f"higher/{metric}"])
         entry["parity_vs_torch"] = parity(args, name)
+        entry["ops_per_update"] = count_update_ops(problem, name)
         results[name] = entry
         if args.verbose:
             print(f"{name}: done", file=sys.stderr)
@@ -235,7 +279,7 @@ def table(results: dict[str, Any]) -> str:
     headers = [
         "optimizer", "diffopt step ms", "higher step ms", "torch.optim step ms (not diff.)",
         "diffopt/higher step", "diffopt unroll ms/step", "higher unroll ms/step", "diffopt/higher unroll",
-        "max abs diff vs torch.optim (float64)",
+        "max abs diff vs torch.optim (float64)", "dispatched ops per update, 20 tensors (diffopt / higher)",
     ]
     rows = []
     for name, e in results.items():
@@ -253,6 +297,7 @@ def table(results: dict[str, Any]) -> str:
         rows.append([
             name, cell("diffopt/step"), cell("higher/step"), cell("torch.optim/step"),
             rat("step"), cell("diffopt/unroll"), cell("higher/unroll"), rat("unroll"), f"{e['parity_vs_torch']:.1e}",
+            " / ".join(str(e["ops_per_update"].get(k, "n/a")) for k in ("diffopt", "higher")),
         ])
     return _common.markdown_table(headers, rows)
 

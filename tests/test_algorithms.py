@@ -367,7 +367,10 @@ def test_metasgd_with_equal_rates_is_maml(steps, lr, seed, vectorize):
     theta = list(model.parameters())
     a, b = meta_sgd.meta_loss(*batch), maml.meta_loss(*batch)
     assert torch.equal(a, b)
-    assert all(torch.equal(x, y) for x, y in zip(grads_of(a, theta), grads_of(b, theta)))
+    # MAML's number lr takes the fused multi-tensor update (p + (-lr) g), Meta-SGD's learnable
+    # rates the per-tensor one (p - lr g): equal values, backward passes that round differently.
+    for x, y in zip(grads_of(a, theta), grads_of(b, theta)):
+        assert (x - y).abs().max() <= 1e-14 * max(1.0, float(y.abs().max()))
 
 
 # =============================================================================================

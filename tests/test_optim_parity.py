@@ -333,3 +333,32 @@ def test_update_runs_under_torch_func_vmap_and_equals_per_task_updates(name):
         single = two_steps(*(w[t] for w in weights), *(x[t] for x in grads[0]), *(x[t] for x in grads[1]))
         for a, b in zip(batched, single):
             assert (a[t] - b).abs().max() <= 1e-15
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_a_parameter_that_joins_late_keeps_the_multi_tensor_path_bit_identical(name):
+    """A tensor without gradient for the first steps is behind the others (its step count, its
+    momentum buffer): the multi-tensor step runs once per step count, still torch's arithmetic."""
+    g = torch.Generator().manual_seed(3)
+    start = [torch.randn(4, 3, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64),
+             torch.randn(4, generator=g, dtype=F64)]
+    x, y = torch.randn(6, 3, generator=g, dtype=F64), torch.randn(6, 4, generator=g, dtype=F64)
+    config = {"lr": 0.05, "momentum": 0.5} if name == "SGD" else {"lr": 0.05}
+
+    def loss(ps, step):
+        out = torch.tanh(x @ ps[0].T + ps[1])
+        if step >= 3:  # the third tensor joins at step 3
+            out = out * ps[2]
+        return ((out - y) ** 2).mean()
+
+    reference = [p.clone().requires_grad_() for p in start]
+    torch_opt = torch_class(name)(reference, **config)
+    ours = [p.clone().requires_grad_() for p in start]
+    twin = twin_class(name)(ours, **config)
+    for step in range(8):
+        torch_opt.zero_grad()
+        loss(reference, step).backward()
+        torch_opt.step()
+        ours = twin.step(loss(ours, step), ours)  # before step 3 the third tensor gets no gradient
+    for a, b in zip(ours, reference):
+        assert torch.equal(a.detach(), b.detach()), f"{name}: {float((a - b).abs().max()):.2e}"

@@ -51,7 +51,8 @@ class AdadeltaRule(UpdateRule):
         acc_delta = torch._foreach_addcmul(torch._foreach_mul(acc_delta, rho), delta, delta, value=1 - rho)
         new_params = torch._foreach_add(params, delta, alpha=-hp["lr"])
         return new_params, [
-            {"step": s["step"] + 1, "square_avg": sq, "acc_delta": acc} for s, sq, acc in zip(states, square_avg, acc_delta)
+            {"step": s["step"] + 1, "square_avg": sq, "acc_delta": acc}
+            for s, sq, acc in zip(states, square_avg, acc_delta)
         ]
 
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:

@@ -273,15 +273,11 @@ class DifferentiableOptimizer:
         """
         new_params, new_states = list(params), list(states)
         for group in self.param_groups:
-            members = [i for i in group["params"] if grads[i] is not None]
-            if not members:
-                continue
+            members = [(position, i) for position, i in enumerate(group["params"]) if grads[i] is not None]
             shared = self._shared_hp(group, step)
-            if shared is not None and self._update_group_at_once(members, shared, params, grads, new_params, new_states):
-                continue
-            for position, i in enumerate(group["params"]):
-                if grads[i] is None:
-                    continue
+            if shared is not None and members:
+                members = self._update_at_once(members, shared, params, grads, new_params, new_states)
+            for position, i in members:
                 hp = dict(shared) if shared is not None else self._hp(group, position, step)
                 hp["task_dims"] = params[i].dim() - self.base_dims[i]
                 state = new_states[i]
@@ -297,29 +293,34 @@ class DifferentiableOptimizer:
         except VariesByParameter:
             return None
 
-    def _update_group_at_once(
+    def _update_at_once(
         self,
-        members: list[int],
+        members: list[tuple[int, int]],
         hp: dict[str, Any],
         params: Sequence[Tensor],
         grads: Sequence[Tensor | None],
         new_params: list[Tensor],
         new_states: list[State | None],
-    ) -> bool:
-        """Update ``members`` with the rule's multi-tensor step; ``False`` if it does not apply."""
+    ) -> list[tuple[int, int]]:
+        """Update ``members`` (``(position in group, index)`` pairs) with the rule's multi-tensor
+        step, one call per set of tensors at the same step count; return those left for the
+        per-tensor path."""
         if not self.foreach or not all(is_plain_number(v) for v in hp.values()) or inside_torch_func():
-            return False  # (torch.func.vmap has no batching rules for the _foreach_* operations)
-        if any(params[i].is_complex() for i in members):
-            return False
-        states = [new_states[i] if new_states[i] is not None else self.rule.init_state(params[i], hp) for i in members]
-        result = self.rule.update_group(
-            [params[i] for i in members], [grads[i] for i in members], states, hp  # type: ignore[misc]
-        )
-        if result is None:
-            return False
-        for i, p, s in zip(members, *result):
-            new_params[i], new_states[i] = p, s
-        return True
+            return members  # (torch.func.vmap has no batching rules for the _foreach_* operations)
+        states = {i: new_states[i] if new_states[i] is not None else self.rule.init_state(params[i], hp)
+                  for _, i in members if not params[i].is_complex()}
+        by_step: dict[Any, list[int]] = {}
+        for i, state in states.items():  # tensors that missed steps (no gradient) are behind
+            by_step.setdefault(state.get("step"), []).append(i)
+        done: set[int] = set()
+        for indices in by_step.values():
+            group_grads: list[Tensor] = [grads[i] for i in indices]  # type: ignore[misc]
+            result = self.rule.update_group([params[i] for i in indices], group_grads, [states[i] for i in indices], hp)
+            if result is not None:
+                for i, p, s in zip(indices, *result):
+                    new_params[i], new_states[i] = p, s
+                done.update(indices)
+        return [(position, i) for position, i in members if i not in done]
 
     def initial_states(self, params: Sequence[Tensor]) -> list[State | None]:
         """Fresh state for ``params``: created now only for rules torch initialises eagerly (Adagrad)."""

@@ -47,13 +47,16 @@ class SGDRule(UpdateRule):
         momentum = hp["momentum"]
         new_states = states
         if momentum != 0:
-            buffers = [s.get("momentum_buffer") for s in states]
-            if all(b is None for b in buffers):
-                buffers = list(g)
-            elif any(b is None for b in buffers):
-                return None  # some tensors start their momentum now: per tensor
-            else:
-                buffers = torch._foreach_add(torch._foreach_mul(buffers, momentum), g, alpha=1 - hp["dampening"])
+            previous = [s.get("momentum_buffer") for s in states]
+            buffers = list(g)  # the first step's buffer is the gradient, as in torch
+            running = [k for k, b in enumerate(previous) if b is not None]
+            if running:
+                updated = torch._foreach_add(
+                    torch._foreach_mul([previous[k] for k in running], momentum), [g[k] for k in running],
+                    alpha=1 - hp["dampening"],
+                )
+                for k, b in zip(running, updated):
+                    buffers[k] = b
             new_states = [{"momentum_buffer": b} for b in buffers]
             g = torch._foreach_add(g, buffers, alpha=momentum) if hp["nesterov"] else buffers
         return torch._foreach_add(params, g, alpha=-hp["lr"]), new_states
