@@ -362,3 +362,28 @@ def test_a_parameter_that_joins_late_keeps_the_multi_tensor_path_bit_identical(n
         ours = twin.step(loss(ours, step), ours)  # before step 3 the third tensor gets no gradient
     for a, b in zip(ours, reference):
         assert torch.equal(a.detach(), b.detach()), f"{name}: {float((a - b).abs().max()):.2e}"
+
+
+def test_a_rule_that_overrides_update_one_is_not_bypassed_by_the_inherited_group_update():
+    """A user rule derived from SGDRule that changes only ``update_one`` must run its own maths
+    (the inherited multi-tensor ``update_group`` would silently apply plain SGD)."""
+    from diffopt.optim import SGDRule
+
+    class HalfStepRule(SGDRule):
+        def update_one(self, param, grad, state, hp):
+            return param - 0.5 * hp["lr"] * grad, state
+
+    class HalfStepSGD(diffopt.optim.SGD):
+        rule_class = HalfStepRule
+
+    class FastHalfStepRule(HalfStepRule):
+        def update_group(self, params, grads, states, hp):
+            return torch._foreach_add(params, grads, alpha=-0.5 * hp["lr"]), states
+
+    assert not HalfStepRule.has_group_update() and FastHalfStepRule.has_group_update()
+    assert SGDRule.has_group_update() and not diffopt.optim.UpdateRule.has_group_update()
+    w = [torch.ones(3, dtype=F64, requires_grad=True), torch.ones(2, dtype=F64, requires_grad=True)]
+    grads = [torch.full((3,), 2.0, dtype=F64), torch.full((2,), 4.0, dtype=F64)]
+    new = HalfStepSGD(w, lr=0.1).step(grads=grads)
+    assert torch.equal(new[0].detach(), torch.full((3,), 0.9, dtype=F64))
+    assert torch.equal(new[1].detach(), torch.full((2,), 0.8, dtype=F64))

@@ -157,6 +157,21 @@ class UpdateRule:
         raise NotImplementedError
 
     # -- over a whole parameter group at once -----------------------------------------
+    @classmethod
+    def has_group_update(cls) -> bool:
+        """Whether :meth:`update_group` may stand in for :meth:`update_one`.
+
+        False when a subclass overrides ``update_one`` below the class that
+        defines ``update_group``: a user rule derived from ``SGDRule`` that changes
+        only ``update_one`` must not be bypassed by ``SGDRule.update_group``.
+        """
+        for klass in cls.__mro__:
+            if "update_group" in vars(klass):
+                return klass is not UpdateRule
+            if "update_one" in vars(klass):
+                return False
+        return False
+
     def update_group(
         self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
     ) -> tuple[list[Tensor], list[State]] | None:

@@ -305,8 +305,10 @@ class DifferentiableOptimizer:
         """Update ``members`` (``(position in group, index)`` pairs) with the rule's multi-tensor
         step, one call per set of tensors at the same step count; return those left for the
         per-tensor path."""
-        if not self.foreach or not all(is_plain_number(v) for v in hp.values()) or inside_torch_func():
+        if not (self.foreach and self.rule.has_group_update()) or inside_torch_func():
             return members  # (torch.func.vmap has no batching rules for the _foreach_* operations)
+        if not all(is_plain_number(v) for v in hp.values()):
+            return members
         states = {i: new_states[i] if new_states[i] is not None else self.rule.init_state(params[i], hp)
                   for _, i in members if not params[i].is_complex()}
         by_step: dict[Any, list[int]] = {}
