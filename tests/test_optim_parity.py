@@ -387,3 +387,20 @@ def test_a_rule_that_overrides_update_one_is_not_bypassed_by_the_inherited_group
     new = HalfStepSGD(w, lr=0.1).step(grads=grads)
     assert torch.equal(new[0].detach(), torch.full((3,), 0.9, dtype=F64))
     assert torch.equal(new[1].detach(), torch.full((2,), 0.8, dtype=F64))
+
+
+def test_group_names_and_initial_lr_do_not_leave_the_multi_tensor_path():
+    """Entries that are not hyperparameters (``name``, ``initial_lr`` from LR schedulers) do not
+    matter to the choice of path: the group is still torch's, bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    start = [torch.randn(3, 2, generator=g, dtype=F64), torch.randn(3, generator=g, dtype=F64)]
+    reference = [p.clone().requires_grad_() for p in start]
+    torch_opt = torch.optim.Adam(reference, lr=0.1)
+    ours = [p.clone().requires_grad_() for p in start]
+    twin = diffopt.optim.Adam([{"params": ours, "name": "encoder", "initial_lr": 0.1}], lr=0.1)
+    for _ in range(5):
+        torch_opt.zero_grad()
+        (reference[0].sin().sum() * reference[1].cos().sum()).backward()
+        torch_opt.step()
+        ours = twin.step(ours[0].sin().sum() * ours[1].cos().sum(), ours)
+    assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(ours, reference))

@@ -307,8 +307,8 @@ class DifferentiableOptimizer:
         per-tensor path."""
         if not (self.foreach and self.rule.has_group_update()) or inside_torch_func():
             return members  # (torch.func.vmap has no batching rules for the _foreach_* operations)
-        if not all(is_plain_number(v) for v in hp.values()):
-            return members
+        if not all(is_plain_number(hp[key]) for key in self.rule.defaults if key in hp):
+            return members  # tensor hyperparameters (learnable, per element) go tensor by tensor
         states = {i: new_states[i] if new_states[i] is not None else self.rule.init_state(params[i], hp)
                   for _, i in members if not params[i].is_complex()}
         by_step: dict[Any, list[int]] = {}
