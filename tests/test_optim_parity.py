@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import diffopt
-from diffopt.optim import clip_grad_norm, clip_grad_value
+from diffopt.optim import Schedule, clip_grad_norm, clip_grad_value
 from strategies import (
     F64, OPTIMIZER_NAMES, Problem, discard_if_ill_conditioned, examples, flag_combinations, optimizer_configs,
     parity_error, problems, record, state_error, torch_class, torch_run, torch_states, trajectory_error, twin_class,
@@ -404,3 +404,25 @@ def test_group_names_and_initial_lr_do_not_leave_the_multi_tensor_path():
         torch_opt.step()
         ours = twin.step(ours[0].sin().sum() * ours[1].cos().sum(), ours)
     assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(ours, reference))
+
+
+def test_a_group_without_gradients_does_not_resolve_its_schedule():
+    """A group that takes no step (no gradients) is not asked for its Schedule's entry."""
+    a = torch.ones(2, dtype=F64, requires_grad=True)
+    b = torch.ones(2, dtype=F64, requires_grad=True)
+    opt = diffopt.optim.SGD([{"params": [a]}, {"params": [b], "lr": Schedule([0.1, 0.1])}], lr=0.1)
+    grads = [torch.ones(2, dtype=F64), torch.ones(2, dtype=F64)]
+    params = opt.step(grads=grads)
+    params = opt.step(grads=grads, params=params)
+    before = params[1]
+    params = opt.step(grads=[grads[0], None], params=params)  # step 2: b's schedule has run out
+    assert params[1] is before
+
+
+def test_nadam_states_keep_their_own_mu_product():
+    a, b = torch.ones(2, dtype=F64, requires_grad=True), torch.ones(3, dtype=F64, requires_grad=True)
+    opt = diffopt.optim.NAdam([a, b], lr=0.1)
+    params = opt.step(grads=[torch.ones(2, dtype=F64), torch.ones(3, dtype=F64)])
+    opt.step(grads=[torch.ones(2, dtype=F64), torch.ones(3, dtype=F64)], params=params)
+    assert opt.state[0]["mu_product"] is not opt.state[1]["mu_product"]
+    assert torch.equal(opt.state[0]["mu_product"], opt.state[1]["mu_product"])

@@ -3,9 +3,9 @@
 Each optimizer is a pure update rule (``init_state`` / ``update_one`` over
 tensors, nothing in place, plus ``update_group``: the same step for a whole
 parameter group in multi-tensor ``torch._foreach_*`` operations, taken when the
-group's hyperparameters are plain numbers and bit-identical to torch.optim)
-wrapped by a thin stateful class whose ``step(loss)`` returns the new parameters
-on the autograd graph::
+group's hyperparameters are plain numbers and bit-identical to torch.optim in
+float32 and float64) wrapped by a thin stateful class whose ``step(loss)``
+returns the new parameters on the autograd graph::
 
     opt = diffopt.optim.Adam(params, lr=torch.tensor(1e-2, requires_grad=True))
     for _ in range(50):

@@ -106,7 +106,7 @@ def round_like_torch_state(value: float) -> float:
 
 def addcdiv_all(tensors: Sequence[Tensor], numerators: Sequence[Tensor], denominators: Sequence[Tensor],
                 value: float = 1.0) -> list[Tensor]:
-    """``[torch.addcdiv(t, n, d, value=value) ...]`` for the whole list, bit for bit.
+    """``[torch.addcdiv(t, n, d, value=value) ...]`` for a whole list, bit for bit in float32/64.
 
     torch's CPU kernel computes ``t + value * n / d`` left to right; this builds
     the same arithmetic from ``_foreach_mul``, ``_foreach_div`` and

@@ -79,8 +79,9 @@ class NAdamRule(UpdateRule):
         params, g = signed_with_weight_decay(params, grads, hp)
         mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * psi))
         mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
-        mu_product = states[0]["mu_product"] * mu  # a float32 (or float64) tensor, as torch keeps it
-        mu_product_value = float(mu_product)
+        # One float32 (or float64) tensor per state, as torch keeps it.
+        mu_products = torch._foreach_mul([s["mu_product"] for s in states], mu)
+        mu_product_value = float(mu_products[0])
         exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], g, 1 - beta1)
         exp_avg_sq = torch._foreach_addcmul(
             torch._foreach_mul([s["exp_avg_sq"] for s in states], beta2), g, g, value=1 - beta2
@@ -91,7 +92,8 @@ class NAdamRule(UpdateRule):
             new_params, exp_avg, denom, value=(-lr * mu_next) / (1.0 - mu_product_value * mu_next)
         )
         return new_params, [
-            {"step": step, "mu_product": mu_product, "exp_avg": m, "exp_avg_sq": v} for m, v in zip(exp_avg, exp_avg_sq)
+            {"step": step, "mu_product": mp, "exp_avg": m, "exp_avg_sq": v}
+            for mp, m, v in zip(mu_products, exp_avg, exp_avg_sq)
         ]
 
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:

@@ -274,8 +274,10 @@ class DifferentiableOptimizer:
         new_params, new_states = list(params), list(states)
         for group in self.param_groups:
             members = [(position, i) for position, i in enumerate(group["params"]) if grads[i] is not None]
+            if not members:
+                continue  # (resolving would call schedules for a step this group does not take)
             shared = self._shared_hp(group, step)
-            if shared is not None and members:
+            if shared is not None:
                 members = self._update_at_once(members, shared, params, grads, new_params, new_states)
             for position, i in members:
                 hp = dict(shared) if shared is not None else self._hp(group, position, step)
