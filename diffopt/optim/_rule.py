@@ -105,8 +105,10 @@ def round_like_torch_state(value: float) -> float:
 
 
 def addcdiv_all(tensors: Sequence[Tensor], numerators: Sequence[Tensor], denominators: Sequence[Tensor],
-                value: float = 1.0) -> list[Tensor]:
+                value: float | Sequence[float] = 1.0) -> list[Tensor]:
     """``[torch.addcdiv(t, n, d, value=value) ...]`` for a whole list, bit for bit in float32/64.
+
+    ``value`` is one number for every tensor or a list with one per tensor.
 
     torch's CPU kernel computes ``t + value * n / d`` left to right; this builds
     the same arithmetic from ``_foreach_mul``, ``_foreach_div`` and
@@ -114,7 +116,10 @@ def addcdiv_all(tensors: Sequence[Tensor], numerators: Sequence[Tensor], denomin
     on lists of differently shaped tensors in torch 2.13 ("select(): index out
     of range"; tests/test_optim_hypergradients.py keeps a probe of it).
     """
-    scaled = torch._foreach_mul(list(numerators), value) if value != 1 else list(numerators)
+    if isinstance(value, (int, float)) and value == 1:
+        scaled = list(numerators)
+    else:
+        scaled = torch._foreach_mul(list(numerators), value if isinstance(value, (int, float)) else list(value))
     return list(torch._foreach_add(list(tensors), torch._foreach_div(scaled, list(denominators))))
 
 

@@ -71,7 +71,7 @@ class NAdamRule(UpdateRule):
         self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
     ) -> tuple[list[Tensor], list[State]] | None:
         step = common_value(states, "step")
-        if step is None or common_value(states, "mu_product") is None:
+        if step is None:
             return None
         step += 1
         beta1, beta2 = hp["betas"]
@@ -79,17 +79,17 @@ class NAdamRule(UpdateRule):
         params, g = signed_with_weight_decay(params, grads, hp)
         mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * psi))
         mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
-        # One float32 (or float64) tensor per state, as torch keeps it.
+        # One float32 (or float64) tensor per state, as torch keeps it, and its value per tensor.
         mu_products = torch._foreach_mul([s["mu_product"] for s in states], mu)
-        mu_product_value = float(mu_products[0])
+        products = [float(m) for m in mu_products]
         exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], g, 1 - beta1)
         exp_avg_sq = torch._foreach_addcmul(
             torch._foreach_mul([s["exp_avg_sq"] for s in states], beta2), g, g, value=1 - beta2
         )
         denom = torch._foreach_add(safe_sqrt_all(torch._foreach_div(exp_avg_sq, 1 - beta2**step)), hp["eps"])
-        new_params = addcdiv_all(params, g, denom, value=-lr * (1.0 - mu) / (1.0 - mu_product_value))
+        new_params = addcdiv_all(params, g, denom, value=[-lr * (1.0 - mu) / (1.0 - p) for p in products])
         new_params = addcdiv_all(
-            new_params, exp_avg, denom, value=(-lr * mu_next) / (1.0 - mu_product_value * mu_next)
+            new_params, exp_avg, denom, value=[(-lr * mu_next) / (1.0 - p * mu_next) for p in products]
         )
         return new_params, [
             {"step": step, "mu_product": mp, "exp_avg": m, "exp_avg_sq": v}
