@@ -123,6 +123,12 @@ def addcdiv_all(tensors: Sequence[Tensor], numerators: Sequence[Tensor], denomin
     return list(torch._foreach_add(list(tensors), torch._foreach_div(scaled, list(denominators))))
 
 
+def moving_average_of_squares(averages: Sequence[Tensor], values: Sequence[Tensor], decay: float) -> list[Tensor]:
+    """``decay * a + (1 - decay) * v * v`` for every pair, as torch.optim computes it
+    (``a.mul_(decay).addcmul_(v, v, value=1 - decay)``), in two multi-tensor operations."""
+    return list(torch._foreach_addcmul(torch._foreach_mul(list(averages), decay), values, values, value=1 - decay))
+
+
 def common_value(states: Sequence[State], key: str) -> Any:
     """``states[k][key]``, the same for every state, or ``None`` when they differ."""
     first = states[0][key]
@@ -183,7 +189,8 @@ class UpdateRule:
         """Optional multi-tensor step of a group whose hyperparameters are plain numbers.
 
         ``hp`` is shared by every tensor (no ``task_dims``: only elementwise rules
-        implement this). The result must equal :meth:`update_one` applied to each
+        implement this), and every state has the same ``"step"`` (the optimizer
+        calls this once per step count). The result must equal :meth:`update_one` applied to each
         tensor; built from ``torch._foreach_*`` operations, which autograd
         differentiates to every order, it costs one dispatch per operation
         instead of one per operation and tensor. Return ``None`` where the

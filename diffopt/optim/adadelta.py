@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rule import Hyper, State, UpdateRule, check_range, safe_sqrt, safe_sqrt_all
+from ._rule import Hyper, State, UpdateRule, check_range, moving_average_of_squares, safe_sqrt, safe_sqrt_all
 from .adam import add_weight_decay, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
@@ -44,11 +44,10 @@ class AdadeltaRule(UpdateRule):
         sqrt = (lambda xs: list(torch._foreach_sqrt(xs))) if eps > 0 else safe_sqrt_all
         params, g = signed_with_weight_decay(params, grads, hp)
         acc_delta = [s["acc_delta"] for s in states]
-        square_avg = torch._foreach_addcmul(torch._foreach_mul([s["square_avg"] for s in states], rho), g, g,
-                                            value=1 - rho)
+        square_avg = moving_average_of_squares([s["square_avg"] for s in states], g, rho)
         std = sqrt(torch._foreach_add(square_avg, eps))
         delta = torch._foreach_mul(torch._foreach_div(sqrt(torch._foreach_add(acc_delta, eps)), std), g)
-        acc_delta = torch._foreach_addcmul(torch._foreach_mul(acc_delta, rho), delta, delta, value=1 - rho)
+        acc_delta = moving_average_of_squares(acc_delta, delta, rho)
         new_params = torch._foreach_add(params, delta, alpha=-hp["lr"])
         return new_params, [
             {"step": s["step"] + 1, "square_avg": sq, "acc_delta": acc}

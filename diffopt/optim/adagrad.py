@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ._hyper import resolve
-from ._rule import Hyper, State, UpdateRule, addcdiv_all, check_range, common_value, safe_sqrt, safe_sqrt_all
+from ._rule import Hyper, State, UpdateRule, addcdiv_all, check_range, safe_sqrt, safe_sqrt_all
 from .adam import add_weight_decay, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
@@ -46,10 +46,7 @@ class AdagradRule(UpdateRule):
     def update_group(
         self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
     ) -> tuple[list[Tensor], list[State]] | None:
-        step = common_value(states, "step")
-        if step is None:
-            return None
-        step += 1
+        step = states[0]["step"] + 1
         params, g = signed_with_weight_decay(params, grads, hp)
         clr = hp["lr"] / (1 + (step - 1) * hp["lr_decay"])
         total = torch._foreach_addcmul([s["sum"] for s in states], g, g, value=1)

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ._rule import (
-    Hyper, State, UpdateRule, addcdiv_all, check_pair, check_range, common_value, nonzero, safe_sqrt, safe_sqrt_all,
+    Hyper, State, UpdateRule, addcdiv_all, check_pair, check_range, moving_average_of_squares, nonzero, safe_sqrt,
+    safe_sqrt_all,
 )
 from .optimizer import DifferentiableOptimizer
 
@@ -91,16 +92,11 @@ class AdamRule(UpdateRule):
     def update_group(
         self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
     ) -> tuple[list[Tensor], list[State]] | None:
-        step = common_value(states, "step")
-        if step is None:
-            return None
-        step += 1
+        step = states[0]["step"] + 1
         beta1, beta2 = hp["betas"]
         params, g = signed_with_weight_decay(params, grads, hp)
         exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], g, 1 - beta1)
-        exp_avg_sq = torch._foreach_addcmul(
-            torch._foreach_mul([s["exp_avg_sq"] for s in states], beta2), g, g, value=1 - beta2
-        )
+        exp_avg_sq = moving_average_of_squares([s["exp_avg_sq"] for s in states], g, beta2)
         second_moment = exp_avg_sq
         if hp["amsgrad"]:
             second_moment = torch._foreach_maximum([s["max_exp_avg_sq"] for s in states], exp_avg_sq)

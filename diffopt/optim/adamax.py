@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rule import Hyper, State, UpdateRule, addcdiv_all, common_value
+from ._rule import Hyper, State, UpdateRule, addcdiv_all
 from .adam import add_weight_decay, check_betas, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
@@ -38,10 +38,7 @@ class AdamaxRule(UpdateRule):
     def update_group(
         self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
     ) -> tuple[list[Tensor], list[State]] | None:
-        step = common_value(states, "step")
-        if step is None:
-            return None
-        step += 1
+        step = states[0]["step"] + 1
         beta1, beta2 = hp["betas"]
         params, g = signed_with_weight_decay(params, grads, hp)
         exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], g, 1 - beta1)

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from ._rule import (
-    Hyper, State, UpdateRule, addcdiv_all, check_range, common_value, safe_sqrt, safe_sqrt_all, scalar_state_dtype,
+    Hyper, State, UpdateRule, addcdiv_all, check_range, moving_average_of_squares, safe_sqrt, safe_sqrt_all,
+    scalar_state_dtype,
 )
 from .adam import add_weight_decay, check_betas, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
@@ -70,10 +71,7 @@ class NAdamRule(UpdateRule):
     def update_group(
         self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
     ) -> tuple[list[Tensor], list[State]] | None:
-        step = common_value(states, "step")
-        if step is None:
-            return None
-        step += 1
+        step = states[0]["step"] + 1
         beta1, beta2 = hp["betas"]
         lr, psi = hp["lr"], hp["momentum_decay"]
         params, g = signed_with_weight_decay(params, grads, hp)
@@ -83,9 +81,7 @@ class NAdamRule(UpdateRule):
         mu_products = torch._foreach_mul([s["mu_product"] for s in states], mu)
         products = [float(m) for m in mu_products]
         exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], g, 1 - beta1)
-        exp_avg_sq = torch._foreach_addcmul(
-            torch._foreach_mul([s["exp_avg_sq"] for s in states], beta2), g, g, value=1 - beta2
-        )
+        exp_avg_sq = moving_average_of_squares([s["exp_avg_sq"] for s in states], g, beta2)
         denom = torch._foreach_add(safe_sqrt_all(torch._foreach_div(exp_avg_sq, 1 - beta2**step)), hp["eps"])
         new_params = addcdiv_all(params, g, denom, value=[-lr * (1.0 - mu) / (1.0 - p) for p in products])
         new_params = addcdiv_all(

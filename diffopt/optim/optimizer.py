@@ -159,7 +159,9 @@ class DifferentiableOptimizer:
             if not isinstance(tensor, Tensor):
                 raise TypeError(f"{where}: params[{j}] is a {type(tensor).__name__}, not a tensor")
             if not (tensor.is_floating_point() or tensor.is_complex()):
-                raise TypeError(f"{where}: params[{j}] has dtype {tensor.dtype}; only floating-point tensors can be optimized")
+                raise TypeError(
+                    f"{where}: params[{j}] has dtype {tensor.dtype}; only floating-point tensors can be optimized"
+                )
             if any(tensor is p for p in self.params):
                 raise ValueError(
                     f"{where}: params[{j}] appears more than once; tied weights must be passed once"

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rule import Hyper, State, UpdateRule, common_value, safe_sqrt, safe_sqrt_all
+from ._rule import Hyper, State, UpdateRule, moving_average_of_squares, safe_sqrt, safe_sqrt_all
 from .adam import add_weight_decay, check_betas, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
@@ -65,17 +65,12 @@ class RAdamRule(UpdateRule):
     def update_group(
         self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
     ) -> tuple[list[Tensor], list[State]] | None:
-        step = common_value(states, "step")
-        if step is None:
-            return None
-        step += 1
+        step = states[0]["step"] + 1
         beta1, beta2 = hp["betas"]
         lr = hp["lr"]
         params, g = signed_with_weight_decay(params, grads, hp)
         exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], g, 1 - beta1)
-        exp_avg_sq = torch._foreach_addcmul(
-            torch._foreach_mul([s["exp_avg_sq"] for s in states], beta2), g, g, value=1 - beta2
-        )
+        exp_avg_sq = moving_average_of_squares([s["exp_avg_sq"] for s in states], g, beta2)
         bias_correction2 = 1 - beta2**step
         update = torch._foreach_mul(torch._foreach_div(exp_avg, 1 - beta1**step), lr)
         rho_inf = 2 / (1 - beta2) - 1

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rule import Hyper, State, UpdateRule, addcdiv_all, check_range, nonzero, safe_sqrt, safe_sqrt_all
+from ._rule import (
+    Hyper, State, UpdateRule, addcdiv_all, check_range, moving_average_of_squares, nonzero, safe_sqrt, safe_sqrt_all,
+)
 from .adam import add_weight_decay, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
@@ -60,8 +62,7 @@ class RMSpropRule(UpdateRule):
     ) -> tuple[list[Tensor], list[State]] | None:
         alpha, momentum = hp["alpha"], hp["momentum"]
         params, g = signed_with_weight_decay(params, grads, hp)
-        square_avg = torch._foreach_addcmul(torch._foreach_mul([s["square_avg"] for s in states], alpha), g, g,
-                                            value=1 - alpha)
+        square_avg = moving_average_of_squares([s["square_avg"] for s in states], g, alpha)
         new_states: list[State] = [{"step": s["step"] + 1, "square_avg": v} for s, v in zip(states, square_avg)]
         if hp["centered"]:
             grad_avg = torch._foreach_lerp([s["grad_avg"] for s in states], g, 1 - alpha)

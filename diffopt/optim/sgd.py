@@ -19,7 +19,9 @@ from .optimizer import DifferentiableOptimizer
 
 class SGDRule(UpdateRule):
     name = "sgd"
-    defaults = {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False}
+    defaults = {
+        "lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False,
+    }
     flags = frozenset({"nesterov", "maximize"})
 
     def init_state(self, param: Tensor, hp: Hyper) -> State:
