@@ -11,6 +11,9 @@ Subcommands (see benchmarks/REPRODUCTIONS.md for recorded results):
   support points, one inner step at train and test); paper: Meta-SGD 0.90 / 0.53 / 0.31, MAML
   1.13 / 0.77 / 0.48.
 * ``family``: MAML, first-order MAML, ANIL and Reptile under MAML's protocol, in one table.
+* ``anil-stability``: why ANIL diverges when fine-tuned past its one meta-trained step (default
+  5,000 iterations): the head's inner loss is quadratic, and on some test tasks the learned
+  features put ``alpha * lambda_max`` of its Hessian past 2, where gradient descent diverges.
 
 Every run uses one thread (``torch.set_num_threads(1)``); ``--iterations`` shortens the schedule,
 ``--json PATH`` writes the results, ``--progress`` shows progress bars (off by default).
@@ -18,6 +21,7 @@ Every run uses one thread (``torch.set_num_threads(1)``); ``--iterations`` short
     python benchmarks/reproduce_sinusoid.py maml --json maml.json
     python benchmarks/reproduce_sinusoid.py metasgd --iterations 10000
     python benchmarks/reproduce_sinusoid.py family --iterations 10000
+    python benchmarks/reproduce_sinusoid.py anil-stability
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -153,7 +158,8 @@ def run_family(args: argparse.Namespace) -> dict[str, Any]:
         results[method], seconds[method], cpu[method] = out["mse"], out["seconds"], out["cpu_seconds"]
     lines = ["| method | 0 steps | 1 step | 5 steps | 10 steps | meta-training s |", "|---|---|---|---|---|---|"]
     for method, mse in results.items():
-        lines.append(f"| {method} | " + " | ".join(fmt(mse[str(k)]) for k in EVAL_STEPS) + f" | {seconds[method]:.0f} |")
+        cells = " | ".join(fmt(mse[str(k)]) for k in EVAL_STEPS)
+        lines.append(f"| {method} | {cells} | {seconds[method]:.0f} |")
     return {"results": results, "paper": {"MAML": PAPER_MAML["MAML"]}, "table": "\n".join(lines), "seconds": seconds,
             "cpu_seconds": cpu,
             "protocol": {"train_shots": 10, "test_shots": 5, "test_query": 100, "inner_lr": 0.01,
@@ -161,7 +167,72 @@ def run_family(args: argparse.Namespace) -> dict[str, Any]:
                          "outer": "Adam 1e-3 (Reptile: SGD, ε 1 → 0 linearly)", "eval_steps": list(EVAL_STEPS)}}
 
 
-EXPERIMENTS = {"maml": (run_maml, 70000), "metasgd": (run_metasgd, 70000), "family": (run_family, 70000)}
+def run_anil_stability(args: argparse.Namespace) -> dict[str, Any]:
+    """Why ANIL diverges when fine-tuned for more than one step (the ``family`` table).
+
+    ANIL adapts only the linear head on fixed features ``phi`` with MSE, so on a task's support set
+    the inner loss is exactly quadratic in the head, with Hessian ``H = (2 / N) Phi^T Phi`` (``Phi``:
+    the N x (D + 1) features with a bias column). Gradient descent with step ``alpha`` on a quadratic
+    converges iff ``alpha * lambda_max(H) < 2``. Meta-training with one inner step never takes a
+    second step, so nothing stops it from learning features that put some tasks past that bound.
+    This trains ANIL under the family protocol, measures ``alpha * lambda_max`` on every test task
+    and fine-tunes each head for 10 steps of plain gradient descent, split by the bound.
+    """
+    source = SinusoidSource(meta_batch=25, shots=10, test_tasks=args.test_tasks, test_shots=5, test_query=100)
+    torch.manual_seed(args.seed)
+    learner, optimizer = build("ANIL")
+    started, cpu = time.perf_counter(), time.process_time()
+    Trainer(learner, source, optimizer, iterations=args.iterations, seed=args.seed, eval_steps=(1,),
+            progress=args.progress, log_every=max(args.iterations, 1)).fit()
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
+    alpha, steps = 0.01, 10
+    weight, bias = learner.head.weight.detach(), learner.head.bias.detach()
+    curvature: list[float] = []
+    query_mse: list[float] = []
+    with torch.no_grad():
+        for support_x, support_y, query_x, query_y in source.test_batches():
+            phi, phi_query = learner.features(support_x), learner.features(query_x)
+            design = torch.cat([phi, torch.ones_like(phi[..., :1])], -1)
+            curvature += (alpha * 2 / design.shape[1] * torch.linalg.svdvals(design)[:, 0] ** 2).tolist()
+            w = weight.expand(phi.shape[0], *weight.shape).clone()
+            b = bias.expand(phi.shape[0], *bias.shape).clone()
+            for _ in range(steps):  # the MSE gradient of the linear head, task by task (batched)
+                residual = phi @ w.transpose(1, 2) + b[:, None, :] - support_y
+                scale = 2 / residual[0].numel()
+                w = w - alpha * scale * residual.transpose(1, 2) @ phi
+                b = b - alpha * scale * residual.sum(1)
+            errors = (phi_query @ w.transpose(1, 2) + b[:, None, :] - query_y) ** 2
+            query_mse += errors.mean((1, 2)).tolist()
+    # The loop above is ANIL's own fine-tuning written out: the library's evaluation must agree.
+    library = evaluate(learner, source.test_batches(), (steps,))["loss"][str(steps)]["mean"]
+    manual = sum(query_mse) / len(query_mse)
+
+    def row(label: str, keep: Callable[[float], bool]) -> str:
+        picked = [q for c, q in zip(curvature, query_mse) if keep(c)]
+        values = torch.tensor(picked) if picked else torch.tensor([float("nan")])
+        middle = torch.tensor([c for c in curvature if keep(c)] or [float("nan")]).median()
+        return (f"| {label} | {len(picked)} | {float(middle):.2f} | {float(values.median()):.3g} | "
+                f"{float(values.max()):.3g} |")
+
+    table = "\n".join([
+        "| test tasks | count | alpha * lambda_max (median) | query MSE after 10 steps: median | max |",
+        "|---|---|---|---|---|",
+        row("alpha * lambda_max < 2 (stable)", lambda c: c < 2),
+        row("alpha * lambda_max >= 2 (diverges)", lambda c: c >= 2),
+    ]) + (f"\n\nMean query MSE after {steps} steps over all test tasks: {manual:.6g} (this loop), "
+          f"{library:.6g} (diffopt.training.evaluate)")
+    unstable = sum(c >= 2 for c in curvature)
+    return {"results": {"curvature": curvature, "query_mse_10_steps": query_mse,
+                        "unstable_fraction": unstable / len(curvature), "mean_10_steps": manual,
+                        "mean_10_steps_library": library},
+            "table": table, "seconds": {"ANIL meta-training": seconds},
+            "cpu_seconds": {"ANIL meta-training": cpu_seconds},
+            "protocol": {"train_shots": 10, "test_shots": 5, "test_query": 100, "inner_lr": alpha, "inner_steps": 1,
+                         "test_steps": steps, "meta_batch": 25, "outer": "Adam 1e-3"}}
+
+
+EXPERIMENTS = {"maml": (run_maml, 70000), "metasgd": (run_metasgd, 70000), "family": (run_family, 70000),
+               "anil-stability": (run_anil_stability, 5000)}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -92,6 +92,20 @@ def test_sinusoid_family(tmp_path, capsys):
         assert set(summary) == {"0", "1", "5", "10"} and all(finite_ci(e) for e in summary.values())
 
 
+def test_sinusoid_anil_stability(tmp_path, capsys):
+    """The head's curvature bound alpha * lambda_max < 2 splits the test tasks, and the written-out
+    gradient descent on the head equals ANIL's own fine-tuning (diffopt.training.evaluate)."""
+    sinusoid = load("reproduce_sinusoid")
+    path = tmp_path / "anil.json"
+    sinusoid.main(["anil-stability", "--iterations", "20", "--test-tasks", "12", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert "| alpha * lambda_max < 2 (stable) |" in out and "| alpha * lambda_max >= 2 (diverges) |" in out
+    data = json.loads(path.read_text())["results"]
+    assert len(data["curvature"]) == len(data["query_mse_10_steps"]) == 12
+    assert all(c > 0 for c in data["curvature"])
+    assert abs(data["mean_10_steps"] - data["mean_10_steps_library"]) <= 1e-5 * data["mean_10_steps_library"]
+
+
 # =============================================================================================
 # Omniglot on a generated folder
 # =============================================================================================
