@@ -11,7 +11,7 @@ same interleaved rounds: a plain PyTorch loop over tasks, a higher ``innerloop_c
 torch.func ``vmap(grad)`` (each second and first order), torchopt ``MetaSGD`` when installed.
 
 The runner is :mod:`diffopt.bench` (the same as ``diffopt bench``); the timing, machine and
-memory helpers are those of ``benchmarks/_common.py``. See ``diffopt/bench.py`` for the method.
+memory helpers are those of ``diffopt/_measure.py``. See ``diffopt/bench.py`` for the method.
 
     python benchmarks/modes.py [--quick] [--json PATH] [--markdown PATH] [--plots DIR]
 

@@ -8,7 +8,7 @@ or a user's model), each number of inner steps K and each engine mode
 * the **time per meta-step** (meta-loss and ``backward()`` to every
   meta-parameter): median and interquartile range over rounds in which every
   implementation runs once, in a freshly shuffled order (``interleave`` of
-  ``benchmarks/_common.py``), so that the drifts of a shared machine hit all
+  :mod:`diffopt._measure`), so that the drifts of a shared machine hit all
   alike. The same rounds time the **baselines**: a plain PyTorch loop over
   tasks (``torch.func.functional_call`` + ``torch.autograd.grad``), a
   ``higher.innerloop_ctx`` loop, ``torch.func.vmap`` over tasks of
@@ -20,7 +20,7 @@ or a user's model), each number of inner steps K and each engine mode
 * the **peak memory** of one meta-step: the peak of CPU tensor memory
   allocated during the call above what was allocated when it started, from
   ``torch.profiler.profile(profile_memory=True)`` allocation and free events
-  summed in time order (``peak_tensor_bytes`` of ``_common``), taken in the
+  summed in time order (``_measure.peak_tensor_bytes``), taken in the
   timing process after a warm-up call (``memory="profiler"``), or in a fresh
   Python process per configuration together with the peak resident-set
   increase (``memory="subprocess"``);
@@ -59,7 +59,6 @@ import os
 import subprocess
 import sys
 import time
-import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +66,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import _measure as common
 
 MODES = ("first_order", "second_order", "truncated", "checkpointed", "implicit", "forward", "es", "pes")
 BASELINES = ("plain loop", "higher loop", "torch.func vmap", "torchopt")
@@ -77,174 +78,7 @@ TASKS = ("sinusoid", "regression", "classification")
 MiB = 2**20
 Batch = tuple[Tensor, Tensor, Tensor, Tensor]
 
-# ---------------------------------------------------------------------------------------------
-# measurement helpers: benchmarks/_common.py of a source checkout, else a minimal built-in copy
-# ---------------------------------------------------------------------------------------------
-
-
-def _fallback_common() -> types.SimpleNamespace:
-    """The few helpers of ``benchmarks/_common.py`` used here, for installs without the repository.
-
-    Same methods (validated on known allocations in ``tests/test_bench.py``); the
-    repository's module is preferred whenever it is present.
-    """
-    import gc
-    import itertools
-    import platform
-    import random
-    import statistics
-
-    def time_call(fn: Callable[[], Any]) -> float:
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            start = time.perf_counter()
-            fn()
-            return time.perf_counter() - start
-        finally:
-            if enabled:
-                gc.enable()
-
-    def interleave(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 2, seed: int = 0,
-                   budget_s: float | None = None, min_repeats: int = 3, collect: bool = True) -> dict[str, list[float]]:
-        names = list(fns)
-        rng = random.Random(seed)
-        for _ in range(warmup):
-            for name in names:
-                fns[name]()
-        times: dict[str, list[float]] = {name: [] for name in names}
-        started = time.perf_counter()
-        for r in range(repeats):
-            order = names[:]
-            rng.shuffle(order)
-            for name in order:
-                if collect:
-                    gc.collect()
-                times[name].append(time_call(fns[name]))
-            if budget_s is not None and r + 1 >= min_repeats and time.perf_counter() - started > budget_s:
-                break
-        return times
-
-    def summarize(samples: Sequence[float]) -> dict[str, float]:
-        xs = sorted(samples)
-        if not xs:
-            nan = float("nan")
-            return {"median": nan, "q1": nan, "q3": nan, "iqr": nan, "min": nan, "n": 0}
-        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) >= 2 else (xs[0], 0, xs[0])
-        return {"median": statistics.median(xs), "q1": q1, "q3": q3, "iqr": q3 - q1, "min": xs[0], "n": len(xs)}
-
-    def peak_tensor_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
-            result = fn()
-        events: list[tuple[int, int]] = []
-        stack = list(prof.profiler.kineto_results.experimental_event_tree())
-        while stack:
-            node = stack.pop()
-            stack.extend(node.children)
-            fields = node.extra_fields
-            if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
-                events.append((node.start_time_ns, int(fields.alloc_size)))
-        events.sort(key=lambda e: e[0])
-        return result, max(max(itertools.accumulate(size for _, size in events), default=0), 0)
-
-    def _status(key: str) -> int | None:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return None
-
-    def peak_rss_increase(fn: Callable[[], Any]) -> tuple[Any, int, str]:
-        gc.collect()
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        before = _status("VmRSS") or 0
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            method = "VmHWM reset"
-        except OSError:
-            method = "ru_maxrss"
-        result = fn()
-        return result, max((_status("VmHWM") or 0) - before, 0), method
-
-    def load_average() -> list[float] | None:
-        try:
-            return [round(x, 2) for x in os.getloadavg()]
-        except OSError:
-            return None
-
-    def machine_info() -> dict[str, Any]:
-        cpu = platform.processor() or platform.machine() or "unknown"
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu = next((line.split(":", 1)[1].strip() for line in f if line.lower().startswith("model name")), cpu)
-        except OSError:
-            pass
-        try:
-            usable = len(os.sched_getaffinity(0))
-        except AttributeError:
-            usable = os.cpu_count()
-        return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "torch": torch.__version__,
-                "threads": torch.get_num_threads(), "python": platform.python_version(),
-                "platform": platform.platform(), "higher": _package_version("higher"),
-                "diffopt": _package_version("diffopt"),
-                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average": load_average()}
-
-    def describe_machine(info: Mapping[str, Any]) -> str:
-        return (f"{info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), torch {info['torch']}, "
-                f"{info['threads']} thread(s), Python {info['python']}, {info['date']}, load average "
-                f"{info.get('load_average')}")
-
-    def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-        lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-        return "\n".join(lines)
-
-    return types.SimpleNamespace(
-        interleave=interleave, summarize=summarize, peak_tensor_bytes=peak_tensor_bytes,
-        peak_rss_increase=peak_rss_increase, machine_info=machine_info, describe_machine=describe_machine,
-        markdown_table=markdown_table, load_average=load_average, __file__=None,
-    )
-
-
-def _package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except Exception:  # noqa: BLE001 - not installed, or metadata unreadable
-        return None
-
-
-def load_common() -> Any:
-    """``benchmarks/_common.py`` next to this package (a source checkout), else the built-in copy."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "_common.py"
-    if path.is_file():
-        name = "diffopt_benchmarks_common"
-        if name in sys.modules:
-            return sys.modules[name]
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is not None and spec.loader is not None:
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            try:
-                spec.loader.exec_module(module)
-                return module
-            except Exception:  # noqa: BLE001 - a broken checkout: use the built-in helpers
-                del sys.modules[name]
-    return _fallback_common()
-
-
-common = load_common()
-HELPERS = "benchmarks/_common.py" if getattr(common, "__file__", None) else "diffopt.bench built-in copy of _common"
+HELPERS = "diffopt._measure"
 
 
 # ---------------------------------------------------------------------------------------------

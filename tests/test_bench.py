@@ -43,9 +43,8 @@ def table_lines(text: str) -> list[str]:
 
 
 # -- memory measurement on known allocations ---------------------------------------------------------
-@pytest.mark.parametrize("helpers", ["loaded", "fallback"])
-def test_tensor_peak_reads_a_known_allocation(helpers):
-    common = bench.common if helpers == "loaded" else bench._fallback_common()
+def test_tensor_peak_reads_a_known_allocation():
+    common = bench.common
     numel = 16 * 2**20  # 64 MiB of float32
 
     def overlapping():
@@ -75,8 +74,8 @@ def test_tensor_peak_counts_a_known_autograd_graph():
     w.grad = None
 
 
-def test_rss_peak_of_the_fallback_reads_a_known_allocation():
-    common = bench._fallback_common()
+def test_rss_peak_reads_a_known_allocation():
+    common = bench.common
     numel = 16 * 2**20
     torch.ones(numel).sum()  # warm-up
     _, increase, method = common.peak_rss_increase(lambda: torch.ones(numel).sum())
