@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffopt.tasks import write_png
+from fake_omniglot import write_fake_omniglot
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -110,27 +110,11 @@ def test_sinusoid_anil_stability(tmp_path, capsys):
 # Omniglot on a generated folder
 # =============================================================================================
 
-def character(k: int, drawing: int) -> np.ndarray:
-    """White background (True) with a black bar whose place and length encode the character."""
-    img = np.ones((28, 28), dtype=bool)
-    row, length = (3 * k) % 24, 6 + (5 * k) % 16
-    img[row:row + 4, 2 + drawing:2 + drawing + length] = False
-    return img
-
-
 @pytest.fixture(scope="module")
 def omniglot_root(tmp_path_factory) -> Path:
     """16 characters (10 for training, 6 for testing: 24 test classes with rotations), 6 drawings each."""
     root = tmp_path_factory.mktemp("omniglot_repro")
-    k = 0
-    for subset, alphabets in (("images_background", 2), ("images_evaluation", 2)):
-        for a in range(alphabets):
-            for c in range(4):
-                folder = root / subset / f"Alphabet_{a}" / f"character{c + 1:02d}"
-                folder.mkdir(parents=True)
-                for d in range(6):
-                    write_png(character(k, d), folder / f"{k:04d}_{d + 1:02d}.png")
-                k += 1
+    write_fake_omniglot(root, {"images_background": 2, "images_evaluation": 2}, characters=4, drawings=6)
     return root
 
 

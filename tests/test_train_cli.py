@@ -25,6 +25,7 @@ from diffopt.algorithms import MAMLPlusPlus
 from diffopt.cli import main
 from diffopt.tasks import write_png
 from diffopt.training import Trainer
+from fake_omniglot import write_fake_omniglot
 
 
 @pytest.fixture(autouse=True)
@@ -190,27 +191,11 @@ def test_omniglot_folder_in_the_wrong_layout(capsys, tmp_path):
 # The Omniglot protocol end to end on a generated folder
 # =============================================================================================
 
-def character(k: int, drawing: int) -> np.ndarray:
-    """White background (True) with a black bar whose place and length encode the character."""
-    img = np.ones((28, 28), dtype=bool)
-    row, length = k % 24, 6 + (k // 24) % 18
-    img[row:row + 4, 2 + drawing:2 + drawing + length] = False
-    return img
-
-
 @pytest.fixture(scope="module")
 def omniglot_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("omniglot")
-    k = 0
-    for subset, alphabets in (("images_background", 3), ("images_evaluation", 2)):
-        for a in range(alphabets):
-            for c in range(241):
-                folder = root / subset / f"Alphabet_{a}" / f"character{c + 1:02d}"
-                folder.mkdir(parents=True)
-                for d in range(2):
-                    write_png(character(k, d), folder / f"{k:04d}_{d + 1:02d}.png")
-                k += 1
-    assert k == 1205
+    count = write_fake_omniglot(root, {"images_background": 3, "images_evaluation": 2}, characters=241, drawings=2)
+    assert count == 1205
     return root
 
 
