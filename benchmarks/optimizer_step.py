@@ -19,6 +19,9 @@ optimizer (not timed) and takes ``--steps`` steps; two quantities are timed:
 
 The last column counts the operations the dispatcher sees in one steady-state update
 (gradient excluded): a ``torch._foreach_*`` operation counts once for the whole list.
+``--tensor-lr`` makes the learning rate a learnable 0-dim tensor in the timed trials
+(higher: ``override={"lr": [tensor]}``); the parity and operation-count columns always
+use the numbers.
 
 Implementations run interleaved (shuffled order every round) in one process;
 the table reports medians over trials and the ratio diffopt/higher as the
@@ -98,22 +101,27 @@ def diff_optimizer_available(name: str) -> bool:
 
 
 # -- one trial per implementation -------------------------------------------------------
-def make_trial(problem: Problem, name: str, impl: str, steps: int, unroll: bool) -> Callable[[], float] | None:
+def make_trial(problem: Problem, name: str, impl: str, steps: int, unroll: bool,
+               tensor_lr: bool = False) -> Callable[[], float] | None:
     """A callable running one trial and returning the seconds it measured.
 
     ``unroll=False``: the sum of the timed step calls / steps. ``unroll=True``: the
-    whole unroll plus the meta-backward / steps.
+    whole unroll plus the meta-backward / steps. ``tensor_lr``: the learning rate is a
+    learnable 0-dim tensor (higher: its ``override``), which the meta-backward reaches.
     """
     cls_name, kwargs = OPTIMIZERS[name]
     torch_cls = getattr(torch.optim, cls_name)
     perf = _common.time.perf_counter
+
+    def learning_rate() -> float | torch.Tensor:
+        return torch.tensor(kwargs["lr"], requires_grad=True) if tensor_lr else kwargs["lr"]
 
     if impl == "diffopt":
         dcls = getattr(diffopt.optim, cls_name)
 
         def trial() -> float:
             leaves = problem.leaves()
-            opt = dcls(leaves, **kwargs)
+            opt = dcls(leaves, **dict(kwargs, lr=learning_rate()))
             params, spent = leaves, 0.0
             start = perf()
             for _ in range(steps):
@@ -135,7 +143,9 @@ def make_trial(problem: Problem, name: str, impl: str, steps: int, unroll: bool)
 
         def trial() -> float:
             leaves = problem.leaves()
-            hopt = higher.optim.get_diff_optim(torch_cls(leaves, **kwargs), leaves)
+            lr = learning_rate()
+            hopt = higher.optim.get_diff_optim(torch_cls(leaves, **kwargs), leaves,
+                                               override={"lr": [lr]} if tensor_lr else None)
             params, spent = leaves, 0.0
             start = perf()
             for _ in range(steps):
@@ -243,7 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fns: dict[str, Callable[[], float]] = {}
         for impl in IMPLEMENTATIONS:
             for unroll in (False, True):
-                fn = make_trial(problem, name, impl, args.steps, unroll)
+                fn = make_trial(problem, name, impl, args.steps, unroll, args.tensor_lr)
                 if fn is not None:
                     fns[f"{impl}/{'unroll' if unroll else 'step'}"] = fn
         samples: dict[str, list[float]] = {key: [] for key in fns}
@@ -312,6 +322,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=None, help="timed trials per implementation")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--optimizers", nargs="*", choices=list(OPTIMIZERS), default=None)
+    parser.add_argument("--tensor-lr", action="store_true",
+                        help="a learnable 0-dim tensor learning rate (higher: override) instead of a number")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.repeats is None:
@@ -322,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info["load_average_end"] = _common.load_average()
     text = table(results)
     print(f"# Differentiable optimizer step ({args.layers} Linear layers = {2 * args.layers} tensors, width "
-          f"{args.width}, batch {args.batch}, float32, {args.steps} steps per trial, {args.repeats} trials)")
+          f"{args.width}, batch {args.batch}, float32, {args.steps} steps per trial, {args.repeats} trials"
+          f"{', learnable tensor lr' if args.tensor_lr else ''})")
     print(f"# {_common.describe_machine(info)}")
     print("# ms: median ±IQR/2 over trials; ratios: median (Q1–Q3) of per-round ratios")
     print(text)

@@ -833,3 +833,49 @@ def test_foreach_addcdiv_double_backward_probe_and_the_replacement():
     except (IndexError, RuntimeError):
         return  # still broken: the workaround is needed
     warnings.warn("torch._foreach_addcdiv now has a working double backward; addcdiv_all can use it")
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+@settings(max_examples=examples(2), suppress_health_check=FIXTURE_OK)
+@given(data=st.data(), steps=st.integers(3, 5), seed=st.integers(0, 2**31 - 1))
+def test_a_learnable_learning_rate_takes_the_multi_tensor_path(name, data, steps, seed, monkeypatch):
+    """A 0-dim tensor lr (the other hyperparameters numbers) is stepped by ``update_group``; its
+    meta-gradient and the initial weights' agree with central differences and with the
+    per-tensor path (``foreach=False``)."""
+    case = data.draw(hyper_cases(name), label="case")
+    problem = data.draw(mlp_problems(), label="problem")
+    steps = steps_for(name, steps)
+    assume_smooth_here(name, problem, case.config, steps)
+    rule_class = twin_class(name).rule_class
+    calls = []
+    original = rule_class.update_group
+
+    def spy(self, *args):
+        calls.append(isinstance(args[3]["lr"], torch.Tensor))
+        return original(self, *args)
+
+    monkeypatch.setattr(rule_class, "update_group", spy)
+    lr0 = float(case.config["lr"])
+    results = []
+    for foreach in (True, False):
+        lr = torch.tensor(lr0, dtype=F64, requires_grad=True)
+        weights = problem.fresh()
+        loss = objective(name, problem, dict(case.config, lr=lr), steps, weights, foreach=foreach)
+        results.append(torch.autograd.grad(loss, [lr, *weights]))
+    assert calls and all(calls)  # every multi-tensor call saw the tensor lr (foreach=False made none)
+    for a, b in zip(*results):
+        error = float((a - b).abs().max()) / max(float(b.abs().max()), 1e-300)
+        assert record("paths (tensor lr): meta-gradient", name, error) <= 1e-10
+
+    def shifted(t):
+        return objective(name, problem, dict(case.config, lr=torch.tensor(lr0 + t, dtype=F64)), steps).detach()
+
+    compare("FD d/dlr, multi-tensor path", name, float(results[0][0]), directional_fd(shifted, lr0))
+    direction = random_like(problem.fresh(), seed, unit=True)
+
+    def along(t):
+        moved = [(w.detach() + t * d).requires_grad_() for w, d in zip(problem.fresh(), direction)]
+        return objective(name, problem, dict(case.config, lr=torch.tensor(lr0, dtype=F64)), steps, moved).detach()
+
+    directional = sum(float((g * d).sum()) for g, d in zip(results[0][1:], direction))
+    compare("FD d/dw0 (tensor lr), multi-tensor path", name, directional, directional_fd(along))

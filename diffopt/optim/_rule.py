@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
 import torch
 from torch import Tensor
@@ -104,11 +104,38 @@ def round_like_torch_state(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
+Scalar = Union[float, Tensor]  # a number, or a 0-dim tensor (a learnable learning rate)
+
+
+def _per_tensor(value: Scalar | Sequence[Scalar], count: int) -> Any:
+    """A multiplier for ``torch._foreach_mul``: a number as it is, a 0-dim tensor repeated.
+
+    (The ``_foreach_mul(list, Tensor)`` overload's backward fails in torch 2.13; the list
+    overload with the tensor repeated is differentiable to every order.)
+    """
+    if isinstance(value, Tensor):
+        return [value] * count
+    return value if isinstance(value, (int, float)) else list(value)
+
+
+def scale_all(tensors: Sequence[Tensor], factor: Scalar | Sequence[Scalar]) -> list[Tensor]:
+    """``[t * factor ...]``; ``factor``: a number, a 0-dim tensor or one of those per tensor."""
+    return list(torch._foreach_mul(list(tensors), _per_tensor(factor, len(tensors))))
+
+
+def add_scaled_all(tensors: Sequence[Tensor], others: Sequence[Tensor], factor: Scalar) -> list[Tensor]:
+    """``[t + factor * o ...]``: ``torch.add(t, o, alpha=factor)`` for a number (torch's own
+    arithmetic), ``t + o * factor`` for a 0-dim tensor (which ``alpha`` cannot take)."""
+    if isinstance(factor, Tensor):
+        return list(torch._foreach_add(list(tensors), scale_all(others, factor)))
+    return list(torch._foreach_add(list(tensors), list(others), alpha=factor))
+
+
 def addcdiv_all(tensors: Sequence[Tensor], numerators: Sequence[Tensor], denominators: Sequence[Tensor],
-                value: float | Sequence[float] = 1.0) -> list[Tensor]:
+                value: Scalar | Sequence[Scalar] = 1.0) -> list[Tensor]:
     """``[torch.addcdiv(t, n, d, value=value) ...]`` for a whole list, bit for bit in float32/64.
 
-    ``value`` is one number for every tensor or a list with one per tensor.
+    ``value``: a number, a 0-dim tensor, or one of those per tensor.
 
     torch's CPU kernel computes ``t + value * n / d`` left to right; this builds
     the same arithmetic from ``_foreach_mul``, ``_foreach_div`` and
@@ -116,10 +143,7 @@ def addcdiv_all(tensors: Sequence[Tensor], numerators: Sequence[Tensor], denomin
     on lists of differently shaped tensors in torch 2.13 ("select(): index out
     of range"; tests/test_optim_hypergradients.py keeps a probe of it).
     """
-    if isinstance(value, (int, float)) and value == 1:
-        scaled = list(numerators)
-    else:
-        scaled = torch._foreach_mul(list(numerators), value if isinstance(value, (int, float)) else list(value))
+    scaled = list(numerators) if isinstance(value, (int, float)) and value == 1 else scale_all(numerators, value)
     return list(torch._foreach_add(list(tensors), torch._foreach_div(scaled, list(denominators))))
 
 
@@ -157,6 +181,8 @@ class UpdateRule:
     """
 
     name: ClassVar[str] = "rule"
+    #: whether :meth:`update_group` takes ``hp["lr"]`` as a 0-dim tensor too
+    group_lr_may_be_tensor: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {}
     flags: ClassVar[frozenset[str]] = frozenset({"maximize"})
 
@@ -190,7 +216,9 @@ class UpdateRule:
 
         ``hp`` is shared by every tensor (no ``task_dims``: only elementwise rules
         implement this), and every state has the same ``"step"`` (the optimizer
-        calls this once per step count). The result must equal :meth:`update_one` applied to each
+        calls this once per step count). Every hyperparameter is a plain number,
+        except ``lr``, which may also be a 0-dim tensor (a learnable learning
+        rate) when the rule sets ``group_lr_may_be_tensor``. The result must equal :meth:`update_one` applied to each
         tensor; built from ``torch._foreach_*`` operations, which autograd
         differentiates to every order, it costs one dispatch per operation
         instead of one per operation and tensor. Return ``None`` where the

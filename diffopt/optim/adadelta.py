@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rule import Hyper, State, UpdateRule, check_range, moving_average_of_squares, safe_sqrt, safe_sqrt_all
+from ._rule import (
+    Hyper, State, UpdateRule, add_scaled_all, check_range, moving_average_of_squares, safe_sqrt, safe_sqrt_all,
+)
 from .adam import add_weight_decay, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
@@ -21,6 +23,7 @@ from .optimizer import DifferentiableOptimizer
 class AdadeltaRule(UpdateRule):
     name = "adadelta"
     defaults = {"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0, "maximize": False}
+    group_lr_may_be_tensor = True
 
     def init_state(self, param: Tensor, hp: Hyper) -> State:
         return {"step": 0, "square_avg": torch.zeros_like(param), "acc_delta": torch.zeros_like(param)}
@@ -48,7 +51,7 @@ class AdadeltaRule(UpdateRule):
         std = sqrt(torch._foreach_add(square_avg, eps))
         delta = torch._foreach_mul(torch._foreach_div(sqrt(torch._foreach_add(acc_delta, eps)), std), g)
         acc_delta = moving_average_of_squares(acc_delta, delta, rho)
-        new_params = torch._foreach_add(params, delta, alpha=-hp["lr"])
+        new_params = add_scaled_all(params, delta, -hp["lr"])
         return new_params, [
             {"step": s["step"] + 1, "square_avg": sq, "acc_delta": acc}
             for s, sq, acc in zip(states, square_avg, acc_delta)

@@ -28,6 +28,7 @@ class AdagradRule(UpdateRule):
         "maximize": False,
     }
     eager_state = True
+    group_lr_may_be_tensor = True
 
     def init_state(self, param: Tensor, hp: Hyper) -> State:
         initial = hp["initial_accumulator_value"]

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._rule import (
     Hyper, State, UpdateRule, addcdiv_all, check_pair, check_range, moving_average_of_squares, nonzero, safe_sqrt,
-    safe_sqrt_all,
+    safe_sqrt_all, scale_all,
 )
 from .optimizer import DifferentiableOptimizer
 
@@ -48,7 +48,7 @@ def signed_with_weight_decay(
     if wd == 0:
         return params, g
     if hp.get("decoupled_weight_decay", False):
-        return torch._foreach_mul(params, 1 - hp["lr"] * wd), g
+        return scale_all(params, 1 - hp["lr"] * wd), g
     return params, torch._foreach_add(g, params, alpha=wd)
 
 
@@ -65,6 +65,7 @@ class AdamRule(UpdateRule):
         "maximize": False, "decoupled_weight_decay": False,
     }
     flags = frozenset({"amsgrad", "maximize", "decoupled_weight_decay"})
+    group_lr_may_be_tensor = True
 
     def init_state(self, param: Tensor, hp: Hyper) -> State:
         state: State = {"step": 0, "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}

@@ -21,6 +21,7 @@ from .optimizer import DifferentiableOptimizer
 class AdamaxRule(UpdateRule):
     name = "adamax"
     defaults = {"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "maximize": False}
+    group_lr_may_be_tensor = True
 
     def init_state(self, param: Tensor, hp: Hyper) -> State:
         return {"step": 0, "exp_avg": torch.zeros_like(param), "exp_inf": torch.zeros_like(param)}

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rule import Hyper, State, UpdateRule, check_range, common_value, round_like_torch_state
+from ._rule import (
+    Hyper, State, UpdateRule, add_scaled_all, check_range, common_value, round_like_torch_state, scale_all,
+)
 from .adam import add_weight_decay, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
@@ -29,6 +31,7 @@ from .optimizer import DifferentiableOptimizer
 class ASGDRule(UpdateRule):
     name = "asgd"
     defaults = {"lr": 1e-2, "lambd": 1e-4, "alpha": 0.75, "t0": 1e6, "weight_decay": 0.0, "maximize": False}
+    group_lr_may_be_tensor = True  # then eta is a tensor on the graph too
 
     @staticmethod
     def _stored(value: Any) -> Any:
@@ -57,12 +60,12 @@ class ASGDRule(UpdateRule):
         self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
     ) -> tuple[list[Tensor], list[State]] | None:
         step, eta, mu = (common_value(states, key) for key in ("step", "eta", "mu"))
-        if step is None or eta is None or mu is None or isinstance(eta, Tensor):
+        if step is None or eta is None or mu is None:
             return None
         step += 1
         lr, lambd = hp["lr"], hp["lambd"]
         params, g = signed_with_weight_decay(params, grads, hp)
-        new_params = torch._foreach_add(torch._foreach_mul(params, 1 - lambd * eta), g, alpha=-eta)
+        new_params = add_scaled_all(scale_all(params, 1 - lambd * eta), g, -eta)
         if mu != 1:
             ax = [s["ax"] for s in states]
             ax = torch._foreach_add(ax, torch._foreach_mul(torch._foreach_sub(new_params, ax), mu))

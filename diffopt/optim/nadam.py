@@ -34,6 +34,7 @@ class NAdamRule(UpdateRule):
         "decoupled_weight_decay": False, "maximize": False,
     }
     flags = frozenset({"maximize", "decoupled_weight_decay"})
+    group_lr_may_be_tensor = True
 
     def init_state(self, param: Tensor, hp: Hyper) -> State:
         return {

@@ -311,7 +311,8 @@ class DifferentiableOptimizer:
         per-tensor path."""
         if not (self.foreach and self.rule.has_group_update()) or inside_torch_func():
             return members  # (torch.func.vmap has no batching rules for the _foreach_* operations)
-        if not all(is_plain_number(hp[key]) for key in self.rule.defaults if key in hp):
+        if not all(is_plain_number(hp[key]) or (key == "lr" and self._scalar_tensor_lr(hp[key]))
+                   for key in self.rule.defaults if key in hp):
             return members  # tensor hyperparameters (learnable, per element) go tensor by tensor
         states = {i: new_states[i] if new_states[i] is not None else self.rule.init_state(params[i], hp)
                   for _, i in members if not params[i].is_complex()}
@@ -327,6 +328,11 @@ class DifferentiableOptimizer:
                     new_params[i], new_states[i] = p, s
                 done.update(indices)
         return [(position, i) for position, i in members if i not in done]
+
+    def _scalar_tensor_lr(self, lr: Any) -> bool:
+        """A 0-dim floating-point tensor lr, which the rule's multi-tensor step takes."""
+        return (self.rule.group_lr_may_be_tensor and isinstance(lr, Tensor) and lr.dim() == 0
+                and lr.is_floating_point())
 
     def initial_states(self, params: Sequence[Tensor]) -> list[State | None]:
         """Fresh state for ``params``: created now only for rules torch initialises eagerly (Adagrad)."""

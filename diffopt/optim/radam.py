@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rule import Hyper, State, UpdateRule, moving_average_of_squares, safe_sqrt, safe_sqrt_all
+from ._rule import Hyper, State, UpdateRule, moving_average_of_squares, safe_sqrt, safe_sqrt_all, scale_all
 from .adam import add_weight_decay, check_betas, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
@@ -28,6 +28,7 @@ class RAdamRule(UpdateRule):
         "decoupled_weight_decay": False, "maximize": False,
     }
     flags = frozenset({"maximize", "decoupled_weight_decay"})
+    group_lr_may_be_tensor = True
 
     def init_state(self, param: Tensor, hp: Hyper) -> State:
         return {"step": 0, "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
@@ -72,7 +73,7 @@ class RAdamRule(UpdateRule):
         exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], g, 1 - beta1)
         exp_avg_sq = moving_average_of_squares([s["exp_avg_sq"] for s in states], g, beta2)
         bias_correction2 = 1 - beta2**step
-        update = torch._foreach_mul(torch._foreach_div(exp_avg, 1 - beta1**step), lr)
+        update = scale_all(torch._foreach_div(exp_avg, 1 - beta1**step), lr)
         rho_inf = 2 / (1 - beta2) - 1
         rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
         if rho_t > 5.0:

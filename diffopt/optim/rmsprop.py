@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from ._rule import (
-    Hyper, State, UpdateRule, addcdiv_all, check_range, moving_average_of_squares, nonzero, safe_sqrt, safe_sqrt_all,
+    Hyper, State, UpdateRule, add_scaled_all, addcdiv_all, check_range, moving_average_of_squares, nonzero, safe_sqrt,
+    safe_sqrt_all,
 )
 from .adam import add_weight_decay, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
@@ -29,6 +30,7 @@ class RMSpropRule(UpdateRule):
         "maximize": False,
     }
     flags = frozenset({"centered", "maximize"})
+    group_lr_may_be_tensor = True
 
     def init_state(self, param: Tensor, hp: Hyper) -> State:
         state: State = {"step": 0, "square_avg": torch.zeros_like(param)}
@@ -76,7 +78,7 @@ class RMSpropRule(UpdateRule):
             buffers = addcdiv_all(torch._foreach_mul([s["momentum_buffer"] for s in states], momentum), g, avg)
             for state, b in zip(new_states, buffers):
                 state["momentum_buffer"] = b
-            return torch._foreach_add(params, buffers, alpha=-hp["lr"]), new_states
+            return add_scaled_all(params, buffers, -hp["lr"]), new_states
         return addcdiv_all(params, g, avg, value=-hp["lr"]), new_states
 
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:

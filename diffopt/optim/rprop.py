@@ -21,6 +21,7 @@ from .optimizer import DifferentiableOptimizer
 class RpropRule(UpdateRule):
     name = "rprop"
     defaults = {"lr": 1e-2, "etas": (0.5, 1.2), "step_sizes": (1e-6, 50.0), "maximize": False}
+    group_lr_may_be_tensor = True  # lr only sets the initial step sizes
 
     def init_state(self, param: Tensor, hp: Hyper) -> State:
         return {"step": 0, "prev": torch.zeros_like(param), "step_size": torch.zeros_like(param) + hp["lr"]}

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rule import Hyper, State, UpdateRule, check_range, nonzero
+from ._rule import Hyper, State, UpdateRule, add_scaled_all, check_range, nonzero
 from .optimizer import DifferentiableOptimizer
 
 
@@ -23,6 +23,7 @@ class SGDRule(UpdateRule):
         "lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False,
     }
     flags = frozenset({"nesterov", "maximize"})
+    group_lr_may_be_tensor = True
 
     def init_state(self, param: Tensor, hp: Hyper) -> State:
         return {"momentum_buffer": None}
@@ -61,7 +62,7 @@ class SGDRule(UpdateRule):
                     buffers[k] = b
             new_states = [{"momentum_buffer": b} for b in buffers]
             g = torch._foreach_add(g, buffers, alpha=momentum) if hp["nesterov"] else buffers
-        return torch._foreach_add(params, g, alpha=-hp["lr"]), new_states
+        return add_scaled_all(params, g, -hp["lr"]), new_states
 
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:
         super().validate_group(group, where)
