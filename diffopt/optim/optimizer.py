@@ -47,10 +47,10 @@ class DifferentiableOptimizer:
         clip_grad_value: clamp every gradient element to ``[-v, v]``.
         grad_transform: ``f(grads, step) -> grads`` applied after clipping.
         foreach: ``None`` or ``True`` (default): update a parameter group whose
-            hyperparameters are plain numbers with multi-tensor
+            hyperparameters are plain numbers (``lr`` may also be a 0-dim tensor) with multi-tensor
             (``torch._foreach_*``) operations, one dispatch per operation for the
             whole group; ``False``: always update tensor by tensor. Both give
-            torch.optim's values; groups with tensor or per-parameter
+            torch.optim's values; groups with other tensor or per-parameter
             hyperparameters always go tensor by tensor.
         **hyperparameters: the torch.optim namesake's arguments (``fused``,
             ``capturable`` and ``differentiable`` are accepted and ignored; ``fused=True``
