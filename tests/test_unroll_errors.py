@@ -223,7 +223,9 @@ def test_checkpointed_keeps_fewer_tensors_than_second_order():
     full, half = measure(16), measure(8)
     checkpointed = measure(16, mode="checkpointed", segment=4)
     assert full[1] > 1.8 * half[1]  # second order: linear in K
-    assert checkpointed[0] * 4 < full[0] and checkpointed[1] * 4 < full[1], (checkpointed, full)
+    # Bytes: 4.6x fewer. Storages: 3.7x (28 vs 103): the multi-tensor SGD step saves fewer
+    # distinct storages per step than the per-tensor one did (103 against 168 for K=16).
+    assert checkpointed[1] * 4 < full[1] and checkpointed[0] * 3 < full[0], (checkpointed, full)
     # checkpointing holds one carry per segment: K / segment of them
     assert measure(16, mode="checkpointed", segment=2)[1] > 1.5 * checkpointed[1]
 
