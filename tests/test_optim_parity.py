@@ -426,3 +426,26 @@ def test_nadam_states_keep_their_own_mu_product():
     opt.step(grads=[torch.ones(2, dtype=F64), torch.ones(3, dtype=F64)], params=params)
     assert opt.state[0]["mu_product"] is not opt.state[1]["mu_product"]
     assert torch.equal(opt.state[0]["mu_product"], opt.state[1]["mu_product"])
+
+
+def test_a_derived_group_update_does_not_inherit_the_tensor_lr_promise():
+    """A user rule that overrides ``update_group`` for number hyperparameters (here with
+    ``alpha=``) is not handed a tensor lr: that group goes tensor by tensor instead."""
+    from diffopt.optim import SGDRule
+
+    class NumbersOnlyRule(SGDRule):
+        def update_one(self, param, grad, state, hp):
+            return param - hp["lr"] * grad, state
+
+        def update_group(self, params, grads, states, hp):
+            return torch._foreach_add(params, grads, alpha=-hp["lr"]), states  # needs a number
+
+    class NumbersOnlySGD(diffopt.optim.SGD):
+        rule_class = NumbersOnlyRule
+
+    assert SGDRule.group_update_takes_tensor_lr() and not NumbersOnlyRule.group_update_takes_tensor_lr()
+    lr = torch.tensor(0.1, dtype=F64, requires_grad=True)
+    w = [torch.ones(3, dtype=F64, requires_grad=True), torch.ones(2, dtype=F64, requires_grad=True)]
+    new = NumbersOnlySGD(w, lr=lr).step(grads=[torch.full((3,), 2.0, dtype=F64), torch.full((2,), 4.0, dtype=F64)])
+    (grad_lr,) = torch.autograd.grad(sum(p.sum() for p in new), lr)
+    assert float(grad_lr) == -(3 * 2.0 + 2 * 4.0)

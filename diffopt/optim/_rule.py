@@ -209,6 +209,16 @@ class UpdateRule:
                 return False
         return False
 
+    @classmethod
+    def group_update_takes_tensor_lr(cls) -> bool:
+        """Whether the class defining the :meth:`update_group` in use declared
+        ``group_lr_may_be_tensor`` itself: a user rule that overrides ``update_group``
+        for number hyperparameters does not inherit a built-in rule's promise."""
+        for klass in cls.__mro__:
+            if "update_group" in vars(klass):
+                return bool(vars(klass).get("group_lr_may_be_tensor", False))
+        return False
+
     def update_group(
         self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
     ) -> tuple[list[Tensor], list[State]] | None:

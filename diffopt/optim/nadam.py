@@ -13,7 +13,7 @@ betas are numbers.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -84,9 +84,17 @@ class NAdamRule(UpdateRule):
         exp_avg = torch._foreach_lerp([s["exp_avg"] for s in states], g, 1 - beta1)
         exp_avg_sq = moving_average_of_squares([s["exp_avg_sq"] for s in states], g, beta2)
         denom = torch._foreach_add(safe_sqrt_all(torch._foreach_div(exp_avg_sq, 1 - beta2**step)), hp["eps"])
-        new_params = addcdiv_all(params, g, denom, value=[-lr * (1.0 - mu) / (1.0 - p) for p in products])
+        # One coefficient for all when the products agree (the usual case: a tensor lr then
+        # costs two scalar operations, not two per tensor).
+        distinct = [products[0]] if all(p == products[0] for p in products) else products
+
+        def coefficients(rule: Callable[[float], Any]) -> Any:
+            values = [rule(p) for p in distinct]
+            return values[0] if len(values) == 1 else values
+
+        new_params = addcdiv_all(params, g, denom, value=coefficients(lambda p: -lr * (1.0 - mu) / (1.0 - p)))
         new_params = addcdiv_all(
-            new_params, exp_avg, denom, value=[(-lr * mu_next) / (1.0 - p * mu_next) for p in products]
+            new_params, exp_avg, denom, value=coefficients(lambda p: (-lr * mu_next) / (1.0 - p * mu_next))
         )
         return new_params, [
             {"step": step, "mu_product": mp, "exp_avg": m, "exp_avg_sq": v}

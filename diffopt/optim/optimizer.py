@@ -331,7 +331,7 @@ class DifferentiableOptimizer:
 
     def _scalar_tensor_lr(self, lr: Any) -> bool:
         """A 0-dim floating-point tensor lr, which the rule's multi-tensor step takes."""
-        return (self.rule.group_lr_may_be_tensor and isinstance(lr, Tensor) and lr.dim() == 0
+        return (self.rule.group_update_takes_tensor_lr() and isinstance(lr, Tensor) and lr.dim() == 0
                 and lr.is_floating_point())
 
     def initial_states(self, params: Sequence[Tensor]) -> list[State | None]:
