@@ -19,7 +19,7 @@ from typing import Any, Union
 
 from torch import Tensor
 
-__all__ = ["PerParameter", "Schedule", "HyperValue", "resolve", "resolve_shared", "is_tensor_valued"]
+__all__ = ["PerParameter", "Schedule", "HyperValue", "resolve", "resolve_shared"]
 
 
 class PerParameter:
@@ -130,21 +130,6 @@ def is_plain_number(value: Any) -> bool:
     if isinstance(value, tuple):
         return all(is_plain_number(v) for v in value)
     return value is None or isinstance(value, (bool, int, float))
-
-
-def is_tensor_valued(value: Any) -> bool:
-    """Whether a hyperparameter (or any part of it) is a tensor."""
-    if isinstance(value, Tensor):
-        return True
-    if isinstance(value, PerParameter):
-        return any(is_tensor_valued(v) for v in value.values)
-    if isinstance(value, Schedule):
-        return isinstance(value.values, Tensor) or callable(value.values) or any(
-            is_tensor_valued(v) for v in value.values
-        )
-    if isinstance(value, tuple):
-        return any(is_tensor_valued(v) for v in value)
-    return False
 
 
 def leaves(value: Any) -> list[Any]:

@@ -195,6 +195,11 @@ class UpdateRule:
 
     # -- over a whole parameter group at once -----------------------------------------
     @classmethod
+    def _nearest_defining(cls, *names: str) -> type:
+        """The first class in the MRO whose own body defines one of ``names``."""
+        return next(klass for klass in cls.__mro__ if any(name in vars(klass) for name in names))
+
+    @classmethod
     def has_group_update(cls) -> bool:
         """Whether :meth:`update_group` may stand in for :meth:`update_one`.
 
@@ -202,22 +207,15 @@ class UpdateRule:
         defines ``update_group``: a user rule derived from ``SGDRule`` that changes
         only ``update_one`` must not be bypassed by ``SGDRule.update_group``.
         """
-        for klass in cls.__mro__:
-            if "update_group" in vars(klass):
-                return klass is not UpdateRule
-            if "update_one" in vars(klass):
-                return False
-        return False
+        klass = cls._nearest_defining("update_group", "update_one")
+        return klass is not UpdateRule and "update_group" in vars(klass)
 
     @classmethod
     def group_update_takes_tensor_lr(cls) -> bool:
         """Whether the class defining the :meth:`update_group` in use declared
         ``group_lr_may_be_tensor`` itself: a user rule that overrides ``update_group``
         for number hyperparameters does not inherit a built-in rule's promise."""
-        for klass in cls.__mro__:
-            if "update_group" in vars(klass):
-                return bool(vars(klass).get("group_lr_may_be_tensor", False))
-        return False
+        return bool(vars(cls._nearest_defining("update_group")).get("group_lr_may_be_tensor", False))
 
     def update_group(
         self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
@@ -228,8 +226,9 @@ class UpdateRule:
         implement this), and every state has the same ``"step"`` (the optimizer
         calls this once per step count). Every hyperparameter is a plain number,
         except ``lr``, which may also be a 0-dim tensor (a learnable learning
-        rate) when the rule sets ``group_lr_may_be_tensor``. The result must equal :meth:`update_one` applied to each
-        tensor; built from ``torch._foreach_*`` operations, which autograd
+        rate) when the rule sets ``group_lr_may_be_tensor``. The result must
+        equal :meth:`update_one` applied to each tensor; built from
+        ``torch._foreach_*`` operations, which autograd
         differentiates to every order, it costs one dispatch per operation
         instead of one per operation and tensor. Return ``None`` where the
         per-tensor path must be taken (the default).

@@ -59,10 +59,10 @@ class ASGDRule(UpdateRule):
     def update_group(
         self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
     ) -> tuple[list[Tensor], list[State]] | None:
-        step, eta, mu = (common_value(states, key) for key in ("step", "eta", "mu"))
-        if step is None or eta is None or mu is None:
+        eta, mu = common_value(states, "eta"), common_value(states, "mu")
+        if eta is None or mu is None:  # equal at equal step counts unless lr changed in between
             return None
-        step += 1
+        step = states[0]["step"] + 1
         lr, lambd = hp["lr"], hp["lambd"]
         params, g = signed_with_weight_decay(params, grads, hp)
         new_params = add_scaled_all(scale_all(params, 1 - lambd * eta), g, -eta)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ._rule import Hyper, State, UpdateRule, add_scaled_all, check_range, nonzero
+from .adam import signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 
@@ -44,9 +45,7 @@ class SGDRule(UpdateRule):
     def update_group(
         self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper
     ) -> tuple[list[Tensor], list[State]] | None:
-        g = torch._foreach_neg(grads) if hp["maximize"] else grads
-        if hp["weight_decay"] != 0:
-            g = torch._foreach_add(g, params, alpha=hp["weight_decay"])
+        _, g = signed_with_weight_decay(params, grads, hp)  # SGD's weight decay is coupled
         momentum = hp["momentum"]
         new_states = states
         if momentum != 0:
