@@ -404,7 +404,7 @@ def test_non_finite_gradients_raise_or_are_skipped(cls):
     assert torch.isfinite(new).all()
     assert torch.equal(new[1:3], w.detach()[1:3])      # skipped coordinates unchanged
     assert not torch.equal(new[[0, 3]], w.detach()[[0, 3]])
-    fresh = opt.rule.init_state(w, opt.hyper(opt.param_groups[0], 0, 0, w, 0))
+    fresh = opt.rule.init_state(w, opt.tensor_hyperparameters(opt.param_groups[0], 0, 0, w, 0))
     for key, value in state.items():
         if isinstance(value, Tensor):
             assert torch.equal(value[1:3], fresh[key][1:3]), key   # and so is their state

@@ -282,13 +282,24 @@ class DifferentiableOptimizer:
             if shared is not None:
                 members = self._update_at_once(members, shared, params, grads, new_params, new_states)
             for position, i in members:
-                hp = dict(shared) if shared is not None else self._hp(group, position, step)
-                hp["task_dims"] = params[i].dim() - self.base_dims[i]
+                hp = self.tensor_hyperparameters(group, position, i, params[i], step, shared)
                 state = new_states[i]
                 if state is None:
                     state = self.rule.init_state(params[i], hp)
                 new_params[i], new_states[i] = self.rule.update_one(params[i], grads[i], state, hp)
         return new_params, new_states
+
+    def tensor_hyperparameters(
+        self, group: Mapping[str, Any], position: int, index: int, param: Tensor, step: int,
+        shared: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """What :meth:`UpdateRule.update_one` receives for parameter ``index`` (at ``position``
+        in ``group``) at ``step``: the group's hyperparameters resolved for it (``shared``
+        when they are the same for the whole group) and ``task_dims``, the number of
+        leading task dimensions ``param`` has beyond its shape at construction."""
+        hp = dict(shared) if shared is not None else self._hp(group, position, step)
+        hp["task_dims"] = param.dim() - self.base_dims[index]
+        return hp
 
     def _shared_hp(self, group: Mapping[str, Any], step: int) -> dict[str, Any] | None:
         """The group's hyperparameters at ``step`` if every parameter shares them, else ``None``."""

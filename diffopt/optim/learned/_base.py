@@ -56,12 +56,6 @@ class LearnedOptimizer(DifferentiableOptimizer):
     rule: LearnedRule
 
     # -- construction ----------------------------------------------------------------
-    def add_param_group(self, group: dict[str, Any]) -> None:
-        before = len(getattr(self, "params", []))
-        super().add_param_group(group)
-        dims = getattr(self, "_base_dims", [])
-        self._base_dims = dims + [p.dim() for p in self.params[before:]]
-
     def _check_hyper_shapes(self, group: Mapping[str, Any], param: Tensor, position: int, where: str) -> None:
         plain = {k: v for k, v in group.items() if k not in self.rule.structured}
         super()._check_hyper_shapes(plain, param, position, where)
@@ -70,38 +64,23 @@ class LearnedOptimizer(DifferentiableOptimizer):
     # -- the step --------------------------------------------------------------------
     def batch_dims(self, index: int, param: Tensor) -> int:
         """Leading task dimensions of ``param`` (the ``index``-th parameter) at this call."""
-        extra = param.dim() - self._base_dims[index]
+        extra = param.dim() - self.base_dims[index]
         if extra < 0:
             raise ValueError(
                 f"{type(self).__name__}: parameter {index} ({self.param_names[index]}) has shape "
-                f"{tuple(param.shape)}, fewer dimensions than at construction ({self._base_dims[index]})"
+                f"{tuple(param.shape)}, fewer dimensions than at construction ({self.base_dims[index]})"
             )
         return extra
 
-    def hyper(self, group: Mapping[str, Any], position: int, index: int, param: Tensor, step: int) -> dict[str, Any]:
-        hp = self._hp(group, position, step)
+    def tensor_hyperparameters(
+        self, group: Mapping[str, Any], position: int, index: int, param: Tensor, step: int,
+        shared: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """As for every optimizer, plus ``hp["batch_dims"]`` (the leading task dimensions,
+        checked: a parameter may not have fewer dimensions than at construction)."""
+        hp = super().tensor_hyperparameters(group, position, index, param, step, shared)
         hp["batch_dims"] = self.batch_dims(index, param)
         return hp
-
-    def update(
-        self,
-        params: Sequence[Tensor],
-        grads: Sequence[Tensor | None],
-        states: Sequence[State | None],
-        step: int,
-    ) -> tuple[list[Tensor], list[State | None]]:
-        """As :meth:`DifferentiableOptimizer.update`, with ``hp["batch_dims"]`` set per parameter."""
-        new_params, new_states = list(params), list(states)
-        for group in self.param_groups:
-            for position, i in enumerate(group["params"]):
-                if grads[i] is None:
-                    continue
-                hp = self.hyper(group, position, i, params[i], step)
-                state = new_states[i]
-                if state is None:
-                    state = self.rule.init_state(params[i], hp)
-                new_params[i], new_states[i] = self.rule.update_one(params[i], grads[i], state, hp)
-        return new_params, new_states
 
     def initial_states(self, params: Sequence[Tensor]) -> list[State | None]:
         # Learned rules create their state lazily (on the first step), like most torch.optim rules.

@@ -122,7 +122,9 @@ class _Hypergradient(LearnedOptimizer):
             for position, i in enumerate(group["params"]):
                 if grads[i] is None or states[i] is None:
                     continue
-                h = self.rule.hypergradient(grads[i], states[i], self.hyper(group, position, i, params[i], step))
+                h = self.rule.hypergradient(
+                    grads[i], states[i], self.tensor_hyperparameters(group, position, i, params[i], step)
+                )
                 if h is not None:
                     total = h if total is None else total + h
         new_params, new_states = list(params), list(states)
@@ -130,7 +132,7 @@ class _Hypergradient(LearnedOptimizer):
             for position, i in enumerate(group["params"]):
                 if grads[i] is None:
                     continue
-                hp = self.hyper(group, position, i, params[i], step)
+                hp = self.tensor_hyperparameters(group, position, i, params[i], step)
                 state = new_states[i]
                 if state is None:
                     state = self.rule.init_state(params[i], hp)
