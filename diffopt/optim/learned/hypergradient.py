@@ -68,7 +68,12 @@ class HypergradientSGDRule(LearnedRule):
 
     def update_one(self, param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
         g = -grad if hp["maximize"] else grad
-        h = hp["shared_hypergradient"] if "shared_hypergradient" in hp else self.hypergradient(grad, state, hp)
+        if state.get("direction") is None:
+            h = None  # the first step: no previous direction
+        elif "shared_hypergradient" in hp:  # scope "global": one sum over all the group's tensors
+            h = hp["shared_hypergradient"]
+        else:
+            h = self.hypergradient(grad, state, hp)
         lr = state["lr"] if h is None else state["lr"] + hp["hyper_lr"] * h
         step = state["step"] + 1
         u, extra = self.direction(g, state, hp, step)
@@ -106,6 +111,9 @@ class HypergradientAdamRule(HypergradientSGDRule):
 
 
 class _Hypergradient(LearnedOptimizer):
+    #: during :meth:`update`, the hypergradient summed over every tensor of the "global" groups
+    _shared_hypergradient: Tensor | None = None
+
     def update(
         self,
         params: Sequence[Tensor],
@@ -127,19 +135,20 @@ class _Hypergradient(LearnedOptimizer):
                 )
                 if h is not None:
                     total = h if total is None else total + h
-        new_params, new_states = list(params), list(states)
-        for group in self.param_groups:
-            for position, i in enumerate(group["params"]):
-                if grads[i] is None:
-                    continue
-                hp = self.tensor_hyperparameters(group, position, i, params[i], step)
-                state = new_states[i]
-                if state is None:
-                    state = self.rule.init_state(params[i], hp)
-                if group["scope"] == "global":
-                    hp["shared_hypergradient"] = total if state["direction"] is not None else None
-                new_params[i], new_states[i] = self.rule.update_one(params[i], grads[i], state, hp)
-        return new_params, new_states
+        self._shared_hypergradient = total
+        try:
+            return super().update(params, grads, states, step)
+        finally:
+            self._shared_hypergradient = None
+
+    def tensor_hyperparameters(
+        self, group: Mapping[str, Any], position: int, index: int, param: Tensor, step: int,
+        shared: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        hp = super().tensor_hyperparameters(group, position, index, param, step, shared)
+        if group["scope"] == "global" and self._shared_hypergradient is not None:
+            hp["shared_hypergradient"] = self._shared_hypergradient
+        return hp
 
     def config(self) -> dict[str, Any]:
         group = self.param_groups[0]
