@@ -373,9 +373,15 @@ def run_worker(script: str | os.PathLike[str], config: Mapping[str, Any], timeou
 
     Returns the parsed result, or ``{"error": ...}`` when the process failed or timed out.
     """
+    return run_worker_command([sys.executable, str(script)], config, timeout, threads, cwd)
+
+
+def run_worker_command(program: Sequence[str], config: Mapping[str, Any], timeout: float | None = None,
+                       threads: int = 1, cwd: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """:func:`run_worker` for any command line (e.g. ``[python, "-m", module]``)."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads))
-    command = [sys.executable, str(script), "--worker", json.dumps(dict(config))]
+    command = [*program, "--worker", json.dumps(dict(config))]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
                               cwd=None if cwd is None else str(cwd))

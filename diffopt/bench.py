@@ -56,7 +56,6 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -690,9 +689,9 @@ def measure(problem: Problem, steps: int, settings: Settings, predicted: Mapping
         ref = out.get(reference_for(name), {})
         for key, other in (("plain", reference_for(name)), ("higher", reference_for(name).replace("plain", "higher")),
                            ("torch.func", reference_for(name).replace("plain loop", "torch.func vmap"))):
-            entry.setdefault("ratios", {})[key] = _ratio(_median(entry), _median(out.get(other, {})))
-        entry["memory_ratio"] = _ratio(_peak(entry), _peak(ref))
-        entry["memory_ratio_second_order"] = _ratio(_peak(entry), _peak(out.get("second_order", {})))
+            entry.setdefault("ratios", {})[key] = common.ratio(_median(entry), _median(out.get(other, {})))
+        entry["memory_ratio"] = common.ratio(_peak(entry), _peak(ref))
+        entry["memory_ratio_second_order"] = common.ratio(_peak(entry), _peak(out.get("second_order", {})))
     if impls and "second_order" in impls:
         out["second_order"]["vectorize_reason"] = impls["second_order"].learner.loop.vectorize_reason
     return out
@@ -707,27 +706,10 @@ def _peak(entry: Mapping[str, Any]) -> float | None:
     return (entry.get("memory") or {}).get("tensor_peak_bytes")
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not b or a != a or b != b:
-        return None
-    return a / b
-
-
 def subprocess_worker(config: Mapping[str, Any], timeout: float = 900.0) -> dict[str, Any]:
     """Memory of one configuration in a fresh ``python -m diffopt.bench --worker`` process."""
-    env = dict(os.environ)
     threads = config.get("settings", {}).get("threads", 1)
-    env.setdefault("OMP_NUM_THREADS", str(threads))
-    command = [sys.executable, "-m", "diffopt.bench", "--worker", json.dumps(dict(config))]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        return {"error": f"exit code {done.returncode}: " + " / ".join(tail)}
-    return json.loads(lines[-1])
+    return common.run_worker_command([sys.executable, "-m", "diffopt.bench"], config, timeout, threads)
 
 
 def worker(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -1096,15 +1078,15 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     for name, bound in (("second_order", 0.2), ("first_order", 0.25)):
         r = entry(5, name).get("ratios", {}).get("plain")
         out.append({"target": f"sinusoid {name} meta-step at K=5 ≤ {bound}x the plain loop ({reference_for(name)})",
-                    "value": r, "display": _fmt_ratio(r), "met": None if r is None else r <= bound})
-    r = _ratio(_peak(entry(100, "checkpointed")), _peak(entry(100, "second_order")))
+                    "value": r, "display": common.fmt_ratio(r), "met": None if r is None else r <= bound})
+    r = common.ratio(_peak(entry(100, "checkpointed")), _peak(entry(100, "second_order")))
     out.append({"target": "sinusoid checkpointed peak memory at K=100 ≤ 25% of second order's", "value": r,
-                "display": _fmt_ratio(r), "met": None if r is None else r <= 0.25})
+                "display": common.fmt_ratio(r), "met": None if r is None else r <= 0.25})
     ks = sorted(int(k) for k in timing)
     for name in ("implicit", "forward"):
         peaks = {k: v for k in ks if (v := _peak(entry(k, name)))}
-        r = _ratio(peaks.get(100), peaks.get(10))
-        display = _fmt_ratio(r)
+        r = common.ratio(peaks.get(100), peaks.get(10))
+        display = common.fmt_ratio(r)
         if len(peaks) >= 2:
             display += (f" (max/min over K={min(peaks)}..{max(peaks)}: "
                         f"{max(peaks.values()) / min(peaks.values()):.2f}x)")
@@ -1116,10 +1098,6 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 # output: markdown, JSON, plots
 # ---------------------------------------------------------------------------------------------
-
-
-def _fmt_ratio(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}x"
 
 
 def _fmt_ms(summary: Mapping[str, Any] | None) -> str:
@@ -1175,7 +1153,7 @@ def problem_markdown(name: str, entry: Mapping[str, Any], results: Mapping[str, 
         for k in ks:
             e = entry["timing"][k].get(n, {})
             status = _cell_status(e)
-            row.append(status or f"{_fmt_ms(e.get('time'))} ({_fmt_ratio(e.get('ratios', {}).get('plain'))})")
+            row.append(status or f"{_fmt_ms(e.get('time'))} ({common.fmt_ratio(e.get('ratios', {}).get('plain'))})")
         rows.append(row)
     parts.append("Median ms per meta-step ±IQR/2 (ratio to the plain loop of the same order: first order to the "
                  "first-order loop, every other mode to the second-order loop):\n\n"
@@ -1198,7 +1176,7 @@ def problem_markdown(name: str, entry: Mapping[str, Any], results: Mapping[str, 
         row = [n]
         for k in ks:
             r = entry["timing"][k].get(n, {}).get("ratios", {})
-            row.append(f"{_fmt_ratio(r.get('higher'))} / {_fmt_ratio(r.get('torch.func'))}")
+            row.append(f"{common.fmt_ratio(r.get('higher'))} / {common.fmt_ratio(r.get('torch.func'))}")
         rows.append(row)
     parts.append("Time ratio to the higher loop / to torch.func vmap (same order):\n\n"
                  + table(["implementation"] + [f"K={k}" for k in ks], rows))
@@ -1211,7 +1189,7 @@ def problem_markdown(name: str, entry: Mapping[str, Any], results: Mapping[str, 
                 peak = _peak(e)
                 status = _cell_status(e)
                 row.append(status or ("n/a" if peak is None else
-                                      f"{peak / MiB:.3g} ({_fmt_ratio(e.get('memory_ratio'))})"))
+                                      f"{peak / MiB:.3g} ({common.fmt_ratio(e.get('memory_ratio'))})"))
             rows.append(row)
         parts.append("Peak tensor memory per meta-step, MiB (ratio to the plain loop of the same order):\n\n"
                      + table(["implementation"] + [f"K={k}" for k in ks], rows))
