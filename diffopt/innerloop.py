@@ -30,10 +30,11 @@ class PatchedOptimizer:
     fast weights.
     """
 
-    def __init__(self, fmodel: higher.patch._MonkeyPatchBase, optimizer: DifferentiableOptimizer) -> None:
+    def __init__(self, fmodel: higher.patch._MonkeyPatchBase, optimizer: DifferentiableOptimizer,
+                 positions: list[int]) -> None:
         self.fmodel = fmodel
         self.optimizer = optimizer
-        self._position = optimizer._fmodel_positions  # type: ignore[attr-defined]
+        self._position = positions  # where each optimizer parameter sits in fmodel.fast_params
 
     def step(self, loss: Tensor, **kwargs: Any) -> list[Tensor]:
         fast = list(self.fmodel.fast_params)
@@ -81,12 +82,8 @@ def innerloop(
     index_of = {id(p): j for j, p in enumerate(model_params)}
     if isinstance(optimizer, DifferentiableOptimizer):
         originals = optimizer.params
-        if first_order and not optimizer.first_order:
-            optimizer.first_order = True
-        dopt = optimizer
     elif isinstance(optimizer, torch.optim.Optimizer):
         originals = [p for g in optimizer.param_groups for p in g["params"]]
-        dopt = None
     else:
         raise TypeError(
             f"innerloop(optimizer=...): expected a torch.optim or diffopt optimizer, got "
@@ -101,9 +98,12 @@ def innerloop(
             )
         positions.append(index_of[id(p)])
     starts = [fast[j] for j in positions]
-    if dopt is None:
-        dopt = from_torch(optimizer, params=starts, first_order=first_order, **options)  # type: ignore[arg-type]
+    if isinstance(optimizer, DifferentiableOptimizer):
+        if options:
+            raise TypeError(f"innerloop: {', '.join(options)} are options of from_torch; give them to the "
+                            f"diffopt optimizer's constructor instead")
+        # A working copy: the caller's optimizer keeps its parameters, state and settings.
+        dopt = optimizer.bound_to(starts, first_order=True if first_order else None)
     else:
-        dopt.params = starts
-    dopt._fmodel_positions = positions  # type: ignore[attr-defined]
-    yield fmodel, PatchedOptimizer(fmodel, dopt)
+        dopt = from_torch(optimizer, params=starts, first_order=first_order, **options)
+    yield fmodel, PatchedOptimizer(fmodel, dopt, positions)

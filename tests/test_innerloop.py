@@ -174,11 +174,13 @@ def test_first_order(case, seed, steps):
         assert max(float((a - b).abs().max()) for a, b in zip(ours, second)) > 1e-6  # a different gradient
 
 
-def test_first_order_with_a_diffopt_optimizer_sets_it():
+def test_first_order_with_a_diffopt_optimizer_applies_to_the_block_only():
+    """first_order=True makes the block first order (gradient = the hand-written first-order
+    unroll) without setting it on the caller's optimizer (#13 item 7, #15 item 5)."""
     model, data = make_model(0), make_data(0)
     opt = diffopt.optim.SGD(model.parameters(), lr=0.1)
     loss, _ = innerloop_query_loss(model, opt, data, 2, first_order=True)
-    assert opt.first_order
+    assert not opt.first_order
     ours = torch.autograd.grad(loss, list(model.parameters()))
     reference = torch.autograd.grad(hand_unroll(model, data, 2, hand_sgd(0.1), first_order=True),
                                     list(model.parameters()))
@@ -316,3 +318,29 @@ def test_innerloop_errors():
     with pytest.raises(TypeError, match="expected a torch.optim or diffopt optimizer"):
         with diffopt.innerloop(model, "sgd"):
             pass
+
+
+def test_a_diffopt_optimizer_is_reusable_across_blocks_and_left_untouched():
+    """innerloop must not change the caller's optimizer (it used to overwrite its params, set
+    first_order=True for good and attach a private attribute), so a second block with the same
+    optimizer fails no more and gives the same meta-gradient as the first."""
+    model = make_model(3)
+    sx, sy, qx, qy = make_data(3)
+    opt = diffopt.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    params_before, first_order_before = list(opt.params), opt.first_order
+
+    def meta_gradient(first_order: bool) -> list[torch.Tensor]:
+        with diffopt.innerloop(model, opt, first_order=first_order) as (fmodel, inner):
+            for _ in range(2):
+                inner.step(mse(fmodel(sx), sy))
+            return list(torch.autograd.grad(mse(fmodel(qx), qy), list(model.parameters())))
+
+    first = meta_gradient(first_order=True)
+    assert opt.first_order is first_order_before
+    assert all(a is b for a, b in zip(opt.params, params_before)) and opt.step_count == 0
+    assert not hasattr(opt, "_fmodel_positions")
+    second_order = meta_gradient(first_order=False)
+    again = meta_gradient(first_order=False)
+    assert all(torch.equal(a, b) for a, b in zip(second_order, again))
+    # the first-order block really was first order, the later ones second order
+    assert any(not torch.allclose(a, b) for a, b in zip(first, second_order))

@@ -105,7 +105,7 @@ class InnerLoopLearner(MetaLearner):
         return out
 
     def config(self) -> dict[str, Any]:
-        return {"algorithm": type(self).__name__, "inner_steps": self.loop.steps, "mode": self.loop.mode,
+        return {"algorithm": type(self).__name__, "inner_steps": self.loop.steps, "mode": self.loop.mode.name,
                 "parameters": [list(p.shape) for p in self.parameters()]}
 
 

@@ -9,6 +9,8 @@ tensor hyperparameter.
 """
 from __future__ import annotations
 
+import copy
+
 import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -227,6 +229,19 @@ class DifferentiableOptimizer:
                     if isinstance(leaf, Tensor) and leaf.requires_grad:
                         found.setdefault(id(leaf), leaf)
         return list(found.values())
+
+    def bound_to(self, params: Sequence[Tensor], *, first_order: bool | None = None) -> DifferentiableOptimizer:
+        """A working copy that steps ``params`` (one tensor per parameter, same shapes, e.g. a
+        patched model's fast weights) with this optimizer's groups, hyperparameters, state and
+        step count; ``first_order`` overrides the setting. ``self`` is left untouched, so an
+        optimizer can start any number of inner loops, as a torch.optim one can."""
+        current = self._current(params)
+        clone = copy.copy(self)
+        clone.params = current
+        clone.state = list(self.state)
+        if first_order is not None:
+            clone.first_order = bool(first_order)
+        return clone
 
     # -- the step --------------------------------------------------------------------
     def step(

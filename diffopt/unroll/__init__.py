@@ -1,11 +1,15 @@
 """The inner-loop engine: task-batched unrolls over higher's patched models, and
-meta-gradients in every mode (see :mod:`diffopt.unroll.engine`)."""
-from .carry import Carry
-from .engine import MODES, Adapted, InnerLoop
+meta-gradients in every mode (see :mod:`diffopt.unroll.engine` and
+:mod:`diffopt.unroll.modes`)."""
+from .carry import Adapted, Carry
+from .engine import InnerLoop
+from .modes import (ES, MODES, PES, Checkpointed, FirstOrder, Forward, Implicit, Mode, SecondOrder, Truncated,
+                    as_mode)
 from .patched import BATCHNORM_POLICIES, PatchedModel, choose_vectorize
-from .solvers import SolveInfo, conjugate_gradient, neumann
+from .solvers import CG, Neumann, SolveInfo, conjugate_gradient, neumann
 
 __all__ = [
-    "BATCHNORM_POLICIES", "MODES", "Adapted", "Carry", "InnerLoop", "PatchedModel", "SolveInfo",
+    "BATCHNORM_POLICIES", "CG", "ES", "MODES", "PES", "Adapted", "Carry", "Checkpointed", "FirstOrder", "Forward",
+    "Implicit", "InnerLoop", "Mode", "Neumann", "PatchedModel", "SecondOrder", "SolveInfo", "Truncated", "as_mode",
     "choose_vectorize", "conjugate_gradient", "neumann",
 ]

@@ -69,3 +69,30 @@ def detached(carry: Carry, requires_grad: bool = False) -> Carry:
         for k, t in enumerate(tensors)
     ]
     return unflatten(cut, skeleton)
+
+
+class Adapted:
+    """Adapted fast weights: ``params`` in ``model.parameters()`` order.
+
+    Adapted parameters carry a leading task dimension; parameters the inner
+    optimizer does not update are the model's own tensors (``adapted[j]`` False).
+    ``info`` says how they were computed (mode, steps, vectorisation, solver, ...).
+    """
+
+    def __init__(self, params: list[Tensor], adapted: list[bool], buffers: list[Tensor], info: dict[str, Any]):
+        self.params = params
+        self.adapted = adapted
+        self.buffers = buffers
+        self.info = info
+
+    def task(self, t: int) -> list[Tensor]:
+        """Task ``t``'s weights (no task dimension)."""
+        return [p[t] if a else p for p, a in zip(self.params, self.adapted)]
+
+
+def unique(tensors: list[Tensor]) -> list[Tensor]:
+    """``tensors`` without repeats (by identity), in first-seen order."""
+    seen: dict[int, Tensor] = {}
+    for t in tensors:
+        seen.setdefault(id(t), t)
+    return list(seen.values())

@@ -4,28 +4,17 @@
 weights on each task's support set with a differentiable update rule and
 returns the adapted (task-batched) fast weights; ``meta_loss`` evaluates them
 on the query sets. The result is differentiable with respect to the model's
-parameters and every tensor hyperparameter, by the mode chosen:
+parameters and every tensor hyperparameter, by the mode chosen: an object of
+:mod:`diffopt.unroll.modes` (``Truncated(3)``, ``Implicit(CG(20))``, ...) or its name
+(``"second_order"``, ``"first_order"``, ``"truncated"``, ``"checkpointed"``,
+``"implicit"``, ``"forward"``, ``"es"``, ``"pes"``), which owns its options and how the
+unroll is made differentiable. The engine itself is one loop::
 
-=================  ==============================================================
-``second_order``   full reverse-mode unroll (MAML).
-``first_order``    inner gradients treated as constants (first-order MAML); the
-                   updates stay differentiable, so tensor hyperparameters still
-                   get their gradient.
-``truncated``      reverse mode through the last ``truncate`` steps; the earlier
-                   steps are run without a graph and contribute the identity to
-                   the initial weights (``truncate=K`` equals second order).
-``checkpointed``   segments of ``segment`` steps (default ⌈√K⌉) are recomputed in
-                   the backward pass: memory grows about as √K, gradients equal
-                   second order.
-``implicit``       implicit-function theorem at the inner solution, with a
-                   conjugate-gradient or Neumann solve over Hessian-vector
-                   products (iMAML with ``proximal=λ``).
-``forward``        forward-mode tangents through the unroll for the tensors in
-                   ``forward_wrt`` (default: the tensor hyperparameters); memory
-                   independent of K.
-``es`` / ``pes``   antithetic evolution strategies, and persistent ES over
-                   truncations of ``pes_truncation`` steps (Vicol et al., 2021).
-=================  ==============================================================
+    carry = (θ expanded over tasks, optimizer states, per-task statistics, step 0)
+    repeat K times:
+        losses = inner loss of every task at carry.params        (one vmap'd forward)
+        grads  = autograd.grad(losses.sum(), adapted weights)    (task t's own gradient)
+        carry  = optimizer.update(carry, grads)                  (pure, never in place)
 
 Tasks are independent, so one ``torch.autograd.grad`` of the sum of the
 per-task inner losses gives every task its own gradient.
@@ -33,7 +22,6 @@ per-task inner losses gives every task its own gradient.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,30 +31,13 @@ from torch import Tensor, nn
 
 from ..optim import SGD, DifferentiableOptimizer, NonFiniteError, from_torch
 from ..optim._hyper import PerParameter, Schedule
-from . import modes
-from .carry import Carry, detached
+from .carry import Adapted, Carry, detached
+from .modes import MODES, Mode, as_mode, default_segment
 from .patched import PatchedModel, choose_vectorize, describe_vmap_failure
 
-MODES = ("second_order", "first_order", "truncated", "checkpointed", "implicit", "forward", "es", "pes")
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-
-class Adapted:
-    """Adapted fast weights: ``params`` in ``model.parameters()`` order.
-
-    Adapted parameters carry a leading task dimension; parameters the inner
-    optimizer does not update are the model's own tensors (``adapted[j]`` False).
-    """
-
-    def __init__(self, params: list[Tensor], adapted: list[bool], buffers: list[Tensor], info: dict[str, Any]):
-        self.params = params
-        self.adapted = adapted
-        self.buffers = buffers
-        self.info = info
-
-    def task(self, t: int) -> list[Tensor]:
-        """Task ``t``'s weights (no task dimension)."""
-        return [p[t] if a else p for p, a in zip(self.params, self.adapted)]
+__all__ = ["MODES", "Adapted", "InnerLoop", "default_segment"]
 
 
 class InnerLoop:
@@ -80,23 +51,23 @@ class InnerLoop:
         loss_fn: per-task loss ``loss_fn(prediction, target) -> scalar``
             (default mean squared error).
         steps: K, the number of inner steps.
-        mode: one of ``MODES`` (see the module docstring).
+        mode: a :mod:`diffopt.unroll.modes` object (``Truncated(3)``,
+            ``Implicit(CG(20), damping=0.1)``, ...) or one of the names in ``MODES``;
+            ``loop.mode`` is the object (it compares equal to its name).
         vectorize: True (vmap over tasks), False (task loop) or "auto".
         batchnorm: "transductive", "per_task" or "frozen" (see ``patched``).
         proximal: λ of iMAML's proximal term ``λ/2 ||φ − θ||²`` added to the
             inner objective (any mode); None for none.
-        truncate: steps to backpropagate through in ``truncated`` mode.
-        segment: steps per recomputed segment in ``checkpointed`` mode.
-        solver, solver_iterations, solver_tol, damping, neumann_alpha: the
-            ``implicit`` mode's linear solve ``(H + damping·I) w = v``.
-        forward_wrt: tensors differentiated in ``forward`` mode.
-        es_wrt, es_samples, es_sigma, pes_truncation, generator: the ``es``
-            and ``pes`` estimators (antithetic pairs, perturbation scale, the
-            truncation length, and the random generator for perturbations).
         meta_parameters: other tensors the inner loss depends on (for example
             a learned loss's weights): they receive meta-gradients in every mode.
         check_finite: raise naming the task and step on a non-finite inner loss
             or gradient (default True).
+        **mode_options: a named mode's options as keywords, as before modes were
+            objects: ``truncate`` (``truncated``), ``segment`` (``checkpointed``),
+            ``solver``, ``solver_iterations``, ``solver_tol``, ``damping``,
+            ``neumann_alpha`` (``implicit``), ``forward_wrt`` (``forward``),
+            ``es_wrt``, ``es_samples``, ``es_sigma``, ``generator`` (``es``, ``pes``),
+            ``pes_truncation`` (``pes``). An option of another mode is an error.
     """
 
     def __init__(
@@ -106,51 +77,29 @@ class InnerLoop:
         loss_fn: LossFn | None = None,
         *,
         steps: int = 1,
-        mode: str = "second_order",
+        mode: Mode | str = "second_order",
         vectorize: bool | str = "auto",
         batchnorm: str = "transductive",
         proximal: float | Tensor | None = None,
-        truncate: int | None = None,
-        segment: int | None = None,
-        solver: str = "cg",
-        solver_iterations: int = 100,
-        solver_tol: float = 1e-10,
-        damping: float = 0.0,
-        neumann_alpha: float = 0.1,
-        forward_wrt: Sequence[Tensor] | None = None,
-        es_wrt: Sequence[Tensor] | None = None,
-        es_samples: int = 16,
-        es_sigma: float = 1e-2,
-        pes_truncation: int | None = None,
-        generator: torch.Generator | None = None,
         meta_parameters: Sequence[Tensor] = (),
         check_finite: bool = True,
+        **mode_options: Any,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not a mode; valid modes: {', '.join(MODES)}")
-        if not isinstance(steps, int) or steps < 0:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+        self.mode = as_mode(mode, **mode_options)
+        self.mode.validate(steps)
         self.model = model
         self.theta = list(model.parameters())
         self.optimizer = self._inner_optimizer(optimizer)
         self.loss_fn = loss_fn or F.mse_loss
         self.steps = steps
-        self.mode = mode
         self.patched = PatchedModel(model, batchnorm)
         self.vectorize, self.vectorize_reason = self._vectorize(vectorize)
         self.proximal = proximal
-        self.truncate = truncate
-        self.segment = segment
-        self.solver, self.solver_iterations, self.solver_tol = solver, solver_iterations, solver_tol
-        self.damping, self.neumann_alpha = damping, neumann_alpha
-        self.forward_wrt = forward_wrt
-        self.es_wrt, self.es_samples, self.es_sigma = es_wrt, es_samples, es_sigma
-        self.pes_truncation = pes_truncation
-        self.generator = generator
         self.meta_parameters = list(meta_parameters)
         self.check_finite = check_finite
         self.last_info: dict[str, Any] = {}
-        self._validate_mode_options()
 
     # -- configuration -------------------------------------------------------------
     def _inner_optimizer(self, optimizer: Any) -> DifferentiableOptimizer:
@@ -183,21 +132,6 @@ class InnerLoop:
         if vectorize is False:
             return False, "task loop: requested (vectorize=False)"
         raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
-
-    def _validate_mode_options(self) -> None:
-        if self.mode == "truncated":
-            if self.truncate is None or not 0 <= self.truncate <= self.steps:
-                raise ValueError(
-                    f"mode='truncated' needs truncate=k with 0 <= k <= steps ({self.steps}); got {self.truncate!r}"
-                )
-        if self.mode == "checkpointed" and self.segment is not None and self.segment < 1:
-            raise ValueError(f"segment must be a positive number of steps, got {self.segment!r}")
-        if self.mode == "implicit" and self.solver not in ("cg", "neumann"):
-            raise ValueError(f"solver={self.solver!r}: choose 'cg' or 'neumann'")
-        if self.mode == "pes" and self.pes_truncation is not None and self.pes_truncation < 1:
-            raise ValueError(f"pes_truncation must be a positive number of steps, got {self.pes_truncation!r}")
-        if self.mode in ("es", "pes") and (self.es_samples < 1 or not self.es_sigma > 0):
-            raise ValueError("es_samples must be >= 1 and es_sigma > 0")
 
     def meta_tensors(self) -> list[Tensor]:
         """Tensors other than the carry that the inner steps depend on and that require grad."""
@@ -298,41 +232,50 @@ class InnerLoop:
             carry = detached(carry, requires_grad=True)
         with torch.enable_grad():
             losses, buffers = self.inner_objective(carry, x, y, theta)
-            if self.check_finite and not torch.isfinite(losses.detach()).all():
-                bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
-                raise NonFiniteError(
-                    f"inner loss is not finite for task(s) {bad} at inner step {carry.step} "
-                    f"(values {losses.detach()[bad].tolist()}); lower the inner learning rate, clip "
-                    "gradients or check the support data"
-                )
+            self._check_finite_losses(losses, carry.step)
             adapted = [carry.params[j] for j in self.positions]
-            # Frozen parameters (requires_grad=False) get no gradient and stay put, as in
-            # torch.optim, in every mode (graph="none" makes every carry tensor a leaf).
-            trainable = [k for k, j in enumerate(self.positions) if self.theta[j].requires_grad]
-            computed = torch.autograd.grad(
-                losses.sum(), [adapted[k] for k in trainable], create_graph=graph == "full", allow_unused=True
-            ) if trainable else ()
-            grads: list[Tensor | None] = [None] * len(adapted)
-            for k, g in zip(trainable, computed):
-                grads[k] = g
+            grads = self._inner_gradients(losses, adapted, create_graph=graph == "full")
         grads = self._transform(optimizer, grads, carry.step)
-        if self.check_finite and not _all_finite(grads):
-            for k, g in enumerate(grads):
-                if g is not None and not torch.isfinite(g.detach()).all():
-                    tasks = torch.nonzero(~torch.isfinite(g.detach()).flatten(1).all(1)).flatten().tolist()
-                    raise NonFiniteError(
-                        f"inner gradient of {self.patched.names[self.positions[k]]} is not finite for task(s) "
-                        f"{tasks} at inner step {carry.step}; lower the inner learning rate or clip gradients"
-                    )
-        if graph == "none":
-            with torch.no_grad():
-                new, states = optimizer.update(adapted, grads, carry.states, carry.step)
-        else:
+        self._check_finite_gradients(grads, carry.step)
+        with torch.set_grad_enabled(graph != "none"):
             new, states = optimizer.update(adapted, grads, carry.states, carry.step)
         params = list(carry.params)
         for j, p in zip(self.positions, new):
             params[j] = p
         return Carry(params, states, buffers, carry.step + 1)
+
+    def _inner_gradients(self, losses: Tensor, adapted: list[Tensor], create_graph: bool) -> list[Tensor | None]:
+        """Every task's gradient in one call: tasks are independent, so the gradient of the
+        sum of the task losses with respect to task t's weights is task t's gradient.
+        Frozen parameters (requires_grad=False) get None and stay put, as in torch.optim."""
+        trainable = [k for k, j in enumerate(self.positions) if self.theta[j].requires_grad]
+        grads: list[Tensor | None] = [None] * len(adapted)
+        if trainable:
+            computed = torch.autograd.grad(losses.sum(), [adapted[k] for k in trainable], create_graph=create_graph,
+                                           allow_unused=True)
+            for k, g in zip(trainable, computed):
+                grads[k] = g
+        return grads
+
+    def _check_finite_losses(self, losses: Tensor, step: int) -> None:
+        if self.check_finite and not torch.isfinite(losses.detach()).all():
+            bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
+            raise NonFiniteError(
+                f"inner loss is not finite for task(s) {bad} at inner step {step} "
+                f"(values {losses.detach()[bad].tolist()}); lower the inner learning rate, clip "
+                "gradients or check the support data"
+            )
+
+    def _check_finite_gradients(self, grads: list[Tensor | None], step: int) -> None:
+        if not self.check_finite or _all_finite(grads):
+            return
+        for k, g in enumerate(grads):
+            if g is not None and not torch.isfinite(g.detach()).all():
+                tasks = torch.nonzero(~torch.isfinite(g.detach()).flatten(1).all(1)).flatten().tolist()
+                raise NonFiniteError(
+                    f"inner gradient of {self.patched.names[self.positions[k]]} is not finite for task(s) "
+                    f"{tasks} at inner step {step}; lower the inner learning rate or clip gradients"
+                )
 
     @staticmethod
     def _transform(optimizer: DifferentiableOptimizer, grads: list[Tensor | None], step: int) -> list[Tensor | None]:
@@ -360,12 +303,15 @@ class InnerLoop:
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Adapted:
         """Run the K inner steps; the result is differentiable as the mode prescribes."""
         self._check_tasks(support_x, support_y)
-        carry0 = self.initial_carry(support_x.shape[0])
-        info: dict[str, Any] = {"mode": self.mode, "steps": self.steps, "vectorize": self.vectorize,
-                                "vectorize_reason": self.vectorize_reason}
-        carry = modes.adapt(self, carry0, support_x, support_y, info)
+        info = self._info()
+        carry = self.mode.adapt(self, self.initial_carry(support_x.shape[0]), support_x, support_y, info)
         self.last_info = info
         return Adapted(carry.params, list(self.adapted_mask), carry.buffers, info)
+
+    def _info(self) -> dict[str, Any]:
+        """What ``last_info`` reports for every mode; the mode adds its own entries."""
+        return {"mode": self.mode.name, "steps": self.steps, "vectorize": self.vectorize,
+                "vectorize_reason": self.vectorize_reason}
 
     def query_losses(self, adapted: Adapted, query_x: Tensor, query_y: Tensor, loss_fn: LossFn | None = None) -> Tensor:
         """Per-task query losses (T,) at the adapted weights."""
@@ -385,10 +331,10 @@ class InnerLoop:
     ) -> Tensor:
         """Mean query loss over the tasks after adaptation; ``.backward()`` gives the meta-gradient."""
         self._check_tasks(support_x, support_y, query_x, query_y)
-        if self.mode in ("es", "pes"):
-            return modes.evolution_strategies_loss(self, support_x, support_y, query_x, query_y, loss_fn)
-        adapted = self.adapt(support_x, support_y)
-        return self.query_losses(adapted, query_x, query_y, loss_fn).mean()
+        info = self._info()
+        loss = self.mode.meta_loss(self, support_x, support_y, query_x, query_y, loss_fn, info)
+        self.last_info = info
+        return loss
 
     def adapt_without_graph(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Adapted:
         """``steps`` inner steps (default K) with no graph: for evaluation and for Reptile."""
@@ -463,7 +409,3 @@ def _all_finite(tensors: Sequence[Tensor | None]) -> bool:
     """One synchronisation: a NaN or infinity anywhere makes the sum of sums non-finite."""
     sums = [t.detach().sum() for t in tensors if t is not None]
     return not sums or bool(torch.isfinite(torch.stack(sums).sum()))
-
-
-def default_segment(steps: int) -> int:
-    return max(1, math.ceil(math.sqrt(steps)))

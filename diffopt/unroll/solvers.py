@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar, Union
 
 import torch
 from torch import Tensor
@@ -79,3 +80,49 @@ def _relative_residual(apply_a: Operator, w: Vector, b: Vector, b_norm: Tensor) 
     aw = apply_a(w)
     r = [x - y for x, y in zip(b, aw)]
     return float((task_dot(r, r).sqrt() / b_norm).max())
+
+
+@dataclass(frozen=True)
+class CG:
+    """Conjugate gradient (for a symmetric positive definite ``A``): at most ``iterations``
+    products with ``A``, stopping when every task's relative residual is below ``tol``."""
+
+    iterations: int = 100
+    tol: float = 1e-10
+    name: ClassVar[str] = "cg"
+
+    def __post_init__(self) -> None:
+        _check_iterations(self.iterations, self.tol, self.name)
+
+    def solve(self, apply_a: Operator, b: Vector) -> tuple[Vector, SolveInfo]:
+        return conjugate_gradient(apply_a, b, self.iterations, self.tol)
+
+
+@dataclass(frozen=True)
+class Neumann:
+    """Truncated Neumann series ``A⁻¹b ≈ α Σₖ (I − αA)ᵏ b`` (Lorraine et al., 2020):
+    converges when ``0 < alpha < 2/λ_max(A)``; ``tol`` only decides ``converged``."""
+
+    iterations: int = 100
+    alpha: float = 0.1
+    tol: float = 1e-10
+    name: ClassVar[str] = "neumann"
+
+    def __post_init__(self) -> None:
+        _check_iterations(self.iterations, self.tol, self.name)
+        if not self.alpha > 0:
+            raise ValueError(f"Neumann(alpha=...) must be positive (below 2/λ_max), got {self.alpha!r}")
+
+    def solve(self, apply_a: Operator, b: Vector) -> tuple[Vector, SolveInfo]:
+        return neumann(apply_a, b, self.iterations, self.alpha, self.tol)
+
+
+LinearSolver = Union[CG, Neumann]
+SOLVERS: dict[str, type] = {"cg": CG, "neumann": Neumann}
+
+
+def _check_iterations(iterations: int, tol: float, name: str) -> None:
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"{name}: iterations must be a positive integer, got {iterations!r}")
+    if not tol >= 0:
+        raise ValueError(f"{name}: tol must be >= 0, got {tol!r}")

@@ -1,0 +1,116 @@
+r"""Implicit differentiation at the inner solution (iMAML, Rajeswaran et al. 2019).
+
+With inner objective :math:`G(\phi, \lambda)` stationary at :math:`\phi^*`,
+:math:`d\phi^*/d\lambda = -(\partial^2 G/\partial\phi^2)^{-1}\,\partial^2 G/\partial\phi\,\partial\lambda`,
+so for an outer gradient :math:`v = \partial L/\partial\phi^*`:
+:math:`\partial L/\partial\lambda = -(\partial^2 G/\partial\lambda\,\partial\phi)^\top w` with
+:math:`(\partial^2 G/\partial\phi^2 + \text{damping}\cdot I)\,w = v`. For iMAML's proximal term
+:math:`\tfrac{\lambda}{2}\|\phi-\theta\|^2` this is :math:`\partial L/\partial\theta = \lambda w = (I + H/\lambda)^{-1} v`.
+Parameters the optimizer does not adapt act as hyperparameters of the inner problem.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..carry import Carry, unique
+from ..solvers import CG, SOLVERS, LinearSolver, Neumann
+from ._base import Mode, suggest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine import InnerLoop
+
+
+@dataclass(eq=False)
+class Implicit(Mode):
+    """Solve the inner problem without a graph (``loop.steps`` steps), then attach the
+    implicit hypergradient. ``solver``: a :class:`~diffopt.unroll.solvers.CG` or
+    :class:`~diffopt.unroll.solvers.Neumann` (or its name, with default settings);
+    ``damping`` is added to the Hessian's diagonal."""
+
+    solver: LinearSolver | str = "cg"
+    damping: float = 0.0
+    name: ClassVar[str] = "implicit"
+    legacy_options: ClassVar[dict[str, str]] = {
+        "solver": "solver", "solver_iterations": "iterations", "solver_tol": "tol", "neumann_alpha": "alpha",
+        "damping": "damping",
+    }
+
+    def __post_init__(self) -> None:
+        if isinstance(self.solver, str):
+            if self.solver not in SOLVERS:
+                raise ValueError(f"solver={self.solver!r}: choose {' or '.join(map(repr, SOLVERS))}"
+                                 f"{suggest(self.solver, SOLVERS)}, or a CG(...) / Neumann(...) object")
+            self.solver = SOLVERS[self.solver]()
+        if not isinstance(self.solver, (CG, Neumann)):
+            raise TypeError(f"solver must be 'cg', 'neumann', CG(...) or Neumann(...), got {self.solver!r}")
+        if not self.damping >= 0:
+            raise ValueError(f"damping must be >= 0, got {self.damping!r}")
+
+    @classmethod
+    def from_legacy(cls, options: dict[str, Any]) -> Implicit:
+        """``InnerLoop(mode="implicit", solver=..., solver_iterations=..., solver_tol=...,
+        neumann_alpha=..., damping=...)`` as a mode object."""
+        name = options.get("solver", "cg")
+        if not isinstance(name, str) or name not in SOLVERS:
+            return cls(solver=name, damping=options.get("damping", 0.0))  # validated in __post_init__
+        accepted = ("iterations", "tol", "alpha") if name == "neumann" else ("iterations", "tol")
+        settings = {field: options[key] for key, field in cls.legacy_options.items()
+                    if key in options and field in accepted}  # neumann_alpha is ignored for CG, as before
+        return cls(solver=SOLVERS[name](**settings), damping=options.get("damping", 0.0))
+
+    def adapt(self, loop: InnerLoop, carry: Carry, x: Tensor, y: Tensor, info: dict[str, Any]) -> Carry:
+        final = loop.run(carry, loop.steps, x, y, "none")
+        shared = [loop.theta[j] for j in range(len(loop.theta)) if not loop.adapted_mask[j]]
+        meta = unique(loop.meta_tensors() + [t for t in shared if t.requires_grad])
+        for j in range(len(loop.theta)):
+            if not loop.adapted_mask[j]:
+                final.params[j] = loop.theta[j]
+        solution = _ImplicitSolution.apply(self, loop, final, info, x, y, *meta)
+        params = list(final.params)
+        for j, p in zip(loop.positions, solution):
+            params[j] = p
+        info["solver"] = self.solver.name  # type: ignore[union-attr]
+        return Carry(params, final.states, final.buffers, final.step)
+
+
+class _ImplicitSolution(torch.autograd.Function):
+    """Forward: the inner solution φ*. Backward: the implicit-function-theorem VJP."""
+
+    @staticmethod
+    def forward(ctx: Any, mode: Implicit, loop: Any, final: Carry, info: dict[str, Any], x: Tensor, y: Tensor,
+                *meta: Tensor) -> Any:
+        ctx.mode, ctx.loop, ctx.final, ctx.info = mode, loop, final, info
+        ctx.save_for_backward(x, y, *meta)
+        return tuple(final.params[j].detach() for j in loop.positions)
+
+    @staticmethod
+    def backward(ctx: Any, *v: Tensor) -> Any:
+        mode, loop, final = ctx.mode, ctx.loop, ctx.final
+        x, y, *meta = ctx.saved_tensors
+        v = [torch.zeros_like(final.params[j]) if g is None else g for g, j in zip(v, loop.positions)]
+        with torch.enable_grad():
+            params = list(final.params)
+            phi = [params[j].detach().requires_grad_() for j in loop.positions]
+            for j, p in zip(loop.positions, phi):
+                params[j] = p
+            carry = Carry(params, final.states, [b.clone() for b in final.buffers], final.step)
+            losses, _ = loop.inner_objective(carry, x, y)
+            grad = torch.autograd.grad(losses.sum(), phi, create_graph=True)
+
+            def hessian_vector(u: list[Tensor]) -> list[Tensor]:
+                hv = torch.autograd.grad(grad, phi, u, retain_graph=True, allow_unused=True)
+                return [(torch.zeros_like(ui) if h is None else h) + mode.damping * ui for h, ui in zip(hv, u)]
+
+            w, solve = mode.solver.solve(hessian_vector, v)
+            ctx.info["solve"] = solve
+            data = [x, y]  # inputs may depend on meta-parameters (e.g. ANIL's features)
+            wanted = [m for m in list(meta) + data if m.requires_grad]
+            mixed = torch.autograd.grad(grad, wanted, w, allow_unused=True) if wanted else []
+        it = iter(mixed)
+        grads = [(None if (g := next(it)) is None else -g) if m.requires_grad else None for m in list(meta) + data]
+        meta_grads, (x_grad, y_grad) = grads[: len(meta)], grads[len(meta):]
+        return (None, None, None, None, x_grad, y_grad, *meta_grads)
