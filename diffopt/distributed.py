@@ -28,16 +28,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from .errors import DistributedError, PeerFailure
 
 BACKENDS = ("gloo", "nccl")
-
-
-class DistributedError(RuntimeError):
-    """A configuration problem between ranks (world size, seed, configuration, backend)."""
-
-
-class PeerFailure(RuntimeError):
-    """Another rank died or stopped responding."""
 
 
 def backend_available(backend: str) -> bool:

@@ -295,3 +295,21 @@ def test_transform_option_errors():
     opt = diffopt.optim.SGD([w], lr=0.1, grad_transform=lambda grads, step: grads + grads)
     with pytest.raises(ValueError, match="grad_transform returned 2 gradients for 1 parameters"):
         opt.step((w ** 2).sum())
+
+
+def test_a_loss_that_does_not_depend_on_the_stepped_parameters_is_refused():
+    """The torchopt-port trap: losses computed as loss(net(x)) after the first step do not depend
+    on the optimizer's current parameters, so the step used to return them unchanged, silently."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    opt = diffopt.optim.SGD(net.parameters(), lr=0.1)
+    opt.step(torch.nn.functional.cross_entropy(net(x), y))  # step 0: the loss does depend on them
+    with pytest.raises(ValueError, match=r"step\(loss\) at step 1: the loss does not depend on any of the 2 "
+                                         r"parameters.*opt.step\(loss\)` returns them.*diffopt.innerloop"):
+        opt.step(torch.nn.functional.cross_entropy(net(x), y))
+
+
+def test_a_module_instead_of_its_parameters_is_refused_with_the_fix():
+    with pytest.raises(TypeError, match=r"got the module Linear; pass its parameters, linear.parameters\(\)"):
+        diffopt.optim.SGD(torch.nn.Linear(2, 2), lr=0.1)

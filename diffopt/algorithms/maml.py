@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..optim import SGD, DifferentiableOptimizer, PerParameter, Schedule
+from ..optim import SGD, DifferentiableOptimizer
+from ..optim.learned.lr import meta_sgd, per_layer_per_step
 from ..unroll import InnerLoop
 from ._base import InnerLoopLearner, check_episode
 
@@ -119,12 +120,9 @@ class MetaSGD(MAML):
         super().__init__(model, loss_fn, inner_lr=0.0, inner_steps=inner_steps, **options)
 
     def _inner_optimizer(self, inner_lr: float | Tensor) -> DifferentiableOptimizer:
-        low, high = self._lr_init
-        self.inner_lrs = nn.ParameterList(
-            nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=p.device).uniform_(low, high, generator=self._generator))
-            for p in self.model.parameters()
-        )
-        return SGD(self.model.parameters(), lr=PerParameter(list(self.inner_lrs)))
+        optimizer = meta_sgd(self.model.parameters(), init=self._lr_init, generator=self._generator)
+        self.inner_lrs = nn.ParameterList(optimizer.lrs)  # registered: trained and checkpointed with θ
+        return optimizer
 
 
 class MAMLPlusPlus(MAML):
@@ -152,11 +150,9 @@ class MAMLPlusPlus(MAML):
         super().__init__(model, loss_fn, inner_lr=inner_lr, inner_steps=inner_steps, **options)
 
     def _inner_optimizer(self, inner_lr: float | Tensor) -> DifferentiableOptimizer:
-        self.step_lrs = nn.ParameterList(
-            nn.Parameter(torch.full((self.inner_steps,), float(inner_lr), dtype=p.dtype, device=p.device))
-            for p in self.model.parameters()
-        )
-        return SGD(self.model.parameters(), lr=PerParameter([Schedule(lr, hold_last=True) for lr in self.step_lrs]))
+        optimizer = per_layer_per_step(self.model.parameters(), self.inner_steps, float(inner_lr), hold_last=True)
+        self.step_lrs = nn.ParameterList(optimizer.lrs)  # registered: trained and checkpointed with θ
+        return optimizer
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ._hyper import resolve
 from ._rule import Hyper, State, UpdateRule, addcdiv_all, check_range, safe_sqrt, safe_sqrt_all
-from .adam import add_weight_decay, signed_with_weight_decay
+from ._shared import add_weight_decay, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 

@@ -18,44 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rule import (
-    Hyper, State, UpdateRule, addcdiv_all, check_pair, check_range, moving_average_of_squares, nonzero, safe_sqrt,
-    safe_sqrt_all, scale_all,
-)
+from ._rule import Hyper, State, UpdateRule, addcdiv_all, moving_average_of_squares, safe_sqrt, safe_sqrt_all
+from ._shared import add_weight_decay, check_betas, power, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
-
-
-def power(base: Any, exponent: int) -> Any:
-    return base**exponent
-
-
-def add_weight_decay(param: Tensor, grad: Tensor, hp: Hyper) -> tuple[Tensor, Tensor]:
-    """Coupled (L2 in the gradient) or decoupled (shrink the weights) weight decay."""
-    wd = hp["weight_decay"]
-    if not nonzero(wd):
-        return param, grad
-    if hp.get("decoupled_weight_decay", False):
-        return param * (1 - hp["lr"] * wd), grad
-    return param, grad + wd * param
-
-
-def signed_with_weight_decay(
-    params: list[Tensor], grads: list[Tensor], hp: Hyper
-) -> tuple[list[Tensor], list[Tensor]]:
-    """:func:`add_weight_decay` and ``maximize`` for a whole group, with multi-tensor operations."""
-    g = torch._foreach_neg(grads) if hp["maximize"] else grads
-    wd = hp["weight_decay"]
-    if wd == 0:
-        return params, g
-    if hp.get("decoupled_weight_decay", False):
-        return scale_all(params, 1 - hp["lr"] * wd), g
-    return params, torch._foreach_add(g, params, alpha=wd)
-
-
-def check_betas(group: Mapping[str, Any], where: str) -> None:
-    beta1, beta2 = check_pair(group["betas"], "betas", where)
-    check_range(beta1, "betas[0]", where, low=0.0, high=1.0)
-    check_range(beta2, "betas[1]", where, low=0.0, high=1.0)
 
 
 class AdamRule(UpdateRule):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ._rule import Hyper, State, UpdateRule, addcdiv_all
-from .adam import add_weight_decay, check_betas, signed_with_weight_decay
+from ._shared import add_weight_decay, check_betas, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from ._rule import (
     Hyper, State, UpdateRule, add_scaled_all, check_range, common_value, round_like_torch_state, scale_all,
 )
-from .adam import add_weight_decay, signed_with_weight_decay
+from ._shared import add_weight_decay, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 

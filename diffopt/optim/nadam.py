@@ -23,7 +23,7 @@ from ._rule import (
     Hyper, State, UpdateRule, addcdiv_all, check_range, moving_average_of_squares, safe_sqrt, safe_sqrt_all,
     scalar_state_dtype,
 )
-from .adam import add_weight_decay, check_betas, signed_with_weight_decay
+from ._shared import add_weight_decay, check_betas, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 

@@ -10,31 +10,23 @@ tensor hyperparameter.
 from __future__ import annotations
 
 import copy
-
-import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
-from ._hyper import PerParameter, Schedule, VariesByParameter, is_plain_number, leaves, resolve, resolve_shared
+from ..errors import NonFiniteError
+from ._gradients import check_finite_gradients, loss_gradients
+from ._groups import IGNORED_TORCH_OPTIONS, PAIR_KEYS, ParamGroups  # noqa: F401 - re-exported
+from ._hyper import VariesByParameter, is_plain_number, leaves, resolve, resolve_shared
 from ._rule import State, UpdateRule, inside_torch_func
+from ._state_dict import StateDict
 from .transforms import GradTransform, build_transforms
 
-__all__ = ["DifferentiableOptimizer", "NonFiniteError"]
-
-# Options of torch.optim that have no meaning for a differentiable, out-of-place step
-# (``foreach`` is honoured at the optimizer level and ignored in parameter groups).
-IGNORED_TORCH_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
-PAIR_KEYS = ("betas", "etas", "step_sizes")
+__all__ = ["DifferentiableOptimizer", "IGNORED_TORCH_OPTIONS", "NonFiniteError", "PAIR_KEYS"]
 
 
-class NonFiniteError(FloatingPointError):
-    """A loss or gradient became NaN or infinite during an inner step."""
-
-
-class DifferentiableOptimizer:
+class DifferentiableOptimizer(ParamGroups, StateDict):
     """A differentiable twin of a torch.optim optimizer.
 
     Args:
@@ -93,128 +85,7 @@ class DifferentiableOptimizer:
         self.step_count = 0
         self.state: list[State | None] = self.initial_states(self.params)
 
-    # -- construction ----------------------------------------------------------------
-    @property
-    def _known(self) -> tuple[str, ...]:
-        return tuple(self.rule.defaults)
-
-    def _reject_unknown(self, keys: Iterable[str], where: str) -> None:
-        for key in keys:
-            if key in self._known or key in IGNORED_TORCH_OPTIONS:
-                continue
-            close = difflib.get_close_matches(key, self._known + ("first_order", "check_finite"), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            valid = ", ".join(self._known)
-            raise TypeError(
-                f"{where}: unknown argument {key!r}{hint} Valid hyperparameters: {valid}"
-            )
-
-    def _defaults_from(self, hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
-        name = type(self).__name__
-        self._reject_unknown(hyperparameters, name)
-        for key in IGNORED_TORCH_OPTIONS:
-            if hyperparameters.get(key) and key == "fused":
-                raise ValueError(
-                    f"{name}: fused=True has no differentiable kernel; the differentiable step "
-                    "runs composite autograd ops. Leave fused unset."
-                )
-        defaults = dict(self.rule.defaults)
-        defaults.update({k: v for k, v in hyperparameters.items() if k not in IGNORED_TORCH_OPTIONS})
-        defaults.update(self.fixed_options)
-        return defaults
-
-    @staticmethod
-    def _groups_from(params: Iterable[Any]) -> list[dict[str, Any]]:
-        if isinstance(params, Tensor):
-            raise TypeError(
-                "params: expected an iterable of tensors or of parameter-group dicts, got a "
-                "single tensor; wrap it in a list: [tensor]"
-            )
-        items = list(params)
-        if items and isinstance(items[0], dict):
-            return [dict(g) for g in items]
-        return [{"params": items}]
-
-    def add_param_group(self, group: dict[str, Any]) -> None:
-        """Add a group (a dict with ``"params"`` and any hyperparameter overrides)."""
-        where = f"{type(self).__name__} parameter group {len(self.param_groups)}"
-        if "params" not in group:
-            raise ValueError(f"{where}: a parameter group needs a 'params' entry")
-        self._reject_unknown((k for k in group if k not in ("params", "name", "initial_lr")), where)
-        if group.get("fused"):
-            raise ValueError(
-                f"{where}: fused=True has no differentiable kernel; the differentiable step "
-                "runs composite autograd ops. Leave fused unset."
-            )
-        raw = group["params"]
-        raw = [raw] if isinstance(raw, Tensor) else list(raw)
-        full = {k: v for k, v in self.defaults.items()}
-        full.update({k: v for k, v in group.items() if k != "params" and k not in IGNORED_TORCH_OPTIONS})
-        full.update(self.fixed_options)
-        for key in PAIR_KEYS:
-            if isinstance(full.get(key), list):
-                full[key] = tuple(full[key])
-        self.rule.validate_group(full, where)
-        indices = []
-        for j, item in enumerate(raw):
-            name, tensor = (item if isinstance(item, tuple) else (None, item))
-            if not isinstance(tensor, Tensor):
-                raise TypeError(f"{where}: params[{j}] is a {type(tensor).__name__}, not a tensor")
-            if not (tensor.is_floating_point() or tensor.is_complex()):
-                raise TypeError(
-                    f"{where}: params[{j}] has dtype {tensor.dtype}; only floating-point tensors can be optimized"
-                )
-            if any(tensor is p for p in self.params):
-                raise ValueError(
-                    f"{where}: params[{j}] appears more than once; tied weights must be passed once"
-                )
-            self._check_hyper_shapes(full, tensor, len(indices), where)
-            indices.append(len(self.params))
-            self.params.append(tensor)
-            self.base_dims.append(tensor.dim())
-            self.param_names.append(name or f"group{len(self.param_groups)}.params[{j}]")
-        full["params"] = indices
-        self.param_groups.append(full)
-        if hasattr(self, "state"):
-            fresh = self.initial_states(self.params)
-            self.state.extend(fresh[i] for i in indices)
-
-    def _check_hyper_shapes(self, group: Mapping[str, Any], param: Tensor, position: int, where: str) -> None:
-        for key, value in group.items():
-            if key == "params":
-                continue
-            # A pair (betas, etas, step_sizes) is checked entry by entry, so that an entry may
-            # itself be a PerParameter of per-element tensors.
-            for part in value if isinstance(value, tuple) else (value,):
-                self._check_hyper_shape(key, part, group, param, position, where)
-
-    def _check_hyper_shape(
-        self, key: str, value: Any, group: Mapping[str, Any], param: Tensor, position: int, where: str
-    ) -> None:
-        if isinstance(value, PerParameter):
-            n = len(group["params"]) if isinstance(group.get("params"), (list, tuple)) else None
-            value = value.values[position] if position < len(value) else None
-            if value is None:
-                raise ValueError(
-                    f"{where}: hyperparameter {key!r} is PerParameter with fewer values than "
-                    f"the group has parameters{'' if n is None else f' ({n})'}"
-                )
-        for leaf in leaves(value):
-            if not isinstance(leaf, Tensor) or leaf.numel() == 1:
-                continue
-            shape = leaf.shape[1:] if isinstance(value, Schedule) else leaf.shape
-            try:
-                broadcast = torch.broadcast_shapes(shape, param.shape)
-            except RuntimeError:
-                broadcast = None
-            if broadcast != param.shape:
-                raise ValueError(
-                    f"{where}: hyperparameter {key!r} has shape {tuple(shape)}, which does not "
-                    f"broadcast to the parameter's shape {tuple(param.shape)}. Use a scalar, a "
-                    "tensor of the parameter's shape, or PerParameter([...]) with one value per "
-                    "parameter."
-                )
-
+    # -- hyperparameters -------------------------------------------------------------
     def _hp(self, group: Mapping[str, Any], position: int, step: int) -> dict[str, Any]:
         return {k: resolve(v, k, position, step) for k, v in group.items() if k != "params"}
 
@@ -261,14 +132,15 @@ class DifferentiableOptimizer:
         """
         current = self._current(params)
         if grads is None:
-            grads = self._gradients(loss, current)
+            grads = loss_gradients(loss, current, self.step_count, first_order=self.first_order,
+                                   check_finite=self.check_finite)
         else:
             grads = list(grads)
             if len(grads) != len(current):
                 raise ValueError(f"step: got {len(grads)} gradients for {len(current)} parameters")
         grads = self.transforms(grads, self.step_count)
         if self.check_finite:
-            self._check_finite_grads(grads)
+            check_finite_gradients(grads, self.param_names, self.step_count)
         self.params, self.state = self.update(current, grads, self.state, self.step_count)
         self.step_count += 1
         return list(self.params)
@@ -385,102 +257,6 @@ class DifferentiableOptimizer:
                     f"{tuple(new.shape)}, expected {tuple(old.shape)}"
                 )
         return params
-
-    def _gradients(self, loss: Tensor | None, params: list[Tensor]) -> list[Tensor | None]:
-        step = self.step_count
-        if loss is None:
-            raise TypeError("step(loss): a loss tensor is required (or pass grads=...)")
-        if not isinstance(loss, Tensor):
-            raise TypeError(f"step(loss): loss must be a tensor, got {type(loss).__name__}")
-        if loss.numel() != 1:
-            raise ValueError(
-                f"step(loss) at step {step}: the loss must be a scalar, got shape "
-                f"{tuple(loss.shape)}; reduce it with .sum() or .mean() (for a batch of "
-                "independent tasks, .sum() gives each task its own gradient)"
-            )
-        if self.check_finite and not torch.isfinite(loss.detach()).all():
-            raise NonFiniteError(
-                f"step {step}: the loss is {loss.item()}; lower the learning rate, clip "
-                "gradients (clip_grad_norm=...) or check the inputs"
-            )
-        wanted = [i for i, p in enumerate(params) if p.requires_grad]
-        if not wanted or not loss.requires_grad:
-            raise ValueError(
-                f"step(loss) at step {step}: the loss does not depend on any parameter that "
-                "requires grad; create the parameters with requires_grad=True (or call "
-                "requires_grad_()), and do not compute the loss under torch.no_grad()"
-            )
-        computed = torch.autograd.grad(
-            loss.reshape(()),
-            [params[i] for i in wanted],
-            create_graph=not self.first_order and torch.is_grad_enabled(),
-            allow_unused=True,
-        )
-        grads: list[Tensor | None] = [None] * len(params)
-        for i, g in zip(wanted, computed):
-            grads[i] = g
-        return grads
-
-    def _check_finite_grads(self, grads: Sequence[Tensor | None]) -> None:
-        for i, g in enumerate(grads):
-            if g is not None and not torch.isfinite(g.detach()).all():
-                raise NonFiniteError(
-                    f"step {self.step_count}: the gradient of parameter {i} "
-                    f"({self.param_names[i]}) is not finite; lower the learning rate, clip "
-                    "gradients (clip_grad_norm=...) or check the loss"
-                )
-
-    # -- persistence -----------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """torch.optim's layout: ``state`` keyed by parameter index, plus ``param_groups``.
-
-        Tensors are detached, so the result can be saved and loaded with
-        ``torch.load(..., weights_only=True)``.
-        """
-        def plain(value: Any) -> Any:
-            if isinstance(value, Tensor):
-                return value.detach().clone()
-            if isinstance(value, tuple):
-                return tuple(plain(v) for v in value)
-            if isinstance(value, (PerParameter, Schedule)):
-                raise TypeError(
-                    "state_dict: PerParameter and Schedule hyperparameters are not saved; "
-                    "store their tensors yourself"
-                )
-            return value
-
-        state = {
-            i: {k: plain(v) for k, v in s.items()} for i, s in enumerate(self.state) if s is not None
-        }
-        groups = []
-        for g in self.param_groups:
-            groups.append({k: (list(v) if k == "params" else plain(v)) for k, v in g.items()})
-        return {"state": state, "param_groups": groups, "step_count": self.step_count}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict` or from the torch.optim namesake."""
-        groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups):
-            raise ValueError(
-                f"load_state_dict: the state dict has {len(groups)} parameter groups, this "
-                f"optimizer has {len(self.param_groups)}"
-            )
-        mapping: dict[int, int] = {}
-        for k, (saved, mine) in enumerate(zip(groups, self.param_groups)):
-            if len(saved["params"]) != len(mine["params"]):
-                raise ValueError(
-                    f"load_state_dict: group {k} has {len(saved['params'])} parameters in the "
-                    f"state dict and {len(mine['params'])} here"
-                )
-            mapping.update(zip(saved["params"], mine["params"]))
-            for key, value in saved.items():
-                if key in mine and key != "params":
-                    mine[key] = tuple(value) if key in PAIR_KEYS else value
-        self.state = [None] * len(self.params)
-        for saved_index, s in state_dict["state"].items():
-            i = mapping[int(saved_index)]
-            self.state[i] = self.rule.state_from_torch(dict(s), self.params[i])
-        self.step_count = int(state_dict.get("step_count", 0))
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]

@@ -19,7 +19,7 @@ from ._rule import (
     Hyper, State, UpdateRule, add_scaled_all, addcdiv_all, check_range, moving_average_of_squares, nonzero, safe_sqrt,
     safe_sqrt_all,
 )
-from .adam import add_weight_decay, signed_with_weight_decay
+from ._shared import add_weight_decay, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 

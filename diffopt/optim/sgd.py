@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ._rule import Hyper, State, UpdateRule, add_scaled_all, check_range, nonzero
-from .adam import signed_with_weight_decay
+from ._shared import signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ._checks import check_count, derive_seed
 from .episodes import ROTATION_ANGLES, FewShotDataset
 from .png import read_png_gray
+from ..errors import OmniglotLayoutError
 
 __all__ = [
     "OMNIGLOT_SUBSETS",
@@ -60,10 +61,6 @@ _CACHE_FORMAT = 1
 _IGNORED = {"__MACOSX"}
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-class OmniglotLayoutError(FileNotFoundError):
-    """The Omniglot folder is missing or not in the published layout."""
 
 
 def _layout_help(root: Path) -> str:

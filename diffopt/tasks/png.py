@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
+from ..errors import PngError
 
 __all__ = ["PngError", "read_png", "read_png_gray", "write_png", "PNG_SIGNATURE"]
 
@@ -39,10 +40,6 @@ _COLOR_TYPES = {
     4: (2, (8, 16), "grayscale+alpha"),
     6: (4, (8, 16), "RGBA"),
 }
-
-
-class PngError(ValueError):
-    """A PNG file is malformed or uses a feature this reader does not support."""
 
 
 def _load_bytes(source: PathOrBytes) -> tuple[bytes, str]:

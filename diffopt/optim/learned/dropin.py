@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._gradients import check_finite_gradients
 from ..optimizer import DifferentiableOptimizer
 from .serialization import LearnedRuleError, build, export, from_payload, live_tensors, read, to_payload
 
@@ -80,7 +81,7 @@ class DropInOptimizer(torch.optim.Optimizer):
             grads.append(None if p.grad is None else p.grad.detach().clone())
         grads = self.functional.transforms(grads, self.step_count)
         if self.functional.check_finite:
-            self.functional._check_finite_grads(grads)
+            check_finite_gradients(grads, self.functional.param_names, self.step_count)
         states = [self.state[p] if self.state.get(p) else None for p in self._params]
         new_params, new_states = self.functional.update([p.detach() for p in self._params], grads, states,
                                                         self.step_count)

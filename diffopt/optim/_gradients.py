@@ -1,0 +1,69 @@
+"""The gradients a differentiable step takes, and the checks that keep a step from being
+silently wrong (a non-scalar or non-finite loss, a loss that does not depend on the
+parameters being stepped, a non-finite gradient)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import NonFiniteError
+
+NOT_CONNECTED_FIX = (
+    "compute the loss from the optimizer's current parameters: `params = opt.step(loss)` returns "
+    "them, and the next loss must be a function of those tensors (e.g. torch.func.functional_call(net, "
+    "dict(zip(names, params)), x)), not of net(x), whose weights never change; or let "
+    "diffopt.innerloop(net, opt) patch the model for you"
+)
+
+
+def loss_gradients(loss: Tensor | None, params: Sequence[Tensor], step: int, *, first_order: bool,
+                   check_finite: bool) -> list[Tensor | None]:
+    """``d loss / d params`` (None where a parameter is unused), with a graph through the
+    gradients unless ``first_order``; ``step`` is only for the messages."""
+    if loss is None:
+        raise TypeError("step(loss): a loss tensor is required (or pass grads=...)")
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"step(loss): loss must be a tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"step(loss) at step {step}: the loss must be a scalar, got shape "
+            f"{tuple(loss.shape)}; reduce it with .sum() or .mean() (for a batch of "
+            "independent tasks, .sum() gives each task its own gradient)"
+        )
+    if check_finite and not torch.isfinite(loss.detach()).all():
+        raise NonFiniteError(
+            f"step {step}: the loss is {loss.item()}; lower the learning rate, clip "
+            "gradients (clip_grad_norm=...) or check the inputs"
+        )
+    wanted = [i for i, p in enumerate(params) if p.requires_grad]
+    if not wanted or not loss.requires_grad:
+        raise ValueError(
+            f"step(loss) at step {step}: the loss does not depend on any parameter that "
+            "requires grad; create the parameters with requires_grad=True (or call "
+            "requires_grad_()), and do not compute the loss under torch.no_grad()"
+        )
+    computed = torch.autograd.grad(
+        loss.reshape(()),
+        [params[i] for i in wanted],
+        create_graph=not first_order and torch.is_grad_enabled(),
+        allow_unused=True,
+    )
+    if all(g is None for g in computed):
+        raise ValueError(f"step(loss) at step {step}: the loss does not depend on any of the {len(params)} "
+                         f"parameters this step updates, so the step would change nothing; {NOT_CONNECTED_FIX}")
+    grads: list[Tensor | None] = [None] * len(params)
+    for i, g in zip(wanted, computed):
+        grads[i] = g
+    return grads
+
+
+def check_finite_gradients(grads: Sequence[Tensor | None], names: Sequence[str], step: int) -> None:
+    """Raise :class:`NonFiniteError` naming the first parameter whose gradient is NaN or infinite."""
+    for i, g in enumerate(grads):
+        if g is not None and not torch.isfinite(g.detach()).all():
+            raise NonFiniteError(
+                f"step {step}: the gradient of parameter {i} ({names[i]}) is not finite; lower the "
+                "learning rate, clip gradients (clip_grad_norm=...) or check the loss"
+            )
