@@ -37,7 +37,7 @@ from ._functional import (
     SecondOrderUnavailable,
     call_model,
     evaluation,
-    flatten,
+    to_vector,
     has_batchnorm,
     resolve_generator,
 )
@@ -440,7 +440,7 @@ def _stability_ratio(report: Report, model: nn.Module, theta: Dict[str, Tensor],
     rates = inner_learning_rates(loop, 0)
     assert rates is not None
     full = {n: rates.get(n, torch.zeros_like(p)) for n, p in theta.items()}
-    d = flatten(full).to(next(iter(theta.values())).dtype)
+    d = to_vector(full).to(next(iter(theta.values())).dtype)
     gen = resolve_generator(None, seed + 1, d.device)
     vals = []
     for xs, ys, _, _ in inputs:

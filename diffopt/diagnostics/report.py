@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ._functional import (
     LossFn,
     ParamsLike,
-    as_params,
+    as_weights,
     call_adapt,
     evaluation,
     resolve_generator,
@@ -272,7 +272,7 @@ def diagnose_adaptation(
         chosen = list(which)
         if "alignment" in chosen and T < 2:
             raise ValueError("'alignment' needs at least 2 tasks")
-    th = _detached(as_params(model, theta))
+    th = _detached(as_weights(model, theta))
     gen = resolve_generator(None, seed, device_of(th))
     method = resolve_method(per_example, model, bn_mode)
     trajectory = None
