@@ -56,6 +56,7 @@ leading task dimension; an adaptation is ``adapt(params, x, y) -> params``
 """
 from ._cost import Cost, CostCount, count_costs, documented_cost
 from ._functional import SGDAdapt, SecondOrderUnavailable, per_example_grads, per_example_jacobians, sgd_adapt
+from .settings import DiagnosticSettings
 from ._likelihood import Likelihood, resolve_likelihood
 from ._result import Diagnostic, DiagnosticGroup, bits_to_nats, nats_to_bits
 from .alignment import gradient_alignment, task_gradients
@@ -77,7 +78,7 @@ __all__ = [
     # costs
     "Cost", "CostCount", "count_costs", "documented_cost",
     # conventions
-    "Likelihood", "resolve_likelihood", "sgd_adapt", "SGDAdapt", "SecondOrderUnavailable",
+    "DiagnosticSettings", "Likelihood", "resolve_likelihood", "sgd_adapt", "SGDAdapt", "SecondOrderUnavailable",
     "per_example_grads", "per_example_jacobians",
     # 1
     "adaptation_kl", "kl_categorical", "js_categorical", "kl_gaussian",

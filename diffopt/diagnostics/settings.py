@@ -30,7 +30,7 @@ from torch import nn
 from ._functional import evaluation
 from ._likelihood import Likelihood, resolve_likelihood
 
-__all__ = ["DiagnosticSettings", "diagnostic", "with_settings", "EVALUATION"]
+__all__ = ["DiagnosticSettings", "diagnostic", "with_settings", "EVALUATION", "LEARNER", "REPORT"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,10 @@ def check_fields(options: Mapping[str, Any], allowed: Sequence[str], what: str) 
 
 # The settings of scoring and evaluation most single diagnostics read.
 EVALUATION = ("likelihood", "sigma", "num_classes", "bn_mode", "per_example", "batched", "seed")
+# What diagnose_adaptation reads (tasks come as a list: no ``batched``), and diagnose (which takes the
+# likelihood from the labels and bn_mode from the learner's BatchNorm policy).
+REPORT = tuple(f.name for f in dataclasses.fields(DiagnosticSettings) if f.name != "batched")
+LEARNER = tuple(f for f in REPORT if f not in ("likelihood", "bn_mode"))
 
 
 def with_settings(*fields: str) -> Callable[[Callable], Callable]:
