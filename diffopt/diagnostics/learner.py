@@ -227,7 +227,10 @@ def _learner_name(learner: Any) -> str:
 
 
 def _check_learner(learner: Any) -> None:
-    if getattr(learner, "loop", None) is None or not hasattr(learner.loop, "rebind"):
+    declared = getattr(learner, "has_inner_loop", None)
+    if declared is None:  # not a diffopt MetaLearner: anything with an InnerLoop as .loop
+        declared = hasattr(getattr(learner, "loop", None), "rebind")
+    if not declared:
         name = _learner_name(learner)
         raise NotApplicable(
             f"diagnose() needs a learner with an inner loop (MAML, FOMAML, MetaSGD, MAML++, iMAML, ANIL, Reptile); "
@@ -346,10 +349,7 @@ def diagnose(
     evaluated = [n for n, _ in model.named_parameters()]
     inside = {id(p) for p in model.parameters()}
     others = [n for n, p in learner.named_parameters() if id(p) not in inside]
-    if hasattr(learner, "features_once"):
-        features = bool(learner.features_once)  # ANIL: the loop runs on the head over body features
-    else:
-        features = type(learner).inputs is not _base_inputs()
+    features = bool(getattr(learner, "adapts_features", False))  # ANIL: the loop adapts the head on body features
     if features:
         notes.append(f"{name} adapts only its head: every diagnostic is evaluated on the head over the body's "
                      "features (Fisher, weight information, curvature, alignment and meta-gradients cover the "
@@ -359,8 +359,8 @@ def diagnose(
                      " enter only through the adaptation; the diagnostics cover the model's parameters")
     if bn_note:
         notes.append(bn_note)
-    if name == "Reptile":
-        notes.append("metagrad compares first- and second-order MAML meta-gradients at Reptile's theta (Reptile "
+    if getattr(learner, "outer_update", "meta_gradient") != "meta_gradient":
+        notes.append(f"metagrad compares first- and second-order MAML meta-gradients at {name}'s theta ({name} "
                      "itself follows neither)")
     if getattr(loop, "proximal", None) is not None:
         notes.append("curvature is that of the support loss, without the inner loop's proximal term")
@@ -416,12 +416,6 @@ def diagnose(
         "notes": notes,
     })
     return report
-
-
-def _base_inputs() -> Any:
-    from ..algorithms._base import InnerLoopLearner
-
-    return InnerLoopLearner.inputs
 
 
 def _stability_ratio(report: Report, model: nn.Module, theta: Dict[str, Tensor], inputs: List[Task], loop: Any,

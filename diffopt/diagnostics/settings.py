@@ -127,8 +127,13 @@ def with_settings(*fields: str) -> Callable[[Callable], Callable]:
         raise ValueError(f"{unknown} are not DiagnosticSettings fields")
 
     def deco(fn: Callable) -> Callable:
+        own = [n for n, p in inspect.signature(fn).parameters.items()
+               if n != "settings" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        accepted = own + list(fields) + ["settings"]
+
         @functools.wraps(fn)
         def wrapper(*args: Any, settings: Optional[DiagnosticSettings] = None, **kwargs: Any) -> Any:
+            check_fields(kwargs, accepted, fn.__name__)
             options = {k: kwargs.pop(k) for k in fields if k in kwargs}
             merged = DiagnosticSettings.of(settings, options, fn.__name__)
             return fn(*args, settings=merged, **kwargs)
