@@ -40,7 +40,7 @@ from ._functional import (
     split_tasks,
     device_of,
 )
-from .settings import DiagnosticSettings, diagnostic
+from .settings import EVALUATION, DiagnosticSettings, diagnostic
 from ._likelihood import Likelihood
 from ._result import Diagnostic
 
@@ -130,17 +130,23 @@ def fisher_estimator(lik: Likelihood, kind: str, samples: int, bn_mode: str, met
             "bn_mode": bn_mode, "per_example": method}
 
 
+# per Fisher kind, per call of fisher_information / adapted_weight_information
+FISHER_COSTS = dict(
+    empirical=Cost(forward="tasks", backward="tasks"),
+    true=Cost(forward="tasks", backward="outputs*tasks"),
+    mc=Cost(forward="2*tasks", backward="tasks"),
+)
+
+
 @documented_cost(
     where="tasks = 1 when nothing is task-batched, outputs = model outputs per example (classes N), "
     "samples = labels drawn per example (mc evaluates one vectorised batch of n·samples examples: its compute "
     "is that of samples forward and backward passes over the n examples); with per_example='jacrev' (forced "
     "by bn_mode='batch' on a model with BatchNorm) each backward term is multiplied by the number of examples "
     "in the batch (n, or n·samples for mc).",
-    empirical=Cost(forward="tasks", backward="tasks"),
-    true=Cost(forward="tasks", backward="outputs*tasks"),
-    mc=Cost(forward="2*tasks", backward="tasks"),
+    **FISHER_COSTS,
 )
-@diagnostic("likelihood", "sigma", "num_classes", "seed", "bn_mode", "per_example", "batched")
+@diagnostic(*EVALUATION)
 def fisher_information(
     model: nn.Module,
     params: ParamsLike,
@@ -246,11 +252,9 @@ def weight_information(
 
 @documented_cost(
     where="the cost of fisher_information(kind=fisher_kind) at φ on the support set.",
-    empirical=Cost(forward="tasks", backward="tasks"),
-    true=Cost(forward="tasks", backward="outputs*tasks"),
-    mc=Cost(forward="2*tasks", backward="tasks"),
+    **FISHER_COSTS,
 )
-@diagnostic("likelihood", "sigma", "num_classes", "seed", "bn_mode", "per_example", "batched")
+@diagnostic(*EVALUATION)
 def adapted_weight_information(
     model: nn.Module,
     theta: ParamsLike,

@@ -45,7 +45,7 @@ from ._likelihood import resolve_likelihood
 from .settings import LEARNER, DiagnosticSettings, with_settings
 from ._result import Diagnostic
 from .curvature import HVPOperator, power_iteration
-from .report import DIAGNOSTICS, Report, diagnose_adaptation, normalize_tasks
+from .report import Report, choose_diagnostics, diagnose_adaptation, normalize_tasks
 
 __all__ = ["diagnose", "headline", "LoopAdapt", "NotApplicable", "draw_tasks", "inner_learning_rates"]
 
@@ -381,25 +381,12 @@ def diagnose(
                 if t == 0 or lik.categorical:
                     lik.check(call_model(model, theta, xs, bn_mode), ys)
                     lik.check(call_model(model, theta, xq, bn_mode), yq)
-        skipped: Dict[str, str] = {}
+        unavailable = {}
         if which is None:
-            chosen = list(DIAGNOSTICS)
-            if not lik.categorical:
-                chosen.remove("bald")
-                skipped["bald"] = "categorical predictions only"
-            if len(inputs) < 2:
-                chosen.remove("alignment")
-                skipped["alignment"] = "needs at least 2 tasks"
             reason = _second_order_reason(model, theta, inputs[0], loop.loss_fn, bn_mode)
             if reason is not None:
-                for w in SECOND_ORDER:
-                    chosen.remove(w)
-                    skipped[w] = reason
-        else:
-            unknown = [w for w in which if w not in DIAGNOSTICS]
-            if unknown:
-                raise ValueError(f"unknown diagnostics {unknown}; choose among {DIAGNOSTICS}")
-            chosen = list(which)
+                unavailable = {w: reason for w in SECOND_ORDER}
+        chosen, skipped = choose_diagnostics(which, lik.categorical, len(inputs), unavailable)
         report = diagnose_adaptation(model, theta, adapt, inputs, which=chosen, lr=adapt.lr, loss_fn=loop.loss_fn,
                                      settings=settings.replace(likelihood=lik, sigma=None, bn_mode=bn_mode))
         if "curvature" in chosen:

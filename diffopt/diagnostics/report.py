@@ -191,6 +191,25 @@ def plot_history(reports: Sequence[Report], path: str, keys: Optional[Sequence[s
     return path
 
 
+def choose_diagnostics(which: Optional[Sequence[str]], categorical: bool, tasks: int,
+                       unavailable: Optional[Mapping[str, str]] = None) -> Tuple[List[str], Dict[str, str]]:
+    """``(chosen, skipped)``: ``which`` checked against :data:`DIAGNOSTICS`, or (``which=None``) every
+    diagnostic that applies, with the reason each other one was left out (BALD needs categorical
+    predictions, alignment two tasks; ``unavailable`` maps others to their reason)."""
+    if which is not None:
+        unknown = [w for w in which if w not in DIAGNOSTICS]
+        if unknown:
+            raise ValueError(f"unknown diagnostics {unknown}; choose among {DIAGNOSTICS}")
+        return list(which), {}
+    skipped: Dict[str, str] = {}
+    if not categorical:
+        skipped["bald"] = "categorical predictions only"
+    if tasks < 2:
+        skipped["alignment"] = "needs at least 2 tasks"
+    skipped.update(unavailable or {})
+    return [w for w in DIAGNOSTICS if w not in skipped], skipped
+
+
 def _detached(p: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     return {k: v.detach() for k, v in p.items()}
 
@@ -249,22 +268,9 @@ def diagnose_adaptation(
     bn_mode = settings.bn_mode
     task_list = normalize_tasks(tasks)
     T = len(task_list)
-    skipped: Dict[str, str] = {}
-    if which is None:
-        chosen = list(DIAGNOSTICS)
-        if not lik.categorical:
-            chosen.remove("bald")
-            skipped["bald"] = "categorical predictions only"
-        if T < 2:
-            chosen.remove("alignment")
-            skipped["alignment"] = "needs at least 2 tasks"
-    else:
-        unknown = [w for w in which if w not in DIAGNOSTICS]
-        if unknown:
-            raise ValueError(f"unknown diagnostics {unknown}; choose among {DIAGNOSTICS}")
-        chosen = list(which)
-        if "alignment" in chosen and T < 2:
-            raise ValueError("'alignment' needs at least 2 tasks")
+    chosen, skipped = choose_diagnostics(which, lik.categorical, T)
+    if "alignment" in chosen and T < 2:
+        raise ValueError("'alignment' needs at least 2 tasks")
     th = _detached(as_weights(model, theta))
     gen = resolve_generator(None, settings.seed, device_of(th))
     method = resolve_method(settings.per_example, model, bn_mode)
