@@ -12,6 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from diffopt.optim import SGD
@@ -19,6 +21,8 @@ from diffopt.unroll import InnerLoop, PatchedModel
 from diffopt.unroll.functional import (
     BATCHNORM_POLICIES,
     FunctionalModel,
+    choose_vectorize,
+    describe_vmap_failure,
     ParameterLayout,
     as_weights,
     call,
@@ -35,9 +39,9 @@ def mlp(seed=0):
     return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
 
 
-def bn_net(seed=0):
+def bn_net(seed=0, momentum=0.1):
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2))
+    net = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6, momentum=momentum), nn.Tanh(), nn.Linear(6, 2))
     with torch.no_grad():  # running statistics away from (0, 1), so using them shows
         net[1].running_mean.uniform_(-0.5, 0.5)
         net[1].running_var.uniform_(0.5, 2.0)
@@ -96,25 +100,44 @@ def test_vector_vocabulary_round_trips():
     assert torch.equal(to_vector(list(w.values())), v)
 
 
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 10_000), T=st.integers(1, 4), n=st.integers(2, 6), momentum=st.sampled_from([0.1, None]))
 @pytest.mark.parametrize("policy", BATCHNORM_POLICIES)
 @pytest.mark.parametrize("vectorize", [False, True])
-def test_functional_call_backend_equals_higher_backend(policy, vectorize):
-    model = bn_net()
-    T = 3
-    x = torch.randn(T, 5, 3, generator=torch.Generator().manual_seed(2))
-    params = batched(model, T)
+def test_functional_call_backend_equals_higher_backend(policy, vectorize, seed, T, n, momentum):
+    # per-task cumulative averages cannot run under vmap (either backend; test below)
+    assume(not (vectorize and policy == "per_task" and momentum is None))
+    model = bn_net(seed, momentum)
+    x = torch.randn(T, n, 3, generator=torch.Generator().manual_seed(seed + 1))
+    params = batched(model, T, seed + 2)
     adapted = [True] * len(params)
+    adapted[1] = False  # a shared (not adapted) weight
+    params[1] = params[1][0]
     a, b = FunctionalModel(model, policy), FunctionalModel(model, policy, backend="functional_call")
-    if vectorize and policy == "per_task":
-        vectorize = False  # in-place running-statistics updates cannot be batched (known trap)
-    for phase in ("inner", "outer"):
-        out_a, buf_a = a.forward_tasks(params, a.initial_buffers(T), x, phase, vectorize, adapted)
-        out_b, buf_b = b.forward_tasks(params, b.initial_buffers(T), x, phase, vectorize, adapted)
+    buffers_a, buffers_b = a.initial_buffers(T), b.initial_buffers(T)
+    for phase in ("inner", "inner", "outer"):  # two inner steps: per-task statistics move, then are used
+        out_a, buffers_a = a.forward_tasks(params, buffers_a, x, phase, vectorize, adapted)
+        out_b, buffers_b = b.forward_tasks(params, buffers_b, x, phase, vectorize, adapted)
         assert torch.equal(out_a, out_b)
-        assert len(buf_a) == len(buf_b) and all(torch.equal(u, v) for u, v in zip(buf_a, buf_b))
+        assert len(buffers_a) == len(buffers_b) and all(torch.equal(u, v) for u, v in zip(buffers_a, buffers_b))
     # the module itself is left as it was: flags, statistics
     assert model.training and model[1].track_running_stats
     assert model[1].num_batches_tracked.item() == 0
+
+
+def test_cumulative_average_batchnorm_blocks_vmap_only_with_per_task_statistics():
+    model = bn_net(momentum=None)
+    assert choose_vectorize(model)[0] and choose_vectorize(model, "transductive")[0]
+    use_vmap, reason = choose_vectorize(model, "per_task")
+    assert not use_vmap and "1 (BatchNorm1d, momentum=None)" in reason
+    x, params = torch.randn(2, 4, 3), batched(model, 2)
+    for backend in ("higher", "functional_call"):
+        fm = FunctionalModel(model, "per_task", backend=backend)
+        with pytest.raises(RuntimeError, match="vmap") as error:
+            fm.forward_tasks(params, fm.initial_buffers(2), x, "inner", True, [True] * len(params))
+        assert "momentum=None" in describe_vmap_failure(model, error.value, "per_task")
+        out, _ = fm.forward_tasks(params, fm.initial_buffers(2), x, "inner", False, [True] * len(params))
+        assert out.shape == (2, 4, 2)
 
 
 def test_functional_call_backend_gives_the_engine_the_same_meta_gradient():

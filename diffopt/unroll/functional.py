@@ -353,12 +353,20 @@ class FunctionalModel:
 # ---------------------------------------------------------------------------------------
 # vmap or a task loop
 # ---------------------------------------------------------------------------------------
-def vectorization_blockers(model: nn.Module) -> list[str]:
-    """Layers that torch.func.vmap cannot batch, each with the reason."""
+def vectorization_blockers(model: nn.Module, batchnorm: str | None = None) -> list[str]:
+    """Layers that torch.func.vmap cannot batch, each with the reason.
+
+    With ``batchnorm="per_task"`` (running statistics updated per task) a BatchNorm
+    layer with ``momentum=None`` is one too: its cumulative average reads the batch
+    count with ``float(num_batches_tracked)``, which vmap cannot batch.
+    """
     reasons = []
     for name, module in model.named_modules():
         if isinstance(module, UNBATCHABLE):
             reasons.append(f"{name or 'model'} ({type(module).__name__}): no vmap batching rule for recurrent kernels")
+        elif batchnorm == "per_task" and isinstance(module, _BatchNorm) and module.momentum is None:
+            reasons.append(f"{name or 'model'} ({type(module).__name__}, momentum=None): its cumulative average "
+                           "reads the per-task batch count as a Python number, which vmap cannot batch")
     return reasons
 
 
@@ -366,15 +374,16 @@ def count_convolutions(model: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
 
-def choose_vectorize(model: nn.Module) -> tuple[bool, str]:
+def choose_vectorize(model: nn.Module, batchnorm: str | None = None) -> tuple[bool, str]:
     """The ``vectorize="auto"`` rule, with its reason.
 
     Measured on CPU (see ``benchmarks/``): vmapped MLP inner loops are 3-9x
     faster than a task loop, while vmapped convolutions are 1.1-1.8x slower and
     use several times the memory, so convolutional models run task by task.
-    Layers that vmap cannot batch force the task loop.
+    Layers that vmap cannot batch (under the BatchNorm policy ``batchnorm``, when
+    given) force the task loop.
     """
-    blockers = vectorization_blockers(model)
+    blockers = vectorization_blockers(model, batchnorm)
     if blockers:
         return False, "task loop: " + "; ".join(blockers)
     if count_convolutions(model):
@@ -382,8 +391,8 @@ def choose_vectorize(model: nn.Module) -> tuple[bool, str]:
     return True, "vmap: no convolutional or recurrent layers, vectorised inner steps are faster (measured)"
 
 
-def describe_vmap_failure(model: nn.Module, error: Exception) -> str:
-    blockers = vectorization_blockers(model)
+def describe_vmap_failure(model: nn.Module, error: Exception, batchnorm: str | None = None) -> str:
+    blockers = vectorization_blockers(model, batchnorm)
     layer = blockers[0] if blockers else "a layer of the model"
     return (
         f"vectorize=True failed: {layer} cannot run under torch.func.vmap ({error}). "
