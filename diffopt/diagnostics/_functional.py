@@ -390,8 +390,8 @@ def per_example_jacobians(
 class SGDAdapt:
     """``adapt(params, x, y) -> params``: ``steps`` steps of plain gradient descent on the support loss.
 
-    ``φ_{k+1} = φ_k − lr·∇ L_S(φ_k)`` (the update rule of :class:`diffopt.optim.SGD`) with ``L_S`` the mean loss (``loss_fn``, or
-    the likelihood's mean NLL). When the given weights require grad the steps
+    ``φ_{k+1} = φ_k − lr·∇ L_S(φ_k)`` (the update rule of :class:`diffopt.optim.SGD`) with
+    ``L_S`` the mean loss (``loss_fn``, or the likelihood's mean NLL). When the given weights require grad the steps
     are built with ``create_graph=True`` so second-order meta-gradients flow
     back to them (unless ``first_order=True``); otherwise no graph is kept.
     ``step(params, x, y)`` is one step, so diagnostics can record per-step values.

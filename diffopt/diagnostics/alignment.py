@@ -104,7 +104,8 @@ def gradient_alignment(
             den = (g1.norm() * g2.norm()).item()
             within_cos.append(max(-1.0, min(1.0, (g1 @ g2).item() / den)) if den > 0 else float("nan"))
     G = torch.stack(rows)
-    return alignment_group(G, views[0][0]["p"], within_dot, within_cos, lik, loss_fn, settings.bn_mode, method, unbiased_gsnr)
+    return alignment_group(G, views[0][0]["p"], within_dot, within_cos, lik, loss_fn, settings.bn_mode, method,
+                           unbiased_gsnr)
 
 
 def alignment_group(G: Tensor, like: Dict[str, Tensor], within_dot: list, within_cos: list, lik: Any,
@@ -159,5 +160,6 @@ def task_gradients(
     method = resolve_method(settings.per_example, model, settings.bn_mode)
     gen = resolve_generator(None, 0, device_of(p))
     _, views = split_tasks(model, {"p": p}, {"x": x, "y": y}, batched=True)
-    return torch.stack([task_gradient_single(model, pt["p"], d["x"], d["y"], lik, loss_fn, gen, settings.bn_mode, method)[0]
+    return torch.stack([task_gradient_single(model, pt["p"], d["x"], d["y"], lik, loss_fn, gen, settings.bn_mode,
+                                             method)[0]
                         for pt, d in views])

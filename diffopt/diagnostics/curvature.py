@@ -182,7 +182,8 @@ def curvature(
     p = as_weights(model, params)
     gen = resolve_generator(generator, settings.seed, device_of(p))
     T, views = split_tasks(model, {"p": p}, {"x": x, "y": y}, settings.batched)
-    vals = [curvature_single(model, pt["p"], d["x"], d["y"], lik, loss_fn, lr, iters, tol, samples, gen, settings.bn_mode)
+    vals = [curvature_single(model, pt["p"], d["x"], d["y"], lik, loss_fn, lr, iters, tol, samples, gen,
+                             settings.bn_mode)
             for pt, d in views]
     units = "nats/param^2" if loss_fn is None else "loss/param^2"
     est = {"loss": "mean NLL, " + lik.describe() if lik is not None else "loss_fn", "bn_mode": settings.bn_mode,

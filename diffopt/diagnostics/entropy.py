@@ -124,5 +124,6 @@ def bald(
     ms = [as_weights(model, m) for m in members]
     T, views = split_tasks(model, {f"m{j}": m for j, m in enumerate(ms)}, {"x": x}, settings.batched)
     vals = [bald_single(model, [p[f"m{j}"] for j in range(len(ms))], d["x"], lik, settings.bn_mode) for p, d in views]
-    est = {"likelihood": lik.describe(), "members": len(ms), "reduction": "mean over inputs", "bn_mode": settings.bn_mode}
+    est = {"likelihood": lik.describe(), "members": len(ms), "reduction": "mean over inputs",
+           "bn_mode": settings.bn_mode}
     return aggregate(vals, T, "nats", est)

@@ -285,7 +285,8 @@ def adapted_weight_information(
                               bn_mode=settings.bn_mode, method=method)
         vals.append(weight_information_terms(p["theta"], p["phi"], dg, d["x"].shape[0], prior_precision))
     est = {"posterior": "Laplace, diagonal Fisher at phi on the support set", "prior_precision": float(prior_precision),
-           **{f"fisher_{k}": v for k, v in fisher_estimator(lik, fisher_kind, samples, settings.bn_mode, method).items()}}
+           **{f"fisher_{k}": v
+              for k, v in fisher_estimator(lik, fisher_kind, samples, settings.bn_mode, method).items()}}
     return weight_information_result(vals, T, est)
 
 

@@ -173,7 +173,8 @@ def metagradient_discrepancy(
     th = as_weights(model, theta)
     T, views = split_tasks(model, {"theta": th},
                            {"xs": x_support, "ys": y_support, "xq": x_query, "yq": y_query}, settings.batched)
-    pairs = [metagradients_single(model, p["theta"], d["xs"], d["ys"], d["xq"], d["yq"], fn, lik, loss_fn, settings.bn_mode)
+    pairs = [metagradients_single(model, p["theta"], d["xs"], d["ys"], d["xq"], d["yq"], fn, lik, loss_fn,
+                                  settings.bn_mode)
              for p, d in views]
     est = {"adapt": repr(fn) if adapt is not None else f"SGD lr={lr} steps={steps} (internal)",
            "loss": "mean NLL, " + lik.describe() if lik is not None else "loss_fn", "bn_mode": settings.bn_mode,

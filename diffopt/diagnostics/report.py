@@ -350,7 +350,8 @@ def diagnose_adaptation(
 
             def wi(t: int, k: int) -> Dict[str, float]:
                 xs, ys = task_list[t][0], task_list[t][1]
-                dg, _ = fisher_single(model, trajs[t][k], xs, ys, lik, settings.fisher_kind, samples=settings.fisher_samples,
+                dg, _ = fisher_single(model, trajs[t][k], xs, ys, lik, settings.fisher_kind,
+                                      samples=settings.fisher_samples,
                                       generator=gen, bn_mode=bn_mode, method=method)
                 return weight_information_terms(th, trajs[t][k], dg, xs.shape[0], settings.prior_precision)
 
@@ -378,7 +379,8 @@ def diagnose_adaptation(
             for label, idx in (("theta", 0), ("phi", -1)):
                 diags = []
                 for t, (xs, ys, _, _) in enumerate(task_list):
-                    dg, _ = fisher_single(model, trajs[t][idx], xs, ys, lik, settings.fisher_kind, samples=settings.fisher_samples,
+                    dg, _ = fisher_single(model, trajs[t][idx], xs, ys, lik, settings.fisher_kind,
+                                          samples=settings.fisher_samples,
                                           generator=gen, bn_mode=bn_mode, method=method)
                     diags.append(dg)
                 name = f"fisher_{label}/trace"
@@ -408,10 +410,13 @@ def diagnose_adaptation(
                                                     "ordering": "random permutations (explicit generator)",
                                                     "labels": "support labels from data", "bn_mode": bn_mode}))
         if "curvature" in chosen:
-            vals = [curvature_single(model, th, xs, ys, None if loss_fn else lik, loss_fn, lr_used, settings.power_iters,
-                                     settings.power_tol, settings.hutchinson_samples, gen, bn_mode) for xs, ys, _, _ in task_list]
+            vals = [curvature_single(model, th, xs, ys, None if loss_fn else lik, loss_fn, lr_used,
+                                     settings.power_iters, settings.power_tol, settings.hutchinson_samples, gen,
+                                     bn_mode)
+                    for xs, ys, _, _ in task_list]
             results.update(curvature_group(vals, T, "nats/param^2" if loss_fn is None else "loss/param^2",
-                                           {"power_iterations": settings.power_iters, "tol": settings.power_tol, "lr": lr_used,
+                                           {"power_iterations": settings.power_iters, "tol": settings.power_tol,
+                                            "lr": lr_used,
                                             "hutchinson_samples": settings.hutchinson_samples, "bn_mode": bn_mode}))
         if "metagrad" in chosen:
             pairs = [metagradients_single(model, th, xs, ys, xq, yq, full_adapt, None if loss_fn else lik, loss_fn,

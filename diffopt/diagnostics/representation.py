@@ -127,7 +127,8 @@ def representation_change(
     th, ph = as_weights(model, theta), as_weights(model, phi)
     layers = list(layers) if layers is not None else default_layers(model)
     T, views = split_tasks(model, {"theta": th, "phi": ph}, {"x": x}, settings.batched)
-    vals = [representation_single(model, p["theta"], p["phi"], d["x"], layers, settings.bn_mode, center_erank) for p, d in views]
+    vals = [representation_single(model, p["theta"], p["phi"], d["x"], layers, settings.bn_mode, center_erank)
+            for p, d in views]
     est = {"features": "outputs of " + ", ".join(l or "<model>" for l in layers), "cka": "linear, centred",
            "erank": "exp entropy of normalised singular values" + (", centred" if center_erank else ""),
            "bn_mode": settings.bn_mode}
