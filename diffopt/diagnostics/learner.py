@@ -227,10 +227,8 @@ def _learner_name(learner: Any) -> str:
 
 
 def _check_learner(learner: Any) -> None:
-    declared = getattr(learner, "has_inner_loop", None)
-    if declared is None:  # not a diffopt MetaLearner: anything with an InnerLoop as .loop
-        declared = hasattr(getattr(learner, "loop", None), "rebind")
-    if not declared:
+    has_loop = hasattr(getattr(learner, "loop", None), "rebind")  # an InnerLoop as .loop
+    if not (getattr(learner, "has_inner_loop", has_loop) and has_loop):
         name = _learner_name(learner)
         raise NotApplicable(
             f"diagnose() needs a learner with an inner loop (MAML, FOMAML, MetaSGD, MAML++, iMAML, ANIL, Reptile); "
