@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -11,31 +12,13 @@ from torch import nn
 from torch.func import functional_call
 
 import diffopt.diagnostics as dg
+from diagnostics_helpers import gen, mlp, params_of
+from diagnostics_helpers import data as _data
 
-F64 = torch.float64
+data = partial(_data, n=10)
 
+pytestmark = pytest.mark.usefixtures("float64_default")
 
-@pytest.fixture(autouse=True)
-def _f64():
-    torch.set_default_dtype(F64)
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def mlp(d=3, h=5, N=4, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, N)).double()
-
-
-def data(seed=0, n=10, d=3, N=4):
-    g = gen(seed)
-    return torch.randn(n, d, generator=g), torch.randint(0, N, (n,), generator=g)
-
-
-def params_of(model):
-    return {k: v.detach() for k, v in model.named_parameters()}
 
 
 def test_block_ends():

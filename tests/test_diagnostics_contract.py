@@ -9,22 +9,11 @@ import torch
 from torch import nn
 
 import diffopt.diagnostics as dg
+from diagnostics_helpers import F64, gen, mlp
+from diagnostics_helpers import params_of as theta_of
 
-F64 = torch.float64
+pytestmark = pytest.mark.usefixtures("float64_default")
 
-
-@pytest.fixture(autouse=True)
-def _f64():
-    torch.set_default_dtype(F64)
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def mlp(d=3, h=5, N=4, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, N)).double()
 
 
 def bn_dropout_net(seed=0):
@@ -36,10 +25,6 @@ def tasks(T=3, n=6, m=5, N=4, seed=0):
     g = gen(seed)
     return (torch.randn(T, n, 3, generator=g), torch.randint(0, N, (T, n), generator=g),
             torch.randn(T, m, 3, generator=g), torch.randint(0, N, (T, m), generator=g))
-
-
-def theta_of(model):
-    return {k: v.detach() for k, v in model.named_parameters()}
 
 
 def batched_phi(model, T, seed=1):
@@ -343,3 +328,55 @@ def test_plot_when_matplotlib_is_installed(tmp_path):
     assert (tmp_path / "r.png").stat().st_size > 0
     dg.plot_history([rep, rep], str(tmp_path / "h.png"), keys=["kl/forward"])
     assert (tmp_path / "h.png").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# one settings object
+# ----------------------------------------------------------------------------------------
+def test_settings_object_equals_keyword_arguments_and_keywords_override_it():
+    model = mlp()
+    xs, ys, xq, yq = tasks(T=3)
+    th, phi = theta_of(model), batched_phi(model, 3)
+    a = dg.adaptation_kl(model, th, phi, xq, settings=dg.DiagnosticSettings(num_classes=4))
+    b = dg.adaptation_kl(model, th, phi, xq, num_classes=4)
+    assert a.to_dict() == b.to_dict()
+    f_settings = dg.fisher_information(model, th, xs[0], ys[0], kind="mc", settings=dg.DiagnosticSettings(seed=5))
+    f_keyword = dg.fisher_information(model, th, xs[0], ys[0], kind="mc", seed=5)
+    f_override = dg.fisher_information(model, th, xs[0], ys[0], kind="mc", settings=dg.DiagnosticSettings(seed=1),
+                                       seed=5)
+    f_other = dg.fisher_information(model, th, xs[0], ys[0], kind="mc", seed=1)
+    assert f_settings.value == f_keyword.value == f_override.value != f_other.value
+    adapt = dg.sgd_adapt(model, lr=0.3, steps=2)
+    which = ["kl", "prequential", "fisher"]
+    r_settings = dg.diagnose_adaptation(model, th, adapt, tasks(), which=which,
+                                        settings=dg.DiagnosticSettings(orderings=3, seed=2, fisher_kind="empirical"))
+    r_keyword = dg.diagnose_adaptation(model, th, adapt, tasks(), which=which, orderings=3, seed=2,
+                                       fisher_kind="empirical")
+    assert r_settings.to_json() == r_keyword.to_json()
+    assert r_settings["code/L_preq"].estimator["orderings"] == 3
+
+
+def test_settings_errors_and_signatures():
+    import dataclasses
+    import inspect
+
+    s = dg.DiagnosticSettings(sigma=0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.sigma = 1.0  # type: ignore[misc]
+    assert s.replace(orderings=4).orderings == 4 and s.orderings == 2
+    with pytest.raises(TypeError, match="did you mean 'orderings'"):
+        s.replace(ordering=4)
+    model = mlp()
+    adapt = dg.sgd_adapt(model, lr=0.3)
+    with pytest.raises(TypeError, match="diagnose_adaptation.*'ordrings'; did you mean 'orderings'"):
+        dg.diagnose_adaptation(model, theta_of(model), adapt, tasks(), which=["kl"], ordrings=3)
+    with pytest.raises(TypeError, match="adaptation_kl.*'per_example'"):  # a field this diagnostic does not read
+        dg.adaptation_kl(model, None, None, tasks()[2][0], per_example="loop")
+    with pytest.raises(TypeError, match="settings must be a DiagnosticSettings"):
+        dg.adaptation_kl(model, None, None, tasks()[2][0], settings={"bn_mode": "eval"})
+    # the signatures still list every keyword users pass (help(), IDEs)
+    for fn, names in [(dg.diagnose_adaptation, ("orderings", "sigma", "bn_mode", "seed", "settings", "which")),
+                      (dg.diagnose, ("sigma", "num_classes", "power_iters", "settings", "steps")),
+                      (dg.adaptation_kl, ("likelihood", "sigma", "bn_mode", "batched", "reduction", "settings"))]:
+        assert set(names) <= set(inspect.signature(fn).parameters), fn.__name__
+    assert "likelihood" not in inspect.signature(dg.diagnose).parameters  # decided from the labels

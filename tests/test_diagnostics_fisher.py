@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -11,34 +12,17 @@ from torch import nn
 from torch.func import functional_call
 
 import diffopt.diagnostics as dg
+from diagnostics_helpers import gen, mlp, params_of
+from diagnostics_helpers import data as _data
+
+data = partial(_data, n=7)
 from diffopt.diagnostics._likelihood import resolve_likelihood
 
-F64 = torch.float64
 # torch.func.hessian's forward-mode pass loads jit decompositions, which warn on torch 2.13
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True)
-def _f64():
-    torch.set_default_dtype(F64)
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def mlp(d=3, h=5, N=4, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, N)).double()
-
-
-def data(seed=0, n=7, d=3, N=4):
-    g = gen(seed)
-    return torch.randn(n, d, generator=g), torch.randint(0, N, (n,), generator=g)
-
-
-def params_of(model):
-    return {k: v.detach() for k, v in model.named_parameters()}
+pytestmark = [
+    pytest.mark.usefixtures("float64_default"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+]
 
 
 def loop_per_example_sq_norms(model, x, y):

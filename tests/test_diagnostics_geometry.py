@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -12,34 +13,18 @@ from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
 import diffopt.diagnostics as dg
+from diagnostics_helpers import F64, gen, params_of
+from diagnostics_helpers import data as _data
+from diagnostics_helpers import mlp as _mlp
 
-F64 = torch.float64
+mlp = partial(_mlp, N=3)
+data = partial(_data, N=3)
+
 # torch.func.hessian's forward-mode pass loads jit decompositions, which warn on torch 2.13
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True)
-def _f64():
-    torch.set_default_dtype(F64)
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def mlp(d=3, h=5, N=3, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, N)).double()
-
-
-def data(seed=0, n=8, d=3, N=3, T=None):
-    g = gen(seed)
-    lead = () if T is None else (T,)
-    return torch.randn(*lead, n, d, generator=g), torch.randint(0, N, (*lead, n), generator=g)
-
-
-def params_of(model):
-    return {k: v.detach() for k, v in model.named_parameters()}
+pytestmark = [
+    pytest.mark.usefixtures("float64_default"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+]
 
 
 def flat_fn(model, fn):

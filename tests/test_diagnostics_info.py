@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -11,26 +12,17 @@ from hypothesis import strategies as st
 from torch import nn
 
 import diffopt.diagnostics as dg
+from diagnostics_helpers import F64, gen
+from diagnostics_helpers import mlp as _mlp
 
-F64 = torch.float64
+clf_model = partial(_mlp, h=6)
 
+pytestmark = pytest.mark.usefixtures("float64_default")
 
-@pytest.fixture(autouse=True)
-def _f64():
-    torch.set_default_dtype(F64)
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def logits(seed, shape, scale=3.0):
     return scale * torch.randn(*shape, generator=gen(seed), dtype=F64)
-
-
-def clf_model(d=3, h=6, N=4, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, N)).double()
 
 
 def clf_task(seed=0, n=8, m=7, d=3, N=4):

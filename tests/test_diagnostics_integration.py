@@ -22,30 +22,19 @@ from torch import nn
 from torch.func import functional_call
 
 import diffopt.diagnostics as dg
+from diagnostics_helpers import F64, gen
 from diffopt.algorithms import ANIL, FOMAML, MAML, MAMLPlusPlus, MetaSGD, PrototypicalNetwork, Reptile
 from diffopt.diagnostics import cli as diag_cli
 from diffopt.recipes import EpisodeSource, SinusoidSource, make_learner, mlp_classifier, sinusoid_mlp
 from diffopt.tasks import synthetic_vectors
 from diffopt.training import Trainer
 
-F64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
-# torch.func.hessian's forward-mode pass loads jit decompositions, which warn on torch 2.13
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_f64():
-    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
-    torch.set_num_threads(1)
-    torch.set_default_dtype(F64)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(dtype)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+pytestmark = [
+    pytest.mark.usefixtures("single_thread", "float64_default"),
+    # torch.func.hessian's forward-mode pass loads jit decompositions, which warn on torch 2.13
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+]
 
 
 def regression_tasks(T=3, n=6, m=5, seed=0):
@@ -524,3 +513,23 @@ def test_true_fisher_diagonal_is_nonnegative_in_float32():
         assert torch.allclose(v.double(), ref, rtol=1e-2, atol=1e-4 * float(ref.abs().max())), k
     model.float()
     assert dg.adapted_weight_information(model, None, None, x, fisher_kind="true").value >= 0
+
+
+def test_learners_declare_how_they_adapt_and_diagnose_reads_it():
+    assert MAML.has_inner_loop and Reptile.has_inner_loop and not PrototypicalNetwork.has_inner_loop
+    assert MAML.outer_update == "meta_gradient" and Reptile.outer_update == "towards_adapted"
+    assert not MAML(cls_net(), F.cross_entropy).adapts_features
+    body, head = nn.Sequential(nn.Linear(4, 6), nn.Tanh()), nn.Linear(6, 3)
+    assert ANIL(body, head, F.cross_entropy).adapts_features
+    assert not ANIL(body, head, F.cross_entropy, mode="es").adapts_features  # runs the whole model
+
+    class TowardsAdapted(MAML):  # a user's learner declaring a Reptile-like outer step
+        outer_update = "towards_adapted"
+
+    rep = dg.diagnose(TowardsAdapted(cls_net(), F.cross_entropy, inner_lr=0.5), classification_tasks(), which=["kl"])
+    assert any("TowardsAdapted itself follows neither" in n for n in rep.settings["notes"])
+    plain = dg.diagnose(MAML(cls_net(), F.cross_entropy, inner_lr=0.5), classification_tasks(), which=["kl"])
+    assert not any("follows neither" in n for n in plain.settings["notes"])
+    with pytest.raises(ValueError, match="settings.likelihood is decided by the learner"):
+        dg.diagnose(MAML(cls_net(), F.cross_entropy), classification_tasks(), which=["kl"],
+                    settings=dg.DiagnosticSettings(likelihood="gaussian", sigma=1.0))

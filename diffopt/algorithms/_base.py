@@ -25,6 +25,10 @@ class MetaLearner(nn.Module):
     :meth:`train_step` differentiates the meta-loss and steps the outer optimizer.
     """
 
+    #: Whether the learner adapts weights in an inner loop (``self.loop``); metric-based
+    #: learners (Prototypical, Matching, Siamese) solve a task by comparing embeddings.
+    has_inner_loop: bool = False
+
     def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -71,6 +75,16 @@ class InnerLoopLearner(MetaLearner):
     """
 
     loop: Any
+    has_inner_loop = True
+    #: How the outer step uses the inner loop: ``"meta_gradient"`` (the gradient of the query
+    #: loss through the adapted weights, in the loop's mode: MAML and its family) or
+    #: ``"towards_adapted"`` (θ moves towards the adapted weights: Reptile).
+    outer_update: str = "meta_gradient"
+
+    @property
+    def adapts_features(self) -> bool:
+        """Whether the inner loop adapts a head on features of the raw inputs (``inputs`` is not the identity)."""
+        return type(self).inputs is not InnerLoopLearner.inputs
 
     def inputs(self, x: Tensor) -> Tensor:
         return x

@@ -54,6 +54,11 @@ class ANIL(InnerLoopLearner):
     def inputs(self, x: Tensor) -> Tensor:
         return self.features(x) if self.features_once else x
 
+    @property
+    def adapts_features(self) -> bool:
+        """The head adapts on the body's features, except in modes that run the whole model."""
+        return self.features_once
+
     def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
         check_episode(support_x, support_y, query_x, query_y)
         return self.loop.meta_loss(self.inputs(support_x), support_y, self.inputs(query_x), query_y)

@@ -42,6 +42,8 @@ class Reptile(InnerLoopLearner):
             has no support/query distinction at meta-training time).
     """
 
+    outer_update = "towards_adapted"  # θ ← θ + ε (φ − θ): neither first- nor second-order MAML
+
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor] = F.mse_loss,
                  inner_lr: float = 0.02, inner_steps: int = 5, outer_lr: float = 1.0,
                  outer_lr_final: float | None = 0.0, batched: bool = True, train_on_query: bool = False,

@@ -49,13 +49,21 @@ infinite, so those bounds are vacuous as numbers; only noisy (SGLD-like) inner
 and outer loops give finite values, via sums of per-step gradient-incoherence
 terms that would have to be logged during training.
 
-Models, weights and tasks follow the engine's conventions: weights are dicts
-``name -> tensor`` (or lists in ``named_parameters()`` order), optionally with a
-leading task dimension; an adaptation is ``adapt(params, x, y) -> params``
-(:func:`sgd_adapt` is a plain-SGD reference).
+Models, weights and tasks follow the engine's conventions (one functional-model
+stack, :mod:`diffopt.unroll.functional`): weights are dicts ``name -> tensor``
+(or lists in ``named_parameters()`` order), optionally with a leading task
+dimension; an adaptation is ``adapt(params, x, y) -> params`` (:func:`sgd_adapt`
+is a plain-SGD reference stepping with :class:`diffopt.optim.SGD`'s rule).
+
+Settings: how predictions are scored (``likelihood``, ``sigma``, ``num_classes``),
+how the model is evaluated (``bn_mode``, ``per_example``, ``batched``), the seed and
+the report's estimator settings are one frozen :class:`DiagnosticSettings`, passed
+as ``settings=`` to any diagnostic; each field a diagnostic reads may also be given
+as a keyword argument (``sigma=0.5``), which overrides ``settings``.
 """
 from ._cost import Cost, CostCount, count_costs, documented_cost
 from ._functional import SGDAdapt, SecondOrderUnavailable, per_example_grads, per_example_jacobians, sgd_adapt
+from .settings import DiagnosticSettings
 from ._likelihood import Likelihood, resolve_likelihood
 from ._result import Diagnostic, DiagnosticGroup, bits_to_nats, nats_to_bits
 from .alignment import gradient_alignment, task_gradients
@@ -77,7 +85,7 @@ __all__ = [
     # costs
     "Cost", "CostCount", "count_costs", "documented_cost",
     # conventions
-    "Likelihood", "resolve_likelihood", "sgd_adapt", "SGDAdapt", "SecondOrderUnavailable",
+    "DiagnosticSettings", "Likelihood", "resolve_likelihood", "sgd_adapt", "SGDAdapt", "SecondOrderUnavailable",
     "per_example_grads", "per_example_jacobians",
     # 1
     "adaptation_kl", "kl_categorical", "js_categorical", "kl_gaussian",

@@ -1,9 +1,11 @@
 """Shared machinery: explicit weights, task batches, model modes, gradients and adaptation.
 
-Conventions (shared with the inner-loop engine):
+Conventions (shared with the inner-loop engine through :mod:`diffopt.unroll.functional`,
+which owns the parameter parser, the vector vocabulary and model evaluation):
 
 * A model is evaluated functionally,
-  ``torch.func.functional_call(model, {name: tensor, ...}, (x,))``.
+  ``torch.func.functional_call(model, {name: tensor, ...}, (x,))``
+  (:func:`diffopt.unroll.functional.call`).
 * Weights (θ, φ) are a dict ``name -> tensor`` (any subset of
   ``model.named_parameters()``; missing ones keep the module's value) or a
   list/tuple in ``model.named_parameters()`` order, or ``None`` for the
@@ -16,21 +18,36 @@ Conventions (shared with the inner-loop engine):
 from __future__ import annotations
 
 import contextlib
-import functools
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import grad, jacrev, vmap
 
+from ..optim import SGDRule
+from ..unroll.functional import (
+    ParameterLayout,
+    Weights,
+    as_weights,
+    call,
+    differentiable_copies,
+    from_vector,
+    has_batchnorm,
+    to_vector,
+    vector_slices,
+)
 from . import _cost
 from ._likelihood import Likelihood
 
 __all__ = [
     "Params",
     "SecondOrderUnavailable",
-    "as_params",
+    "as_weights",
     "call_model",
+    "differentiable_copies",
+    "from_vector",
+    "to_vector",
+    "vector_slices",
     "evaluation",
     "per_example_grads",
     "per_example_jacobians",
@@ -39,7 +56,7 @@ __all__ = [
 ]
 
 Params = Dict[str, Tensor]
-ParamsLike = Union[Mapping[str, Tensor], Sequence[Tensor], None]
+ParamsLike = Weights
 
 BN_MODES = ("eval", "batch")
 
@@ -60,48 +77,8 @@ def second_order_fix(what: str, cause: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# weights and tasks
+# weights and tasks (the parser and the vector vocabulary are the unroll layer's)
 # ---------------------------------------------------------------------------------------
-def as_params(model: nn.Module, params: ParamsLike) -> Params:
-    """Normalise θ/φ to an ordered dict in ``model.named_parameters()`` order."""
-    named = dict(model.named_parameters())
-    if params is None:
-        return {n: p.detach() for n, p in named.items()}
-    if isinstance(params, Mapping):
-        unknown = [k for k in params if k not in named]
-        if unknown:
-            raise KeyError(
-                f"{unknown} are not parameters of {type(model).__name__}; weights must be keyed by "
-                f"model.named_parameters() names: {list(named)}"
-            )
-        return {n: params[n] for n in named if n in params}
-    if isinstance(params, (list, tuple)):
-        if len(params) != len(named):
-            raise ValueError(
-                f"got {len(params)} weight tensors but {type(model).__name__} has {len(named)} parameters "
-                f"({list(named)}); a list of weights must follow model.named_parameters() order"
-            )
-        return dict(zip(named, params))
-    raise TypeError(f"weights must be a dict name->tensor, a list in named_parameters() order or None, got {type(params)}")
-
-
-def task_count(model: nn.Module, params: Params) -> Optional[int]:
-    """``T`` if every tensor of ``params`` carries a leading task dimension, ``None`` if none does."""
-    shapes = {n: p.shape for n, p in model.named_parameters()}
-    found = set()
-    for n, t in params.items():
-        if t.shape == shapes[n]:
-            found.add(None)
-        elif t.dim() == len(shapes[n]) + 1 and t.shape[1:] == shapes[n]:
-            found.add(int(t.shape[0]))
-        else:
-            raise ValueError(f"weight {n!r} has shape {tuple(t.shape)}; the model's is {tuple(shapes[n])} "
-                             f"(or (tasks, {', '.join(map(str, shapes[n]))}) for a batch of tasks)")
-    if len(found) > 1:
-        raise ValueError(f"some weights carry a task dimension and some do not: {sorted(found, key=str)}")
-    return found.pop() if found else None
-
-
 def _data_count(x: Any) -> int:
     if isinstance(x, (list, tuple)):
         return len(x)
@@ -127,7 +104,8 @@ def split_tasks(
     shared by all tasks. Data are batched when any weight is, when
     ``batched=True``, or when given as a list of per-task tensors.
     """
-    counts = {k: task_count(model, p) for k, p in params.items() if p is not None}
+    layout = ParameterLayout(model)
+    counts = {k: layout.task_count(p) for k, p in params.items() if p is not None}
     T_params = {c for c in counts.values() if c is not None}
     if len(T_params) > 1:
         raise ValueError(f"weights carry different numbers of tasks: {counts}")
@@ -157,40 +135,9 @@ def split_tasks(
     return T, views
 
 
-def flatten(tensors: Mapping[str, Tensor], start_dim: int = 0) -> Tensor:
-    """Concatenate the tensors of a dict into one vector (or ``(lead, P)`` with ``start_dim=1``)."""
-    return torch.cat([t.reshape(*t.shape[:start_dim], -1) for t in tensors.values()], dim=start_dim)
-
-
-def unflatten(vec: Tensor, like: Mapping[str, Tensor]) -> Params:
-    out, i = {}, 0
-    for n, t in like.items():
-        k = t.numel()
-        out[n] = vec[i : i + k].reshape(t.shape)
-        i += k
-    return out
-
-
-def layer_slices(like: Mapping[str, Tensor]) -> Dict[str, slice]:
-    out, i = {}, 0
-    for n, t in like.items():
-        out[n] = slice(i, i + t.numel())
-        i += t.numel()
-    return out
-
-
-def leaves(params: Params) -> Params:
-    """Detached copies that require grad: differentiate w.r.t. these, never the caller's tensors."""
-    return {n: p.detach().requires_grad_(True) for n, p in params.items()}
-
-
 # ---------------------------------------------------------------------------------------
 # model evaluation, modes, state preservation
 # ---------------------------------------------------------------------------------------
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
-
-
 @contextlib.contextmanager
 def evaluation(model: nn.Module, bn_mode: str = "eval") -> Iterator[None]:
     """Evaluate ``model`` without touching its state.
@@ -225,11 +172,11 @@ def evaluation(model: nn.Module, bn_mode: str = "eval") -> Iterator[None]:
 
 
 def call_model(model: nn.Module, params: Params, x: Tensor, bn_mode: str = "eval") -> Tensor:
-    """``functional_call(model, params, (x,))``; with ``bn_mode="batch"`` buffers are passed as copies."""
-    if bn_mode == "batch" and any(True for _ in model.buffers()):
-        bufs = {n: b.clone() for n, b in model.named_buffers()}
-        return functional_call(model, {**bufs, **params}, (x,))
-    return functional_call(model, params, (x,))
+    """:func:`diffopt.unroll.functional.call`; with ``bn_mode="batch"`` the buffers are passed as copies
+    (so batch-statistics BatchNorm never updates the module's running statistics)."""
+    if bn_mode == "batch":
+        return call(model, params, x, {n: b.clone() for n, b in model.named_buffers()})
+    return call(model, params, x)
 
 
 # ---------------------------------------------------------------------------------------
@@ -398,7 +345,7 @@ def per_example_grads(
     gs: Dict[str, List[Tensor]] = {k: [] for k in detached}
     outs = []
     for i in range(n):
-        p = leaves(detached)
+        p = differentiable_copies(detached)
         out = call_model(model, p, x[i : i + 1], bn_mode)
         for k, gi in zip(p, autograd_grad(loss(out, yy[i : i + 1]).sum(), list(p.values()))):
             gs[k].append(gi)
@@ -443,8 +390,8 @@ def per_example_jacobians(
 class SGDAdapt:
     """``adapt(params, x, y) -> params``: ``steps`` steps of plain gradient descent on the support loss.
 
-    ``φ_{k+1} = φ_k − lr·∇ L_S(φ_k)`` with ``L_S`` the mean loss (``loss_fn``, or
-    the likelihood's mean NLL). When the given weights require grad the steps
+    ``φ_{k+1} = φ_k − lr·∇ L_S(φ_k)`` (the update rule of :class:`diffopt.optim.SGD`) with
+    ``L_S`` the mean loss (``loss_fn``, or the likelihood's mean NLL). When the given weights require grad the steps
     are built with ``create_graph=True`` so second-order meta-gradients flow
     back to them (unless ``first_order=True``); otherwise no graph is kept.
     ``step(params, x, y)`` is one step, so diagnostics can record per-step values.
@@ -461,6 +408,9 @@ class SGDAdapt:
         if loss_fn is None and likelihood is None:
             raise ValueError("sgd_adapt needs loss_fn= or likelihood=")
         self.model, self.lr, self.steps = model, lr, int(steps)
+        # the update is diffopt.optim.SGD's rule (no momentum, no weight decay): φ − lr·g
+        self.rule = SGDRule()
+        self.hyper = {**SGDRule.defaults, "lr": lr}
         self.lik = likelihood if loss_fn is None else None
         self.loss = mean_loss(likelihood, loss_fn)
         self.bn_mode, self.first_order = bn_mode, first_order
@@ -468,7 +418,7 @@ class SGDAdapt:
     def step(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Params:
         params = dict(params)
         graph = torch.is_grad_enabled() and any(p.requires_grad for p in params.values())
-        current = params if graph else leaves(params)
+        current = params if graph else differentiable_copies(params)
         if graph and not all(p.requires_grad for p in current.values()):
             current = {n: (p if p.requires_grad else p.detach().requires_grad_(True)) for n, p in current.items()}
         with torch.enable_grad():
@@ -481,7 +431,8 @@ class SGDAdapt:
             raise SecondOrderUnavailable(second_order_fix(
                 "a differentiable inner step", "the inner gradient carries no graph back to the weights (the "
                 "backward of some op leaves autograd; a loss linear in the weights has a zero Hessian)"))
-        new = {n: p - self.lr * g for (n, p), g in zip(current.items(), gs)}
+        new = {n: self.rule.update_one(p, g, self.rule.init_state(p, self.hyper), self.hyper)[0]
+               for (n, p), g in zip(current.items(), gs)}
         return new if graph else {n: p.detach() for n, p in new.items()}
 
     def __call__(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Params:
@@ -518,17 +469,6 @@ def call_adapt(adapt: Callable, params: Params, x: Tensor, y: Tensor) -> Params:
     if isinstance(out, (list, tuple)) and len(out) == len(params) and all(isinstance(t, Tensor) for t in out):
         return dict(zip(params, out))
     raise TypeError("adapt(params, x, y) must return a dict name -> tensor (or a list in the same order)")
-
-
-def stateless(fn: Callable) -> Callable:
-    """Decorator for public diagnostics ``fn(model, ...)``: model state and the RNG stream are restored."""
-
-    @functools.wraps(fn)
-    def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        with evaluation(model, kwargs.get("bn_mode", "eval")):
-            return fn(model, *args, **kwargs)
-
-    return wrapper
 
 
 def resolve_generator(generator: Optional[torch.Generator], seed: int, device: Any = "cpu") -> torch.Generator:

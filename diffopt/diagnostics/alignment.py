@@ -22,19 +22,18 @@ from ._cost import Cost, documented_cost
 from ._functional import (
     LossFn,
     ParamsLike,
-    as_params,
+    as_weights,
     device_of,
     explained_errors,
-    flatten,
-    layer_slices,
+    to_vector,
+    vector_slices,
     per_example_grads,
     per_example_loss,
     resolve_generator,
     resolve_method,
     split_tasks,
-    stateless,
 )
-from ._likelihood import resolve_likelihood
+from .settings import DiagnosticSettings, diagnostic
 from ._result import Diagnostic, DiagnosticGroup
 from .stats import conflict_rate, cosine_matrix, gradient_diversity, gsnr, unbiased_sq_norm_of_mean
 
@@ -49,7 +48,7 @@ def task_gradient_single(model: nn.Module, params: Dict[str, Tensor], x: Tensor,
         G, out = per_example_grads(model, params, x, y, loss, bn_mode=bn_mode, method=method)
     if lik is not None:
         lik.check(out, y)
-    Gf = flatten(G, start_dim=1)
+    Gf = to_vector(G, start_dim=1)
     n = Gf.shape[0]
     g = Gf.mean(0)
     if n < 2:
@@ -63,7 +62,7 @@ def task_gradient_single(model: nn.Module, params: Dict[str, Tensor], x: Tensor,
     where="tasks = M; with per_example='jacrev' (bn_mode='batch' on a BatchNorm model) backward is n·tasks.",
     default=Cost(forward="tasks", backward="tasks"),
 )
-@stateless
+@diagnostic("likelihood", "sigma", "num_classes", "seed", "bn_mode", "per_example")
 def gradient_alignment(
     model: nn.Module,
     params: ParamsLike,
@@ -71,14 +70,9 @@ def gradient_alignment(
     y: Any,
     *,
     loss_fn: Optional[LossFn] = None,
-    likelihood: Any = "categorical",
-    sigma: Optional[float] = None,
-    num_classes: Optional[int] = None,
     unbiased_gsnr: bool = True,
     generator: Optional[torch.Generator] = None,
-    seed: int = 0,
-    bn_mode: str = "eval",
-    per_example: str = "auto",
+    settings: DiagnosticSettings,
 ) -> DiagnosticGroup:
     """Gradient alignment across and within tasks at ``params`` (θ, shared, or per task).
 
@@ -94,23 +88,24 @@ def gradient_alignment(
         ``sq_norm_mean_grad`` (U-statistic, jackknife stderr and CI),
         ``within_task_dot`` and ``within_task_cosine`` (per task, CI).
     """
-    lik = None if loss_fn is not None else resolve_likelihood(likelihood, sigma, num_classes, what="gradient_alignment")
-    p = as_params(model, params)
-    method = resolve_method(per_example, model, bn_mode)
-    gen = resolve_generator(generator, seed, device_of(p))
+    lik = None if loss_fn is not None else settings.resolve_likelihood("gradient_alignment")
+    p = as_weights(model, params)
+    method = resolve_method(settings.per_example, model, settings.bn_mode)
+    gen = resolve_generator(generator, settings.seed, device_of(p))
     M, views = split_tasks(model, {"p": p}, {"x": x, "y": y}, batched=True)
     if M is None or M < 2:
         raise ValueError("gradient_alignment needs at least 2 tasks (x, y with a leading task dimension)")
     rows, within_dot, within_cos = [], [], []
     for pt, d in views:
-        g, g1, g2 = task_gradient_single(model, pt["p"], d["x"], d["y"], lik, loss_fn, gen, bn_mode, method)
+        g, g1, g2 = task_gradient_single(model, pt["p"], d["x"], d["y"], lik, loss_fn, gen, settings.bn_mode, method)
         rows.append(g)
         if g1 is not None:
             within_dot.append((g1 @ g2).item())
             den = (g1.norm() * g2.norm()).item()
             within_cos.append(max(-1.0, min(1.0, (g1 @ g2).item() / den)) if den > 0 else float("nan"))
     G = torch.stack(rows)
-    return alignment_group(G, views[0][0]["p"], within_dot, within_cos, lik, loss_fn, bn_mode, method, unbiased_gsnr)
+    return alignment_group(G, views[0][0]["p"], within_dot, within_cos, lik, loss_fn, settings.bn_mode, method,
+                           unbiased_gsnr)
 
 
 def alignment_group(G: Tensor, like: Dict[str, Tensor], within_dot: list, within_cos: list, lik: Any,
@@ -126,7 +121,7 @@ def alignment_group(G: Tensor, like: Dict[str, Tensor], within_dot: list, within
                                                   {**est, "pairs": M * (M - 1) // 2})
     group["alignment/diversity"] = Diagnostic("alignment/diversity", gradient_diversity(G), "1", est)
     s = gsnr(G, unbiased=unbiased_gsnr)
-    per_param = {k: s[v].reshape(like[k].shape) for k, v in layer_slices(like).items()}
+    per_param = {k: s[v].reshape(like[k].shape) for k, v in vector_slices(like).items()}
     finite = lambda t: t[torch.isfinite(t)]  # noqa: E731
     gsnr_est = {**est, "numerator": "U-statistic (unbiased; may be < 0)" if unbiased_gsnr else "squared mean",
                 "variance": "sample variance across tasks (ddof=1)", "summary": "mean over parameters with Var > 0"}
@@ -149,7 +144,7 @@ def alignment_group(G: Tensor, like: Dict[str, Tensor], within_dot: list, within
 
 
 @documented_cost(where="tasks = M.", default=Cost(forward="tasks", backward="tasks"))
-@stateless
+@diagnostic("likelihood", "sigma", "num_classes", "bn_mode", "per_example")
 def task_gradients(
     model: nn.Module,
     params: ParamsLike,
@@ -157,17 +152,14 @@ def task_gradients(
     y: Any,
     *,
     loss_fn: Optional[LossFn] = None,
-    likelihood: Any = "categorical",
-    sigma: Optional[float] = None,
-    num_classes: Optional[int] = None,
-    bn_mode: str = "eval",
-    per_example: str = "auto",
+    settings: DiagnosticSettings,
 ) -> Tensor:
     """Stacked task gradients ``(M, P)`` of the mean loss (parameters flattened in ``named_parameters()`` order)."""
-    lik = None if loss_fn is not None else resolve_likelihood(likelihood, sigma, num_classes, what="task_gradients")
-    p = as_params(model, params)
-    method = resolve_method(per_example, model, bn_mode)
+    lik = None if loss_fn is not None else settings.resolve_likelihood("task_gradients")
+    p = as_weights(model, params)
+    method = resolve_method(settings.per_example, model, settings.bn_mode)
     gen = resolve_generator(None, 0, device_of(p))
     _, views = split_tasks(model, {"p": p}, {"x": x, "y": y}, batched=True)
-    return torch.stack([task_gradient_single(model, pt["p"], d["x"], d["y"], lik, loss_fn, gen, bn_mode, method)[0]
+    return torch.stack([task_gradient_single(model, pt["p"], d["x"], d["y"], lik, loss_fn, gen, settings.bn_mode,
+                                             method)[0]
                         for pt, d in views])

@@ -27,16 +27,16 @@ from torch import Tensor, nn
 from ._cost import Cost, documented_cost
 from ._functional import (
     ParamsLike,
-    as_params,
+    as_weights,
     call_adapt,
     call_model,
     explained_errors,
     has_batchnorm,
     resolve_generator,
     split_tasks,
-    stateless,
 )
-from ._likelihood import Likelihood, resolve_likelihood
+from .settings import DiagnosticSettings, diagnostic
+from ._likelihood import Likelihood
 from ._result import LN2, Diagnostic, DiagnosticGroup
 
 __all__ = ["prequential_code_length", "block_ends"]
@@ -127,7 +127,7 @@ def prequential_single(
         adapt="tasks*orderings*(blocks-1)",
     ),
 )
-@stateless
+@diagnostic("seed", "likelihood", "sigma", "num_classes", "bn_mode", "batched")
 def prequential_code_length(
     model: nn.Module,
     theta: ParamsLike,
@@ -139,12 +139,7 @@ def prequential_code_length(
     orderings: int = 1,
     shuffle: bool = True,
     generator: Optional[torch.Generator] = None,
-    seed: int = 0,
-    likelihood: Any = "categorical",
-    sigma: Optional[float] = None,
-    num_classes: Optional[int] = None,
-    bn_mode: str = "eval",
-    batched: Optional[bool] = None,
+    settings: DiagnosticSettings,
 ) -> DiagnosticGroup:
     """Prequential code length of the support labels under θ plus the inner loop ``adapt``, in bits.
 
@@ -168,28 +163,28 @@ def prequential_code_length(
         (and tasks); ``details`` hold the per-ordering values, their sd, and the
         bits of each block.
     """
-    lik = resolve_likelihood(likelihood, sigma, num_classes, what="prequential_code_length")
+    lik = settings.resolve_likelihood("prequential_code_length")
     if not shuffle:
         orderings = 1
     if orderings < 1:
         raise ValueError("orderings must be >= 1")
-    th = as_params(model, theta)
-    gen = resolve_generator(generator, seed, "cpu")
-    T, views = split_tasks(model, {"theta": th}, {"x": x, "y": y}, batched)
+    th = as_weights(model, theta)
+    gen = resolve_generator(generator, settings.seed, "cpu")
+    T, views = split_tasks(model, {"theta": th}, {"x": x, "y": y}, settings.batched)
     per_task: List[Dict[str, Any]] = []
     for p, d in views:
         n = d["x"].shape[0]
-        ends = block_ends(n, blocks, first_block(model, bn_mode))
+        ends = block_ends(n, blocks, first_block(model, settings.bn_mode))
         runs = []
         for _ in range(orderings):
             perm = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
             runs.append(prequential_single(model, p["theta"], d["x"], d["y"], adapt, lik, ends,
-                                           perm.to(d["x"].device), bn_mode))
+                                           perm.to(d["x"].device), settings.bn_mode))
         per_task.append({"ends": ends, "runs": runs})
     est = {"likelihood": lik.describe(), "labels": "support labels from data", "orderings": orderings,
            "ordering": "random permutations (explicit generator)" if shuffle else "as given",
            "blocks": per_task[0]["ends"] if len({str(t["ends"]) for t in per_task}) == 1 else "per task",
-           "first block coded by": "theta", "bn_mode": bn_mode, "adapt": repr(adapt)}
+           "first block coded by": "theta", "bn_mode": settings.bn_mode, "adapt": repr(adapt)}
     return code_group(per_task, T, est)
 
 

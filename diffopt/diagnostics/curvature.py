@@ -22,22 +22,21 @@ from ._cost import Cost, documented_cost
 from ._functional import (
     LossFn,
     ParamsLike,
-    as_params,
+    as_weights,
     autograd_grad,
     call_model,
     check_twice_differentiable,
     device_of,
     explained_errors,
-    flatten,
+    to_vector,
     hessian_vector,
-    leaves,
+    differentiable_copies,
     mean_loss,
     resolve_generator,
     split_tasks,
-    stateless,
-    unflatten,
+    from_vector,
 )
-from ._likelihood import resolve_likelihood
+from .settings import DiagnosticSettings, diagnostic
 from ._result import Diagnostic, DiagnosticGroup
 
 __all__ = ["curvature", "hessian_vector_product", "HVPOperator"]
@@ -51,7 +50,7 @@ class HVPOperator:
 
     def __init__(self, model: nn.Module, params: Dict[str, Tensor], x: Tensor, y: Tensor, lik: Any,
                  loss_fn: Optional[LossFn], bn_mode: str = "eval", what: str = "curvature") -> None:
-        self.params = leaves(params)
+        self.params = differentiable_copies(params)
         self.what = what
         loss = mean_loss(lik, loss_fn)
         with torch.enable_grad(), explained_errors(model, params, x, y, lik, bn_mode):
@@ -66,14 +65,14 @@ class HVPOperator:
         self.device = device_of(self.params)
 
     def __call__(self, v: Tensor) -> Tensor:
-        vs = list(unflatten(v, self.params).values())
+        vs = list(from_vector(v, self.params).values())
         with torch.enable_grad():
             hv = hessian_vector(self.grads, list(self.params.values()), vs, what=self.what)
         return torch.cat([h.detach().reshape(-1) for h in hv])
 
 
 @documented_cost(default=Cost(forward="1", backward="1", hvp="1"))
-@stateless
+@diagnostic("likelihood", "sigma", "num_classes", "bn_mode")
 def hessian_vector_product(
     model: nn.Module,
     params: ParamsLike,
@@ -82,20 +81,17 @@ def hessian_vector_product(
     v: Any,
     *,
     loss_fn: Optional[LossFn] = None,
-    likelihood: Any = "categorical",
-    sigma: Optional[float] = None,
-    num_classes: Optional[int] = None,
-    bn_mode: str = "eval",
+    settings: DiagnosticSettings,
 ) -> Dict[str, Tensor]:
     """``H v`` for the Hessian of the mean loss (``loss_fn`` or mean NLL) at ``params`` (one task).
 
     ``v``: a dict like ``params`` or a flat vector. Returns a dict ``name -> tensor``.
     """
-    lik = None if loss_fn is not None else resolve_likelihood(likelihood, sigma, num_classes, what="hessian_vector_product")
-    p = as_params(model, params)
-    op = HVPOperator(model, p, x, y, lik, loss_fn, bn_mode, what="hessian_vector_product")
-    flat = v if isinstance(v, Tensor) else flatten({k: v[k] for k in p})
-    return unflatten(op(flat.to(op.dtype)), p)
+    lik = None if loss_fn is not None else settings.resolve_likelihood("hessian_vector_product")
+    p = as_weights(model, params)
+    op = HVPOperator(model, p, x, y, lik, loss_fn, settings.bn_mode, what="hessian_vector_product")
+    flat = v if isinstance(v, Tensor) else to_vector({k: v[k] for k in p})
+    return from_vector(op(flat.to(op.dtype)), p)
 
 
 def power_iteration(op: HVPOperator, iters: int, tol: float, generator: torch.Generator) -> Tuple[float, int]:
@@ -149,7 +145,7 @@ def curvature_single(model: nn.Module, params: Dict[str, Tensor], x: Tensor, y: 
     "probes, tasks = 1 when nothing is task-batched.",
     default=Cost(forward="tasks", backward="tasks", hvp="tasks*(iters+samples)"),
 )
-@stateless
+@diagnostic("likelihood", "sigma", "num_classes", "seed", "bn_mode", "batched")
 def curvature(
     model: nn.Module,
     params: ParamsLike,
@@ -161,13 +157,8 @@ def curvature(
     tol: float = 1e-6,
     samples: int = 10,
     loss_fn: Optional[LossFn] = None,
-    likelihood: Any = "categorical",
-    sigma: Optional[float] = None,
-    num_classes: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
-    seed: int = 0,
-    bn_mode: str = "eval",
-    batched: Optional[bool] = None,
+    settings: DiagnosticSettings,
 ) -> DiagnosticGroup:
     """λ_max (power iteration), tr H (Hutchinson) and ρ = lr·λ_max of the support loss at ``params``.
 
@@ -187,14 +178,15 @@ def curvature(
     Raises:
         SecondOrderUnavailable: the loss cannot be differentiated twice (message names the fix).
     """
-    lik = None if loss_fn is not None else resolve_likelihood(likelihood, sigma, num_classes, what="curvature")
-    p = as_params(model, params)
-    gen = resolve_generator(generator, seed, device_of(p))
-    T, views = split_tasks(model, {"p": p}, {"x": x, "y": y}, batched)
-    vals = [curvature_single(model, pt["p"], d["x"], d["y"], lik, loss_fn, lr, iters, tol, samples, gen, bn_mode)
+    lik = None if loss_fn is not None else settings.resolve_likelihood("curvature")
+    p = as_weights(model, params)
+    gen = resolve_generator(generator, settings.seed, device_of(p))
+    T, views = split_tasks(model, {"p": p}, {"x": x, "y": y}, settings.batched)
+    vals = [curvature_single(model, pt["p"], d["x"], d["y"], lik, loss_fn, lr, iters, tol, samples, gen,
+                             settings.bn_mode)
             for pt, d in views]
     units = "nats/param^2" if loss_fn is None else "loss/param^2"
-    est = {"loss": "mean NLL, " + lik.describe() if lik is not None else "loss_fn", "bn_mode": bn_mode,
+    est = {"loss": "mean NLL, " + lik.describe() if lik is not None else "loss_fn", "bn_mode": settings.bn_mode,
            "power_iterations": iters, "tol": tol, "hutchinson_samples": samples, "probes": "Rademacher",
            "start": "Gaussian (explicit generator)", "lr": lr}
     return curvature_group(vals, T, units, est)

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from ._cost import Cost, documented_cost
-from ._functional import ParamsLike, as_params, call_model, explained_errors, split_tasks, stateless
+from ._functional import ParamsLike, as_weights, call_model, explained_errors, split_tasks
+from .settings import DiagnosticSettings, diagnostic
 from ._likelihood import Likelihood, resolve_likelihood
 from ._result import DiagnosticGroup
 from .kl import aggregate
@@ -61,7 +62,7 @@ def entropy_single(model: nn.Module, theta: Dict[str, Tensor], phi: Dict[str, Te
 
 
 @documented_cost(where="tasks = 1 when nothing is task-batched.", default=Cost(forward="2*tasks"))
-@stateless
+@diagnostic("likelihood", "sigma", "num_classes", "bn_mode", "batched")
 def entropy_change(
     model: nn.Module,
     theta: ParamsLike,
@@ -69,11 +70,7 @@ def entropy_change(
     x_query: Any,
     y_query: Any = None,
     *,
-    likelihood: Any = "categorical",
-    sigma: Optional[float] = None,
-    num_classes: Optional[int] = None,
-    bn_mode: str = "eval",
-    batched: Optional[bool] = None,
+    settings: DiagnosticSettings,
 ) -> DiagnosticGroup:
     """Predictive entropy and (with labels) cross-entropy on the query set under θ and φ, and their change.
 
@@ -84,11 +81,11 @@ def entropy_change(
         group with ``entropy/theta``, ``entropy/phi``, ``entropy/delta`` (= H_θ − H_φ)
         and, when ``y_query`` is given, ``cross_entropy/theta|phi|delta`` (= CE_θ − CE_φ).
     """
-    lik = resolve_likelihood(likelihood, sigma, num_classes, what="entropy_change")
-    th, ph = as_params(model, theta), as_params(model, phi)
-    T, views = split_tasks(model, {"theta": th, "phi": ph}, {"x": x_query, "y": y_query}, batched)
-    vals = [entropy_single(model, p["theta"], p["phi"], d["x"], d["y"], lik, bn_mode) for p, d in views]
-    est = {"likelihood": lik.describe(), "reduction": "mean over query examples", "bn_mode": bn_mode,
+    lik = settings.resolve_likelihood("entropy_change")
+    th, ph = as_weights(model, theta), as_weights(model, phi)
+    T, views = split_tasks(model, {"theta": th, "phi": ph}, {"x": x_query, "y": y_query}, settings.batched)
+    vals = [entropy_single(model, p["theta"], p["phi"], d["x"], d["y"], lik, settings.bn_mode) for p, d in views]
+    est = {"likelihood": lik.describe(), "reduction": "mean over query examples", "bn_mode": settings.bn_mode,
            "labels": "query labels from data (cross-entropy)" if y_query is not None else "none"}
     return aggregate(vals, T, "nats", est)
 
@@ -108,16 +105,13 @@ def bald_single(model: nn.Module, members: Sequence[Dict[str, Tensor]], x: Tenso
 
 @documented_cost(where="members = J adapted solutions; tasks = 1 when nothing is task-batched.",
                  default=Cost(forward="members*tasks"))
-@stateless
+@diagnostic("likelihood", "num_classes", "bn_mode", "batched")
 def bald(
     model: nn.Module,
     members: Sequence[ParamsLike],
     x: Any,
     *,
-    likelihood: Any = "categorical",
-    num_classes: Optional[int] = None,
-    bn_mode: str = "eval",
-    batched: Optional[bool] = None,
+    settings: DiagnosticSettings,
 ) -> DiagnosticGroup:
     """BALD mutual information between the prediction and the choice of adapted solution, in nats.
 
@@ -126,9 +120,10 @@ def bald(
     resamples of the support set, or from different seeds); each may carry a
     task dimension, then ``x`` does too. 0 when all members agree.
     """
-    lik = resolve_likelihood(likelihood, None, num_classes, what="bald")
-    ms = [as_params(model, m) for m in members]
-    T, views = split_tasks(model, {f"m{j}": m for j, m in enumerate(ms)}, {"x": x}, batched)
-    vals = [bald_single(model, [p[f"m{j}"] for j in range(len(ms))], d["x"], lik, bn_mode) for p, d in views]
-    est = {"likelihood": lik.describe(), "members": len(ms), "reduction": "mean over inputs", "bn_mode": bn_mode}
+    lik = resolve_likelihood(settings.likelihood, None, settings.num_classes, what="bald")
+    ms = [as_weights(model, m) for m in members]
+    T, views = split_tasks(model, {f"m{j}": m for j, m in enumerate(ms)}, {"x": x}, settings.batched)
+    vals = [bald_single(model, [p[f"m{j}"] for j in range(len(ms))], d["x"], lik, settings.bn_mode) for p, d in views]
+    est = {"likelihood": lik.describe(), "members": len(ms), "reduction": "mean over inputs",
+           "bn_mode": settings.bn_mode}
     return aggregate(vals, T, "nats", est)

@@ -29,19 +29,19 @@ from torch import Tensor, nn
 from ._cost import Cost, documented_cost
 from ._functional import (
     ParamsLike,
-    as_params,
+    as_weights,
     call_model,
     explained_errors,
-    flatten,
+    to_vector,
     per_example_grads,
     per_example_jacobians,
     resolve_generator,
     resolve_method,
     split_tasks,
-    stateless,
     device_of,
 )
-from ._likelihood import Likelihood, resolve_likelihood
+from .settings import EVALUATION, DiagnosticSettings, diagnostic
+from ._likelihood import Likelihood
 from ._result import Diagnostic
 
 __all__ = ["fisher_information", "weight_information", "adapted_weight_information"]
@@ -75,7 +75,7 @@ def fisher_single(
         diag = {k: (g * g).mean(0) for k, g in G.items()}
         mat = None
         if matrix:
-            Gf = flatten(G, start_dim=1)
+            Gf = to_vector(G, start_dim=1)
             mat = Gf.T @ Gf / n
         return diag, mat
     if kind == "mc":
@@ -94,7 +94,7 @@ def fisher_single(
         diag = {k: (g * g).mean(0) for k, g in G.items()}
         mat = None
         if matrix:
-            Gf = flatten(G, start_dim=1)
+            Gf = to_vector(G, start_dim=1)
             mat = Gf.T @ Gf / (n * samples)
         return diag, mat
     if kind == "true":
@@ -130,17 +130,23 @@ def fisher_estimator(lik: Likelihood, kind: str, samples: int, bn_mode: str, met
             "bn_mode": bn_mode, "per_example": method}
 
 
+# per Fisher kind, per call of fisher_information / adapted_weight_information
+FISHER_COSTS = dict(
+    empirical=Cost(forward="tasks", backward="tasks"),
+    true=Cost(forward="tasks", backward="outputs*tasks"),
+    mc=Cost(forward="2*tasks", backward="tasks"),
+)
+
+
 @documented_cost(
     where="tasks = 1 when nothing is task-batched, outputs = model outputs per example (classes N), "
     "samples = labels drawn per example (mc evaluates one vectorised batch of n·samples examples: its compute "
     "is that of samples forward and backward passes over the n examples); with per_example='jacrev' (forced "
     "by bn_mode='batch' on a model with BatchNorm) each backward term is multiplied by the number of examples "
     "in the batch (n, or n·samples for mc).",
-    empirical=Cost(forward="tasks", backward="tasks"),
-    true=Cost(forward="tasks", backward="outputs*tasks"),
-    mc=Cost(forward="2*tasks", backward="tasks"),
+    **FISHER_COSTS,
 )
-@stateless
+@diagnostic(*EVALUATION)
 def fisher_information(
     model: nn.Module,
     params: ParamsLike,
@@ -148,16 +154,10 @@ def fisher_information(
     y: Any = None,
     *,
     kind: str = "empirical",
-    likelihood: Any = "categorical",
-    sigma: Optional[float] = None,
-    num_classes: Optional[int] = None,
     samples: int = 1,
     generator: Optional[torch.Generator] = None,
-    seed: int = 0,
     matrix: bool = False,
-    bn_mode: str = "eval",
-    per_example: str = "auto",
-    batched: Optional[bool] = None,
+    settings: DiagnosticSettings,
 ) -> Diagnostic:
     """Fisher information of ``p_w(y|x)`` at ``params`` (θ or φ) on inputs ``x``: trace, diagonal, per layer.
 
@@ -175,20 +175,20 @@ def fisher_information(
         ``by_layer`` = trace per parameter tensor, ``details["diagonal"]`` =
         the diagonal per tensor (means over tasks).
     """
-    lik = resolve_likelihood(likelihood, sigma, num_classes, what="fisher_information")
+    lik = settings.resolve_likelihood("fisher_information")
     if kind not in FISHER_KINDS:
         raise ValueError(f"kind must be one of {FISHER_KINDS}, got {kind!r}")
-    p = as_params(model, params)
-    method = resolve_method(per_example, model, bn_mode)
-    gen = resolve_generator(generator, seed, device_of(p)) if kind == "mc" else None
-    T, views = split_tasks(model, {"p": p}, {"x": x, "y": y}, batched)
+    p = as_weights(model, params)
+    method = resolve_method(settings.per_example, model, settings.bn_mode)
+    gen = resolve_generator(generator, settings.seed, device_of(p)) if kind == "mc" else None
+    T, views = split_tasks(model, {"p": p}, {"x": x, "y": y}, settings.batched)
     diags, mats = [], []
     for pt, d in views:
         dg, m = fisher_single(model, pt["p"], d["x"], d["y"], lik, kind, samples=samples, generator=gen,
-                              bn_mode=bn_mode, method=method, matrix=matrix)
+                              bn_mode=settings.bn_mode, method=method, matrix=matrix)
         diags.append(dg)
         mats.append(m)
-    return fisher_result(diags, mats, T, fisher_estimator(lik, kind, samples, bn_mode, method))
+    return fisher_result(diags, mats, T, fisher_estimator(lik, kind, samples, settings.bn_mode, method))
 
 
 def fisher_result(diags: list, mats: list, T: Optional[int], est: Dict[str, Any], name: str = "fisher/trace") -> Diagnostic:
@@ -252,11 +252,9 @@ def weight_information(
 
 @documented_cost(
     where="the cost of fisher_information(kind=fisher_kind) at φ on the support set.",
-    empirical=Cost(forward="tasks", backward="tasks"),
-    true=Cost(forward="tasks", backward="outputs*tasks"),
-    mc=Cost(forward="2*tasks", backward="tasks"),
+    **FISHER_COSTS,
 )
-@stateless
+@diagnostic(*EVALUATION)
 def adapted_weight_information(
     model: nn.Module,
     theta: ParamsLike,
@@ -266,15 +264,9 @@ def adapted_weight_information(
     *,
     prior_precision: float = 1.0,
     fisher_kind: str = "true",
-    likelihood: Any = "categorical",
-    sigma: Optional[float] = None,
-    num_classes: Optional[int] = None,
     samples: int = 1,
     generator: Optional[torch.Generator] = None,
-    seed: int = 0,
-    bn_mode: str = "eval",
-    per_example: str = "auto",
-    batched: Optional[bool] = None,
+    settings: DiagnosticSettings,
 ) -> Diagnostic:
     """(3b) Nats written into the weights by adaptation (Laplace approximation), per layer and total.
 
@@ -282,18 +274,19 @@ def adapted_weight_information(
     support size; ``fisher_kind`` as in :func:`fisher_information`, default the
     true Fisher = generalised Gauss–Newton), ``λ`` = ``prior_precision``.
     """
-    lik = resolve_likelihood(likelihood, sigma, num_classes, what="adapted_weight_information")
-    th, ph = as_params(model, theta), as_params(model, phi)
-    method = resolve_method(per_example, model, bn_mode)
-    gen = resolve_generator(generator, seed, device_of(ph)) if fisher_kind == "mc" else None
-    T, views = split_tasks(model, {"theta": th, "phi": ph}, {"x": x_support, "y": y_support}, batched)
+    lik = settings.resolve_likelihood("adapted_weight_information")
+    th, ph = as_weights(model, theta), as_weights(model, phi)
+    method = resolve_method(settings.per_example, model, settings.bn_mode)
+    gen = resolve_generator(generator, settings.seed, device_of(ph)) if fisher_kind == "mc" else None
+    T, views = split_tasks(model, {"theta": th, "phi": ph}, {"x": x_support, "y": y_support}, settings.batched)
     vals = []
     for p, d in views:
         dg, _ = fisher_single(model, p["phi"], d["x"], d["y"], lik, fisher_kind, samples=samples, generator=gen,
-                              bn_mode=bn_mode, method=method)
+                              bn_mode=settings.bn_mode, method=method)
         vals.append(weight_information_terms(p["theta"], p["phi"], dg, d["x"].shape[0], prior_precision))
     est = {"posterior": "Laplace, diagonal Fisher at phi on the support set", "prior_precision": float(prior_precision),
-           **{f"fisher_{k}": v for k, v in fisher_estimator(lik, fisher_kind, samples, bn_mode, method).items()}}
+           **{f"fisher_{k}": v
+              for k, v in fisher_estimator(lik, fisher_kind, samples, settings.bn_mode, method).items()}}
     return weight_information_result(vals, T, est)
 
 

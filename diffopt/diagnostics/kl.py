@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from ._cost import Cost, documented_cost
-from ._functional import ParamsLike, as_params, call_model, explained_errors, split_tasks, stateless
-from ._likelihood import Likelihood, resolve_likelihood
+from ._functional import ParamsLike, as_weights, call_model, explained_errors, split_tasks
+from .settings import DiagnosticSettings, diagnostic
+from ._likelihood import Likelihood
 from ._result import Diagnostic, DiagnosticGroup
 
 __all__ = ["adaptation_kl", "kl_categorical", "js_categorical", "kl_gaussian"]
@@ -69,19 +70,15 @@ def kl_estimator(lik: Likelihood, bn_mode: str, reduction: str) -> Dict[str, Any
 
 
 @documented_cost(where="tasks = 1 when nothing is task-batched.", default=Cost(forward="2*tasks"))
-@stateless
+@diagnostic("likelihood", "sigma", "num_classes", "bn_mode", "batched")
 def adaptation_kl(
     model: nn.Module,
     theta: ParamsLike,
     phi: ParamsLike,
     x_query: Any,
     *,
-    likelihood: Any = "categorical",
-    sigma: Optional[float] = None,
-    num_classes: Optional[int] = None,
     reduction: str = "mean",
-    bn_mode: str = "eval",
-    batched: Optional[bool] = None,
+    settings: DiagnosticSettings,
 ) -> DiagnosticGroup:
     """Forward KL(p_φ‖p_θ), reverse KL(p_θ‖p_φ) and JS on the query inputs, in nats.
 
@@ -97,13 +94,13 @@ def adaptation_kl(
     Returns:
         group with ``"kl/forward"``, ``"kl/reverse"`` and (classification) ``"kl/js"``.
     """
-    lik = resolve_likelihood(likelihood, sigma, num_classes, what="adaptation_kl")
+    lik = settings.resolve_likelihood("adaptation_kl")
     if reduction not in ("mean", "sum"):
         raise ValueError("reduction must be 'mean' or 'sum'")
-    th, ph = as_params(model, theta), as_params(model, phi)
-    T, views = split_tasks(model, {"theta": th, "phi": ph}, {"x": x_query}, batched)
-    vals = [kl_single(model, p["theta"], p["phi"], d["x"], lik, bn_mode, reduction) for p, d in views]
-    return aggregate(vals, T, "nats", kl_estimator(lik, bn_mode, reduction))
+    th, ph = as_weights(model, theta), as_weights(model, phi)
+    T, views = split_tasks(model, {"theta": th, "phi": ph}, {"x": x_query}, settings.batched)
+    vals = [kl_single(model, p["theta"], p["phi"], d["x"], lik, settings.bn_mode, reduction) for p, d in views]
+    return aggregate(vals, T, "nats", kl_estimator(lik, settings.bn_mode, reduction))
 
 
 def aggregate(vals: list, T: Optional[int], units: Any, estimator: Dict[str, Any]) -> DiagnosticGroup:

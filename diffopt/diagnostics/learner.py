@@ -37,14 +37,15 @@ from ._functional import (
     SecondOrderUnavailable,
     call_model,
     evaluation,
-    flatten,
+    to_vector,
     has_batchnorm,
     resolve_generator,
 )
 from ._likelihood import resolve_likelihood
+from .settings import LEARNER, DiagnosticSettings, with_settings
 from ._result import Diagnostic
 from .curvature import HVPOperator, power_iteration
-from .report import DIAGNOSTICS, Report, diagnose_adaptation, normalize_tasks
+from .report import Report, choose_diagnostics, diagnose_adaptation, normalize_tasks
 
 __all__ = ["diagnose", "headline", "LoopAdapt", "NotApplicable", "draw_tasks", "inner_learning_rates"]
 
@@ -226,7 +227,8 @@ def _learner_name(learner: Any) -> str:
 
 
 def _check_learner(learner: Any) -> None:
-    if getattr(learner, "loop", None) is None or not hasattr(learner.loop, "rebind"):
+    has_loop = hasattr(getattr(learner, "loop", None), "rebind")  # an InnerLoop as .loop
+    if not (getattr(learner, "has_inner_loop", has_loop) and has_loop):
         name = _learner_name(learner)
         raise NotApplicable(
             f"diagnose() needs a learner with an inner loop (MAML, FOMAML, MetaSGD, MAML++, iMAML, ANIL, Reptile); "
@@ -268,27 +270,15 @@ def _second_order_reason(model: nn.Module, theta: Dict[str, Tensor], task: Task,
     return None
 
 
+@with_settings(*LEARNER)
 def diagnose(
     learner: nn.Module,
     tasks: Any,
     *,
     which: Optional[Sequence[str]] = None,
     steps: Optional[int] = None,
-    sigma: Optional[float] = None,
-    num_classes: Optional[int] = None,
     max_tasks: Optional[int] = None,
-    prior_precision: float = 1.0,
-    fisher_kind: str = "true",
-    fisher_samples: int = 1,
-    per_example: str = "auto",
-    layers: Optional[Sequence[str]] = None,
-    orderings: int = 2,
-    blocks: Any = None,
-    bald_members: int = 4,
-    power_iters: int = 20,
-    power_tol: float = 1e-6,
-    hutchinson_samples: int = 8,
-    seed: int = 0,
+    settings: DiagnosticSettings,
 ) -> Report:
     """All diagnostics of a meta-learner's adaptation, per inner step, with 95% CIs across tasks.
 
@@ -311,7 +301,10 @@ def diagnose(
             (real-valued targets); classification is detected from integer labels.
         num_classes: check the head size against it (classification).
         max_tasks: use at most this many tasks.
-        the rest: estimator settings of :func:`diagnose_adaptation`.
+        settings: a :class:`~diffopt.diagnostics.DiagnosticSettings`; its fields (``sigma``,
+            ``num_classes``, ``orderings``, ``power_iters``, ``seed``, ...) may also be given as
+            keyword arguments, which override it. Its ``likelihood`` and ``bn_mode`` are the
+            learner's: detected from the labels and taken from the loop's BatchNorm policy.
 
     Returns:
         a :class:`Report` whose ``settings`` name the learner, the model evaluated,
@@ -322,6 +315,14 @@ def diagnose(
         ValueError: regression without ``sigma``; labels the head cannot produce.
     """
     _check_learner(learner)
+    chosen_elsewhere = [f for f in ("likelihood", "bn_mode", "batched")
+                        if getattr(settings, f) != getattr(DiagnosticSettings, f)]
+    if chosen_elsewhere:
+        raise ValueError(
+            f"diagnose(): settings.{chosen_elsewhere[0]} is decided by the learner (the likelihood from the labels, "
+            "bn_mode from its inner loop's BatchNorm policy, tasks one by one); leave it at its default, or call "
+            "diagnose_adaptation to choose it"
+        )
     loop = learner.loop
     task_list = draw_tasks(tasks, max_tasks)
     if not task_list:
@@ -329,15 +330,15 @@ def diagnose(
     classification = not (task_list[0][1].is_floating_point() or task_list[0][1].is_complex())
     what = f"diagnose({_learner_name(learner)})"
     if classification:
-        lik = resolve_likelihood("categorical", None, num_classes, what=what)
+        lik = resolve_likelihood("categorical", None, settings.num_classes, what=what)
     else:
-        if sigma is None:
+        if settings.sigma is None:
             raise ValueError(
                 f"{what}: the targets are real-valued (regression), so nats need a declared observation noise: "
                 "pass sigma=<float>, the σ of p(y|x) = 𝒩(f(x), σ²) (on the command line: --sigma S). "
                 "Classification is detected from integer labels."
             )
-        lik = resolve_likelihood("gaussian", sigma, None, what=what)
+        lik = resolve_likelihood("gaussian", settings.sigma, None, what=what)
     model = loop.model
     bn_mode, bn_note = _bn_mode(loop)
     adapt_steps = loop.steps if steps is None else int(steps)
@@ -346,10 +347,7 @@ def diagnose(
     evaluated = [n for n, _ in model.named_parameters()]
     inside = {id(p) for p in model.parameters()}
     others = [n for n, p in learner.named_parameters() if id(p) not in inside]
-    if hasattr(learner, "features_once"):
-        features = bool(learner.features_once)  # ANIL: the loop runs on the head over body features
-    else:
-        features = type(learner).inputs is not _base_inputs()
+    features = bool(getattr(learner, "adapts_features", False))  # ANIL: the loop adapts the head on body features
     if features:
         notes.append(f"{name} adapts only its head: every diagnostic is evaluated on the head over the body's "
                      "features (Fisher, weight information, curvature, alignment and meta-gradients cover the "
@@ -359,8 +357,8 @@ def diagnose(
                      " enter only through the adaptation; the diagnostics cover the model's parameters")
     if bn_note:
         notes.append(bn_note)
-    if name == "Reptile":
-        notes.append("metagrad compares first- and second-order MAML meta-gradients at Reptile's theta (Reptile "
+    if getattr(learner, "outer_update", "meta_gradient") != "meta_gradient":
+        notes.append(f"metagrad compares first- and second-order MAML meta-gradients at {name}'s theta ({name} "
                      "itself follows neither)")
     if getattr(loop, "proximal", None) is not None:
         notes.append("curvature is that of the support loss, without the inner loop's proximal term")
@@ -381,34 +379,17 @@ def diagnose(
                 if t == 0 or lik.categorical:
                     lik.check(call_model(model, theta, xs, bn_mode), ys)
                     lik.check(call_model(model, theta, xq, bn_mode), yq)
-        skipped: Dict[str, str] = {}
+        unavailable = {}
         if which is None:
-            chosen = list(DIAGNOSTICS)
-            if not lik.categorical:
-                chosen.remove("bald")
-                skipped["bald"] = "categorical predictions only"
-            if len(inputs) < 2:
-                chosen.remove("alignment")
-                skipped["alignment"] = "needs at least 2 tasks"
             reason = _second_order_reason(model, theta, inputs[0], loop.loss_fn, bn_mode)
             if reason is not None:
-                for w in SECOND_ORDER:
-                    chosen.remove(w)
-                    skipped[w] = reason
-        else:
-            unknown = [w for w in which if w not in DIAGNOSTICS]
-            if unknown:
-                raise ValueError(f"unknown diagnostics {unknown}; choose among {DIAGNOSTICS}")
-            chosen = list(which)
-        report = diagnose_adaptation(
-            model, theta, adapt, inputs, which=chosen, likelihood=lik, num_classes=num_classes,
-            lr=adapt.lr, loss_fn=loop.loss_fn, prior_precision=prior_precision, fisher_kind=fisher_kind,
-            fisher_samples=fisher_samples, bn_mode=bn_mode, per_example=per_example, layers=layers,
-            orderings=orderings, blocks=blocks, bald_members=bald_members, power_iters=power_iters,
-            power_tol=power_tol, hutchinson_samples=hutchinson_samples, seed=seed)
+                unavailable = {w: reason for w in SECOND_ORDER}
+        chosen, skipped = choose_diagnostics(which, lik.categorical, len(inputs), unavailable)
+        report = diagnose_adaptation(model, theta, adapt, inputs, which=chosen, lr=adapt.lr, loss_fn=loop.loss_fn,
+                                     settings=settings.replace(likelihood=lik, sigma=None, bn_mode=bn_mode))
         if "curvature" in chosen:
-            _stability_ratio(report, model, theta, inputs, loop, adapt, rule_ok, rule_reason, power_iters,
-                             power_tol, bn_mode, seed, notes)
+            _stability_ratio(report, model, theta, inputs, loop, adapt, rule_ok, rule_reason, settings.power_iters,
+                             settings.power_tol, bn_mode, settings.seed, notes)
     report.skipped.update(skipped)
     report.settings.update({
         "learner": name, "learner_config": learner.config() if hasattr(learner, "config") else None,
@@ -420,12 +401,6 @@ def diagnose(
         "notes": notes,
     })
     return report
-
-
-def _base_inputs() -> Any:
-    from ..algorithms._base import InnerLoopLearner
-
-    return InnerLoopLearner.inputs
 
 
 def _stability_ratio(report: Report, model: nn.Module, theta: Dict[str, Tensor], inputs: List[Task], loop: Any,
@@ -440,7 +415,7 @@ def _stability_ratio(report: Report, model: nn.Module, theta: Dict[str, Tensor],
     rates = inner_learning_rates(loop, 0)
     assert rates is not None
     full = {n: rates.get(n, torch.zeros_like(p)) for n, p in theta.items()}
-    d = flatten(full).to(next(iter(theta.values())).dtype)
+    d = to_vector(full).to(next(iter(theta.values())).dtype)
     gen = resolve_generator(None, seed + 1, d.device)
     vals = []
     for xs, ys, _, _ in inputs:

@@ -29,19 +29,18 @@ from ._functional import (
     LossFn,
     ParamsLike,
     SecondOrderUnavailable,
-    as_params,
+    as_weights,
     call_adapt,
     call_model,
     check_twice_differentiable,
     explained_errors,
-    flatten,
-    leaves,
+    to_vector,
+    differentiable_copies,
     mean_loss,
     second_order_fix,
     split_tasks,
-    stateless,
 )
-from ._likelihood import resolve_likelihood
+from .settings import DiagnosticSettings, diagnostic
 from ._result import Diagnostic, DiagnosticGroup
 
 __all__ = ["metagradient_discrepancy", "metagradients"]
@@ -52,7 +51,7 @@ def metagradients_single(model: nn.Module, theta: Dict[str, Tensor], xs: Tensor,
                          bn_mode: str = "eval") -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
     """``(g¹, g²)`` for one task as dicts ``name -> tensor``."""
     loss = mean_loss(lik, loss_fn)
-    th = leaves(theta)
+    th = differentiable_copies(theta)
     names = list(th)
     with torch.enable_grad():
         with count_costs() as inner:
@@ -75,7 +74,7 @@ def metagradients_single(model: nn.Module, theta: Dict[str, Tensor], xs: Tensor,
         # backprop through the unrolled loop: one backward plus one HVP per graph-building inner gradient
         _cost.record(backward=1, hvp=inner.graph_backward)
         g2d = {n: (torch.zeros_like(th[n]) if g is None else g.detach()) for n, g in zip(names, g2)}
-        phd = leaves({n: phi[n] for n in names})
+        phd = differentiable_copies({n: phi[n] for n in names})
         outd = call_model(model, phd, xq, bn_mode)
         g1 = torch.autograd.grad(loss(outd, yq), [phd[n] for n in names], allow_unused=True)
         _cost.record(backward=1)
@@ -101,7 +100,7 @@ def _resolve_adapt(model: nn.Module, adapt: Optional[Callable], lr: Optional[flo
     sgd=Cost(forward="steps+2", backward="steps+2", hvp="steps", adapt="1"),
     callable=Cost(forward="adapt_forward+2", backward="adapt_backward+2", hvp="adapt_backward", adapt="1"),
 )
-@stateless
+@diagnostic("likelihood", "sigma", "num_classes", "bn_mode")
 def metagradients(
     model: nn.Module,
     theta: ParamsLike,
@@ -114,20 +113,17 @@ def metagradients(
     lr: Optional[float] = None,
     steps: int = 1,
     loss_fn: Optional[LossFn] = None,
-    likelihood: Any = "categorical",
-    sigma: Optional[float] = None,
-    num_classes: Optional[int] = None,
-    bn_mode: str = "eval",
+    settings: DiagnosticSettings,
 ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
     """First- and second-order meta-gradients ``(g¹, g²)`` of one task (dicts ``name -> tensor``)."""
-    lik = None if loss_fn is not None else resolve_likelihood(likelihood, sigma, num_classes, what="metagradients")
-    fn = _resolve_adapt(model, adapt, lr, steps, lik, loss_fn, bn_mode)
-    return metagradients_single(model, as_params(model, theta), x_support, y_support, x_query, y_query, fn, lik,
-                                loss_fn, bn_mode)
+    lik = None if loss_fn is not None else settings.resolve_likelihood("metagradients")
+    fn = _resolve_adapt(model, adapt, lr, steps, lik, loss_fn, settings.bn_mode)
+    return metagradients_single(model, as_weights(model, theta), x_support, y_support, x_query, y_query, fn, lik,
+                                loss_fn, settings.bn_mode)
 
 
 def compare_single(g1: Dict[str, Tensor], g2: Dict[str, Tensor]) -> Dict[str, float]:
-    a, b = flatten(g1).to(torch.float64), flatten(g2).to(torch.float64)
+    a, b = to_vector(g1).to(torch.float64), to_vector(g2).to(torch.float64)
     na, nb = a.norm().item(), b.norm().item()
     cos = max(-1.0, min(1.0, (a @ b).item() / (na * nb))) if na > 0 and nb > 0 else (1.0 if na == nb == 0 else float("nan"))
     rel = (a - b).norm().item() / nb if nb > 0 else (0.0 if na == 0 else float("inf"))
@@ -141,7 +137,7 @@ def compare_single(g1: Dict[str, Tensor], g2: Dict[str, Tensor]) -> Dict[str, fl
     callable=Cost(forward="tasks*(adapt_forward+2)", backward="tasks*(adapt_backward+2)", hvp="tasks*adapt_backward",
                   adapt="tasks"),
 )
-@stateless
+@diagnostic("likelihood", "sigma", "num_classes", "bn_mode", "batched")
 def metagradient_discrepancy(
     model: nn.Module,
     theta: ParamsLike,
@@ -154,11 +150,7 @@ def metagradient_discrepancy(
     lr: Optional[float] = None,
     steps: int = 1,
     loss_fn: Optional[LossFn] = None,
-    likelihood: Any = "categorical",
-    sigma: Optional[float] = None,
-    num_classes: Optional[int] = None,
-    bn_mode: str = "eval",
-    batched: Optional[bool] = None,
+    settings: DiagnosticSettings,
 ) -> DiagnosticGroup:
     """Cosine and relative error between first- and second-order meta-gradients, and their spread over tasks.
 
@@ -176,16 +168,16 @@ def metagradient_discrepancy(
     Raises:
         SecondOrderUnavailable: the loss cannot be differentiated twice (message names the fix).
     """
-    lik = None if loss_fn is not None else resolve_likelihood(likelihood, sigma, num_classes,
-                                                              what="metagradient_discrepancy")
-    fn = _resolve_adapt(model, adapt, lr, steps, lik, loss_fn, bn_mode)
-    th = as_params(model, theta)
+    lik = None if loss_fn is not None else settings.resolve_likelihood("metagradient_discrepancy")
+    fn = _resolve_adapt(model, adapt, lr, steps, lik, loss_fn, settings.bn_mode)
+    th = as_weights(model, theta)
     T, views = split_tasks(model, {"theta": th},
-                           {"xs": x_support, "ys": y_support, "xq": x_query, "yq": y_query}, batched)
-    pairs = [metagradients_single(model, p["theta"], d["xs"], d["ys"], d["xq"], d["yq"], fn, lik, loss_fn, bn_mode)
+                           {"xs": x_support, "ys": y_support, "xq": x_query, "yq": y_query}, settings.batched)
+    pairs = [metagradients_single(model, p["theta"], d["xs"], d["ys"], d["xq"], d["yq"], fn, lik, loss_fn,
+                                  settings.bn_mode)
              for p, d in views]
     est = {"adapt": repr(fn) if adapt is not None else f"SGD lr={lr} steps={steps} (internal)",
-           "loss": "mean NLL, " + lik.describe() if lik is not None else "loss_fn", "bn_mode": bn_mode,
+           "loss": "mean NLL, " + lik.describe() if lik is not None else "loss_fn", "bn_mode": settings.bn_mode,
            "second_order": "reverse mode through the unrolled adaptation", "first_order": "gradient at phi"}
     return metagrad_group(pairs, T, est)
 
@@ -200,8 +192,8 @@ def metagrad_group(pairs: List[Tuple[Dict[str, Tensor], Dict[str, Tensor]]], T: 
         else:
             group[key] = Diagnostic.from_tasks(key, [v[key] for v in vals], "1", est)
     if T is not None and T >= 2:
-        G1 = torch.stack([flatten(g1) for g1, _ in pairs]).to(torch.float64)
-        G2 = torch.stack([flatten(g2) for _, g2 in pairs]).to(torch.float64)
+        G1 = torch.stack([to_vector(g1) for g1, _ in pairs]).to(torch.float64)
+        G2 = torch.stack([to_vector(g2) for _, g2 in pairs]).to(torch.float64)
         cm = compare_single({"g": G1.mean(0)}, {"g": G2.mean(0)})["metagrad/cosine"]
         group["metagrad/cosine_of_means"] = Diagnostic("metagrad/cosine_of_means", cm, "1", dict(est))
         units = "loss^2/param^2"

@@ -23,14 +23,14 @@ from torch import Tensor, nn
 from ._functional import (
     LossFn,
     ParamsLike,
-    as_params,
+    as_weights,
     call_adapt,
     evaluation,
     resolve_generator,
     resolve_method,
     device_of,
 )
-from ._likelihood import resolve_likelihood
+from .settings import REPORT, DiagnosticSettings, with_settings
 from ._result import Diagnostic, DiagnosticGroup, _jsonable
 from .alignment import alignment_group, task_gradient_single
 from .codelength import block_ends, code_group, first_block, prequential_single
@@ -191,10 +191,30 @@ def plot_history(reports: Sequence[Report], path: str, keys: Optional[Sequence[s
     return path
 
 
+def choose_diagnostics(which: Optional[Sequence[str]], categorical: bool, tasks: int,
+                       unavailable: Optional[Mapping[str, str]] = None) -> Tuple[List[str], Dict[str, str]]:
+    """``(chosen, skipped)``: ``which`` checked against :data:`DIAGNOSTICS`, or (``which=None``) every
+    diagnostic that applies, with the reason each other one was left out (BALD needs categorical
+    predictions, alignment two tasks; ``unavailable`` maps others to their reason)."""
+    if which is not None:
+        unknown = [w for w in which if w not in DIAGNOSTICS]
+        if unknown:
+            raise ValueError(f"unknown diagnostics {unknown}; choose among {DIAGNOSTICS}")
+        return list(which), {}
+    skipped: Dict[str, str] = {}
+    if not categorical:
+        skipped["bald"] = "categorical predictions only"
+    if tasks < 2:
+        skipped["alignment"] = "needs at least 2 tasks"
+    skipped.update(unavailable or {})
+    return [w for w in DIAGNOSTICS if w not in skipped], skipped
+
+
 def _detached(p: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     return {k: v.detach() for k, v in p.items()}
 
 
+@with_settings(*REPORT)
 def diagnose_adaptation(
     model: nn.Module,
     theta: ParamsLike,
@@ -203,24 +223,9 @@ def diagnose_adaptation(
     *,
     which: Optional[Sequence[str]] = None,
     inner_steps: Optional[int] = None,
-    likelihood: Any = "categorical",
-    sigma: Optional[float] = None,
-    num_classes: Optional[int] = None,
     lr: Optional[float] = None,
     loss_fn: Optional[LossFn] = None,
-    prior_precision: float = 1.0,
-    fisher_kind: str = "true",
-    fisher_samples: int = 1,
-    bn_mode: str = "eval",
-    per_example: str = "auto",
-    layers: Optional[Sequence[str]] = None,
-    orderings: int = 2,
-    blocks: Any = None,
-    bald_members: int = 4,
-    power_iters: int = 20,
-    power_tol: float = 1e-6,
-    hutchinson_samples: int = 8,
-    seed: int = 0,
+    settings: DiagnosticSettings,
 ) -> Report:
     """Compute the diagnostics of adaptation for a batch of tasks.
 
@@ -236,9 +241,15 @@ def diagnose_adaptation(
             dimension, or a sequence of per-task tuples/dicts.
         which: a subset of :data:`DIAGNOSTICS` (default: all that apply: BALD needs
             classification, alignment at least 2 tasks).
+        settings: a :class:`~diffopt.diagnostics.DiagnosticSettings` (every field but
+            ``batched``); each field may also be given as a keyword argument
+            (``sigma=0.5``, ``orderings=4``), which overrides it.
         lr: inner learning rate for the stability ratio (default ``adapt.lr`` if present).
         loss_fn: inner loss ``(out, y) -> mean loss`` for curvature, alignment and
             meta-gradients; default the likelihood's mean NLL.
+
+    Settings read here (see :class:`~diffopt.diagnostics.DiagnosticSettings`):
+        likelihood, sigma, num_classes, bn_mode, per_example: scoring and evaluation.
         prior_precision: λ of the prior 𝒩(θ, λ⁻¹I) in the weight information (3b).
         fisher_kind: ``"true"``, ``"empirical"`` or ``"mc"`` for Fisher and 3b.
         orderings, blocks: prequential code settings; bald_members: bootstrap
@@ -253,28 +264,16 @@ def diagnose_adaptation(
     adapt calls: one per task (K steps when stepped), ``bald_members`` per task,
     ``orderings·(blocks−1)`` per task for the code length, one per task for metagrad.
     """
-    lik = resolve_likelihood(likelihood, sigma, num_classes, what="diagnose_adaptation")
+    lik = settings.resolve_likelihood("diagnose_adaptation")
+    bn_mode = settings.bn_mode
     task_list = normalize_tasks(tasks)
     T = len(task_list)
-    skipped: Dict[str, str] = {}
-    if which is None:
-        chosen = list(DIAGNOSTICS)
-        if not lik.categorical:
-            chosen.remove("bald")
-            skipped["bald"] = "categorical predictions only"
-        if T < 2:
-            chosen.remove("alignment")
-            skipped["alignment"] = "needs at least 2 tasks"
-    else:
-        unknown = [w for w in which if w not in DIAGNOSTICS]
-        if unknown:
-            raise ValueError(f"unknown diagnostics {unknown}; choose among {DIAGNOSTICS}")
-        chosen = list(which)
-        if "alignment" in chosen and T < 2:
-            raise ValueError("'alignment' needs at least 2 tasks")
-    th = _detached(as_params(model, theta))
-    gen = resolve_generator(None, seed, device_of(th))
-    method = resolve_method(per_example, model, bn_mode)
+    chosen, skipped = choose_diagnostics(which, lik.categorical, T)
+    if "alignment" in chosen and T < 2:
+        raise ValueError("'alignment' needs at least 2 tasks")
+    th = _detached(as_weights(model, theta))
+    gen = resolve_generator(None, settings.seed, device_of(th))
+    method = resolve_method(settings.per_example, model, bn_mode)
     trajectory = None
     if inner_steps is not None:
         step_fn, K = adapt, int(inner_steps)
@@ -288,7 +287,7 @@ def diagnose_adaptation(
         step_fn, K = None, None
     stepped = step_fn is not None or trajectory is not None
     lr_used = lr if lr is not None else getattr(adapt, "lr", None)
-    layer_names = list(layers) if layers is not None else default_layers(model)
+    layer_names = list(settings.layers) if settings.layers is not None else default_layers(model)
 
     def full_adapt(p: Dict[str, Tensor], x: Tensor, y: Tensor) -> Dict[str, Tensor]:
         if inner_steps is None:
@@ -299,9 +298,9 @@ def diagnose_adaptation(
 
     full_adapt.counts_itself = True  # type: ignore[attr-defined]
 
-    settings = {"tasks": T, "likelihood": lik.describe(), "bn_mode": bn_mode, "seed": seed, "which": chosen,
-                "inner_steps": K, "adapt": repr(adapt), "fisher_kind": fisher_kind, "lr": lr_used,
-                "prior_precision": prior_precision}
+    recorded = {"tasks": T, "likelihood": lik.describe(), "bn_mode": bn_mode, "seed": settings.seed, "which": chosen,
+                "inner_steps": K, "adapt": repr(adapt), "fisher_kind": settings.fisher_kind, "lr": lr_used,
+                "prior_precision": settings.prior_precision}
     results = DiagnosticGroup()
     steps: Dict[str, List[Diagnostic]] = {}
     with evaluation(model, bn_mode):
@@ -345,15 +344,16 @@ def diagnose_adaptation(
             stepwise("entropy", lambda t, k: entropy_single(model, th, trajs[t][k], task_list[t][2], task_list[t][3],
                                                             lik, bn_mode), "nats", est)
         if "weight_information" in chosen:
-            fest = fisher_estimator(lik, fisher_kind, fisher_samples, bn_mode, method)
+            fest = fisher_estimator(lik, settings.fisher_kind, settings.fisher_samples, bn_mode, method)
             est = {"posterior": "Laplace, diagonal Fisher at phi on the support set",
-                   "prior_precision": float(prior_precision), **{f"fisher_{k}": v for k, v in fest.items()}}
+                   "prior_precision": float(settings.prior_precision), **{f"fisher_{k}": v for k, v in fest.items()}}
 
             def wi(t: int, k: int) -> Dict[str, float]:
                 xs, ys = task_list[t][0], task_list[t][1]
-                dg, _ = fisher_single(model, trajs[t][k], xs, ys, lik, fisher_kind, samples=fisher_samples,
+                dg, _ = fisher_single(model, trajs[t][k], xs, ys, lik, settings.fisher_kind,
+                                      samples=settings.fisher_samples,
                                       generator=gen, bn_mode=bn_mode, method=method)
-                return weight_information_terms(th, trajs[t][k], dg, xs.shape[0], prior_precision)
+                return weight_information_terms(th, trajs[t][k], dg, xs.shape[0], settings.prior_precision)
 
             stepwise("weight_information", wi, "nats", est,
                      make=lambda vals: DiagnosticGroup({"weight_information": weight_information_result(vals, T, est)}))
@@ -367,19 +367,20 @@ def diagnose_adaptation(
             for xs, ys, xq, _ in task_list:
                 n = xs.shape[0]
                 members = []
-                for _ in range(bald_members):
+                for _ in range(settings.bald_members):
                     idx = torch.randint(0, n, (n,), generator=gen, device=gen.device).to(xs.device)
                     members.append(_detached(full_adapt(th, xs[idx], ys[idx])))
                 vals.append(bald_single(model, members, xq, lik, bn_mode))
-            results.update(aggregate(vals, T, "nats", {"likelihood": lik.describe(), "members": bald_members,
+            results.update(aggregate(vals, T, "nats", {"likelihood": lik.describe(), "members": settings.bald_members,
                                                         "members from": "adapt on bootstrap resamples of the support set",
                                                         "reduction": "mean over query inputs", "bn_mode": bn_mode}))
         if "fisher" in chosen:
-            fest = fisher_estimator(lik, fisher_kind, fisher_samples, bn_mode, method)
+            fest = fisher_estimator(lik, settings.fisher_kind, settings.fisher_samples, bn_mode, method)
             for label, idx in (("theta", 0), ("phi", -1)):
                 diags = []
                 for t, (xs, ys, _, _) in enumerate(task_list):
-                    dg, _ = fisher_single(model, trajs[t][idx], xs, ys, lik, fisher_kind, samples=fisher_samples,
+                    dg, _ = fisher_single(model, trajs[t][idx], xs, ys, lik, settings.fisher_kind,
+                                          samples=settings.fisher_samples,
                                           generator=gen, bn_mode=bn_mode, method=method)
                     diags.append(dg)
                 name = f"fisher_{label}/trace"
@@ -400,23 +401,26 @@ def diagnose_adaptation(
             per_task = []
             for xs, ys, _, _ in task_list:
                 n = xs.shape[0]
-                ends = block_ends(n, blocks, first_block(model, bn_mode))
+                ends = block_ends(n, settings.blocks, first_block(model, bn_mode))
                 runs = [prequential_single(model, th, xs, ys, full_adapt, lik, ends,
                                            torch.randperm(n, generator=gen, device=gen.device).to(xs.device), bn_mode)
-                        for _ in range(orderings)]
+                        for _ in range(settings.orderings)]
                 per_task.append({"ends": ends, "runs": runs})
-            results.update(code_group(per_task, T, {"likelihood": lik.describe(), "orderings": orderings,
+            results.update(code_group(per_task, T, {"likelihood": lik.describe(), "orderings": settings.orderings,
                                                     "ordering": "random permutations (explicit generator)",
                                                     "labels": "support labels from data", "bn_mode": bn_mode}))
         if "curvature" in chosen:
-            vals = [curvature_single(model, th, xs, ys, None if loss_fn else lik, loss_fn, lr_used, power_iters,
-                                     power_tol, hutchinson_samples, gen, bn_mode) for xs, ys, _, _ in task_list]
+            vals = [curvature_single(model, th, xs, ys, None if loss_fn else lik, loss_fn, lr_used,
+                                     settings.power_iters, settings.power_tol, settings.hutchinson_samples, gen,
+                                     bn_mode)
+                    for xs, ys, _, _ in task_list]
             results.update(curvature_group(vals, T, "nats/param^2" if loss_fn is None else "loss/param^2",
-                                           {"power_iterations": power_iters, "tol": power_tol, "lr": lr_used,
-                                            "hutchinson_samples": hutchinson_samples, "bn_mode": bn_mode}))
+                                           {"power_iterations": settings.power_iters, "tol": settings.power_tol,
+                                            "lr": lr_used,
+                                            "hutchinson_samples": settings.hutchinson_samples, "bn_mode": bn_mode}))
         if "metagrad" in chosen:
             pairs = [metagradients_single(model, th, xs, ys, xq, yq, full_adapt, None if loss_fn else lik, loss_fn,
                                           bn_mode) for xs, ys, xq, yq in task_list]
             results.update(metagrad_group(pairs, T, {"adapt": repr(adapt), "bn_mode": bn_mode}))
-    ordered = Report({k: results[k] for k in results}, steps, settings, skipped)
+    ordered = Report({k: results[k] for k in results}, steps, recorded, skipped)
     return ordered

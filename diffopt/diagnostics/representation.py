@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from ._cost import Cost, documented_cost
-from ._functional import ParamsLike, as_params, call_model, split_tasks, stateless
+from ._functional import ParamsLike, as_weights, call_model, split_tasks
+from .settings import DiagnosticSettings, diagnostic
 from ._result import DiagnosticGroup
 from .kl import aggregate
 
@@ -102,7 +103,7 @@ def representation_single(model: nn.Module, theta: Dict[str, Tensor], phi: Dict[
 
 
 @documented_cost(where="tasks = 1 when nothing is task-batched.", default=Cost(forward="2*tasks"))
-@stateless
+@diagnostic("bn_mode", "batched")
 def representation_change(
     model: nn.Module,
     theta: ParamsLike,
@@ -111,8 +112,7 @@ def representation_change(
     *,
     layers: Optional[Sequence[str]] = None,
     center_erank: bool = False,
-    bn_mode: str = "eval",
-    batched: Optional[bool] = None,
+    settings: DiagnosticSettings,
 ) -> DiagnosticGroup:
     """Per-layer linear CKA between features under θ and φ on the same inputs, and their effective ranks.
 
@@ -124,11 +124,12 @@ def representation_change(
     Returns:
         group ``cka/<layer>`` (unitless, [0, 1]), ``erank_theta/<layer>``, ``erank_phi/<layer>``.
     """
-    th, ph = as_params(model, theta), as_params(model, phi)
+    th, ph = as_weights(model, theta), as_weights(model, phi)
     layers = list(layers) if layers is not None else default_layers(model)
-    T, views = split_tasks(model, {"theta": th, "phi": ph}, {"x": x}, batched)
-    vals = [representation_single(model, p["theta"], p["phi"], d["x"], layers, bn_mode, center_erank) for p, d in views]
+    T, views = split_tasks(model, {"theta": th, "phi": ph}, {"x": x}, settings.batched)
+    vals = [representation_single(model, p["theta"], p["phi"], d["x"], layers, settings.bn_mode, center_erank)
+            for p, d in views]
     est = {"features": "outputs of " + ", ".join(l or "<model>" for l in layers), "cka": "linear, centred",
            "erank": "exp entropy of normalised singular values" + (", centred" if center_erank else ""),
-           "bn_mode": bn_mode}
+           "bn_mode": settings.bn_mode}
     return aggregate(vals, T, "1", est)

@@ -1,8 +1,9 @@
-"""The inner-loop engine: task-batched unrolls over higher's patched models, and
-meta-gradients in every mode (see :mod:`diffopt.unroll.engine` and
-:mod:`diffopt.unroll.modes`)."""
+"""The inner-loop engine: task-batched unrolls over functional models, and
+meta-gradients in every mode (see :mod:`diffopt.unroll.engine`,
+:mod:`diffopt.unroll.modes` and :mod:`diffopt.unroll.functional`)."""
 from .carry import Adapted, Carry
 from .engine import InnerLoop
+from .functional import FunctionalModel, ParameterLayout
 from .modes import (ES, MODES, PES, Checkpointed, FirstOrder, Forward, Implicit, Mode, SecondOrder, Truncated,
                     as_mode)
 from .patched import BATCHNORM_POLICIES, PatchedModel, choose_vectorize
@@ -10,6 +11,6 @@ from .solvers import CG, Neumann, SolveInfo, conjugate_gradient, neumann
 
 __all__ = [
     "BATCHNORM_POLICIES", "CG", "ES", "MODES", "PES", "Adapted", "Carry", "Checkpointed", "FirstOrder", "Forward",
-    "Implicit", "InnerLoop", "Mode", "Neumann", "PatchedModel", "SecondOrder", "SolveInfo", "Truncated", "as_mode",
-    "choose_vectorize", "conjugate_gradient", "neumann",
+    "FunctionalModel", "Implicit", "InnerLoop", "Mode", "Neumann", "ParameterLayout", "PatchedModel",
+    "SecondOrder", "SolveInfo", "Truncated", "as_mode", "choose_vectorize", "conjugate_gradient", "neumann",
 ]
