@@ -33,6 +33,7 @@ from ..optim import SGD, DifferentiableOptimizer, NonFiniteError, from_torch
 from ..optim._hyper import PerParameter, Schedule
 from .carry import Adapted, Carry, detached
 from .modes import MODES, Mode, as_mode, default_segment
+from .functional import ParameterLayout
 from .patched import PatchedModel, choose_vectorize, describe_vmap_failure
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -111,22 +112,14 @@ class InnerLoop:
             raise TypeError(
                 f"optimizer must be a diffopt.optim or torch.optim optimizer, got {type(optimizer).__name__}"
             )
-        index = {id(p): j for j, p in enumerate(self.theta)}
-        positions = []
-        for k, p in enumerate(optimizer.params):
-            if id(p) not in index:
-                raise ValueError(
-                    f"optimizer parameter {k} (shape {tuple(p.shape)}) is not a parameter of the model; "
-                    "build the inner optimizer on model.parameters() (or a subset of them)"
-                )
-            positions.append(index[id(p)])
+        positions = ParameterLayout(self.model).positions(optimizer.params)
         self.positions = positions
         self.adapted_mask = [j in set(positions) for j in range(len(self.theta))]
         return optimizer
 
     def _vectorize(self, vectorize: bool | str) -> tuple[bool, str]:
         if vectorize == "auto":
-            return choose_vectorize(self.model)
+            return choose_vectorize(self.model, self.patched.policy)
         if vectorize is True:
             return True, "vmap: requested (vectorize=True)"
         if vectorize is False:
@@ -191,7 +184,7 @@ class InnerLoop:
             outputs, buffers = self.patched.forward_tasks(params, buffers, x, phase, self.vectorize, self.adapted_mask)
         except RuntimeError as error:
             if self.vectorize and ("vmap" in str(error) or "batch" in str(error).lower()):
-                raise RuntimeError(describe_vmap_failure(self.model, error)) from error
+                raise RuntimeError(describe_vmap_failure(self.model, error, self.patched.policy)) from error
             raise
         losses = self._per_task_loss(loss_fn, outputs, y)
         if losses.dim() != 1:
