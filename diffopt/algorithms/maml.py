@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..optim import SGD, DifferentiableOptimizer
-from ..optim.learned.lr import meta_sgd, per_layer_per_step
 from ..unroll import InnerLoop
 from ._base import InnerLoopLearner, check_episode
 
@@ -120,6 +119,8 @@ class MetaSGD(MAML):
         super().__init__(model, loss_fn, inner_lr=0.0, inner_steps=inner_steps, **options)
 
     def _inner_optimizer(self, inner_lr: float | Tensor) -> DifferentiableOptimizer:
+        from ..optim.learned.lr import meta_sgd  # TODO(merge): top level once optim.learned no longer imports training
+
         optimizer = meta_sgd(self.model.parameters(), init=self._lr_init, generator=self._generator)
         self.inner_lrs = nn.ParameterList(optimizer.lrs)  # registered: trained and checkpointed with θ
         return optimizer
@@ -150,6 +151,8 @@ class MAMLPlusPlus(MAML):
         super().__init__(model, loss_fn, inner_lr=inner_lr, inner_steps=inner_steps, **options)
 
     def _inner_optimizer(self, inner_lr: float | Tensor) -> DifferentiableOptimizer:
+        from ..optim.learned.lr import per_layer_per_step  # TODO(merge): top level, as above
+
         optimizer = per_layer_per_step(self.model.parameters(), self.inner_steps, float(inner_lr), hold_last=True)
         self.step_lrs = nn.ParameterList(optimizer.lrs)  # registered: trained and checkpointed with θ
         return optimizer

@@ -39,3 +39,13 @@ __all__ = [
     "Schedule", "TWINS", "UpdateRule", "clip_grad_norm", "clip_grad_value", "from_torch", "safe_sqrt",
     "safe_sqrt_all",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # ``diffopt.optim.learned`` loads on first use, so ``import diffopt`` then
+    # ``diffopt.optim.learned.load(...)`` works as the README writes it.
+    if name == "learned":
+        import importlib
+
+        return importlib.import_module(".learned", __name__)
+    raise AttributeError(f"module 'diffopt.optim' has no attribute {name!r}")

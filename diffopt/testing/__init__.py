@@ -17,3 +17,12 @@ __all__ = [
     "QuadraticHypergradients", "Report", "RidgeHypergradients", "central_difference", "check_hypergradient",
     "check_modes", "check_optimizer", "quadratic_sgd", "relative_error", "ridge",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # ``diffopt.testing.strategies`` (needs hypothesis) and ``faulty`` load on first use.
+    if name in ("strategies", "faulty"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'diffopt.testing' has no attribute {name!r}")
