@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffopt.optim import SGD, NonFiniteError
+from diffopt.optim import SGD, NonFiniteError, Schedule
 from diffopt.unroll import InnerLoop
 from test_unroll import single_threaded, F64, build, tasks  # noqa: F401 (the fixture)
 
@@ -235,3 +235,32 @@ def test_forward_truncated_and_implicit_memory_does_not_grow_with_steps():
                     {"mode": "implicit", "proximal": 1.0}):
         assert measure(4, **options) == measure(16, **options), options
     assert measure(16)[1] > 5 * measure(16, mode="forward")[1]
+
+
+def test_inputs_that_used_to_give_nan_or_wrong_results_are_refused():
+    """#17 item 8: each of these ran and gave NaN, a silently wrong result or a failure deep in vmap."""
+    model = build("mlp")
+    sx, sy, qx, qy = tasks("mlp", 2, 4, support=4, query=4)
+    with pytest.raises(ValueError, match="support: got 0 tasks"):
+        InnerLoop(model).meta_loss(sx[:0], sy[:0], qx[:0], qy[:0])
+    with pytest.raises(ValueError, match=r"proximal .* must be a finite number >= 0, got -1.0"):
+        InnerLoop(model, proximal=-1.0)
+    with pytest.raises(ValueError, match=r"iterations \(InnerLoop's solver_iterations=\) must be a positive"):
+        InnerLoop(model, mode="implicit", solver_iterations=0)
+    with pytest.raises(ValueError, match="steps must be a non-negative integer, got True"):
+        InnerLoop(model, steps=True)
+    with pytest.raises(TypeError, match="loss_fn must be a callable"):
+        InnerLoop(model, loss_fn="mse")
+    negative = SGD(model.parameters(), lr=Schedule(lambda step: 0.1 - 0.1 * step))
+    with pytest.raises(ValueError, match=r"its Schedule returned -0.1 at step 2"):
+        InnerLoop(model, negative, steps=3).meta_loss(sx, sy, qx, qy)
+    for vectorize in (False, True):
+        with pytest.raises(ValueError, match=r"output per task has shape \(4, 1\) but the targets \(4,\)"):
+            InnerLoop(model, vectorize=vectorize).meta_loss(sx, sy[..., 0], qx, qy[..., 0])
+
+
+def test_parameters_on_the_meta_device_run_without_the_finiteness_check_failing():
+    model = torch.nn.Linear(2, 1, device="meta")
+    x, y = torch.empty(3, 4, 2, device="meta"), torch.empty(3, 4, 1, device="meta")
+    loss = InnerLoop(model, vectorize=False, steps=2).meta_loss(x, y, x, y)
+    assert loss.is_meta and loss.shape == ()

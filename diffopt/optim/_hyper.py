@@ -67,7 +67,11 @@ class Schedule:
 
     def at(self, step: int, name: str) -> Any:
         if callable(self.values) and not isinstance(self.values, Tensor):
-            return self.values(step)
+            value = self.values(step)
+            if name == "lr" and isinstance(value, (int, float)) and not value >= 0:
+                raise ValueError(f"hyperparameter 'lr': its Schedule returned {value!r} at step {step} (0-based); "
+                                 "a learning rate must be a number >= 0")
+            return value
         length = len(self.values)
         if self.hold_last:
             step = min(step, length - 1)

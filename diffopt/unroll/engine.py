@@ -22,6 +22,8 @@ per-task inner losses gives every task its own gradient.
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -90,6 +92,10 @@ class InnerLoop:
             raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
         self.mode = as_mode(mode, **mode_options)
         self.mode.validate(steps)
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be a callable loss_fn(prediction, target) -> scalar, got {loss_fn!r}; "
+                            "for example torch.nn.functional.mse_loss")
+        _check_proximal(proximal)
         self.model = model
         self.theta = list(model.parameters())
         self.optimizer = self._inner_optimizer(optimizer)
@@ -156,6 +162,8 @@ class InnerLoop:
 
     def _check_tasks(self, sx: Tensor, sy: Tensor, qx: Tensor | None = None, qy: Tensor | None = None) -> None:
         self._check_pair(sx, sy, "support")
+        if sx.shape[0] == 0:
+            raise ValueError("support: got 0 tasks (leading dimension 0); a meta-batch needs at least one task")
         if qx is not None and qy is not None:
             self._check_pair(qx, qy, "query")
             if qx.shape[0] != sx.shape[0]:
@@ -195,6 +203,20 @@ class InnerLoop:
         return losses, buffers
 
     def _per_task_loss(self, loss_fn: LossFn, outputs: Tensor, y: Tensor) -> Tensor:
+        with warnings.catch_warnings():
+            # torch's losses only warn when the target broadcasts against a prediction of
+            # another shape ((N, 1) against (N,) gives an N x N loss): here that is an error.
+            warnings.filterwarnings("error", message=".*target size.*different to the input size.*")
+            try:
+                return self._per_task_loss_unchecked(loss_fn, outputs, y)
+            except UserWarning as warning:
+                raise ValueError(
+                    f"loss_fn: the model's output per task has shape {tuple(outputs.shape[1:])} but the targets "
+                    f"{tuple(y.shape[1:])}; they broadcast to a wrong loss ({warning}). Give targets of the "
+                    "output's shape (e.g. y.unsqueeze(-1))"
+                ) from None
+
+    def _per_task_loss_unchecked(self, loss_fn: LossFn, outputs: Tensor, y: Tensor) -> Tensor:
         if self.vectorize:
             try:
                 return torch.func.vmap(loss_fn)(outputs, y)
@@ -251,6 +273,8 @@ class InnerLoop:
         return grads
 
     def _check_finite_losses(self, losses: Tensor, step: int) -> None:
+        if losses.is_meta:  # shapes only (torch's meta device): there are no values to check
+            return
         if self.check_finite and not torch.isfinite(losses.detach()).all():
             bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
             raise NonFiniteError(
@@ -398,7 +422,25 @@ class InnerLoop:
         return clone
 
 
+def _check_proximal(proximal: float | Tensor | None) -> None:
+    """iMAML's λ: None, or a finite number or scalar tensor >= 0 (a negative λ rewards moving away from θ)."""
+    if proximal is None:
+        return
+    if isinstance(proximal, Tensor):
+        if proximal.numel() != 1:
+            raise ValueError(f"proximal must be a number or a scalar tensor, got shape {tuple(proximal.shape)}")
+        if proximal.device.type == "meta":
+            return
+        value = float(proximal.detach())
+    elif isinstance(proximal, (int, float)) and not isinstance(proximal, bool):
+        value = float(proximal)
+    else:
+        raise TypeError(f"proximal must be None, a number or a scalar tensor, got {proximal!r}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"proximal (iMAML's λ in λ/2·||φ − θ||²) must be a finite number >= 0, got {value!r}")
+
+
 def _all_finite(tensors: Sequence[Tensor | None]) -> bool:
     """One synchronisation: a NaN or infinity anywhere makes the sum of sums non-finite."""
-    sums = [t.detach().sum() for t in tensors if t is not None]
+    sums = [t.detach().sum() for t in tensors if t is not None and not t.is_meta]
     return not sums or bool(torch.isfinite(torch.stack(sums).sum()))

@@ -123,6 +123,7 @@ SOLVERS: dict[str, type] = {"cg": CG, "neumann": Neumann}
 
 def _check_iterations(iterations: int, tol: float, name: str) -> None:
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"{name}: iterations must be a positive integer, got {iterations!r}")
+        raise ValueError(f"{name}: iterations (InnerLoop's solver_iterations=) must be a positive integer, "
+                         f"got {iterations!r}")
     if not tol >= 0:
         raise ValueError(f"{name}: tol must be >= 0, got {tol!r}")
