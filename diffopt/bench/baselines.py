@@ -32,16 +32,18 @@ def _adapted_names(model: nn.Module) -> tuple[list[str], list[bool]]:
     return [n for n, _ in named], [p.requires_grad for _, p in named]
 
 
-def plain_loop_step(model: nn.Module, loss_fn: Callable, lr: float, steps: int,
-                    first_order: bool) -> Callable[[Batch], Tensor]:
-    """Per task ``functional_call`` + ``autograd.grad`` K times; the mean query loss; one backward."""
+def plain_loop_step(model: nn.Module, loss_fn: Callable, lr: float, steps: int, first_order: bool,
+                    per_task_backward: bool = False) -> Callable[[Batch], Tensor]:
+    """Per task ``functional_call`` + ``autograd.grad`` K times; the mean query loss; one backward
+    (``per_task_backward``: a backward per task instead, which frees each task's graph early)."""
     names, trainable = _adapted_names(model)
     theta = list(model.parameters())
 
     def step(batch: Batch) -> Tensor:
         sx, sy, qx, qy = batch
+        tasks = sx.shape[0]
         total: Tensor | float = 0.0
-        for t in range(sx.shape[0]):
+        for t in range(tasks):
             fast = list(theta)
             for _ in range(steps):
                 out = torch.func.functional_call(model, dict(zip(names, fast)), (sx[t],))
@@ -49,8 +51,15 @@ def plain_loop_step(model: nn.Module, loss_fn: Callable, lr: float, steps: int,
                 grads = iter(torch.autograd.grad(loss_fn(out, sy[t]), live, create_graph=not first_order))
                 fast = [p - lr * next(grads) if r else p for p, r in zip(fast, trainable)]
             out = torch.func.functional_call(model, dict(zip(names, fast)), (qx[t],))
-            total = total + loss_fn(out, qy[t])
-        loss = total / sx.shape[0]
+            if per_task_backward:
+                loss = loss_fn(out, qy[t]) / tasks
+                loss.backward()
+                total = total + loss.detach()
+            else:
+                total = total + loss_fn(out, qy[t])
+        if per_task_backward:
+            return torch.as_tensor(total)
+        loss = total / tasks
         loss.backward()
         return loss.detach()
 
