@@ -7,13 +7,15 @@ hands over to, and nothing imports it.
 import json
 import sys
 
+from .._measure import worker_reply
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
         from .measuring import worker
 
-        sys.stdout.write(json.dumps(worker(json.loads(argv[1]))) + "\n")
+        worker_reply(worker(json.loads(argv[1])))
         return 0
     from ..cli.bench import main as bench_command
 
