@@ -148,7 +148,8 @@ def test_allowed_exceptions_are_still_needed():
 def test_the_checker_resolves_relative_and_lazy_imports():
     """Relative imports resolve to modules (``from .. import x`` to the module ``x``), and an import
     inside a function counts like one at the top."""
-    assert {"diffopt.training.experiment", "diffopt.diagnostics"} <= {m for m, _ in imported_modules("diffopt.cli.diagnose")}
+    diagnose = {m for m, _ in imported_modules("diffopt.cli.diagnose")}
+    assert {"diffopt.training.experiment", "diffopt.diagnostics"} <= diagnose
     assert "diffopt._measure" in {m for m, _ in imported_modules("diffopt.bench")}  # from .. import _measure
     assert "diffopt.training.learned_optimizers" in {m for m, _ in imported_modules("diffopt.optim.learned.train")}
     assert "diffopt.cli.bench" in {m for m, _ in imported_modules("diffopt.bench.__main__")}  # inside main()

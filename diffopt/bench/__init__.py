@@ -64,7 +64,16 @@ from .baselines import (
 )
 from .implementations import Implementation, make_learner, truncate_window
 from .measuring import discrepancy, fixed_batch, measure, subprocess_worker, worker
-from .problems import PROBLEM_DEFAULTS, PROBLEMS, TASKS, Problem, RegressionSource, build_problem, load_factory, problem_spec
+from .problems import (
+    PROBLEM_DEFAULTS,
+    PROBLEMS,
+    TASKS,
+    Problem,
+    RegressionSource,
+    build_problem,
+    load_factory,
+    problem_spec,
+)
 from .reporting import MATPLOTLIB_MISSING, MiB, markdown, plot, problem_markdown, write_json
 from .running import HELPERS, memory_method, run, targets
 from .settings import BASELINES, MODES, QUICK_STEPS, STEPS, Settings, implementations, reference_for

@@ -20,7 +20,8 @@ from .. import bench
 from ..bench import BASELINES, MODES, PROBLEMS, TASKS, Settings, build_problem, problem_spec
 
 DESCRIPTION = (
-    f"Benchmark every inner-loop mode ({', '.join(MODES)}) against a plain PyTorch loop, a higher innerloop_ctx loop, torch.func vmap(grad) and torchopt (when "
+    f"Benchmark every inner-loop mode ({', '.join(MODES)}) against a plain PyTorch loop, a higher innerloop_ctx "
+    "loop, torch.func vmap(grad) and torchopt (when "
     "installed): median time per meta-step with IQR, peak tensor memory, meta-gradient agreement and the first- "
     "vs second-order discrepancy for K inner steps, and meta-test loss or accuracy (95% CI) after a fixed budget "
     "of meta-training time and of meta-iterations. Writes JSON, markdown and PNG plots (matplotlib optional)."

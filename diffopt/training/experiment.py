@@ -101,7 +101,9 @@ def build(settings: TrainSettings) -> tuple[Any, Any, dict[str, Any]]:
         if train.example_shape == (1, 28, 28) or len(train.example_shape) == 3:
             channels = train.example_shape[0]
             encoder = recipes.conv4_encoder(channels)
-            model, embedding = (encoder if metric else torch.nn.Sequential(*encoder, torch.nn.Linear(64, settings.ways))), 64
+            # the classifier head is drawn only when used, after the encoder (the seed's stream of draws)
+            model = encoder if metric else torch.nn.Sequential(*encoder, torch.nn.Linear(64, settings.ways))
+            embedding = 64
         else:
             features = train.example_shape[0]
             if metric:
@@ -140,7 +142,8 @@ def _train(settings: TrainSettings, context: Any) -> dict[str, Any] | None:
     optimizer = (torch.optim.SGD(learner.parameters(), lr=outer_lr) if settings.algo == "reptile"
                  else torch.optim.Adam(learner.parameters(), lr=outer_lr))
     trainer = Trainer(learner, source, optimizer, iterations=settings.iterations, seed=settings.seed,
-                      eval_every=settings.eval_every, eval_steps=tuple(settings.eval_steps), checkpoint=settings.checkpoint,
+                      eval_every=settings.eval_every, eval_steps=tuple(settings.eval_steps),
+                      checkpoint=settings.checkpoint,
                       checkpoint_every=settings.checkpoint_every, resume=settings.resume, metrics=settings.metrics,
                       progress=settings.progress, config=config, distributed=context,
                       before_step=set_epoch if hasattr(learner, "set_epoch") else None)
