@@ -177,3 +177,24 @@ def test_importing_the_optimizers_loads_nothing_above_them(code):
 def test_the_benchmarks_do_not_load_the_command_line():
     loaded = _fresh_modules("import diffopt.bench")
     assert not any(m.startswith("diffopt.cli") for m in loaded)
+
+
+def test_moved_names_stay_importable_from_their_old_places():
+    """Compatibility: what moved up to diffopt.training is the same object under its old names."""
+    import diffopt.optim.learned as learned
+    import diffopt.training as training
+    from diffopt import unroll
+    from diffopt.optim.learned import factory
+    from diffopt.optim.learned.families import family as old_family
+    from diffopt.optim.learned.train import OptimizerTrainer as OldTrainer
+    from diffopt.training import families, learned_optimizers
+
+    for name in ("OptimizerTrainer", "TrainConfig", "Unroll", "loss_curves", "OBJECTIVES"):
+        assert getattr(learned, name) is getattr(learned_optimizers, name) is getattr(training, name)
+    for name in ("FAMILIES", "FewShotFamily", "QuadraticFamily", "SinusoidFamily", "TaskBatch", "TaskFamily", "family"):
+        assert getattr(learned, name) is getattr(families, name)
+    assert learned.MODES == learned_optimizers.MODES and set(learned.MODES) <= set(unroll.MODES)
+    assert OldTrainer is training.OptimizerTrainer and old_family is training.family
+    assert learned.make_rule is factory.make_rule
+    with pytest.raises(AttributeError, match="no attribute 'Nonexistent'"):
+        learned.Nonexistent
