@@ -61,6 +61,8 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_MOVED))
 
+
+# The moved names stay in __all__ (a star import keeps giving them, and loads diffopt.training then).
 __all__ = [
     "FAMILIES", "FORMAT", "MODES", "RULES", "VERSION", "DropInOptimizer", "FewShotFamily",
     "HypergradientAdam", "HypergradientAdamRule", "HypergradientSGD", "HypergradientSGDRule", "LSTM_FEATURES",
