@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import _common  # noqa: E402
 from benchmarks._common import MEMORY_METHOD  # noqa: E402
 
+from diffopt.bench.baselines import plain_loop_step  # noqa: E402
 from diffopt.optim import SGD  # noqa: E402
 from diffopt.unroll import InnerLoop  # noqa: E402
 
@@ -75,29 +76,9 @@ def make_data(tasks: int, ways: int, shots: int, queries: int, size: int = 28,
 
 
 def plain_loop(model: nn.Module, data, steps: int, lr: float, per_task_backward: bool) -> Callable[[], None]:
-    sx, sy, qx, qy = data
-    names = [n for n, _ in model.named_parameters()]
-    theta = list(model.parameters())
-    tasks = sx.shape[0]
-
-    def meta_step() -> None:
-        total = 0.0
-        for t in range(tasks):
-            fast = theta
-            for _ in range(steps):
-                logits = torch.func.functional_call(model, dict(zip(names, fast)), (sx[t],))
-                grads = torch.autograd.grad(F.cross_entropy(logits, sy[t]), fast, create_graph=True)
-                fast = [p - lr * g for p, g in zip(fast, grads)]
-            logits = torch.func.functional_call(model, dict(zip(names, fast)), (qx[t],))
-            loss = F.cross_entropy(logits, qy[t]) / tasks
-            if per_task_backward:
-                loss.backward()
-            else:
-                total = total + loss
-        if not per_task_backward:
-            total.backward()
-
-    return meta_step
+    """diffopt.bench's plain loop (second order, cross-entropy) on this script's fixed meta-batch."""
+    step = plain_loop_step(model, F.cross_entropy, lr, steps, first_order=False, per_task_backward=per_task_backward)
+    return lambda: step(data)
 
 
 def diffopt_loop(model: nn.Module, data, steps: int, lr: float, vectorize: bool) -> Callable[[], None]:

@@ -45,6 +45,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import _common  # noqa: E402
 
+from diffopt.bench.baselines import func_vmap_step, higher_step, plain_loop_step  # noqa: E402
 from diffopt.optim import SGD  # noqa: E402
 from diffopt.unroll import InnerLoop  # noqa: E402
 
@@ -72,65 +73,21 @@ def make_data(tasks: int, shots: int, queries: int, dtype: torch.dtype = torch.f
 
 
 # -- implementations ---------------------------------------------------------------------
+# The three baselines are diffopt.bench's (one implementation, shared with ``diffopt bench``), here
+# bound to this script's fixed meta-batch and the mean-squared error.
 def plain_loop(model: nn.Module, data, steps: int, lr: float, first_order: bool) -> Callable[[], None]:
-    sx, sy, qx, qy = data
-    names = [n for n, _ in model.named_parameters()]
-    theta = list(model.parameters())
-
-    def meta_step() -> None:
-        total = 0.0
-        for t in range(sx.shape[0]):
-            fast = theta
-            for _ in range(steps):
-                out = torch.func.functional_call(model, dict(zip(names, fast)), (sx[t],))
-                grads = torch.autograd.grad(F.mse_loss(out, sy[t]), fast, create_graph=not first_order)
-                fast = [p - lr * g for p, g in zip(fast, grads)]
-            out = torch.func.functional_call(model, dict(zip(names, fast)), (qx[t],))
-            total = total + F.mse_loss(out, qy[t])
-        (total / sx.shape[0]).backward()
-
-    return meta_step
+    step = plain_loop_step(model, F.mse_loss, lr, steps, first_order)
+    return lambda: step(data)
 
 
 def higher_loop(model: nn.Module, data, steps: int, lr: float, first_order: bool) -> Callable[[], None]:
-    import higher
-
-    sx, sy, qx, qy = data
-    inner = torch.optim.SGD(model.parameters(), lr=lr)
-    callback = (lambda grads: [None if g is None else g.detach() for g in grads]) if first_order else None
-    tasks = sx.shape[0]
-
-    def meta_step() -> None:
-        for t in range(tasks):
-            with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, dopt):
-                for _ in range(steps):
-                    dopt.step(F.mse_loss(fmodel(sx[t]), sy[t]), grad_callback=callback)
-                (F.mse_loss(fmodel(qx[t]), qy[t]) / tasks).backward()
-
-    return meta_step
+    step = higher_step(model, F.mse_loss, lr, steps, first_order)
+    return lambda: step(data)
 
 
 def func_vmap(model: nn.Module, data, steps: int, lr: float, first_order: bool) -> Callable[[], None]:
-    sx, sy, qx, qy = data
-    params = dict(model.named_parameters())
-
-    def task_loss(p, x, y):
-        return F.mse_loss(torch.func.functional_call(model, p, (x,)), y)
-
-    def adapt_and_query(p, x, y, xq, yq):
-        for _ in range(steps):
-            g = torch.func.grad(task_loss)(p, x, y)
-            if first_order:
-                g = {k: v.detach() for k, v in g.items()}
-            p = {k: p[k] - lr * g[k] for k in p}
-        return task_loss(p, xq, yq)
-
-    batched = torch.func.vmap(adapt_and_query, in_dims=(None, 0, 0, 0, 0))
-
-    def meta_step() -> None:
-        batched(params, sx, sy, qx, qy).mean().backward()
-
-    return meta_step
+    step = func_vmap_step(model, F.mse_loss, lr, steps, first_order)
+    return lambda: step(data)
 
 
 def baddbmm_floor(model: nn.Module, data, steps: int, lr: float, first_order: bool) -> Callable[[], None]:

@@ -10,8 +10,9 @@ es and pes (4 antithetic pairs, σ = 1e-3, PES truncation min(10, K)). Baselines
 same interleaved rounds: a plain PyTorch loop over tasks, a higher ``innerloop_ctx`` loop,
 torch.func ``vmap(grad)`` (each second and first order), torchopt ``MetaSGD`` when installed.
 
-The runner is :mod:`diffopt.bench` (the same as ``diffopt bench``); the timing, machine and
-memory helpers are those of ``diffopt/_measure.py``. See ``diffopt/bench.py`` for the method.
+The runner is :mod:`diffopt.bench` (the same as ``diffopt bench``, :mod:`diffopt.cli.bench`); the
+timing, machine and memory helpers are those of ``diffopt/_measure.py``. See the docstring of
+``diffopt/bench/__init__.py`` for the method.
 
     python benchmarks/modes.py [--quick] [--json PATH] [--markdown PATH] [--plots DIR]
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffopt.bench import _main  # noqa: E402
+from diffopt.cli.bench import main as bench_command  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--plots" in argv and argv[argv.index("--plots") + 1:argv.index("--plots") + 2] == [""]:
         i = argv.index("--plots")
         del argv[i:i + 2]
-    return _main(argv)
+    return bench_command(argv)
 
 
 if __name__ == "__main__":

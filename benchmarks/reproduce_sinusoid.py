@@ -5,7 +5,7 @@ Subcommands (see benchmarks/REPRODUCTIONS.md for recorded results):
 * ``maml``: MAML's protocol (1-40-40-1 ReLU MLP, K = 10 training points, one inner SGD step with
   α = 0.01, meta-batch 25, Adam 1e-3, 70,000 iterations), evaluated on 600 test tasks with 5 support
   points and 100 query points: query MSE after 0 / 1 / 5 / 10 SGD(α) steps, for MAML and for a
-  network pretrained on all tasks (``diffopt.demo.pretrain``); paper: 0.67 / 0.38 / 0.35 and
+  network pretrained on all tasks (``diffopt.training.demo.pretrain``); paper: 0.67 / 0.38 / 0.35 and
   2.41 / 2.23 / 2.19.
 * ``metasgd``: Meta-SGD against MAML under one protocol at K = 5, 10, 20 (K training and test
   support points, one inner step at train and test); paper: Meta-SGD 0.90 / 0.53 / 0.31, MAML
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from diffopt.algorithms import ANIL, FOMAML, MAML, MetaSGD, Reptile
-from diffopt.demo import pretrain
+from diffopt.training.demo import pretrain
 from diffopt.recipes import SinusoidSource, sinusoid_mlp
 from diffopt.training import Trainer, evaluate
 

@@ -14,7 +14,8 @@ import textwrap
 import pytest
 import torch
 
-from diffopt import bench, bench_cli
+from diffopt import bench
+from diffopt.cli import bench as bench_cli
 
 MiB = 2**20
 TINY_SETTINGS = dict(steps=(1, 2), repeats=1, warmup=1, block_budget_s=0.5, max_call_s=5.0, discrepancy_tasks=2,
@@ -205,13 +206,18 @@ def test_plots_written_with_matplotlib(tiny_results, tmp_path):
 def test_plots_skipped_cleanly_without_matplotlib(tiny_results, tmp_path, monkeypatch, capsys):
     for name in ("matplotlib", "matplotlib.ticker", "matplotlib.figure"):
         monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
-    assert bench.plot(tiny_results, tmp_path / "plots") == []
-    assert "matplotlib is not installed" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="matplotlib is not installed"):  # the library warns; it does not print
+        assert bench.plot(tiny_results, tmp_path / "plots") == []
     assert not (tmp_path / "plots").exists()
+    # the command line says it on stderr
+    assert bench_cli.main(["--benchmarks", "sinusoid", "--modes", "second_order", "--baselines", "plain loop",
+                           "--no-accuracy", "--no-discrepancy", "--memory", "off", *TINY_CLI,
+                           "--plots", str(tmp_path / "plots")]) == 0
+    assert "matplotlib is not installed" in capsys.readouterr().err
 
 
 def test_library_modules_do_not_import_matplotlib():
-    code = "import sys, diffopt.bench, diffopt.bench_cli; print('matplotlib' in sys.modules)"
+    code = "import sys, diffopt.bench, diffopt.cli.bench; print('matplotlib' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"

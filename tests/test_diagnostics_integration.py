@@ -24,7 +24,8 @@ from torch.func import functional_call
 import diffopt.diagnostics as dg
 from diagnostics_helpers import F64, gen
 from diffopt.algorithms import ANIL, FOMAML, MAML, MAMLPlusPlus, MetaSGD, PrototypicalNetwork, Reptile
-from diffopt.diagnostics import cli as diag_cli
+from diffopt.cli import diagnose as diag_cli
+from diffopt.training.experiment import rebuild
 from diffopt.recipes import EpisodeSource, SinusoidSource, make_learner, mlp_classifier, sinusoid_mlp
 from diffopt.tasks import synthetic_vectors
 from diffopt.training import Trainer
@@ -442,7 +443,7 @@ def test_cli_diagnose_a_train_checkpoint(tmp_path, capsys):
     report = json.loads(out_json.read_text())
     assert report["settings"]["tasks"] == 3 and len(report["steps"]["kl/forward"]) == 3
     # the weights are the checkpoint's
-    learner, _, payload = diag_cli.rebuild(str(ckpt), 3)
+    learner, _, payload = rebuild(str(ckpt), 3)
     assert all(torch.equal(v, payload["learner"][k]) for k, v in learner.state_dict().items())
     # regression without --sigma, and a missing file: one line naming the fix, status 2
     assert diag_cli.run(_parse(["diagnose", str(ckpt)])) == 2

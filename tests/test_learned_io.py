@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 import diffopt.optim.learned as L
 from diffopt.optim import SGD, Adam
-from diffopt.optim.learned import cli
+from diffopt.cli import train_optimizer as cli
 from diffopt.optim.learned.serialization import FORMAT, VERSION
 from diffopt.training import CheckpointError
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-import diffopt.run
+from diffopt.training import experiment
 from diffopt.algorithms import MAMLPlusPlus
 from diffopt.cli import main
 from diffopt.tasks import write_png
@@ -87,7 +87,7 @@ def test_train_mamlpp_anneals_by_epoch_and_evaluates_beyond_its_inner_steps(caps
     epochs = []
     real = MAMLPlusPlus.set_epoch
     monkeypatch.setattr(MAMLPlusPlus, "set_epoch", lambda self, e: (epochs.append(e), real(self, e))[1])
-    monkeypatch.setattr(diffopt.run, "ITERATIONS_PER_EPOCH", 2)
+    monkeypatch.setattr(experiment, "ITERATIONS_PER_EPOCH", 2)
     summary = train(capsys, "--task", "sinusoid", "--algo", "mamlpp", "--iterations", "5", "--meta-batch", "4",
                     "--test-tasks", "4", "--eval-steps", "0,1,10")
     assert epochs == [0, 0, 1, 1, 2]
@@ -128,7 +128,7 @@ def test_checkpoint_and_resume(capsys, monkeypatch, tmp_path):
                     raise Crash("killed at iteration 5")
             super().__init__(*args, **{**kwargs, "callbacks": [crash]})
 
-    monkeypatch.setattr(diffopt.run, "Trainer", CrashingTrainer)
+    monkeypatch.setattr(experiment, "Trainer", CrashingTrainer)
     with pytest.raises(Crash):
         main(["train", *COMMON, "--checkpoint", str(tmp_path / "b.pt"), "--metrics", str(tmp_path / "b.jsonl"),
               "--no-progress"])
@@ -202,10 +202,11 @@ def omniglot_root(tmp_path_factory) -> Path:
 def test_omniglot_protocol_splits_and_models(omniglot_root):
     """1200 training characters and the rest for testing, each rotated into 4 classes; Conv-4 on 28×28."""
     from diffopt.cli import build_parser
+    from diffopt.cli.train import settings_from_args
 
     args = build_parser().parse_args(["train", "--task", "omniglot", "--data-root", str(omniglot_root),
                                       "--algo", "maml", "--shots", "1", "--query", "1", "--meta-batch", "2"])
-    source, learner, config = diffopt.run.build(args)
+    source, learner, config = experiment.build(settings_from_args(args))
     assert (source.train.num_groups, source.train.num_classes) == (1200, 4800)
     assert (source.test.num_groups, source.test.num_classes) == (5, 20)
     assert source.train.example_shape == (1, 28, 28)

@@ -1,8 +1,9 @@
-"""``diffopt check``: the gradient-correctness kit over every built-in optimizer and mode,
-or over a user's optimizer given as ``module:Class``."""
+"""What ``diffopt check`` runs: the gradient-correctness kit over every built-in optimizer and mode,
+or over a user's optimizer given as ``module:Class`` (:func:`run_checks`; the command line,
+:mod:`diffopt.cli.check`, prints its :class:`CheckRun`)."""
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib
 import time
 from collections.abc import Callable
@@ -33,18 +34,16 @@ OPTION_SETS: dict[str, list[dict[str, Any]]] = {
 }
 LEARNING_RATES = {"Adadelta": 0.5, "Rprop": 0.01}
 
-MODES = ("second_order", "checkpointed", "truncated", "implicit", "forward", "first_order")
-
 
 def load_object(spec: str) -> Any:
-    """``module:attribute`` -> the object (for user optimizers and references)."""
+    """``module:attribute`` -> the object (for user optimizers and references); ValueError if it cannot be loaded."""
     if ":" not in spec:
-        raise SystemExit(f"{spec!r}: give the optimizer as module:Class, e.g. mypackage.optim:MyAdam")
+        raise ValueError(f"{spec!r}: give the optimizer as module:Class, e.g. mypackage.optim:MyAdam")
     module, attribute = spec.split(":", 1)
     try:
         return getattr(importlib.import_module(module), attribute)
     except (ImportError, AttributeError) as error:
-        raise SystemExit(f"cannot load {spec!r}: {error}") from error
+        raise ValueError(f"cannot load {spec!r}: {error}") from error
 
 
 def _problem(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
@@ -110,53 +109,48 @@ def self_test(steps: int) -> list[tuple[str, Report, bool]]:
     return out
 
 
-def format_row(subject: str, report: Report) -> str:
-    verdict = "PASS" if report.passed else "FAIL"
-    return f"| {subject} | {report.name} | {report.worst_error:.2e} | {report.tolerance:.0e} | {verdict} |"
+@dataclasses.dataclass
+class CheckRun:
+    """The outcome of :func:`run_checks`: ``(subject, report)`` rows, the self-test's
+    ``(wrong implementation, worst report, flagged)`` rows, and the seconds it took."""
+
+    rows: list[tuple[str, Report]]
+    self_test: list[tuple[str, Report, bool]]
+    seconds: float
+
+    @property
+    def failures(self) -> list[tuple[str, Report]]:
+        return [(subject, report) for subject, report in self.rows if not report.passed]
+
+    @property
+    def missed(self) -> list[str]:
+        """Deliberately wrong optimizers no check flagged."""
+        return [name for name, _, flagged in self.self_test if not flagged]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures and not self.missed
 
 
-def add_parser(commands: Any) -> None:
-    check = commands.add_parser("check", help="run the gradient-correctness kit (built-ins or your optimizer)")
-    check.add_argument("--thorough", action="store_true", help="more option sets, steps, directions and gradcheck")
-    check.add_argument("--optimizer", default=None, help="your optimizer as module:Class (same signature as torch.optim)")
-    check.add_argument("--reference", default=None, help="torch.optim reference as module:Class, e.g. torch.optim:Adam")
-    check.add_argument("--lr", type=float, default=0.05, help="learning rate for --optimizer (checked as a tensor)")
-    check.add_argument("--no-self-test", action="store_true", help="skip checking that known bugs are flagged")
-    check.add_argument("--skip-modes", action="store_true", help="check the optimizer only, not the engine modes")
-
-
-def run(args: argparse.Namespace) -> int:
+def run_checks(optimizer: Callable[..., Any] | None = None, reference: Callable[..., Any] | None = None,
+               lr: float = 0.05, thorough: bool = False, self_test_run: bool = True,
+               skip_modes: bool = False) -> CheckRun:
+    """Check the optimizer class ``optimizer`` (against the torch.optim class ``reference`` if given) or,
+    without one, every built-in optimizer and the engine's modes, then (built-ins only) that every deliberately
+    wrong optimizer of :mod:`.faulty` is flagged. ``thorough``: more option sets, steps, directions and gradcheck.
+    (:func:`load_object` turns ``module:Class`` into the class.)"""
     started = time.perf_counter()
-    steps = 60 if args.thorough else 20
+    steps = 60 if thorough else 20
     rows: list[tuple[str, Report]] = []
-    if args.optimizer:
-        cls = load_object(args.optimizer)
-        reference = load_object(args.reference) if args.reference else None
-        rows += optimizer_reports(cls.__name__, cls, reference, [{}], steps, args.lr)
-        if not args.skip_modes:
-            rows += mode_reports(cls, cls.__name__, args.thorough)
+    if optimizer is not None:
+        rows += optimizer_reports(optimizer.__name__, optimizer, reference, [{}], steps, lr)
+        if not skip_modes:
+            rows += mode_reports(optimizer, optimizer.__name__, thorough)
     else:
         for name, cls in optim.OPTIMIZERS.items():
-            sets = OPTION_SETS[name] if args.thorough else OPTION_SETS[name][:1]
+            sets = OPTION_SETS[name] if thorough else OPTION_SETS[name][:1]
             rows += optimizer_reports(name, cls, getattr(torch.optim, name), sets, steps, LEARNING_RATES.get(name, 0.05))
-        for name in ("SGD", "Adam") if args.thorough else ("SGD",):
-            rows += mode_reports(optim.OPTIMIZERS[name], f"modes with {name}", args.thorough)
-    print("| subject | check | worst error | tolerance | verdict |")
-    print("|---|---|---|---|---|")
-    for subject, report in rows:
-        print(format_row(subject, report))
-    failures = [(s, r) for s, r in rows if not r.passed]
-    self_failures = []
-    if not args.optimizer and not args.no_self_test:
-        print("\nSelf-test: deliberately wrong optimizers must be flagged\n")
-        print("| wrong implementation | flagged by | error | verdict |")
-        print("|---|---|---|---|")
-        for name, report, flagged in self_test(steps):
-            print(f"| {name} | {report.name} | {report.worst_error:.2e} | {'FLAGGED' if flagged else 'MISSED'} |")
-            if not flagged:
-                self_failures.append(name)
-    for subject, report in failures:
-        print(f"\n{subject}: {report}")
-    total = len(rows)
-    print(f"\n{total - len(failures)} passed, {len(failures)} failed ({time.perf_counter() - started:.0f} s)")
-    return 1 if failures or self_failures else 0
+        for name in ("SGD", "Adam") if thorough else ("SGD",):
+            rows += mode_reports(optim.OPTIMIZERS[name], f"modes with {name}", thorough)
+    wrong = self_test(steps) if optimizer is None and self_test_run else []
+    return CheckRun(rows, wrong, time.perf_counter() - started)

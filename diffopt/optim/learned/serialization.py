@@ -12,7 +12,7 @@ format version, one of an unknown kind, one whose feature set differs from
 what this code computes for its kind (or from the ``features=`` the caller
 expects), one whose tensors do not match its config, and (for rules with
 per-parameter tensors) parameters of other shapes than it was trained for.
-Files are written atomically (:func:`diffopt.training.save_checkpoint`).
+Files are written atomically (:func:`diffopt._io.atomic_save`, as training checkpoints are).
 """
 from __future__ import annotations
 
@@ -25,10 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..._io import atomic_save, safe_load
 from ..._version import __version__
 from .._hyper import PerParameter
 from ..optimizer import DifferentiableOptimizer
 from .curvature import MetaCurvature, factor_shapes
+from .factory import RULES
 from .hypergradient import HypergradientAdam, HypergradientSGD
 from .lr import LearnedSGD, meta_sgd, per_layer_per_step
 from .lstm import LSTM_FEATURES, LSTMOptimizer, LSTMRuleNet
@@ -39,7 +41,7 @@ __all__ = ["FORMAT", "VERSION", "KINDS", "LearnedRuleError", "SavedRule", "read"
 
 FORMAT = "diffopt-learned-rule"
 VERSION = 1
-KINDS = ("lstm", "mlp", "meta_curvature", "meta_sgd", "per_layer_per_step", "hypergradient_sgd", "hypergradient_adam")
+KINDS = RULES
 
 
 class LearnedRuleError(ValueError):
@@ -125,9 +127,7 @@ def to_payload(optimizer: Any, metadata: dict[str, Any] | None = None) -> dict[s
 
 def save(optimizer: Any, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None) -> None:
     """Write the learned rule of ``optimizer`` to ``path`` (atomically; see the module docstring)."""
-    from ...training import save_checkpoint
-
-    save_checkpoint(path, to_payload(optimizer, metadata))
+    atomic_save(path, to_payload(optimizer, metadata))
 
 
 # -- import ---------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def from_payload(payload: Any, where: str = "the payload", *, features: Sequence
 def read(path: str | os.PathLike[str], *, features: Sequence[str] | None = None) -> SavedRule:
     """Load and validate a saved rule (``torch.load(weights_only=True)``: no code is unpickled)."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = safe_load(path)
     except FileNotFoundError:
         raise
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message

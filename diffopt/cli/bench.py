@@ -1,7 +1,9 @@
 """``diffopt bench``: time, memory and accuracy of every inner-loop mode against PyTorch baselines.
 
-Wired into ``diffopt/cli.py`` with ``add_parser(commands)`` and ``run(args)``;
-``benchmarks/modes.py`` and ``python -m diffopt.bench`` use :func:`main`.
+Parses the command line into :class:`diffopt.bench.Settings` and problems, runs
+:func:`diffopt.bench.run` and prints or writes what :mod:`diffopt.bench.reporting`
+makes of the results. ``benchmarks/modes.py`` and ``python -m diffopt.bench``
+use :func:`main`.
 """
 from __future__ import annotations
 
@@ -9,13 +11,17 @@ import argparse
 import importlib.util
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import bench
+from ..bench import BASELINES, MODES, PROBLEMS, TASKS, Settings, build_problem, problem_spec
+
 DESCRIPTION = (
-    "Benchmark every inner-loop mode (first_order, second_order, truncated, checkpointed, implicit, forward, es, "
-    "pes) against a plain PyTorch loop, a higher innerloop_ctx loop, torch.func vmap(grad) and torchopt (when "
+    f"Benchmark every inner-loop mode ({', '.join(MODES)}) against a plain PyTorch loop, a higher innerloop_ctx "
+    "loop, torch.func vmap(grad) and torchopt (when "
     "installed): median time per meta-step with IQR, peak tensor memory, meta-gradient agreement and the first- "
     "vs second-order discrepancy for K inner steps, and meta-test loss or accuracy (95% CI) after a fixed budget "
     "of meta-training time and of meta-iterations. Writes JSON, markdown and PNG plots (matplotlib optional)."
@@ -33,8 +39,6 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .bench import BASELINES, MODES, PROBLEMS, TASKS
-
     what = parser.add_argument_group("what to benchmark")
     what.add_argument("--benchmarks", nargs="*", choices=PROBLEMS, default=None,
                       help="built-in problems (default: sinusoid conv4; none when --model is given)")
@@ -105,8 +109,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
-    from .bench import BASELINES, MODES, Settings
-
     def given(**pairs: Any) -> dict[str, Any]:
         return {k: v for k, v in pairs.items() if v is not None}
 
@@ -145,8 +147,6 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
 
 def problems_from_args(args: argparse.Namespace) -> list[Any]:
-    from .bench import build_problem, problem_spec
-
     kinds = args.benchmarks if args.benchmarks is not None else ([] if args.model else ["sinusoid", "conv4"])
     specs = []
     for kind in kinds:
@@ -196,8 +196,6 @@ def _import_roots(spec: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``diffopt bench`` for parsed arguments; 0 on success, 2 on bad settings."""
-    from . import bench
-
     try:
         settings = settings_from_args(args)
         problems = problems_from_args(args)
@@ -213,7 +211,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         bench.write_json(args.json, results)
     if args.plots:
-        for path in bench.plot(results, args.plots):
+        with warnings.catch_warnings(record=True) as caught:  # matplotlib missing: said on stderr, as before
+            warnings.simplefilter("always")
+            written = bench.plot(results, args.plots)
+        for warning in caught:
+            print(warning.message, file=sys.stderr)
+        for path in written:
             print(f"wrote {path}", file=sys.stderr)
     return 0
 

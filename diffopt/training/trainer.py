@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -23,9 +22,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ._progress import Progress
-from .algorithms import MetaLearner
-from .tasks import mean_ci95
+from .._io import atomic_save, safe_load
+from .._progress import Progress
+from ..algorithms import MetaLearner
+from ..tasks import mean_ci95
 
 CHECKPOINT_FORMAT = "diffopt-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -53,24 +53,12 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
     """Write ``payload`` atomically: a temporary file in the same folder, fsync, ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    atomic_save(path, payload)
 
 
 def load_checkpoint(path: str | os.PathLike[str], config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load a checkpoint safely and check that it belongs to ``config``."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = safe_load(path)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a diffopt checkpoint")
     if payload.get("version") != CHECKPOINT_VERSION:

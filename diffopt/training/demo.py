@@ -1,4 +1,4 @@
-"""``diffopt demo``: meta-train MAML on sinusoid regression and compare it with pretraining.
+"""The ``diffopt demo`` experiment: meta-train MAML on sinusoid regression and compare it with pretraining.
 
 MAML's protocol (Finn et al., 2017): 1-40-40-1 ReLU network, K = 10 support
 points, one inner SGD step with α = 0.01, meta-batch 25, Adam 1e-3. The demo
@@ -6,9 +6,12 @@ runs a shortened schedule (``--iterations``, default 10,000 instead of
 70,000), then evaluates on 600 held-out tasks with 5 support points: query MSE
 after 0, 1, 5 and 10 steps of SGD(α), with 95% confidence intervals, for MAML
 and for a network pretrained on all tasks at once (the paper's baseline).
+
+:func:`run` returns the results; :mod:`diffopt.cli.demo` prints them.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -16,11 +19,31 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .algorithms import MAML
-from .recipes import SinusoidSource, sinusoid_mlp
-from .training import Trainer, evaluate, iteration_generator
+from ..algorithms import MAML
+from ..diagnostics import headline
+from ..recipes import SinusoidSource, sinusoid_mlp
+from .trainer import Trainer, evaluate, iteration_generator
 
 EVAL_STEPS = (0, 1, 5, 10)
+PROTOCOL = "MAML protocol: 1 inner step, alpha 0.01, meta-batch 25, K = 10; paper: 70,000 iterations"
+PAPER = "MAML 0.67 / 0.38 / 0.35 after 1 / 5 / 10 steps; pretrained 2.41 / 2.23 / 2.19"  # 70,000 iterations
+
+
+@dataclasses.dataclass
+class DemoResult:
+    """What :func:`run` measured: query MSE summaries per method (``{"MAML": {"0": {"mean", "ci95"}, ...},
+    "pretrained": ...}``), the diagnostics' headline table of what adaptation did (50 test tasks,
+    Gaussian likelihood with σ = 0.5), the plot written (None when none was asked for or matplotlib
+    is missing), the two learners and the task source, and times."""
+
+    results: dict[str, dict[str, Any]]
+    headline: str
+    plot: str | None
+    learner: MAML
+    baseline: MAML
+    source: SinusoidSource
+    maml_seconds: float
+    seconds: float
 
 
 def pretrain(iterations: int, source: SinusoidSource, seed: int) -> torch.nn.Module:
@@ -36,17 +59,11 @@ def pretrain(iterations: int, source: SinusoidSource, seed: int) -> torch.nn.Mod
     return model
 
 
-def format_table(results: dict[str, dict[str, Any]]) -> str:
-    header = "| method | " + " | ".join(f"{k} step{'s' if k != 1 else ''}" for k in EVAL_STEPS) + " |"
-    lines = [header, "|---" * (len(EVAL_STEPS) + 1) + "|"]
-    for name, summary in results.items():
-        cells = [f"{summary[str(k)]['mean']:.3f} ± {summary[str(k)]['ci95']:.3f}" for k in EVAL_STEPS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def run(iterations: int = 10000, seed: int = 0, plot: str | None = "diffopt-demo.png",
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True) -> DemoResult:
+    """Meta-train MAML (``iterations`` meta-iterations, one torch thread), pretrain the baseline for as
+    many iterations, evaluate both on 600 held-out tasks with 5 support points, diagnose what
+    adaptation did and save a plot of adapted fits to ``plot`` (None: no plot)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -55,10 +72,8 @@ def run(iterations: int = 10000, seed: int = 0, plot: str | None = "diffopt-demo
         torch.set_num_threads(threads)
 
 
-def _run(iterations: int, seed: int, plot: str | None, progress: bool) -> dict[str, Any]:
+def _run(iterations: int, seed: int, plot: str | None, progress: bool) -> DemoResult:
     started = time.perf_counter()
-    print(f"diffopt demo: MAML on sinusoid regression, {iterations} meta-iterations "
-          "(MAML protocol: 1 inner step, alpha 0.01, meta-batch 25, K = 10; paper: 70,000 iterations)")
     source = SinusoidSource(meta_batch=25, shots=10, test_tasks=600, test_shots=5, test_query=100)
     torch.manual_seed(seed)
     learner = MAML(sinusoid_mlp(), F.mse_loss, inner_lr=0.01, inner_steps=1)
@@ -66,37 +81,25 @@ def _run(iterations: int, seed: int, plot: str | None, progress: bool) -> dict[s
                       seed=seed, progress=progress, log_every=max(iterations // 10, 1))
     trainer.fit()
     maml_seconds = time.perf_counter() - started
-    baseline_model = pretrain(iterations, source, seed)
-    baseline = MAML(baseline_model, F.mse_loss, inner_lr=0.01, inner_steps=1)
+    baseline = MAML(pretrain(iterations, source, seed), F.mse_loss, inner_lr=0.01, inner_steps=1)
     results = {
         "MAML": trainer.history[-1]["eval"]["loss"],
         "pretrained": evaluate(baseline, source.test_batches(), EVAL_STEPS)["loss"],
     }
-    print("\nQuery MSE on 600 test tasks, 5 support points, after k steps of SGD (lr 0.01); mean ± 95% CI\n")
-    print(format_table(results))
-    print("\nPaper (70,000 iterations): MAML 0.67 / 0.38 / 0.35 after 1 / 5 / 10 steps; "
-          "pretrained 2.41 / 2.23 / 2.19")
-    from .diagnostics import headline
-
-    print("\nWhat adaptation did (50 test tasks, Gaussian likelihood with sigma 0.5):\n")
-    print(headline(learner, source, sigma=0.5, max_tasks=50))
-    if plot:
-        saved = save_plot(learner, baseline, source, plot)
-        if saved:
-            print(f"\nplot of adapted fits: {saved}")
-    print(f"\nmeta-training {maml_seconds:.0f} s, total {time.perf_counter() - started:.0f} s")
-    return {"results": results, "seconds": time.perf_counter() - started}
+    summary = headline(learner, source, sigma=0.5, max_tasks=50)
+    saved = save_plot(learner, baseline, source, plot) if plot else None
+    return DemoResult(results, summary, saved, learner, baseline, source, maml_seconds,
+                      time.perf_counter() - started)
 
 
 def save_plot(learner: MAML, baseline: MAML, source: SinusoidSource, path: str) -> str | None:
-    """Adapted fits on three test tasks (needs matplotlib; skipped without it)."""
+    """Adapted fits on three test tasks; returns the path, or None without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("\n(matplotlib is not installed: no plot; pip install 'diffopt[plot]')")
         return None
     batch = source.sampler.test_set(3, 5, 0)
     grid_x, grid_y = batch.grid(200)

@@ -8,28 +8,24 @@ stored in it (the arguments ``diffopt train`` was given), the weights loaded,
 
     diffopt diagnose run.pt --sigma 0.5 --tasks 50 --json diag.json --plot diag.png
 
-Wiring (``diffopt/cli.py``)::
-
-    from .diagnostics.cli import add_parser as add_diagnose
-    add_diagnose(commands)
-    ...
-    if args.command == "diagnose":
-        from .diagnostics.cli import run as run_diagnose
-        return run_diagnose(args)
+The rebuild is :func:`diffopt.training.experiment.rebuild`, the report
+:func:`diffopt.diagnostics.diagnose`; this module parses and prints.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
-__all__ = ["add_parser", "run", "rebuild"]
+from ..diagnostics import DIAGNOSTICS, SecondOrderUnavailable, diagnose
+from ..training import CheckpointError
+from ..training.experiment import rebuild
+
+__all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``diagnose`` subcommand to ``subparsers`` (from ``parser.add_subparsers``)."""
-    from .report import DIAGNOSTICS
-
     p = subparsers.add_parser(
         "diagnose", help="information-theoretic diagnostics of a saved meta-learner's adaptation",
         description="Rebuild the learner and task source of a checkpoint written by 'diffopt train', draw "
@@ -48,61 +44,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _namespace(config: Dict[str, Any], tasks: int, data_root: Optional[str]) -> argparse.Namespace:
-    """The ``diffopt train`` arguments that rebuild a checkpoint's learner and task source."""
-    if "algo" not in config or "tasks" not in config or "task" not in config.get("tasks", {}):
-        raise ValueError("the checkpoint was not written by 'diffopt train' (its configuration has no algorithm "
-                         "and task family); rebuild the learner in Python, load its weights and call "
-                         "diffopt.diagnostics.diagnose(learner, tasks, ...)")
-    source, learner = config["tasks"], config.get("learner", {})
-    return argparse.Namespace(
-        task=source["task"], algo=config["algo"], meta_batch=source.get("meta_batch"), shots=source.get("shots"),
-        query=source.get("query"), inner_lr=config.get("inner_lr"), inner_steps=learner.get("inner_steps", 1),
-        mode=learner.get("mode"), ways=source.get("ways", 5), test_tasks=tasks, seed=config.get("seed", 0),
-        data_root=data_root, outer_lr=config.get("outer_lr", 1e-3),
-    )
-
-
-def rebuild(path: str, tasks: int = 25, data_root: Optional[str] = None) -> Tuple[Any, Any, Dict[str, Any]]:
-    """``(learner, task source, payload)`` from a ``diffopt train`` checkpoint, weights loaded.
-
-    The checkpoint is read with ``weights_only=True``; the learner's configuration
-    is checked against the rebuilt one. The global RNG state is restored after
-    the rebuild (building a model draws its initial weights from it).
-    """
-    import torch
-
-    from .. import run as train_run
-    from ..training import config_differences, load_checkpoint
-
-    payload = load_checkpoint(path)
-    config = payload.get("config", {})
-    args = _namespace(config, tasks, data_root)
-    with torch.random.fork_rng(devices=[]):
-        try:
-            source, learner, _ = train_run.build(args)
-        except SystemExit as exc:  # build() exits with a message for a missing --data-root
-            raise ValueError(str(exc)) from None
-    saved = config.get("learner")
-    if saved is not None:
-        diff = config_differences(saved, learner.config())
-        if diff:
-            raise ValueError(f"{path}: the rebuilt learner does not match the checkpoint's: " + "; ".join(diff))
-    learner.load_state_dict(payload["learner"])
-    learner.eval()
-    return learner, source, payload
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``diffopt diagnose`` with parsed arguments; 0 on success, 2 with a one-line error otherwise."""
-    from ..training import CheckpointError
-    from ._functional import SecondOrderUnavailable
-    from .learner import diagnose
-
     try:
         if args.tasks < 1:
             raise ValueError(f"--tasks must be >= 1, got {args.tasks}")
-        learner, source, payload = rebuild(args.checkpoint, args.tasks, getattr(args, "data_root", None))
+        learner, source, payload = rebuild(args.checkpoint, args.tasks, args.data_root)
         report = diagnose(learner, source, which=args.which, steps=args.steps, sigma=args.sigma,
                           max_tasks=args.tasks, seed=args.seed)
     except (ValueError, TypeError, OSError, CheckpointError, SecondOrderUnavailable) as error:

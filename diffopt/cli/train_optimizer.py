@@ -1,12 +1,7 @@
 """``diffopt train-optimizer``: meta-train a learned update rule and save it.
 
-Wire it into the main parser with::
-
-    from diffopt.optim.learned import cli as learned_cli
-    learned_cli.add_parser(commands)          # commands = parser.add_subparsers(...)
-    ...
-    if args.command == "train-optimizer":
-        return learned_cli.run(args)
+Parses the command line into a :class:`diffopt.training.TrainConfig`, runs
+:class:`diffopt.training.OptimizerTrainer` and prints a JSON summary.
 
 Example (≈1–2 minutes on 2 CPU cores)::
 
@@ -22,6 +17,12 @@ import argparse
 import json
 import sys
 from typing import Any
+
+import torch
+
+from ..optim.learned import RULES, LearnedRuleError
+from ..training import FAMILIES, OBJECTIVES, CheckpointError, OptimizerTrainer, TrainConfig
+from ..training.learned_optimizers import MODES
 
 __all__ = ["add_parser", "run"]
 
@@ -41,9 +42,6 @@ def _parse_options(pairs: list[str], what: str) -> dict[str, Any]:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``train-optimizer`` command to ``subparsers`` (from ``parser.add_subparsers()``)."""
-    from .families import FAMILIES
-    from .train import MODES, OBJECTIVES, RULES
-
     p = subparsers.add_parser(
         "train-optimizer",
         help="meta-train a learned optimizer (LSTM, MLP, Meta-Curvature, ...) on a task family",
@@ -82,12 +80,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``train-optimizer``; returns the exit status (0, or 2 with a message on stderr)."""
-    import torch
-
-    from ...training import CheckpointError
-    from .serialization import LearnedRuleError
-    from .train import OptimizerTrainer, TrainConfig
-
     try:
         if args.threads is not None:
             torch.set_num_threads(args.threads)

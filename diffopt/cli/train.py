@@ -1,0 +1,99 @@
+"""``diffopt train``: meta-train an algorithm on a task family and print a JSON summary.
+
+The run itself is :mod:`diffopt.training.experiment` (:class:`TrainSettings`,
+:func:`~diffopt.training.experiment.train`); with ``--nproc N`` this process
+starts N ranks of itself (:func:`diffopt.distributed.launch`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ..recipes import ALGORITHMS
+from ..tasks import OmniglotLayoutError
+from ..training import experiment
+
+__all__ = ["add_parser", "run", "settings_from_args"]
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add the ``train`` command to ``commands`` (from ``parser.add_subparsers()``)."""
+    train = commands.add_parser("train", help="meta-train an algorithm on a task family")
+    train.add_argument("--task", choices=experiment.TASKS, default="sinusoid")
+    train.add_argument("--algo", choices=ALGORITHMS, default="maml")
+    train.add_argument("--mode", default=None, help="engine mode for gradient-based algorithms")
+    train.add_argument("--iterations", type=int, default=1000)
+    train.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-batch (default: protocol's)")
+    train.add_argument("--inner-steps", type=int, default=1)
+    train.add_argument("--inner-lr", type=float, default=None)
+    train.add_argument("--outer-lr", type=float, default=1e-3)
+    train.add_argument("--ways", type=int, default=5)
+    train.add_argument("--shots", type=int, default=None)
+    train.add_argument("--query", type=int, default=None)
+    train.add_argument("--test-tasks", type=int, default=600)
+    train.add_argument("--eval-every", type=int, default=0)
+    train.add_argument("--eval-steps", default="0,1,5,10", help="test-time inner steps, comma-separated")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--data-root", default=None, help="Omniglot folder (images_background/, images_evaluation/)")
+    train.add_argument("--omniglot-train-classes", type=int, default=1200,
+                       help="characters used for meta-training (the protocol's 1200); the rest are test classes")
+    train.add_argument("--checkpoint", default=None, help="checkpoint path (written atomically)")
+    train.add_argument("--checkpoint-every", type=int, default=1000)
+    train.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    train.add_argument("--metrics", default=None, help="JSON-lines metrics path")
+    train.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--nproc", type=int, default=1, help="processes to shard the meta-batch over (gloo on CPU)")
+    train.add_argument("--backend", default="auto", help="torch.distributed backend: gloo, nccl or auto")
+    train.add_argument("--timeout", type=float, default=300.0,
+                       help="seconds before the other ranks give up on a dead or hung rank")
+    return train
+
+
+def settings_from_args(args: argparse.Namespace) -> experiment.TrainSettings:
+    """The run the parsed arguments describe."""
+    return experiment.TrainSettings(
+        task=args.task, algo=args.algo, mode=args.mode, iterations=args.iterations, meta_batch=args.meta_batch,
+        inner_steps=args.inner_steps, inner_lr=args.inner_lr, outer_lr=args.outer_lr, ways=args.ways,
+        shots=args.shots, query=args.query, test_tasks=args.test_tasks, eval_every=args.eval_every,
+        eval_steps=tuple(int(s) for s in args.eval_steps.split(",") if s.strip()), seed=args.seed,
+        data_root=args.data_root, omniglot_train_classes=args.omniglot_train_classes, checkpoint=args.checkpoint,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, metrics=args.metrics, threads=args.threads,
+        progress=not args.no_progress, backend=args.backend, timeout=args.timeout,
+    )
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Run ``diffopt train``; errors in the settings, data or checkpoint end with one line and status 2."""
+    if args.nproc > 1:
+        from ..distributed import launch
+
+        raw = list(sys.argv[1:] if argv is None else argv)
+        return launch(_without_nproc(raw), args.nproc, args.timeout)
+    if args.task == "omniglot" and args.data_root is None:
+        raise SystemExit(experiment.OMNIGLOT_NEEDS_ROOT)
+    try:
+        summary = experiment.train(settings_from_args(args))
+    except (ValueError, OmniglotLayoutError) as error:  # settings, data or checkpoint: say what, no traceback
+        parser.exit(2, f"diffopt train: error: {error}\n")
+    if summary is not None:
+        print(json.dumps(summary, indent=2, default=float))
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == "--nproc":
+            skip = True
+            continue
+        if item.startswith("--nproc="):
+            continue
+        out.append(item)
+    return out

@@ -1,0 +1,192 @@
+"""What ``diffopt train`` runs: the task source, model and learner a :class:`TrainSettings` asks
+for (:func:`build`), the training itself (:func:`train`, also as one rank of a
+``torchrun`` group), and the rebuild of a learner from such a run's checkpoint
+(:func:`rebuild`, which ``diffopt diagnose`` uses).
+
+The command line (:mod:`diffopt.cli.train`) only turns its arguments into a
+:class:`TrainSettings` and prints the summary :func:`train` returns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+
+from .. import distributed, recipes
+from ..recipes import EpisodeSource, SinusoidSource
+from ..tasks import omniglot_splits, synthetic_glyphs, synthetic_vectors
+from .trainer import Trainer, config_differences, load_checkpoint
+
+PROTOCOL_DEFAULTS = {  # meta-batch, shots, query, inner lr for each task family
+    "sinusoid": (25, 10, 10, 0.01),
+    "synthetic": (8, 1, 15, 0.4),
+    "glyphs": (4, 1, 15, 0.4),
+    "omniglot": (32, 1, 15, 0.4),
+}
+ITERATIONS_PER_EPOCH = 500  # MAML++'s epoch (Antoniou et al., 2019): its annealing schedules count these
+TASKS = tuple(PROTOCOL_DEFAULTS)
+OMNIGLOT_NEEDS_ROOT = "--task omniglot needs --data-root (the folder with images_background/ and images_evaluation/)"
+METRIC_ALGORITHMS = ("protonet", "matching", "siamese")  # learners that need an embedding, not a classifier head
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    """A ``diffopt train`` run. ``None`` means the task family's protocol default
+    (:data:`PROTOCOL_DEFAULTS`: meta-batch, shots, query, inner learning rate)."""
+
+    task: str = "sinusoid"
+    algo: str = "maml"
+    mode: str | None = None
+    iterations: int = 1000
+    meta_batch: int | None = None
+    inner_steps: int = 1
+    inner_lr: float | None = None
+    outer_lr: float = 1e-3
+    ways: int = 5
+    shots: int | None = None
+    query: int | None = None
+    test_tasks: int = 600
+    eval_every: int = 0
+    eval_steps: tuple[int, ...] = (0, 1, 5, 10)
+    seed: int = 0
+    data_root: str | None = None
+    omniglot_train_classes: int = 1200
+    checkpoint: str | None = None
+    checkpoint_every: int = 1000
+    resume: bool = False
+    metrics: str | None = None
+    threads: int | None = None
+    progress: bool = True
+    backend: str = "auto"
+    timeout: float = 300.0
+
+
+def set_epoch(learner: Any, iteration: int) -> None:
+    """``Trainer(before_step=...)`` for learners with epoch-based schedules (MAML++)."""
+    learner.set_epoch(iteration // ITERATIONS_PER_EPOCH)
+
+
+def build(settings: TrainSettings) -> tuple[Any, Any, dict[str, Any]]:
+    """(task source, learner, config) for a run's settings."""
+    if settings.task not in PROTOCOL_DEFAULTS:
+        raise ValueError(f"task={settings.task!r}: choose one of {', '.join(PROTOCOL_DEFAULTS)}")
+    meta_batch, shots, query, inner_lr = PROTOCOL_DEFAULTS[settings.task]
+    meta_batch = settings.meta_batch or meta_batch
+    shots = settings.shots if settings.shots is not None else shots
+    query = settings.query if settings.query is not None else query
+    inner_lr = settings.inner_lr if settings.inner_lr is not None else inner_lr
+    inner_steps = 5 if settings.algo == "mamlpp" and settings.inner_steps == 1 else settings.inner_steps  # MAML++'s K
+    torch.manual_seed(settings.seed)
+    if settings.task == "sinusoid":
+        source = SinusoidSource(meta_batch, shots, query, test_tasks=settings.test_tasks)
+        model, embedding, classification = recipes.sinusoid_mlp(), None, False
+    else:
+        if settings.task == "synthetic":
+            data = synthetic_vectors(seed=settings.seed)
+            train, test = data.split([0.7, 0.3], seed=settings.seed)[0], data.split([0.7, 0.3], seed=settings.seed)[1]
+        elif settings.task == "glyphs":
+            data = synthetic_glyphs(seed=settings.seed)
+            train, test = data.split([0.7, 0.3], seed=settings.seed)[0], data.split([0.7, 0.3], seed=settings.seed)[1]
+        else:
+            if settings.data_root is None:
+                raise ValueError(OMNIGLOT_NEEDS_ROOT)
+            splits = omniglot_splits(settings.data_root, seed=settings.seed, num_train=settings.omniglot_train_classes)
+            train, test = splits.train, splits.test
+        source = EpisodeSource(train, test, meta_batch=meta_batch, ways=settings.ways, shots=shots, query=query,
+                               test_tasks=settings.test_tasks, name=settings.task)
+        classification = True
+        metric = settings.algo in METRIC_ALGORITHMS
+        if train.example_shape == (1, 28, 28) or len(train.example_shape) == 3:
+            channels = train.example_shape[0]
+            encoder = recipes.conv4_encoder(channels)
+            # the classifier head is drawn only when used, after the encoder (the seed's stream of draws)
+            model = encoder if metric else torch.nn.Sequential(*encoder, torch.nn.Linear(64, settings.ways))
+            embedding = 64
+        else:
+            features = train.example_shape[0]
+            if metric:
+                model = torch.nn.Sequential(torch.nn.Linear(features, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+            else:
+                model = recipes.mlp_classifier(features, settings.ways)
+            embedding = 64
+    options: dict[str, Any] = {}
+    learner = recipes.make_learner(settings.algo, model, classification=classification, ways=settings.ways,
+                                   inner_lr=inner_lr, inner_steps=inner_steps, mode=settings.mode,
+                                   embedding_dim=embedding, **options)
+    config = {"algo": settings.algo, "inner_lr": inner_lr, "outer_lr": settings.outer_lr}
+    return source, learner, config
+
+
+def train(settings: TrainSettings) -> dict[str, Any] | None:
+    """Train as the settings say; under torchrun (WORLD_SIZE > 1) as one rank of the group.
+
+    Returns the summary on rank 0 and None on the other ranks.
+    """
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    context = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        context = distributed.initialize(settings.backend, settings.timeout)
+    try:
+        return _train(settings, context)
+    finally:
+        if context is not None:
+            distributed.shutdown()
+
+
+def _train(settings: TrainSettings, context: Any) -> dict[str, Any] | None:
+    source, learner, config = build(settings)
+    outer_lr = 1.0 if settings.algo == "reptile" and settings.outer_lr == 1e-3 else settings.outer_lr
+    optimizer = (torch.optim.SGD(learner.parameters(), lr=outer_lr) if settings.algo == "reptile"
+                 else torch.optim.Adam(learner.parameters(), lr=outer_lr))
+    trainer = Trainer(learner, source, optimizer, iterations=settings.iterations, seed=settings.seed,
+                      eval_every=settings.eval_every, eval_steps=tuple(settings.eval_steps),
+                      checkpoint=settings.checkpoint,
+                      checkpoint_every=settings.checkpoint_every, resume=settings.resume, metrics=settings.metrics,
+                      progress=settings.progress, config=config, distributed=context,
+                      before_step=set_epoch if hasattr(learner, "set_epoch") else None)
+    history = trainer.fit()
+    if not trainer.is_main:
+        return None
+    return {"iterations": trainer.iteration, "world_size": 1 if context is None else context.world_size,
+            "final": history[-1]["eval"]}
+
+
+def settings_from_checkpoint(config: dict[str, Any], tasks: int, data_root: str | None) -> TrainSettings:
+    """The settings that rebuild the learner and task source of a ``diffopt train`` checkpoint's
+    configuration, with ``tasks`` held-out test tasks."""
+    if "algo" not in config or "tasks" not in config or "task" not in config.get("tasks", {}):
+        raise ValueError("the checkpoint was not written by 'diffopt train' (its configuration has no algorithm "
+                         "and task family); rebuild the learner in Python, load its weights and call "
+                         "diffopt.diagnostics.diagnose(learner, tasks, ...)")
+    source, learner = config["tasks"], config.get("learner", {})
+    return TrainSettings(
+        task=source["task"], algo=config["algo"], meta_batch=source.get("meta_batch"), shots=source.get("shots"),
+        query=source.get("query"), inner_lr=config.get("inner_lr"), inner_steps=learner.get("inner_steps", 1),
+        mode=learner.get("mode"), ways=source.get("ways", 5), test_tasks=tasks, seed=config.get("seed", 0),
+        data_root=data_root, outer_lr=config.get("outer_lr", 1e-3),
+    )
+
+
+def rebuild(path: str, tasks: int = 25, data_root: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """``(learner, task source, payload)`` from a ``diffopt train`` checkpoint, weights loaded.
+
+    The checkpoint is read with ``weights_only=True``; the learner's configuration
+    is checked against the rebuilt one. The global RNG state is restored after
+    the rebuild (building a model draws its initial weights from it).
+    """
+    payload = load_checkpoint(path)
+    config = payload.get("config", {})
+    settings = settings_from_checkpoint(config, tasks, data_root)
+    with torch.random.fork_rng(devices=[]):
+        source, learner, _ = build(settings)
+    saved = config.get("learner")
+    if saved is not None:
+        diff = config_differences(saved, learner.config())
+        if diff:
+            raise ValueError(f"{path}: the rebuilt learner does not match the checkpoint's: " + "; ".join(diff))
+    learner.load_state_dict(payload["learner"])
+    learner.eval()
+    return learner, source, payload
