@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..optim import SGD, DifferentiableOptimizer
+from ..optim.learned.lr import meta_sgd, per_layer_per_step
 from ..unroll import InnerLoop
 from ._base import InnerLoopLearner, check_episode
 
@@ -119,8 +120,6 @@ class MetaSGD(MAML):
         super().__init__(model, loss_fn, inner_lr=0.0, inner_steps=inner_steps, **options)
 
     def _inner_optimizer(self, inner_lr: float | Tensor) -> DifferentiableOptimizer:
-        from ..optim.learned.lr import meta_sgd  # TODO(merge): top level once optim.learned no longer imports training
-
         optimizer = meta_sgd(self.model.parameters(), init=self._lr_init, generator=self._generator)
         self.inner_lrs = nn.ParameterList(optimizer.lrs)  # registered: trained and checkpointed with θ
         return optimizer
@@ -140,7 +139,7 @@ class MAMLPlusPlus(MAML):
 
     Call :meth:`set_epoch` as training proceeds: ``diffopt train`` does, one epoch
     per 500 iterations as in the paper; with your own :class:`~diffopt.training.Trainer`
-    pass ``before_step=diffopt.run.set_epoch`` (or your own schedule).
+    pass ``before_step=diffopt.training.experiment.set_epoch`` (or your own schedule).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn = F.mse_loss, inner_lr: float = 0.01, inner_steps: int = 5,
@@ -151,8 +150,6 @@ class MAMLPlusPlus(MAML):
         super().__init__(model, loss_fn, inner_lr=inner_lr, inner_steps=inner_steps, **options)
 
     def _inner_optimizer(self, inner_lr: float | Tensor) -> DifferentiableOptimizer:
-        from ..optim.learned.lr import per_layer_per_step  # TODO(merge): top level, as above
-
         optimizer = per_layer_per_step(self.model.parameters(), self.inner_steps, float(inner_lr), hold_last=True)
         self.step_lrs = nn.ParameterList(optimizer.lrs)  # registered: trained and checkpointed with θ
         return optimizer

@@ -25,7 +25,7 @@ Natural logs (nats) unless stated; :func:`nats_to_bits`, ``Diagnostic.to_bits()`
  all   everything over a batch of tasks                :func:`diagnose_adaptation` → :class:`Report`
  all   everything for a meta-learner's own inner loop  :func:`diagnose` → :class:`Report`, :func:`headline`
  log   diagnostics during meta-training                :class:`DiagnosticsCallback` (``Trainer(callbacks=...)``)
- CLI   a checkpoint of ``diffopt train``               ``diffopt diagnose CHECKPOINT`` (:mod:`.cli`)
+ CLI   a checkpoint of ``diffopt train``               ``diffopt diagnose CHECKPOINT`` (:mod:`diffopt.cli.diagnose`)
 =====  ==============================================  =========================================
 
 Rules every diagnostic follows:

@@ -38,6 +38,7 @@ from ..unroll.functional import (
 )
 from . import _cost
 from ._likelihood import Likelihood
+from ..errors import SecondOrderUnavailable
 
 __all__ = [
     "Params",
@@ -59,10 +60,6 @@ Params = Dict[str, Tensor]
 ParamsLike = Weights
 
 BN_MODES = ("eval", "batch")
-
-
-class SecondOrderUnavailable(RuntimeError):
-    """The model's loss cannot be differentiated twice (needed by curvature and meta-gradient diagnostics)."""
 
 
 def second_order_fix(what: str, cause: str) -> str:

@@ -46,16 +46,13 @@ from .settings import LEARNER, DiagnosticSettings, with_settings
 from ._result import Diagnostic
 from .curvature import HVPOperator, power_iteration
 from .report import Report, choose_diagnostics, diagnose_adaptation, normalize_tasks
+from ..errors import NotApplicable
 
 __all__ = ["diagnose", "headline", "LoopAdapt", "NotApplicable", "draw_tasks", "inner_learning_rates"]
 
 Task = Tuple[Tensor, Tensor, Tensor, Tensor]
 SECOND_ORDER = ("curvature", "metagrad")
 DEFAULT_SOURCE_TASKS = 25
-
-
-class NotApplicable(ValueError):
-    """The learner has no inner loop (metric-based): the adaptation diagnostics are undefined for it."""
 
 
 # ---------------------------------------------------------------------------------------

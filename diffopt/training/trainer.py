@@ -26,6 +26,7 @@ from .._io import atomic_save, safe_load
 from .._progress import Progress
 from ..algorithms import MetaLearner
 from ..tasks import mean_ci95
+from ..errors import CheckpointError
 
 CHECKPOINT_FORMAT = "diffopt-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -45,10 +46,6 @@ class TaskSource(Protocol):
 def iteration_generator(seed: int, iteration: int) -> torch.Generator:
     """The generator of iteration ``iteration``: independent of any other iteration."""
     return torch.Generator().manual_seed((seed * 1_000_003 + iteration) % (2**63 - 1))
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into this run (format, version or configuration)."""
 
 
 def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:

@@ -35,6 +35,7 @@ from .hypergradient import HypergradientAdam, HypergradientSGD
 from .lr import LearnedSGD, meta_sgd, per_layer_per_step
 from .lstm import LSTM_FEATURES, LSTMOptimizer, LSTMRuleNet
 from .mlp import MLP_FEATURES, MLPOptimizer, MLPRuleNet
+from ...errors import LearnedRuleError
 
 __all__ = ["FORMAT", "VERSION", "KINDS", "LearnedRuleError", "SavedRule", "read", "save", "load_differentiable",
            "to_payload", "from_payload", "build", "export", "live_tensors", "transfer"]
@@ -42,10 +43,6 @@ __all__ = ["FORMAT", "VERSION", "KINDS", "LearnedRuleError", "SavedRule", "read"
 FORMAT = "diffopt-learned-rule"
 VERSION = 1
 KINDS = RULES
-
-
-class LearnedRuleError(ValueError):
-    """A saved learned rule that cannot be used here (format, version, kind, features or shapes)."""
 
 
 @dataclass
