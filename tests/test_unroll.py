@@ -310,12 +310,15 @@ def fd4(f: Callable[[float], float], h: float) -> float:
     return (8 * (f(h) - f(-h)) - (f(2 * h) - f(-2 * h))) / (12 * h)
 
 
-def finite_difference(f: Callable[[float], float], steps: Sequence[float] = (1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6),
+def finite_difference(f: Callable[[float], float],
+                      steps: Sequence[float] = (1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7),
                       agree: float = 1e-9) -> float:
     """``f'(0)`` by fourth-order differences at shrinking steps, stopping when two consecutive
     estimates agree to ``agree`` (relative). Adam's first step is ``g/(|g| + eps)`` per element,
     whose curvature lives on the scale of the smallest |g|, so no single step fits every draw;
-    returns the later estimate of the closest consecutive pair."""
+    returns the later estimate of the closest consecutive pair. (Measured: with tied weights,
+    Adam, seed 45 the central difference still moves at h = 1e-6 — -0.27338 — and settles at
+    h = 1e-7 on -0.2734694, 5e-9 from autograd; float64 round-off there is about 1e-9.)"""
     estimates = [fd4(f, steps[0])]
     best, best_gap = estimates[0], math.inf
     for h in steps[1:]:

@@ -259,6 +259,10 @@ class UpdateRule:
             check_range(group["eps"], "eps", where, low=0.0)
         if "weight_decay" in group:
             check_range(group["weight_decay"], "weight_decay", where, low=0.0)
+        if "betas" in group:
+            beta1, beta2 = check_pair(group["betas"], "betas", where)
+            check_range(beta1, "betas[0]", where, low=0.0, high=1.0)
+            check_range(beta2, "betas[1]", where, low=0.0, high=1.0)
 
     def describe(self) -> str:
         return self.name

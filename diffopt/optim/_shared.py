@@ -1,14 +1,13 @@
-"""Pieces the update rules share: weight decay (coupled or decoupled), ``maximize``,
-the ``betas`` check, a power that keeps tensors on the graph."""
+"""Pieces the update rules share: weight decay (coupled or decoupled), ``maximize``
+and a power that keeps tensors on the graph."""
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._rule import Hyper, check_pair, check_range, nonzero, scale_all
+from ._rule import Hyper, nonzero, scale_all
 
 
 def power(base: Any, exponent: int) -> Any:
@@ -37,9 +36,3 @@ def signed_with_weight_decay(
     if hp.get("decoupled_weight_decay", False):
         return scale_all(params, 1 - hp["lr"] * wd), g
     return params, torch._foreach_add(g, params, alpha=wd)
-
-
-def check_betas(group: Mapping[str, Any], where: str) -> None:
-    beta1, beta2 = check_pair(group["betas"], "betas", where)
-    check_range(beta1, "betas[0]", where, low=0.0, high=1.0)
-    check_range(beta2, "betas[1]", where, low=0.0, high=1.0)

@@ -12,14 +12,14 @@ added to the gradient, or with ``decoupled_weight_decay`` (AdamW) applied as
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._rule import Hyper, State, UpdateRule, addcdiv_all, moving_average_of_squares, safe_sqrt, safe_sqrt_all
-from ._shared import add_weight_decay, check_betas, power, signed_with_weight_decay
+from ._shared import add_weight_decay, power, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 
@@ -77,10 +77,6 @@ class AdamRule(UpdateRule):
                 state["max_exp_avg_sq"] = second_moment[k]
             new_states.append(state)
         return new_params, new_states
-
-    def validate_group(self, group: Mapping[str, Any], where: str) -> None:
-        super().validate_group(group, where)
-        check_betas(group, where)
 
 
 class Adam(DifferentiableOptimizer):

@@ -7,14 +7,14 @@ r"""Adamax, as ``torch.optim.Adamax`` (Kingma & Ba, 2015, section 7).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._rule import Hyper, State, UpdateRule, addcdiv_all
-from ._shared import add_weight_decay, check_betas, signed_with_weight_decay
+from ._shared import add_weight_decay, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 
@@ -49,10 +49,6 @@ class AdamaxRule(UpdateRule):
         )
         new_params = addcdiv_all(params, exp_avg, exp_inf, value=-(hp["lr"] / (1 - beta1**step)))
         return new_params, [{"step": step, "exp_avg": m, "exp_inf": u} for m, u in zip(exp_avg, exp_inf)]
-
-    def validate_group(self, group: Mapping[str, Any], where: str) -> None:
-        super().validate_group(group, where)
-        check_betas(group, where)
 
 
 class Adamax(DifferentiableOptimizer):

@@ -23,7 +23,7 @@ from ._rule import (
     Hyper, State, UpdateRule, addcdiv_all, check_range, moving_average_of_squares, safe_sqrt, safe_sqrt_all,
     scalar_state_dtype,
 )
-from ._shared import add_weight_decay, check_betas, signed_with_weight_decay
+from ._shared import add_weight_decay, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 
@@ -103,7 +103,6 @@ class NAdamRule(UpdateRule):
 
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:
         super().validate_group(group, where)
-        check_betas(group, where)
         check_range(group["momentum_decay"], "momentum_decay", where, low=0.0)
 
     def state_from_torch(self, state: Mapping[str, Any], param: Tensor) -> State:

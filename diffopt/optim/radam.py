@@ -10,14 +10,14 @@ The step is :math:`-\gamma\,\hat m_t\, r_t\sqrt{1-\beta_2^t}/(\sqrt{v_t}+\epsilo
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._rule import Hyper, State, UpdateRule, moving_average_of_squares, safe_sqrt, safe_sqrt_all, scale_all
-from ._shared import add_weight_decay, check_betas, signed_with_weight_decay
+from ._shared import add_weight_decay, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 
@@ -84,10 +84,6 @@ class RAdamRule(UpdateRule):
             update = torch._foreach_mul(torch._foreach_mul(update, adaptive_lr), rect)
         new_states: list[State] = [{"step": step, "exp_avg": m, "exp_avg_sq": v} for m, v in zip(exp_avg, exp_avg_sq)]
         return torch._foreach_sub(params, update), new_states
-
-    def validate_group(self, group: Mapping[str, Any], where: str) -> None:
-        super().validate_group(group, where)
-        check_betas(group, where)
 
 
 class RAdam(DifferentiableOptimizer):
