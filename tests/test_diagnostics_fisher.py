@@ -192,10 +192,13 @@ def test_per_example_gradient_methods_agree_with_vmap_reference(seed, n):
     lik = resolve_likelihood("categorical")
     p = params_of(model)
     ref, out_ref = dg.per_example_grads(model, p, x, y, lik.nll, method="vmap")
+    # float64; measured over seeds 0-994 (step 7) and n = 1..6: jacrev equals vmap bit for bit, the
+    # loop differs by at most 2.9e-16 absolute, 3.8e-13 relative (elementwise); a float32 round trip
+    # in one method (~1e-8 relative) passed the former rtol=1e-6
     for method in ("jacrev", "loop"):
         got, out = dg.per_example_grads(model, p, x, y, lik.nll, method=method)
         for k in ref:
-            torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-12)
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
 
 
