@@ -135,9 +135,12 @@ def test_every_mode_and_baseline_is_measured(tiny_results):
                 assert e["memory"]["tensor_peak_bytes"] > 0
                 assert set(e["ratios"]) == {"plain", "higher", "torch.func"}
             assert block["plain loop SO"]["ratios"]["plain"] == pytest.approx(1.0)
-            assert block["second_order"]["vs_exact"]["relative_error"] < 1e-4   # same meta-gradient
-            assert block["checkpointed"]["vs_exact"]["relative_error"] < 1e-4
-            assert block["higher loop SO"]["vs_exact"]["relative_error"] < 1e-4
+            # same meta-gradient, in float32 (the benchmarks' dtype), K <= 2: measured relative errors
+            # 3.0e-8 to 4.8e-8 (sinusoid) and 3.4e-8 to 4.4e-7 (conv4); 1e-5 is ~20x the worst and
+            # ~80 float32 ulps (the float64 parity of the engine itself is tested at 1e-12 in test_unroll)
+            assert block["second_order"]["vs_exact"]["relative_error"] < 1e-5
+            assert block["checkpointed"]["vs_exact"]["relative_error"] < 1e-5
+            assert block["higher loop SO"]["vs_exact"]["relative_error"] < 1e-5
             assert block["forward"]["vs_exact"]["cosine"] is None            # θ gets no forward-mode gradient
         for k in entry["timing"]:
             d = entry["discrepancy"][k]
