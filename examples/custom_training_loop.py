@@ -12,7 +12,8 @@ from torch import nn
 import diffopt
 
 
-def main(steps: int = 5) -> None:
+def main(steps: int = 5) -> dict[str, torch.Tensor]:
+    """Returns the two validation losses and their meta-gradients (for the tests)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
     x_train, y_train = torch.randn(32, 3), torch.randn(32, 1)
@@ -25,6 +26,7 @@ def main(steps: int = 5) -> None:
         nn.functional.mse_loss(model(x_train), y_train).backward()
         warm.step()
 
+    warm.zero_grad()  # so that .grad below holds the meta-gradient alone, not the last warm-up gradient too
     with diffopt.innerloop(model, warm) as (fmodel, dopt):
         for _ in range(steps):
             dopt.step(nn.functional.mse_loss(fmodel(x_train), y_train))
@@ -43,6 +45,8 @@ def main(steps: int = 5) -> None:
     loss = nn.functional.mse_loss(model[1](model[0](x_valid)) @ params[0].T + model[2].bias, y_valid)
     (lr_grad,) = torch.autograd.grad(loss, lr)
     print(f"d(validation)/d(lr) per element, shape {tuple(lr_grad.shape)}: {lr_grad.flatten()[:4].tolist()}")
+    return {"validation": validation.detach(), "weight_grad": model[0].weight.grad.clone(),
+            "lr_validation": loss.detach(), "lr_grad": lr_grad}
 
 
 if __name__ == "__main__":

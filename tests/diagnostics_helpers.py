@@ -8,6 +8,9 @@ still builds exactly the model and data it always did. Tests run in float64 with
 """
 from __future__ import annotations
 
+import math
+import statistics
+
 import torch
 from torch import nn
 
@@ -35,3 +38,11 @@ def data(seed: int = 0, n: int = 8, d: int = 3, N: int = 4, T: int | None = None
 def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's parameters, detached, keyed by ``named_parameters()`` names."""
     return {k: v.detach() for k, v in model.named_parameters()}
+
+
+def hand_ci95(values) -> tuple[float, float]:
+    """mean ± 1.96·sd/√n (sd with n − 1), by hand with the statistics module: the reference the
+    diagnostics' ci95 values are checked against."""
+    xs = [float(v) for v in values]
+    half = 1.96 * statistics.stdev(xs) / math.sqrt(len(xs))
+    return statistics.fmean(xs) - half, statistics.fmean(xs) + half

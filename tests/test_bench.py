@@ -81,6 +81,9 @@ def test_rss_peak_reads_a_known_allocation():
     torch.ones(numel).sum()  # warm-up
     _, increase, method = common.peak_rss_increase(lambda: torch.ones(numel).sum())
     if method != "VmHWM reset":
+        # The only skip left in CI-capable environments: Linux lets a process reset its own RSS peak
+        # (writable here and on CI runners); macOS, Windows and locked-down kernels cannot, so the
+        # RSS peak has nothing to be checked against there.
         pytest.skip("/proc/self/clear_refs is not writable here")
     assert 0.97 * 64 * MiB <= increase <= 1.10 * 64 * MiB, increase / MiB
 
@@ -133,9 +136,12 @@ def test_every_mode_and_baseline_is_measured(tiny_results):
                 assert e["memory"]["tensor_peak_bytes"] > 0
                 assert set(e["ratios"]) == {"plain", "higher", "torch.func"}
             assert block["plain loop SO"]["ratios"]["plain"] == pytest.approx(1.0)
-            assert block["second_order"]["vs_exact"]["relative_error"] < 1e-4   # same meta-gradient
-            assert block["checkpointed"]["vs_exact"]["relative_error"] < 1e-4
-            assert block["higher loop SO"]["vs_exact"]["relative_error"] < 1e-4
+            # same meta-gradient, in float32 (the benchmarks' dtype), K <= 2: measured relative errors
+            # 3.0e-8 to 4.8e-8 (sinusoid) and 3.4e-8 to 4.4e-7 (conv4); 1e-5 is ~20x the worst and
+            # ~80 float32 ulps (the float64 parity of the engine itself is tested at 1e-12 in test_unroll)
+            assert block["second_order"]["vs_exact"]["relative_error"] < 1e-5
+            assert block["checkpointed"]["vs_exact"]["relative_error"] < 1e-5
+            assert block["higher loop SO"]["vs_exact"]["relative_error"] < 1e-5
             assert block["forward"]["vs_exact"]["cosine"] is None            # θ gets no forward-mode gradient
         for k in entry["timing"]:
             d = entry["discrepancy"][k]
@@ -193,7 +199,7 @@ def test_json_and_markdown_formats(tiny_results, tmp_path):
 
 
 def test_plots_written_with_matplotlib(tiny_results, tmp_path):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401  (in the test extra: a missing matplotlib fails here, it is not skipped)
     files = bench.plot(tiny_results, tmp_path)
     names = sorted(p.split("/")[-1] for p in files)
     assert names == ["modes_accuracy_conv4.png", "modes_accuracy_sinusoid.png", "modes_time_memory_conv4.png",
@@ -225,7 +231,7 @@ def test_library_modules_do_not_import_matplotlib():
 
 # -- baselines agree with the engine scripts' ---------------------------------------------------------------
 def test_baselines_match_engine_sinusoid_meta_gradients():
-    engine_sinusoid = pytest.importorskip("benchmarks.engine_sinusoid")
+    from benchmarks import engine_sinusoid  # the repository root is on sys.path (conftest.py)
     model = engine_sinusoid.make_model(8, torch.float64)
     data = engine_sinusoid.make_data(3, 5, 5, torch.float64)
     reference = engine_sinusoid.plain_loop(model, data, 2, 0.01, first_order=False)

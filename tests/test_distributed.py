@@ -143,9 +143,10 @@ def test_shards_cover_the_meta_batch_exactly() -> None:
         distributed.DistributedContext(0, 4, 1.0).shard(3)
 
 
-def test_unavailable_backend_is_a_clear_error() -> None:
-    if distributed.backend_available("nccl"):
-        pytest.skip("nccl is available here")
+def test_unavailable_backend_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs everywhere: on a machine with NCCL and GPUs, NCCL is made to look absent (no skip)."""
+    monkeypatch.setattr(distributed.dist, "is_nccl_available", lambda: False)
+    assert not distributed.backend_available("nccl")
     with pytest.raises(distributed.DistributedError, match="nccl.*not available.*gloo"):
         distributed.choose_backend("nccl")
     with pytest.raises(distributed.DistributedError, match="not supported"):

@@ -1,7 +1,8 @@
 """The reproduction scripts of benchmarks/ run end to end at tiny sizes and report what they promise.
 
 * ``benchmarks/reproduce_sinusoid.py``: ``maml``, ``metasgd`` and ``family`` with a few iterations and
-  test tasks; the printed table and the JSON file have the documented structure.
+  test tasks; the printed table and the JSON file have the documented structure, and the test MSEs
+  lie within the spread measured over seeds (``EXPECTED_*``).
 * ``benchmarks/reproduce_omniglot.py``: every method in 5-way and 20-way 1-shot on a small
   Omniglot folder generated in the published layout (``images_background/<Alphabet>/<character>/*.png``
   and ``images_evaluation/...``), with 10 training characters instead of 1200.
@@ -41,6 +42,43 @@ def finite_ci(entry: dict) -> bool:
     return np.isfinite(entry["mean"]) and entry["ci95"] >= 0
 
 
+# Expected test MSEs at the tiny sizes the tests run: (mean, sd) over seeds 0-7, measured with the
+# test's own command plus ``--seed s`` (torch 2.13, CPU, one thread). The tests run seed 0 and allow
+# SPREAD standard deviations (a band of about ±16-20%): a wrong metric (RMSE would be ~1.9), a wrong
+# amplitude or phase range, a loss summed instead of averaged, or adaptation on the wrong points is
+# far outside it. The spread is that of the initialisation and the first meta-batches (a few
+# iterations: the networks are nearly untrained); the test tasks are fixed.
+SPREAD = 4.0
+EXPECTED_MAML = {  # maml --iterations 5 --test-tasks 6
+    ("MAML", "0"): (4.245, 0.211), ("MAML", "1"): (3.951, 0.172), ("MAML", "5"): (3.941, 0.144),
+    ("MAML", "10"): (4.036, 0.157), ("pretrained", "0"): (4.287, 0.262), ("pretrained", "1"): (3.966, 0.172),
+    ("pretrained", "5"): (3.944, 0.137), ("pretrained", "10"): (4.038, 0.152),
+}
+EXPECTED_METASGD = {  # metasgd --iterations 3 --test-tasks 4 --shots 5,10
+    ("Meta-SGD", "5", "0"): (3.708, 0.193), ("Meta-SGD", "5", "1"): (4.168, 0.307),
+    ("Meta-SGD", "10", "0"): (3.297, 0.133), ("Meta-SGD", "10", "1"): (3.422, 0.409),
+    ("MAML", "5", "0"): (3.622, 0.150), ("MAML", "5", "1"): (3.672, 0.161),
+    ("MAML", "10", "0"): (3.240, 0.101), ("MAML", "10", "1"): (3.073, 0.097),
+}
+EXPECTED_FAMILY = {  # family --iterations 3 --test-tasks 4
+    ("MAML", "0"): (3.623, 0.143), ("MAML", "1"): (3.675, 0.154), ("MAML", "5"): (3.707, 0.177),
+    ("MAML", "10"): (3.661, 0.160), ("FOMAML", "0"): (3.617, 0.138), ("FOMAML", "1"): (3.670, 0.150),
+    ("FOMAML", "5"): (3.704, 0.176), ("FOMAML", "10"): (3.660, 0.164), ("ANIL", "0"): (3.622, 0.141),
+    ("ANIL", "1"): (3.651, 0.150), ("ANIL", "5"): (3.738, 0.176), ("ANIL", "10"): (3.752, 0.184),
+    ("Reptile", "0"): (3.488, 0.056), ("Reptile", "1"): (3.516, 0.100), ("Reptile", "5"): (3.560, 0.083),
+    ("Reptile", "10"): (3.538, 0.096),
+}
+
+
+def assert_within_spread(results: dict, expected: dict) -> None:
+    for path, (mean, sd) in expected.items():
+        entry = results
+        for key in path:
+            entry = entry[key]
+        value = entry["mean"]
+        assert abs(value - mean) <= SPREAD * sd, f"{'/'.join(path)}: test MSE {value:.4f}, expected {mean} ± {SPREAD} × {sd}"
+
+
 # =============================================================================================
 # Sinusoid
 # =============================================================================================
@@ -62,6 +100,8 @@ def test_sinusoid_maml(tmp_path, capsys):
     assert data["paper"]["pretrained"] == {"1": 2.41, "5": 2.23, "10": 2.19}
     assert data["machine"]["threads"] == 1 and data["machine"]["torch"] == torch.__version__
     assert data["seconds"]["MAML meta-training"] > 0
+    assert_within_spread(data["results"], EXPECTED_MAML)
+    assert data["results"]["MAML"]["1"]["mean"] < data["results"]["MAML"]["0"]["mean"]  # so in 8 seeds of 8
 
 
 def test_sinusoid_metasgd(tmp_path, capsys):
@@ -77,6 +117,7 @@ def test_sinusoid_metasgd(tmp_path, capsys):
         assert set(data["results"][method]) == {"5", "10"}
         assert all(finite_ci(data["results"][method][k]["1"]) for k in ("5", "10"))
     assert set(data["metasgd_lower"]) == {"5", "10"}
+    assert_within_spread(data["results"], EXPECTED_METASGD)
 
 
 def test_sinusoid_family(tmp_path, capsys):
@@ -90,6 +131,7 @@ def test_sinusoid_family(tmp_path, capsys):
     assert list(data["results"]) == ["MAML", "FOMAML", "ANIL", "Reptile"]
     for summary in data["results"].values():
         assert set(summary) == {"0", "1", "5", "10"} and all(finite_ci(e) for e in summary.values())
+    assert_within_spread(data["results"], EXPECTED_FAMILY)
 
 
 def test_sinusoid_anil_stability(tmp_path, capsys):

@@ -425,6 +425,76 @@ def test_iteration_generators_are_independent_and_reproducible():
     assert not torch.equal(a, torch.rand(5, generator=iteration_generator(4, 10)))
 
 
+def test_iteration_generators_do_not_collide_over_a_grid_of_seeds_and_iterations():
+    """Every (seed, iteration) with seed < 32 and iteration < 2000 draws its own stream: a seed
+    formula such as seed + iteration (seed 3 at iteration 11 = seed 4 at iteration 10) or
+    1000·seed + iteration would repeat batches across runs of neighbouring seeds."""
+    seen: dict[tuple[int, ...], tuple[int, int]] = {}
+    for seed in range(32):
+        for iteration in range(2000):
+            first = tuple(torch.randint(0, 2**62, (2,), generator=iteration_generator(seed, iteration)).tolist())
+            assert first not in seen, f"(seed, iteration) {(seed, iteration)} draws the stream of {seen[first]}"
+            seen[first] = (seed, iteration)
+
+
+class RecordingSource:
+    """A task source that records the first input of every training batch it hands out."""
+
+    def __init__(self, source) -> None:
+        self.source, self.drawn = source, []
+
+    def train_batch(self, generator: torch.Generator):
+        batch = self.source.train_batch(generator)
+        self.drawn.append(batch[0].detach().clone())
+        return batch
+
+    def test_batches(self):
+        return self.source.test_batches()
+
+    def config(self):
+        return self.source.config()
+
+
+def test_trainers_with_neighbouring_seeds_never_share_a_batch():
+    """The batches a Trainer actually draws: seeds 3 and 4 over 12 iterations, 24 distinct batches."""
+    batches, drawn_by = [], []
+    for seed in (3, 4):
+        learner, source, optimizer = setup("maml")
+        recording = RecordingSource(source)
+        Trainer(learner, recording, optimizer, iterations=12, seed=seed, log_every=12, eval_steps=(0,),
+                progress=False).fit()
+        assert len(recording.drawn) == 12
+        batches += recording.drawn
+        drawn_by += [(seed, iteration) for iteration in range(12)]
+    for i in range(len(batches)):
+        for j in range(i):
+            assert not torch.equal(batches[i], batches[j]), f"(seed, iteration) {drawn_by[i]} repeats {drawn_by[j]}"
+
+
+def test_fresh_fits_with_the_same_seed_match_whatever_the_global_rng_did_before():
+    """A learner with Dropout (which draws from the global RNG): two fresh fits with seed 7, after
+    different global RNG histories, end with identical weights and losses — the fit seeds the
+    global RNG itself. Nothing here reseeds the global RNG between building the learner and fit."""
+    results = []
+    for history in (lambda: torch.manual_seed(1), lambda: (torch.manual_seed(2), torch.rand(7))):
+        learner, source, optimizer = setup("protonet_dropout")
+        history()
+        trainer = Trainer(learner, source, optimizer, iterations=4, seed=7, log_every=1, eval_steps=(0,),
+                          progress=False)
+        trainer.fit()
+        results.append((weights(learner), [r.get("meta_loss") for r in trainer.history]))
+    (weights_a, losses_a), (weights_b, losses_b) = results
+    assert losses_a == losses_b
+    assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))
+    # and the dropout masks matter: the same run without dropout ends elsewhere
+    learner, source, optimizer = setup("protonet_dropout")
+    for module in learner.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    Trainer(learner, source, optimizer, iterations=4, seed=7, log_every=1, eval_steps=(0,), progress=False).fit()
+    assert not any(torch.equal(a, b) for a, b in zip(weights_a, weights(learner)))
+
+
 # =============================================================================================
 # The recipes' task sources
 # =============================================================================================
