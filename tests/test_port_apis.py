@@ -84,3 +84,97 @@ def test_integer_token_inputs_of_tasks_by_examples_are_still_accepted():
     loop = InnerLoop(model, None, F.cross_entropy, steps=1)
     loss = loop.meta_loss(tokens, labels, tokens, labels)
     assert torch.isfinite(loss)
+
+
+# -- item 4: higher's override= ------------------------------------------------------------
+
+def two_group_sgd(model: nn.Module) -> torch.optim.Optimizer:
+    first, last = model[0], model[2]
+    return torch.optim.SGD([{"params": first.parameters(), "lr": 0.1},
+                            {"params": last.parameters(), "lr": 0.2, "weight_decay": 0.01}],
+                           lr=0.1, momentum=0.9)
+
+
+def override_run(library: str, per_group: bool, at_construction: bool):
+    """Three inner steps with an lr tensor per step (and per group if asked), then the
+    query loss's gradient with respect to θ and to every lr tensor."""
+    model = mlp(3)
+    g = torch.Generator().manual_seed(4)
+    xs, xq = (torch.randn(6, 1, generator=g, dtype=F64) for _ in range(2))
+    ys, yq = torch.sin(xs), torch.cos(xq)
+    lrs = [torch.tensor(v, dtype=F64, requires_grad=True) for v in (0.05, 0.07, 0.03, 0.11, 0.02, 0.04)]
+    opt = two_group_sgd(model)
+    first = {"lr": [lrs[4]]} if at_construction else None
+    if library == "higher":
+        context = higher.innerloop_ctx(model, opt, copy_initial_weights=False, override=first)
+    else:
+        context = diffopt.innerloop(model, opt, override=first)
+    with context as (fmodel, dopt):
+        for k in range(3):
+            override = {"lr": [lrs[2 * k], lrs[2 * k + 1]] if per_group else [lrs[k]]}
+            if at_construction and k == 0:
+                override = None  # the construction-time override stays in effect
+            dopt.step(F.mse_loss(fmodel(xs), ys), override=override)
+        meta = F.mse_loss(fmodel(xq), yq)
+    return torch.autograd.grad(meta, list(model.parameters()) + lrs, allow_unused=True)
+
+
+@pytest.mark.parametrize("per_group", [False, True], ids=["one value", "one per group"])
+@pytest.mark.parametrize("at_construction", [False, True], ids=["step", "innerloop"])
+def test_override_matches_higher(per_group, at_construction):
+    ours = override_run("diffopt", per_group, at_construction)
+    theirs = override_run("higher", per_group, at_construction)
+    for k, (a, b) in enumerate(zip(ours, theirs)):
+        if b is None:
+            assert a is None or float(a.abs().max()) == 0.0, k
+        else:
+            close(f"override vs higher, tensor {k}", a, b)
+
+
+def test_step_override_on_a_differentiable_optimizer_matches_a_hand_unrolled_sgd():
+    torch.manual_seed(1)
+    w0 = torch.randn(3, dtype=F64, requires_grad=True)
+    a = torch.randn(5, 3, dtype=F64)
+    b = torch.randn(5, dtype=F64)
+    lrs = [torch.tensor(v, dtype=F64, requires_grad=True) for v in (0.1, 0.3)]
+
+    def loss(w):
+        return ((a @ w - b) ** 2).mean()
+
+    opt = diffopt.optim.SGD([w0], lr=0.5)
+    (w,) = opt.step(loss(w0), override={"lr": [lrs[0]]})
+    (w,) = opt.step(loss(w), override={"lr": [lrs[1]]})
+    (w_again,) = opt.step(loss(w))  # the last override stays in effect, as in higher
+    ours = torch.autograd.grad(loss(w_again), [w0, *lrs])
+
+    r = w0 - lrs[0] * torch.autograd.grad(loss(w0), w0, create_graph=True)[0]
+    r = r - lrs[1] * torch.autograd.grad(loss(r), r, create_graph=True)[0]
+    r = r - lrs[1] * torch.autograd.grad(loss(r), r, create_graph=True)[0]
+    reference = torch.autograd.grad(loss(r), [w0, *lrs])
+    for k, (x, y) in enumerate(zip(ours, reference)):
+        close(f"step(override) vs hand-written, tensor {k}", x, y)
+
+
+def test_override_in_innerloop_leaves_the_callers_optimizer_alone():
+    model = mlp()
+    opt = diffopt.optim.SGD(model.parameters(), lr=0.1)
+    lr = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    x = torch.randn(4, 1, dtype=F64)
+    with diffopt.innerloop(model, opt) as (fmodel, inner):
+        inner.step(F.mse_loss(fmodel(x), x), override={"lr": [lr]})
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_override_errors_name_the_key_and_the_fix():
+    model = mlp()
+    opt = diffopt.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.1)
+    x = torch.randn(4, 1, dtype=F64)
+    lr = torch.tensor(0.3, dtype=F64)
+    with pytest.raises(ValueError, match="3 values but the optimizer has 2 parameter groups"):
+        opt.step(F.mse_loss(model(x), x), override={"lr": [lr, lr, lr]})
+    with pytest.raises(TypeError, match=r"did you mean 'momentum'"):
+        opt.apply_override({"momentun": [0.9]})
+    with pytest.raises(TypeError, match=r"wrap it, \[lr\]"):
+        opt.apply_override({"lr": lr})
+    with pytest.raises(ValueError, match="lr"):
+        opt.apply_override({"lr": [-1.0]})
