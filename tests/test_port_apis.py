@@ -23,7 +23,8 @@ from diffopt.algorithms import MAML, PrototypicalNetwork
 from diffopt.unroll import InnerLoop
 from strategies import F64, record
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"),
+              pytest.mark.filterwarnings("ignore:We've integrated functorch:FutureWarning")]  # torchopt 0.7
 
 TOL = 1e-12
 
@@ -178,3 +179,77 @@ def test_override_errors_name_the_key_and_the_fix():
         opt.apply_override({"lr": lr})
     with pytest.raises(ValueError, match="lr"):
         opt.apply_override({"lr": [-1.0]})
+
+
+# -- item 6: NormalCG ------------------------------------------------------------------------
+
+def batched_operator(matrices: torch.Tensor):
+    """``A`` per task as the solvers see it: a list of one (T, n) tensor."""
+    def apply(u):
+        return [torch.einsum("tij,tj->ti", matrices, u[0])]
+    return apply
+
+
+def well_conditioned(tasks: int, n: int, seed: int, symmetric: bool, indefinite: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q1 = torch.linalg.qr(torch.randn(tasks, n, n, generator=g, dtype=F64))[0]
+    q2 = q1 if symmetric else torch.linalg.qr(torch.randn(tasks, n, n, generator=g, dtype=F64))[0]
+    s = torch.rand(tasks, n, generator=g, dtype=F64) * 1.5 + 0.5  # singular values in [0.5, 2]
+    if indefinite:
+        s = s * torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0).to(F64)
+    return q1 @ torch.diag_embed(s) @ q2.transpose(1, 2)
+
+
+@settings(max_examples=20)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 12), kind=st.sampled_from(["spd", "indefinite", "nonsymmetric"]))
+def test_normal_cg_matches_a_dense_solve(seed, n, kind):
+    from diffopt.unroll import NormalCG
+    a = well_conditioned(3, n, seed, symmetric=kind != "nonsymmetric", indefinite=kind == "indefinite")
+    b = torch.randn(3, n, generator=torch.Generator().manual_seed(seed + 1), dtype=F64)
+    apply_at = batched_operator(a.transpose(1, 2)) if kind == "nonsymmetric" else None
+    (w,), info = NormalCG(iterations=10 * n + 10, tol=1e-14).solve(batched_operator(a), [b], apply_at)
+    reference = torch.linalg.solve(a, b)
+    error = float(((w - reference).abs() / reference.abs().clamp(min=1.0)).max())
+    record("ports", f"NormalCG vs dense solve ({kind})", error)
+    assert error <= 1e-10, error
+    assert info.solver == "normal_cg" and info.converged
+
+
+def test_normal_cg_solves_an_indefinite_system_where_cg_breaks_down():
+    from diffopt.unroll import CG, NormalCG
+    a = torch.diag(torch.tensor([1.0, -1.0], dtype=F64))[None]
+    b = torch.ones(1, 2, dtype=F64)
+    _, plain = CG(iterations=50).solve(batched_operator(a), [b])
+    (w,), normal = NormalCG(iterations=50).solve(batched_operator(a), [b])
+    assert not plain.converged  # pᵀAp = 0 on the first direction: plain CG is stuck
+    assert normal.converged and torch.allclose(w, torch.tensor([[1.0, -1.0]], dtype=F64), atol=1e-14, rtol=0)
+
+
+def test_normal_cg_is_a_named_implicit_solver():
+    loop = InnerLoop(mlp(), None, F.mse_loss, steps=2, mode="implicit", solver="normal_cg", solver_iterations=7)
+    assert loop.mode.solver.name == "normal_cg" and loop.mode.solver.iterations == 7
+    with pytest.raises(ValueError, match="did you mean 'normal_cg'"):
+        InnerLoop(mlp(), None, F.mse_loss, steps=2, mode="implicit", solver="normal-cg")
+
+
+def test_imaml_with_normal_cg_matches_torchopts_imaml_gradient():
+    from peers import imaml_torchopt_gradient
+    from diffopt.unroll import Implicit, NormalCG
+    pytest.importorskip("torchopt")
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    g = torch.Generator().manual_seed(6)
+    xs, xq = torch.randn(2, 6, 4, generator=g, dtype=F64), torch.randn(2, 9, 4, generator=g, dtype=F64)
+    ys, yq = torch.randint(0, 3, (2, 6), generator=g), torch.randint(0, 3, (2, 9), generator=g)
+    steps, lam = 4, 2.0
+    reference = imaml_torchopt_gradient(model, xs, ys, xq, yq, steps=steps, inner_lr=0.1, reg=lam, cg_iterations=5)
+    loop = InnerLoop(model, diffopt.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, steps=steps,
+                     mode=Implicit(NormalCG(iterations=5, tol=0.0)), proximal=lam)
+    ours = torch.autograd.grad(loop.meta_loss(xs, ys, xq, yq), list(model.parameters()))
+    for k, (a, b) in enumerate(zip(ours, reference)):
+        close(f"iMAML normal_cg vs torchopt, tensor {k}", a, b)
+    plain = InnerLoop(model, diffopt.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, steps=steps,
+                      mode="implicit", solver="cg", solver_iterations=5, solver_tol=0.0, proximal=lam)
+    cg = torch.autograd.grad(plain.meta_loss(xs, ys, xq, yq), list(model.parameters()))
+    gap = max(float((a - b).abs().max()) for a, b in zip(cg, reference))
+    record("ports", "iMAML cg (5 iterations) vs torchopt normal_cg", gap)
