@@ -253,3 +253,156 @@ def test_imaml_with_normal_cg_matches_torchopts_imaml_gradient():
     cg = torch.autograd.grad(plain.meta_loss(xs, ys, xq, yq), list(model.parameters()))
     gap = max(float((a - b).abs().max()) for a, b in zip(cg, reference))
     record("ports", "iMAML cg (5 iterations) vs torchopt normal_cg", gap)
+
+
+# -- item 3: learn2learn's API ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["lr", "first_order", "adaptation_steps"])
+def test_diffopt_maml_names_its_own_argument_for_a_peer_name(name):
+    with pytest.raises(TypeError, match=r"MAML: unknown argument .*did you mean (inner_lr|mode|inner_steps)"):
+        MAML(mlp(), **{name: 0.01})
+
+
+def test_diffopt_metasgd_points_lr_to_lr_init():
+    from diffopt.algorithms import MetaSGD
+    with pytest.raises(TypeError, match="MetaSGD: unknown argument 'lr'; did you mean lr_init"):
+        MetaSGD(mlp(), lr=1.0)
+
+
+def hand_maml(model: nn.Module, tasks, lr, steps: int, first_order: bool = False, lrs=None, frozen=()):
+    """learn2learn's maml_update / meta_sgd_update, written out: per task, clone θ, take
+    ``steps`` steps p ← p − α·g (g with a graph unless first order), mean query loss."""
+    names = [n for n, _ in model.named_parameters()]
+    theta = [p for _, p in model.named_parameters()]
+    losses = []
+    for xs, ys, xq, yq in tasks:
+        params = [p.clone() for p in theta]
+        rates = [r.clone() for r in lrs] if lrs is not None else None
+        for _ in range(steps):
+            loss = F.mse_loss(torch.func.functional_call(model, dict(zip(names, params)), (xs,)), ys)
+            wanted = [p for n, p in zip(names, params) if n not in frozen]
+            grads = iter(torch.autograd.grad(loss, wanted, create_graph=not first_order, allow_unused=True))
+            new = []
+            for k, (n, p) in enumerate(zip(names, params)):
+                g = None if n in frozen else next(grads)
+                rate = rates[k] if rates is not None else lr
+                new.append(p if g is None else p - rate * g)
+            params = new
+        losses.append(F.mse_loss(torch.func.functional_call(model, dict(zip(names, params)), (xq,)), yq))
+    return torch.stack(losses).mean()
+
+
+def sine_tasks(count: int = 3, seed: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        amplitude, phase = torch.rand(2, generator=g, dtype=F64) * torch.tensor([4.9, 3.14], dtype=F64) + 0.1
+        x = torch.rand(20, 1, generator=g, dtype=F64) * 10 - 5
+        y = amplitude * torch.sin(x - phase)
+        out.append((x[::2], y[::2], x[1::2], y[1::2]))
+    return out
+
+
+def port_maml(maml, tasks, steps: int):
+    total = 0.0
+    for xs, ys, xq, yq in tasks:
+        learner = maml.clone()
+        for _ in range(steps):
+            learner.adapt(F.mse_loss(learner(xs), ys))
+        total = total + F.mse_loss(learner(xq), yq)
+    return total / len(tasks)
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second order", "first order"])
+def test_learn2learn_maml_port_matches_hand_written_maml_update(first_order):
+    import diffopt.ports.learn2learn as l2l
+    model, tasks = mlp(2), sine_tasks()
+    maml = l2l.algorithms.MAML(model, lr=0.05, first_order=first_order, allow_unused=True)
+    ours = torch.autograd.grad(port_maml(maml, tasks, 3), list(maml.parameters()))
+    reference = torch.autograd.grad(hand_maml(model, tasks, 0.05, 3, first_order), list(model.parameters()))
+    for k, (a, b) in enumerate(zip(ours, reference)):
+        close(f"l2l MAML port ({'first' if first_order else 'second'} order) vs maml_update, tensor {k}", a, b)
+
+
+def test_learn2learn_maml_port_equals_diffopts_batched_meta_loss():
+    import diffopt.ports.learn2learn as l2l
+    model, tasks = mlp(2), sine_tasks(4)
+    ours = torch.autograd.grad(port_maml(l2l.algorithms.MAML(model, lr=0.05), tasks, 2), list(model.parameters()))
+    xs, ys, xq, yq = (torch.stack(t) for t in zip(*tasks))
+    batched = MAML(model, F.mse_loss, inner_lr=0.05, inner_steps=2).meta_loss(xs, ys, xq, yq)
+    for k, (a, b) in enumerate(zip(ours, torch.autograd.grad(batched, list(model.parameters())))):
+        close(f"l2l MAML port vs diffopt.algorithms.MAML.meta_loss, tensor {k}", a, b)
+
+
+def test_learn2learn_metasgd_port_matches_hand_written_meta_sgd_update():
+    import diffopt.ports.learn2learn as l2l
+    model, tasks = mlp(4), sine_tasks()
+    meta = l2l.algorithms.MetaSGD(model, lr=0.03)
+    with torch.no_grad():
+        for r in meta.lrs:
+            r.mul_(torch.rand(r.shape, generator=torch.Generator().manual_seed(r.numel()), dtype=F64) + 0.5)
+    assert len(list(meta.parameters())) == 2 * len(list(model.parameters()))
+    ours = torch.autograd.grad(port_maml(meta, tasks, 2), list(meta.parameters()))
+    reference = torch.autograd.grad(hand_maml(model, tasks, None, 2, lrs=list(meta.lrs)),
+                                    list(model.parameters()) + list(meta.lrs))
+    for k, (a, b) in enumerate(zip(ours, reference)):
+        close(f"l2l MetaSGD port vs meta_sgd_update, tensor {k}", a, b)
+
+
+def test_learn2learn_port_allow_nograd_leaves_frozen_parameters_alone():
+    import diffopt.ports.learn2learn as l2l
+    model, tasks = mlp(5), sine_tasks(2)
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"'0.weight' does not require grad; pass allow_nograd=True"):
+        port_maml(l2l.algorithms.MAML(model, lr=0.05), tasks, 1)
+    maml = l2l.algorithms.MAML(model, lr=0.05, allow_nograd=True)
+    wanted = [p for p in model.parameters() if p.requires_grad]
+    ours = torch.autograd.grad(port_maml(maml, tasks, 2), wanted)
+    reference = torch.autograd.grad(hand_maml(model, tasks, 0.05, 2, frozen={"0.weight"}), wanted)
+    for k, (a, b) in enumerate(zip(ours, reference)):
+        close(f"l2l MAML port allow_nograd, tensor {k}", a, b)
+
+
+def test_learn2learn_port_allow_unused_false_names_the_unused_parameter():
+    import diffopt.ports.learn2learn as l2l
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.unused = nn.Linear(1, 1).double(), nn.Linear(1, 1).double()
+
+        def forward(self, x):
+            return self.body(x)
+
+    x = torch.randn(4, 1, dtype=F64)
+    learner = l2l.algorithms.MAML(TwoHeads(), lr=0.1).clone()
+    with pytest.raises(ValueError, match=r"'unused.weight'; pass allow_unused=True"):
+        learner.adapt(F.mse_loss(learner(x), x))
+    learner = l2l.algorithms.MAML(TwoHeads(), lr=0.1, allow_unused=True).clone()
+    learner.adapt(F.mse_loss(learner(x), x))
+    assert learner.module.unused.weight is learner.unused.weight  # unchanged, and reachable as in l2l
+
+
+def test_learn2learn_port_submodules_and_rnns_use_the_fast_weights():
+    import diffopt.ports.learn2learn as l2l
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(2, 3, batch_first=True).double()
+            self.head = nn.Linear(3, 1).double()
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model = Net()
+    x, y = torch.randn(4, 5, 2, dtype=F64), torch.randn(4, 1, dtype=F64)
+    learner = l2l.algorithms.MAML(model, lr=0.5).clone()
+    learner.adapt(F.mse_loss(learner(x), y))
+    names = [n for n, _ in learner.module.named_parameters()]
+    fast = dict(zip(names, learner.module.parameters()))
+    expected = torch.func.functional_call(model, fast, (x,))
+    assert torch.equal(learner(x), expected)
+    assert not torch.equal(learner(x), model(x))
+    assert torch.equal(learner.module.head(learner.module.rnn(x)[0][:, -1]), expected)
