@@ -21,6 +21,7 @@ from torch import nn
 import diffopt
 from diffopt.algorithms import MAML, PrototypicalNetwork
 from diffopt.unroll import InnerLoop
+from peers import learn2learn_reference
 from strategies import F64, record
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
@@ -269,29 +270,6 @@ def test_diffopt_metasgd_points_lr_to_lr_init():
         MetaSGD(mlp(), lr=1.0)
 
 
-def hand_maml(model: nn.Module, tasks, lr, steps: int, first_order: bool = False, lrs=None, frozen=()):
-    """learn2learn's maml_update / meta_sgd_update, written out: per task, clone θ, take
-    ``steps`` steps p ← p − α·g (g with a graph unless first order), mean query loss."""
-    names = [n for n, _ in model.named_parameters()]
-    theta = [p for _, p in model.named_parameters()]
-    losses = []
-    for xs, ys, xq, yq in tasks:
-        params = [p.clone() for p in theta]
-        rates = [r.clone() for r in lrs] if lrs is not None else None
-        for _ in range(steps):
-            loss = F.mse_loss(torch.func.functional_call(model, dict(zip(names, params)), (xs,)), ys)
-            wanted = [p for n, p in zip(names, params) if n not in frozen]
-            grads = iter(torch.autograd.grad(loss, wanted, create_graph=not first_order, allow_unused=True))
-            new = []
-            for k, (n, p) in enumerate(zip(names, params)):
-                g = None if n in frozen else next(grads)
-                rate = rates[k] if rates is not None else lr
-                new.append(p if g is None else p - rate * g)
-            params = new
-        losses.append(F.mse_loss(torch.func.functional_call(model, dict(zip(names, params)), (xq,)), yq))
-    return torch.stack(losses).mean()
-
-
 def sine_tasks(count: int = 3, seed: int = 7):
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -319,7 +297,7 @@ def test_learn2learn_maml_port_matches_hand_written_maml_update(first_order):
     model, tasks = mlp(2), sine_tasks()
     maml = l2l.algorithms.MAML(model, lr=0.05, first_order=first_order, allow_unused=True)
     ours = torch.autograd.grad(port_maml(maml, tasks, 3), list(maml.parameters()))
-    reference = torch.autograd.grad(hand_maml(model, tasks, 0.05, 3, first_order), list(model.parameters()))
+    reference = torch.autograd.grad(learn2learn_reference(model, tasks, 0.05, 3, first_order), list(model.parameters()))
     for k, (a, b) in enumerate(zip(ours, reference)):
         close(f"l2l MAML port ({'first' if first_order else 'second'} order) vs maml_update, tensor {k}", a, b)
 
@@ -343,7 +321,7 @@ def test_learn2learn_metasgd_port_matches_hand_written_meta_sgd_update():
             r.mul_(torch.rand(r.shape, generator=torch.Generator().manual_seed(r.numel()), dtype=F64) + 0.5)
     assert len(list(meta.parameters())) == 2 * len(list(model.parameters()))
     ours = torch.autograd.grad(port_maml(meta, tasks, 2), list(meta.parameters()))
-    reference = torch.autograd.grad(hand_maml(model, tasks, None, 2, lrs=list(meta.lrs)),
+    reference = torch.autograd.grad(learn2learn_reference(model, tasks, None, 2, lrs=list(meta.lrs)),
                                     list(model.parameters()) + list(meta.lrs))
     for k, (a, b) in enumerate(zip(ours, reference)):
         close(f"l2l MetaSGD port vs meta_sgd_update, tensor {k}", a, b)
@@ -358,7 +336,7 @@ def test_learn2learn_port_allow_nograd_leaves_frozen_parameters_alone():
     maml = l2l.algorithms.MAML(model, lr=0.05, allow_nograd=True)
     wanted = [p for p in model.parameters() if p.requires_grad]
     ours = torch.autograd.grad(port_maml(maml, tasks, 2), wanted)
-    reference = torch.autograd.grad(hand_maml(model, tasks, 0.05, 2, frozen={"0.weight"}), wanted)
+    reference = torch.autograd.grad(learn2learn_reference(model, tasks, 0.05, 2, frozen={"0.weight"}), wanted)
     for k, (a, b) in enumerate(zip(ours, reference)):
         close(f"l2l MAML port allow_nograd, tensor {k}", a, b)
 
