@@ -163,3 +163,14 @@ def test_learn2learn_maml_omniglot_port_matches_maml_update() -> None:
     reference = torch.autograd.grad(peers.learn2learn_reference(model, split, 0.5, 2, loss_fn=F.cross_entropy),
                                     list(model.parameters()))
     close_all("learn2learn vision maml_omniglot port vs maml_update", ours, reference)
+
+
+def test_readme_and_examples_never_bind_the_optimizer_as_diffopt() -> None:
+    """higher's ``as (fnet, diffopt)`` shadows the module (UnboundLocalError in a function that
+    also calls ``diffopt.innerloop``): diffopt's own examples must not teach it."""
+    import re
+    root = PORTS.parent.parent
+    files = [root / "README.md", *root.glob("examples/**/*.py")]
+    pattern = re.compile(r"as \([^)]*\bdiffopt\)")
+    offenders = [str(f.relative_to(root)) for f in files if pattern.search(f.read_text())]
+    assert not offenders, offenders
