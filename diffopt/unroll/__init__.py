@@ -10,6 +10,6 @@ from .solvers import CG, Neumann, NormalCG, SolveInfo, conjugate_gradient, neuma
 
 __all__ = [
     "BATCHNORM_POLICIES", "CG", "ES", "MODES", "PES", "Adapted", "Carry", "Checkpointed", "FirstOrder", "Forward",
-    "Implicit", "InnerLoop", "Mode", "Neumann", "NormalCG", "PatchedModel", "SecondOrder", "SolveInfo", "Truncated", "as_mode",
-    "choose_vectorize", "conjugate_gradient", "neumann", "normal_conjugate_gradient",
+    "Implicit", "InnerLoop", "Mode", "Neumann", "NormalCG", "PatchedModel", "SecondOrder", "SolveInfo", "Truncated",
+    "as_mode", "choose_vectorize", "conjugate_gradient", "neumann", "normal_conjugate_gradient",
 ]

@@ -43,7 +43,8 @@ class Implicit(Mode):
     def __post_init__(self) -> None:
         if isinstance(self.solver, str):
             if self.solver not in SOLVERS:
-                raise ValueError(f"solver={self.solver!r}: choose {', '.join(map(repr, list(SOLVERS)[:-1]))} or {list(SOLVERS)[-1]!r}"
+                *first, last = map(repr, SOLVERS)
+                raise ValueError(f"solver={self.solver!r}: choose {', '.join(first)} or {last}"
                                  f"{suggest(self.solver, SOLVERS)}, or a CG(...) / NormalCG(...) / Neumann(...) "
                                  "object")
             self.solver = SOLVERS[self.solver]()
