@@ -79,7 +79,8 @@ class MAML(InnerLoopLearner):
         return SGD(self.model.parameters(), lr=inner_lr)
 
     def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
-        """Mean query loss over the tasks after K inner steps on each support set."""
+        """Mean query loss over the tasks after K inner steps on each support set (higher's MAML
+        example sums over tasks instead: multiply by the number of tasks to reproduce it)."""
         check_episode(support_x, support_y, query_x, query_y)
         return self.loop.meta_loss(support_x, support_y, query_x, query_y)
 
