@@ -384,3 +384,14 @@ def test_learn2learn_port_submodules_and_rnns_use_the_fast_weights():
     assert torch.equal(learner(x), expected)
     assert not torch.equal(learner(x), model(x))
     assert torch.equal(learner.module.head(learner.module.rnn(x)[0][:, -1]), expected)
+
+
+def test_learn2learn_port_refuses_a_loss_computed_with_the_wrapped_model():
+    import diffopt.ports.learn2learn as l2l
+    model = mlp()
+    maml = l2l.algorithms.MAML(model, lr=0.1)
+    x = torch.randn(4, 1, dtype=F64)
+    learner = maml.clone()
+    learner.adapt(F.mse_loss(learner(x), x))
+    with pytest.raises(ValueError, match=r"compute it with the clone, learner\(x\)"):
+        learner.adapt(F.mse_loss(maml(x), x))  # θ, not the adapted weights

@@ -77,7 +77,15 @@ class _Learner(nn.Module):
 
     def _step(self, optimizer: DifferentiableOptimizer, loss: Tensor, params: Sequence[Tensor],
               allow_unused: bool, first_order: bool) -> None:
-        grads = loss_gradients(loss, params, 0, first_order=first_order, check_finite=False)
+        try:
+            grads = loss_gradients(loss, params, 0, first_order=first_order, check_finite=False)
+        except ValueError as error:
+            if "does not depend" not in str(error):
+                raise
+            raise ValueError(
+                "adapt(loss): the loss does not depend on this learner's weights, so the step would change "
+                "nothing; compute it with the clone, learner(x), not with the wrapped model or maml(x)"
+            ) from error
         if not allow_unused:
             names = [name for name, _ in self.module.named_parameters()]
             for name, p, g in zip(names, params, grads):
