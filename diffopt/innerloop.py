@@ -36,9 +36,13 @@ class PatchedOptimizer:
         self.optimizer = optimizer
         self._position = positions  # where each optimizer parameter sits in fmodel.fast_params
 
-    def step(self, loss: Tensor, **kwargs: Any) -> list[Tensor]:
+    def step(self, loss: Tensor, *, override: dict[str, list[Any]] | None = None, **kwargs: Any) -> list[Tensor]:
+        """One step from ``loss``; ``override`` sets hyperparameters from this step on, as
+        higher's ``diffopt.step(loss, override={'lr': [lr]})`` (one value, or one per group)."""
         fast = list(self.fmodel.fast_params)
         current = [fast[j] for j in self._position]
+        if override is not None:
+            self.optimizer.apply_override(override, "step(override=...)")
         new = self.optimizer.step(loss, params=current, **kwargs)
         for j, tensor in zip(self._position, new):
             fast[j] = tensor
@@ -57,6 +61,7 @@ def innerloop(
     first_order: bool = False,
     copy_initial_weights: bool = False,
     track_higher_grads: bool = True,
+    override: dict[str, list[Any]] | None = None,
     **options: Any,
 ) -> Iterator[tuple[higher.patch._MonkeyPatchBase, PatchedOptimizer]]:
     """Yield ``(fmodel, dopt)``: a monkeypatched ``model`` and its differentiable optimizer.
@@ -72,6 +77,10 @@ def innerloop(
             so no meta-gradient reaches ``model``'s parameters (higher's default);
             diffopt's default is False, as MAML needs.
         track_higher_grads: False runs the loop without any graph (evaluation).
+        override: hyperparameters for the whole loop, as higher's ``innerloop_ctx(override=...)``:
+            ``{"lr": [value]}`` for every parameter group or ``{"lr": [v0, v1, ...]}`` one per
+            group; values may be tensors that require grad. ``dopt.step(loss, override=...)``
+            overrides from that step on.
         **options: passed to ``from_torch`` (``check_finite``, clipping, ...).
     """
     model_params = list(model.parameters())
@@ -106,4 +115,6 @@ def innerloop(
         dopt = optimizer.bound_to(starts, first_order=True if first_order else None)
     else:
         dopt = from_torch(optimizer, params=starts, first_order=first_order, **options)
+    if override is not None:
+        dopt.apply_override(override, "innerloop(override=...)")
     yield fmodel, PatchedOptimizer(fmodel, dopt, positions)

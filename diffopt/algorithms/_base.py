@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..unroll._shapes import no_example_dimension
+
 
 def is_classification(targets: Tensor) -> bool:
     return not (targets.is_floating_point() or targets.is_complex())
@@ -149,6 +151,8 @@ def check_episode(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y
             f"inputs need a leading task dimension and an example dimension; got support {tuple(support_x.shape)} "
             f"and query {tuple(query_x.shape)}"
         )
+    no_example_dimension(support_x, "support")
+    no_example_dimension(query_x, "query")
     if support_x.shape[:2] != support_y.shape[:2]:
         raise ValueError(
             f"support inputs {tuple(support_x.shape[:2])} and labels {tuple(support_y.shape[:2])} disagree on "

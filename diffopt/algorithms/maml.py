@@ -59,6 +59,7 @@ class MAML(InnerLoopLearner):
         vectorize: bool | str = "auto",
         **engine_options: Any,
     ) -> None:
+        _refuse_peer_names(type(self).__name__, engine_options)
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
@@ -78,9 +79,31 @@ class MAML(InnerLoopLearner):
         return SGD(self.model.parameters(), lr=inner_lr)
 
     def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
-        """Mean query loss over the tasks after K inner steps on each support set."""
+        """Mean query loss over the tasks after K inner steps on each support set (higher's MAML
+        example sums over tasks instead: multiply by the number of tasks to reproduce it)."""
         check_episode(support_x, support_y, query_x, query_y)
         return self.loop.meta_loss(support_x, support_y, query_x, query_y)
+
+
+# Arguments of the peers' MAML classes (learn2learn's, higher's examples) and diffopt's names for them.
+PEER_NAMES = {
+    "lr": "inner_lr=", "adapt_lr": "inner_lr=", "fast_lr": "inner_lr=", "first_order": "mode='first_order'",
+    "adaptation_steps": "inner_steps=", "adapt_steps": "inner_steps=", "n_inner_iter": "inner_steps=",
+    "steps": "inner_steps=",
+}
+
+
+def _refuse_peer_names(cls: str, options: dict[str, Any]) -> None:
+    """A peer's argument name given to a diffopt learner: name diffopt's, before InnerLoop
+    refuses it without saying which class or what to write instead."""
+    for key in options:
+        if key in PEER_NAMES:
+            ours = "lr_init=(low, high) or a constant " if cls == "MetaSGD" and key == "lr" else PEER_NAMES[key]
+            raise TypeError(
+                f"{cls}: unknown argument {key!r}; did you mean {ours}...? "
+                f"(learn2learn's MAML(model, lr=..., first_order=...) with clone()/adapt(loss) is "
+                "diffopt.ports.learn2learn.algorithms.MAML)"
+            )
 
 
 class FOMAML(MAML):

@@ -114,6 +114,41 @@ class DifferentiableOptimizer(ParamGroups, StateDict):
             clone.first_order = bool(first_order)
         return clone
 
+    def apply_override(self, override: Mapping[str, Sequence[Any]], where: str = "override") -> None:
+        """Set hyperparameters as higher's ``override=`` does: ``{name: [value]}`` sets ``name``
+        in every parameter group, ``{name: [v0, v1, ...]}`` (one value per group) group by group.
+
+        Values may be tensors that require grad (the meta-gradient reaches them through
+        every later step). As in higher, the values stay in effect for the following steps
+        until overridden again. The groups are replaced, not edited: an optimizer that
+        :meth:`bound_to` copied this one from keeps its own hyperparameters.
+        """
+        if not isinstance(override, Mapping):
+            raise TypeError(f"{where}: expected a dict {{name: [value, ...]}}, got {type(override).__name__}")
+        self._reject_unknown(override, where)
+        groups = [dict(g) for g in self.param_groups]
+        for key, values in override.items():
+            if isinstance(values, (Tensor, str)) or not isinstance(values, Sequence):
+                raise TypeError(
+                    f"{where}: {key!r} must be a list of one value (for every group) or of one value per "
+                    f"group ({len(groups)}), as in higher; got {type(values).__name__}: wrap it, [{key}]"
+                )
+            if len(values) not in (1, len(groups)):
+                raise ValueError(
+                    f"{where}: {key!r} has {len(values)} values but the optimizer has {len(groups)} parameter "
+                    "groups; give one value for all of them or one per group"
+                )
+            for k, group in enumerate(groups):
+                value = values[0] if len(values) == 1 else values[k]
+                if key in PAIR_KEYS and isinstance(value, list):
+                    value = tuple(value)
+                group[key] = value
+                self.rule.validate_group(group, f"{where} (group {k})")
+                for position, i in enumerate(group["params"]):
+                    self._check_hyper_shapes({key: value, "params": group["params"]}, self.params[i], position,
+                                             f"{where} (group {k})")
+        self.param_groups = groups
+
     # -- the step --------------------------------------------------------------------
     def step(
         self,
@@ -121,6 +156,7 @@ class DifferentiableOptimizer(ParamGroups, StateDict):
         params: Sequence[Tensor] | None = None,
         *,
         grads: Sequence[Tensor | None] | None = None,
+        override: Mapping[str, Sequence[Any]] | None = None,
     ) -> list[Tensor]:
         """Take one differentiable step and return the new parameters.
 
@@ -129,7 +165,11 @@ class DifferentiableOptimizer(ParamGroups, StateDict):
             params: the current parameters (default: ``self.params``); the same
                 number, shapes and order as at construction.
             grads: gradients to use instead of differentiating ``loss``.
+            override: higher's per-step hyperparameters, applied before this step
+                (see :meth:`apply_override`), e.g. ``{"lr": [lr_tensor]}``.
         """
+        if override is not None:
+            self.apply_override(override)
         current = self._current(params)
         if grads is None:
             grads = loss_gradients(loss, current, self.step_count, first_order=self.first_order,

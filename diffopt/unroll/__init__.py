@@ -7,10 +7,11 @@ from .functional import FunctionalModel, ParameterLayout
 from .modes import (ES, MODES, PES, Checkpointed, FirstOrder, Forward, Implicit, Mode, SecondOrder, Truncated,
                     as_mode)
 from .patched import BATCHNORM_POLICIES, PatchedModel, choose_vectorize
-from .solvers import CG, Neumann, SolveInfo, conjugate_gradient, neumann
+from .solvers import CG, Neumann, NormalCG, SolveInfo, conjugate_gradient, neumann, normal_conjugate_gradient
 
 __all__ = [
     "BATCHNORM_POLICIES", "CG", "ES", "MODES", "PES", "Adapted", "Carry", "Checkpointed", "FirstOrder", "Forward",
-    "FunctionalModel", "Implicit", "InnerLoop", "Mode", "Neumann", "ParameterLayout", "PatchedModel",
+    "FunctionalModel", "Implicit", "InnerLoop", "Mode", "Neumann", "NormalCG", "ParameterLayout", "PatchedModel",
     "SecondOrder", "SolveInfo", "Truncated", "as_mode", "choose_vectorize", "conjugate_gradient", "neumann",
+    "normal_conjugate_gradient",
 ]

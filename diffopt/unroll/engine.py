@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..optim import SGD, DifferentiableOptimizer, NonFiniteError, from_torch
 from ..optim._hyper import PerParameter, Schedule
+from ._shapes import no_example_dimension
 from .carry import Adapted, Carry, detached
 from .modes import MODES, Mode, as_mode, default_segment
 from .functional import ParameterLayout
@@ -159,6 +160,7 @@ class InnerLoop:
             raise ValueError(
                 f"{what}: inputs have {x.shape[0]} tasks but targets have {y.shape[0]} (leading dimension)"
             )
+        no_example_dimension(x, what)
 
     def _check_tasks(self, sx: Tensor, sy: Tensor, qx: Tensor | None = None, qy: Tensor | None = None) -> None:
         self._check_pair(sx, sy, "support")

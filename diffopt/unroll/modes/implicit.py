@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..carry import Carry, unique
-from ..solvers import CG, SOLVERS, LinearSolver, Neumann
+from ..solvers import CG, SOLVERS, LinearSolver, Neumann, NormalCG
 from ._base import Mode, suggest
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
 @dataclass(eq=False)
 class Implicit(Mode):
     """Solve the inner problem without a graph (``loop.steps`` steps), then attach the
-    implicit hypergradient. ``solver``: a :class:`~diffopt.unroll.solvers.CG` or
+    implicit hypergradient. ``solver``: a :class:`~diffopt.unroll.solvers.CG`,
+    :class:`~diffopt.unroll.solvers.NormalCG` (indefinite Hessians; torchopt's iMAML) or
     :class:`~diffopt.unroll.solvers.Neumann` (or its name, with default settings);
     ``damping`` is added to the Hessian's diagonal."""
 
@@ -42,11 +43,14 @@ class Implicit(Mode):
     def __post_init__(self) -> None:
         if isinstance(self.solver, str):
             if self.solver not in SOLVERS:
-                raise ValueError(f"solver={self.solver!r}: choose {' or '.join(map(repr, SOLVERS))}"
-                                 f"{suggest(self.solver, SOLVERS)}, or a CG(...) / Neumann(...) object")
+                *first, last = map(repr, SOLVERS)
+                raise ValueError(f"solver={self.solver!r}: choose {', '.join(first)} or {last}"
+                                 f"{suggest(self.solver, SOLVERS)}, or a CG(...) / NormalCG(...) / Neumann(...) "
+                                 "object")
             self.solver = SOLVERS[self.solver]()
-        if not isinstance(self.solver, (CG, Neumann)):
-            raise TypeError(f"solver must be 'cg', 'neumann', CG(...) or Neumann(...), got {self.solver!r}")
+        if not isinstance(self.solver, (CG, NormalCG, Neumann)):
+            raise TypeError(f"solver must be 'cg', 'normal_cg', 'neumann', CG(...), NormalCG(...) or Neumann(...), "
+                            f"got {self.solver!r}")
         if not self.damping >= 0:
             raise ValueError(f"damping must be >= 0, got {self.damping!r}")
 
