@@ -83,12 +83,10 @@ def innerloop(
             overrides from that step on.
         **options: passed to ``from_torch`` (``check_finite``, clipping, ...).
     """
-    model_params = list(model.parameters())
     fmodel = higher.monkeypatch(
         model, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
     )
     fast = list(fmodel.fast_params)
-    index_of = {id(p): j for j, p in enumerate(model_params)}
     if isinstance(optimizer, DifferentiableOptimizer):
         originals = optimizer.params
     elif isinstance(optimizer, torch.optim.Optimizer):
@@ -98,14 +96,10 @@ def innerloop(
             f"innerloop(optimizer=...): expected a torch.optim or diffopt optimizer, got "
             f"{type(optimizer).__name__}"
         )
-    positions = []
-    for k, p in enumerate(originals):
-        if id(p) not in index_of:
-            raise ValueError(
-                f"innerloop: the optimizer's parameter {k} (shape {tuple(p.shape)}) is not a "
-                "parameter of the model; build the optimizer on model.parameters()"
-            )
-        positions.append(index_of[id(p)])
+    from .unroll.functional import ParameterLayout  # here: `import diffopt` must not load the engine
+
+    positions = ParameterLayout(model).positions(originals, what="innerloop: the optimizer's parameter",
+                                                 fix="build the optimizer on model.parameters()")
     starts = [fast[j] for j in positions]
     if isinstance(optimizer, DifferentiableOptimizer):
         if options:

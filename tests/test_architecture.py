@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("diffopt._version", "diffopt._progress", "diffopt._measure", "diffopt._io", "diffopt.errors")),
     ("optim", ("diffopt.optim",)),
     ("unroll", ("diffopt.unroll", "diffopt.innerloop")),
-    ("algorithms / tasks", ("diffopt.algorithms", "diffopt.tasks")),
+    ("algorithms / tasks / ports", ("diffopt.algorithms", "diffopt.tasks", "diffopt.ports")),
     ("training / diagnostics / testing",
      ("diffopt.recipes", "diffopt.training", "diffopt.distributed", "diffopt.diagnostics", "diffopt.testing")),
     ("bench", ("diffopt.bench",)),
@@ -63,7 +63,10 @@ def layer_of(module: str) -> tuple[int, str]:
     best: tuple[int, int, str] | None = None
     for index, (name, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
-            if module == prefix or module.startswith(prefix + "."):
+            # The entry-point layer is the package namespace itself, not a prefix: a new
+            # subpackage must be given its layer, not fall into the top one.
+            exact = index == len(LAYERS) - 1
+            if module == prefix or (not exact and module.startswith(prefix + ".")):
                 if best is None or len(prefix) > best[0]:
                     best = (len(prefix), index, name)
     if best is None:
@@ -143,6 +146,12 @@ def test_allowed_exceptions_are_still_needed():
     source = MODULES["diffopt.optim.learned"].read_text()
     for _, target in lazy:  # the lazy re-export names its targets as strings for importlib
         assert f'"{target}"' in source
+
+
+def test_a_new_subpackage_is_in_no_layer_until_given_one():
+    with pytest.raises(AssertionError, match="diffopt.newthing.x is in no layer"):
+        layer_of("diffopt.newthing.x")
+    assert layer_of("diffopt.ports.learn2learn")[1] == "algorithms / tasks / ports"
 
 
 def test_the_checker_resolves_relative_and_lazy_imports():

@@ -13,3 +13,6 @@ names and signatures (``MAML(model, lr)``), which differ from diffopt's
 (``MAML(model, loss_fn, inner_lr=...)``), and because the package mirrors the peer's
 module layout (``l2l.algorithms.MAML``) one to one.
 """
+from . import learn2learn
+
+__all__ = ["learn2learn"]
