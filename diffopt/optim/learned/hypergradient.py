@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._rule import Hyper, State, check_pair, check_range, safe_sqrt
+from .._rule import Hyper, State, check_range, safe_sqrt
 from ._base import LearnedOptimizer, LearnedRule, batch_shape
 
 __all__ = ["HypergradientAdam", "HypergradientAdamRule", "HypergradientSGD", "HypergradientSGDRule"]
@@ -102,12 +102,6 @@ class HypergradientAdamRule(HypergradientSGDRule):
         exp_avg_sq = state["exp_avg_sq"] * beta2 + (1 - beta2) * (g * g)
         u = (exp_avg / (1 - beta1**step)) / (safe_sqrt(exp_avg_sq / (1 - beta2**step)) + hp["eps"])
         return u, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-
-    def validate_group(self, group: Mapping[str, Any], where: str) -> None:
-        super().validate_group(group, where)
-        beta1, beta2 = check_pair(group["betas"], "betas", where)
-        check_range(beta1, "betas[0]", where, low=0.0, high=1.0)
-        check_range(beta2, "betas[1]", where, low=0.0, high=1.0)
 
 
 class _Hypergradient(LearnedOptimizer):
