@@ -29,6 +29,7 @@ from .rmsprop import RMSprop, RMSpropRule
 from .rprop import Rprop, RpropRule
 from .sgd import SGD, SGDRule
 from .transforms import clip_grad_norm, clip_grad_value
+from . import lr_scheduler  # noqa: E402  (differentiable twins of torch.optim.lr_scheduler)
 
 OPTIMIZERS: dict[str, type[DifferentiableOptimizer]] = {
     cls.__name__: cls for cls in (SGD, Adam, AdamW, Adagrad, Adadelta, Adamax, NAdam, RAdam, RMSprop, Rprop, ASGD,
@@ -40,5 +41,5 @@ __all__ = [
     "AdamRule", "AdamW", "Adamax", "AdamaxRule", "DifferentiableOptimizer", "Muon", "MuonRule", "NAdam", "NAdamRule",
     "NonFiniteError", "OPTIMIZERS", "PerParameter", "RAdam", "RAdamRule", "RMSprop", "RMSpropRule", "Rprop",
     "RpropRule", "SGD", "SGDRule", "Schedule", "TWINS", "UpdateRule", "clip_grad_norm", "clip_grad_value",
-    "from_torch", "newton_schulz", "safe_sqrt", "safe_sqrt_all",
+    "from_torch", "lr_scheduler", "newton_schulz", "safe_sqrt", "safe_sqrt_all",
 ]
