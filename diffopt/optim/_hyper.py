@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
+import torch
 from torch import Tensor
 
 __all__ = ["PerParameter", "Schedule", "HyperValue", "resolve", "resolve_shared"]
@@ -103,6 +104,27 @@ def resolve(value: Any, name: str, index_in_group: int, step: int) -> Any:
         return resolve(value.at(step, name), name, index_in_group, step)
     if isinstance(value, tuple):
         return tuple(resolve(v, f"{name}[{i}]", index_in_group, step) for i, v in enumerate(value))
+    return as_number_if_constant(value)
+
+
+def _carries_no_derivative(value: Tensor) -> bool:
+    """No gradient can reach ``value``: it does not require grad, carries no forward-mode tangent,
+    and no ``torch.func`` transform (which wraps tensors) is running."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    if value.requires_grad or (peek is not None and peek() is not None):
+        return False
+    return torch.autograd.forward_ad.unpack_dual(value).tangent is None
+
+
+def as_number_if_constant(value: Any) -> Any:
+    """A 0-dim real floating tensor through which no derivative flows, as a Python float.
+
+    torch.optim reads such a hyperparameter with ``.item()`` and uses torch's scalar
+    arithmetic (``add(..., alpha=lr)``: one rounding); as a number the twin does the
+    same, bit for bit, instead of multiplying by a tensor (two roundings in float32).
+    """
+    if isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point() and _carries_no_derivative(value):
+        return value.item()
     return value
 
 
@@ -122,7 +144,7 @@ def resolve_shared(value: Any, name: str, step: int) -> Any:
         return resolve_shared(value.at(step, name), name, step)
     if isinstance(value, tuple):
         return tuple(resolve_shared(v, f"{name}[{i}]", step) for i, v in enumerate(value))
-    return value
+    return as_number_if_constant(value)
 
 
 def is_plain_number(value: Any) -> bool:

@@ -322,7 +322,7 @@ class OneCycleLR(_torch.OneCycleLR, LRScheduler):
             self.total_steps = epochs * steps_per_epoch
         else:
             raise ValueError("OneCycleLR: give total_steps, or epochs and steps_per_epoch")
-        pct_value = float(pct_start) if isinstance(pct_start, Tensor) else pct_start
+        pct_value = float(pct_start.detach()) if isinstance(pct_start, Tensor) else pct_start
         if not isinstance(pct_value, float) or not 0 <= pct_value <= 1:
             raise ValueError(f"OneCycleLR: expected a float pct_start in [0, 1], got {pct_start!r}")
         if isinstance(pct_start, Tensor) and pct_start.dtype != torch.float64:
@@ -424,7 +424,7 @@ class ReduceLROnPlateau(_torch.ReduceLROnPlateau):
             self.min_lrs = [self.default_min_lr] * len(self.optimizer.param_groups)
         for i, group in enumerate(self.optimizer.param_groups):
             old_lr = group["lr"]
-            old_value = float(old_lr)
+            old_value = float(old_lr.detach()) if isinstance(old_lr, Tensor) else float(old_lr)
             new_value = max(old_value * self.factor, self.min_lrs[i])
             if old_value - new_value > self.eps:
                 # a tensor keeps its graph: max(lr * factor, min_lr), the same value

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ._hyper import PerParameter, Schedule, VariesByParameter, is_plain_number, leaves, resolve, resolve_shared
-from ._rule import State, UpdateRule, inside_torch_func
+from ._rule import State, UpdateRule, inside_torch_func, update_one_like_torch
 from .transforms import GradTransform, build_transforms
 
 __all__ = ["DifferentiableOptimizer", "NonFiniteError"]
@@ -286,7 +286,7 @@ class DifferentiableOptimizer:
                 state = new_states[i]
                 if state is None:
                     state = self.rule.init_state(params[i], hp)
-                new_params[i], new_states[i] = self.rule.update_one(params[i], grads[i], state, hp)
+                new_params[i], new_states[i] = update_one_like_torch(self.rule, params[i], grads[i], state, hp)
         return new_params, new_states
 
     def tensor_hyperparameters(
@@ -326,7 +326,7 @@ class DifferentiableOptimizer:
                    for key in self.rule.defaults if key in hp):
             return members  # tensor hyperparameters (learnable, per element) go tensor by tensor
         states = {i: new_states[i] if new_states[i] is not None else self.rule.init_state(params[i], hp)
-                  for _, i in members if not params[i].is_complex()}
+                  for _, i in members if not params[i].is_complex() and not self._lr_promotes(params[i], hp)}
         by_step: dict[Any, list[int]] = {}
         for i, state in states.items():  # tensors that missed steps (no gradient) are behind
             by_step.setdefault(state.get("step"), []).append(i)
@@ -339,6 +339,13 @@ class DifferentiableOptimizer:
                     new_params[i], new_states[i] = p, s
                 done.update(indices)
         return [(position, i) for position, i in members if i not in done]
+
+    @staticmethod
+    def _lr_promotes(param: Tensor, hp: Mapping[str, Any]) -> bool:
+        """A 0-dim parameter and a tensor lr of another dtype (left to the per-tensor path, which keeps
+        the parameter's dtype)."""
+        lr = hp.get("lr")
+        return param.dim() == 0 and isinstance(lr, Tensor) and lr.dtype != param.dtype
 
     def _scalar_tensor_lr(self, lr: Any) -> bool:
         """A 0-dim floating-point tensor lr, which the rule's multi-tensor step takes."""
