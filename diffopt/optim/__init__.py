@@ -21,6 +21,7 @@ from .adam import Adam, AdamRule, AdamW
 from .adamax import Adamax, AdamaxRule
 from .asgd import ASGD, ASGDRule
 from .convert import TWINS, from_torch
+from .lbfgs import LBFGS, lbfgs_solve
 from .nadam import NAdam, NAdamRule
 from .muon import Muon, MuonRule, newton_schulz
 from .optimizer import DifferentiableOptimizer, NonFiniteError
@@ -37,9 +38,9 @@ OPTIMIZERS: dict[str, type[DifferentiableOptimizer]] = {
 }
 
 __all__ = [
-    "ASGD", "ASGDRule", "Adadelta", "AdadeltaRule", "Adafactor", "AdafactorRule", "Adagrad", "AdagradRule", "Adam",
+    "ASGD", "ASGDRule", "LBFGS", "Adadelta", "AdadeltaRule", "Adafactor", "AdafactorRule", "Adagrad", "AdagradRule", "Adam",
     "AdamRule", "AdamW", "Adamax", "AdamaxRule", "DifferentiableOptimizer", "Muon", "MuonRule", "NAdam", "NAdamRule",
     "NonFiniteError", "OPTIMIZERS", "PerParameter", "RAdam", "RAdamRule", "RMSprop", "RMSpropRule", "Rprop",
     "RpropRule", "SGD", "SGDRule", "Schedule", "TWINS", "UpdateRule", "clip_grad_norm", "clip_grad_value",
-    "from_torch", "lr_scheduler", "newton_schulz", "safe_sqrt", "safe_sqrt_all",
+    "from_torch", "lbfgs_solve", "lr_scheduler", "newton_schulz", "safe_sqrt", "safe_sqrt_all",
 ]
