@@ -256,7 +256,8 @@ def count_update_ops(problem: Problem, name: str) -> dict[str, int]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     _common.set_threads(args.threads)
     torch.manual_seed(args.seed)
-    problems = {biases: Problem(args.layers, args.width, args.batch, args.seed, biases=biases) for biases in (True, False)}
+    problems = {biases: Problem(args.layers, args.width, args.batch, args.seed, biases=biases)
+                for biases in (True, False)}
     names = args.optimizers or list(OPTIMIZERS)
     results: dict[str, Any] = {}
     for name in names:

@@ -126,8 +126,7 @@ def test_implicit_gradient_matches_finite_differences_on_a_nonquadratic_problem(
         return logistic(xs, thetas[0].exp())
 
     log_lam = torch.tensor(-1.5, dtype=F64, requires_grad=True)
-    g = torch.Generator().manual_seed(4)
-    targets = [torch.randn_like(x) for x in x0]
+    targets = [torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=F64) for x in x0]
 
     def outer(value):
         xs = lbfgs_solve(objective, x0, [value], steps=10)

@@ -38,7 +38,8 @@ def matrix_problems(draw: st.DrawFn, unused: bool | None = None) -> Problem:
     g = torch.Generator().manual_seed(seed)
     n_in, hidden, n_out = draw(st.integers(2, 5)), draw(st.integers(2, 6)), draw(st.integers(1, 3))
     x, y = torch.randn(10, n_in, generator=g, dtype=F64), torch.randn(10, n_out, generator=g, dtype=F64)
-    params = [torch.randn(hidden, n_in, generator=g, dtype=F64) * 0.7, torch.randn(n_out, hidden, generator=g, dtype=F64)]
+    params = [torch.randn(hidden, n_in, generator=g, dtype=F64) * 0.7,
+              torch.randn(n_out, hidden, generator=g, dtype=F64)]
     names = ["w1", "w2"]
     unused = draw(st.booleans()) if unused is None else unused
     if unused:
@@ -196,7 +197,8 @@ def test_adafactor_hypergradients_match_finite_differences(seed, problem, config
     config = dict(config, d=1.0 + 2.0 * (config["d"] > 1.5))  # the clipping kink RMS(U) = d sits away from draws
     hyper = {"lr": 0.03 + 0.05 * (seed % 3) / 3, "beta2_decay": -0.8, "weight_decay": 0.3}
     rest = {k: v for k, v in config.items() if k not in hyper}
-    error = hypergradient_error(lambda ps, **h: Adafactor(ps, foreach=foreach, **rest, **h), problem, hyper, steps, seed)
+    make = lambda ps, **h: Adafactor(ps, foreach=foreach, **rest, **h)  # noqa: E731
+    error = hypergradient_error(make, problem, hyper, steps, seed)
     assert record("finite differences", "Adafactor", error) <= 1e-6
 
 
@@ -276,12 +278,14 @@ def test_reductions_gradcheck_and_zero():
                lambda t: mean_square(t, -2)):
         assert torch.autograd.gradcheck(fn, (x,))
         assert torch.autograd.gradgradcheck(fn, (x,))
-        assert torch.autograd.gradcheck(fn, (x,), check_forward_ad=True, check_backward_ad=False, check_undefined_grad=False)
+        assert torch.autograd.gradcheck(fn, (x,), check_forward_ad=True, check_backward_ad=False,
+                                        check_undefined_grad=False)
     zero = torch.zeros(3, 4, dtype=F64, requires_grad=True)
     (first,) = torch.autograd.grad(safe_norm(zero), zero, create_graph=True)
     (second,) = torch.autograd.grad(first.sum(), zero)
     assert torch.equal(first, torch.zeros_like(first)) and torch.isfinite(second).all()
-    assert torch.equal(safe_norm(x), x.norm(2)) and torch.equal(mean_square(x, -1), x.norm(dim=-1, keepdim=True).square() / 4)
+    assert torch.equal(safe_norm(x), x.norm(2))
+    assert torch.equal(mean_square(x, -1), x.norm(dim=-1, keepdim=True).square() / 4)
 
 
 def test_newton_schulz_and_adafactor_step_gradcheck():
@@ -298,7 +302,8 @@ def test_newton_schulz_and_adafactor_step_gradcheck():
     lr = torch.tensor(0.05, dtype=F64, requires_grad=True)
 
     def one_step(p, gr, rate):
-        state = {"step": 2, "row_var": torch.full((3, 1), 0.5, dtype=F64), "col_var": torch.full((1, 4), 0.3, dtype=F64)}
+        state = {"step": 2, "row_var": torch.full((3, 1), 0.5, dtype=F64),
+                 "col_var": torch.full((1, 4), 0.3, dtype=F64)}
         new, s = rule.update_one(p, gr, state, {**hp, "lr": rate, "d": 1.5})
         return new, s["row_var"], s["col_var"]
 

@@ -38,9 +38,9 @@ OPTIMIZERS: dict[str, type[DifferentiableOptimizer]] = {
 }
 
 __all__ = [
-    "ASGD", "ASGDRule", "LBFGS", "Adadelta", "AdadeltaRule", "Adafactor", "AdafactorRule", "Adagrad", "AdagradRule", "Adam",
-    "AdamRule", "AdamW", "Adamax", "AdamaxRule", "DifferentiableOptimizer", "Muon", "MuonRule", "NAdam", "NAdamRule",
-    "NonFiniteError", "OPTIMIZERS", "PerParameter", "RAdam", "RAdamRule", "RMSprop", "RMSpropRule", "Rprop",
-    "RpropRule", "SGD", "SGDRule", "Schedule", "TWINS", "UpdateRule", "clip_grad_norm", "clip_grad_value",
+    "ASGD", "ASGDRule", "Adadelta", "AdadeltaRule", "Adafactor", "AdafactorRule", "Adagrad", "AdagradRule", "Adam",
+    "AdamRule", "AdamW", "Adamax", "AdamaxRule", "DifferentiableOptimizer", "LBFGS", "Muon", "MuonRule", "NAdam",
+    "NAdamRule", "NonFiniteError", "OPTIMIZERS", "PerParameter", "RAdam", "RAdamRule", "RMSprop", "RMSpropRule",
+    "Rprop", "RpropRule", "SGD", "SGDRule", "Schedule", "TWINS", "UpdateRule", "clip_grad_norm", "clip_grad_value",
     "from_torch", "lbfgs_solve", "lr_scheduler", "newton_schulz", "safe_sqrt", "safe_sqrt_all",
 ]

@@ -82,14 +82,16 @@ def _strong_wolfe(obj_func: Callable[[Any, Tensor], tuple[Tensor, Tensor]], t: A
     ls_iter = 0
     while ls_iter < max_ls:
         if f_new > (f + c1 * t * gtd) or (ls_iter > 1 and f_new >= f_prev):
-            bracket, bracket_f, bracket_g, bracket_gtd = [t_prev, t], [f_prev, f_new], [g_prev, g_new], [gtd_prev, gtd_new]
+            bracket, bracket_f = [t_prev, t], [f_prev, f_new]
+            bracket_g, bracket_gtd = [g_prev, g_new], [gtd_prev, gtd_new]
             break
         if abs(gtd_new) <= -c2 * gtd:
             bracket, bracket_f, bracket_g = [t], [f_new], [g_new]
             done = True
             break
         if gtd_new >= 0:
-            bracket, bracket_f, bracket_g, bracket_gtd = [t_prev, t], [f_prev, f_new], [g_prev, g_new], [gtd_prev, gtd_new]
+            bracket, bracket_f = [t_prev, t], [f_prev, f_new]
+            bracket_g, bracket_gtd = [g_prev, g_new], [gtd_prev, gtd_new]
             break
         min_step = t + 0.01 * (t - t_prev)
         max_step = t * 10
@@ -122,7 +124,8 @@ def _strong_wolfe(obj_func: Callable[[Any, Tensor], tuple[Tensor, Tensor]], t: A
         gtd_new = g_new.dot(d)
         ls_iter += 1
         if f_new > (f + c1 * t * gtd) or f_new >= bracket_f[low_pos]:
-            bracket[high_pos], bracket_f[high_pos], bracket_g[high_pos], bracket_gtd[high_pos] = t, f_new, g_new, gtd_new
+            bracket[high_pos], bracket_f[high_pos] = t, f_new
+            bracket_g[high_pos], bracket_gtd[high_pos] = g_new, gtd_new
             low_pos, high_pos = (0, 1) if bracket_f[0] <= bracket_f[1] else (1, 0)
         else:
             if abs(gtd_new) <= -c2 * gtd:
@@ -142,9 +145,9 @@ class LBFGS:
     ``step(closure)`` takes ``closure(params) -> loss`` and returns the new parameters.
     """
 
-    def __init__(self, params: Sequence[Tensor], lr: float | Tensor = 1, max_iter: int = 20, max_eval: int | None = None,
-                 tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, history_size: int = 100,
-                 line_search_fn: str | None = None, *, first_order: bool = False) -> None:
+    def __init__(self, params: Sequence[Tensor], lr: float | Tensor = 1, max_iter: int = 20,
+                 max_eval: int | None = None, tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9,
+                 history_size: int = 100, line_search_fn: str | None = None, *, first_order: bool = False) -> None:
         if isinstance(params, Tensor):
             raise TypeError("LBFGS: params must be a list of tensors; wrap a single tensor in a list")
         params = list(params)
@@ -168,7 +171,8 @@ class LBFGS:
                 raise ValueError(f"LBFGS: {name} must be a positive integer, got {value!r}")
         self.params = params
         self._trainable = [p.requires_grad for p in params]  # (the others get a zero gradient, as in torch)
-        self.defaults = {"lr": lr, "max_iter": max_iter, "max_eval": max_iter * 5 // 4 if max_eval is None else max_eval,
+        self.defaults = {"lr": lr, "max_iter": max_iter,
+                         "max_eval": max_iter * 5 // 4 if max_eval is None else max_eval,
                          "tolerance_grad": tolerance_grad, "tolerance_change": tolerance_change,
                          "history_size": history_size, "line_search_fn": line_search_fn}
         self.param_groups = [dict(self.defaults, params=list(range(len(params))))]
@@ -336,7 +340,9 @@ def conjugate_gradient(hvp: Callable[[list[Tensor]], list[Tensor]], rhs: list[Te
 
 class _ImplicitSolution(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, objective: Any, n_x: int, cg_tol: float, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, objective: Any, n_x: int, cg_tol: float, *tensors: Tensor
+    ) -> tuple[Tensor, ...]:
         ctx.objective, ctx.n_x, ctx.cg_tol = objective, n_x, cg_tol
         ctx.save_for_backward(*tensors)
         return tuple(x.clone() for x in tensors[:n_x])

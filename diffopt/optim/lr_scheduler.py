@@ -74,8 +74,10 @@ def _cos(x: Any) -> Any:
 
 def _check_optimizer(optimizer: Any, name: str) -> None:
     if not isinstance(optimizer, DifferentiableOptimizer):
-        hint = (" (for a torch.optim optimizer use torch.optim.lr_scheduler, or convert both with "
-                "diffopt.optim.from_torch and scheduler_from_torch)") if isinstance(optimizer, torch.optim.Optimizer) else ""
+        hint = ""
+        if isinstance(optimizer, torch.optim.Optimizer):
+            hint = (" (for a torch.optim optimizer use torch.optim.lr_scheduler, or convert both with "
+                    "diffopt.optim.from_torch and scheduler_from_torch)")
         raise TypeError(f"{name}: optimizer must be a diffopt.optim.DifferentiableOptimizer, got "
                         f"{type(optimizer).__name__}{hint}")
 
@@ -274,7 +276,9 @@ class CyclicLR(_torch.CyclicLR, LRScheduler):
         self.total_size = step_size_up + step_size_down
         self.step_ratio = step_size_up / self.total_size
         if mode not in ["triangular", "triangular2", "exp_range"] and scale_fn is None:
-            raise ValueError(f"CyclicLR: mode {mode!r} is not triangular, triangular2 or exp_range, and scale_fn is None")
+            raise ValueError(
+                f"CyclicLR: mode {mode!r} is not triangular, triangular2 or exp_range, and scale_fn is None"
+            )
         self.mode, self.gamma, self._scale_fn_custom, self.scale_mode = mode, gamma, scale_fn, scale_mode
         self._init_scale_fn()
         self.cycle_momentum = cycle_momentum
@@ -316,7 +320,8 @@ class OneCycleLR(_torch.OneCycleLR, LRScheduler):
                 raise ValueError(f"OneCycleLR: expected a positive integer total_steps, got {total_steps!r}")
             self.total_steps = total_steps
         elif epochs is not None and steps_per_epoch is not None:
-            if not isinstance(epochs, int) or epochs <= 0 or not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
+            if not (isinstance(epochs, int) and epochs > 0 and isinstance(steps_per_epoch, int)
+                    and steps_per_epoch > 0):
                 raise ValueError(f"OneCycleLR: epochs and steps_per_epoch must be positive integers, got "
                                  f"{epochs!r}, {steps_per_epoch!r}")
             self.total_steps = epochs * steps_per_epoch
@@ -397,7 +402,9 @@ class ReduceLROnPlateau(_torch.ReduceLROnPlateau):
         self.optimizer = optimizer  # type: ignore[assignment]
         if isinstance(min_lr, (list, tuple)):
             if len(min_lr) != len(optimizer.param_groups):
-                raise ValueError(f"ReduceLROnPlateau: expected {len(optimizer.param_groups)} min_lrs, got {len(min_lr)}")
+                raise ValueError(
+                    f"ReduceLROnPlateau: expected {len(optimizer.param_groups)} min_lrs, got {len(min_lr)}"
+                )
             self.default_min_lr = None
             self.min_lrs = list(min_lr)
         else:

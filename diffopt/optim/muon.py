@@ -109,7 +109,8 @@ class MuonRule(UpdateRule):
         if nonzero(wd):  # torch multiplies even when weight_decay == 0 (by exactly 1)
             param = param * in_dtype(1 - as_double(lr) * as_double(wd), param.dtype)
         if isinstance(step_size, Tensor):  # torch's add_(update, alpha=-lr'): a fused multiply-add
-            return torch.addcmul(param, update.to(param.dtype), (-step_size).to(param.dtype)), {"momentum_buffer": buffer}
+            new = torch.addcmul(param, update.to(param.dtype), (-step_size).to(param.dtype))
+            return new, {"momentum_buffer": buffer}
         return torch.add(param, update, alpha=-step_size), {"momentum_buffer": buffer}
 
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:
@@ -130,7 +131,9 @@ class MuonRule(UpdateRule):
         if group["ns_dtype"] is not None and not (
             isinstance(group["ns_dtype"], torch.dtype) and group["ns_dtype"].is_floating_point
         ):
-            raise TypeError(f"{where}: ns_dtype must be a floating-point torch.dtype or None, got {group['ns_dtype']!r}")
+            raise TypeError(
+                f"{where}: ns_dtype must be a floating-point torch.dtype or None, got {group['ns_dtype']!r}"
+            )
 
     def state_from_torch(self, state: Mapping[str, Any], param: Tensor) -> State:
         return {"momentum_buffer": state["momentum_buffer"].detach().clone()}
