@@ -104,7 +104,7 @@ def resolve(value: Any, name: str, index_in_group: int, step: int) -> Any:
         return resolve(value.at(step, name), name, index_in_group, step)
     if isinstance(value, tuple):
         return tuple(resolve(v, f"{name}[{i}]", index_in_group, step) for i, v in enumerate(value))
-    return as_number_if_constant(value)
+    return value
 
 
 def _carries_no_derivative(value: Tensor) -> bool:
@@ -128,6 +128,15 @@ def as_number_if_constant(value: Any) -> Any:
     return value
 
 
+def constants_as_numbers(hp: dict[str, Any], structured: Sequence[str] = ()) -> dict[str, Any]:
+    """``hp`` with :func:`as_number_if_constant` applied to every scalar hyperparameter (inside pairs
+    too), except the ``structured`` ones (a learned rule's weight tensors stay tensors)."""
+    def convert(value: Any) -> Any:
+        return tuple(convert(v) for v in value) if isinstance(value, tuple) else as_number_if_constant(value)
+
+    return {k: v if k in structured else convert(v) for k, v in hp.items()}
+
+
 class VariesByParameter(Exception):
     """Raised by :func:`resolve_shared` for a value that differs between parameters."""
 
@@ -144,7 +153,7 @@ def resolve_shared(value: Any, name: str, step: int) -> Any:
         return resolve_shared(value.at(step, name), name, step)
     if isinstance(value, tuple):
         return tuple(resolve_shared(v, f"{name}[{i}]", step) for i, v in enumerate(value))
-    return as_number_if_constant(value)
+    return value
 
 
 def is_plain_number(value: Any) -> bool:

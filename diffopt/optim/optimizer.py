@@ -16,7 +16,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._hyper import PerParameter, Schedule, VariesByParameter, is_plain_number, leaves, resolve, resolve_shared
+from ._hyper import (
+    PerParameter, Schedule, VariesByParameter, constants_as_numbers, is_plain_number, leaves, resolve, resolve_shared,
+)
 from ._rule import State, UpdateRule, inside_torch_func, update_one_like_torch
 from .transforms import GradTransform, build_transforms
 
@@ -214,7 +216,9 @@ class DifferentiableOptimizer:
                 )
 
     def _hp(self, group: Mapping[str, Any], position: int, step: int) -> dict[str, Any]:
-        return {k: resolve(v, k, position, step) for k, v in group.items() if k != "params"}
+        # (a tensor through which no derivative flows is read as a number, as torch.optim reads it)
+        return constants_as_numbers({k: resolve(v, k, position, step) for k, v in group.items() if k != "params"},
+                                    getattr(self.rule, "structured", ()))
 
     def hyperparameter_tensors(self) -> list[Tensor]:
         """Every tensor hyperparameter that requires grad, once each (for meta-gradients)."""
@@ -304,9 +308,10 @@ class DifferentiableOptimizer:
     def _shared_hp(self, group: Mapping[str, Any], step: int) -> dict[str, Any] | None:
         """The group's hyperparameters at ``step`` if every parameter shares them, else ``None``."""
         try:
-            return {k: resolve_shared(v, k, step) for k, v in group.items() if k != "params"}
+            shared = {k: resolve_shared(v, k, step) for k, v in group.items() if k != "params"}
         except VariesByParameter:
             return None
+        return constants_as_numbers(shared, getattr(self.rule, "structured", ()))
 
     def _update_at_once(
         self,
