@@ -310,3 +310,49 @@ def test_as_schedule_and_errors():
         D.StepLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), 3)
     with pytest.raises(ValueError, match="pct_start"):
         D.OneCycleLR(twin, 0.1, total_steps=10, pct_start=1.5)
+
+
+def test_state_dict_resumes_the_schedule_and_schedule_lrs_are_refused():
+    _, twin = optimizers("SGD")
+    _, other = optimizers("SGD")
+    first = D.OneCycleLR(twin, 0.5, total_steps=100, pct_start=0.25)
+    for _ in range(30):
+        first.step()
+    saved = first.state_dict()
+    for key in ("initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "lr", "momentum"):
+        for mine, theirs in zip(other.param_groups, twin.param_groups):
+            mine[key] = theirs[key]
+    second = D.OneCycleLR(other, 0.5, total_steps=100, pct_start=0.25, last_epoch=29)
+    second.load_state_dict(saved)
+    for _ in range(50):
+        first.step()
+        second.step()
+        assert first.get_last_lr() == second.get_last_lr()
+    _, scheduled = optimizers("SGD")
+    scheduled.param_groups[0]["lr"] = diffopt.optim.Schedule([0.1, 0.2])
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['lr'\] is a Schedule"):
+        D.StepLR(scheduled, 3)
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_as_schedule_drives_the_inner_loop_engine(vectorize):
+    """OneCycle's rates as a Schedule in InnerLoop: the meta-gradient reaches the peak lr (vs FD)."""
+    from diffopt.unroll import InnerLoop
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    g = torch.Generator().manual_seed(0)
+    sx, sy, qx, qy = (torch.randn(2, 5, 1, generator=g, dtype=F64) for _ in range(4))
+
+    def meta_loss(peak):
+        opt = diffopt.optim.SGD(list(model.parameters()), lr=0.01, momentum=0.5)
+        schedules = D.OneCycleLR(opt, peak, total_steps=5, cycle_momentum=False).as_schedule(5)
+        for group, schedule in zip(opt.param_groups, schedules):
+            group["lr"] = schedule
+        return InnerLoop(model, opt, steps=5, vectorize=vectorize).meta_loss(sx, sy, qx, qy)
+
+    peak = t(0.3)
+    (grad,) = torch.autograd.grad(meta_loss(peak), peak)
+    numeric = central_differences(lambda h: float(meta_loss(torch.tensor(0.3 + h, dtype=F64)).detach()), 1.0,
+                                  steps=(1e-6, 1e-5))
+    assert min(abs(n - float(grad)) for n in numeric) <= 1e-6 * abs(float(grad))

@@ -55,7 +55,7 @@ from torch import Tensor
 from torch.optim import lr_scheduler as _torch
 from torch.optim.lr_scheduler import _enable_get_lr_call, _format_param, _param_groups_val_list
 
-from ._hyper import Schedule
+from ._hyper import PerParameter, Schedule
 from .optimizer import DifferentiableOptimizer
 
 __all__ = [
@@ -80,6 +80,13 @@ def _check_optimizer(optimizer: Any, name: str) -> None:
                     "diffopt.optim.from_torch and scheduler_from_torch)")
         raise TypeError(f"{name}: optimizer must be a diffopt.optim.DifferentiableOptimizer, got "
                         f"{type(optimizer).__name__}{hint}")
+    for k, group in enumerate(optimizer.param_groups):
+        if isinstance(group["lr"], (Schedule, PerParameter)):
+            raise TypeError(
+                f"{name}: param_groups[{k}]['lr'] is a {type(group['lr']).__name__}; a scheduler computes the "
+                "learning rate itself from a number or a tensor. Give the group a number or tensor lr (or use "
+                "the Schedule alone)"
+            )
 
 
 class LRScheduler(_torch.LRScheduler):
@@ -123,7 +130,13 @@ class LRScheduler(_torch.LRScheduler):
 
     def as_schedule(self, steps: int) -> list[Schedule]:
         """The learning rates of the next ``steps`` steps (advancing this scheduler), as a
-        :class:`~diffopt.optim.Schedule` per parameter group, for pure ``update`` calls."""
+        :class:`~diffopt.optim.Schedule` per parameter group, for pure ``update`` calls and the
+        inner-loop engine (which calls ``update`` with the step index and never ``scheduler.step()``)::
+
+            schedules = OneCycleLR(opt, max_lr=peak, total_steps=K).as_schedule(K)
+            for group, schedule in zip(opt.param_groups, schedules):
+                group["lr"] = schedule          # entry t is the learning rate of step t, on the graph
+        """
         per_group: list[list[Any]] = [[] for _ in self.optimizer.param_groups]
         for _ in range(steps):
             for values, group in zip(per_group, self.optimizer.param_groups):
