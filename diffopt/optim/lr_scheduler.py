@@ -468,11 +468,14 @@ def scheduler_from_torch(scheduler: Any, optimizer: DifferentiableOptimizer) -> 
     if len(torch_groups) != len(optimizer.param_groups):
         raise ValueError(f"scheduler_from_torch: the scheduler's optimizer has {len(torch_groups)} parameter groups, "
                          f"the twin optimizer {len(optimizer.param_groups)}")
+    def copy(value: Any) -> Any:  # (torch writes into a tensor lr in place: never share one with it)
+        return value.detach().clone() if isinstance(value, Tensor) else value
+
     for theirs, mine in zip(torch_groups, optimizer.param_groups):
         for key in SCHEDULER_GROUP_KEYS:
             if key in theirs:
-                mine[key] = theirs[key]
-        mine["lr"] = theirs["lr"]
+                mine[key] = copy(theirs[key])
+        mine["lr"] = copy(theirs["lr"])
     twin = object.__new__(twin_cls)
     state = {k: v for k, v in scheduler.__dict__.items() if k not in ("optimizer", "_schedulers")}
     twin.__dict__.update(state)
