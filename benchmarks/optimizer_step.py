@@ -26,7 +26,7 @@ use the numbers.
 Implementations run interleaved (shuffled order every round) in one process;
 the table reports medians over trials and the ratio diffopt/higher as the
 median (and quartiles) of the per-round ratios. higher has
-no NAdam, RAdam or AdamW (``get_diff_optim`` dispatches on the exact type), so
+no NAdam, RAdam, AdamW, Adafactor or Muon (``get_diff_optim`` dispatches on the exact type), so
 those are "n/a". A parity column checks diffopt's weights after a trial
 against torch.optim's, in float64.
 
@@ -62,7 +62,11 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "RMSprop": ("RMSprop", {"lr": 1e-2}),
     "Rprop": ("Rprop", {"lr": 1e-2}),
     "ASGD": ("ASGD", {"lr": 1e-2}),
+    "Adafactor": ("Adafactor", {"lr": 1e-2}),
+    "Muon": ("Muon", {"lr": 2e-2}),
 }
+#: Optimizers of weight matrices only: their MLP has no biases (Muon takes 2-D parameters only).
+MATRICES_ONLY = frozenset({"Muon"})
 IMPLEMENTATIONS = ("diffopt", "higher", "torch.optim")
 
 
@@ -70,13 +74,17 @@ IMPLEMENTATIONS = ("diffopt", "higher", "torch.optim")
 class Problem:
     """Initial weights and data of the functional MLP."""
 
-    def __init__(self, layers: int, width: int, batch: int, seed: int = 0, dtype: torch.dtype = torch.float32):
+    def __init__(self, layers: int, width: int, batch: int, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 biases: bool = True):
         g = torch.Generator().manual_seed(seed)
         self.params0: list[torch.Tensor] = []
+        self.biases = biases
         for _ in range(layers):
             bound = width**-0.5
             self.params0.append((torch.rand(width, width, generator=g, dtype=dtype) * 2 - 1) * bound)
-            self.params0.append((torch.rand(width, generator=g, dtype=dtype) * 2 - 1) * bound)
+            bias = (torch.rand(width, generator=g, dtype=dtype) * 2 - 1) * bound
+            if biases:
+                self.params0.append(bias)
         self.x = torch.randn(batch, width, generator=g, dtype=dtype)
         self.y = torch.randn(batch, width, generator=g, dtype=dtype)
 
@@ -85,9 +93,10 @@ class Problem:
 
     def loss(self, params: list[torch.Tensor]) -> torch.Tensor:
         h = self.x
-        n = len(params) // 2
+        per_layer = 2 if self.biases else 1
+        n = len(params) // per_layer
         for i in range(n):
-            h = F.linear(h, params[2 * i], params[2 * i + 1])
+            h = F.linear(h, params[per_layer * i], params[2 * i + 1] if self.biases else None)
             if i < n - 1:
                 h = torch.tanh(h)
         return F.mse_loss(h, self.y)
@@ -187,7 +196,8 @@ def parity(args: argparse.Namespace, name: str) -> float:
     saved = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        problem = Problem(args.layers, args.width, args.batch, args.seed, dtype=torch.float64)
+        problem = Problem(args.layers, args.width, args.batch, args.seed, dtype=torch.float64,
+                          biases=name not in MATRICES_ONLY)
         leaves = problem.leaves()
         opt = getattr(diffopt.optim, cls_name)(leaves, **kwargs)
         params = leaves
@@ -246,10 +256,12 @@ def count_update_ops(problem: Problem, name: str) -> dict[str, int]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     _common.set_threads(args.threads)
     torch.manual_seed(args.seed)
-    problem = Problem(args.layers, args.width, args.batch, args.seed)
+    problems = {biases: Problem(args.layers, args.width, args.batch, args.seed, biases=biases)
+                for biases in (True, False)}
     names = args.optimizers or list(OPTIMIZERS)
     results: dict[str, Any] = {}
     for name in names:
+        problem = problems[name not in MATRICES_ONLY]
         fns: dict[str, Callable[[], float]] = {}
         for impl in IMPLEMENTATIONS:
             for unroll in (False, True):

@@ -177,10 +177,26 @@ def _asgd(draw: st.DrawFn) -> dict[str, Any]:
             "weight_decay": draw(_WD), "maximize": draw(st.booleans())}
 
 
+@st.composite
+def _adafactor(draw: st.DrawFn) -> dict[str, Any]:
+    eps1 = draw(st.one_of(st.none(), log_floats(1e-30, 1e-3)))
+    return {"lr": draw(log_floats(1e-3, 0.1)), "beta2_decay": draw(default_or(-0.8, floats(-1.0, -0.1))),
+            "eps": (eps1, draw(default_or(1e-3, log_floats(1e-5, 0.1)))), "d": draw(default_or(1.0, floats(1.0, 3.0))),
+            "weight_decay": draw(_WD), "maximize": draw(st.booleans())}
+
+
+@st.composite
+def _muon(draw: st.DrawFn) -> dict[str, Any]:
+    return {"lr": draw(log_floats(1e-3, 0.05)), "weight_decay": draw(default_or(0.1, zero_or(floats(1e-3, 0.3)))),
+            "momentum": draw(default_or(0.95, floats(0.0, 0.99))), "nesterov": draw(st.booleans()),
+            "ns_steps": draw(default_or(5, st.integers(0, 7))), "eps": draw(default_or(1e-7, log_floats(1e-9, 1e-3))),
+            "adjust_lr_fn": draw(st.sampled_from([None, "original", "match_rms_adamw"]))}
+
+
 _CONFIGS: dict[str, Callable[[], st.SearchStrategy[dict[str, Any]]]] = {
     "SGD": _sgd, "Adam": _adam, "AdamW": lambda: _adam(decoupled_option=False), "Adagrad": _adagrad,
     "Adadelta": _adadelta, "Adamax": _adamax, "NAdam": _nadam, "RAdam": _radam, "RMSprop": _rmsprop,
-    "Rprop": _rprop, "ASGD": _asgd,
+    "Rprop": _rprop, "ASGD": _asgd, "Adafactor": _adafactor, "Muon": _muon,
 }
 
 
@@ -247,6 +263,10 @@ HYPER_RANGES: dict[str, dict[tuple[Any, ...], tuple[float, float]]] = {
              ("weight_decay",): (0.3, 2.0)},
 }
 HYPER_RANGES["AdamW"] = HYPER_RANGES["Adam"]
+# Adafactor and Muon (not in OPTIMIZER_NAMES: Muon takes matrices only, and their tests live in
+# tests/test_optim_adafactor_muon.py).
+HYPER_RANGES["Adafactor"] = {("lr",): (0.01, 0.1), ("beta2_decay",): (-0.9, -0.3), ("weight_decay",): (0.1, 1.0)}
+HYPER_RANGES["Muon"] = {("lr",): (0.01, 0.05), ("momentum",): (0.5, 0.95), ("weight_decay",): (0.05, 0.5)}
 
 
 def path_name(path: Sequence[Any]) -> str:

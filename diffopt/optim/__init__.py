@@ -15,29 +15,34 @@ returns the new parameters on the autograd graph::
 from ._hyper import PerParameter, Schedule
 from ._rule import UpdateRule, safe_sqrt, safe_sqrt_all
 from .adadelta import Adadelta, AdadeltaRule
+from .adafactor import Adafactor, AdafactorRule
 from .adagrad import Adagrad, AdagradRule
 from .adam import Adam, AdamRule, AdamW
 from .adamax import Adamax, AdamaxRule
 from .asgd import ASGD, ASGDRule
 from .convert import TWINS, from_torch
+from .lbfgs import LBFGS, lbfgs_solve
 from .nadam import NAdam, NAdamRule
+from .muon import Muon, MuonRule, newton_schulz
 from .optimizer import DifferentiableOptimizer, NonFiniteError
 from .radam import RAdam, RAdamRule
 from .rmsprop import RMSprop, RMSpropRule
 from .rprop import Rprop, RpropRule
 from .sgd import SGD, SGDRule
 from .transforms import clip_grad_norm, clip_grad_value
+from . import lr_scheduler  # noqa: E402  (differentiable twins of torch.optim.lr_scheduler)
 
 OPTIMIZERS: dict[str, type[DifferentiableOptimizer]] = {
-    cls.__name__: cls for cls in (SGD, Adam, AdamW, Adagrad, Adadelta, Adamax, NAdam, RAdam, RMSprop, Rprop, ASGD)
+    cls.__name__: cls for cls in (SGD, Adam, AdamW, Adagrad, Adadelta, Adamax, NAdam, RAdam, RMSprop, Rprop, ASGD,
+                                 Adafactor, Muon)
 }
 
 __all__ = [
-    "ASGD", "ASGDRule", "Adadelta", "AdadeltaRule", "Adagrad", "AdagradRule", "Adam", "AdamRule", "AdamW",
-    "Adamax", "AdamaxRule", "DifferentiableOptimizer", "NAdam", "NAdamRule", "NonFiniteError", "OPTIMIZERS",
-    "PerParameter", "RAdam", "RAdamRule", "RMSprop", "RMSpropRule", "Rprop", "RpropRule", "SGD", "SGDRule",
-    "Schedule", "TWINS", "UpdateRule", "clip_grad_norm", "clip_grad_value", "from_torch", "safe_sqrt",
-    "safe_sqrt_all",
+    "ASGD", "ASGDRule", "Adadelta", "AdadeltaRule", "Adafactor", "AdafactorRule", "Adagrad", "AdagradRule", "Adam",
+    "AdamRule", "AdamW", "Adamax", "AdamaxRule", "DifferentiableOptimizer", "LBFGS", "Muon", "MuonRule", "NAdam",
+    "NAdamRule", "NonFiniteError", "OPTIMIZERS", "PerParameter", "RAdam", "RAdamRule", "RMSprop", "RMSpropRule",
+    "Rprop", "RpropRule", "SGD", "SGDRule", "Schedule", "TWINS", "UpdateRule", "clip_grad_norm", "clip_grad_value",
+    "from_torch", "lbfgs_solve", "lr_scheduler", "newton_schulz", "safe_sqrt", "safe_sqrt_all",
 ]
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
+import torch
 from torch import Tensor
 
 __all__ = ["PerParameter", "Schedule", "HyperValue", "resolve", "resolve_shared"]
@@ -108,6 +109,36 @@ def resolve(value: Any, name: str, index_in_group: int, step: int) -> Any:
     if isinstance(value, tuple):
         return tuple(resolve(v, f"{name}[{i}]", index_in_group, step) for i, v in enumerate(value))
     return value
+
+
+def _carries_no_derivative(value: Tensor) -> bool:
+    """No gradient can reach ``value``: it does not require grad, carries no forward-mode tangent,
+    and no ``torch.func`` transform (which wraps tensors) is running."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    if value.requires_grad or (peek is not None and peek() is not None):
+        return False
+    return torch.autograd.forward_ad.unpack_dual(value).tangent is None
+
+
+def as_number_if_constant(value: Any) -> Any:
+    """A 0-dim real floating tensor through which no derivative flows, as a Python float.
+
+    torch.optim reads such a hyperparameter with ``.item()`` and uses torch's scalar
+    arithmetic (``add(..., alpha=lr)``: one rounding); as a number the twin does the
+    same, bit for bit, instead of multiplying by a tensor (two roundings in float32).
+    """
+    if isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point() and _carries_no_derivative(value):
+        return value.item()
+    return value
+
+
+def constants_as_numbers(hp: dict[str, Any], structured: Sequence[str] = ()) -> dict[str, Any]:
+    """``hp`` with :func:`as_number_if_constant` applied to every scalar hyperparameter (inside pairs
+    too), except the ``structured`` ones (a learned rule's weight tensors stay tensors)."""
+    def convert(value: Any) -> Any:
+        return tuple(convert(v) for v in value) if isinstance(value, tuple) else as_number_if_constant(value)
+
+    return {k: v if k in structured else convert(v) for k, v in hp.items()}
 
 
 class VariesByParameter(Exception):

@@ -172,6 +172,52 @@ def maximum_of(value: Any) -> float:
     return float(value.detach().max()) if isinstance(value, Tensor) else float(value)
 
 
+def _real_view(value: Any) -> Any:
+    return torch.view_as_real(value) if isinstance(value, Tensor) and value.is_complex() else value
+
+
+def _complex_view(value: Any, was_complex: bool) -> Any:
+    return torch.view_as_complex(value.contiguous()) if was_complex and isinstance(value, Tensor) else value
+
+
+def _mixes_dtypes_when_0dim(param: Tensor, hp: Hyper) -> bool:
+    """A 0-dim parameter with a 0-dim floating tensor hyperparameter of another dtype: two 0-dim
+    operands, so torch's type promotion would make the result that dtype (float32 -> float64)."""
+    return param.dim() == 0 and any(
+        isinstance(leaf, Tensor) and leaf.dim() == 0 and leaf.is_floating_point() and leaf.dtype != param.dtype
+        for value in hp.values() for leaf in leaves(value)
+    )
+
+
+def update_one_like_torch(rule: "UpdateRule", param: Tensor, grad: Tensor, state: State,
+                          hp: Hyper) -> tuple[Tensor, State]:
+    """``rule.update_one``, with torch.optim's conventions for the two cases its elementwise maths
+    does not cover by itself:
+
+    * a complex parameter is updated as ``torch.view_as_real(param)`` (real and imaginary parts
+      as independent coordinates), its gradient and complex state likewise, as torch.optim does;
+      the results are viewed back as complex;
+    * a 0-dim parameter meeting a 0-dim tensor hyperparameter of another dtype (a float64 ``lr``
+      for a float32 scalar) is updated as shape ``(1,)``, where the parameter's dtype wins type
+      promotion as it does for every other shape, and reshaped back.
+    """
+    if param.is_complex():
+        complex_keys = {k for k, v in state.items() if isinstance(v, Tensor) and v.is_complex()}
+        real_hp = {k: (v.unsqueeze(-1) if isinstance(v, Tensor) and v.dim() > 0 else v) for k, v in hp.items()}
+        new, new_state = rule.update_one(torch.view_as_real(param), _real_view(grad),
+                                         {k: _real_view(v) for k, v in state.items()}, real_hp)
+        return torch.view_as_complex(new.contiguous()), {k: _complex_view(v, k in complex_keys)
+                                                         for k, v in new_state.items()}
+    if not _mixes_dtypes_when_0dim(param, hp):
+        return rule.update_one(param, grad, state, hp)
+    reshaped = {k for k, v in state.items() if isinstance(v, Tensor) and v.dim() == 0 and v.dtype == param.dtype}
+    new, new_state = rule.update_one(param.reshape(1), grad.reshape(1),
+                                     {k: v.reshape(1) if k in reshaped else v for k, v in state.items()}, hp)
+    return new.reshape(()), {k: v.reshape(()) if k in reshaped or (isinstance(v, Tensor) and v.shape == (1,)
+                                                                   and v.dtype == param.dtype) else v
+                            for k, v in new_state.items()}
+
+
 class UpdateRule:
     """Base class of the differentiable update rules.
 

@@ -8,10 +8,12 @@ import torch
 from torch import Tensor
 
 from .adadelta import Adadelta
+from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
 from .asgd import ASGD
+from .muon import Muon
 from .nadam import NAdam
 from .optimizer import IGNORED_TORCH_OPTIONS, DifferentiableOptimizer
 from .radam import RAdam
@@ -31,6 +33,8 @@ TWINS: dict[type[torch.optim.Optimizer], type[DifferentiableOptimizer]] = {
     torch.optim.RMSprop: RMSprop,
     torch.optim.Rprop: Rprop,
     torch.optim.ASGD: ASGD,
+    torch.optim.Adafactor: Adafactor,
+    torch.optim.Muon: Muon,
 }
 
 
@@ -91,6 +95,8 @@ def from_torch(
         twin_group["params"] = replacements[position:position + count]
         groups.append(twin_group)
         position += count
+    if cls is Adafactor and "foreach" not in options:  # torch's Adafactor takes its per-tensor path unless told
+        options["foreach"] = bool(torch_optimizer.param_groups[0].get("foreach"))
     twin = cls(groups, **options)
     for cls_option, value in cls.fixed_options.items():
         for group in twin.param_groups:

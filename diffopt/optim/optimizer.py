@@ -18,8 +18,8 @@ from torch import Tensor
 from ..errors import NonFiniteError
 from ._gradients import check_finite_gradients, loss_gradients
 from ._groups import IGNORED_TORCH_OPTIONS, PAIR_KEYS, ParamGroups  # noqa: F401 - re-exported
-from ._hyper import VariesByParameter, is_plain_number, leaves, resolve, resolve_shared
-from ._rule import State, UpdateRule, inside_torch_func
+from ._hyper import VariesByParameter, constants_as_numbers, is_plain_number, leaves, resolve, resolve_shared
+from ._rule import State, UpdateRule, inside_torch_func, update_one_like_torch
 from ._state_dict import StateDict
 from .transforms import GradTransform, build_transforms
 
@@ -87,7 +87,9 @@ class DifferentiableOptimizer(ParamGroups, StateDict):
 
     # -- hyperparameters -------------------------------------------------------------
     def _hp(self, group: Mapping[str, Any], position: int, step: int) -> dict[str, Any]:
-        return {k: resolve(v, k, position, step) for k, v in group.items() if k != "params"}
+        # (a tensor through which no derivative flows is read as a number, as torch.optim reads it)
+        return constants_as_numbers({k: resolve(v, k, position, step) for k, v in group.items() if k != "params"},
+                                    getattr(self.rule, "structured", ()))
 
     def hyperparameter_tensors(self) -> list[Tensor]:
         """Every tensor hyperparameter that requires grad, once each (for meta-gradients)."""
@@ -213,7 +215,7 @@ class DifferentiableOptimizer(ParamGroups, StateDict):
                 state = new_states[i]
                 if state is None:
                     state = self.rule.init_state(params[i], hp)
-                new_params[i], new_states[i] = self.rule.update_one(params[i], grads[i], state, hp)
+                new_params[i], new_states[i] = update_one_like_torch(self.rule, params[i], grads[i], state, hp)
         return new_params, new_states
 
     def tensor_hyperparameters(
@@ -231,9 +233,10 @@ class DifferentiableOptimizer(ParamGroups, StateDict):
     def _shared_hp(self, group: Mapping[str, Any], step: int) -> dict[str, Any] | None:
         """The group's hyperparameters at ``step`` if every parameter shares them, else ``None``."""
         try:
-            return {k: resolve_shared(v, k, step) for k, v in group.items() if k != "params"}
+            shared = {k: resolve_shared(v, k, step) for k, v in group.items() if k != "params"}
         except VariesByParameter:
             return None
+        return constants_as_numbers(shared, getattr(self.rule, "structured", ()))
 
     def _update_at_once(
         self,
@@ -253,7 +256,7 @@ class DifferentiableOptimizer(ParamGroups, StateDict):
                    for key in self.rule.defaults if key in hp):
             return members  # tensor hyperparameters (learnable, per element) go tensor by tensor
         states = {i: new_states[i] if new_states[i] is not None else self.rule.init_state(params[i], hp)
-                  for _, i in members if not params[i].is_complex()}
+                  for _, i in members if not params[i].is_complex() and not self._lr_promotes(params[i], hp)}
         by_step: dict[Any, list[int]] = {}
         for i, state in states.items():  # tensors that missed steps (no gradient) are behind
             by_step.setdefault(state.get("step"), []).append(i)
@@ -266,6 +269,13 @@ class DifferentiableOptimizer(ParamGroups, StateDict):
                     new_params[i], new_states[i] = p, s
                 done.update(indices)
         return [(position, i) for position, i in members if i not in done]
+
+    @staticmethod
+    def _lr_promotes(param: Tensor, hp: Mapping[str, Any]) -> bool:
+        """A 0-dim parameter and a tensor lr of another dtype (left to the per-tensor path, which keeps
+        the parameter's dtype)."""
+        lr = hp.get("lr")
+        return param.dim() == 0 and isinstance(lr, Tensor) and lr.dtype != param.dtype
 
     def _scalar_tensor_lr(self, lr: Any) -> bool:
         """A 0-dim floating-point tensor lr, which the rule's multi-tensor step takes."""

@@ -24,7 +24,9 @@ class RpropRule(UpdateRule):
     group_lr_may_be_tensor = True  # lr only sets the initial step sizes
 
     def init_state(self, param: Tensor, hp: Hyper) -> State:
-        return {"step": 0, "prev": torch.zeros_like(param), "step_size": torch.zeros_like(param) + hp["lr"]}
+        # torch: a complex parameter's real and imaginary parts are independent coordinates, each starting at lr
+        initial = hp["lr"] * (1 + 1j) if param.is_complex() else hp["lr"]
+        return {"step": 0, "prev": torch.zeros_like(param), "step_size": torch.zeros_like(param) + initial}
 
     def update_one(self, param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
         etaminus, etaplus = hp["etas"]

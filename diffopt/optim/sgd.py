@@ -18,6 +18,12 @@ from ._shared import signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
 
+def add_scaled(tensor: Tensor, other: Tensor, factor: Any) -> Tensor:
+    """``tensor + factor * other``: torch's ``add(alpha=factor)`` for a number (one rounding, as torch.optim's
+    single-tensor SGD; also in half precision), the product for a tensor factor."""
+    return torch.add(tensor, other, alpha=factor) if isinstance(factor, (int, float)) else tensor + factor * other
+
+
 class SGDRule(UpdateRule):
     name = "sgd"
     defaults = {
@@ -32,15 +38,15 @@ class SGDRule(UpdateRule):
     def update_one(self, param: Tensor, grad: Tensor, state: State, hp: Hyper) -> tuple[Tensor, State]:
         g = -grad if hp["maximize"] else grad
         if nonzero(hp["weight_decay"]):
-            g = g + hp["weight_decay"] * param
+            g = add_scaled(g, param, hp["weight_decay"])
         momentum = hp["momentum"]
         new_state = state
         if nonzero(momentum):
             buf = state.get("momentum_buffer")
-            buf = g if buf is None else buf * momentum + (1 - hp["dampening"]) * g
+            buf = g if buf is None else add_scaled(buf * momentum, g, 1 - hp["dampening"])
             new_state = {"momentum_buffer": buf}
-            g = g + momentum * buf if hp["nesterov"] else buf
-        return param - hp["lr"] * g, new_state
+            g = add_scaled(g, buf, momentum) if hp["nesterov"] else buf
+        return add_scaled(param, g, -hp["lr"]), new_state
 
     def update_group(
         self, params: list[Tensor], grads: list[Tensor], states: list[State], hp: Hyper

@@ -203,13 +203,13 @@ def _gradcheck(loop: InnerLoop, model: nn.Module, hyper: list[Tensor], data: Dat
         report.where = f"torch.autograd.gradcheck: {str(error).splitlines()[0]}"
 
 
-def _trajectory_problem(seed: int) -> tuple[nn.Module, Callable[[list[Tensor]], Tensor]]:
-    """A small smooth regression problem (tanh MLP, float64) with an unused parameter."""
+def _trajectory_problem(seed: int, bias: bool = True) -> tuple[nn.Module, Callable[[list[Tensor]], Tensor]]:
+    """A small smooth regression problem (tanh MLP, float64; ``bias=False``: weight matrices only)."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(16, 3, generator=generator, dtype=torch.float64)
     y = torch.randn(16, 1, generator=generator, dtype=torch.float64)
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    model = nn.Sequential(nn.Linear(3, 5, bias=bias), nn.Tanh(), nn.Linear(5, 1, bias=bias)).double()
     names = [n for n, _ in model.named_parameters()]
 
     def loss(params: list[Tensor]) -> Tensor:
@@ -230,6 +230,7 @@ def check_optimizer(
     seed: int = 0,
     directions: int = 3,
     maximize: bool = False,
+    matrices_only: bool = False,
 ) -> list[Report]:
     """Trajectory parity with a torch.optim reference and finite-difference hypergradients.
 
@@ -241,6 +242,7 @@ def check_optimizer(
             require grad, whose hypergradients are checked (e.g. ``{"lr": 0.05}``).
         maximize: the optimizers are configured with ``maximize=True``; they are then given
             the negated loss, so that they still descend the (bounded) test problem.
+        matrices_only: a test network without biases (for optimizers of matrices, such as Muon).
 
     Trajectory errors are ``|ours − torch| / max(1, |torch|)``: absolute up to magnitude 1.
     Also detects an optimizer that mutates its parameters in place (it must return new tensors).
@@ -251,7 +253,7 @@ def check_optimizer(
     torch.set_default_dtype(torch.float64)  # torch.optim's scalar state (ASGD's eta, NAdam's mu) in float64 too
     try:
         return _check_optimizer(optimizer, reference, steps, tolerance, hypergradient_tolerance,
-                                hyperparameters or {}, seed, directions, maximize)
+                                hyperparameters or {}, seed, directions, maximize, matrices_only)
     finally:
         torch.set_default_dtype(previous)
 
@@ -259,8 +261,8 @@ def check_optimizer(
 def _check_optimizer(optimizer: Callable[..., DifferentiableOptimizer],
                      reference: Callable[[list[Tensor]], torch.optim.Optimizer] | None, steps: int, tolerance: float,
                      hypergradient_tolerance: float, hyperparameters: dict[str, float], seed: int,
-                     directions: int, maximize: bool) -> list[Report]:
-    model, minimized = _trajectory_problem(seed)
+                     directions: int, maximize: bool, matrices_only: bool = False) -> list[Report]:
+    model, minimized = _trajectory_problem(seed, bias=not matrices_only)
 
     def loss(params: list[Tensor]) -> Tensor:
         return -minimized(params) if maximize else minimized(params)
