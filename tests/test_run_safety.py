@@ -345,3 +345,64 @@ def test_omniglot_class_count_error_names_the_flag(capsys, tmp_path):
     line = one_line_error(capsys, "train", "--task", "omniglot", "--data-root", str(tmp_path / "omniglot"),
                           "--iterations", "1", "--ways", "2", "--no-progress")
     assert "--omniglot-train-classes 1200" in line and "num_train" not in line
+
+
+# -- items 10 and 11: learned-rule files --------------------------------------------------------------
+def saved_mlp_rule(tmp_path) -> tuple[Path, dict]:
+    from diffopt.optim import learned
+
+    model = torch.nn.Linear(3, 1)
+    path = tmp_path / "mlp.pt"
+    learned.save(learned.MLPOptimizer(model.parameters(), hidden=(4,)), path)
+    return path, torch.load(path, weights_only=True)
+
+
+def test_a_rule_file_claiming_a_huge_network_allocates_nothing_before_it_is_refused(tmp_path):
+    _, payload = saved_mlp_rule(tmp_path)
+    config = json.loads(payload["config"])
+    config["hidden"] = [30000, 30000]  # 3.6 GiB of float32 weights, in a file of a few KB
+    torch.save(dict(payload, config=json.dumps(config)), tmp_path / "huge.pt")
+    assert (tmp_path / "huge.pt").stat().st_size < 20_000
+    # in a process that cannot grow by more than 512 MiB: building the network first fails to allocate
+    script = textwrap.dedent(f"""
+        import resource, sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        from diffopt.optim import learned
+        size = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmSize"))) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (size + 512 * 2**20, resource.RLIM_INFINITY))
+        try:
+            learned.load({str(tmp_path / "huge.pt")!r}, torch.nn.Linear(3, 1).parameters())
+        except learned.LearnedRuleError as error:
+            print("refused:", error)
+        except BaseException as error:
+            print("failed:", type(error).__name__)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("refused:") and "its config implies" in out, out
+
+
+def test_rule_files_with_non_finite_weights_are_refused(tmp_path):
+    from diffopt.optim import learned
+
+    _, payload = saved_mlp_rule(tmp_path)
+    tensors = {k: v.clone() for k, v in payload["tensors"].items()}
+    next(iter(tensors.values())).view(-1)[0] = float("inf")
+    torch.save(dict(payload, tensors=tensors), tmp_path / "inf.pt")
+    with pytest.raises(learned.LearnedRuleError, match="hold NaN or infinity"):
+        learned.load(tmp_path / "inf.pt", torch.nn.Linear(3, 1).parameters())
+
+
+def test_broken_and_hostile_rule_files_get_one_line_each(tmp_path):
+    from diffopt.optim import learned
+
+    path, _ = saved_mlp_rule(tmp_path)
+    data = path.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[:100])
+    torch.save({"a": Exploit()}, tmp_path / "evil.pt")
+    (tmp_path / "text.pt").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    expected = {"truncated.pt": "truncated or corrupt", "evil.pt": "refused: it contains code",
+                "text.pt": "is not a diffopt learned-rule file"}
+    for name, message in expected.items():
+        with pytest.raises(learned.LearnedRuleError, match=message) as info:
+            learned.load(tmp_path / name, torch.nn.Linear(3, 1).parameters())
+        assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
