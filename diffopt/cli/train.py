@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -87,8 +88,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
         return launch(_without_nproc(raw), args.nproc, args.timeout)
     if args.task == "omniglot" and args.data_root is None:
         raise SystemExit(experiment.OMNIGLOT_NEEDS_ROOT)
+    stopped: list[int] = []
     try:
-        summary = experiment.train(settings_from_args(args))
+        with _interrupt_on(signal.SIGTERM, stopped):
+            summary = experiment.train(settings_from_args(args))
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM (kill, timeout, a scheduler, the --nproc launcher)
+        name = signal.Signals(stopped[0]).name if stopped else "SIGINT"
+        kept = (f"the last checkpoint {args.checkpoint} is kept; continue with --resume" if args.checkpoint
+                else "no --checkpoint was given, nothing was saved")
+        print(f"diffopt train: stopped by {name}; {kept}", file=sys.stderr)
+        return 128 + (stopped[0] if stopped else signal.SIGINT)
     except (ValueError, OmniglotLayoutError) as error:  # settings, data or checkpoint: say what, no traceback
         parser.exit(2, f"diffopt train: error: {error}\n")
     except FloatingPointError as error:  # divergence: the meta-iteration, task, step and likely cause
@@ -98,6 +107,28 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
     if summary is not None:
         print(json.dumps(summary, indent=2, default=float))
     return 0
+
+
+class _interrupt_on:
+    """Within the block, ``signum`` raises ``KeyboardInterrupt`` as SIGINT does: an atomic save in
+    progress removes its temporary file and the previous checkpoint stays in place."""
+
+    def __init__(self, signum: int, received: list[int]) -> None:
+        self.signum, self.received, self.previous = signum, received, None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> None:
+        try:
+            self.previous = signal.signal(self.signum, self._handler)
+        except ValueError:  # not the main thread
+            self.previous = None
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(self.signum, self.previous)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
