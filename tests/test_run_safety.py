@@ -406,3 +406,45 @@ def test_broken_and_hostile_rule_files_get_one_line_each(tmp_path):
         with pytest.raises(learned.LearnedRuleError, match=message) as info:
             learned.load(tmp_path / name, torch.nn.Linear(3, 1).parameters())
         assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
+
+
+# -- what users expect: tqdm, pytest's summary line ------------------------------------------------------
+def test_the_progress_bar_is_tqdm_and_disable_draws_nothing():
+    import io
+
+    from tqdm.auto import tqdm
+
+    from diffopt._progress import Progress
+
+    stream = io.StringIO()
+    bar = Progress(4, "train", stream=stream)
+    assert isinstance(bar._bar, tqdm)
+    for i in range(4):
+        bar.update(1, postfix=f"loss {i}")
+    bar.close()
+    assert "4/4" in stream.getvalue() and "it/s" in stream.getvalue() and "loss 3" in stream.getvalue()
+    quiet = io.StringIO()
+    off = Progress(4, "train", stream=quiet, enabled=False)
+    off.update(4)
+    off.close()
+    assert quiet.getvalue() == ""
+
+
+def test_the_test_command_prints_pytests_summary_line(tmp_path):
+    (tmp_path / "test_one.py").write_text("def test_one():\n    assert True\n")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c",
+                          str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path), str(tmp_path / "test_one.py")],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "1 passed" in out, out
+
+
+def test_the_readme_first_command_installs_what_the_demo_plot_and_the_bars_need(tmp_path):
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {d.split(">")[0].split("=")[0].split("[")[0].strip().lower() for d in project["dependencies"]}
+    assert {"matplotlib", "tqdm"} <= names
+    pytest.importorskip("matplotlib")
+    from diffopt.training import demo
+
+    result = demo.run(iterations=2, plot=str(tmp_path / "demo.png"), progress=False)
+    assert result.plot == str(tmp_path / "demo.png") and Path(result.plot).stat().st_size > 0
