@@ -448,3 +448,13 @@ def test_the_readme_first_command_installs_what_the_demo_plot_and_the_bars_need(
 
     result = demo.run(iterations=2, plot=str(tmp_path / "demo.png"), progress=False)
     assert result.plot == str(tmp_path / "demo.png") and Path(result.plot).stat().st_size > 0
+
+
+def test_ci_runs_the_readmes_commands_in_order_and_builds_the_docs():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)[:3]
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd ", "rm "))]
+    assert ci == commands  # set-up + demo, the test suite, then the documentation build
+    assert "sphinx-build -W" in commands[2] and (ROOT / "docs" / "conf.py").is_file()
