@@ -143,7 +143,7 @@ def safe_load(path: str | os.PathLike[str], what: str = "diffopt file",
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError):
+    except Exception:  # noqa: BLE001 - BadZipFile, EOF, an unknown compression method...: all mean damage
         raise error(f"{path} is truncated or corrupt: not a readable {what}") from None
     if damaged is not None:
         raise error(f"{path} is corrupt (its part {damaged} fails its checksum): not a readable {what}")
