@@ -458,3 +458,26 @@ def test_ci_runs_the_readmes_commands_in_order_and_builds_the_docs():
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd ", "rm "))]
     assert ci == commands  # set-up + demo, the test suite, then the documentation build
     assert "sphinx-build -W" in commands[2] and (ROOT / "docs" / "conf.py").is_file()
+
+
+def test_diagnose_and_train_optimizer_refuse_incomplete_or_foreign_checkpoints_in_one_line(capsys, tmp_path):
+    path = tmp_path / "run.pt"
+    assert run_cli(capsys, "train", "--iterations", "1", "--checkpoint", str(path), *QUICK)[0] == 0
+    payload = torch.load(path, weights_only=True)
+    torch.save({k: v for k, v in payload.items() if k != "learner"}, tmp_path / "nolearner.pt")
+    line = one_line_error(capsys, "diagnose", str(tmp_path / "nolearner.pt"), "--sigma", "0.5", "--tasks", "2")
+    assert "no learner weights" in line
+    key = next(iter(payload["learner"]))
+    torch.save(dict(payload, learner={**payload["learner"], key: torch.zeros(1)}), tmp_path / "shape.pt")
+    line = one_line_error(capsys, "diagnose", str(tmp_path / "shape.pt"), "--sigma", "0.5", "--tasks", "2")
+    assert "do not fit the rebuilt learner" in line
+    # a train-optimizer run resumed from a diffopt train checkpoint of the same configuration name
+    rule_run = tmp_path / "rule-run.pt"
+    args = ["train-optimizer", "--rule", "mlp", "--meta-iterations", "1", "--unroll", "4", "--truncation", "2",
+            "--meta-batch", "2", "-o", str(tmp_path / "rule.pt"), "--checkpoint", str(rule_run), "--no-progress"]
+    assert run_cli(capsys, *args)[0] == 0
+    saved = torch.load(rule_run, weights_only=True)
+    saved["rule"] = dict(saved["rule"], tensors={})
+    torch.save(saved, rule_run)
+    status, _, err = run_cli(capsys, *args, "--resume")
+    assert status == 2 and "another rule's tensors" in err and len(err.strip().splitlines()) == 1

@@ -19,6 +19,7 @@ import torch
 from .. import distributed, recipes
 from ..recipes import EpisodeSource, SinusoidSource
 from ..tasks import load_omniglot, omniglot_splits, synthetic_glyphs, synthetic_vectors
+from ..errors import CheckpointError
 from .trainer import Trainer, config_differences, load_checkpoint
 
 PROTOCOL_DEFAULTS = {  # meta-batch, shots, query, inner lr for each task family
@@ -237,6 +238,12 @@ def rebuild(path: str, tasks: int = 25, data_root: str | None = None) -> tuple[A
         diff = config_differences(saved, learner.config())
         if diff:
             raise ValueError(f"{path}: the rebuilt learner does not match the checkpoint's: " + "; ".join(diff))
-    learner.load_state_dict(payload["learner"])
+    if not isinstance(payload.get("learner"), dict):
+        raise CheckpointError(f"{path} is not a complete diffopt training checkpoint (it has no learner weights)")
+    try:
+        learner.load_state_dict(payload["learner"])
+    except Exception as error:  # noqa: BLE001 - size mismatch, missing keys: one line
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: its learner weights do not fit the rebuilt learner ({reason})") from None
     learner.eval()
     return learner, source, payload
