@@ -9,7 +9,11 @@ number of processes (up to floating-point summation order).
 
 Launch with ``torchrun --nproc-per-node N -m diffopt train ...`` or
 ``diffopt train --nproc N ...``. A rank that dies or hangs makes the others stop
-with :class:`PeerFailure` within ``timeout`` seconds instead of waiting forever.
+with :class:`PeerFailure` within ``timeout`` seconds instead of waiting forever;
+the message says which it was (a closed connection, or no answer within the
+timeout). :func:`launch` forwards SIGINT and SIGTERM to its processes and waits
+for them, so ``kill``, ``timeout`` and job schedulers stop the whole group and
+leave the last checkpoint (written atomically by rank 0) as the one to resume from.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import datetime
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -93,13 +98,15 @@ class DistributedContext:
 
     # -- collectives -----------------------------------------------------------------
     def _guard(self, what: str, iteration: int | None, operation: Any) -> Any:
+        started = time.monotonic()
         try:
             return operation()
         except RuntimeError as error:  # gloo raises RuntimeError on timeouts and closed peers
             at = "" if iteration is None else f" at iteration {iteration}"
+            waited = time.monotonic() - started
             raise PeerFailure(
-                f"rank {self.rank}: {what}{at} failed because another rank died or did not respond within "
-                f"{self.timeout:g} s ({error}). Restart the run with --resume to continue from the last checkpoint."
+                f"rank {self.rank}: {what}{at} failed after {waited:.1f} s because {peer_problem(error, self.timeout)}. "
+                "Restart the run with --resume to continue from the last checkpoint."
             ) from error
 
     def all_reduce_gradients(self, parameters: Sequence[Tensor], weight: float, iteration: int | None = None) -> None:
@@ -140,6 +147,23 @@ class DistributedContext:
                 )
 
 
+_CLOSED = ("connection reset", "connection closed", "broken pipe", "connection refused", "econnreset", "epipe",
+           "end of file", "socket closed")
+_TIMED_OUT = ("timed out", "timeout", "deadline")
+
+
+def peer_problem(error: BaseException, timeout: float) -> str:
+    """What a failed collective says about the other ranks, in words: closed connection or silence."""
+    text = str(error)
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
+    lowered = text.lower()
+    if any(word in lowered for word in _CLOSED):
+        return f"another rank closed its connection (it died or was stopped) ({first})"
+    if any(word in lowered for word in _TIMED_OUT):
+        return f"another rank did not respond within {timeout:g} s (it hangs or is too slow) ({first})"
+    return f"another rank died or stopped responding ({first})"
+
+
 def initialize(backend: str = "auto", timeout: float = 300.0, rank: int | None = None,
                world_size: int | None = None) -> DistributedContext:
     """Join the process group described by the environment (torchrun's variables) or the arguments."""
@@ -169,32 +193,69 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(argv: Sequence[str], nproc: int, timeout: float = 300.0) -> int:
+def launch(argv: Sequence[str], nproc: int, timeout: float = 300.0, grace: float | None = None) -> int:
     """Run ``python -m diffopt <argv>`` in ``nproc`` local processes (gloo on loopback).
 
-    If a process fails, the others are stopped after ``timeout`` seconds at most
-    (they also stop by themselves through :class:`PeerFailure`). Returns the
-    first non-zero exit code, or 0.
+    When a process fails, the others have ``grace`` seconds (default ``min(timeout, 5)``) to
+    stop by themselves (they do, through :class:`PeerFailure`, within their own ``timeout``)
+    before they are killed: a hung rank is cleared ``timeout + grace`` seconds after the
+    start of the collective it never joined, not ``2 × timeout``.
+
+    SIGINT and SIGTERM sent to this process are forwarded to every process, which stop
+    (an interrupted save leaves the previous checkpoint in place); they are waited for
+    (killed after ``timeout`` seconds) and ``128 + signal`` is returned. Otherwise returns
+    the first non-zero exit code, or 0.
     """
-    if nproc < 1:
-        raise DistributedError(f"--nproc must be >= 1, got {nproc}")
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise DistributedError(f"--nproc must be an integer >= 1, got {nproc!r}")
+    grace = min(timeout, 5.0) if grace is None else grace
     port = free_port()
-    processes = []
-    for rank in range(nproc):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc))
-        processes.append(subprocess.Popen([sys.executable, "-m", "diffopt", *argv], env=env))
-    failed_at: float | None = None
-    code = 0
-    while any(p.poll() is None for p in processes):
+    processes: list[subprocess.Popen[bytes]] = []
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
         for p in processes:
-            if p.poll() not in (None, 0) and code == 0:
-                code, failed_at = int(p.returncode), time.monotonic()
-        if failed_at is not None and time.monotonic() - failed_at > timeout:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[signum] = signal.signal(signum, forward)
+        except ValueError:  # not the main thread: signals cannot be caught here
+            pass
+    try:
+        for rank in range(nproc):
+            env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                       LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc))
+            # a session of their own: a terminal's Ctrl-C reaches them once, forwarded by this process
+            processes.append(subprocess.Popen([sys.executable, "-m", "diffopt", *argv], env=env,
+                                              start_new_session=True))
+        deadline: float | None = None
+        code = 0
+        while any(p.poll() is None for p in processes):
+            if received and deadline is None:
+                deadline = time.monotonic() + timeout
             for p in processes:
-                if p.poll() is None:
-                    p.kill()
-        time.sleep(0.05)
+                if p.poll() not in (None, 0) and code == 0:
+                    code = int(p.returncode)
+                    if deadline is None:
+                        deadline = time.monotonic() + grace
+            if deadline is not None and time.monotonic() > deadline:
+                for p in processes:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.05)
+    finally:
+        for p in processes:
+            if p.poll() is None:  # an exception in this loop: never leave a rank behind
+                p.kill()
+                p.wait()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        return 128 + received[0]
     for p in processes:
         if p.returncode != 0 and code == 0:
             code = int(p.returncode)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -202,3 +205,99 @@ def test_hung_rank_is_detected_within_the_timeout(tmp_path: Path) -> None:
     outcome = (tmp_path / "hang0.txt").read_text()
     assert outcome.startswith("peer-failure"), outcome
     assert float(outcome.split()[1]) < timeout + 10
+
+
+# -- issue #17: signals, a connection reset, a hung rank ------------------------------------------------
+def _children(pid: int) -> list[int]:
+    """The process ids whose parent is ``pid`` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_launcher_stops_every_rank_and_leaves_one_checkpoint(tmp_path: Path, signum) -> None:
+    checkpoint = tmp_path / "c.pt"
+    command = [sys.executable, "-m", "diffopt", "train", "--nproc", "2", "--iterations", "1000000", "--meta-batch",
+               "2", "--test-tasks", "2", "--eval-steps", "0", "--checkpoint", str(checkpoint), "--checkpoint-every",
+               "2", "--no-progress", "--threads", "1", "--timeout", "30"]
+    launcher = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists() and time.monotonic() < deadline and launcher.poll() is None:
+            time.sleep(0.1)
+        assert checkpoint.exists(), "the run never wrote a checkpoint"
+        workers = _children(launcher.pid)
+        assert len(workers) == 2
+        launcher.send_signal(signum)
+        code = launcher.wait(60)
+        assert code == 128 + signum
+        time.sleep(0.5)
+        assert not [pid for pid in workers if _running(pid)], "a rank survived its launcher"
+        before = checkpoint.read_bytes()
+        time.sleep(1.0)
+        assert checkpoint.read_bytes() == before  # nobody writes it any more
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        assert load_checkpoint(checkpoint)["iteration"] >= 2
+        from diffopt.training.experiment import rebuild
+
+        rebuild(str(checkpoint), tasks=2)  # the learner's weights load into a rebuilt learner
+        err = launcher.stderr.read()
+        assert "Traceback" not in err and "--resume" in err
+    finally:
+        for pid in [launcher.pid, *workers]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("message,expected,not_expected", [
+    ("[gloo/transport/tcp/pair.cc:598] Connection closed by peer [127.0.0.1]:1234", "closed its connection",
+     "did not respond"),
+    ("Connection reset by peer", "closed its connection", "did not respond"),
+    ("[gloo] Timed out waiting 4000ms for recv operation to complete", "did not respond within 4 s",
+     "closed its connection"),
+])
+def test_the_peer_failure_message_says_what_happened(message, expected, not_expected) -> None:
+    context = distributed.DistributedContext(0, 2, timeout=4.0)
+
+    def fail():
+        raise RuntimeError(message)
+
+    with pytest.raises(distributed.PeerFailure, match=expected) as info:
+        context._guard("the gradient all-reduce", 7, fail)
+    assert not_expected not in str(info.value) and "at iteration 7" in str(info.value)
+
+
+def test_a_hung_rank_is_cleared_soon_after_the_other_gives_up(monkeypatch) -> None:
+    """Rank 0 fails (as after its collective timed out); rank 1 hangs: it is killed after the grace period,
+    not after a second full --timeout."""
+    real_popen = subprocess.Popen
+    started = []
+
+    def fake_popen(command, env, **kwargs):
+        script = "import sys; sys.exit(2)" if env["RANK"] == "0" else "import time; time.sleep(600)"
+        process = real_popen([sys.executable, "-c", script], env=env, **kwargs)
+        started.append(process)
+        return process
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", fake_popen)
+    begin = time.monotonic()
+    assert distributed.launch(["train"], 2, timeout=60.0, grace=1.0) == 2
+    assert time.monotonic() - begin < 20  # not the 60 s timeout again
+    assert all(p.poll() is not None for p in started)

@@ -194,7 +194,7 @@ def test_refuses_files_that_are_not_learned_rules(tmp_path):
     with pytest.raises(L.LearnedRuleError, match="not a diffopt learned-rule file"):
         L.read(path)
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(L.LearnedRuleError, match="could not be read"):
+    with pytest.raises(L.LearnedRuleError, match="is not a diffopt learned-rule file \\(not a torch.save file\\)"):
         L.read(tmp_path / "junk.pt")
     payload = _saved(tmp_path)
     payload["kind"] = "transformer"

@@ -703,3 +703,70 @@ def test_synthetic_argument_errors():
         synthetic_glyphs(num_classes=0)
     with pytest.raises(ValueError, match="strokes"):
         synthetic_glyphs(strokes=(3, 2))
+
+
+# -- decompression bombs (issue #17 item 9) -------------------------------------------------------------
+def _zeros_deflate(n: int) -> bytes:
+    """A zlib stream of ``n`` zero bytes, built without ever holding them: 1 MiB blocks ended by a full
+    flush compress to the same bytes every time, so one is repeated; the checksum is computed in blocks."""
+    block = bytes(2**20)
+    compressor = zlib.compressobj(9)
+    first = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    repeated = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    assert compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH) == repeated
+    full, rest = divmod(n, len(block))
+    tail = zlib.compressobj(9)
+    tail_bytes = tail.compress(bytes(rest)) + tail.flush(zlib.Z_FINISH)
+    body = tail_bytes[2:-4]  # the tail's deflate blocks, without its zlib header and checksum
+    checksum = 1
+    for _ in range(full):
+        checksum = zlib.adler32(block, checksum)
+    checksum = zlib.adler32(bytes(rest), checksum)
+    stream = first + repeated * (full - 1) + body + checksum.to_bytes(4, "big")
+    if full == 0:
+        stream = tail_bytes
+    return stream
+
+
+def _bomb(width: int, height: int, inflated: int) -> bytes:
+    return (PNG_SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + _chunk(b"IDAT", _zeros_deflate(inflated)) + _chunk(b"IEND", b""))
+
+
+def test_png_decompression_bombs_are_refused_without_allocating(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    assert zlib.decompress(_zeros_deflate(3 * 2**20 + 5)) == bytes(3 * 2**20 + 5)  # the generator is right
+    huge = _bomb(20000, 20000, 20000 * 20001)  # declares 20000x20000 (400 MB of pixels), all data present
+    deep = _bomb(1, 1, 2**30)  # declares 1x1, its data inflate to 1 GiB
+    assert len(huge) < 500_000 and len(deep) < 1_200_000
+    (tmp_path / "huge.png").write_bytes(huge)
+    (tmp_path / "deep.png").write_bytes(deep)
+    # read in a process that may grow by 256 MiB only: the old reader inflated both in full
+    root = str(Path(__file__).resolve().parents[1])
+    script = textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {root!r})
+        from diffopt.tasks import png
+        size = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmSize"))) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (size + 256 * 2**20, resource.RLIM_INFINITY))
+        for name in ("huge.png", "deep.png"):
+            try:
+                png.read_png_gray({str(tmp_path)!r} + "/" + name)
+                print(name, "read")
+            except png.PngError as error:
+                print(name, "refused", error)
+            except BaseException as error:
+                print(name, "failed", type(error).__name__)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120).stdout
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
+    assert lines["huge.png"].startswith("refused") and "20000x20000" in lines["huge.png"], out
+    assert lines["deep.png"].startswith("refused") and "inflate to more than the 2 bytes" in lines["deep.png"], out
+    # a large image can still be read on purpose, and the Omniglot-sized ones as before
+    wide = write_png(np.zeros((10, 10), dtype=np.uint8))
+    with pytest.raises(PngError, match="max_pixels=99"):
+        read_png(wide, max_pixels=99)
+    assert read_png(wide, max_pixels=None).shape == (10, 10)

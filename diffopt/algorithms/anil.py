@@ -28,7 +28,7 @@ class ANIL(InnerLoopLearner):
     Args:
         body: the feature extractor (not adapted in the inner loop).
         head: the adapted part (typically a linear classifier or regressor).
-        loss_fn, inner_lr, inner_steps, mode, vectorize, **engine_options: as for :class:`MAML`.
+        loss_fn, inner_lr, inner_steps, mode, vectorize, engine_options (keywords): as for :class:`MAML`.
     """
 
     def __init__(self, body: nn.Module, head: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,

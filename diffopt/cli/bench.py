@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import bench
 from ..bench import BASELINES, MODES, PROBLEMS, TASKS, Settings, build_problem, problem_spec
+from ._types import count, number, seed
 
 DESCRIPTION = (
     f"Benchmark every inner-loop mode ({', '.join(MODES)}) against a plain PyTorch loop, a higher innerloop_ctx "
@@ -48,12 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="data for --model: sinusoid (1 in, 1 out), regression (--input-shape, --output-dim) or "
                            "classification (--input-shape D: Gaussian classes; 1,S,S: glyph images; --ways)")
     what.add_argument("--input-shape", default=None, help="input shape of one example for --model, e.g. 8 or 1,28,28")
-    what.add_argument("--output-dim", type=int, default=1, help="regression outputs for --model")
-    what.add_argument("--ways", type=int, default=5, help="classes per task for --task classification")
-    what.add_argument("--shots", type=int, default=None, help="support examples (per class) for --model")
-    what.add_argument("--query", type=int, default=None, help="query examples (per class) for --model")
-    what.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-batch for --model")
-    what.add_argument("--inner-lr", type=float, default=None, help="inner SGD learning rate for --model")
+    what.add_argument("--output-dim", type=count(1), default=1, help="regression outputs for --model")
+    what.add_argument("--ways", type=count(2), default=5, help="classes per task for --task classification")
+    what.add_argument("--shots", type=count(1), default=None, help="support examples (per class) for --model")
+    what.add_argument("--query", type=count(1), default=None, help="query examples (per class) for --model")
+    what.add_argument("--meta-batch", type=count(1), default=None, help="tasks per meta-batch for --model")
+    what.add_argument("--inner-lr", type=number(0), default=None, help="inner SGD learning rate for --model")
     what.add_argument("--steps", type=_ints, default=None, metavar="K,K,...",
                       help="inner steps K (default 1,2,5,10,20,50,100; quick: 1,5)")
     what.add_argument("--conv4-steps", type=_ints, default=None, metavar="K,K,...",
@@ -62,9 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--baselines", nargs="*", choices=BASELINES, default=None, help="baselines (default: all)")
     how = parser.add_argument_group("budgets")
     how.add_argument("--quick", action="store_true", help="about a minute: fewer K, fewer repeats, tiny budgets")
-    how.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds per K (default 5; quick 2)")
-    how.add_argument("--block-budget", type=float, default=None, help="seconds of timing rounds per K (default 15)")
-    how.add_argument("--max-call-seconds", type=float, default=None,
+    how.add_argument("--repeats", type=count(1), default=None, help="interleaved timing rounds per K (default 5; quick 2)")
+    how.add_argument("--block-budget", type=number(0), default=None, help="seconds of timing rounds per K (default 15)")
+    how.add_argument("--max-call-seconds", type=number(0), default=None,
                      help="skip implementations whose meta-step is predicted to take longer (default 4; quick 1)")
     how.add_argument("--memory", choices=("profiler", "subprocess", "off"), default="profiler",
                      help="peak memory: profiler allocation peak in process (default), a fresh process per "
@@ -73,30 +74,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--no-accuracy", action="store_true", help="skip the meta-training runs")
     how.add_argument("--train-steps", type=_ints, default=None, metavar="K,K,...",
                      help="K of the meta-training runs (default 1,5 where timed; quick: 5 sinusoid, 1 Conv-4)")
-    how.add_argument("--train-time", type=float, default=None,
+    how.add_argument("--train-time", type=number(0), default=None,
                      help="seconds of meta-steps per training run (default 6 sinusoid, 20 Conv-4; quick 1-1.5)")
-    how.add_argument("--train-iterations", type=int, default=None,
+    how.add_argument("--train-iterations", type=count(1), default=None,
                      help="meta-iteration budget per training run (default 100 sinusoid, 20 Conv-4; quick 10)")
-    how.add_argument("--snapshots", type=int, default=None,
+    how.add_argument("--snapshots", type=count(1), default=None,
                      help="evaluations along the time budget (default 4 sinusoid, 2 Conv-4; quick 2)")
-    how.add_argument("--test-tasks", type=int, default=None, help="meta-test tasks (default 600 sinusoid, 100 Conv-4)")
+    how.add_argument("--test-tasks", type=count(1), default=None, help="meta-test tasks (default 600 sinusoid, 100 Conv-4)")
     how.add_argument("--accuracy-baselines", nargs="*", choices=("plain loop", "higher loop"), default=None,
                      help="baselines also meta-trained (default: plain loop)")
     opts = parser.add_argument_group("mode settings")
-    opts.add_argument("--truncate", type=int, default=None, help="truncated mode's window k (default max(1, K//2))")
-    opts.add_argument("--segment", type=int, default=None, help="checkpointed mode's segment (default ⌈√K⌉)")
-    opts.add_argument("--proximal", type=float, default=1.0, help="implicit mode's proximal λ (iMAML; default 1)")
-    opts.add_argument("--solver-iterations", type=int, default=20, help="implicit mode's CG iterations (default 20)")
-    opts.add_argument("--es-samples", type=int, default=4, help="es/pes antithetic pairs (default 4)")
-    opts.add_argument("--es-sigma", type=float, default=1e-3, help="es/pes perturbation scale (default 1e-3)")
-    opts.add_argument("--pes-truncation", type=int, default=10, help="pes truncation length (default min(10, K))")
+    opts.add_argument("--truncate", type=count(1), default=None, help="truncated mode's window k (default max(1, K//2))")
+    opts.add_argument("--segment", type=count(1), default=None, help="checkpointed mode's segment (default ⌈√K⌉)")
+    opts.add_argument("--proximal", type=number(0, strict=False), default=1.0, help="implicit mode's proximal λ (iMAML; default 1)")
+    opts.add_argument("--solver-iterations", type=count(1), default=20, help="implicit mode's CG iterations (default 20)")
+    opts.add_argument("--es-samples", type=count(1), default=4, help="es/pes antithetic pairs (default 4)")
+    opts.add_argument("--es-sigma", type=number(0), default=1e-3, help="es/pes perturbation scale (default 1e-3)")
+    opts.add_argument("--pes-truncation", type=count(1), default=10, help="pes truncation length (default min(10, K))")
     out = parser.add_argument_group("output")
     out.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     out.add_argument("--markdown", default=None, metavar="PATH", help="write the markdown tables (also printed)")
     out.add_argument("--plots", default=None, metavar="DIR",
                      help="write modes_time_memory_<problem>.png and modes_accuracy_<problem>.png to DIR")
-    out.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    out.add_argument("--seed", type=int, default=0)
+    out.add_argument("--threads", type=count(1), default=1, help="torch threads (default 1)")
+    out.add_argument("--seed", type=seed, default=0)
     out.add_argument("--no-progress", action="store_true")
 
 

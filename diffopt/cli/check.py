@@ -8,6 +8,7 @@ from typing import Any
 
 from ..testing.checks import Report
 from ..testing.runner import load_object, run_checks
+from ._types import number
 
 __all__ = ["add_parser", "format_row", "run"]
 
@@ -18,7 +19,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     check.add_argument("--thorough", action="store_true", help="more option sets, steps, directions and gradcheck")
     check.add_argument("--optimizer", default=None, help="your optimizer as module:Class (same signature as torch.optim)")
     check.add_argument("--reference", default=None, help="torch.optim reference as module:Class, e.g. torch.optim:Adam")
-    check.add_argument("--lr", type=float, default=0.05, help="learning rate for --optimizer (checked as a tensor)")
+    check.add_argument("--lr", type=number(0), default=0.05, help="learning rate for --optimizer (checked as a tensor)")
     check.add_argument("--no-self-test", action="store_true", help="skip checking that known bugs are flagged")
     check.add_argument("--skip-modes", action="store_true", help="check the optimizer only, not the engine modes")
     return check

@@ -9,6 +9,7 @@ import argparse
 from typing import Any
 
 from ..training import demo
+from ._types import count, seed
 
 __all__ = ["add_parser", "format_table", "run"]
 
@@ -16,8 +17,8 @@ __all__ = ["add_parser", "format_table", "run"]
 def add_parser(commands: Any) -> argparse.ArgumentParser:
     """Add the ``demo`` command to ``commands`` (from ``parser.add_subparsers()``)."""
     p = commands.add_parser("demo", help="meta-train MAML on sinusoid and compare with pretraining (~2 min)")
-    p.add_argument("--iterations", type=int, default=10000, help="meta-iterations (the paper uses 70,000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iterations", type=count(1), default=10000, help="meta-iterations (the paper uses 70,000)")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--plot", default="diffopt-demo.png", help="where to save the plot ('' for none)")
     p.add_argument("--no-progress", action="store_true")
     return p

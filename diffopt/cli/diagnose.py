@@ -20,6 +20,7 @@ from typing import Any
 from ..diagnostics import DIAGNOSTICS, SecondOrderUnavailable, diagnose
 from ..training import CheckpointError
 from ..training.experiment import rebuild
+from ._types import count, number, seed
 
 __all__ = ["add_parser", "run"]
 
@@ -31,13 +32,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Rebuild the learner and task source of a checkpoint written by 'diffopt train', draw "
         "held-out test tasks and print the diagnostics of adaptation (mean and 95%% CI across tasks).")
     p.add_argument("checkpoint", help="a checkpoint written by 'diffopt train --checkpoint PATH'")
-    p.add_argument("--tasks", type=int, default=25, help="held-out test tasks to diagnose (default 25)")
-    p.add_argument("--sigma", type=float, default=None,
+    p.add_argument("--tasks", type=count(1), default=25, help="held-out test tasks to diagnose (default 25)")
+    p.add_argument("--sigma", type=number(0), default=None,
                    help="observation noise σ of the regression likelihood N(f(x), σ²); required for regression")
     p.add_argument("--which", nargs="+", choices=DIAGNOSTICS, default=None, metavar="NAME",
                    help=f"diagnostics to compute (default: all that apply): {', '.join(DIAGNOSTICS)}")
-    p.add_argument("--steps", type=int, default=None, help="inner steps at test time (default: the learner's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the diagnostics' own generator")
+    p.add_argument("--steps", type=count(0), default=None, help="inner steps at test time (default: the learner's)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the diagnostics' own generator")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
     p.add_argument("--plot", default=None, metavar="PATH", help="also save a plot (needs matplotlib)")
     p.add_argument("--data-root", default=None, help="the Omniglot folder, for checkpoints trained on Omniglot")

@@ -119,7 +119,7 @@ class Likelihood:
         return eye.expand(n, D, D)
 
     def sample(self, out: Tensor, generator: torch.Generator, samples: Optional[int] = None) -> Tensor:
-        """Labels sampled from p(·|x) with an explicit generator (the global RNG is untouched).
+        """Labels sampled from ``p(·|x)`` with an explicit generator (the global RNG is untouched).
 
         Shape ``(examples, ...)``, or ``(samples, examples, ...)`` when ``samples`` is given.
         """

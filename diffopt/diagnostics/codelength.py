@@ -43,7 +43,7 @@ __all__ = ["prequential_code_length", "block_ends"]
 
 
 def block_ends(n: int, blocks: Union[None, int, Sequence[int]] = None, first: int = 1) -> List[int]:
-    """Block end positions ``t_1 < ... < t_K = n``.
+    """Block end positions ``t_1 < … < t_K = n``.
 
     ``None``: doubling ``first, 2·first, 4·first, ..., n``; an int ``K``: K
     near-equal blocks; a sequence: the given ends (``n`` appended if missing).

@@ -165,7 +165,7 @@ def curvature(
     Args:
         x, y: support set(s).
         lr: the inner learning rate (ρ is reported only when given).
-        iters, tol: power iterations (stop early once the Rayleigh quotient changes by ≤ tol·|λ|; tol=0 never).
+        iters, tol: power iterations (stop early once the Rayleigh quotient changes by ≤ ``tol·|λ|``; tol=0 never).
         samples: Rademacher probes for Hutchinson's trace (0 to skip).
         loss_fn: the inner loss ``(out, y) -> mean loss``; default the likelihood's mean NLL. Use the loss the
             inner loop minimises, or ρ is not the stability ratio of that loop.

@@ -252,8 +252,8 @@ def diagnose_adaptation(
         likelihood, sigma, num_classes, bn_mode, per_example: scoring and evaluation.
         prior_precision: λ of the prior 𝒩(θ, λ⁻¹I) in the weight information (3b).
         fisher_kind: ``"true"``, ``"empirical"`` or ``"mc"`` for Fisher and 3b.
-        orderings, blocks: prequential code settings; bald_members: bootstrap
-            resamples of the support set adapted on for BALD.
+        orderings, blocks: prequential code settings.
+        bald_members: bootstrap resamples of the support set adapted on for BALD.
         power_iters, power_tol, hutchinson_samples: curvature settings.
         seed: seeds the one explicit generator used for all sampling.
 

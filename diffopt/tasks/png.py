@@ -11,6 +11,15 @@ The writer produces the same formats except palette images, with a chosen
 filter type per row; it exists so that tests can generate data sets in the
 published layout without any download.
 
+Hostile files cost nothing: the declared size is checked against ``max_pixels``
+(by default Pillow's decompression-bomb limit, :data:`MAX_PIXELS`) before any
+image data is inflated, and the data are inflated at most to the bytes that size
+needs (``zlib.decompressobj(...).decompress(data, max_length)``), so neither a
+small file declaring 20000×20000 nor a 1 MiB file whose data inflate to 1 GiB
+allocates more than the declared image. (Pillow itself was not adopted: it reads
+16-bit RGB as 8-bit and rescales 2- and 4-bit grayscale, which would change what
+:func:`read_png` returns, and cannot write 2/4-bit images or chosen row filters.)
+
 Sample values are returned unscaled (``uint8``, or ``uint16`` for 16-bit
 images; a 1-bit image holds 0 and 1). :func:`read_png_gray` converts any
 supported image to float intensities in ``[0, 1]`` (1 = white).
@@ -26,9 +35,10 @@ from typing import Union
 import numpy as np
 from ..errors import PngError
 
-__all__ = ["PngError", "read_png", "read_png_gray", "write_png", "PNG_SIGNATURE"]
+__all__ = ["PngError", "read_png", "read_png_gray", "write_png", "PNG_SIGNATURE", "MAX_PIXELS"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS: about 0.25 GiB of 24-bit pixels
 
 PathOrBytes = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 
@@ -108,7 +118,7 @@ def _unfilter(raw: bytes, height: int, row_bytes: int, bpp: int, name: str) -> n
     return out
 
 
-def _decode(data: bytes, name: str) -> tuple[np.ndarray, int, int]:
+def _decode(data: bytes, name: str, max_pixels: int | None = MAX_PIXELS) -> tuple[np.ndarray, int, int]:
     """Decode PNG bytes into ``(samples, bit_depth, color_type)``; palette images are expanded."""
     if data[:8] != PNG_SIGNATURE:
         raise PngError(f"{name}: not a PNG file (the 8-byte PNG signature is missing)")
@@ -158,15 +168,27 @@ def _decode(data: bytes, name: str) -> tuple[np.ndarray, int, int]:
         )
     if width == 0 or height == 0:
         raise PngError(f"{name}: image has zero size ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise PngError(
+            f"{name}: refused: it declares {width}x{height} = {width * height:,} pixels, more than max_pixels="
+            f"{max_pixels:,} (a decompression bomb?); pass max_pixels=None to read it anyway"
+        )
     if not idat:
         raise PngError(f"{name}: no IDAT (image data) chunk")
-    try:
-        raw = zlib.decompress(b"".join(idat))
-    except zlib.error as exc:
-        raise PngError(f"{name}: image data does not decompress: {exc}") from None
-
     bits_per_pixel = channels * depth
     row_bytes = (width * bits_per_pixel + 7) // 8
+    needed = height * (row_bytes + 1)
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(b"".join(idat), needed)
+        more = inflater.decompress(inflater.unconsumed_tail, 1) if inflater.unconsumed_tail else b""
+    except zlib.error as exc:
+        raise PngError(f"{name}: image data does not decompress: {exc}") from None
+    if more:
+        raise PngError(
+            f"{name}: refused: its image data inflate to more than the {needed:,} bytes its declared "
+            f"{width}x{height} size needs (a decompression bomb or a corrupt file)"
+        )
     bpp = max(1, bits_per_pixel // 8)
     rows = _unfilter(raw, height, row_bytes, bpp, name)
 
@@ -200,7 +222,7 @@ def _decode(data: bytes, name: str) -> tuple[np.ndarray, int, int]:
     return np.ascontiguousarray(samples), depth, color
 
 
-def read_png(source: PathOrBytes) -> np.ndarray:
+def read_png(source: PathOrBytes, *, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """Read a non-interlaced PNG file (path) or PNG bytes into a NumPy array.
 
     Returns unscaled samples: ``(H, W)`` for grayscale, ``(H, W, 2)`` grayscale +
@@ -209,13 +231,15 @@ def read_png(source: PathOrBytes) -> np.ndarray:
     Palette images are expanded to RGB, or RGBA when they carry ``tRNS``.
 
     Raises:
-        PngError: malformed data, a CRC mismatch, or an interlaced image.
+        PngError: malformed data, a CRC mismatch, an interlaced image, more than
+            ``max_pixels`` pixels declared, or image data that inflate to more
+            than the declared size needs.
     """
     data, name = _load_bytes(source)
-    return _decode(data, name)[0]
+    return _decode(data, name, max_pixels)[0]
 
 
-def read_png_gray(source: PathOrBytes) -> np.ndarray:
+def read_png_gray(source: PathOrBytes, *, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """Read a PNG as ``float32`` gray intensities in ``[0, 1]``, shape ``(H, W)`` (1 = white).
 
     Grayscale values are divided by ``2**bit_depth - 1``; RGB is converted with
@@ -223,7 +247,7 @@ def read_png_gray(source: PathOrBytes) -> np.ndarray:
     composited over a white background.
     """
     data, name = _load_bytes(source)
-    samples, depth, color = _decode(data, name)
+    samples, depth, color = _decode(data, name, max_pixels)
     scale = float((1 << (16 if samples.dtype == np.uint16 else depth if color == 0 else 8)) - 1)
     values = samples.astype(np.float32) / scale
     if values.ndim == 2:

@@ -113,10 +113,10 @@ def check_hypergradient(
             require grad are checked too), or an optimizer on ``model.parameters()``.
         data: ``(support_x, support_y, query_x, query_y)`` with a leading task dimension.
         inner_loss, outer_loss: per-task losses (outer defaults to inner).
-        steps, mode, **engine_options: the inner loop (see :class:`~diffopt.unroll.InnerLoop`).
+        steps, mode, engine_options (keywords): the inner loop (see :class:`~diffopt.unroll.InnerLoop`).
         directions: random unit directions over all meta-parameters jointly, plus one
             random direction per meta-parameter tensor (so ``where`` names the tensor).
-        tolerance: on the relative error |analytic − numeric| / max(|analytic|, |numeric|).
+        tolerance: on the relative error ``|analytic − numeric| / max(|analytic|, |numeric|)``.
         step_size: h of the central differences (Richardson-extrapolated, so 1e-5 is accurate).
         gradcheck: also run ``torch.autograd.gradcheck`` (fast mode) on the meta-loss.
 

@@ -30,7 +30,7 @@ class DirectionalCheck:
 
 
 def relative_error(a: float, b: float, floor: float = 1e-12) -> float:
-    """|a − b| / max(|a|, |b|, floor): symmetric, and absolute for values near zero."""
+    """``|a − b| / max(|a|, |b|, floor)``: symmetric, and absolute for values near zero."""
     return abs(a - b) / max(abs(a), abs(b), floor)
 
 

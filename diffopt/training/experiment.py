@@ -9,14 +9,17 @@ The command line (:mod:`diffopt.cli.train`) only turns its arguments into a
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import distributed, recipes
 from ..recipes import EpisodeSource, SinusoidSource
-from ..tasks import omniglot_splits, synthetic_glyphs, synthetic_vectors
+from ..tasks import load_omniglot, omniglot_splits, synthetic_glyphs, synthetic_vectors
+from ..errors import CheckpointError
 from .trainer import Trainer, config_differences, load_checkpoint
 
 PROTOCOL_DEFAULTS = {  # meta-batch, shots, query, inner lr for each task family
@@ -34,7 +37,11 @@ METRIC_ALGORITHMS = ("protonet", "matching", "siamese")  # learners that need an
 @dataclasses.dataclass
 class TrainSettings:
     """A ``diffopt train`` run. ``None`` means the task family's protocol default
-    (:data:`PROTOCOL_DEFAULTS`: meta-batch, shots, query, inner learning rate)."""
+    (:data:`PROTOCOL_DEFAULTS`: meta-batch, shots, query, inner learning rate; the outer
+    learning rate is 1.0 for Reptile's ε, 1e-3 for Adam otherwise).
+
+    ``overwrite`` allows a run without ``resume`` to replace an existing checkpoint
+    and metrics file; without it such a run is refused."""
 
     task: str = "sinusoid"
     algo: str = "maml"
@@ -43,7 +50,7 @@ class TrainSettings:
     meta_batch: int | None = None
     inner_steps: int = 1
     inner_lr: float | None = None
-    outer_lr: float = 1e-3
+    outer_lr: float | None = None
     ways: int = 5
     shots: int | None = None
     query: int | None = None
@@ -56,11 +63,34 @@ class TrainSettings:
     checkpoint: str | None = None
     checkpoint_every: int = 1000
     resume: bool = False
+    overwrite: bool = False
     metrics: str | None = None
     threads: int | None = None
     progress: bool = True
     backend: str = "auto"
     timeout: float = 300.0
+
+    def validate(self) -> None:
+        """Refuse values no run can use, naming the setting and its flag (``ValueError``)."""
+        counts = {"iterations": 0, "meta_batch": 1, "inner_steps": 0, "ways": 1, "shots": 1, "query": 1,
+                  "test_tasks": 1, "eval_every": 0, "omniglot_train_classes": 1, "checkpoint_every": 1,
+                  "threads": 1}
+        for name, minimum in counts.items():
+            value = getattr(self, name)
+            if value is None and name not in ("iterations", "inner_steps", "ways", "test_tasks", "eval_every",
+                                              "omniglot_train_classes", "checkpoint_every"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an integer >= {minimum}, got {value!r}")
+        for name in ("inner_lr", "outer_lr"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a finite number > 0, got {value!r}")
+        if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
+            raise ValueError(f"timeout (--timeout) must be a finite number of seconds > 0, got {self.timeout!r}")
+        steps = tuple(self.eval_steps)
+        if not steps or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in steps):
+            raise ValueError(f"eval_steps (--eval-steps) must be one or more integers >= 0, got {list(steps)}")
 
 
 def set_epoch(learner: Any, iteration: int) -> None:
@@ -69,9 +99,10 @@ def set_epoch(learner: Any, iteration: int) -> None:
 
 
 def build(settings: TrainSettings) -> tuple[Any, Any, dict[str, Any]]:
-    """(task source, learner, config) for a run's settings."""
+    """(task source, learner, config) for a run's settings; ``config`` records the values applied."""
     if settings.task not in PROTOCOL_DEFAULTS:
         raise ValueError(f"task={settings.task!r}: choose one of {', '.join(PROTOCOL_DEFAULTS)}")
+    settings.validate()
     meta_batch, shots, query, inner_lr = PROTOCOL_DEFAULTS[settings.task]
     meta_batch = settings.meta_batch or meta_batch
     shots = settings.shots if settings.shots is not None else shots
@@ -92,7 +123,13 @@ def build(settings: TrainSettings) -> tuple[Any, Any, dict[str, Any]]:
         else:
             if settings.data_root is None:
                 raise ValueError(OMNIGLOT_NEEDS_ROOT)
-            splits = omniglot_splits(settings.data_root, seed=settings.seed, num_train=settings.omniglot_train_classes)
+            characters = load_omniglot(settings.data_root, seed=settings.seed)
+            if settings.omniglot_train_classes >= characters.num_groups:
+                raise ValueError(
+                    f"--omniglot-train-classes {settings.omniglot_train_classes}: the folder {settings.data_root} has "
+                    f"{characters.num_groups} characters; use fewer so that some remain for testing"
+                )
+            splits = omniglot_splits(characters, seed=settings.seed, num_train=settings.omniglot_train_classes)
             train, test = splits.train, splits.test
         source = EpisodeSource(train, test, meta_batch=meta_batch, ways=settings.ways, shots=shots, query=query,
                                test_tasks=settings.test_tasks, name=settings.task)
@@ -111,11 +148,13 @@ def build(settings: TrainSettings) -> tuple[Any, Any, dict[str, Any]]:
             else:
                 model = recipes.mlp_classifier(features, settings.ways)
             embedding = 64
-    options: dict[str, Any] = {}
+    # Reptile's ε is the outer learning rate: its schedule sets the SGD step, so the learner gets the value
+    outer_lr = settings.outer_lr if settings.outer_lr is not None else (1.0 if settings.algo == "reptile" else 1e-3)
+    options: dict[str, Any] = {"outer_lr": outer_lr} if settings.algo == "reptile" else {}
     learner = recipes.make_learner(settings.algo, model, classification=classification, ways=settings.ways,
                                    inner_lr=inner_lr, inner_steps=inner_steps, mode=settings.mode,
                                    embedding_dim=embedding, **options)
-    config = {"algo": settings.algo, "inner_lr": inner_lr, "outer_lr": settings.outer_lr}
+    config = {"algo": settings.algo, "inner_lr": inner_lr, "outer_lr": outer_lr}
     return source, learner, config
 
 
@@ -136,9 +175,21 @@ def train(settings: TrainSettings) -> dict[str, Any] | None:
             distributed.shutdown()
 
 
+def check_outputs(settings: TrainSettings) -> None:
+    """Refuse to replace an earlier run's checkpoint or metrics without ``resume`` or ``overwrite``."""
+    if settings.resume or settings.overwrite:
+        return
+    for path, flag in ((settings.checkpoint, "--checkpoint"), (settings.metrics, "--metrics")):
+        if path is not None and Path(path).is_file():
+            raise ValueError(
+                f"{flag} {path} already exists: continue that run with --resume, or replace it with --overwrite"
+            )
+
+
 def _train(settings: TrainSettings, context: Any) -> dict[str, Any] | None:
+    check_outputs(settings)  # every rank: one refusing alone would leave the others waiting
     source, learner, config = build(settings)
-    outer_lr = 1.0 if settings.algo == "reptile" and settings.outer_lr == 1e-3 else settings.outer_lr
+    outer_lr = config["outer_lr"]
     optimizer = (torch.optim.SGD(learner.parameters(), lr=outer_lr) if settings.algo == "reptile"
                  else torch.optim.Adam(learner.parameters(), lr=outer_lr))
     trainer = Trainer(learner, source, optimizer, iterations=settings.iterations, seed=settings.seed,
@@ -187,6 +238,12 @@ def rebuild(path: str, tasks: int = 25, data_root: str | None = None) -> tuple[A
         diff = config_differences(saved, learner.config())
         if diff:
             raise ValueError(f"{path}: the rebuilt learner does not match the checkpoint's: " + "; ".join(diff))
-    learner.load_state_dict(payload["learner"])
+    if not isinstance(payload.get("learner"), dict):
+        raise CheckpointError(f"{path} is not a complete diffopt training checkpoint (it has no learner weights)")
+    try:
+        learner.load_state_dict(payload["learner"])
+    except Exception as error:  # noqa: BLE001 - size mismatch, missing keys: one line
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: its learner weights do not fit the rebuilt learner ({reason})") from None
     learner.eval()
     return learner, source, payload

@@ -58,6 +58,7 @@ from ..optim.learned.serialization import live_tensors, save, to_payload
 from ..unroll import Carry, InnerLoop
 from ..unroll.carry import detached
 from .families import TaskBatch, TaskFamily, family
+from ..errors import CheckpointError
 from .trainer import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, iteration_generator, load_checkpoint, save_checkpoint
 
 __all__ = ["MODES", "OBJECTIVES", "RULES", "OptimizerTrainer", "TrainConfig", "loss_curves", "make_rule", "Unroll"]
@@ -264,14 +265,34 @@ class OptimizerTrainer:
                 "history": json.dumps(self.history)}
 
     def restore(self, payload: dict[str, Any]) -> None:
-        saved = payload["rule"]["tensors"]
+        """Load a checkpoint's rule, meta-optimizer, RNG and history; one that does not fit this rule
+        raises :class:`CheckpointError` in one line and changes nothing."""
+        where = self.checkpoint or "the checkpoint"
+        missing = [k for k in ("rule", "meta_optimizer", "rng", "iteration", "history") if k not in payload]
+        rule = payload.get("rule")
+        if missing or not isinstance(rule, dict) or not isinstance(rule.get("tensors"), dict):
+            raise CheckpointError(f"{where} is not a complete train-optimizer checkpoint (it has no "
+                                  f"{', '.join(missing) or 'rule tensors'})")
+        saved = rule["tensors"]
+        live = live_tensors(self.optimizer)
+        wrong = [name for name, tensor in live.items()
+                 if not isinstance(saved.get(name), torch.Tensor) or saved[name].shape != tensor.shape]
+        if wrong or sorted(saved) != sorted(live):
+            raise CheckpointError(f"{where} holds another rule's tensors (differing: {', '.join(wrong) or 'names'})")
+        before = self.meta_optimizer.state_dict()
+        try:
+            self.meta_optimizer.load_state_dict(payload["meta_optimizer"])
+            history = json.loads(payload["history"])
+            torch.set_rng_state(payload["rng"])
+        except Exception as error:  # noqa: BLE001 - a damaged or foreign checkpoint: one line
+            self.meta_optimizer.load_state_dict(before)
+            reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"{where} does not fit this rule's meta-optimizer ({reason})") from None
         with torch.no_grad():
-            for name, tensor in live_tensors(self.optimizer).items():
+            for name, tensor in live.items():
                 tensor.copy_(saved[name])
-        self.meta_optimizer.load_state_dict(payload["meta_optimizer"])
-        torch.set_rng_state(payload["rng"])
         self.iteration = int(payload["iteration"])
-        self.history = json.loads(payload["history"])
+        self.history = history
 
     def save_checkpoint(self) -> None:
         if self.checkpoint is not None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -22,11 +24,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .._io import atomic_save, safe_load
+from .._io import atomic_save, check_writable, describe_os_error, non_finite_tensors, safe_load
 from .._progress import Progress
 from ..algorithms import MetaLearner
 from ..tasks import mean_ci95
-from ..errors import CheckpointError
+from ..errors import CheckpointError, NonFiniteError
 
 CHECKPOINT_FORMAT = "diffopt-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -54,13 +56,32 @@ def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> No
 
 
 def load_checkpoint(path: str | os.PathLike[str], config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load a checkpoint safely and check that it belongs to ``config``."""
-    payload = safe_load(path)
+    """Load a checkpoint safely and check that it belongs to ``config``.
+
+    Every problem is a :class:`CheckpointError` with one line: a missing file is
+    ``FileNotFoundError``; a folder, an empty, truncated or corrupt file, a file that
+    is not a diffopt checkpoint, one that contains code (refused unread), one of
+    another version, one with a negative or non-integer iteration, one whose
+    weights hold NaN or infinity, and one from another configuration are refused.
+    """
+    payload = safe_load(path, "diffopt checkpoint", CheckpointError)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a diffopt checkpoint")
     if payload.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint version {payload.get('version')}, this diffopt reads version {CHECKPOINT_VERSION}"
+        )
+    iteration = payload.get("iteration")
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        raise CheckpointError(f"{path} is corrupt: its iteration is {iteration!r}, not an integer >= 0")
+    if not isinstance(payload.get("config", {}), dict):
+        raise CheckpointError(f"{path} is corrupt: its configuration is not a dictionary")
+    bad = non_finite_tensors({k: v for k, v in payload.items() if k != "rng"})
+    if bad:
+        raise CheckpointError(
+            f"{path} holds non-finite values (NaN or infinity) in {', '.join(bad[:5])}"
+            + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            + "; it was saved after training diverged: resume from an earlier checkpoint or start a new run"
         )
     if config is not None:
         mismatch = config_differences(payload.get("config", {}), config)
@@ -135,13 +156,22 @@ class Trainer:
         before_step: Callable[[MetaLearner, int], None] | None = None,
         distributed: Any = None,
     ) -> None:
+        for name, value in (("iterations", iterations), ("log_every", log_every),
+                            ("checkpoint_every", checkpoint_every), ("eval_every", eval_every)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
         if iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {iterations}")
         if log_every < 1 or checkpoint_every < 1 or eval_every < 0:
             raise ValueError("log_every and checkpoint_every must be >= 1 and eval_every >= 0")
+        eval_steps = tuple(eval_steps)
+        if not eval_steps or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0
+                                 for k in eval_steps):
+            raise ValueError(f"eval_steps must be one or more integers >= 0 (test-time inner steps), got "
+                             f"{list(eval_steps)}")
         self.learner, self.tasks, self.optimizer = learner, tasks, optimizer
         self.iterations, self.seed = iterations, seed
-        self.eval_every, self.eval_steps = eval_every, tuple(eval_steps)
+        self.eval_every, self.eval_steps = eval_every, tuple(int(k) for k in eval_steps)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.checkpoint_every, self.resume = checkpoint_every, resume
         self.metrics = Path(metrics) if metrics is not None else None
@@ -152,6 +182,8 @@ class Trainer:
         self.distributed = distributed
         self.is_main = distributed is None or distributed.is_main
         self.iteration = 0
+        self.seconds = 0.0  # training time before this process (restored on resume)
+        self._running: list[float] = []  # meta-losses since the last metrics line
         self.history: list[dict[str, Any]] = []
         self.config = {
             "learner": learner.config(), "tasks": tasks.config(), "seed": seed, "iterations": iterations,
@@ -164,17 +196,46 @@ class Trainer:
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config,
             "iteration": self.iteration, "learner": self.learner.state_dict(),
             "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+            "running": list(self._running), "seconds": self._elapsed(),
         }
 
+    def _elapsed(self) -> float:
+        started = getattr(self, "_started", None)
+        return self.seconds + (time.perf_counter() - started if started is not None else 0.0)
+
     def save(self) -> None:
+        """Write the checkpoint (rank 0). A failed write keeps the previous checkpoint and raises
+        ``OSError`` with one line naming the path and the reason (for example a full disk)."""
         if self.checkpoint is not None and self.is_main:
-            save_checkpoint(self.checkpoint, self.state())
+            try:
+                save_checkpoint(self.checkpoint, self.state())
+            except OSError as error:
+                raise OSError(error.errno, f"could not write the checkpoint {self.checkpoint} at iteration "
+                              f"{self.iteration}: {describe_os_error(error)}; the previous checkpoint is kept"
+                              ) from error
 
     def restore(self, payload: dict[str, Any]) -> None:
-        self.learner.load_state_dict(payload["learner"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        torch.set_rng_state(payload["rng"])
+        """Load a checkpoint's learner, optimizer, RNG and position; a checkpoint that does not fit
+        this learner or optimizer raises :class:`CheckpointError` and changes nothing."""
+        where = self.checkpoint or "the checkpoint"
+        missing = [k for k in ("learner", "optimizer", "rng", "iteration") if k not in payload]
+        if missing:
+            raise CheckpointError(f"{where} is not a complete diffopt training checkpoint (it has no "
+                                  f"{', '.join(missing)})")
+        learner_before = {k: v.clone() for k, v in self.learner.state_dict().items()}
+        optimizer_before = self.optimizer.state_dict()
+        try:
+            self.learner.load_state_dict(payload["learner"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            torch.set_rng_state(payload["rng"])
+        except Exception as error:  # noqa: BLE001 - size mismatch, missing keys, wrong groups: one line
+            self.learner.load_state_dict(learner_before)
+            self.optimizer.load_state_dict(optimizer_before)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"{where} does not fit this learner and optimizer ({reason[:300]})") from None
         self.iteration = int(payload["iteration"])
+        self._running = [float(v) for v in payload.get("running", [])]
+        self.seconds = float(payload.get("seconds", 0.0))
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines written after the checkpoint (a crash between log and save), and the
@@ -213,6 +274,12 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:
+        """Train to ``iterations``, then save the checkpoint and only then run the final evaluation
+        (a failing evaluation never loses the run)."""
+        if self.is_main:
+            for path, what in ((self.checkpoint, "checkpoint"), (self.metrics, "metrics")):
+                if path is not None:
+                    check_writable(path, what)
         if self.resume and self.checkpoint is not None and self.checkpoint.exists():
             self.restore(load_checkpoint(self.checkpoint, self.config))
             self._truncate_metrics()
@@ -224,37 +291,85 @@ class Trainer:
             self.distributed.check_consistent({**self.config, "resumed_at": self.iteration})
         bar = Progress(self.iterations, type(self.learner).__name__, start=self.iteration,
                        enabled=self.progress and self.is_main)
-        started = time.perf_counter()
-        running = []
-        while self.iteration < self.iterations:
-            i = self.iteration
-            if self.before_step is not None:
-                self.before_step(self.learner, i)
-            batch = self.tasks.train_batch(iteration_generator(self.seed, i))
-            stats = self._train_step(batch, i)
-            if not math.isfinite(stats["meta_loss"]):
-                raise FloatingPointError(
-                    f"meta-loss is {stats['meta_loss']} at iteration {i}; lower the outer or inner learning rate"
-                )
-            self.iteration = i + 1
-            running.append(stats["meta_loss"])
-            record: dict[str, Any] = {}
-            for callback in self.callbacks:
-                record.update(callback(self, self.iteration) or {})
-            if self.iteration % self.log_every == 0 or record:
-                self._log({"iteration": self.iteration, "meta_loss": sum(running) / len(running),
-                           "seconds": time.perf_counter() - started, **record})
-                running = []
-            if self.eval_every and self.iteration % self.eval_every == 0 and self.iteration < self.iterations:
-                self._log({"iteration": self.iteration, "eval": self.evaluate()})
-            if self.checkpoint is not None and self.iteration % self.checkpoint_every == 0:
-                self.save()
-            bar.update(1, postfix=f"loss {stats['meta_loss']:.4f}")
-        bar.close()
-        final = {"iteration": self.iteration, "eval": self.evaluate(), "final": True}
+        self._started = time.perf_counter()
+        saved_at = None
+        try:
+            while self.iteration < self.iterations:
+                i = self.iteration
+                if self.before_step is not None:
+                    self.before_step(self.learner, i)
+                batch = self.tasks.train_batch(iteration_generator(self.seed, i))
+                stats = self._checked_step(batch, i)
+                self.iteration = i + 1
+                self._running.append(stats["meta_loss"])
+                record: dict[str, Any] = {}
+                for callback in self.callbacks:
+                    record.update(callback(self, self.iteration) or {})
+                if self.iteration % self.log_every == 0 or record:
+                    self._log({"iteration": self.iteration, "meta_loss": sum(self._running) / len(self._running),
+                               "seconds": self._elapsed(), **record})
+                    self._running = []
+                if self.eval_every and self.iteration % self.eval_every == 0 and self.iteration < self.iterations:
+                    self._log({"iteration": self.iteration, "eval": self._evaluate("evaluation")})
+                if self.checkpoint is not None and self.iteration % self.checkpoint_every == 0:
+                    self.save()
+                    saved_at = self.iteration
+                bar.update(1, postfix=f"loss {stats['meta_loss']:.4f}")
+        finally:
+            bar.close()
+        if saved_at != self.iteration:
+            self.save()
+        final = {"iteration": self.iteration, "eval": self._evaluate("final evaluation"), "final": True}
         self._log(final)
-        self.save()
         return self.history
+
+    def _checked_step(self, batch: Batch, i: int) -> dict[str, Any]:
+        """One meta-step; divergence raises :class:`NonFiniteError` naming the meta-iteration, the
+        task and inner step when known, and the likely cause (inner or outer learning rate)."""
+        try:
+            stats = self._train_step(batch, i)
+        except FloatingPointError as error:
+            raise NonFiniteError(f"diverged at meta-iteration {i}: {_explain(str(error), i)}") from error
+        if not math.isfinite(stats["meta_loss"]):
+            raise NonFiniteError(
+                f"meta-loss is {stats['meta_loss']} at iteration {i} (diverged at meta-iteration {i}); likely "
+                + ("cause: the outer learning rate (--outer-lr): the weights the previous outer steps made give a "
+                   "non-finite query loss; lower it" if i > 0 else
+                   "cause: the initial weights or the data, or the inner learning rate (--inner-lr); lower the "
+                   "outer or inner learning rate")
+            )
+        bad = [name for name, p in self.learner.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            raise NonFiniteError(
+                f"diverged at meta-iteration {i}: the outer step made the weights {', '.join(bad[:3])} non-finite; "
+                "likely cause: the outer learning rate (--outer-lr) is too large; lower it"
+            )
+        return stats
+
+    def _evaluate(self, what: str) -> dict[str, Any]:
+        try:
+            return self.evaluate()
+        except FloatingPointError as error:
+            saved = (f"; the checkpoint of iteration {self.iteration} was saved" if self.checkpoint is not None
+                     and self.is_main else "")
+            raise NonFiniteError(f"{what} after meta-iteration {self.iteration} diverged: "
+                                 f"{_explain(str(error), None)}{saved}") from error
+
+
+def _explain(message: str, iteration: int | None) -> str:
+    """An inner loop's divergence message with its generic advice replaced by the likely cause."""
+    fact = message.split("; lower", 1)[0].split("; clip", 1)[0].rstrip(". ")
+    found = re.search(r"inner step (\d+)", message)
+    if found is None:
+        return f"{fact}; lower the inner (--inner-lr) or outer (--outer-lr) learning rate"
+    if int(found.group(1)) == 0 and iteration:
+        cause = ("the loss is already non-finite at the meta-learned weights, before any inner step: likely "
+                 "cause: the outer learning rate (--outer-lr) is too large; lower it")
+    elif int(found.group(1)) == 0:
+        cause = "the loss is non-finite before any inner step: check the data and the initial weights"
+    else:
+        cause = "likely cause: the inner learning rate (--inner-lr) is too large; lower it or clip gradients"
+    return f"{fact}; {cause}"
 
 
 def evaluate(learner: MetaLearner, batches: Iterable[Batch], steps: Sequence[int] = (0, 1, 5, 10)) -> dict[str, Any]:

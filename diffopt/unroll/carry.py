@@ -3,7 +3,7 @@
 ``Carry`` holds the fast weights (adapted ones with a leading task dimension,
 shared ones as the model's tensors), the optimizer state of the adapted
 weights, the per-task BatchNorm statistics and the step count. Checkpointed
-and implicit modes pass it through ``torch.autograd.Function``s, which take
+and implicit modes pass it through ``torch.autograd.Function`` objects, which take
 tensors only: :func:`flatten` splits it into tensors and a static skeleton.
 """
 from __future__ import annotations

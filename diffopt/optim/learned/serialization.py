@@ -10,9 +10,13 @@ read back with ``torch.load(weights_only=True)``. Loading refuses, with a
 message that says why, a file that is not a learned rule, one from another
 format version, one of an unknown kind, one whose feature set differs from
 what this code computes for its kind (or from the ``features=`` the caller
-expects), one whose tensors do not match its config, and (for rules with
-per-parameter tensors) parameters of other shapes than it was trained for.
-Files are written atomically (:func:`diffopt._io.atomic_save`, as training checkpoints are).
+expects), one whose tensors do not match its config — checked from the config
+alone, on PyTorch's ``meta`` device, before any network is built, so a small file
+claiming ``hidden=[30000, 30000]`` allocates nothing —, one whose tensors hold NaN
+or infinity, and (for rules with per-parameter tensors) parameters of other
+shapes than it was trained for. A file that is empty, truncated, corrupt, not a
+``torch.save`` file or that contains pickled code gets one line saying which
+(:func:`diffopt._io.safe_load`). Files are written atomically (:func:`diffopt._io.atomic_save`, as training checkpoints are).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..._io import atomic_save, safe_load
+from ..._io import atomic_save, non_finite_tensors, safe_load
 from ..._version import __version__
 from .._hyper import PerParameter
 from ..optimizer import DifferentiableOptimizer
@@ -162,6 +166,8 @@ def from_payload(payload: Any, where: str = "the payload", *, features: Sequence
         metadata = json.loads(payload.get("metadata", "{}"))
     except (TypeError, ValueError) as error:
         raise LearnedRuleError(f"{where}: its config is not valid JSON ({error})") from error
+    if not isinstance(config, dict) or not isinstance(metadata, dict):
+        raise LearnedRuleError(f"{where}: its config and metadata must be JSON objects")
     saved_features = list(payload.get("features", []))
     computed = expected_features(kind, config)
     if saved_features != computed:
@@ -176,17 +182,57 @@ def from_payload(payload: Any, where: str = "the payload", *, features: Sequence
     tensors = payload.get("tensors")
     if not isinstance(tensors, dict) or not all(isinstance(t, Tensor) for t in tensors.values()):
         raise LearnedRuleError(f"{where}: 'tensors' must map names to tensors")
+    check_tensors(kind, config, tensors, where)
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise LearnedRuleError(f"{where}: the saved {kind} rule's tensors {', '.join(sorted(bad)[:5])} hold NaN or "
+                               "infinity; it was saved after meta-training diverged")
     return SavedRule(kind, config, saved_features, dict(tensors), metadata, version)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def expected_shapes(kind: str, config: dict[str, Any], where: str = "the payload") -> dict[str, tuple[int, ...]] | None:
+    """The tensor names and shapes the config of an LSTM or MLP rule implies, computed on the ``meta``
+    device (no memory is allocated however large the config claims to be); ``None`` for other kinds."""
+    if kind == "lstm":
+        if not (_positive_int(config.get("hidden_size")) and _positive_int(config.get("layers"))):
+            raise LearnedRuleError(f"{where}: the saved lstm rule's hidden_size and layers must be integers >= 1, "
+                                   f"got {config.get('hidden_size')!r} and {config.get('layers')!r}")
+        with torch.device("meta"):
+            net: Any = LSTMRuleNet(config["hidden_size"], config["layers"])
+    elif kind == "mlp":
+        hidden = config.get("hidden")
+        if not isinstance(hidden, list) or not all(_positive_int(h) for h in hidden):
+            raise LearnedRuleError(f"{where}: the saved mlp rule's hidden must be a list of integers >= 1, got {hidden!r}")
+        with torch.device("meta"):
+            net = MLPRuleNet(config["features"], hidden)
+    else:
+        return None
+    return {name: tuple(w.shape) for name, w in zip(net.weight_names(), net.weights())}
+
+
+def check_tensors(kind: str, config: dict[str, Any], tensors: dict[str, Tensor], where: str = "the payload") -> None:
+    """Refuse tensors that do not match what the config implies, before anything is built."""
+    shapes = expected_shapes(kind, config, where)
+    if shapes is None:
+        return
+    if sorted(tensors) != sorted(shapes):
+        raise LearnedRuleError(f"{where}: the saved {kind} rule has tensors {sorted(tensors)}, its config implies "
+                               f"{sorted(shapes)}")
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            raise LearnedRuleError(
+                f"{where}: the saved {kind} rule's tensor {name!r} has shape {tuple(tensors[name].shape)}; its config "
+                f"implies {shape}"
+            )
 
 
 def read(path: str | os.PathLike[str], *, features: Sequence[str] | None = None) -> SavedRule:
     """Load and validate a saved rule (``torch.load(weights_only=True)``: no code is unpickled)."""
-    try:
-        payload = safe_load(path)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise LearnedRuleError(f"{path} could not be read as a learned-rule file: {error}") from error
+    payload = safe_load(path, "diffopt learned-rule file", LearnedRuleError)
     return from_payload(payload, str(path), features=features)
 
 

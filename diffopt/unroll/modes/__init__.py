@@ -1,18 +1,18 @@
 """Meta-gradient modes: one object per mode, owning its options, their validation and
 how the inner loop is made differentiable.
 
-=================  ============================  ==============================================
-name               object                        what the meta-gradient is
-=================  ============================  ==============================================
-``second_order``   ``SecondOrder()``             full reverse-mode unroll (MAML)
-``first_order``    ``FirstOrder()``              inner gradients as constants (FOMAML)
-``truncated``      ``Truncated(k)``              reverse mode through the last k steps
-``checkpointed``   ``Checkpointed(segment)``     second order, segments recomputed (≈√K memory)
+=================  ==============================  ==============================================
+name               object                          what the meta-gradient is
+=================  ==============================  ==============================================
+``second_order``   ``SecondOrder()``               full reverse-mode unroll (MAML)
+``first_order``    ``FirstOrder()``                inner gradients as constants (FOMAML)
+``truncated``      ``Truncated(k)``                reverse mode through the last k steps
+``checkpointed``   ``Checkpointed(segment)``       second order, segments recomputed (≈√K memory)
 ``implicit``       ``Implicit(CG(...), damping)``  implicit function theorem at the solution
-``forward``        ``Forward(wrt)``              forward-mode tangents (memory independent of K)
-``es``             ``ES(samples, sigma)``        antithetic evolution strategies
-``pes``            ``PES(truncation, ...)``      persistent ES over truncations
-=================  ============================  ==============================================
+``forward``        ``Forward(wrt)``                forward-mode tangents (memory independent of K)
+``es``             ``ES(samples, sigma)``          antithetic evolution strategies
+``pes``            ``PES(truncation, ...)``        persistent ES over truncations
+=================  ==============================  ==============================================
 
 ``InnerLoop(mode=...)`` takes an object or a name; a name with the keyword options
 ``InnerLoop`` has always accepted (``truncate=``, ``segment=``, ``solver=``, ``es_samples=``,
