@@ -180,6 +180,11 @@ class LBFGS:
         self.state: dict[str, Any] = {"func_evals": 0, "n_iter": 0}
         self.last_loss: Tensor | None = None
 
+    def hyperparameter_tensors(self) -> list[Tensor]:
+        """The tensor ``lr`` if it requires grad (what an engine mode differentiates besides the weights)."""
+        lr = self.defaults["lr"]
+        return [lr] if isinstance(lr, Tensor) and lr.requires_grad else []
+
     # -- flat views (complex parameters as real pairs, as torch) --------------------------------------
     @staticmethod
     def _flat(tensors: Sequence[Tensor]) -> Tensor:

@@ -32,8 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..optim import SGD, DifferentiableOptimizer, NonFiniteError, from_torch
+from ..optim.lbfgs import LBFGS
 from ..optim._hyper import PerParameter, Schedule
 from ._shapes import no_example_dimension
+from . import closure_step
 from .carry import Adapted, Carry, detached
 from .modes import MODES, Mode, as_mode, default_segment
 from .functional import ParameterLayout
@@ -52,6 +54,9 @@ class InnerLoop:
         optimizer: the inner update rule: a ``diffopt.optim`` optimizer or a
             ``torch.optim`` optimizer built on (some of) ``model.parameters()``;
             only those parameters are adapted. Default: SGD with lr 0.01 on all.
+            A :class:`diffopt.optim.LBFGS` runs one L-BFGS per task, task by task,
+            in modes second_order, first_order, truncated and implicit (see
+            :mod:`diffopt.unroll.closure_step`).
         loss_fn: per-task loss ``loss_fn(prediction, target) -> scalar``
             (default mean squared error).
         steps: K, the number of inner steps.
@@ -77,7 +82,7 @@ class InnerLoop:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: DifferentiableOptimizer | torch.optim.Optimizer | None = None,
+        optimizer: DifferentiableOptimizer | torch.optim.Optimizer | LBFGS | None = None,
         loss_fn: LossFn | None = None,
         *,
         steps: int = 1,
@@ -115,7 +120,7 @@ class InnerLoop:
             optimizer = SGD(self.model.parameters(), lr=0.01)
         elif isinstance(optimizer, torch.optim.Optimizer):
             optimizer = from_torch(optimizer)
-        elif not isinstance(optimizer, DifferentiableOptimizer):
+        elif not isinstance(optimizer, (DifferentiableOptimizer, LBFGS)):
             raise TypeError(
                 f"optimizer must be a diffopt.optim or torch.optim optimizer, got {type(optimizer).__name__}"
             )
@@ -125,6 +130,8 @@ class InnerLoop:
         return optimizer
 
     def _vectorize(self, vectorize: bool | str) -> tuple[bool, str]:
+        if isinstance(self.optimizer, LBFGS):
+            return closure_step.check_closure_optimizer(self, vectorize)
         if vectorize == "auto":
             return choose_vectorize(self.model, self.patched.policy)
         if vectorize is True:
@@ -181,7 +188,10 @@ class InnerLoop:
             p.unsqueeze(0).expand(tasks, *p.shape) if adapted else p for p, adapted in zip(theta, self.adapted_mask)
         ]
         adapted = [params[j] for j in self.positions]
-        states = self.optimizer.initial_states(adapted)
+        if isinstance(self.optimizer, LBFGS):
+            states = closure_step.initial_states(tasks)
+        else:
+            states = self.optimizer.initial_states(adapted)
         return Carry(params, states, self.patched.initial_buffers(tasks), 0)
 
     def task_losses(
@@ -247,6 +257,8 @@ class InnerLoop:
             graph = "none"
         if graph == "none":
             carry = detached(carry, requires_grad=True)
+        if isinstance(optimizer, LBFGS):  # needs the objective at trial points: one L-BFGS per task
+            return closure_step.lbfgs_step(self, carry, x, y, graph, None if theta is None else list(theta))
         with torch.enable_grad():
             losses, buffers = self.inner_objective(carry, x, y, theta)
             self._check_finite_losses(losses, carry.step)
