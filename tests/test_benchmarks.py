@@ -236,3 +236,16 @@ def test_memory_worker_runs_in_a_fresh_process():
     assert "error" not in reply, reply
     assert reply["meta_gradient"] and reply["tensor_peak_bytes"] > 0
     assert math.isfinite(reply["seconds"])
+
+
+def test_engine_dispatch_counts_are_deterministic(capsys):
+    from benchmarks import engine_dispatch
+
+    first = engine_dispatch.main(["--quick"])
+    second = engine_dispatch.main(["--quick"])
+    assert [r["aten_ops"] for r in first] == [r["aten_ops"] for r in second]
+    # a first-order step builds no second-order graph: fewer operations than second order at equal K
+    by_case = {(r["mode"], r["steps"]): r["aten_ops"] for r in first}
+    assert by_case[("first_order", 5)] < by_case[("second_order", 5)]
+    assert by_case[("second_order", 1)] < by_case[("second_order", 5)]
+    assert_markdown_table(capsys.readouterr().out, columns=4)
