@@ -82,6 +82,43 @@ class InnerLoopLearner(MetaLearner):
     #: loss through the adapted weights, in the loop's mode: MAML and its family) or
     #: ``"towards_adapted"`` (θ moves towards the adapted weights: Reptile).
     outer_update: str = "meta_gradient"
+    #: How :meth:`train_step` back-propagates the meta-loss (the mean of the task losses):
+    #: ``"per_task"`` — one backward per task, so each task's graph is freed before the next is
+    #: built (what the peers' per-task loops do: peak memory of one task, not of the meta-batch);
+    #: ``"batch"`` — one backward of the mean (one graph over the whole meta-batch); ``"auto"`` —
+    #: per task when the inner loop runs a task loop (convolutional and recurrent models, where the
+    #: meta-batch's graphs dominate memory and the loop costs the same either way), at once when it
+    #: is vectorised (the graph is small and one backward is faster) or zero-order (ES/PES draw
+    #: their noise per meta-loss). The gradient is the same up to the order of the summation.
+    meta_backward: str = "auto"
+
+    def backward_per_task(self) -> bool:
+        """Whether :meth:`train_step` back-propagates task by task (see :attr:`meta_backward`)."""
+        if self.meta_backward not in ("auto", "per_task", "batch"):
+            raise ValueError(f"meta_backward={self.meta_backward!r}: choose 'auto', 'per_task' or 'batch'")
+        if self.meta_backward != "auto":
+            return self.meta_backward == "per_task"
+        return self.loop.vectorize is False and self.loop.mode.differentiates_adapted_weights
+
+    def train_step(self, batch: tuple[Tensor, Tensor, Tensor, Tensor], optimizer: torch.optim.Optimizer,
+                   iteration: int = 0, total_iterations: int = 1,
+                   reduce: Callable[[list[Tensor]], None] | None = None) -> dict[str, float]:
+        """One outer step; the meta-gradient of the mean task loss, task by task where
+        :meth:`backward_per_task` says so (gradients accumulate in ``.grad``)."""
+        if not self.backward_per_task():
+            return super().train_step(batch, optimizer, iteration, total_iterations, reduce)
+        check_episode(*batch)
+        optimizer.zero_grad(set_to_none=True)
+        tasks = batch[0].shape[0]
+        total = 0.0
+        for t in range(tasks):
+            loss = self.meta_loss(*(part[t:t + 1] for part in batch)) / tasks
+            loss.backward()
+            total += float(loss.detach())
+        if reduce is not None:
+            reduce(list(self.parameters()))
+        optimizer.step()
+        return {"meta_loss": total}
 
     @property
     def adapts_features(self) -> bool:
