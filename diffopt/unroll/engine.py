@@ -35,6 +35,7 @@ from ..optim import SGD, DifferentiableOptimizer, NonFiniteError, from_torch
 from ..optim._hyper import PerParameter, Schedule
 from ._shapes import no_example_dimension
 from .carry import Adapted, Carry, detached
+from .attention import check_double_backward, double_differentiable
 from .modes import MODES, Mode, as_mode, default_segment
 from .functional import ParameterLayout
 from .patched import PatchedModel, choose_vectorize, describe_vmap_failure
@@ -60,6 +61,11 @@ class InnerLoop:
             ``loop.mode`` is the object (it compares equal to its name).
         vectorize: True (vmap over tasks), False (task loop) or "auto".
         batchnorm: "transductive", "per_task" or "frozen" (see ``patched``).
+        backend: how the model is evaluated at the fast weights: "higher"
+            (monkeypatched copy), "functional_call" (``torch.func.functional_call``)
+            or "auto": functional_call for Hugging Face ``transformers`` / ``peft``
+            models (higher cannot patch their ``ModuleList`` slicing), higher
+            otherwise. ``loop.backend_reason`` says which and why.
         proximal: λ of iMAML's proximal term ``λ/2 ||φ − θ||²`` added to the
             inner objective (any mode); None for none.
         meta_parameters: other tensors the inner loss depends on (for example
@@ -84,6 +90,7 @@ class InnerLoop:
         mode: Mode | str = "second_order",
         vectorize: bool | str = "auto",
         batchnorm: str = "transductive",
+        backend: str = "auto",
         proximal: float | Tensor | None = None,
         meta_parameters: Sequence[Tensor] = (),
         check_finite: bool = True,
@@ -102,12 +109,14 @@ class InnerLoop:
         self.optimizer = self._inner_optimizer(optimizer)
         self.loss_fn = loss_fn or F.mse_loss
         self.steps = steps
-        self.patched = PatchedModel(model, batchnorm)
+        self.patched = PatchedModel(model, batchnorm, backend)
+        self.backend, self.backend_reason = self.patched.backend, self.patched.backend_reason
         self.vectorize, self.vectorize_reason = self._vectorize(vectorize)
         self.proximal = proximal
         self.meta_parameters = list(meta_parameters)
         self.check_finite = check_finite
         self.last_info: dict[str, Any] = {}
+        self._double_backward_checked = False
 
     # -- configuration -------------------------------------------------------------
     def _inner_optimizer(self, optimizer: Any) -> DifferentiableOptimizer:
@@ -247,11 +256,17 @@ class InnerLoop:
             graph = "none"
         if graph == "none":
             carry = detached(carry, requires_grad=True)
-        with torch.enable_grad():
+        second_order = graph == "full"
+        # A graph differentiated twice needs attention with a double backward: the MATH
+        # backend, for exactly this forward (see diffopt.unroll.attention).
+        with torch.enable_grad(), double_differentiable(second_order):
             losses, buffers = self.inner_objective(carry, x, y, theta)
+        with torch.enable_grad():
             self._check_finite_losses(losses, carry.step)
             adapted = [carry.params[j] for j in self.positions]
-            grads = self._inner_gradients(losses, adapted, create_graph=graph == "full")
+            grads = self._inner_gradients(losses, adapted, create_graph=second_order)
+        if second_order and not self._double_backward_checked:
+            self._check_double_backward(grads, adapted, carry, x, y, theta)
         grads = self._transform(optimizer, grads, carry.step)
         self._check_finite_gradients(grads, carry.step)
         with torch.set_grad_enabled(graph != "none"):
@@ -260,6 +275,25 @@ class InnerLoop:
         for j, p in zip(self.positions, new):
             params[j] = p
         return Carry(params, states, buffers, carry.step + 1)
+
+    def _check_double_backward(self, grads: list[Tensor | None], adapted: list[Tensor], carry: Carry, x: Tensor,
+                               y: Tensor, theta: Sequence[Tensor] | None) -> None:
+        """Once per loop: refuse, naming the module and the op, an inner gradient whose graph
+        holds an op without a double backward (the meta-gradient would fail in ``.backward()``)."""
+        self._double_backward_checked = True
+        if any(g is not None and g.is_meta for g in grads):
+            return  # shapes only: nothing to differentiate
+
+        def rerun() -> None:  # one task-loop forward with module hooks, only when something is missing
+            vectorize, self.vectorize = self.vectorize, False
+            try:
+                with double_differentiable():
+                    self.inner_objective(carry, x, y, theta)
+            finally:
+                self.vectorize = vectorize
+
+        module = self.patched.fmodel if self.patched.fmodel is not None else self.model
+        check_double_backward(grads, adapted, module, rerun, self.mode.name, self.model)
 
     def _inner_gradients(self, losses: Tensor, adapted: list[Tensor], create_graph: bool) -> list[Tensor | None]:
         """Every task's gradient in one call: tasks are independent, so the gradient of the
@@ -330,7 +364,8 @@ class InnerLoop:
     def _info(self) -> dict[str, Any]:
         """What ``last_info`` reports for every mode; the mode adds its own entries."""
         return {"mode": self.mode.name, "steps": self.steps, "vectorize": self.vectorize,
-                "vectorize_reason": self.vectorize_reason}
+                "vectorize_reason": self.vectorize_reason, "backend": self.backend,
+                "backend_reason": self.backend_reason}
 
     def query_losses(self, adapted: Adapted, query_x: Tensor, query_y: Tensor, loss_fn: LossFn | None = None) -> Tensor:
         """Per-task query losses (T,) at the adapted weights."""
