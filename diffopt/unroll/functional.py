@@ -407,8 +407,8 @@ def choose_backend(model: nn.Module) -> tuple[str, str]:
         if package in FUNCTIONAL_CALL_PACKAGES:
             return "functional_call", (
                 f"functional_call: {name or 'the model'} ({type(module).__name__}) is a {package} module; "
-                "Hugging Face decoders slice their ModuleList (self.layers[:n]), which higher's monkeypatched "
-                "copy cannot do")
+                "Hugging Face models run through torch.func.functional_call (decoders such as LLaMA slice their "
+                "ModuleList, self.layers[:n], which higher's monkeypatched copy cannot)")
     return "higher", "higher: a plain torch.nn model (higher's monkeypatched copy, the default)"
 
 
@@ -419,7 +419,12 @@ def model_kwargs(model: nn.Module) -> dict[str, Any]:
         parameters = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return {}
-    return {"use_cache": False} if "use_cache" in parameters else {}
+    if "use_cache" in parameters:
+        return {"use_cache": False}
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    if accepts_any and hasattr(getattr(model, "config", None), "use_cache"):  # a peft wrapper of a decoder
+        return {"use_cache": False}
+    return {}
 
 
 def prediction(output: Any) -> Any:
