@@ -21,6 +21,7 @@ per-task inner losses gives every task its own gradient.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -66,6 +67,10 @@ class InnerLoop:
             or "auto": functional_call for Hugging Face ``transformers`` / ``peft``
             models (higher cannot patch their ``ModuleList`` slicing), higher
             otherwise. ``loop.backend_reason`` says which and why.
+        autocast: ``torch.bfloat16`` or ``torch.float16`` runs the model's forwards and the
+            losses under ``torch.autocast`` (mixed precision); the fast weights, their
+            updates and the meta-gradients stay in the parameters' dtype (float32).
+            Measured on CPU in ``benchmarks/mixed_precision.md``. None (default): off.
         proximal: λ of iMAML's proximal term ``λ/2 ||φ − θ||²`` added to the
             inner objective (any mode); None for none.
         meta_parameters: other tensors the inner loss depends on (for example
@@ -91,6 +96,7 @@ class InnerLoop:
         vectorize: bool | str = "auto",
         batchnorm: str = "transductive",
         backend: str = "auto",
+        autocast: torch.dtype | None = None,
         proximal: float | Tensor | None = None,
         meta_parameters: Sequence[Tensor] = (),
         check_finite: bool = True,
@@ -115,6 +121,7 @@ class InnerLoop:
         self.proximal = proximal
         self.meta_parameters = list(meta_parameters)
         self.check_finite = check_finite
+        self.autocast = _check_autocast(autocast)
         self.last_info: dict[str, Any] = {}
         self._double_backward_checked = False
 
@@ -199,19 +206,29 @@ class InnerLoop:
     ) -> tuple[Tensor, list[Tensor]]:
         """Per-task losses, shape (T,), and the updated per-task statistics."""
         loss_fn = loss_fn or self.loss_fn
-        try:
-            outputs, buffers = self.patched.forward_tasks(params, buffers, x, phase, self.vectorize, self.adapted_mask)
-        except RuntimeError as error:
-            if self.vectorize and ("vmap" in str(error) or "batch" in str(error).lower()):
-                raise RuntimeError(describe_vmap_failure(self.model, error, self.patched.policy)) from error
-            raise
-        losses = self._per_task_loss(loss_fn, outputs, y)
+        with self._autocast():
+            try:
+                outputs, buffers = self.patched.forward_tasks(params, buffers, x, phase, self.vectorize,
+                                                              self.adapted_mask)
+            except RuntimeError as error:
+                if self.vectorize and ("vmap" in str(error) or "batch" in str(error).lower()):
+                    raise RuntimeError(describe_vmap_failure(self.model, error, self.patched.policy)) from error
+                raise
+            losses = self._per_task_loss(loss_fn, outputs, y)
+        if self.autocast is not None and self.theta:
+            losses = losses.to(self.theta[0].dtype)  # a low-precision loss_fn's value, in the weights' dtype
         if losses.dim() != 1:
             raise ValueError(
                 f"loss_fn must return a scalar per task, got shape {tuple(losses.shape[1:])} per task; reduce "
                 "it over the examples (e.g. reduction='mean')"
             )
         return losses, buffers
+
+    def _autocast(self) -> Any:
+        """``torch.autocast`` on the parameters' device when ``autocast`` is set, else nothing."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.theta[0].device.type if self.theta else "cpu", dtype=self.autocast)
 
     def _per_task_loss(self, loss_fn: LossFn, outputs: Tensor, y: Tensor) -> Tensor:
         with warnings.catch_warnings():
@@ -457,6 +474,13 @@ class InnerLoop:
             {k: (v if k == "params" else swap(v)) for k, v in group.items()} for group in self.optimizer.param_groups
         ]
         return clone
+
+
+def _check_autocast(autocast: torch.dtype | None) -> torch.dtype | None:
+    if autocast is None or autocast in (torch.bfloat16, torch.float16):
+        return autocast
+    raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16 (the dtype torch.autocast computes "
+                     f"in), got {autocast!r}")
 
 
 def _check_proximal(proximal: float | Tensor | None) -> None:
