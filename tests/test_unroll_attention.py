@@ -100,8 +100,7 @@ def model_for(form: str) -> nn.Module:
 def data(seed: int = 0) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     shape = (TASKS, BATCH, LENGTH)
-    return (torch.randn(*shape, D, generator=g, dtype=torch.double), torch.randn(*shape, 1, generator=g, dtype=torch.double),
-            torch.randn(*shape, D, generator=g, dtype=torch.double), torch.randn(*shape, 1, generator=g, dtype=torch.double))
+    return tuple(torch.randn(*shape, n, generator=g, dtype=torch.double) for n in (D, 1, D, 1))
 
 
 def loop_for(model: nn.Module, mode: object = "second_order", vectorize: bool = False, **options: object) -> InnerLoop:
@@ -113,7 +112,8 @@ def engine_gradient(loop: InnerLoop, batch: tuple[torch.Tensor, ...]) -> list[to
     return list(torch.autograd.grad(loop.meta_loss(*batch), loop.theta))
 
 
-def reference_gradient(model: nn.Module, batch: tuple[torch.Tensor, ...], first_order: bool = False) -> list[torch.Tensor]:
+def reference_gradient(model: nn.Module, batch: tuple[torch.Tensor, ...],
+                       first_order: bool = False) -> list[torch.Tensor]:
     """MAML written by hand, task by task, attention by the MATH backend."""
     sx, sy, qx, qy = batch
     names = [n for n, _ in model.named_parameters()]

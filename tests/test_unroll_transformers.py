@@ -79,7 +79,8 @@ def engine_gradient(loop: InnerLoop, batch: tuple[torch.Tensor, ...]) -> list[to
     return list(torch.autograd.grad(loop.meta_loss(*batch), loop.theta))
 
 
-def reference_gradient(model: nn.Module, batch: tuple[torch.Tensor, ...], first_order: bool = False) -> list[torch.Tensor]:
+def reference_gradient(model: nn.Module, batch: tuple[torch.Tensor, ...],
+                       first_order: bool = False) -> list[torch.Tensor]:
     """MAML by hand: per task, functional_call with explicit weights, attention by MATH."""
     sx, sy, qx, qy = batch
     names = [n for n, _ in model.named_parameters()]

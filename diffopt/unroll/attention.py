@@ -157,7 +157,8 @@ def check_double_backward(grads: Sequence[Tensor | None], inputs: Sequence[Tenso
     node = probe_double_backward(grads, inputs)
     if node is None:
         return
-    where = modules_creating(model, forward, [node], original) if node.endswith(("Backward0", "Backward1", "Backward")) else []
+    named_node = node.endswith(("Backward0", "Backward1", "Backward"))
+    where = modules_creating(model, forward, [node], original) if named_node else []
     op = f"aten::{_op_name(node)} (autograd node {node})" if node.endswith("Backward0") else node
     raise SecondOrderUnavailable(
         f"mode={mode!r} differentiates the inner gradients, but {', '.join(where) or 'a module of the model'} "

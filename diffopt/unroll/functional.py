@@ -60,8 +60,8 @@ from .attention import double_differentiable
 
 __all__ = [
     "BATCHNORM_POLICIES", "FunctionalModel", "ParameterLayout", "Weights", "attention_layers", "batchnorm_flags",
-    "call", "choose_backend", "choose_vectorize", "describe_vmap_failure", "differentiable_copies", "from_vector", "to_vector",
-    "vector_slices", "vectorization_blockers",
+    "call", "choose_backend", "choose_vectorize", "describe_vmap_failure", "differentiable_copies", "from_vector",
+    "to_vector", "vector_slices", "vectorization_blockers",
 ]
 
 BATCHNORM_POLICIES = ("transductive", "per_task", "frozen")
