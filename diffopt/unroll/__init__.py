@@ -2,6 +2,7 @@
 meta-gradients in every mode (see :mod:`diffopt.unroll.engine`,
 :mod:`diffopt.unroll.modes` and :mod:`diffopt.unroll.functional`)."""
 from .adapters import LoRALinear, add_lora, select_parameters
+from .attention import double_differentiable
 from .carry import Adapted, Carry
 from .engine import InnerLoop
 from .functional import FunctionalModel, ParameterLayout
@@ -14,5 +15,5 @@ __all__ = [
     "BATCHNORM_POLICIES", "CG", "ES", "MODES", "PES", "Adapted", "Carry", "Checkpointed", "FirstOrder", "Forward",
     "FunctionalModel", "Implicit", "InnerLoop", "LoRALinear", "Mode", "Neumann", "NormalCG", "ParameterLayout",
     "PatchedModel", "SecondOrder", "SolveInfo", "Truncated", "add_lora", "as_mode", "choose_vectorize",
-    "conjugate_gradient", "neumann", "normal_conjugate_gradient", "select_parameters",
+    "conjugate_gradient", "double_differentiable", "neumann", "normal_conjugate_gradient", "select_parameters",
 ]
