@@ -8,6 +8,8 @@ second-order meta-step (2 tasks, 1 sequence each, 1 inner SGD step):
 
 * ``diffopt second_order`` and ``diffopt checkpointed`` — ``InnerLoop`` (task loop; the
   engine runs the inner forwards with MATH attention and the query forward fused);
+* ``diffopt second_order, blockwise attention`` — ``InnerLoop(attention="blockwise")``: the
+  fused forward and a backward recomputed in blocks of 64 query rows (:mod:`diffopt.unroll.blockwise`);
 * ``plain PyTorch (MATH)`` — the hand-written task loop with every forward under
   ``sdpa_kernel(SDPBackend.MATH)``, the baseline the issue names.
 
@@ -134,6 +136,7 @@ def lora_table(quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-lora", action="store_true", help="skip the LoRA table")
     args = parser.parse_args()
     set_threads(1)
     d, layers, lengths = (32, 2, [16]) if args.quick else (128, 4, [128, 512])
@@ -147,10 +150,12 @@ def main() -> None:
         sgd = diffopt.optim.SGD(model.parameters(), lr=LR)
         second = InnerLoop(model, sgd, lm_loss, steps=1, vectorize=False)
         checkpointed = InnerLoop(model, sgd, lm_loss, steps=1, mode=Checkpointed(1), vectorize=False)
+        blockwise = InnerLoop(model, sgd, lm_loss, steps=1, vectorize=False, attention="blockwise")
         steps: dict[str, Callable[[], None]] = {
             "plain PyTorch (MATH)": lambda: plain_step(model, batch),
             "diffopt second_order": lambda: engine_step(second, batch),
             "diffopt checkpointed": lambda: engine_step(checkpointed, batch),
+            "diffopt second_order, blockwise attention": lambda: engine_step(blockwise, batch),
         }
         times = interleave(steps, repeats=3 if args.quick else 5, warmup=1)
         peaks = {name: peak_tensor_bytes(fn)[1] for name, fn in steps.items()}
@@ -160,7 +165,8 @@ def main() -> None:
             t = summarize(times[name])["median"]
             print(f"| {length} | {name} | {t * 1e3:.0f} | {t / base_t:.2f} | {peaks[name] / 2**20:.1f} | "
                   f"{peaks[name] / base_m:.2f} |")
-    lora_table(args.quick)
+    if not args.no_lora:
+        lora_table(args.quick)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import diffopt
 from diffopt.errors import SecondOrderUnavailable
+from diffopt.unroll import blockwise
 from diffopt.unroll import CG, Checkpointed, Forward, Implicit, InnerLoop, Truncated, double_differentiable
 from test_unroll import directional_error, finite_difference
 
@@ -323,3 +325,49 @@ def test_attention_dropout_under_a_fixed_seed_is_recomputed_exactly() -> None:
     for segment in (1, 2):
         assert max_difference(gradient(Checkpointed(segment)), full) == 0.0
     assert max_difference(gradient("second_order", seed=6), full) > 1e-3  # the masks matter: another seed differs
+
+
+# -- attention="blockwise": the fused forward, a backward recomputed in blocks of rows ----------
+@pytest.mark.parametrize("form", FORMS)
+def test_blockwise_attention_equals_the_math_reference(form: str) -> None:
+    """Blocks of 4 query rows (LENGTH = 6: a full and a partial block) so the block sums are exercised."""
+    model, batch = model_for(form), data()
+    loop = loop_for(model, attention="blockwise")
+    with mock.patch.object(blockwise, "BLOCK", 4):
+        gradient = engine_gradient(loop, batch)
+    assert max_difference(gradient, reference_gradient(model, batch)) <= 1e-10
+
+
+def test_blockwise_attention_in_every_graph_recording_mode() -> None:
+    """Checkpointed recomputation, forward-mode JVPs (a third derivative through the blocks),
+    implicit HVPs and vmap (which falls back to MATH) equal the MATH results."""
+    model, batch = model_for("encoder"), data()
+    math_gradient = engine_gradient(loop_for(model), batch)
+    for mode, vectorize in ((Checkpointed(1), False), ("second_order", True)):
+        assert max_difference(engine_gradient(loop_for(model, mode, vectorize, attention="blockwise"), batch),
+                              math_gradient) <= 1e-10
+    lr = torch.tensor(LR, dtype=torch.double, requires_grad=True)
+
+    def lr_gradient(attention: str) -> torch.Tensor:
+        loop = InnerLoop(model, diffopt.optim.SGD(model.parameters(), lr=lr), F.mse_loss, steps=STEPS,
+                         mode=Forward(), vectorize=False, attention=attention)
+        return torch.autograd.grad(loop.meta_loss(*batch), lr)[0]
+
+    assert abs(float(lr_gradient("blockwise") - lr_gradient("math"))) <= 1e-10
+    implicit = [engine_gradient(loop_for(model, Implicit(CG(300, tol=1e-14)), proximal=PROXIMAL, attention=a), batch)
+                for a in ("math", "blockwise")]
+    assert max_difference(*implicit) <= 1e-10
+
+
+def test_blockwise_attention_keeps_no_attention_matrix_for_the_meta_gradient() -> None:
+    """What the second-order graph holds: with MATH, softmax nodes (the L x L probabilities);
+    with blockwise attention, none — only the blockwise backward's node."""
+    model, batch = model_for("causal"), data()
+    nodes = graph_nodes(loop_for(model, attention="blockwise").meta_loss(*batch))
+    assert "_AttentionBackwardBackward" in nodes and "SafeSoftmaxBackward0" not in nodes
+    assert "SafeSoftmaxBackward0" in graph_nodes(loop_for(model).meta_loss(*batch))
+
+
+def test_attention_option_is_checked() -> None:
+    with pytest.raises(ValueError, match="attention='flash': choose 'math'"):
+        loop_for(model_for("causal"), attention="flash")

@@ -48,12 +48,25 @@ __all__ = ["SecondOrderUnavailable", "check_double_backward", "double_differenti
 _MISSING = ("torch::autograd::NotImplemented", "torch::autograd::DelayedError")
 
 
+ATTENTION = ("math", "blockwise")
+
+
 @contextlib.contextmanager
-def double_differentiable(enabled: bool = True) -> Iterator[None]:
-    """Attention by the MATH backend inside the block (when ``enabled``): differentiable
-    to any order and batched by ``vmap``. Other ops are unaffected."""
+def double_differentiable(enabled: bool = True, attention: str = "math") -> Iterator[None]:
+    """Attention with a double backward inside the block (when ``enabled``): the MATH backend
+    (``attention="math"``: differentiable to any order, batched by ``vmap``, O(L²) memory
+    kept for the backward) or :mod:`diffopt.unroll.blockwise` (``"blockwise"``: the fused
+    forward, a backward recomputed in blocks of rows, O(L·d) kept). Other ops are unaffected."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention={attention!r}: choose 'math' or 'blockwise'")
     if not enabled:
         yield
+        return
+    if attention == "blockwise":
+        from .blockwise import BlockwiseAttention
+
+        with BlockwiseAttention():
+            yield
         return
     with sdpa_kernel([SDPBackend.MATH]):
         yield

@@ -36,7 +36,7 @@ from ..optim import SGD, DifferentiableOptimizer, NonFiniteError, from_torch
 from ..optim._hyper import PerParameter, Schedule
 from ._shapes import no_example_dimension
 from .carry import Adapted, Carry, detached
-from .attention import check_double_backward, double_differentiable
+from .attention import ATTENTION, check_double_backward, double_differentiable
 from .modes import MODES, Mode, as_mode, default_segment
 from .functional import ParameterLayout
 from .patched import PatchedModel, choose_vectorize, describe_vmap_failure
@@ -71,6 +71,10 @@ class InnerLoop:
             losses under ``torch.autocast`` (mixed precision); the fast weights, their
             updates and the meta-gradients stay in the parameters' dtype (float32).
             Measured on CPU in ``benchmarks/mixed_precision.md``. None (default): off.
+        attention: how attention is differentiated twice in the steps that need it (see
+            :mod:`diffopt.unroll.attention`): "math" (the MATH backend, default) or
+            "blockwise" (:mod:`diffopt.unroll.blockwise`: fused forward, backward recomputed
+            in blocks of rows; less memory at long sequences, ``benchmarks/transformer_meta.md``).
         proximal: λ of iMAML's proximal term ``λ/2 ||φ − θ||²`` added to the
             inner objective (any mode); None for none.
         meta_parameters: other tensors the inner loss depends on (for example
@@ -97,6 +101,7 @@ class InnerLoop:
         batchnorm: str = "transductive",
         backend: str = "auto",
         autocast: torch.dtype | None = None,
+        attention: str = "math",
         proximal: float | Tensor | None = None,
         meta_parameters: Sequence[Tensor] = (),
         check_finite: bool = True,
@@ -122,6 +127,10 @@ class InnerLoop:
         self.meta_parameters = list(meta_parameters)
         self.check_finite = check_finite
         self.autocast = _check_autocast(autocast)
+        if attention not in ATTENTION:
+            raise ValueError(f"attention={attention!r}: choose 'math' (the MATH backend) or 'blockwise' "
+                             "(a backward recomputed in blocks of rows)")
+        self.attention = attention
         self.last_info: dict[str, Any] = {}
         self._double_backward_checked = False
 
@@ -276,7 +285,7 @@ class InnerLoop:
         second_order = graph == "full"
         # A graph differentiated twice needs attention with a double backward: the MATH
         # backend, for exactly this forward (see diffopt.unroll.attention).
-        with torch.enable_grad(), double_differentiable(second_order):
+        with torch.enable_grad(), double_differentiable(second_order, self.attention):
             losses, buffers = self.inner_objective(carry, x, y, theta)
         with torch.enable_grad():
             self._check_finite_losses(losses, carry.step)
@@ -304,7 +313,7 @@ class InnerLoop:
         def rerun() -> None:  # one task-loop forward with module hooks, only when something is missing
             vectorize, self.vectorize = self.vectorize, False
             try:
-                with double_differentiable():
+                with double_differentiable(attention=self.attention):
                     self.inner_objective(carry, x, y, theta)
             finally:
                 self.vectorize = vectorize

@@ -65,7 +65,7 @@ class _Segment(torch.autograd.Function):
         ctx.save_for_backward(x, y, *tensors)
         # Attention as the recomputation will run it (MATH, diffopt.unroll.attention): the same
         # kernel draws the same dropout masks from the restored RNG state.
-        with torch.enable_grad(), double_differentiable():
+        with torch.enable_grad(), double_differentiable(attention=loop.attention):
             carry = unflatten(list(tensors[:n_carry]), skeleton)
             out = loop.run(carry, length, x, y, "none")
         out_tensors, out_skeleton = flatten(out)

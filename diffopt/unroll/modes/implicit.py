@@ -97,7 +97,7 @@ class _ImplicitSolution(torch.autograd.Function):
         mode, loop, final = ctx.mode, ctx.loop, ctx.final
         x, y, *meta = ctx.saved_tensors
         v = [torch.zeros_like(final.params[j]) if g is None else g for g, j in zip(v, loop.positions)]
-        with torch.enable_grad(), double_differentiable():  # Hessian-vector products: attention by MATH
+        with torch.enable_grad(), double_differentiable(attention=loop.attention):  # HVPs through attention
             params = list(final.params)
             phi = [params[j].detach().requires_grad_() for j in loop.positions]
             for j, p in zip(loop.positions, phi):
