@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import SecondOrderUnavailable
+from .blockwise import BlockwiseAttention
 
 __all__ = ["SecondOrderUnavailable", "check_double_backward", "double_differentiable", "probe_double_backward"]
 
@@ -63,8 +64,6 @@ def double_differentiable(enabled: bool = True, attention: str = "math") -> Iter
         yield
         return
     if attention == "blockwise":
-        from .blockwise import BlockwiseAttention
-
         with BlockwiseAttention():
             yield
         return
