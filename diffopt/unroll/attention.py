@@ -17,10 +17,13 @@ under ``vmap`` torch loops over tasks with a performance warning).
 The engine therefore runs exactly the forwards whose graph will be differentiated
 twice under :func:`double_differentiable` (``sdpa_kernel(SDPBackend.MATH)``): an
 inner step with ``graph="full"`` (second order, truncated windows, checkpointed
-recomputation, forward-mode JVPs) and the inner objective of an implicit
-hypergradient's Hessian-vector products; and every forward under ``vmap``. All
+recomputation and the segment forward it replays, forward-mode JVPs), the inner
+objective of an implicit hypergradient's Hessian-vector products, ``diffopt.innerloop``'s
+forwards when it tracks higher-order gradients; and every forward under ``vmap``. All
 other forwards — first-order steps in a task loop, query losses — keep the fused
 kernel. The measurements behind the choice are in ``benchmarks/attention_backends.md``.
+``InnerLoop(attention="blockwise")`` uses :mod:`diffopt.unroll.blockwise` instead of
+MATH in those forwards (O(L·d) memory kept instead of O(L²), more recomputation).
 
 :func:`check_double_backward` differentiates the first freshly built inner
 gradients of a loop once more (one Hessian-vector product per ``InnerLoop``) and,
