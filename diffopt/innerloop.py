@@ -111,4 +111,21 @@ def innerloop(
         dopt = from_torch(optimizer, params=starts, first_order=first_order, **options)
     if override is not None:
         dopt.apply_override(override, "innerloop(override=...)")
+    if track_higher_grads and not first_order:
+        _attention_twice_differentiable(fmodel)
     yield fmodel, PatchedOptimizer(fmodel, dopt, positions)
+
+
+def _attention_twice_differentiable(fmodel: nn.Module) -> None:
+    """Run ``fmodel``'s forwards with attention by the MATH backend: any of them may feed
+    ``dopt.step(loss)``, whose gradient is differentiated again, and the fused kernels have
+    no double backward (see :mod:`diffopt.unroll.attention`)."""
+    from .unroll.attention import double_differentiable  # here: `import diffopt` must not load the engine
+
+    forward = fmodel.forward
+
+    def twice_differentiable_forward(*args: Any, **kwargs: Any) -> Any:
+        with double_differentiable():
+            return forward(*args, **kwargs)
+
+    fmodel.forward = twice_differentiable_forward

@@ -27,7 +27,7 @@ def load(name: str) -> ModuleType:
 
 def test_every_example_is_covered() -> None:
     covered = {"tune_learning_rate", "maml_sinusoid", "custom_training_loop", "implicit_ridge", "check_my_optimizer",
-               "learn_onecycle_peak_lr"}
+               "learn_onecycle_peak_lr", "lora_meta_init"}
     assert {p.stem for p in EXAMPLES.glob("*.py")} == covered
 
 
@@ -46,6 +46,17 @@ def test_learn_onecycle_peak_lr(capsys: pytest.CaptureFixture[str]) -> None:
     assert result["relative_error"] < 1e-6
     assert result["final_peak"] > 2 * result["initial_peak"]
     assert result["final_loss"] < 0.6 * result["initial_loss"]
+
+
+def test_lora_meta_init() -> None:
+    """Meta-learning the LoRA adapters' initialisation (base frozen) beats LoRA's default start
+    on held-out bigram languages, before and after adaptation (measured at 20 iterations, 2 inner
+    steps, 16 test tasks: unadapted 2.89 -> 2.67, adapted 2.83 -> 2.47 nats), and adaptation helps."""
+    results = load("lora_meta_init").main(iterations=20, inner_steps=2, test_tasks=16)
+    default, learned = results["LoRA default init (B = 0)"], results["meta-learned LoRA init"]
+    assert learned["unadapted"][0] < default["unadapted"][0]
+    assert learned["adapted"][0] < default["adapted"][0]
+    assert learned["adapted"][0] < learned["unadapted"][0]
 
 
 def test_maml_sinusoid_in_checkpointed_mode() -> None:

@@ -1,6 +1,8 @@
 """The inner-loop engine: task-batched unrolls over functional models, and
 meta-gradients in every mode (see :mod:`diffopt.unroll.engine`,
 :mod:`diffopt.unroll.modes` and :mod:`diffopt.unroll.functional`)."""
+from .adapters import LoRALinear, add_lora, select_parameters
+from .attention import double_differentiable
 from .carry import Adapted, Carry
 from .engine import InnerLoop
 from .functional import FunctionalModel, ParameterLayout
@@ -11,7 +13,7 @@ from .solvers import CG, Neumann, NormalCG, SolveInfo, conjugate_gradient, neuma
 
 __all__ = [
     "BATCHNORM_POLICIES", "CG", "ES", "MODES", "PES", "Adapted", "Carry", "Checkpointed", "FirstOrder", "Forward",
-    "FunctionalModel", "Implicit", "InnerLoop", "Mode", "Neumann", "NormalCG", "ParameterLayout", "PatchedModel",
-    "SecondOrder", "SolveInfo", "Truncated", "as_mode", "choose_vectorize", "conjugate_gradient", "neumann",
-    "normal_conjugate_gradient",
+    "FunctionalModel", "Implicit", "InnerLoop", "LoRALinear", "Mode", "Neumann", "NormalCG", "ParameterLayout",
+    "PatchedModel", "SecondOrder", "SolveInfo", "Truncated", "add_lora", "as_mode", "choose_vectorize",
+    "conjugate_gradient", "double_differentiable", "neumann", "normal_conjugate_gradient", "select_parameters",
 ]

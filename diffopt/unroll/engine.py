@@ -21,6 +21,7 @@ per-task inner losses gives every task its own gradient.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -37,6 +38,7 @@ from ..optim._hyper import PerParameter, Schedule
 from ._shapes import no_example_dimension
 from . import closure_step
 from .carry import Adapted, Carry, detached
+from .attention import ATTENTION, check_double_backward, double_differentiable
 from .modes import MODES, Mode, as_mode, default_segment
 from .functional import ParameterLayout
 from .patched import PatchedModel, choose_vectorize, describe_vmap_failure
@@ -65,6 +67,19 @@ class InnerLoop:
             ``loop.mode`` is the object (it compares equal to its name).
         vectorize: True (vmap over tasks), False (task loop) or "auto".
         batchnorm: "transductive", "per_task" or "frozen" (see ``patched``).
+        backend: how the model is evaluated at the fast weights: "higher"
+            (monkeypatched copy), "functional_call" (``torch.func.functional_call``)
+            or "auto": functional_call for Hugging Face ``transformers`` / ``peft``
+            models (higher cannot patch their ``ModuleList`` slicing), higher
+            otherwise. ``loop.backend_reason`` says which and why.
+        autocast: ``torch.bfloat16`` or ``torch.float16`` runs the model's forwards and the
+            losses under ``torch.autocast`` (mixed precision); the fast weights, their
+            updates and the meta-gradients stay in the parameters' dtype (float32).
+            Measured on CPU in ``benchmarks/mixed_precision.md``. None (default): off.
+        attention: how attention is differentiated twice in the steps that need it (see
+            :mod:`diffopt.unroll.attention`): "math" (the MATH backend, default) or
+            "blockwise" (:mod:`diffopt.unroll.blockwise`: fused forward, backward recomputed
+            in blocks of rows; less memory at long sequences, ``benchmarks/transformer_meta.md``).
         proximal: λ of iMAML's proximal term ``λ/2 ||φ − θ||²`` added to the
             inner objective (any mode); None for none.
         meta_parameters: other tensors the inner loss depends on (for example
@@ -89,6 +104,9 @@ class InnerLoop:
         mode: Mode | str = "second_order",
         vectorize: bool | str = "auto",
         batchnorm: str = "transductive",
+        backend: str = "auto",
+        autocast: torch.dtype | None = None,
+        attention: str = "math",
         proximal: float | Tensor | None = None,
         meta_parameters: Sequence[Tensor] = (),
         check_finite: bool = True,
@@ -107,12 +125,19 @@ class InnerLoop:
         self.optimizer = self._inner_optimizer(optimizer)
         self.loss_fn = loss_fn or F.mse_loss
         self.steps = steps
-        self.patched = PatchedModel(model, batchnorm)
+        self.patched = PatchedModel(model, batchnorm, backend)
+        self.backend, self.backend_reason = self.patched.backend, self.patched.backend_reason
         self.vectorize, self.vectorize_reason = self._vectorize(vectorize)
         self.proximal = proximal
         self.meta_parameters = list(meta_parameters)
         self.check_finite = check_finite
+        self.autocast = _check_autocast(autocast)
+        if attention not in ATTENTION:
+            raise ValueError(f"attention={attention!r}: choose 'math' (the MATH backend) or 'blockwise' "
+                             "(a backward recomputed in blocks of rows)")
+        self.attention = attention
         self.last_info: dict[str, Any] = {}
+        self._double_backward_checked = False
 
     # -- configuration -------------------------------------------------------------
     def _inner_optimizer(self, optimizer: Any) -> DifferentiableOptimizer:
@@ -200,19 +225,29 @@ class InnerLoop:
     ) -> tuple[Tensor, list[Tensor]]:
         """Per-task losses, shape (T,), and the updated per-task statistics."""
         loss_fn = loss_fn or self.loss_fn
-        try:
-            outputs, buffers = self.patched.forward_tasks(params, buffers, x, phase, self.vectorize, self.adapted_mask)
-        except RuntimeError as error:
-            if self.vectorize and ("vmap" in str(error) or "batch" in str(error).lower()):
-                raise RuntimeError(describe_vmap_failure(self.model, error, self.patched.policy)) from error
-            raise
-        losses = self._per_task_loss(loss_fn, outputs, y)
+        with self._autocast():
+            try:
+                outputs, buffers = self.patched.forward_tasks(params, buffers, x, phase, self.vectorize,
+                                                              self.adapted_mask)
+            except RuntimeError as error:
+                if self.vectorize and ("vmap" in str(error) or "batch" in str(error).lower()):
+                    raise RuntimeError(describe_vmap_failure(self.model, error, self.patched.policy)) from error
+                raise
+            losses = self._per_task_loss(loss_fn, outputs, y)
+        if self.autocast is not None and self.theta:
+            losses = losses.to(self.theta[0].dtype)  # a low-precision loss_fn's value, in the weights' dtype
         if losses.dim() != 1:
             raise ValueError(
                 f"loss_fn must return a scalar per task, got shape {tuple(losses.shape[1:])} per task; reduce "
                 "it over the examples (e.g. reduction='mean')"
             )
         return losses, buffers
+
+    def _autocast(self) -> Any:
+        """``torch.autocast`` on the parameters' device when ``autocast`` is set, else nothing."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.theta[0].device.type if self.theta else "cpu", dtype=self.autocast)
 
     def _per_task_loss(self, loss_fn: LossFn, outputs: Tensor, y: Tensor) -> Tensor:
         with warnings.catch_warnings():
@@ -257,13 +292,20 @@ class InnerLoop:
             graph = "none"
         if graph == "none":
             carry = detached(carry, requires_grad=True)
+        second_order = graph == "full"
         if isinstance(optimizer, LBFGS):  # needs the objective at trial points: one L-BFGS per task
-            return closure_step.lbfgs_step(self, carry, x, y, graph, None if theta is None else list(theta))
-        with torch.enable_grad():
+            with double_differentiable(second_order, self.attention):
+                return closure_step.lbfgs_step(self, carry, x, y, graph, None if theta is None else list(theta))
+        # A graph differentiated twice needs attention with a double backward: the MATH
+        # backend, for exactly this forward (see diffopt.unroll.attention).
+        with torch.enable_grad(), double_differentiable(second_order, self.attention):
             losses, buffers = self.inner_objective(carry, x, y, theta)
+        with torch.enable_grad():
             self._check_finite_losses(losses, carry.step)
             adapted = [carry.params[j] for j in self.positions]
-            grads = self._inner_gradients(losses, adapted, create_graph=graph == "full")
+            grads = self._inner_gradients(losses, adapted, create_graph=second_order)
+        if second_order and not self._double_backward_checked:
+            self._check_double_backward(grads, adapted, carry, x, y, theta)
         grads = self._transform(optimizer, grads, carry.step)
         self._check_finite_gradients(grads, carry.step)
         with torch.set_grad_enabled(graph != "none"):
@@ -272,6 +314,25 @@ class InnerLoop:
         for j, p in zip(self.positions, new):
             params[j] = p
         return Carry(params, states, buffers, carry.step + 1)
+
+    def _check_double_backward(self, grads: list[Tensor | None], adapted: list[Tensor], carry: Carry, x: Tensor,
+                               y: Tensor, theta: Sequence[Tensor] | None) -> None:
+        """Once per loop: refuse, naming the module and the op, an inner gradient whose graph
+        holds an op without a double backward (the meta-gradient would fail in ``.backward()``)."""
+        self._double_backward_checked = True
+        if any(g is not None and g.is_meta for g in grads):
+            return  # shapes only: nothing to differentiate
+
+        def rerun() -> None:  # one task-loop forward with module hooks, only when something is missing
+            vectorize, self.vectorize = self.vectorize, False
+            try:
+                with double_differentiable(attention=self.attention):
+                    self.inner_objective(carry, x, y, theta)
+            finally:
+                self.vectorize = vectorize
+
+        module = self.patched.fmodel if self.patched.fmodel is not None else self.model
+        check_double_backward(grads, adapted, module, rerun, self.mode.name, self.model)
 
     def _inner_gradients(self, losses: Tensor, adapted: list[Tensor], create_graph: bool) -> list[Tensor | None]:
         """Every task's gradient in one call: tasks are independent, so the gradient of the
@@ -342,7 +403,8 @@ class InnerLoop:
     def _info(self) -> dict[str, Any]:
         """What ``last_info`` reports for every mode; the mode adds its own entries."""
         return {"mode": self.mode.name, "steps": self.steps, "vectorize": self.vectorize,
-                "vectorize_reason": self.vectorize_reason}
+                "vectorize_reason": self.vectorize_reason, "backend": self.backend,
+                "backend_reason": self.backend_reason}
 
     def query_losses(self, adapted: Adapted, query_x: Tensor, query_y: Tensor, loss_fn: LossFn | None = None) -> Tensor:
         """Per-task query losses (T,) at the adapted weights."""
@@ -434,6 +496,13 @@ class InnerLoop:
             {k: (v if k == "params" else swap(v)) for k, v in group.items()} for group in self.optimizer.param_groups
         ]
         return clone
+
+
+def _check_autocast(autocast: torch.dtype | None) -> torch.dtype | None:
+    if autocast is None or autocast in (torch.bfloat16, torch.float16):
+        return autocast
+    raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16 (the dtype torch.autocast computes "
+                     f"in), got {autocast!r}")
 
 
 def _check_proximal(proximal: float | Tensor | None) -> None:

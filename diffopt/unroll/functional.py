@@ -46,6 +46,7 @@ The model's own parameters and buffers are never modified.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Union
 
@@ -55,10 +56,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .attention import double_differentiable
+
 __all__ = [
-    "BATCHNORM_POLICIES", "FunctionalModel", "ParameterLayout", "Weights", "batchnorm_flags", "call",
-    "choose_vectorize", "describe_vmap_failure", "differentiable_copies", "from_vector", "to_vector",
-    "vector_slices", "vectorization_blockers",
+    "BATCHNORM_POLICIES", "FunctionalModel", "ParameterLayout", "Weights", "attention_layers", "batchnorm_flags",
+    "call", "choose_backend", "choose_vectorize", "describe_vmap_failure", "differentiable_copies", "from_vector",
+    "to_vector", "vector_slices", "vectorization_blockers",
 ]
 
 BATCHNORM_POLICIES = ("transductive", "per_task", "frozen")
@@ -192,15 +195,17 @@ def differentiable_copies(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
 # ---------------------------------------------------------------------------------------
 # evaluation
 # ---------------------------------------------------------------------------------------
-def call(model: nn.Module, weights: Mapping[str, Tensor], x: Any, buffers: Mapping[str, Tensor] | None = None) -> Any:
-    """``model(x)`` with the given weights (and buffers) in place of its own: ``torch.func.functional_call``.
+def call(model: nn.Module, weights: Mapping[str, Tensor], x: Any, buffers: Mapping[str, Tensor] | None = None,
+         kwargs: Mapping[str, Any] | None = None) -> Any:
+    """``model(x, **kwargs)`` with the given weights (and buffers) in place of its own:
+    ``torch.func.functional_call``.
 
     Names not in ``weights`` keep the module's tensors. Works under ``vmap``,
     ``grad`` and ``jacrev``, and on modules higher cannot patch.
     """
     if buffers:
-        return functional_call(model, {**buffers, **weights}, (x,))
-    return functional_call(model, weights, (x,))
+        return functional_call(model, {**buffers, **weights}, (x,), dict(kwargs or {}))
+    return functional_call(model, weights, (x,), dict(kwargs or {}))
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -240,11 +245,15 @@ class FunctionalModel:
     Args:
         model: the module; its parameters and buffers are never modified.
         batchnorm: one of :data:`BATCHNORM_POLICIES`.
-        backend: ``"higher"`` (a monkeypatched copy; the engine's default, fastest
-            on the measured benchmarks) or ``"functional_call"``
-            (``torch.func.functional_call`` on the module itself, with its
-            BatchNorm flags set for the call and restored: for modules higher
-            cannot patch, such as Hugging Face decoders that slice a ``ModuleList``).
+        backend: ``"higher"`` (a monkeypatched copy; fastest on the measured
+            benchmarks), ``"functional_call"`` (``torch.func.functional_call`` on the
+            module itself, with its BatchNorm flags set for the call and restored: for
+            modules higher cannot patch, such as Hugging Face decoders that slice a
+            ``ModuleList``) or ``"auto"`` (:func:`choose_backend`; the engine's
+            default). ``backend_reason`` says which and why.
+
+    A Hugging Face model's forward gets ``use_cache=False`` and its output's ``logits``
+    are the prediction (:func:`prediction`).
 
     Weights are lists in ``named_parameters()`` order (:attr:`layout`). Per-task
     statistics (``per_task`` policy) are lists of tensors, three per BatchNorm
@@ -256,8 +265,13 @@ class FunctionalModel:
             raise ValueError(
                 f"batchnorm={batchnorm!r} is not a BatchNorm policy; choose one of {BATCHNORM_POLICIES}"
             )
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is not a functional backend; choose one of {BACKENDS}")
+        if backend == "auto":
+            backend, self.backend_reason = choose_backend(model)
+        elif backend in BACKENDS:
+            self.backend_reason = f"{backend}: requested (backend={backend!r})"
+        else:
+            raise ValueError(f"backend={backend!r} is not a functional backend; choose 'auto' or one of {BACKENDS}")
+        self.kwargs = model_kwargs(model)
         self.model = model
         self.policy = batchnorm
         self.backend = backend
@@ -309,13 +323,13 @@ class FunctionalModel:
         if self.fmodel is None:
             stats = dict(zip(self.buffer_names, buffers)) if self.policy == "per_task" else None
             with batchnorm_flags(self.batchnorms, self.policy, phase):
-                return call(self.model, dict(zip(self.names, params)), x, stats)
+                return prediction(call(self.model, dict(zip(self.names, params)), x, stats, self.kwargs))
         self._configure_patched(phase, buffers)
         # higher writes a submodule's fast weights only when that submodule is called, so a
         # forward that reads a submodule's parameter directly (weight tying such as
         # ``h @ self.embedding.weight.T``) would see stale weights: write them all first.
         self.fmodel.update_params(params)
-        return self.fmodel(x, params=params)
+        return prediction(self.fmodel(x, params=params, **self.kwargs))
 
     def forward_tasks(
         self,
@@ -339,9 +353,12 @@ class FunctionalModel:
             def one(task_params: tuple[Tensor, ...], task_buffers: tuple[Tensor, ...], xt: Tensor) -> Tensor:
                 return self.forward_one(task_params, task_buffers, xt, phase)
 
-            out = torch.func.vmap(one, in_dims=(in_dims, 0, 0), randomness="different")(
-                tuple(params), tuple(buffers), x
-            )
+            # The fused attention kernels have no batching rule (vmap would loop over the tasks);
+            # the MATH backend's matmuls and softmax batch (diffopt.unroll.attention).
+            with double_differentiable():
+                out = torch.func.vmap(one, in_dims=(in_dims, 0, 0), randomness="different")(
+                    tuple(params), tuple(buffers), x
+                )
             return out, buffers
         outs = []
         for t in range(x.shape[0]):
@@ -374,12 +391,68 @@ def count_convolutions(model: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
 
+# Packages whose models higher cannot monkeypatch reliably: Hugging Face decoders slice their
+# ``ModuleList`` (``LlamaModel.forward``: ``self.layers[: self.config.num_hidden_layers]``), and
+# higher's patched ``ModuleList.__getitem__`` rebuilds the class without its ``root`` argument.
+FUNCTIONAL_CALL_PACKAGES = ("transformers", "peft")
+
+
+def choose_backend(model: nn.Module) -> tuple[str, str]:
+    """The ``backend="auto"`` rule of :class:`FunctionalModel`, with its reason: higher's
+    monkeypatching (the default, measured as fast as ``functional_call`` on the sinusoid
+    meta-step), or ``torch.func.functional_call`` for modules from
+    :data:`FUNCTIONAL_CALL_PACKAGES` (Hugging Face ``transformers`` and ``peft``)."""
+    for name, module in model.named_modules():
+        package = type(module).__module__.split(".")[0]
+        if package in FUNCTIONAL_CALL_PACKAGES:
+            return "functional_call", (
+                f"functional_call: {name or 'the model'} ({type(module).__name__}) is a {package} module; "
+                "Hugging Face models run through torch.func.functional_call (decoders such as LLaMA slice their "
+                "ModuleList, self.layers[:n], which higher's monkeypatched copy cannot)")
+    return "higher", "higher: a plain torch.nn model (higher's monkeypatched copy, the default)"
+
+
+def model_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Keyword arguments every forward of ``model`` gets: ``use_cache=False`` for Hugging Face
+    models (an inner loop has no use for a key/value cache, and building one under ``vmap`` fails)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    if "use_cache" in parameters:
+        return {"use_cache": False}
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    if accepts_any and hasattr(getattr(model, "config", None), "use_cache"):  # a peft wrapper of a decoder
+        return {"use_cache": False}
+    return {}
+
+
+def prediction(output: Any) -> Any:
+    """The tensor ``loss_fn`` receives: the output itself, or a Hugging Face output's ``logits``."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    return output
+
+
+def attention_layers(model: nn.Module) -> list[str]:
+    """Names of the attention modules of ``model``: ``nn.MultiheadAttention`` and any module whose
+    class name ends in ``Attention`` (Hugging Face's ``GPT2Attention``, ``LlamaAttention``, ...)."""
+    return [name or "model" for name, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")]
+
+
 def choose_vectorize(model: nn.Module, batchnorm: str | None = None) -> tuple[bool, str]:
     """The ``vectorize="auto"`` rule, with its reason.
 
     Measured on CPU (see ``benchmarks/``): vmapped MLP inner loops are 3-9x
     faster than a task loop, while vmapped convolutions are 1.1-1.8x slower and
     use several times the memory, so convolutional models run task by task.
+    So do attention models: a first-order meta-step of a 2-layer encoder (d=64,
+    L=128, 4 tasks) took 104 ms in a task loop and 530-610 ms under vmap
+    (``benchmarks/attention_backends.md``).
     Layers that vmap cannot batch (under the BatchNorm policy ``batchnorm``, when
     given) force the task loop.
     """
@@ -388,6 +461,10 @@ def choose_vectorize(model: nn.Module, batchnorm: str | None = None) -> tuple[bo
         return False, "task loop: " + "; ".join(blockers)
     if count_convolutions(model):
         return False, "task loop: convolutions run faster per task than under vmap on CPU (measured)"
+    attention = attention_layers(model)
+    if attention:
+        return False, (f"task loop: attention ({attention[0]}) runs 5x faster per task than under vmap on CPU "
+                       "(measured, benchmarks/attention_backends.md)")
     return True, "vmap: no convolutional or recurrent layers, vectorised inner steps are faster (measured)"
 
 

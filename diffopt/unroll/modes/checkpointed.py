@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..attention import double_differentiable
 from ..carry import Carry, flatten, unflatten
 from ._base import Mode, check_positive_int
 
@@ -62,7 +63,9 @@ class _Segment(torch.autograd.Function):
         ctx.loop, ctx.skeleton, ctx.length, ctx.n_carry = loop, skeleton, length, n_carry
         ctx.rng_state = torch.get_rng_state()
         ctx.save_for_backward(x, y, *tensors)
-        with torch.enable_grad():
+        # Attention as the recomputation will run it (MATH, diffopt.unroll.attention): the same
+        # kernel draws the same dropout masks from the restored RNG state.
+        with torch.enable_grad(), double_differentiable(attention=loop.attention):
             carry = unflatten(list(tensors[:n_carry]), skeleton)
             out = loop.run(carry, length, x, y, "none")
         out_tensors, out_skeleton = flatten(out)

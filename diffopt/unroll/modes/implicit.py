@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..attention import double_differentiable
 from ..carry import Carry, unique
 from ..solvers import CG, SOLVERS, LinearSolver, Neumann, NormalCG
 from ._base import Mode, suggest
@@ -96,7 +97,7 @@ class _ImplicitSolution(torch.autograd.Function):
         mode, loop, final = ctx.mode, ctx.loop, ctx.final
         x, y, *meta = ctx.saved_tensors
         v = [torch.zeros_like(final.params[j]) if g is None else g for g, j in zip(v, loop.positions)]
-        with torch.enable_grad():
+        with torch.enable_grad(), double_differentiable(attention=loop.attention):  # HVPs through attention
             params = list(final.params)
             phi = [params[j].detach().requires_grad_() for j in loop.positions]
             for j, p in zip(loop.positions, phi):

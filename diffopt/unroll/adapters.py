@@ -1,0 +1,133 @@
+"""Adapt a part of a model, keep the rest: LoRA adapters and parameter selections.
+
+The engine adapts exactly the parameters its inner optimizer holds; everything else is
+shared by the tasks (and meta-learned if it requires grad, frozen if not). So adapting a
+part of a model is choosing the optimizer's parameters:
+
+* :func:`select_parameters` — ``"head"``, ``"norms"``, ``"lora"``, ``"all"`` or
+  ``fnmatch`` patterns over ``named_parameters()`` names (``"*.q_proj.*"``);
+* :func:`add_lora` — LoRA (Hu et al., 2021, arXiv:2106.09685) for users without
+  ``peft``: each chosen ``nn.Linear`` becomes :class:`LoRALinear`,
+  :math:`y = W x + b + \\tfrac{\\alpha}{r} B A x` with ``W``, ``b`` frozen and ``A`` (r × in),
+  ``B`` (out × r) new parameters. A ``peft`` model (``get_peft_model``) works as it is:
+  its adapters are the parameters named ``lora_``.
+
+::
+
+    add_lora(model, ["q_proj", "v_proj"], rank=4)                  # or peft.get_peft_model(...)
+    inner = diffopt.optim.SGD(select_parameters(model, "lora"), lr=0.1)
+    loop = InnerLoop(model, inner, loss_fn, steps=5)               # meta-gradients reach A and B's initialisation
+
+Only the adapted tensors are expanded over the tasks and differentiated in the inner
+steps, so the inner loop's memory for fast weights and their gradients grows with the
+adapted part, not with the model.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LoRALinear", "add_lora", "select_parameters", "SELECTIONS"]
+
+SELECTIONS = ("all", "head", "norms", "lora")
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha / rank) · B A x`` with ``base`` frozen (its parameters get
+    ``requires_grad=False``). ``A`` is drawn as ``nn.Linear`` draws a weight
+    (Kaiming-uniform), ``B`` starts at zero (so the wrapped layer starts equal to
+    ``base``) unless ``init="random"`` (both random: a non-trivial start, for tests)."""
+
+    def __init__(self, base: nn.Linear, rank: int = 4, alpha: float | None = None, init: str = "zeros") -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        if init not in ("zeros", "random"):
+            raise ValueError(f"init must be 'zeros' or 'random', got {init!r}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.rank = rank
+        self.scaling = (alpha if alpha is not None else rank) / rank
+        options = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **options))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **options))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init == "random":
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.scaling * ((x @ self.lora_A.T) @ self.lora_B.T)
+
+
+def add_lora(model: nn.Module, targets: Sequence[str], rank: int = 4, alpha: float | None = None,
+             init: str = "zeros") -> list[str]:
+    """Replace every ``nn.Linear`` of ``model`` whose name (or its last component) matches one
+    of ``targets`` (``fnmatch`` patterns: ``"q_proj"``, ``"layers.0.*"``) by a
+    :class:`LoRALinear`; return the names replaced. A target that matches nothing raises."""
+    chosen = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and _matches(name, targets)]
+    if not chosen:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(f"add_lora: no nn.Linear of {type(model).__name__} matches {list(targets)}; "
+                         f"its linear layers are {linears[:12]}{' ...' if len(linears) > 12 else ''}")
+    for name, module in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(module, rank, alpha, init))
+    return [name for name, _ in chosen]
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    last = name.rpartition(".")[2]
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) for p in patterns)
+
+
+def select_parameters(model: nn.Module, which: str | Sequence[str]) -> list[nn.Parameter]:
+    """Parameters of ``model`` to adapt, in ``named_parameters()`` order.
+
+    ``which``: ``"all"``; ``"head"`` (the output layer: a Hugging Face model's
+    ``get_output_embeddings()``, else the last module that holds parameters of its own);
+    ``"norms"`` (every module whose class name contains ``Norm``: LayerNorm, RMSNorm,
+    BatchNorm, GroupNorm); ``"lora"`` (parameters named ``lora_``, from :func:`add_lora`
+    or ``peft``); or a list of ``fnmatch`` patterns over parameter names. A selection
+    that finds nothing raises, naming what exists.
+    """
+    named = list(model.named_parameters())
+    if isinstance(which, str):
+        if which not in SELECTIONS:
+            raise ValueError(f"select_parameters: {which!r} is not one of {SELECTIONS}; give a list of name "
+                             "patterns (e.g. ['*.q_proj.*']) to choose by name")
+        wanted = _selection(model, which, named)
+    else:
+        patterns = list(which)
+        wanted = {n for n, _ in named if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    chosen = [p for n, p in named if n in wanted]
+    if not chosen:
+        raise ValueError(f"select_parameters({which!r}) matched no parameter of {type(model).__name__}; its "
+                         f"parameters are {[n for n, _ in named][:12]}{' ...' if len(named) > 12 else ''}")
+    return chosen
+
+
+def _selection(model: nn.Module, which: str, named: list[tuple[str, nn.Parameter]]) -> set[str]:
+    if which == "all":
+        return {n for n, _ in named}
+    if which == "lora":
+        return {n for n, _ in named if "lora_" in n}
+    owners = {id(p): n for n, p in named}
+    if which == "norms":
+        modules = [m for m in model.modules() if "Norm" in type(m).__name__]
+    else:  # head
+        output = getattr(model, "get_output_embeddings", None)
+        head = output() if callable(output) else None
+        if head is None:
+            holders = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+            head = holders[-1] if holders else None
+        modules = [head] if head is not None else []
+    return {owners[id(p)] for m in modules for p in m.parameters(recurse=False) if id(p) in owners}

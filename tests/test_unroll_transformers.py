@@ -1,0 +1,163 @@
+"""Hugging Face decoders as inner-loop clients (issue 14): GPT-2, LLaMA and Qwen2 built from tiny
+configs with random weights (no download), float64, every mode, vectorize True and False.
+
+References: a hand-written per-task MAML loop (``torch.func.functional_call``, attention by
+the MATH backend) to 1e-10, central finite differences to 1e-6 relative, the task loop for
+``vectorize=True``. The loss is the user's, on the decoder's logits.
+"""
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers  # in the test extra (pyproject.toml): CI runs these tests, never skips them
+from torch import nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import diffopt
+from diffopt.unroll import CG, ES, Checkpointed, Forward, Implicit, InnerLoop, Truncated
+from test_unroll import directional_error, finite_difference
+
+VOCAB, HIDDEN, LENGTH, TASKS, BATCH, STEPS, LR = 24, 16, 8, 2, 2, 2, 0.5
+
+
+def decoder(family: str) -> nn.Module:
+    """A one-layer decoder of ``family`` with random weights, in float64."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    common = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 2 * LENGTH}
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=2 * LENGTH, n_embd=HIDDEN, n_layer=1, n_head=2,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                         eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(config)
+    elif family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    return model.double()
+
+
+FAMILIES = ["gpt2", "llama", "qwen2"]
+
+
+def rms_norms_in_float64(model: nn.Module) -> None:
+    """LLaMA's and Qwen2's RMSNorm compute in float32 whatever the model's dtype
+    (``hidden_states.to(torch.float32)``): its rounding (~1e-7) is beyond what a finite
+    difference can see through. For the finite-difference check only, the same formula,
+    ``w * h / sqrt(mean(h²) + eps)``, in the input's dtype; the check against the hand-written
+    loop runs on the unmodified model."""
+    def forward(self: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(forward, module)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The user's loss on the decoder's logits: next-token cross-entropy."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def data(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randint(0, VOCAB, (TASKS, BATCH, LENGTH), generator=g) for _ in range(4))
+
+
+def loop_for(model: nn.Module, mode: object = "second_order", vectorize: bool = False, **options: object) -> InnerLoop:
+    return InnerLoop(model, diffopt.optim.SGD(model.parameters(), lr=LR), lm_loss, steps=STEPS, mode=mode,
+                     vectorize=vectorize, **options)
+
+
+def engine_gradient(loop: InnerLoop, batch: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loop.meta_loss(*batch), loop.theta))
+
+
+def reference_gradient(model: nn.Module, batch: tuple[torch.Tensor, ...],
+                       first_order: bool = False) -> list[torch.Tensor]:
+    """MAML by hand: per task, functional_call with explicit weights, attention by MATH."""
+    sx, sy, qx, qy = batch
+    names = [n for n, _ in model.named_parameters()]
+    theta = list(model.parameters())
+
+    def loss(weights: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return lm_loss(functional_call(model, dict(zip(names, weights)), (x,), {"use_cache": False}).logits, y)
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        losses = []
+        for t in range(TASKS):
+            weights = list(theta)
+            for _ in range(STEPS):
+                grads = torch.autograd.grad(loss(weights, sx[t], sy[t]), weights, create_graph=not first_order)
+                weights = [w - LR * g for w, g in zip(weights, grads)]
+            losses.append(loss(weights, qx[t], qy[t]))
+        return list(torch.autograd.grad(torch.stack(losses).mean(), theta))
+
+
+def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_second_order_meta_gradient_of_a_decoder(family: str) -> None:
+    model, batch = decoder(family), data()
+    loop = loop_for(model)
+    assert loop.backend == "functional_call" and "transformers module" in loop.backend_reason
+    gradient = engine_gradient(loop, batch)
+    assert max_difference(gradient, reference_gradient(model, batch)) <= 1e-10
+    assert max_difference(engine_gradient(loop_for(model, vectorize=True), batch), gradient) <= 1e-10
+
+    rms_norms_in_float64(model)
+    loop = loop_for(model)
+    gradient = engine_gradient(loop, batch)
+    g = torch.Generator().manual_seed(3)
+    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in loop.theta]
+    saved = [p.detach().clone() for p in loop.theta]
+
+    def meta_loss_at(step: float) -> float:
+        with torch.no_grad():
+            for p, s, d in zip(loop.theta, saved, direction):
+                p.copy_(s + step * d)
+            value = float(loop.meta_loss(*batch))
+            for p, s in zip(loop.theta, saved):
+                p.copy_(s)
+        return value
+
+    analytic = float(sum((gr * d).sum() for gr, d in zip(gradient, direction)))
+    scale = math.sqrt(sum(float((gr * gr).sum()) for gr in gradient) * sum(float((d * d).sum()) for d in direction))
+    assert directional_error(finite_difference(meta_loss_at), analytic, scale) <= 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_every_mode_on_a_decoder(family: str, vectorize: bool) -> None:
+    """First order against the hand-written loop; checkpointed, truncated to K and forward mode
+    against second order; implicit (CG) and ES run and give finite meta-gradients (they are
+    checked against references on attention models in test_unroll_attention.py)."""
+    model, batch = decoder(family), data()
+    full = engine_gradient(loop_for(model, vectorize=vectorize), batch)
+    first = engine_gradient(loop_for(model, "first_order", vectorize), batch)
+    assert max_difference(first, reference_gradient(model, batch, first_order=True)) <= 1e-10
+    for mode in (Checkpointed(1), Truncated(STEPS)):
+        assert max_difference(engine_gradient(loop_for(model, mode, vectorize), batch), full) <= 1e-10
+    lr = torch.tensor(LR, dtype=torch.double, requires_grad=True)
+
+    def lr_gradient(mode: object) -> torch.Tensor:
+        loop = InnerLoop(model, diffopt.optim.SGD(model.parameters(), lr=lr), lm_loss, steps=STEPS, mode=mode,
+                         vectorize=vectorize)
+        return torch.autograd.grad(loop.meta_loss(*batch), lr)[0]
+
+    # Forward mode takes its JVPs by a double VJP, whose float32 RMSNorm rounding (LLaMA, Qwen2)
+    # differs from reverse mode's at 1e-8: compare the two modes on float64 norms.
+    rms_norms_in_float64(model)
+    assert abs(float(lr_gradient(Forward()) - lr_gradient("second_order"))) <= 1e-10
+    implicit = engine_gradient(loop_for(model, Implicit(CG(20)), vectorize, proximal=10.0), batch)
+    es = engine_gradient(loop_for(model, ES(samples=2, sigma=1e-3, generator=torch.Generator().manual_seed(0)),
+                                  vectorize), batch)
+    assert all(torch.isfinite(g).all() for g in implicit + es)
