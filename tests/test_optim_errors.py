@@ -313,3 +313,28 @@ def test_a_loss_that_does_not_depend_on_the_stepped_parameters_is_refused():
 def test_a_module_instead_of_its_parameters_is_refused_with_the_fix():
     with pytest.raises(TypeError, match=r"got the module Linear; pass its parameters, linear.parameters\(\)"):
         diffopt.optim.SGD(torch.nn.Linear(2, 2), lr=0.1)
+
+
+def test_a_second_order_step_through_fused_attention_is_refused_with_the_fix():
+    """#14: the CPU flash kernel has no double backward; the step names it and the three ways out,
+    instead of a raw 'derivative ... not implemented' at the meta-backward."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    x = torch.randn(3, 5, 16)
+    with pytest.raises(ValueError, match=r"step\(loss\) at step 0: the loss was computed through fused attention "
+                                         r"\(ScaledDotProduct\w*Backward0\).*double_differentiable.*first_order=True"):
+        diffopt.optim.SGD(layer.parameters(), lr=0.1).step(layer(x).pow(2).mean())
+    diffopt.optim.SGD(layer.parameters(), lr=0.1, first_order=True).step(layer(x).pow(2).mean())  # no graph: fine
+    grads = {}
+    for how in ("context", "math"):
+        params = list(layer.parameters())
+        opt = diffopt.optim.SGD(params, lr=0.1)
+        names = [n for n, _ in layer.named_parameters()]
+        block = diffopt.unroll.double_differentiable() if how == "context" else torch.nn.attention.sdpa_kernel(
+            [torch.nn.attention.SDPBackend.MATH])
+        with block:
+            new = opt.step(layer(x).pow(2).mean())
+            meta = torch.func.functional_call(layer, dict(zip(names, new)), (x,)).pow(2).mean()
+        grads[how] = torch.autograd.grad(meta, params)
+    for a, b in zip(grads["context"], grads["math"]):
+        assert torch.equal(a, b) and bool(torch.isfinite(a).all())

@@ -18,10 +18,44 @@ NOT_CONNECTED_FIX = (
 )
 
 
+#: autograd nodes of PyTorch's fused attention kernels, whose backward has no backward of its own
+FUSED_ATTENTION_NODES = ("FlashAttention", "EfficientAttention", "CudnnAttention", "FusedAttention")
+
+
+def fused_attention_node(loss: Tensor, limit: int = 200_000) -> str | None:
+    """The name of the first fused-attention node in ``loss``'s graph (None if there is none)."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        name = type(node).__name__
+        if any(part in name for part in FUSED_ATTENTION_NODES):
+            return name
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return None
+
+
+def check_second_order_graph(loss: Tensor, step: int) -> None:
+    """Refuse, before it fails deep inside the meta-backward, a loss computed through fused attention
+    when the step records a graph for second-order use (``first_order=False``)."""
+    node = fused_attention_node(loss)
+    if node is not None:
+        raise ValueError(
+            f"step(loss) at step {step}: the loss was computed through fused attention ({node}), which has no "
+            "double backward, and this step keeps a graph through its gradients for a meta-gradient. Compute "
+            "the loss inside `with diffopt.unroll.double_differentiable():` (attention on a twice-differentiable "
+            "kernel), or let diffopt.innerloop / diffopt.unroll.InnerLoop do it for you, or pass first_order=True"
+        )
+
+
 def loss_gradients(loss: Tensor | None, params: Sequence[Tensor], step: int, *, first_order: bool,
-                   check_finite: bool) -> list[Tensor | None]:
+                   check_finite: bool, check_graph: bool = False) -> list[Tensor | None]:
     """``d loss / d params`` (None where a parameter is unused), with a graph through the
-    gradients unless ``first_order``; ``step`` is only for the messages."""
+    gradients unless ``first_order``; ``step`` is only for the messages. ``check_graph`` walks the
+    loss's graph for ops without a double backward (fused attention) first: the optimizer asks for
+    it at its first step only, where the model's forward is seen for the first time."""
     if loss is None:
         raise TypeError("step(loss): a loss tensor is required (or pass grads=...)")
     if not isinstance(loss, Tensor):
@@ -38,6 +72,8 @@ def loss_gradients(loss: Tensor | None, params: Sequence[Tensor], step: int, *, 
             "gradients (clip_grad_norm=...) or check the inputs"
         )
     wanted = [i for i, p in enumerate(params) if p.requires_grad]
+    if check_graph and not first_order and torch.is_grad_enabled() and loss.grad_fn is not None:
+        check_second_order_graph(loss, step)
     if not wanted or not loss.requires_grad:
         raise ValueError(
             f"step(loss) at step {step}: the loss does not depend on any parameter that "

@@ -175,7 +175,7 @@ class DifferentiableOptimizer(ParamGroups, StateDict):
         current = self._current(params)
         if grads is None:
             grads = loss_gradients(loss, current, self.step_count, first_order=self.first_order,
-                                   check_finite=self.check_finite)
+                                   check_finite=self.check_finite, check_graph=self.step_count == 0)
         else:
             grads = list(grads)
             if len(grads) != len(current):
