@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffopt._measure import peak_tensor_bytes
 from diffopt.optim import SGD, NonFiniteError, Schedule
 from diffopt.unroll import InnerLoop
 from test_unroll import single_threaded, F64, build, tasks  # noqa: F401 (the fixture)
@@ -278,27 +279,14 @@ def test_checkpointed_default_segment_is_the_square_root_of_the_steps():
 
 
 def peak_bytes(steps: int, **options) -> int:
-    """Peak of the CPU tensor memory allocated by one meta-loss and its backward pass, from the
-    allocation and free events of ``torch.profiler`` summed in time order (after a warm-up)."""
-    from itertools import accumulate
-
-    from torch.profiler import ProfilerActivity, profile
-
+    """Peak of the CPU tensor memory allocated by one meta-loss and its backward pass (after a
+    warm-up), measured as the benchmarks measure it (``diffopt._measure.peak_tensor_bytes``)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 1)).to(F64)
     loop = InnerLoop(model, SGD(model.parameters(), lr=0.1), steps=steps, **options)
     data = tasks("mlp", 4, 8)
     loop.meta_loss(*data).backward()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loop.meta_loss(*data).backward()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        fields = node.extra_fields
-        if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
-            events.append((node.start_time_ns, int(fields.alloc_size)))
-    return max(accumulate(size for _, size in sorted(events)), default=0)
+    return peak_tensor_bytes(lambda: loop.meta_loss(*data).backward())[1]
 
 
 def test_checkpointed_default_segment_peak_memory_is_far_below_second_order():
