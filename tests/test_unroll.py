@@ -337,6 +337,28 @@ def directional_error(fd: float, analytic: float, scale: float) -> float:
     return abs(fd - analytic) / max(abs(analytic), 1e-2 * scale)
 
 
+def assert_matches_finite_differences(loop: InnerLoop, batch: Sequence[Tensor], tensors: Sequence[Tensor],
+                                      gradient: Sequence[Tensor], seed: int, tol: float = 1e-6) -> None:
+    """The meta-gradient ``gradient`` of ``loop.meta_loss(*batch)`` w.r.t. ``tensors`` against central
+    differences along one random direction (the tensors are moved in place and restored)."""
+    g = torch.Generator().manual_seed(seed)
+    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in tensors]
+    saved = [p.detach().clone() for p in tensors]
+
+    def meta_loss_at(step: float) -> float:
+        with torch.no_grad():
+            for p, s, d in zip(tensors, saved, direction):
+                p.copy_(s + step * d)
+            value = float(loop.meta_loss(*batch))
+            for p, s in zip(tensors, saved):
+                p.copy_(s)
+        return value
+
+    analytic = float(sum((gr * d).sum() for gr, d in zip(gradient, direction)))
+    scale = math.sqrt(sum(float((gr * gr).sum()) for gr in gradient) * sum(float((d * d).sum()) for d in direction))
+    assert directional_error(finite_difference(meta_loss_at), analytic, scale) <= tol
+
+
 # =============================================================================================
 # Second order
 # =============================================================================================

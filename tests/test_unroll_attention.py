@@ -7,7 +7,6 @@ needed, and an op without a double backward is refused naming the module and the
 """
 from __future__ import annotations
 
-import math
 import warnings
 from unittest import mock
 
@@ -22,7 +21,7 @@ import diffopt
 from diffopt.errors import SecondOrderUnavailable
 from diffopt.unroll import blockwise
 from diffopt.unroll import CG, Checkpointed, Forward, Implicit, InnerLoop, Truncated, double_differentiable
-from test_unroll import directional_error, finite_difference
+from test_unroll import assert_matches_finite_differences
 
 D, HEADS, LENGTH, TASKS, BATCH, STEPS, LR = 8, 2, 6, 2, 2, 2, 0.3
 FLASH = "ScaledDotProductFlashAttentionForCpuBackward0"
@@ -142,22 +141,7 @@ def test_second_order_matches_the_hand_written_loop_and_finite_differences(form:
     loop = loop_for(model)
     gradient = engine_gradient(loop, batch)
     assert max_difference(gradient, reference_gradient(model, batch)) <= 1e-10
-    g = torch.Generator().manual_seed(2)
-    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in loop.theta]
-    saved = [p.detach().clone() for p in loop.theta]
-
-    def meta_loss_at(step: float) -> float:
-        with torch.no_grad():
-            for p, s, d in zip(loop.theta, saved, direction):
-                p.copy_(s + step * d)
-            value = float(loop.meta_loss(*batch))
-            for p, s in zip(loop.theta, saved):
-                p.copy_(s)
-        return value
-
-    analytic = float(sum((gr * d).sum() for gr, d in zip(gradient, direction)))
-    scale = math.sqrt(sum(float((gr * gr).sum()) for gr in gradient) * sum(float((d * d).sum()) for d in direction))
-    assert directional_error(finite_difference(meta_loss_at), analytic, scale) <= 1e-6
+    assert_matches_finite_differences(loop, batch, loop.theta, gradient, seed=2)
 
 
 @pytest.mark.parametrize("form", ["causal", "gqa", "mha", "encoder", "decoder"])

@@ -7,7 +7,6 @@ the MATH backend) to 1e-10, central finite differences to 1e-6 relative, the tas
 """
 from __future__ import annotations
 
-import math
 import types
 
 import pytest
@@ -20,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import diffopt
 from diffopt.unroll import CG, ES, Checkpointed, Forward, Implicit, InnerLoop, Truncated
-from test_unroll import directional_error, finite_difference
+from test_unroll import assert_matches_finite_differences
 
 VOCAB, HIDDEN, LENGTH, TASKS, BATCH, STEPS, LR = 24, 16, 8, 2, 2, 2, 0.5
 
@@ -116,22 +115,7 @@ def test_second_order_meta_gradient_of_a_decoder(family: str) -> None:
     rms_norms_in_float64(model)
     loop = loop_for(model)
     gradient = engine_gradient(loop, batch)
-    g = torch.Generator().manual_seed(3)
-    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in loop.theta]
-    saved = [p.detach().clone() for p in loop.theta]
-
-    def meta_loss_at(step: float) -> float:
-        with torch.no_grad():
-            for p, s, d in zip(loop.theta, saved, direction):
-                p.copy_(s + step * d)
-            value = float(loop.meta_loss(*batch))
-            for p, s in zip(loop.theta, saved):
-                p.copy_(s)
-        return value
-
-    analytic = float(sum((gr * d).sum() for gr, d in zip(gradient, direction)))
-    scale = math.sqrt(sum(float((gr * gr).sum()) for gr in gradient) * sum(float((d * d).sum()) for d in direction))
-    assert directional_error(finite_difference(meta_loss_at), analytic, scale) <= 1e-6
+    assert_matches_finite_differences(loop, batch, loop.theta, gradient, seed=3)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
