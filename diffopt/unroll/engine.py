@@ -269,7 +269,7 @@ class InnerLoop:
                 return torch.func.vmap(loss_fn)(outputs, y)
             except (RuntimeError, ValueError):
                 pass  # a loss vmap cannot batch: fall back to the task loop below
-        return torch.stack([loss_fn(outputs[t], y[t]) for t in range(outputs.shape[0])])
+        return torch.stack([loss_fn(out, target) for out, target in zip(outputs.unbind(0), y.unbind(0))])
 
     def inner_objective(self, carry: Carry, x: Tensor, y: Tensor, theta: Sequence[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
         """Per-task inner objective: the inner loss plus iMAML's proximal term if set."""
