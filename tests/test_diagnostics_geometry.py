@@ -339,3 +339,32 @@ def test_metagradient_discrepancy_over_tasks_with_callable_adapt():
     assert res["metagrad/variance_first_order"].value == pytest.approx(G1.var(0).sum().item(), rel=1e-10)
     with pytest.raises(ValueError, match="lr="):
         dg.metagradient_discrepancy(model, None, xs, ys, xq, yq, batched=True)
+
+
+def test_curvature_of_a_model_with_attention_matches_the_dense_hessian():
+    """#14 follow-up: the diagnostics' forwards run attention on a twice-differentiable kernel, so
+    Hessian-vector products work on transformers (before: SecondOrderUnavailable from the fused
+    kernel). Reference: the dense Hessian of the same loss under the MATH backend."""
+    from torch.func import functional_call
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(4, 2, 8, batch_first=True, dropout=0.0), nn.Flatten(),
+                          nn.Linear(12, 1)).double()
+    x, y = torch.randn(5, 3, 4, generator=gen(0)), torch.randn(5, 1, generator=gen(1))
+    res = dg.curvature(model, None, x, y, loss_fn=nn.functional.mse_loss, iters=500, tol=1e-14, samples=0,
+                       generator=gen(2))
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss_of(vector):
+        pieces = torch.split(vector, [s.numel() for s in shapes])
+        weights = {n: v.reshape(s) for n, v, s in zip(names, pieces, shapes)}
+        return nn.functional.mse_loss(functional_call(model, weights, (x,)), y)
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        hessian = torch.autograd.functional.hessian(loss_of, flat)
+    eigenvalues = torch.linalg.eigvalsh(hessian)
+    dominant = float(eigenvalues[eigenvalues.abs().argmax()])
+    assert res["curvature/lambda_max"].value == pytest.approx(dominant, rel=1e-6)

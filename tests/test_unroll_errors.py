@@ -297,3 +297,15 @@ def test_checkpointed_default_segment_peak_memory_is_far_below_second_order():
     assert default < 0.5 * second_order, (default, second_order)
     assert abs(default - peak_bytes(16, mode="checkpointed", segment=4)) <= 0.02 * default
     assert peak_bytes(16, mode="checkpointed", segment=16) > 2 * default  # no checkpointing: as second order
+
+
+def test_predict_checks_its_inputs_like_the_other_entry_points():
+    model = build("mlp")
+    sx, sy, qx, qy = tasks("mlp", 2, 4, support=4, query=4)
+    loop = InnerLoop(model)
+    adapted = loop.adapt(sx, sy)
+    assert loop.predict(adapted, qx).shape[:2] == qx.shape[:2]
+    with pytest.raises(ValueError, match=r"predict: inputs need the adapted tasks' leading dimension \(2\)"):
+        loop.predict(adapted, qx[:1])
+    with pytest.raises(ValueError, match="predict: floating-point inputs of shape .* have no example dimension"):
+        loop.predict(adapted, qx[:, 0])

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import grad, jacrev, vmap
 
 from ..optim import SGDRule
+from ..unroll.attention import double_differentiable
 from ..unroll.functional import (
     ParameterLayout,
     Weights,
@@ -170,10 +171,12 @@ def evaluation(model: nn.Module, bn_mode: str = "eval") -> Iterator[None]:
 
 def call_model(model: nn.Module, params: Params, x: Tensor, bn_mode: str = "eval") -> Tensor:
     """:func:`diffopt.unroll.functional.call`; with ``bn_mode="batch"`` the buffers are passed as copies
-    (so batch-statistics BatchNorm never updates the module's running statistics)."""
-    if bn_mode == "batch":
-        return call(model, params, x, {n: b.clone() for n, b in model.named_buffers()})
-    return call(model, params, x)
+    (so batch-statistics BatchNorm never updates the module's running statistics). Attention runs on a
+    twice-differentiable kernel (:func:`diffopt.unroll.double_differentiable`): the curvature and
+    meta-gradient diagnostics differentiate these outputs twice."""
+    buffers = {n: b.clone() for n, b in model.named_buffers()} if bn_mode == "batch" else None
+    with double_differentiable():
+        return call(model, params, x) if buffers is None else call(model, params, x, buffers)
 
 
 # ---------------------------------------------------------------------------------------

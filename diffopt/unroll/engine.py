@@ -83,7 +83,10 @@ class InnerLoop:
         proximal: λ of iMAML's proximal term ``λ/2 ||φ − θ||²`` added to the
             inner objective (any mode); None for none.
         meta_parameters: other tensors the inner loss depends on (for example
-            a learned loss's weights): they receive meta-gradients in every mode.
+            a learned loss's weights): they receive meta-gradients in the modes that
+            differentiate through the inner gradients (second order, truncated,
+            checkpointed, implicit, ES/PES); first order gives them zero by design
+            (its inner gradients are constants), forward mode only when listed in its ``wrt``.
         check_finite: raise naming the task and step on a non-finite inner loss
             or gradient (default True).
         **mode_options: a named mode's options as keywords, as before modes were
@@ -413,6 +416,11 @@ class InnerLoop:
 
     def predict(self, adapted: Adapted, x: Tensor) -> Tensor:
         """Outputs of the adapted model for every task (leading task dimension)."""
+        tasks = next((p.shape[0] for p, a in zip(adapted.params, adapted.adapted) if a), None)
+        if not isinstance(x, Tensor) or x.dim() < 2 or (tasks is not None and x.shape[0] != tasks):
+            raise ValueError(f"predict: inputs need the adapted tasks' leading dimension ({tasks}) and an example "
+                             f"dimension, got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        no_example_dimension(x, "predict")
         outputs, _ = self.patched.forward_tasks(
             adapted.params, [b.clone() for b in adapted.buffers], x, "outer", self.vectorize, self.adapted_mask
         )
