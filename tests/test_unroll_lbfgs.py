@@ -13,7 +13,7 @@ from torch.func import functional_call
 
 from diffopt.optim import LBFGS
 from diffopt.unroll import InnerLoop
-from test_unroll import F64, grads_of, hyper, single_threaded  # noqa: F401 (the fixture)
+from test_unroll import F64, assert_matches_finite_differences, grads_of, hyper, single_threaded  # noqa: F401
 from test_unroll_implicit_forward import (
     IMPLICIT_TOL, linear_model, proximal_ridge_closed_form, relative, ridge_data,
 )
@@ -76,25 +76,9 @@ def test_second_order_through_lbfgs_equals_a_hand_written_per_task_loop_and_fini
     ours = grads_of(loop.meta_loss(*data), wrt)
     reference = grads_of(hand_written(model, data, lr, 2, line_search), wrt)
     assert relative(ours, reference) <= 1e-12
-    # central differences along one random direction of every input (h small: the line search's
-    # decisions stay put; their branches are constants of the derivative)
-    g = torch.Generator().manual_seed(7)
-    direction = [torch.randn(w.shape, generator=g, dtype=F64) for w in wrt]
-    saved = [w.detach().clone() for w in wrt]
-
-    def at(h: float) -> float:
-        with torch.no_grad():
-            for w, s, d in zip(wrt, saved, direction):
-                w.copy_(s + h * d)
-            value = float(loop.meta_loss(*data))
-            for w, s in zip(wrt, saved):
-                w.copy_(s)
-        return value
-
-    h = 1e-6
-    fd = (at(h) - at(-h)) / (2 * h)
-    analytic = float(sum((o * d).sum() for o, d in zip(ours, direction)))
-    assert abs(fd - analytic) <= 1e-6 * max(abs(analytic), 1e-3)
+    # central differences along one random direction of every input (small steps: the line
+    # search's decisions stay put; their branches are constants of the derivative)
+    assert_matches_finite_differences(loop, data, wrt, ours, seed=7)
 
 
 def test_first_order_lbfgs_gives_the_query_gradient_at_the_adapted_weights():

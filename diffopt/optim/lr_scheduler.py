@@ -269,6 +269,19 @@ class SequentialLR(_torch.SequentialLR, LRScheduler):
         self._last_lr = schedulers[idx].get_last_lr()
 
 
+def _start_cycled_momentum(optimizer: Any, max_momentums: Sequence[Any], base_momentums: Sequence[Any],
+                           use_beta1: bool) -> None:
+    """CyclicLR's and OneCycleLR's first epoch: every group starts at its ``max_momentum`` (the first
+    beta for Adam-family optimizers) and records both bounds, as torch's schedulers do."""
+    for m_momentum, b_momentum, group in zip(max_momentums, base_momentums, optimizer.param_groups):
+        if use_beta1:
+            group["betas"] = (m_momentum, *group["betas"][1:])
+        else:
+            group["momentum"] = m_momentum
+        group["max_momentum"] = m_momentum
+        group["base_momentum"] = b_momentum
+
+
 class CyclicLR(_torch.CyclicLR, LRScheduler):
     """``torch.optim.lr_scheduler.CyclicLR``; ``base_lr``, ``max_lr``, ``gamma`` and the momenta may be tensors."""
 
@@ -303,14 +316,7 @@ class CyclicLR(_torch.CyclicLR, LRScheduler):
             self.base_momentums = _format_param("base_momentum", optimizer, base_momentum)  # type: ignore[arg-type]
             self.max_momentums = _format_param("max_momentum", optimizer, max_momentum)  # type: ignore[arg-type]
             if last_epoch == -1:
-                for m_momentum, b_momentum, group in zip(self.max_momentums, self.base_momentums,
-                                                         optimizer.param_groups, strict=True):
-                    if self.use_beta1:
-                        group["betas"] = (m_momentum, *group["betas"][1:])
-                    else:
-                        group["momentum"] = m_momentum
-                    group["max_momentum"] = m_momentum
-                    group["base_momentum"] = b_momentum
+                _start_cycled_momentum(optimizer, self.max_momentums, self.base_momentums, self.use_beta1)
         LRScheduler.__init__(self, optimizer, last_epoch)
         self.base_lrs = base_lrs
 
@@ -380,14 +386,7 @@ class OneCycleLR(_torch.OneCycleLR, LRScheduler):
             max_momentums = _format_param("max_momentum", optimizer, max_momentum)  # type: ignore[arg-type]
             base_momentums = _format_param("base_momentum", optimizer, base_momentum)  # type: ignore[arg-type]
             if last_epoch == -1:
-                for m_momentum, b_momentum, group in zip(max_momentums, base_momentums, optimizer.param_groups,
-                                                         strict=True):
-                    if self.use_beta1:
-                        group["betas"] = (m_momentum, *group["betas"][1:])
-                    else:
-                        group["momentum"] = m_momentum
-                    group["max_momentum"] = m_momentum
-                    group["base_momentum"] = b_momentum
+                _start_cycled_momentum(optimizer, max_momentums, base_momentums, self.use_beta1)
         LRScheduler.__init__(self, optimizer, last_epoch)
 
     @staticmethod
