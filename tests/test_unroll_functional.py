@@ -132,12 +132,19 @@ def test_cumulative_average_batchnorm_blocks_vmap_only_with_per_task_statistics(
     assert not use_vmap and "1 (BatchNorm1d, momentum=None)" in reason
     x, params = torch.randn(2, 4, 3), batched(model, 2)
     for backend in ("higher", "functional_call"):
-        fm = FunctionalModel(model, "per_task", backend=backend)
+        fm = FunctionalModel(model, "per_task", backend=backend, lowering=False)
         with pytest.raises(RuntimeError, match="vmap") as error:
             fm.forward_tasks(params, fm.initial_buffers(2), x, "inner", True, [True] * len(params))
         assert "momentum=None" in describe_vmap_failure(model, error.value, "per_task")
-        out, _ = fm.forward_tasks(params, fm.initial_buffers(2), x, "inner", False, [True] * len(params))
+        out, loop_buffers = fm.forward_tasks(params, fm.initial_buffers(2), x, "inner", False, [True] * len(params))
         assert out.shape == (2, 4, 2)
+        # The task-batched kernels (diffopt.unroll.lowered) read the count without vmap: same values.
+        lowered = FunctionalModel(model, "per_task", backend=backend)
+        out_lowered, lowered_buffers = lowered.forward_tasks(params, lowered.initial_buffers(2), x, "inner", True,
+                                                             [True] * len(params))
+        torch.testing.assert_close(out_lowered, out, rtol=0, atol=1e-6)
+        for a, b in zip(lowered_buffers, loop_buffers):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def test_functional_call_backend_gives_the_engine_the_same_meta_gradient():

@@ -249,5 +249,5 @@ def test_vectorize_true_on_an_lstm_names_the_layer():
 
 
 def test_vectorize_rejects_other_values():
-    with pytest.raises(ValueError, match="vectorize must be True, False or 'auto'"):
+    with pytest.raises(ValueError, match="vectorize must be True, False, 'auto' or 'vmap'"):
         InnerLoop(build("mlp"), vectorize="yes")

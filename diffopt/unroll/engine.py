@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -41,11 +42,42 @@ from .carry import Adapted, Carry, detached
 from .attention import ATTENTION, check_double_backward, double_differentiable
 from .modes import MODES, Mode, as_mode, default_segment
 from .functional import ParameterLayout
+from .lowered import per_task_loss
 from .patched import PatchedModel, choose_vectorize, describe_vmap_failure
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = ["MODES", "Adapted", "InnerLoop", "default_segment"]
+
+
+def _checks_at_exit(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an entry point (``adapt``, ``meta_loss``, ...) with the inner steps' non-finite checks
+    deferred to its end: each step only records its losses, and one read at exit checks them
+    and the last weights. If anything is not finite the entry point runs again with a check
+    at every step, which raises the :class:`NonFiniteError` naming the first bad step, task
+    and tensor. (Steps run later, in a backward pass, check at once.)"""
+    @functools.wraps(method)
+    def checked(self: InnerLoop, *args: Any, **kwargs: Any) -> Any:
+        if self._pending_checks is not None or not self.check_finite:
+            return method(self, *args, **kwargs)
+        self._pending_checks, self._last_adapted = [], None
+        try:
+            result = method(self, *args, **kwargs)
+            bad = self._deferred_checks_found_non_finite()
+        except Exception as error:
+            bad = self._deferred_checks_found_non_finite()  # a NaN upstream may explain the failure
+            if not bad:
+                raise
+            self._pending_checks = None
+            self._diagnose(method, args, kwargs, error)
+            raise
+        finally:
+            self._pending_checks, self._last_adapted = None, None
+        if bad:
+            self._diagnose(method, args, kwargs, None)
+        return result
+
+    return checked
 
 
 class InnerLoop:
@@ -65,7 +97,11 @@ class InnerLoop:
         mode: a :mod:`diffopt.unroll.modes` object (``Truncated(3)``,
             ``Implicit(CG(20), damping=0.1)``, ...) or one of the names in ``MODES``;
             ``loop.mode`` is the object (it compares equal to its name).
-        vectorize: True (vmap over tasks), False (task loop) or "auto".
+        vectorize: True (all tasks at once), False (task loop), "auto" or "vmap". All tasks
+            at once runs a ``Sequential`` of known layers (Linear, Conv, BatchNorm, pooling,
+            activations) as task-batched kernels (:mod:`diffopt.unroll.lowered`: ``baddbmm``,
+            grouped convolutions) and anything else under ``torch.func.vmap``; "vmap" forces
+            vmap. ``loop.vectorize_reason`` says which and why.
         batchnorm: "transductive", "per_task" or "frozen" (see ``patched``).
         backend: how the model is evaluated at the fast weights: "higher"
             (monkeypatched copy), "functional_call" (``torch.func.functional_call``)
@@ -141,6 +177,8 @@ class InnerLoop:
         self.attention = attention
         self.last_info: dict[str, Any] = {}
         self._double_backward_checked = False
+        self._pending_checks: list[Tensor] | None = None  # inner losses recorded for one check at exit
+        self._last_adapted: list[Tensor] | None = None
 
     # -- configuration -------------------------------------------------------------
     def _inner_optimizer(self, optimizer: Any) -> DifferentiableOptimizer:
@@ -160,13 +198,20 @@ class InnerLoop:
     def _vectorize(self, vectorize: bool | str) -> tuple[bool, str]:
         if isinstance(self.optimizer, LBFGS):
             return closure_step.check_closure_optimizer(self, vectorize)
+        if vectorize == "vmap":  # the generic vectorised path, even where task-batched kernels exist
+            self.patched.lowered, self.patched.lowered_reason = None, "vmap: requested (vectorize='vmap')"
+            return True, "vmap: requested (vectorize='vmap')"
         if vectorize == "auto":
-            return choose_vectorize(self.model, self.patched.policy)
-        if vectorize is True:
-            return True, "vmap: requested (vectorize=True)"
-        if vectorize is False:
+            chosen, reason = choose_vectorize(self.model, self.patched.policy, self.patched.lowered is not None)
+        elif vectorize is True:
+            chosen, reason = True, "vmap: requested (vectorize=True)"
+        elif vectorize is False:
             return False, "task loop: requested (vectorize=False)"
-        raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
+        else:
+            raise ValueError(f"vectorize must be True, False, 'auto' or 'vmap', got {vectorize!r}")
+        if chosen and self.patched.lowered is not None:
+            return True, f"{self.patched.lowered_reason}: {reason.split(': ', 1)[1]}"
+        return chosen, reason
 
     def meta_tensors(self) -> list[Tensor]:
         """Tensors other than the carry that the inner steps depend on and that require grad."""
@@ -253,6 +298,10 @@ class InnerLoop:
         return torch.autocast(self.theta[0].device.type if self.theta else "cpu", dtype=self.autocast)
 
     def _per_task_loss(self, loss_fn: LossFn, outputs: Tensor, y: Tensor) -> Tensor:
+        if self.vectorize:
+            batched = per_task_loss(loss_fn, outputs, y)  # mse / cross-entropy: one kernel, no vmap
+            if batched is not None:
+                return batched
         with warnings.catch_warnings():
             # torch's losses only warn when the target broadcasts against a prediction of
             # another shape ((N, 1) against (N,) gives an N x N loss): here that is an error.
@@ -303,16 +352,23 @@ class InnerLoop:
         # backend, for exactly this forward (see diffopt.unroll.attention).
         with torch.enable_grad(), double_differentiable(second_order, self.attention):
             losses, buffers = self.inner_objective(carry, x, y, theta)
+        deferred = self._pending_checks is not None
         with torch.enable_grad():
-            self._check_finite_losses(losses, carry.step)
+            if deferred:
+                self._pending_checks.append(losses.detach())  # type: ignore[union-attr]
+            else:
+                self._check_finite_losses(losses, carry.step)
             adapted = [carry.params[j] for j in self.positions]
             grads = self._inner_gradients(losses, adapted, create_graph=second_order)
         if second_order and not self._double_backward_checked:
             self._check_double_backward(grads, adapted, carry, x, y, theta)
         grads = self._transform(optimizer, grads, carry.step)
-        self._check_finite_gradients(grads, carry.step)
+        if not deferred:
+            self._check_finite_gradients(grads, carry.step)
         with torch.set_grad_enabled(graph != "none"):
             new, states = optimizer.update(adapted, grads, carry.states, carry.step)
+        if deferred:
+            self._last_adapted = new
         params = list(carry.params)
         for j, p in zip(self.positions, new):
             params[j] = p
@@ -350,10 +406,29 @@ class InnerLoop:
                 grads[k] = g
         return grads
 
+    # -- non-finite checks: one synchronisation per entry point, not two per inner step ------
+    def _deferred_checks_found_non_finite(self) -> bool:
+        """One read: any recorded inner loss, or the last adapted weights, not finite (a non-finite
+        gradient reaches the next weights through the update)."""
+        values = [v.reshape(-1) for v in self._pending_checks or [] if not v.is_meta]  # (meta: shapes only)
+        values += [p.detach().sum().reshape(1) for p in self._last_adapted or [] if not p.is_meta]
+        return bool(values) and not bool(torch.isfinite(torch.cat(values)).all())
+
+    def _diagnose(self, method: Callable[..., Any], args: tuple, kwargs: dict[str, Any],
+                  cause: Exception | None) -> None:
+        """Run ``method`` again checking every step at once; it raises the precise error."""
+        try:
+            method(self, *args, **kwargs)
+        except NonFiniteError as error:
+            raise error from cause
+        raise NonFiniteError("an inner loss or the adapted weights were not finite, but a rerun with a check at "
+                             "every step found nothing (a random inner loop?); lower the inner learning rate or "
+                             "clip gradients") from cause
+
     def _check_finite_losses(self, losses: Tensor, step: int) -> None:
-        if losses.is_meta:  # shapes only (torch's meta device): there are no values to check
+        if losses.is_meta or not self.check_finite:  # shapes only (torch's meta device): no values to check
             return
-        if self.check_finite and not torch.isfinite(losses.detach()).all():
+        if not torch.isfinite(losses.detach()).all():
             bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
             raise NonFiniteError(
                 f"inner loss is not finite for task(s) {bad} at inner step {step} "
@@ -395,6 +470,7 @@ class InnerLoop:
         return carry
 
     # -- public ------------------------------------------------------------------------
+    @_checks_at_exit
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Adapted:
         """Run the K inner steps; the result is differentiable as the mode prescribes."""
         self._check_tasks(support_x, support_y)
@@ -426,6 +502,7 @@ class InnerLoop:
         )
         return outputs
 
+    @_checks_at_exit
     def meta_loss(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
         loss_fn: LossFn | None = None,
@@ -437,6 +514,7 @@ class InnerLoop:
         self.last_info = info
         return loss
 
+    @_checks_at_exit
     def adapt_without_graph(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Adapted:
         """``steps`` inner steps (default K) with no graph: for evaluation and for Reptile."""
         self._check_tasks(support_x, support_y)
@@ -444,6 +522,7 @@ class InnerLoop:
                          support_x, support_y, "none")
         return Adapted(carry.params, list(self.adapted_mask), carry.buffers, {"mode": "none"})
 
+    @_checks_at_exit
     def query_losses_along(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, at: Sequence[int],
         graph: str = "none", metric: LossFn | None = None,

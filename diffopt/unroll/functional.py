@@ -57,6 +57,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .attention import double_differentiable
+from .lowered import lower
 
 __all__ = [
     "BATCHNORM_POLICIES", "FunctionalModel", "ParameterLayout", "Weights", "attention_layers", "batchnorm_flags",
@@ -146,6 +147,10 @@ class ParameterLayout:
                 raise KeyError(f"weights for {missing} are missing; a list needs every parameter of {self.model_name}")
             return [full[n] for n in self.names]
         return list(self.as_dict(weights).values())
+
+    def position(self, tensor: Tensor) -> int:
+        """The position of one of the model's parameter tensors (a tied tensor has one position)."""
+        return self._position_of_tensor[id(tensor)]
 
     def task_count(self, weights: Mapping[str, Tensor]) -> int | None:
         """``T`` if every tensor of ``weights`` carries a leading task dimension, ``None`` if none does."""
@@ -260,7 +265,8 @@ class FunctionalModel:
     layer (running mean, running variance, batches tracked).
     """
 
-    def __init__(self, model: nn.Module, batchnorm: str = "transductive", backend: str = "higher") -> None:
+    def __init__(self, model: nn.Module, batchnorm: str = "transductive", backend: str = "higher",
+                 lowering: bool = True) -> None:
         if batchnorm not in BATCHNORM_POLICIES:
             raise ValueError(
                 f"batchnorm={batchnorm!r} is not a BatchNorm policy; choose one of {BATCHNORM_POLICIES}"
@@ -287,6 +293,11 @@ class FunctionalModel:
             names = {id(m): n for n, m in model.named_modules()}
             self.buffer_names = [f"{names[id(m)]}.{b}" if names[id(m)] else b
                                  for m in self.model_batchnorms for b in BUFFER_NAMES]
+        # The vectorised path: task-batched kernels where the layers are known (diffopt.unroll.lowered),
+        # torch.func.vmap otherwise or with lowering=False.
+        self.lowered, self.lowered_reason = lower(model, self.layout.position, self.model_batchnorms)
+        if not lowering:
+            self.lowered, self.lowered_reason = None, "vmap: requested (lowering=False)"
         if batchnorm == "per_task":
             missing = [type(m).__name__ for m in self.model_batchnorms if not m.track_running_stats]
             if missing:
@@ -347,6 +358,9 @@ class FunctionalModel:
         (kept for checkpoint recomputation) are never mutated.
         """
         buffers = [b.clone() for b in buffers]
+        if vectorize and self.lowered is not None:
+            training, track = _flags(self.policy, phase)
+            return self.lowered(params, buffers, x, training, track, self.policy == "per_task"), buffers
         if vectorize:
             in_dims = tuple(0 if a else None for a in adapted)
 
@@ -448,23 +462,27 @@ def attention_layers(model: nn.Module) -> list[str]:
             if isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")]
 
 
-def choose_vectorize(model: nn.Module, batchnorm: str | None = None) -> tuple[bool, str]:
+def choose_vectorize(model: nn.Module, batchnorm: str | None = None, lowered: bool = False) -> tuple[bool, str]:
     """The ``vectorize="auto"`` rule, with its reason.
 
-    Measured on CPU (see ``benchmarks/``): vmapped MLP inner loops are 3-9x
-    faster than a task loop, while vmapped convolutions are 1.1-1.8x slower and
-    use several times the memory, so convolutional models run task by task.
-    So do attention models: a first-order meta-step of a 2-layer encoder (d=64,
-    L=128, 4 tasks) took 104 ms in a task loop and 530-610 ms under vmap
-    (``benchmarks/attention_backends.md``).
+    Measured on CPU (see ``benchmarks/``): vectorised MLP inner loops are 3-9x
+    faster than a task loop, while convolutions across tasks are slower than the
+    task loop at every meta-batch measured (4, 16, 32; second order, Conv-4):
+    1.25-1.44x as one grouped convolution (``lowered``, :mod:`diffopt.unroll.lowered`)
+    and 1.9-2.1x under vmap, with more memory (``benchmarks/conv_tasks.py``), so
+    convolutional models run task by task. So do attention models: a first-order
+    meta-step of a 2-layer encoder (d=64, L=128, 4 tasks) took 104 ms in a task loop
+    and 530-610 ms under vmap (``benchmarks/attention_backends.md``).
     Layers that vmap cannot batch (under the BatchNorm policy ``batchnorm``, when
-    given) force the task loop.
+    given) force the task loop, unless the model is ``lowered`` (its task-batched
+    kernels need no vmap).
     """
-    blockers = vectorization_blockers(model, batchnorm)
+    blockers = [] if lowered else vectorization_blockers(model, batchnorm)
     if blockers:
         return False, "task loop: " + "; ".join(blockers)
     if count_convolutions(model):
-        return False, "task loop: convolutions run faster per task than under vmap on CPU (measured)"
+        return False, ("task loop: convolutions run faster per task than across tasks (grouped or under vmap) on CPU "
+                       "at meta-batch 4-32 (measured, benchmarks/conv_tasks.py)")
     attention = attention_layers(model)
     if attention:
         return False, (f"task loop: attention ({attention[0]}) runs 5x faster per task than under vmap on CPU "
