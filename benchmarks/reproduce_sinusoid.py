@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from diffopt.algorithms import ANIL, FOMAML, MAML, MetaSGD, Reptile
 from diffopt.training.demo import pretrain
 from diffopt.recipes import SinusoidSource, sinusoid_mlp
-from diffopt.training import Trainer, evaluate
+from diffopt.training import Trainer, evaluate, outer_adam
 
 EVAL_STEPS = (0, 1, 5, 10)
 PAPER_MAML = {"MAML": {"1": 0.67, "5": 0.38, "10": 0.35}, "pretrained": {"1": 2.41, "5": 2.23, "10": 2.19}}
@@ -82,7 +82,7 @@ def build(method: str, inner_steps: int = 1, inner_lr: float = 0.01) -> tuple[An
         return learner, torch.optim.SGD(learner.parameters(), lr=1.0)
     else:
         raise ValueError(method)
-    return learner, torch.optim.Adam(learner.parameters(), lr=1e-3)
+    return learner, outer_adam(learner.parameters(), lr=1e-3)
 
 
 def train(method: str, source: SinusoidSource, iterations: int, seed: int, progress: bool,

@@ -19,6 +19,7 @@ from .trainer import (
     evaluate,
     iteration_generator,
     load_checkpoint,
+    outer_adam,
     save_checkpoint,
 )
 
@@ -26,5 +27,5 @@ __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "FAMILIES", "OBJECTIVES", "Batch",
     "CheckpointError", "FewShotFamily", "OptimizerTrainer", "QuadraticFamily", "SinusoidFamily", "TaskBatch",
     "TaskFamily", "TaskSource", "TrainConfig", "Trainer", "Unroll", "config_differences", "evaluate", "family",
-    "iteration_generator", "load_checkpoint", "loss_curves", "save_checkpoint",
+    "iteration_generator", "load_checkpoint", "loss_curves", "outer_adam", "save_checkpoint",
 ]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..algorithms import MAML
 from ..diagnostics import headline
 from ..recipes import SinusoidSource, sinusoid_mlp
-from .trainer import Trainer, evaluate, iteration_generator
+from .trainer import Trainer, evaluate, iteration_generator, outer_adam
 
 EVAL_STEPS = (0, 1, 5, 10)
 PROTOCOL = "MAML protocol: 1 inner step, alpha 0.01, meta-batch 25, K = 10; paper: 70,000 iterations"
@@ -50,7 +50,7 @@ def pretrain(iterations: int, source: SinusoidSource, seed: int) -> torch.nn.Mod
     """The baseline: one network regressed on the points of all tasks (no adaptation in training)."""
     torch.manual_seed(seed + 1)
     model = sinusoid_mlp()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = outer_adam(model.parameters(), lr=1e-3)
     for i in range(iterations):
         sx, sy, qx, qy = source.train_batch(iteration_generator(seed + 1, i))
         optimizer.zero_grad()
@@ -77,7 +77,7 @@ def _run(iterations: int, seed: int, plot: str | None, progress: bool) -> DemoRe
     source = SinusoidSource(meta_batch=25, shots=10, test_tasks=600, test_shots=5, test_query=100)
     torch.manual_seed(seed)
     learner = MAML(sinusoid_mlp(), F.mse_loss, inner_lr=0.01, inner_steps=1)
-    trainer = Trainer(learner, source, torch.optim.Adam(learner.parameters(), lr=1e-3), iterations=iterations,
+    trainer = Trainer(learner, source, outer_adam(learner.parameters(), lr=1e-3), iterations=iterations,
                       seed=seed, progress=progress, log_every=max(iterations // 10, 1))
     trainer.fit()
     maml_seconds = time.perf_counter() - started

@@ -20,7 +20,7 @@ from .. import distributed, recipes
 from ..recipes import EpisodeSource, SinusoidSource
 from ..tasks import load_omniglot, omniglot_splits, synthetic_glyphs, synthetic_vectors
 from ..errors import CheckpointError
-from .trainer import Trainer, config_differences, load_checkpoint
+from .trainer import Trainer, config_differences, load_checkpoint, outer_adam
 
 PROTOCOL_DEFAULTS = {  # meta-batch, shots, query, inner lr for each task family
     "sinusoid": (25, 10, 10, 0.01),
@@ -191,7 +191,7 @@ def _train(settings: TrainSettings, context: Any) -> dict[str, Any] | None:
     source, learner, config = build(settings)
     outer_lr = config["outer_lr"]
     optimizer = (torch.optim.SGD(learner.parameters(), lr=outer_lr) if settings.algo == "reptile"
-                 else torch.optim.Adam(learner.parameters(), lr=outer_lr))
+                 else outer_adam(learner.parameters(), lr=outer_lr))
     trainer = Trainer(learner, source, optimizer, iterations=settings.iterations, seed=settings.seed,
                       eval_every=settings.eval_every, eval_steps=tuple(settings.eval_steps),
                       checkpoint=settings.checkpoint,

@@ -45,9 +45,21 @@ class TaskSource(Protocol):
     def config(self) -> dict[str, Any]: ...
 
 
-def iteration_generator(seed: int, iteration: int) -> torch.Generator:
-    """The generator of iteration ``iteration``: independent of any other iteration."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + iteration) % (2**63 - 1))
+def iteration_generator(seed: int, iteration: int, generator: torch.Generator | None = None) -> torch.Generator:
+    """The generator of iteration ``iteration``: independent of any other iteration. ``generator``:
+    a CPU generator to reseed and return instead of making a new one (the same stream, cheaper)."""
+    return (generator or torch.Generator()).manual_seed((seed * 1_000_003 + iteration) % (2**63 - 1))
+
+
+def outer_adam(parameters: Any, lr: float) -> torch.optim.Adam:
+    """``torch.optim.Adam(parameters, lr)`` for an outer loop, with torch's fused kernel where it
+    runs (floating-point parameters on CPU or CUDA): the same update rule, one kernel per tensor
+    instead of torch's default per-tensor Python loop on CPU (measured 3x faster per step on the
+    sinusoid MLP; ``benchmarks/RESULTS.md``)."""
+    params = list(parameters)
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    fused = bool(tensors) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
 def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
@@ -292,13 +304,14 @@ class Trainer:
         bar = Progress(self.iterations, type(self.learner).__name__, start=self.iteration,
                        enabled=self.progress and self.is_main)
         self._started = time.perf_counter()
+        self._generator = torch.Generator()  # reseeded every iteration (iteration_generator)
         saved_at = None
         try:
             while self.iteration < self.iterations:
                 i = self.iteration
                 if self.before_step is not None:
                     self.before_step(self.learner, i)
-                batch = self.tasks.train_batch(iteration_generator(self.seed, i))
+                batch = self.tasks.train_batch(iteration_generator(self.seed, i, self._generator))
                 stats = self._checked_step(batch, i)
                 self.iteration = i + 1
                 self._running.append(stats["meta_loss"])
@@ -338,7 +351,11 @@ class Trainer:
                    "cause: the initial weights or the data, or the inner learning rate (--inner-lr); lower the "
                    "outer or inner learning rate")
             )
-        bad = [name for name, p in self.learner.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        sums = [p.detach().sum() for p in self.learner.parameters()]
+        if sums and not bool(torch.isfinite(torch.stack(sums).sum())):  # one read; the names only on failure
+            bad = [name for name, p in self.learner.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        else:
+            bad = []
         if bad:
             raise NonFiniteError(
                 f"diverged at meta-iteration {i}: the outer step made the weights {', '.join(bad[:3])} non-finite; "

@@ -349,8 +349,10 @@ class InnerLoop:
             with double_differentiable(second_order, self.attention):
                 return closure_step.lbfgs_step(self, carry, x, y, graph, None if theta is None else list(theta))
         # A graph differentiated twice needs attention with a double backward: the MATH
-        # backend, for exactly this forward (see diffopt.unroll.attention).
-        with torch.enable_grad(), double_differentiable(second_order, self.attention):
+        # backend, for exactly this forward (see diffopt.unroll.attention). Task-batched kernels
+        # (diffopt.unroll.lowered) contain no attention.
+        lowered = self.vectorize and self.patched.lowered is not None
+        with torch.enable_grad(), double_differentiable(second_order and not lowered, self.attention):
             losses, buffers = self.inner_objective(carry, x, y, theta)
         deferred = self._pending_checks is not None
         with torch.enable_grad():
