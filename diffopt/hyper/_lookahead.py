@@ -10,6 +10,8 @@ and gives
   :func:`~diffopt.optim.from_torch`, with its current hyperparameters and state: momentum buffers,
   Adam's moments, step counts), returned as new weights on the autograd graph, keyed by
   ``model.named_parameters()`` names. Nothing of the user's is changed;
+  With ``kind="sgd"`` the look-ahead is instead a plain SGD step at each group's learning rate (no
+  momentum, no state), as in both papers' code;
 * :meth:`Lookahead.step` — the real step: the optimizer's own ``step()`` on the gradients of the
   loss given, so training follows exactly the trajectory the optimizer takes on that loss.
 """
@@ -22,22 +24,25 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import NonFiniteError
-from ..optim import DifferentiableOptimizer, from_torch
+from ..optim import SGD, DifferentiableOptimizer, from_torch
 from ..optim.convert import twin_class
 from ..unroll.functional import ParameterLayout, call
 
 Optimizer = Union[torch.optim.Optimizer, DifferentiableOptimizer]
 LossFn = Callable[[Any, Tensor], Tensor]
 
+LOOKAHEADS = ("optimizer", "sgd")
 REDUCTION_FIX = ("pass a loss with reduction='none', e.g. nn.CrossEntropyLoss(reduction='none') or "
                  "lambda out, y: F.cross_entropy(out, y, reduction='none')")
 
 
 class Lookahead:
     """The user's ``optimizer`` over (a subset of) ``model``'s parameters, for a look-ahead step
-    and the real step. ``where`` names the learner in error messages."""
+    (``kind``: "optimizer" or "sgd") and the real step. ``where`` names the learner in error messages."""
 
-    def __init__(self, model: nn.Module, optimizer: Optimizer, where: str) -> None:
+    def __init__(self, model: nn.Module, optimizer: Optimizer, where: str, kind: str = "optimizer") -> None:
+        if kind not in LOOKAHEADS:
+            raise ValueError(f"{where}(lookahead=...): expected one of {LOOKAHEADS}, got {kind!r}")
         if isinstance(optimizer, torch.optim.Optimizer):
             twin_class(optimizer)  # no differentiable twin (e.g. LBFGS): refuse now, not at the first step
             params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -58,11 +63,19 @@ class Lookahead:
         self.optimizer = optimizer
         self.params = params
         self.names = [layout.names[j] for j in positions]
+        self.kind = kind
 
     def look_ahead(self, loss: Tensor) -> dict[str, Tensor]:
         """The weights after one differentiable step of the optimizer on ``loss`` (a graph through the
         gradients, so derivatives reach whatever ``loss`` was weighted by), keyed by parameter name."""
-        if isinstance(self.optimizer, torch.optim.Optimizer):
+        if self.kind == "sgd":
+            groups, position = [], 0
+            for group in self.optimizer.param_groups:  # the same groups (in order) with their learning rates
+                count = len(group["params"])
+                groups.append({"params": self.params[position:position + count], "lr": group["lr"]})
+                position += count
+            twin = SGD(groups)
+        elif isinstance(self.optimizer, torch.optim.Optimizer):
             twin = from_torch(self.optimizer)
         else:
             twin = self.optimizer.bound_to(self.params, first_order=False)

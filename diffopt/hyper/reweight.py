@@ -91,7 +91,7 @@ class _Reweighter:
     """The loop both learners share: forward once, weigh, take the real step; checkpoints."""
 
     def __init__(self, model: nn.Module, optimizer: Optimizer, loss_fn: LossFn, meta_data: Any,
-                 meta_batch_size: int | None, seed: int) -> None:
+                 meta_batch_size: int | None, seed: int, lookahead: str) -> None:
         where = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{where}(model=...): expected an nn.Module, got {type(model).__name__}")
@@ -99,7 +99,7 @@ class _Reweighter:
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
-        self.lookahead = Lookahead(model, optimizer, where)
+        self.lookahead = Lookahead(model, optimizer, where, lookahead)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.meta = MetaData(meta_data, meta_batch_size, self.generator, where)
         self.step_count = 0
@@ -166,13 +166,16 @@ class LearningToReweight(_Reweighter):
         meta_data: ``(x_val, y_val)``, the small clean set.
         meta_batch_size: examples of the clean set per step (default: all of them).
         seed: seeds the generator that draws the clean batches.
+        lookahead: ``"optimizer"`` (default): the look-ahead is one step of ``optimizer`` itself, from its
+            current state (momentum, Adam's moments); ``"sgd"``: a plain SGD step at each parameter
+            group's learning rate, as in the authors' code.
 
     See the module docstring for the maths.
     """
 
     def __init__(self, model: nn.Module, optimizer: Optimizer, *, loss_fn: LossFn, meta_data: Any,
-                 meta_batch_size: int | None = None, seed: int = 0) -> None:
-        super().__init__(model, optimizer, loss_fn, meta_data, meta_batch_size, seed)
+                 meta_batch_size: int | None = None, seed: int = 0, lookahead: str = "optimizer") -> None:
+        super().__init__(model, optimizer, loss_fn, meta_data, meta_batch_size, seed, lookahead)
 
     def epsilon_gradient(self, x: Tensor, y: Tensor) -> Tensor:
         r""":math:`\partial L_{\mathrm{val}}(\theta'(\epsilon)) / \partial \epsilon` at :math:`\epsilon = 0`
@@ -222,7 +225,7 @@ class MetaWeightNet(_Reweighter):
     """Meta-Weight-Net (Shu et al. 2019): a small network, learnt on the clean set, maps loss to weight.
 
     Args:
-        model, optimizer, loss_fn, meta_data, meta_batch_size, seed: as for :class:`LearningToReweight`
+        model, optimizer, loss_fn, meta_data, meta_batch_size, seed, lookahead: as for :class:`LearningToReweight`
             (``seed`` also initialises the weight net).
         weight_net: the loss -> weight network (default: :class:`WeightNet` with ``hidden`` units, in the
             dtype and on the device of the model's first parameter).
@@ -236,8 +239,8 @@ class MetaWeightNet(_Reweighter):
     def __init__(self, model: nn.Module, optimizer: Optimizer, *, loss_fn: LossFn, meta_data: Any,
                  weight_net: nn.Module | None = None, meta_optimizer: torch.optim.Optimizer | None = None,
                  hidden: int = 100, meta_lr: float = 1e-3, meta_weight_decay: float = 1e-4, normalize: bool = True,
-                 meta_batch_size: int | None = None, seed: int = 0) -> None:
-        super().__init__(model, optimizer, loss_fn, meta_data, meta_batch_size, seed)
+                 meta_batch_size: int | None = None, seed: int = 0, lookahead: str = "optimizer") -> None:
+        super().__init__(model, optimizer, loss_fn, meta_data, meta_batch_size, seed, lookahead)
         if weight_net is None:
             first = next(model.parameters())
             weight_net = WeightNet(hidden, generator=self.generator, dtype=first.dtype, device=first.device)
