@@ -31,6 +31,12 @@ preconditioned by Adam's denominator. (At Adam's very first step, with no second
 derivative of :math:`\sqrt{v}` at 0 is taken as 0 — see :func:`~diffopt.optim.safe_sqrt` — and the
 normalised weights equal plain SGD's.)
 
+In practice L2RW's weights concentrate on the few examples of a batch whose gradients agree most with
+the clean one, so the weighted gradient cancels less than a batch mean does: on the digits with an
+MLP without normalisation layers, training with SGD momentum 0.9 (lr 0.1 or 0.03) diverged, while
+plain SGD trained well (``benchmarks/RESULTS.md``, section 6). Meta-Weight-Net's weights, a smooth
+function of the loss, did not show this.
+
 **Meta-Weight-Net** (Shu, Xie, Yi, Zhao, Zhou, Xu & Meng, NeurIPS 2019, "Meta-Weight-Net: Learning an
 Explicit Mapping For Sample Weighting"). A small network :math:`V(\ell; \Theta)` (1-100-1, ReLU,
 sigmoid output) maps each example's loss (a constant input, as in the authors' code) to its weight.
