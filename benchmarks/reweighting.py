@@ -66,7 +66,8 @@ def split(seed: int, noise: float) -> dict[str, torch.Tensor]:
     noisy[flip] = (noisy[flip] + rng.integers(1, CLASSES, flip.sum())) % CLASSES  # one of the 9 other classes
     as_x = lambda a: torch.tensor((x[a] - mean) / std, dtype=torch.float32)  # noqa: E731
     return {"x_train": as_x(train), "y_train": torch.tensor(noisy), "wrong": torch.tensor(noisy != y[train]),
-            "x_meta": as_x(meta), "y_meta": torch.tensor(y[meta]), "x_test": as_x(test), "y_test": torch.tensor(y[test])}
+            "x_meta": as_x(meta), "y_meta": torch.tensor(y[meta]),
+            "x_test": as_x(test), "y_test": torch.tensor(y[test])}
 
 
 def mlp(seed: int, hidden: int) -> nn.Module:

@@ -38,7 +38,8 @@ def digits(noise: float, seed: int = 0) -> dict[str, torch.Tensor]:
     noisy[flip] = (noisy[flip] + rng.integers(1, 10, flip.sum())) % 10  # one of the 9 other classes
     as_x = lambda a: torch.tensor((x[a] - mean) / std, dtype=torch.float32)  # noqa: E731
     return {"x": as_x(train), "y": torch.tensor(noisy), "wrong": torch.tensor(noisy != y[train]),
-            "x_meta": as_x(meta), "y_meta": torch.tensor(y[meta]), "x_test": as_x(test), "y_test": torch.tensor(y[test])}
+            "x_meta": as_x(meta), "y_meta": torch.tensor(y[meta]),
+            "x_test": as_x(test), "y_test": torch.tensor(y[test])}
 
 
 def train(method: str, data: dict[str, torch.Tensor], epochs: int, momentum: float, seed: int = 0) -> dict[str, float]:

@@ -246,7 +246,7 @@ def test_real_step_with_a_diffopt_optimizer_matches_torch_optim(learner):
     x, y, centers = blobs(12, g)
     xv, yv, _ = blobs(9, g, centers=centers)
     model = mlp(6)
-    reference, ref_opt = copy.deepcopy(model), None
+    reference = copy.deepcopy(model)
     ref_opt = torch.optim.Adam(reference.parameters(), lr=0.01, weight_decay=1e-2)
     own = list(model.parameters())
     rw = learner(model, diffopt.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-2), loss_fn=CE,
