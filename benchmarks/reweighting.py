@@ -16,13 +16,17 @@ float32, one thread. Methods:
 * ``MWN``: :class:`diffopt.hyper.MetaWeightNet` (1-100-1 weight net, Adam 1e-3, weight decay 1e-4).
 
 Reported: test accuracy after the last epoch, mean ± 95% confidence half-width (t-distribution,
-``n-1`` degrees of freedom) over seeds; wall time of the training run relative to ``plain (noisy)``
-(median over seeds of the per-seed ratio, all methods run in the same process, interleaved per
-seed); and for the reweighting methods the mean weight (times the batch size: 1 = uniform) given to
-the examples whose label is wrong and to those whose label is right, and the fraction of
-wrong-label example weights that are exactly 0.
+``n-1`` degrees of freedom) over seeds (a run whose losses become non-finite stops there — the
+learners raise ``NonFiniteError`` — and counts with the accuracy it has then, marked as diverged);
+wall time of the training run relative to ``plain (noisy)`` (median over seeds of the per-seed ratio,
+diverged runs left out, all methods run in the same process, interleaved per seed); and for the
+reweighting methods the mean weight (times the batch size: 1 = uniform) given to the examples whose
+label is wrong and to those whose label is right, the fraction of wrong-label example weights that are
+exactly 0, and the weights' effective sample size per batch, ``(Σw)² / (n Σw²)`` (1 = uniform),
+averaged over steps.
 
     python benchmarks/reweighting.py            # 5 seeds, 20% and 40% noise, 30 epochs
+    python benchmarks/reweighting.py --noise 0  # clean labels: how far from uniform the weights are
     python benchmarks/reweighting.py --quick    # 3 seeds, 10 epochs
 """
 from __future__ import annotations
@@ -43,6 +47,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffopt._measure import command_line, describe_machine, machine_info, markdown_table, write_json  # noqa: E402
+from diffopt.errors import NonFiniteError  # noqa: E402
 from diffopt.hyper import LearningToReweight, MetaWeightNet  # noqa: E402
 
 METHODS = ("plain (noisy)", "plain (noisy + clean)", "L2RW", "L2RW (SGD look-ahead)", "MWN")
@@ -94,6 +99,8 @@ def train(method: str, data: dict[str, torch.Tensor], seed: int, epochs: int, hi
         learner = MetaWeightNet(model, optimizer, loss_fn=loss_fn, meta_data=meta, seed=seed)
     order = torch.Generator().manual_seed(seed)
     weight_wrong, weight_right, zero_wrong, count_wrong, count_right = 0.0, 0.0, 0, 0, 0
+    ess: list[float] = []
+    diverged = False
     start = time.perf_counter()
     for _ in range(epochs):
         permutation = torch.randperm(len(y), generator=order)
@@ -104,21 +111,29 @@ def train(method: str, data: dict[str, torch.Tensor], seed: int, epochs: int, hi
                 loss_fn(model(x[idx]), y[idx]).mean().backward()
                 optimizer.step()
                 continue
-            weights = learner.step(x[idx], y[idx]).weights * len(idx)
+            try:
+                weights = learner.step(x[idx], y[idx]).weights * len(idx)
+            except NonFiniteError:  # the learner refuses to go on from non-finite losses: the run diverged
+                diverged = True
+                break
             bad = wrong[idx]
             weight_wrong += float(weights[bad].sum())
             weight_right += float(weights[~bad].sum())
             zero_wrong += int((weights[bad] == 0).sum())
             count_wrong += int(bad.sum())
             count_right += int((~bad).sum())
+            ess.append(float(weights.sum() ** 2 / (len(idx) * (weights ** 2).sum())) if weights.sum() > 0 else 0.0)
+        if diverged:
+            break
     seconds = time.perf_counter() - start
     with torch.no_grad():
         accuracy = float((model(data["x_test"]).argmax(1) == data["y_test"]).double().mean())
-    out: dict[str, Any] = {"accuracy": accuracy, "seconds": seconds}
+    out: dict[str, Any] = {"accuracy": accuracy, "seconds": seconds, "diverged": diverged}
     if learner is not None:
-        out["weight_wrong"] = weight_wrong / max(count_wrong, 1)
+        out["weight_wrong"] = weight_wrong / count_wrong if count_wrong else float("nan")
         out["weight_right"] = weight_right / max(count_right, 1)
-        out["zero_wrong"] = zero_wrong / max(count_wrong, 1)
+        out["zero_wrong"] = zero_wrong / count_wrong if count_wrong else float("nan")
+        out["ess"] = statistics.fmean(ess) if ess else float("nan")
     return out
 
 
@@ -150,11 +165,13 @@ def run_setting(noise: float, momentum: float, seeds: int, epochs: int, hidden: 
             f"{m} {runs[m][-1]['accuracy']:.3f}" for m in methods))
     summary = {}
     for method in methods:
-        ratios = [r["seconds"] / p["seconds"] for r, p in zip(runs[method], runs[methods[0]])]
+        finished = [(r, p) for r, p in zip(runs[method], runs[methods[0]]) if not r["diverged"]]
+        ratios = [r["seconds"] / p["seconds"] for r, p in finished or zip(runs[method], runs[methods[0]])]
         entry = {"accuracy": mean_ci([r["accuracy"] for r in runs[method]]), "time_ratio": statistics.median(ratios),
-                 "seconds": statistics.median(r["seconds"] for r in runs[method]), "runs": runs[method]}
+                 "seconds": statistics.median(r["seconds"] for r in runs[method]), "runs": runs[method],
+                 "diverged": sum(r["diverged"] for r in runs[method])}
         if "weight_wrong" in runs[method][0]:
-            for key in ("weight_wrong", "weight_right", "zero_wrong"):
+            for key in ("weight_wrong", "weight_right", "zero_wrong", "ess"):
                 entry[key] = statistics.fmean(r[key] for r in runs[method])
         summary[method] = entry
     return summary
@@ -166,12 +183,15 @@ def table(results: dict[str, Any]) -> str:
         noise, momentum = key.split()
         for method, entry in summary.items():
             mean, half = entry["accuracy"]
-            weights = ("{:.2f} / {:.2f} / {:.0%}".format(entry["weight_wrong"], entry["weight_right"],
-                                                          entry["zero_wrong"]) if "weight_wrong" in entry else "")
-            rows.append([f"{float(noise):.0%}", momentum, method, f"{100 * mean:.1f} ± {100 * half:.1f}",
+            weights = ("{:.2f} / {:.2f} / {:.0%} / {:.2f}".format(
+                entry["weight_wrong"], entry["weight_right"], entry["zero_wrong"], entry["ess"])
+                .replace("nan%", "–").replace("nan", "–") if "weight_wrong" in entry else "")
+            diverged = f" ({entry['diverged']} of {len(entry['runs'])} diverged)" if entry["diverged"] else ""
+            rows.append([f"{float(noise):.0%}", momentum, method, f"{100 * mean:.1f} ± {100 * half:.1f}{diverged}",
                          f"{entry['time_ratio']:.2f}x ({entry['seconds']:.1f} s)", weights])
     return markdown_table(["label noise", "momentum", "method", "test accuracy % (mean ± 95% CI)",
-                           "time vs plain (median run)", "mean weight wrong / right label, wrong ones at 0"], rows)
+                           "time vs plain (median run)",
+                           "weights: mean on wrong / right labels, wrong ones at 0, ESS"], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

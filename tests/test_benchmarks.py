@@ -181,6 +181,7 @@ def test_reweighting_tiny(tmp_path, capsys):
     for method, entry in summary.items():
         mean, half = entry["accuracy"]
         assert 0 <= mean <= 1 and math.isfinite(half) and len(entry["runs"]) == 2
+        assert entry["diverged"] == 0
         assert ("weight_wrong" in entry) == (method in ("L2RW", "L2RW (SGD look-ahead)", "MWN"))
     assert summary["plain (noisy)"]["time_ratio"] == 1.0
     payload = json.loads(path.read_text())

@@ -426,6 +426,10 @@ def test_errors_name_the_argument_and_the_fix():
     bad[2, 0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"examples \[2\]"):
         rw.step(bad, y)
+    diverging = MetaWeightNet(model, torch.optim.SGD(model.parameters(), lr=1e308), loss_fn=CE, meta_data=(xv, yv))
+    with pytest.raises(NonFiniteError, match=r"MetaWeightNet.step 0: meta_data at the looked-ahead weights.*lower "
+                                             r"the learning rate"):
+        diverging.step(x, y)
     with pytest.raises(ValueError, match=r"optimizer=.*not a parameter of the model"):
         LearningToReweight(model, torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.1), loss_fn=CE,
                            meta_data=(xv, yv))
