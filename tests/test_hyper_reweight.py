@@ -289,6 +289,26 @@ def test_duplicated_clean_example_gets_exactly_uniform_weights(learner):
     torch.testing.assert_close(weights, torch.full((16,), 1 / 16), rtol=1e-12, atol=0)
 
 
+def test_mwn_weights_stay_near_uniform_on_clean_data():
+    """Clean blobs (training and clean set from one distribution), Meta-Weight-Net with its defaults, 10
+    epochs of batches of 32: at every step the weights' effective sample size (Σw)²/(nΣw²) is at least
+    0.99 (measured minimum 0.9967 over 5 seeds; on the clean digits the benchmark measures 0.98-1.00).
+    L2RW's is not near 1 on clean data (0.25-0.76 at the worst step here, 0.15-0.29 on the digits): its
+    weights follow each example's gradient agreement, so only the duplicated-example criteria hold for it."""
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x, y, centers = blobs(96, g)
+        xv, yv, _ = blobs(30, g, centers=centers)
+        model = mlp(seed, hidden=16)
+        rw = MetaWeightNet(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=CE, meta_data=(xv, yv),
+                           seed=seed)
+        order = torch.Generator().manual_seed(seed)
+        for _ in range(10):
+            for idx in torch.randperm(96, generator=order).split(32):
+                w = rw.step(x[idx], y[idx]).weights
+                assert float(w.sum() ** 2 / (len(w) * (w ** 2).sum())) >= 0.99, seed
+
+
 def test_l2rw_weights_are_near_uniform_for_near_duplicate_clean_examples():
     """Continuity around the exact case: clean examples x_0 + σ z_i (one label, the clean set drawn the same
     way) get weights within O(σ) of uniform: max_i |n w_i - 1| is proportional to σ (measured 0.14σ for
