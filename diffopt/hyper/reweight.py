@@ -21,15 +21,15 @@ Robust Deep Learning"). Per training batch, with per-example weights :math:`\eps
     \tilde w_i &= \max(-g_i, 0), \qquad
     w_i = \tilde w_i \big/ \big(\textstyle\sum_j \tilde w_j + \delta(\sum_j \tilde w_j)\big)
 
-with :math:`\delta(0) = 1` and :math:`\delta(a) = 0` otherwise (the paper's eq. 4): when no example
+with :math:`\delta(0) = 1` and :math:`\delta(a) = 0` otherwise (the paper's normalisation): when no example
 helps the clean loss, every weight is 0 and the real step sees a zero gradient (momentum and weight
 decay still act, as they would in the optimizer). For plain SGD,
 :math:`g_i = -\alpha\,\nabla L_{\mathrm{val}}(\theta)^\top \nabla \ell_i(\theta)`: an example is kept in
 proportion to how well its gradient agrees with the clean set's. With momentum the look-ahead starts
-from the momentum step and :math:`g_i` is scaled by :math:`1-\tau`; with Adam the inner product is
-preconditioned by Adam's denominator. (At Adam's very first step, with no second moment yet, the
-derivative of :math:`\sqrt{v}` at 0 is taken as 0 — see :func:`~diffopt.optim.safe_sqrt` — and the
-normalised weights equal plain SGD's.)
+from the momentum step and :math:`g_i` is scaled by :math:`1-\tau` (Nesterov: :math:`1+\mu`); with
+Adam the inner product is preconditioned by Adam's denominator. (At Adam's very first step, with no
+second moment yet, the derivative of :math:`\sqrt{v}` at 0 is taken as 0 — see
+:func:`~diffopt.optim.safe_sqrt` — and the normalised weights equal plain SGD's.)
 
 In practice L2RW's weights concentrate on the few examples of a batch whose gradients agree most with
 the clean one, so the weighted gradient cancels less than a batch mean does: on the digits with an
@@ -49,8 +49,9 @@ Per training batch:
     \theta &\leftarrow \mathrm{step}\big(\theta, \nabla_\theta \textstyle\sum_i w_i(\Theta)\,\ell_i(\theta)\big)
         \quad\text{(with the updated } \Theta\text{, held constant)}
 
-The weights are normalised to sum 1 in the batch (the paper's normalisation, as in L2RW;
-``normalize=False`` gives the authors' later code, :math:`w_i = V(\ell_i;\Theta)/n`). The meta step is
+The weights are normalised to sum 1 in the batch (with L2RW's convention for a zero sum), as in the
+widely used earlier version of the authors' code; ``normalize=False`` gives their current
+``MW-Net.py``, :math:`w_i = V(\ell_i;\Theta)/n`. The meta step is
 Adam (lr 1e-3, weight decay 1e-4), as in the authors' code, unless you pass ``meta_optimizer``.
 
 **What is evaluated where.** The training batch is run through the model once; its per-example losses
@@ -237,7 +238,7 @@ class MetaWeightNet(_Reweighter):
             dtype and on the device of the model's first parameter).
         meta_optimizer: a ``torch.optim`` optimizer over ``weight_net``'s parameters (default:
             ``Adam(lr=meta_lr, weight_decay=meta_weight_decay)``, the authors' choice).
-        normalize: weights ``V / sum(V)`` in the batch (default, the paper's), or ``V / n``.
+        normalize: weights ``V / sum(V)`` in the batch (default), or ``V / n``.
 
     See the module docstring for the maths.
     """
