@@ -6,7 +6,7 @@ learning rates and other hyperparameters, or a learned update rule.
 
 Submodules load on first use: ``diffopt.optim``, ``diffopt.unroll``,
 ``diffopt.algorithms``, ``diffopt.tasks``, ``diffopt.training``,
-``diffopt.diagnostics``, ``diffopt.testing``, ``diffopt.distributed``,
+``diffopt.diagnostics``, ``diffopt.hyper``, ``diffopt.testing``, ``diffopt.distributed``,
 ``diffopt.recipes``.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from . import optim
 from ._version import __version__
 from .innerloop import innerloop
 
-SUBMODULES = ("algorithms", "bench", "cli", "diagnostics", "distributed", "errors", "ports", "recipes", "tasks", "testing", "training",
+SUBMODULES = ("algorithms", "bench", "cli", "diagnostics", "distributed", "errors", "hyper", "ports", "recipes", "tasks", "testing", "training",
               "unroll")
 
 __all__ = ["__version__", "innerloop", "optim", *SUBMODULES]

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import _common, engine_conv4, engine_memory, engine_sinusoid, optimizer_step
+from benchmarks import _common, engine_conv4, engine_memory, engine_sinusoid, optimizer_step, reweighting
 
 MiB = 2**20
 
@@ -167,6 +167,33 @@ def test_every_optimizer_has_a_diffopt_twin():
         assert hasattr(diffopt.optim, cls_name) and hasattr(torch.optim, cls_name)
     assert optimizer_step.diff_optimizer_available("Adam")
     assert not optimizer_step.diff_optimizer_available("RAdam")
+
+
+def test_reweighting_tiny(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    path = tmp_path / "out.json"
+    results = reweighting.main(["--seeds", "2", "--epochs", "1", "--hidden", "4", "--noise", "0.4", "--momentum", "0",
+                                "--json", str(path)])
+    out = capsys.readouterr().out
+    assert_markdown_table(out, columns=6)
+    summary = results["0.4 0"]
+    assert set(summary) == set(reweighting.METHODS)
+    for method, entry in summary.items():
+        mean, half = entry["accuracy"]
+        assert 0 <= mean <= 1 and math.isfinite(half) and len(entry["runs"]) == 2
+        assert entry["diverged"] == 0
+        assert ("weight_wrong" in entry) == (method in ("L2RW", "L2RW (SGD look-ahead)", "MWN"))
+    assert summary["plain (noisy)"]["time_ratio"] == 1.0
+    payload = json.loads(path.read_text())
+    assert payload["benchmark"] == "reweighting" and payload["config"]["seeds"] == 2 and "machine" in payload
+
+
+def test_reweighting_confidence_interval_uses_the_t_distribution():
+    """Three values with standard deviation 1: half-width t_{0.975, 2}/sqrt(3), where the t quantile with 2
+    degrees of freedom has the closed form (2p - 1)/sqrt(2p(1 - p))."""
+    mean, half = reweighting.mean_ci([1.0, 2.0, 3.0])
+    p = 0.975
+    assert mean == 2.0 and abs(half - (2 * p - 1) / math.sqrt(2 * p * (1 - p)) / math.sqrt(3)) < 1e-12
 
 
 def test_engine_sinusoid_tiny(tmp_path, capsys):

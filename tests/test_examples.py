@@ -27,7 +27,7 @@ def load(name: str) -> ModuleType:
 
 def test_every_example_is_covered() -> None:
     covered = {"tune_learning_rate", "maml_sinusoid", "custom_training_loop", "implicit_ridge", "check_my_optimizer",
-               "learn_onecycle_peak_lr", "lora_meta_init"}
+               "learn_onecycle_peak_lr", "lora_meta_init", "reweight_noisy_labels"}
     assert {p.stem for p in EXAMPLES.glob("*.py")} == covered
 
 
@@ -46,6 +46,19 @@ def test_learn_onecycle_peak_lr(capsys: pytest.CaptureFixture[str]) -> None:
     assert result["relative_error"] < 1e-6
     assert result["final_peak"] > 2 * result["initial_peak"]
     assert result["final_loss"] < 0.6 * result["initial_loss"]
+
+
+def test_reweight_noisy_labels(capsys: pytest.CaptureFixture[str]) -> None:
+    """Digits with 40% wrong labels, 3 epochs of SGD with momentum 0.9: both reweighting learners give the
+    wrong labels less than the right ones (measured L2RW 0.57 vs 1.29, MWN 0.44 vs 1.38, in units of plain
+    training's weight) and Meta-Weight-Net trains to over 90% test accuracy (measured 0.942; plain 0.920,
+    L2RW 0.540 — see the example's docstring)."""
+    pytest.importorskip("sklearn")
+    results = load("reweight_noisy_labels").main(epochs=3)
+    for method in ("L2RW", "MWN"):
+        assert results[method]["weight_wrong"] < 0.6 * results[method]["weight_right"], method
+    assert results["MWN"]["accuracy"] > 0.9
+    assert "MWN: test accuracy" in capsys.readouterr().out
 
 
 def test_lora_meta_init() -> None:
