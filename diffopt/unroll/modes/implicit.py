@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from ...implicit.linear_solve import SOLVERS, LinearSolver, as_solver, solver_settings
 from ..attention import double_differentiable
 from ..carry import Carry, unique
-from ..solvers import CG, SOLVERS, LinearSolver, Neumann, NormalCG
-from ._base import Mode, suggest
+from ._base import Mode
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import InnerLoop
@@ -28,10 +28,13 @@ if TYPE_CHECKING:  # pragma: no cover
 @dataclass(eq=False)
 class Implicit(Mode):
     """Solve the inner problem without a graph (``loop.steps`` steps), then attach the
-    implicit hypergradient. ``solver``: a :class:`~diffopt.unroll.solvers.CG`,
-    :class:`~diffopt.unroll.solvers.NormalCG` (indefinite Hessians; torchopt's iMAML) or
-    :class:`~diffopt.unroll.solvers.Neumann` (or its name, with default settings);
-    ``damping`` is added to the Hessian's diagonal."""
+    implicit hypergradient. ``solver``: one of the linear solvers of
+    :mod:`diffopt.implicit.linear_solve` — :class:`~diffopt.implicit.CG`,
+    :class:`~diffopt.implicit.NormalCG` (indefinite Hessians; torchopt's iMAML),
+    :class:`~diffopt.implicit.MINRES` (symmetric, indefinite), :class:`~diffopt.implicit.GMRES`,
+    :class:`~diffopt.implicit.Neumann`, :class:`~diffopt.implicit.Dense` — or its name, with default
+    settings; ``damping`` is added to the Hessian's diagonal. A solve that stops above its ``tol``
+    warns (or raises, by the solver's ``on_fail``) with its residual."""
 
     solver: LinearSolver | str = "cg"
     damping: float = 0.0
@@ -42,16 +45,7 @@ class Implicit(Mode):
     }
 
     def __post_init__(self) -> None:
-        if isinstance(self.solver, str):
-            if self.solver not in SOLVERS:
-                *first, last = map(repr, SOLVERS)
-                raise ValueError(f"solver={self.solver!r}: choose {', '.join(first)} or {last}"
-                                 f"{suggest(self.solver, SOLVERS)}, or a CG(...) / NormalCG(...) / Neumann(...) "
-                                 "object")
-            self.solver = SOLVERS[self.solver]()
-        if not isinstance(self.solver, (CG, NormalCG, Neumann)):
-            raise TypeError(f"solver must be 'cg', 'normal_cg', 'neumann', CG(...), NormalCG(...) or Neumann(...), "
-                            f"got {self.solver!r}")
+        self.solver = as_solver(self.solver, "solver")
         if not self.damping >= 0:
             raise ValueError(f"damping must be >= 0, got {self.damping!r}")
 
@@ -62,7 +56,7 @@ class Implicit(Mode):
         name = options.get("solver", "cg")
         if not isinstance(name, str) or name not in SOLVERS:
             return cls(solver=name, damping=options.get("damping", 0.0))  # validated in __post_init__
-        accepted = ("iterations", "tol", "alpha") if name == "neumann" else ("iterations", "tol")
+        accepted = solver_settings(SOLVERS[name])
         settings = {field: options[key] for key, field in cls.legacy_options.items()
                     if key in options and field in accepted}  # neumann_alpha is ignored for CG, as before
         return cls(solver=SOLVERS[name](**settings), damping=options.get("damping", 0.0))
@@ -110,7 +104,7 @@ class _ImplicitSolution(torch.autograd.Function):
                 hv = torch.autograd.grad(grad, phi, u, retain_graph=True, allow_unused=True)
                 return [(torch.zeros_like(ui) if h is None else h) + mode.damping * ui for h, ui in zip(hv, u)]
 
-            w, solve = mode.solver.solve(hessian_vector, v)
+            w, solve = mode.solver.solve(hessian_vector, v, what="InnerLoop(mode='implicit'): ")
             ctx.info["solve"] = solve
             data = [x, y]  # inputs may depend on meta-parameters (e.g. ANIL's features)
             wanted = [m for m in list(meta) + data if m.requires_grad]
