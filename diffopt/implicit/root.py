@@ -144,7 +144,9 @@ class _ImplicitRoot(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         problem, n_x, *leaves = inputs
         ctx.problem, ctx.n_x = problem, n_x
-        ctx.save_for_backward(*leaves)
+        # x* saved as the *output*: a second derivative through backward then sees x*'s own
+        # dependence on θ (through this Function again), so Hessians are exact too.
+        ctx.save_for_backward(*output, *leaves[n_x:])
         ctx.save_for_forward(*leaves)
 
     @staticmethod
