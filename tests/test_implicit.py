@@ -259,6 +259,22 @@ def test_solvers_report_iterations_and_residual_on_lists_of_tensors():
         assert 1 <= info.iterations <= 50 and info.relative_residual <= 1e-10
 
 
+def test_cg_with_float_steps_equals_the_tensor_recurrence():
+    """Outside autograd, one system: CG runs with Python-float step sizes (fewer operations); it
+    computes the same iterates as the task-batched recurrence (to rounding), and is not used when the
+    solve is differentiated (grad mode on)."""
+    matrix, b = batched_system(21, 1, 9, "spd")
+    apply = lambda u: [torch.einsum("tij,tj->ti", matrix, u[0])]  # noqa: E731
+    with torch.no_grad():
+        (fast,), fast_info = CG(50, 1e-13).solve(apply, [b])
+    (slow,), slow_info = conjugate_gradient(apply, [b], 50, 1e-13)
+    assert relative(fast, slow) <= 1e-12 and fast_info.iterations == slow_info.iterations
+    import diffopt.implicit.linear_solve as module
+    assert module._nothing_differentiates([b]) is False  # grad mode is on here
+    with torch.no_grad():
+        assert module._nothing_differentiates([b]) and not module._nothing_differentiates([b.expand(2, 9)])
+
+
 # -- custom_fixed_point ------------------------------------------------------------------------------
 
 def test_fixed_point_of_gradient_descent_equals_the_ridge_closed_form():

@@ -87,8 +87,14 @@ class RootProblem:
         ``torch.func.jvp`` cannot nest."""
         f_x = functools.partial(_call_x, self, theta)
         out, vjp_x = torch.func.vjp(f_x, *x)
-        _, transpose = torch.func.vjp(lambda *v: vjp_x(list(v)), *[torch.zeros_like(o) for o in out])
-        return (lambda u: list(transpose(tuple(u)))), (lambda u: list(vjp_x(list(u))))
+        transpose: list[Callable[..., Any]] = []  # built on first use (only NormalCG and forward mode need A)
+
+        def apply(u: list[Tensor]) -> list[Tensor]:
+            if not transpose:
+                transpose.append(torch.func.vjp(lambda *v: vjp_x(list(v)), *[torch.zeros_like(o) for o in out])[1])
+            return list(transpose[0](tuple(u)))
+
+        return apply, (lambda u: list(vjp_x(list(u))))
 
     def vjp(self, x: list[Tensor], theta: list[Tensor], cotangent: list[Tensor], wanted: list[bool]) -> list[Tensor | None]:
         """``θ̄ = −(∂F/∂θ)ᵀ w`` with ``(∂F/∂x)ᵀ w = x̄``."""
