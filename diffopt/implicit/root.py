@@ -36,6 +36,7 @@ from torch.autograd import forward_ad
 from torch.utils import _pytree as pytree
 
 from ..errors import OptimalityResidualError, OptimalityResidualWarning
+from .ift import damped, implicit_vjp
 from .linear_solve import LinearSolver, SolveInfo, Vector, as_solver, under_vmap
 
 ON_RESIDUAL = ("warn", "raise", "ignore")
@@ -65,18 +66,15 @@ class RootProblem:
         out = self.optimality_fn(pytree.tree_unflatten(list(x), self.x_spec), *args, **self.kwargs)
         return pytree.tree_leaves(out)
 
+    def _batched(self, op: Callable[[list[Tensor]], list[Tensor]]) -> Callable[[Vector], Vector]:
+        """An operator on ``x``-shaped lists as the solvers see it: a leading task dimension of 1."""
+        return lambda u: [o[None] for o in op([ui[0] for ui in u])]
+
     def _solve(self, apply: Callable[[list[Tensor]], list[Tensor]], apply_t: Callable[[list[Tensor]], list[Tensor]],
                rhs: list[Tensor], what: str) -> list[Tensor]:
-        """Solve ``(M + damping·I) u = rhs`` for one system, ``T = 1`` in the solvers' layout."""
-        damping = self.damping
-
-        def batched(op: Callable[[list[Tensor]], list[Tensor]]) -> Callable[[Vector], Vector]:
-            def apply_batched(u: Vector) -> Vector:
-                out = op([ui[0] for ui in u])
-                return [(o + damping * ui[0] if damping else o)[None] for o, ui in zip(out, u)]
-            return apply_batched
-
-        u, info = self.solver.solve(batched(apply), [r[None] for r in rhs], batched(apply_t), what=what)
+        """Solve ``(M + damping·I) u = rhs`` for one system (forward mode)."""
+        u, info = self.solver.solve(damped(self._batched(apply), self.damping), [r[None] for r in rhs],
+                                    damped(self._batched(apply_t), self.damping), what=what)
         self.record(info)
         return [ui[0] for ui in u]
 
@@ -99,18 +97,22 @@ class RootProblem:
     def vjp(self, x: list[Tensor], theta: list[Tensor], cotangent: list[Tensor], wanted: list[bool]) -> list[Tensor | None]:
         """``θ̄ = −(∂F/∂θ)ᵀ w`` with ``(∂F/∂x)ᵀ w = x̄``."""
         apply, apply_t = self.operators(x, theta)
-        w = self._solve(apply_t, apply, cotangent, "implicit gradient (reverse mode): ")
         chosen = [t for t, keep in zip(theta, wanted) if keep]
-        if not chosen:
-            return [None] * len(theta)
 
         def f_theta(*parts: Tensor) -> list[Tensor]:
             it = iter(parts)
             return self.F(x, [next(it) if keep else t for t, keep in zip(theta, wanted)])
 
-        _, vjp_theta = torch.func.vjp(f_theta, *chosen)
-        grads = iter(vjp_theta(w))
-        return [-next(grads) if keep else None for keep in wanted]
+        def mixed_vjp(w: Vector) -> list[Tensor]:
+            if not chosen:
+                return []
+            return list(torch.func.vjp(f_theta, *chosen)[1]([wi[0] for wi in w]))
+
+        grads, info = implicit_vjp(self._batched(apply_t), mixed_vjp, [c[None] for c in cotangent], self.solver,
+                                   self.damping, self._batched(apply), "implicit gradient (reverse mode): ")
+        self.record(info)
+        it = iter(grads)
+        return [next(it) if keep else None for keep in wanted]
 
     def jvp(self, x: list[Tensor], theta: list[Tensor], tangents: list[Tensor | None]) -> list[Tensor]:
         """``ẋ`` with ``(∂F/∂x) ẋ = −(∂F/∂θ) θ̇``."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from ...implicit.ift import implicit_vjp
 from ...implicit.linear_solve import SOLVERS, LinearSolver, as_solver, solver_settings
 from ..attention import double_differentiable
 from ..carry import Carry, unique
@@ -77,7 +78,8 @@ class Implicit(Mode):
 
 
 class _ImplicitSolution(torch.autograd.Function):
-    """Forward: the inner solution φ*. Backward: the implicit-function-theorem VJP."""
+    """Forward: the inner solution φ*. Backward: the implicit-function-theorem VJP
+    (:func:`diffopt.implicit.ift.implicit_vjp` with ``F = ∇_φ G``: Hessian-vector products)."""
 
     @staticmethod
     def forward(ctx: Any, mode: Implicit, loop: Any, final: Carry, info: dict[str, Any], x: Tensor, y: Tensor,
@@ -102,14 +104,18 @@ class _ImplicitSolution(torch.autograd.Function):
 
             def hessian_vector(u: list[Tensor]) -> list[Tensor]:
                 hv = torch.autograd.grad(grad, phi, u, retain_graph=True, allow_unused=True)
-                return [(torch.zeros_like(ui) if h is None else h) + mode.damping * ui for h, ui in zip(hv, u)]
+                return [torch.zeros_like(ui) if h is None else h for h, ui in zip(hv, u)]
 
-            w, solve = mode.solver.solve(hessian_vector, v, what="InnerLoop(mode='implicit'): ")
-            ctx.info["solve"] = solve
             data = [x, y]  # inputs may depend on meta-parameters (e.g. ANIL's features)
             wanted = [m for m in list(meta) + data if m.requires_grad]
-            mixed = torch.autograd.grad(grad, wanted, w, allow_unused=True) if wanted else []
-        it = iter(mixed)
-        grads = [(None if (g := next(it)) is None else -g) if m.requires_grad else None for m in list(meta) + data]
+
+            def mixed_vjp(w: list[Tensor]) -> Any:  # (∂²G/∂θ∂φ)ᵀ w
+                return torch.autograd.grad(grad, wanted, w, allow_unused=True) if wanted else []
+
+            negated, solve = implicit_vjp(hessian_vector, mixed_vjp, v, mode.solver, mode.damping,
+                                          what="InnerLoop(mode='implicit'): ")
+            ctx.info["solve"] = solve
+        it = iter(negated)
+        grads = [next(it) if m.requires_grad else None for m in list(meta) + data]
         meta_grads, (x_grad, y_grad) = grads[: len(meta)], grads[len(meta):]
         return (None, None, None, None, x_grad, y_grad, *meta_grads)
