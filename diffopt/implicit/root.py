@@ -27,7 +27,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,7 +55,6 @@ class RootProblem:
     solver: LinearSolver
     damping: float
     record: Callable[[SolveInfo], None]
-    sizes: list[int] = field(default_factory=list)
 
     def F(self, x: tuple[Tensor, ...] | list[Tensor], theta: tuple[Tensor, ...] | list[Tensor]) -> list[Tensor]:
         """``F(x, *args)`` as a flat list of tensors matching ``x``'s leaves."""
@@ -234,7 +233,8 @@ def _residual_check(problem: RootProblem, x: list[Tensor], theta: list[Tensor], 
     return residual
 
 
-def _argument_names(args_spec: Any, args: tuple[Any, ...]) -> list[str]:
+def _argument_names(args: tuple[Any, ...]) -> list[str]:
+    """``argument [0]``, ``argument [1]['lam']``, ...: each leaf of the positional arguments by its path."""
     paths, _ = pytree.tree_flatten_with_path(args)
     return [f"argument {pytree.keystr(path)}" for path, _ in paths]
 
@@ -261,7 +261,10 @@ def custom_root(optimality_fn: Callable[..., Any], *, solve: LinearSolver | str 
     ``init`` gets no gradient. When nothing asks for a derivative (no argument requires grad, no
     forward-mode tangent, no ``torch.func`` transform) the decorator costs nothing. The decorated
     function records its last solve in ``.last_solve`` (a :class:`SolveInfo`) and the residual in
-    ``.last_residual``.
+    ``.last_residual``. The residual is checked, and an argument that requires grad but that
+    ``optimality_fn`` ignores is refused (``ValueError``: its gradient would be silently zero),
+    wherever the values can be read: not under ``vmap``, and the second check only under plain autograd.
+    Under ``vmap`` the iterative solvers run all their iterations (no early stop on batched values).
 
     Example::
 
@@ -298,7 +301,8 @@ def custom_root(optimality_fn: Callable[..., Any], *, solve: LinearSolver | str 
                 return result
             problem = RootProblem(optimality_fn, x_spec, args_spec, arg_leaves, positions, kwargs, solver_object,
                                   damping, record=lambda info: setattr(wrapped, "last_solve", info))
-            names = [n for i, n in enumerate(_argument_names(args_spec, args)) if i in set(positions)]
+            every_name = _argument_names(args)
+            names = [every_name[i] for i in positions]
             x = [v.detach() for v in x_leaves]
             wrapped.last_residual = _residual_check(problem, x, theta, names, residual_tol, on_residual,
                                                     name)
