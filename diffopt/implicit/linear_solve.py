@@ -62,7 +62,11 @@ def under_vmap(tensors: Sequence[Tensor]) -> bool:
 
 
 def _norm(v: Sequence[Tensor]) -> Tensor:
-    return task_dot(v, v).sqrt()
+    """Per-task norms whose derivatives stay finite at 0 (the forward-mode tangent of ``sqrt(0)`` is not:
+    after convergence, under ``vmap``, a residual can be exactly zero)."""
+    squared = task_dot(v, v)
+    return torch.where(squared > 0, squared.clamp_min(torch.finfo(squared.dtype).tiny).sqrt(),
+                       torch.zeros_like(squared))
 
 
 def _safe_divide(a: Tensor, b: Tensor) -> Tensor:
@@ -110,18 +114,30 @@ def conjugate_gradient(apply_a: Operator, b: Vector, iterations: int, tol: float
     p = [x.clone() for x in b]
     b_norm = _b_norm(b)
     rs = task_dot(r, r)
+    # Under vmap the loop cannot stop: a system stays put once converged (α = β = 0), and the
+    # unused branches divide by 1, so differentiating the solve (jacrev of jacrev) cannot meet 0/0.
+    bar = (max(tol, torch.finfo(b[0].dtype).eps) * b_norm.detach()) ** 2 if batched else None
     done = 0
     for done in range(1, iterations + 1):
         ap = apply_a(p)
         curvature = task_dot(p, ap)
-        alpha = torch.where(curvature != 0, rs / torch.where(curvature != 0, curvature, torch.ones_like(curvature)), torch.zeros_like(rs))
+        if bar is None:
+            alpha = torch.where(curvature != 0, rs / torch.where(curvature != 0, curvature, torch.ones_like(curvature)), torch.zeros_like(rs))
+        else:
+            active = rs.detach() > bar  # (no square root: its forward-mode tangent at 0 is not finite)
+            usable = active & (curvature != 0)
+            alpha = torch.where(usable, rs / torch.where(usable, curvature, torch.ones_like(curvature)), torch.zeros_like(rs))
         w = [x + _scale(alpha, y) for x, y in zip(w, p)]
         r = [x - _scale(alpha, y) for x, y in zip(r, ap)]
         rs_new = task_dot(r, r)
         if not batched and _true((rs_new.sqrt() / b_norm <= tol).all()):
             rs = rs_new
             break
-        beta = rs_new / torch.where(rs != 0, rs, torch.ones_like(rs))
+        if bar is None:
+            beta = rs_new / torch.where(rs != 0, rs, torch.ones_like(rs))
+        else:
+            usable = active & (rs != 0)
+            beta = torch.where(usable, rs_new / torch.where(usable, rs, torch.ones_like(rs)), torch.zeros_like(rs))
         p = [x + _scale(beta, y) for x, y in zip(r, p)]
         rs = rs_new
     return w, _info("cg", done, _relative_residual(apply_a, w, b, b_norm), tol)
@@ -272,7 +288,7 @@ def minres(apply_a: Operator, b: Vector, iterations: int, tol: float) -> tuple[V
         gbar = sn * dbar - cs * alpha
         epsilon = sn * beta
         dbar = -cs * beta
-        gamma = torch.sqrt(gbar ** 2 + beta ** 2).clamp_min(tiny)
+        gamma = (gbar ** 2 + beta ** 2).clamp_min(tiny).sqrt()
         cs, sn = gbar / gamma, beta / gamma
         phi = cs * phibar
         phibar = sn * phibar
