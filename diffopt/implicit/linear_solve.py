@@ -122,11 +122,13 @@ def conjugate_gradient(apply_a: Operator, b: Vector, iterations: int, tol: float
         ap = apply_a(p)
         curvature = task_dot(p, ap)
         if bar is None:
-            alpha = torch.where(curvature != 0, rs / torch.where(curvature != 0, curvature, torch.ones_like(curvature)), torch.zeros_like(rs))
+            alpha = torch.where(curvature != 0, rs / torch.where(curvature != 0, curvature, torch.ones_like(curvature)),
+                                torch.zeros_like(rs))
         else:
             active = rs.detach() > bar  # (no square root: its forward-mode tangent at 0 is not finite)
             usable = active & (curvature != 0)
-            alpha = torch.where(usable, rs / torch.where(usable, curvature, torch.ones_like(curvature)), torch.zeros_like(rs))
+            alpha = torch.where(usable, rs / torch.where(usable, curvature, torch.ones_like(curvature)),
+                                torch.zeros_like(rs))
         w = [x + _scale(alpha, y) for x, y in zip(w, p)]
         r = [x - _scale(alpha, y) for x, y in zip(r, ap)]
         rs_new = task_dot(r, r)

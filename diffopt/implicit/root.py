@@ -93,7 +93,8 @@ class RootProblem:
 
         return apply, (lambda u: list(vjp_x(list(u))))
 
-    def vjp(self, x: list[Tensor], theta: list[Tensor], cotangent: list[Tensor], wanted: list[bool]) -> list[Tensor | None]:
+    def vjp(self, x: list[Tensor], theta: list[Tensor], cotangent: list[Tensor],
+            wanted: list[bool]) -> list[Tensor | None]:
         """``θ̄ = −(∂F/∂θ)ᵀ w`` with ``(∂F/∂x)ᵀ w = x̄``."""
         apply, apply_t = self.operators(x, theta)
         chosen = [t for t, keep in zip(theta, wanted) if keep]
