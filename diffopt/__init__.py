@@ -4,7 +4,7 @@ Optimization steps that autograd can see through, so a loss after training can
 be differentiated with respect to what came before it: initial weights,
 learning rates and other hyperparameters, or a learned update rule.
 
-Submodules load on first use: ``diffopt.optim``, ``diffopt.unroll``,
+Submodules load on first use: ``diffopt.optim``, ``diffopt.implicit``, ``diffopt.unroll``,
 ``diffopt.algorithms``, ``diffopt.tasks``, ``diffopt.training``,
 ``diffopt.diagnostics``, ``diffopt.hyper``, ``diffopt.testing``, ``diffopt.distributed``,
 ``diffopt.recipes``.
@@ -18,8 +18,8 @@ from . import optim
 from ._version import __version__
 from .innerloop import innerloop
 
-SUBMODULES = ("algorithms", "bench", "cli", "diagnostics", "distributed", "errors", "hyper", "ports", "recipes", "tasks", "testing", "training",
-              "unroll")
+SUBMODULES = ("algorithms", "bench", "cli", "diagnostics", "distributed", "errors", "hyper", "implicit", "ports",
+              "recipes", "tasks", "testing", "training", "unroll")
 
 __all__ = ["__version__", "innerloop", "optim", *SUBMODULES]
 

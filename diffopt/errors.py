@@ -10,8 +10,9 @@ ValueError`` still catches a :class:`CheckpointError`.
 from __future__ import annotations
 
 __all__ = [
-    "CheckpointError", "DistributedError", "LearnedRuleError", "NonFiniteError", "NotApplicable",
-    "OmniglotLayoutError", "PeerFailure", "PngError", "SecondOrderUnavailable",
+    "CheckpointError", "DistributedError", "LearnedRuleError", "LinearSolveError", "LinearSolveWarning",
+    "NonFiniteError", "NotApplicable", "OmniglotLayoutError", "OptimalityResidualError",
+    "OptimalityResidualWarning", "PeerFailure", "PngError", "SecondOrderUnavailable",
 ]
 
 
@@ -49,3 +50,19 @@ class OmniglotLayoutError(FileNotFoundError):
 
 class PngError(ValueError):
     """A PNG file is malformed or uses a feature this reader does not support."""
+
+
+class LinearSolveError(RuntimeError):
+    """An implicit-differentiation linear solve stopped above its tolerance (``on_fail="raise"``)."""
+
+
+class LinearSolveWarning(RuntimeWarning):
+    """An implicit-differentiation linear solve stopped above its tolerance (``on_fail="warn"``)."""
+
+
+class OptimalityResidualError(ValueError):
+    """A solver returned a point where its optimality condition is far from zero (``on_residual="raise"``)."""
+
+
+class OptimalityResidualWarning(RuntimeWarning):
+    """A solver returned a point where its optimality condition is far from zero (``on_residual="warn"``)."""

@@ -23,6 +23,7 @@ PACKAGE = ROOT / "diffopt"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("diffopt._version", "diffopt._progress", "diffopt._measure", "diffopt._io", "diffopt.errors")),
     ("optim", ("diffopt.optim",)),
+    ("implicit", ("diffopt.implicit",)),
     ("unroll", ("diffopt.unroll", "diffopt.innerloop")),
     ("algorithms / tasks / ports", ("diffopt.algorithms", "diffopt.tasks", "diffopt.ports", "diffopt.hyper")),
     ("training / diagnostics / testing",

@@ -276,3 +276,17 @@ def test_engine_dispatch_counts_are_deterministic(capsys):
     assert by_case[("first_order", 5)] < by_case[("second_order", 5)]
     assert by_case[("second_order", 1)] < by_case[("second_order", 5)]
     assert_markdown_table(capsys.readouterr().out, columns=4)
+
+
+@pytest.mark.filterwarnings("ignore:We've integrated functorch:FutureWarning")  # torchopt 0.7
+def test_implicit_regularization_script_at_tiny_size(capsys):
+    """Structure and agreement, not timings: diffopt's and torchopt's hypergradients agree, every method
+    reports losses, and the report prints a table."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("torchopt")
+    from benchmarks import implicit_regularization
+    result = implicit_regularization.main(["--repeats", "1", "--steps", "2", "--grid", "8"])
+    assert result["hypergradient_max_relative_difference"] <= 1e-8
+    assert set(result["summary"]) == {"diffopt", "torchopt", "diffopt_shared", "grid", "random"}
+    assert all(math.isfinite(row["val"]) and math.isfinite(row["test"]) for row in result["summary"].values())
+    assert_markdown_table(capsys.readouterr().out, columns=6)

@@ -27,7 +27,7 @@ def load(name: str) -> ModuleType:
 
 def test_every_example_is_covered() -> None:
     covered = {"tune_learning_rate", "maml_sinusoid", "custom_training_loop", "implicit_ridge", "check_my_optimizer",
-               "learn_onecycle_peak_lr", "lora_meta_init", "reweight_noisy_labels"}
+               "learn_onecycle_peak_lr", "lora_meta_init", "reweight_noisy_labels", "implicit_regularization"}
     assert {p.stem for p in EXAMPLES.glob("*.py")} == covered
 
 
@@ -35,6 +35,17 @@ def test_tune_learning_rate(capsys: pytest.CaptureFixture[str]) -> None:
     result = load("tune_learning_rate").run(steps=20, tuning_steps=3)
     assert result["relative_error"] < 1e-6
     assert result["final_loss"] < result["initial_loss"]
+
+
+def test_implicit_regularization(capsys: pytest.CaptureFixture[str]) -> None:
+    """Per-feature L2 weights of a logistic regression (scipy's L-BFGS-B inner solver, breast-cancer data)
+    tuned by custom_root's hypergradient: the validation loss falls (measured 0.0755 -> 0.0610 in 8 steps,
+    -> 0.0272 in the full 100), and the linear solves converge."""
+    pytest.importorskip("sklearn")
+    result = load("implicit_regularization").main(steps=8)
+    assert result["final_validation"] < 0.9 * result["initial_validation"]
+    assert 1 <= result["linear_solve_iterations"] <= 100
+    assert "validation loss" in capsys.readouterr().out
 
 
 def test_learn_onecycle_peak_lr(capsys: pytest.CaptureFixture[str]) -> None:

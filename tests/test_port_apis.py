@@ -220,7 +220,9 @@ def test_normal_cg_solves_an_indefinite_system_where_cg_breaks_down():
     from diffopt.unroll import CG, NormalCG
     a = torch.diag(torch.tensor([1.0, -1.0], dtype=F64))[None]
     b = torch.ones(1, 2, dtype=F64)
-    _, plain = CG(iterations=50).solve(batched_operator(a), [b])
+    from diffopt.errors import LinearSolveWarning
+    with pytest.warns(LinearSolveWarning, match="relative residual"):  # and says so
+        _, plain = CG(iterations=50).solve(batched_operator(a), [b])
     (w,), normal = NormalCG(iterations=50).solve(batched_operator(a), [b])
     assert not plain.converged  # pᵀAp = 0 on the first direction: plain CG is stuck
     assert normal.converged and torch.allclose(w, torch.tensor([[1.0, -1.0]], dtype=F64), atol=1e-14, rtol=0)

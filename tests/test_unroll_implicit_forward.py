@@ -285,3 +285,25 @@ def test_forward_with_model_parameters_listed(proximal, vectorize):
         results.append(grads_of(loop.meta_loss(*data), wrt))
     error = record("forward vs reverse", "theta+lr", max_error(results[1], results[0]))
     assert error <= FORWARD_TOL
+
+
+def test_a_truncated_solve_warns_once_per_loop_and_reports_every_residual():
+    """iMAML's few CG steps do not converge by design: one LinearSolveWarning per loop (not one per
+    meta-step), and every solve's residual in last_info."""
+    import warnings
+
+    from diffopt.errors import LinearSolveWarning
+    from diffopt.implicit import CG
+
+    model = build("mlp")
+    loop = InnerLoop(model, SGD(model.parameters(), lr=0.1), steps=3, mode="implicit", proximal=0.5,
+                     solver=CG(iterations=1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        residuals = []
+        for seed in range(3):
+            loop.meta_loss(*tasks("mlp", 2, seed)).backward()
+            residuals.append(loop.last_info["solve"].relative_residual)
+    solve_warnings = [w for w in caught if issubclass(w.category, LinearSolveWarning)]
+    assert len(solve_warnings) == 1 and "warned once per loop" in str(solve_warnings[0].message)
+    assert all(r > 1e-10 for r in residuals)

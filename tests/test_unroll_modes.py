@@ -75,7 +75,7 @@ def test_bad_options_are_named():
         as_mode(Truncated(2), truncate=3)
     with pytest.raises(ValueError, match=r"did you mean 'checkpointed'"):
         as_mode("checkpointd")
-    with pytest.raises(ValueError, match="solver='lu': choose 'cg', 'normal_cg' or 'neumann'"):
+    with pytest.raises(ValueError, match="solver='lu': choose one of 'cg', 'normal_cg', 'neumann', 'gmres', 'minres', 'dense'"):
         Implicit("lu")
     with pytest.raises(ValueError, match="iterations .*must be a positive integer"):
         CG(iterations=0)

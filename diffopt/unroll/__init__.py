@@ -9,10 +9,11 @@ from .functional import FunctionalModel, ParameterLayout
 from .modes import (ES, MODES, PES, Checkpointed, FirstOrder, Forward, Implicit, Mode, SecondOrder, Truncated,
                     as_mode)
 from .patched import BATCHNORM_POLICIES, PatchedModel, choose_vectorize
-from .solvers import CG, Neumann, NormalCG, SolveInfo, conjugate_gradient, neumann, normal_conjugate_gradient
+from .solvers import (CG, GMRES, MINRES, Dense, Neumann, NormalCG, SolveInfo, conjugate_gradient, neumann,
+                      normal_conjugate_gradient)
 
 __all__ = [
-    "BATCHNORM_POLICIES", "CG", "ES", "MODES", "PES", "Adapted", "Carry", "Checkpointed", "FirstOrder", "Forward",
+    "BATCHNORM_POLICIES", "CG", "Dense", "ES", "GMRES", "MINRES", "MODES", "PES", "Adapted", "Carry", "Checkpointed", "FirstOrder", "Forward",
     "FunctionalModel", "Implicit", "InnerLoop", "LoRALinear", "Mode", "Neumann", "NormalCG", "ParameterLayout",
     "PatchedModel", "SecondOrder", "SolveInfo", "Truncated", "add_lora", "as_mode", "choose_vectorize",
     "conjugate_gradient", "double_differentiable", "neumann", "normal_conjugate_gradient", "select_parameters",

@@ -11,15 +11,18 @@ Parameters the optimizer does not adapt act as hyperparameters of the inner prob
 from __future__ import annotations
 
 from dataclasses import dataclass
+import warnings
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from ...errors import LinearSolveWarning
+from ...implicit.ift import implicit_vjp
+from ...implicit.linear_solve import SOLVERS, LinearSolver, as_solver, solver_settings
 from ..attention import double_differentiable
 from ..carry import Carry, unique
-from ..solvers import CG, SOLVERS, LinearSolver, Neumann, NormalCG
-from ._base import Mode, suggest
+from ._base import Mode
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import InnerLoop
@@ -28,10 +31,13 @@ if TYPE_CHECKING:  # pragma: no cover
 @dataclass(eq=False)
 class Implicit(Mode):
     """Solve the inner problem without a graph (``loop.steps`` steps), then attach the
-    implicit hypergradient. ``solver``: a :class:`~diffopt.unroll.solvers.CG`,
-    :class:`~diffopt.unroll.solvers.NormalCG` (indefinite Hessians; torchopt's iMAML) or
-    :class:`~diffopt.unroll.solvers.Neumann` (or its name, with default settings);
-    ``damping`` is added to the Hessian's diagonal."""
+    implicit hypergradient. ``solver``: one of the linear solvers of
+    :mod:`diffopt.implicit.linear_solve` — :class:`~diffopt.implicit.CG`,
+    :class:`~diffopt.implicit.NormalCG` (indefinite Hessians; torchopt's iMAML),
+    :class:`~diffopt.implicit.MINRES` (symmetric, indefinite), :class:`~diffopt.implicit.GMRES`,
+    :class:`~diffopt.implicit.Neumann`, :class:`~diffopt.implicit.Dense` — or its name, with default
+    settings; ``damping`` is added to the Hessian's diagonal. A solve that stops above its ``tol``
+    warns (or raises, by the solver's ``on_fail``) with its residual."""
 
     solver: LinearSolver | str = "cg"
     damping: float = 0.0
@@ -42,16 +48,7 @@ class Implicit(Mode):
     }
 
     def __post_init__(self) -> None:
-        if isinstance(self.solver, str):
-            if self.solver not in SOLVERS:
-                *first, last = map(repr, SOLVERS)
-                raise ValueError(f"solver={self.solver!r}: choose {', '.join(first)} or {last}"
-                                 f"{suggest(self.solver, SOLVERS)}, or a CG(...) / NormalCG(...) / Neumann(...) "
-                                 "object")
-            self.solver = SOLVERS[self.solver]()
-        if not isinstance(self.solver, (CG, NormalCG, Neumann)):
-            raise TypeError(f"solver must be 'cg', 'normal_cg', 'neumann', CG(...), NormalCG(...) or Neumann(...), "
-                            f"got {self.solver!r}")
+        self.solver = as_solver(self.solver, "solver")
         if not self.damping >= 0:
             raise ValueError(f"damping must be >= 0, got {self.damping!r}")
 
@@ -62,7 +59,7 @@ class Implicit(Mode):
         name = options.get("solver", "cg")
         if not isinstance(name, str) or name not in SOLVERS:
             return cls(solver=name, damping=options.get("damping", 0.0))  # validated in __post_init__
-        accepted = ("iterations", "tol", "alpha") if name == "neumann" else ("iterations", "tol")
+        accepted = solver_settings(SOLVERS[name])
         settings = {field: options[key] for key, field in cls.legacy_options.items()
                     if key in options and field in accepted}  # neumann_alpha is ignored for CG, as before
         return cls(solver=SOLVERS[name](**settings), damping=options.get("damping", 0.0))
@@ -83,7 +80,8 @@ class Implicit(Mode):
 
 
 class _ImplicitSolution(torch.autograd.Function):
-    """Forward: the inner solution φ*. Backward: the implicit-function-theorem VJP."""
+    """Forward: the inner solution φ*. Backward: the implicit-function-theorem VJP
+    (:func:`diffopt.implicit.ift.implicit_vjp` with ``F = ∇_φ G``: Hessian-vector products)."""
 
     @staticmethod
     def forward(ctx: Any, mode: Implicit, loop: Any, final: Carry, info: dict[str, Any], x: Tensor, y: Tensor,
@@ -108,14 +106,36 @@ class _ImplicitSolution(torch.autograd.Function):
 
             def hessian_vector(u: list[Tensor]) -> list[Tensor]:
                 hv = torch.autograd.grad(grad, phi, u, retain_graph=True, allow_unused=True)
-                return [(torch.zeros_like(ui) if h is None else h) + mode.damping * ui for h, ui in zip(hv, u)]
+                return [torch.zeros_like(ui) if h is None else h for h, ui in zip(hv, u)]
 
-            w, solve = mode.solver.solve(hessian_vector, v)
-            ctx.info["solve"] = solve
             data = [x, y]  # inputs may depend on meta-parameters (e.g. ANIL's features)
             wanted = [m for m in list(meta) + data if m.requires_grad]
-            mixed = torch.autograd.grad(grad, wanted, w, allow_unused=True) if wanted else []
-        it = iter(mixed)
-        grads = [(None if (g := next(it)) is None else -g) if m.requires_grad else None for m in list(meta) + data]
+
+            def mixed_vjp(w: list[Tensor]) -> Any:  # (∂²G/∂θ∂φ)ᵀ w
+                return torch.autograd.grad(grad, wanted, w, allow_unused=True) if wanted else []
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", LinearSolveWarning)
+                negated, solve = implicit_vjp(hessian_vector, mixed_vjp, v, mode.solver, mode.damping,
+                                              what="InnerLoop(mode='implicit'): ")
+            _warn_once(mode, caught)
+            ctx.info["solve"] = solve
+        it = iter(negated)
+        grads = [next(it) if m.requires_grad else None for m in list(meta) + data]
         meta_grads, (x_grad, y_grad) = grads[: len(meta)], grads[len(meta):]
         return (None, None, None, None, x_grad, y_grad, *meta_grads)
+
+
+def _warn_once(mode: Implicit, caught: list[warnings.WarningMessage]) -> None:
+    """Re-issue the solve's warnings, a non-converged solve only the first time for this mode: a
+    meta-training run with a deliberately truncated solver (iMAML's few CG steps) would otherwise
+    warn at every meta-step; every solve's residual stays in ``loop.last_info["solve"]``."""
+    for w in caught:
+        if issubclass(w.category, LinearSolveWarning):
+            if getattr(mode, "_warned_solve", False):
+                continue
+            object.__setattr__(mode, "_warned_solve", True)
+            message = f"{w.message} (warned once per loop; every solve's residual is in loop.last_info['solve'])"
+            warnings.warn(message, LinearSolveWarning, stacklevel=2)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -1,0 +1,333 @@
+r"""Implicit differentiation of any solver: ``custom_root`` and ``custom_fixed_point``.
+
+A solver returns :math:`x^\star(\theta)` with :math:`F(x^\star, \theta) = 0` (``F`` the
+*optimality condition*: a gradient, a KKT residual, :math:`T(x) - x` for a fixed point). By the
+implicit function theorem, where :math:`A = \partial F/\partial x` is invertible,
+
+.. math::
+    \frac{dx^\star}{d\theta} = -A^{-1}\,\frac{\partial F}{\partial\theta}.
+
+Reverse mode solves :math:`A^\top w = \bar x` for the cotangent :math:`\bar x` and returns
+:math:`\bar\theta = -(\partial F/\partial\theta)^\top w`; forward mode solves
+:math:`A\dot x = -(\partial F/\partial\theta)\,\dot\theta`. Both apply :math:`A`,
+:math:`A^\top` and :math:`\partial F/\partial\theta` only as Jacobian-vector products
+(``torch.func.jvp`` / ``torch.func.vjp``), so the solver itself — a Python loop, scipy, L-BFGS, a
+closed form — is never differentiated. This is the API of jaxopt (Blondel et al. 2022,
+"Efficient and modular implicit differentiation"), for PyTorch.
+
+The derivative is an ``autograd.Function`` with a ``jvp`` and a generated ``vmap`` rule, so the
+decorated solver composes with ``torch.autograd``, ``torch.func.grad``, ``jacrev``, ``jacfwd``,
+``jvp`` and ``vmap`` (under ``vmap`` the user's solver must itself be vmappable, as in JAX).
+``x`` and every positional argument may be a tensor, a 0-dim tensor or a pytree (dict, list,
+tuple) of tensors; keyword arguments are passed to the solver and to ``F`` but not differentiated.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd import forward_ad
+from torch.utils import _pytree as pytree
+
+from ..errors import OptimalityResidualError, OptimalityResidualWarning
+from .ift import damped, implicit_vjp
+from .linear_solve import LinearSolver, SolveInfo, Vector, as_solver, under_vmap
+
+ON_RESIDUAL = ("warn", "raise", "ignore")
+
+
+@dataclass
+class RootProblem:
+    """One call's optimality condition with everything but the differentiated tensors bound."""
+
+    optimality_fn: Callable[..., Any]
+    x_spec: Any
+    args_spec: Any
+    arg_leaves: list[Any]          # every leaf of the positional arguments (tensors replaced on call)
+    tensor_positions: list[int]    # which of them are floating-point tensors (differentiated)
+    kwargs: dict[str, Any]
+    solver: LinearSolver
+    damping: float
+    record: Callable[[SolveInfo], None]
+
+    def F(self, x: tuple[Tensor, ...] | list[Tensor], theta: tuple[Tensor, ...] | list[Tensor]) -> list[Tensor]:
+        """``F(x, *args)`` as a flat list of tensors matching ``x``'s leaves."""
+        leaves = list(self.arg_leaves)
+        for position, value in zip(self.tensor_positions, theta):
+            leaves[position] = value
+        args = pytree.tree_unflatten(leaves, self.args_spec)
+        out = self.optimality_fn(pytree.tree_unflatten(list(x), self.x_spec), *args, **self.kwargs)
+        return pytree.tree_leaves(out)
+
+    def _batched(self, op: Callable[[list[Tensor]], list[Tensor]]) -> Callable[[Vector], Vector]:
+        """An operator on ``x``-shaped lists as the solvers see it: a leading task dimension of 1."""
+        return lambda u: [o[None] for o in op([ui[0] for ui in u])]
+
+    def _solve(self, apply: Callable[[list[Tensor]], list[Tensor]], apply_t: Callable[[list[Tensor]], list[Tensor]],
+               rhs: list[Tensor], what: str) -> list[Tensor]:
+        """Solve ``(M + damping·I) u = rhs`` for one system (forward mode)."""
+        u, info = self.solver.solve(damped(self._batched(apply), self.damping), [r[None] for r in rhs],
+                                    damped(self._batched(apply_t), self.damping), what=what)
+        self.record(info)
+        return [ui[0] for ui in u]
+
+    def operators(self, x: list[Tensor], theta: list[Tensor]) -> tuple[Callable[[list[Tensor]], list[Tensor]],
+                                                                          Callable[[list[Tensor]], list[Tensor]]]:
+        """``u ↦ (∂F/∂x) u`` and ``u ↦ (∂F/∂x)ᵀ u`` at ``(x, θ)``, both from reverse mode (the first as
+        the transpose of the linear map ``vjp``), so they also work inside forward-mode AD, where
+        ``torch.func.jvp`` cannot nest."""
+        f_x = functools.partial(_call_x, self, theta)
+        out, vjp_x = torch.func.vjp(f_x, *x)
+        transpose: list[Callable[..., Any]] = []  # built on first use (only NormalCG and forward mode need A)
+
+        def apply(u: list[Tensor]) -> list[Tensor]:
+            if not transpose:
+                transpose.append(torch.func.vjp(lambda *v: vjp_x(list(v)), *[torch.zeros_like(o) for o in out])[1])
+            return list(transpose[0](tuple(u)))
+
+        return apply, (lambda u: list(vjp_x(list(u))))
+
+    def vjp(self, x: list[Tensor], theta: list[Tensor], cotangent: list[Tensor],
+            wanted: list[bool]) -> list[Tensor | None]:
+        """``θ̄ = −(∂F/∂θ)ᵀ w`` with ``(∂F/∂x)ᵀ w = x̄``."""
+        apply, apply_t = self.operators(x, theta)
+        chosen = [t for t, keep in zip(theta, wanted) if keep]
+
+        def f_theta(*parts: Tensor) -> list[Tensor]:
+            it = iter(parts)
+            return self.F(x, [next(it) if keep else t for t, keep in zip(theta, wanted)])
+
+        def mixed_vjp(w: Vector) -> list[Tensor]:
+            if not chosen:
+                return []
+            return list(torch.func.vjp(f_theta, *chosen)[1]([wi[0] for wi in w]))
+
+        grads, info = implicit_vjp(self._batched(apply_t), mixed_vjp, [c[None] for c in cotangent], self.solver,
+                                   self.damping, self._batched(apply), "implicit gradient (reverse mode): ")
+        self.record(info)
+        it = iter(grads)
+        return [next(it) if keep else None for keep in wanted]
+
+    def jvp(self, x: list[Tensor], theta: list[Tensor], tangents: list[Tensor | None]) -> list[Tensor]:
+        """``ẋ`` with ``(∂F/∂x) ẋ = −(∂F/∂θ) θ̇``."""
+        moving = [i for i, d in enumerate(tangents) if d is not None]
+        if not moving:
+            return [torch.zeros_like(xi) for xi in x]
+
+        def f_theta(*parts: Tensor) -> list[Tensor]:
+            values = list(theta)
+            for i, p in zip(moving, parts):
+                values[i] = p
+            return self.F(x, values)
+
+        out, vjp_theta = torch.func.vjp(f_theta, *[theta[i] for i in moving])
+        _, transpose = torch.func.vjp(lambda *v: vjp_theta(list(v)), *[torch.zeros_like(o) for o in out])
+        rhs = transpose(tuple(tangents[i] for i in moving))  # (∂F/∂θ) θ̇
+        apply, apply_t = self.operators(x, theta)
+        return self._solve(apply, apply_t, [-r for r in rhs], "implicit gradient (forward mode): ")
+
+
+def _call_x(problem: RootProblem, theta: list[Tensor], *x: Tensor) -> list[Tensor]:
+    return problem.F(x, theta)
+
+
+class _ImplicitRoot(torch.autograd.Function):
+    """Identity on the solution ``x*`` in the forward pass; the implicit-function-theorem VJP and
+    JVP as its derivatives. Inputs: the problem, the number of ``x`` leaves, the ``x`` leaves
+    (detached) and the differentiated ``θ`` leaves."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(problem: RootProblem, n_x: int, *leaves: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        return tuple(x.clone() for x in leaves[:n_x])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        problem, n_x, *leaves = inputs
+        ctx.problem, ctx.n_x = problem, n_x
+        # x* saved as the *output*: a second derivative through backward then sees x*'s own
+        # dependence on θ (through this Function again), so Hessians are exact too.
+        ctx.save_for_backward(*output, *leaves[n_x:])
+        ctx.save_for_forward(*leaves)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> Any:
+        leaves = ctx.saved_tensors
+        n_x = ctx.n_x
+        x, theta = list(leaves[:n_x]), list(leaves[n_x:])
+        cotangent = [torch.zeros_like(xi) if g is None else g for g, xi in zip(grads, x)]
+        wanted = list(ctx.needs_input_grad[2 + n_x:])
+        theta_grads = ctx.problem.vjp(x, theta, cotangent, wanted)
+        return (None, None, *([None] * n_x), *theta_grads)
+
+    @staticmethod
+    def jvp(ctx: Any, _problem: Any, _n_x: Any, *tangents: Tensor | None) -> Any:
+        leaves = ctx.saved_tensors
+        n_x = ctx.n_x
+        x, theta = list(leaves[:n_x]), list(leaves[n_x:])
+        return tuple(ctx.problem.jvp(x, theta, list(tangents[n_x:])))
+
+
+def _differentiating(tensors: list[Tensor]) -> bool:
+    """Whether anything will ask for a derivative of the solution: autograd, forward AD or a torch.func transform."""
+    if torch._C._functorch.maybe_current_level() is not None:
+        return True
+    if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
+        return True
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _reachable_leaves(outputs: list[Tensor]) -> set[int]:
+    """ids of the autograd leaves a list of outputs depends on (a walk of the graph, no arithmetic)."""
+    found: set[int] = set()
+    seen: set[Any] = set()
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return found
+
+
+def _residual_check(problem: RootProblem, x: list[Tensor], theta: list[Tensor], names: list[str],
+                    residual_tol: float, on_residual: str, name: str) -> float:
+    """``‖F(x*, θ)‖₂`` at the returned point (warn/raise above ``residual_tol``); and, under plain
+    autograd, a clear error when ``F`` ignores a ``θ`` that asks for a gradient."""
+    if under_vmap(x + theta):
+        return math.nan  # the values are batched: nothing to read
+    plain = torch._C._functorch.maybe_current_level() is None
+    with torch.enable_grad():
+        probes = [t.detach().requires_grad_(t.requires_grad) if plain else t for t in theta]
+        out = problem.F([xi.detach() for xi in x], probes)
+    if len(out) != len(x) or any(o.shape != xi.shape for o, xi in zip(out, x)):
+        raise ValueError(f"{name}: optimality_fn must return the structure and shapes of x (one equation per "
+                         f"unknown), got shapes {[tuple(o.shape) for o in out]} for x of shapes "
+                         f"{[tuple(xi.shape) for xi in x]}")
+    if plain:
+        reached = _reachable_leaves(out)
+        ignored = [n for p, t, n in zip(probes, theta, names) if t.requires_grad and id(p) not in reached]
+        if ignored:
+            raise ValueError(f"{name}: optimality_fn does not depend on {', '.join(ignored)}, which requires grad: "
+                             "its gradient through the solution would be silently zero. Use it in the optimality "
+                             "condition, pass it as a keyword argument (not differentiated), or detach it")
+    residual = float(torch.sqrt(sum((o.detach().double() ** 2).sum() for o in out)))
+    if on_residual != "ignore" and not residual <= residual_tol:
+        message = (f"{name}: the optimality condition is {residual:.3g} from zero at the solver's returned point "
+                   f"(‖F(x*, θ)‖₂ > residual_tol={residual_tol:g}). The implicit gradient assumes F(x*, θ) = 0 and "
+                   "is wrong by roughly that much: run the solver to a tighter tolerance, check optimality_fn, or "
+                   "raise residual_tol")
+        if on_residual == "raise":
+            raise OptimalityResidualError(message)
+        warnings.warn(message, OptimalityResidualWarning, stacklevel=4)
+    return residual
+
+
+def _argument_names(args: tuple[Any, ...]) -> list[str]:
+    """``argument [0]``, ``argument [1]['lam']``, ...: each leaf of the positional arguments by its path."""
+    paths, _ = pytree.tree_flatten_with_path(args)
+    return [f"argument {pytree.keystr(path)}" for path, _ in paths]
+
+
+def custom_root(optimality_fn: Callable[..., Any], *, solve: LinearSolver | str = "cg", damping: float = 0.0,
+                residual_tol: float = 1e-4, on_residual: str = "warn",
+                has_aux: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    r"""Decorate ``solver(init, *args, **kwargs) -> x*`` so that ``x*`` is differentiable in ``args``
+    through ``optimality_fn(x, *args, **kwargs) = 0`` (the implicit function theorem).
+
+    Args:
+        optimality_fn: ``F(x, *args, **kwargs)``, zero at the solution, with the structure and shapes
+            of ``x`` (for a minimiser of ``f``: the gradient of ``f`` in ``x``).
+        solve: the linear solver for ``∂F/∂x``: ``"cg"`` (symmetric positive definite, the default),
+            ``"minres"`` (symmetric), ``"gmres"``, ``"normal_cg"``, ``"neumann"``, ``"dense"``, or an
+            object (``CG(iterations=50, tol=1e-8, on_fail="raise")``, ``Dense(lstsq=True)``, ...).
+        damping: added to the diagonal of ``∂F/∂x`` (a ridge for a nearly singular Hessian).
+        residual_tol: the largest ``‖F(x*, args)‖₂`` accepted at the returned point.
+        on_residual: ``"warn"`` (default), ``"raise"`` (:class:`~diffopt.errors.OptimalityResidualError`)
+            or ``"ignore"`` when that residual is above ``residual_tol``.
+        has_aux: the solver returns ``(x*, aux)``; ``aux`` is passed through, not differentiated.
+
+    The solver runs on detached arguments (it is never differentiated) and its first argument
+    ``init`` gets no gradient. When nothing asks for a derivative (no argument requires grad, no
+    forward-mode tangent, no ``torch.func`` transform) the decorator costs nothing. The decorated
+    function records its last solve in ``.last_solve`` (a :class:`SolveInfo`) and the residual in
+    ``.last_residual``. The residual is checked, and an argument that requires grad but that
+    ``optimality_fn`` ignores is refused (``ValueError``: its gradient would be silently zero),
+    wherever the values can be read: not under ``vmap``, and the second check only under plain autograd.
+    Under ``vmap`` the iterative solvers run all their iterations (no early stop on batched values).
+
+    Example::
+
+        def ridge_condition(x, lam, a, b):          # ∇ₓ ½‖Ax − b‖² + ½ λ‖x‖²
+            return a.T @ (a @ x - b) + lam * x
+
+        @custom_root(ridge_condition, solve="cg")
+        def ridge(init, lam, a, b):
+            return torch.linalg.solve(a.T @ a + lam * torch.eye(a.shape[1]), a.T @ b)
+    """
+    solver_object = as_solver(solve)
+    if not damping >= 0:
+        raise ValueError(f"custom_root: damping must be >= 0, got {damping!r}")
+    if on_residual not in ON_RESIDUAL:
+        raise ValueError(f"custom_root: on_residual must be 'warn', 'raise' or 'ignore', got {on_residual!r}")
+    if not residual_tol >= 0:
+        raise ValueError(f"custom_root: residual_tol must be >= 0, got {residual_tol!r}")
+
+    def decorator(solver: Callable[..., Any]) -> Callable[..., Any]:
+        name = getattr(solver, "__name__", "solver")
+
+        @functools.wraps(solver)
+        def wrapped(init: Any, *args: Any, **kwargs: Any) -> Any:
+            detached = pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, args)
+            result = solver(init, *detached, **kwargs)
+            solution, aux = result if has_aux else (result, None)
+            x_leaves, x_spec = pytree.tree_flatten(solution)
+            arg_leaves, args_spec = pytree.tree_flatten(args)
+            positions = [i for i, v in enumerate(arg_leaves) if isinstance(v, Tensor) and v.is_floating_point()]
+            theta = [arg_leaves[i] for i in positions]
+            if not all(isinstance(v, Tensor) for v in x_leaves):
+                raise TypeError(f"{name} must return a tensor or a pytree of tensors, got {solution!r}")
+            if not _differentiating(theta):
+                return result
+            problem = RootProblem(optimality_fn, x_spec, args_spec, arg_leaves, positions, kwargs, solver_object,
+                                  damping, record=lambda info: setattr(wrapped, "last_solve", info))
+            every_name = _argument_names(args)
+            names = [every_name[i] for i in positions]
+            x = [v.detach() for v in x_leaves]
+            wrapped.last_residual = _residual_check(problem, x, theta, names, residual_tol, on_residual,
+                                                    name)
+            out = _ImplicitRoot.apply(problem, len(x), *x, *theta)
+            solution = pytree.tree_unflatten(list(out), x_spec)
+            return (solution, aux) if has_aux else solution
+
+        wrapped.last_solve = None  # type: ignore[attr-defined]
+        wrapped.last_residual = None  # type: ignore[attr-defined]
+        return wrapped
+
+    return decorator
+
+
+def custom_fixed_point(fixed_point_fn: Callable[..., Any], *, solve: LinearSolver | str = "gmres",
+                       **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    r"""Decorate ``solver(init, *args) -> x*`` where ``x* = T(x*, *args)``: :func:`custom_root` with
+    ``F(x, θ) = T(x, θ) − x``, so ``dx*/dθ = (I − ∂T/∂x)^{-1} ∂T/∂θ``.
+
+    ``solve`` defaults to ``"gmres"`` because ``I − ∂T/∂x`` is not symmetric in general (for a
+    gradient step ``T(x) = x − η∇f(x)`` it is ``η∇²f``, and ``"cg"`` works). Other options as
+    :func:`custom_root`.
+    """
+    def optimality_fn(x: Any, *args: Any, **kwargs: Any) -> Any:
+        return pytree.tree_map(lambda t, s: t - s, fixed_point_fn(x, *args, **kwargs), x)
+
+    return custom_root(optimality_fn, solve=solve, **options)
