@@ -18,7 +18,7 @@ from . import optim
 from ._version import __version__
 from .innerloop import innerloop
 
-SUBMODULES = ("algorithms", "bench", "cli", "diagnostics", "distributed", "errors", "ports", "recipes", "tasks", "testing", "training",
+SUBMODULES = ("algorithms", "bench", "cli", "diagnostics", "distributed", "errors", "hyper", "ports", "recipes", "tasks", "testing", "training",
               "unroll")
 
 __all__ = ["__version__", "innerloop", "optim", *SUBMODULES]

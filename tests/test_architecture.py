@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("diffopt._version", "diffopt._progress", "diffopt._measure", "diffopt._io", "diffopt.errors")),
     ("optim", ("diffopt.optim",)),
     ("unroll", ("diffopt.unroll", "diffopt.innerloop")),
-    ("algorithms / tasks / ports", ("diffopt.algorithms", "diffopt.tasks", "diffopt.ports")),
+    ("algorithms / tasks / ports", ("diffopt.algorithms", "diffopt.tasks", "diffopt.ports", "diffopt.hyper")),
     ("training / diagnostics / testing",
      ("diffopt.recipes", "diffopt.training", "diffopt.distributed", "diffopt.diagnostics", "diffopt.testing")),
     ("bench", ("diffopt.bench",)),
