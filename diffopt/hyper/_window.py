@@ -43,9 +43,8 @@ ValidationLoss = Callable[[list[Tensor]], Tensor]
 MODES = ("reverse", "forward")
 
 DROPPED_GRAPH_FIX = (
-    "the optimizer dropped the graph: after the window its weights do not depend on the hyperparameters. "
-    "A grad_transform, update rule or scheduler that detaches (.detach(), .item(), float(...)) or runs under "
-    "torch.no_grad() does this; diffopt.optim's optimizers and schedulers keep it"
+    "the optimizer dropped the graph: a grad_transform, update rule or scheduler that detaches (.detach(), "
+    ".item(), float(...)) or runs under torch.no_grad() does this; diffopt.optim's optimizers and schedulers keep it"
 )
 
 
@@ -175,13 +174,15 @@ def _check_validation(loss: Any, where: str) -> None:
 def _independent(where: str, dropped: list[str], unused: list[str]) -> ValueError:
     """The error for hyperparameters the validation loss does not depend on, saying why."""
     if dropped:
-        return ValueError(f"{where}: the weights after the window do not depend on {', '.join(dropped)}: "
-                          f"{DROPPED_GRAPH_FIX}")
+        return ValueError(
+            f"{where}: the weights after the window do not depend on {', '.join(dropped)}, so its hypergradient "
+            "would be silently zero. Either the optimizer does not use it in these steps (momentum and betas act "
+            "only from the second step of a fresh optimizer: lengthen the window; or the optimizer's settings "
+            f"ignore it), or {DROPPED_GRAPH_FIX}")
     return ValueError(
-        f"{where}: the validation loss after the window does not depend on {', '.join(unused)}, so its "
-        "hypergradient would be silently zero. Lengthen the window (momentum and betas act only from the second "
-        "step of a fresh optimizer), check that this optimizer's settings use the hyperparameter and that "
-        "validation_loss uses the weights it moves, or stop tuning it")
+        f"{where}: the validation loss after the window does not depend on {', '.join(unused)}, although the "
+        "weights do, so its hypergradient would be silently zero; compute validation_loss from the weights it "
+        "moves, or stop tuning it")
 
 
 def hypergradients(run: Callable[[list[Tensor]], tuple[Tensor, DifferentiableOptimizer]], leaves: Sequence[Tensor],
