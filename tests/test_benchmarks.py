@@ -249,3 +249,18 @@ def test_engine_dispatch_counts_are_deterministic(capsys):
     assert by_case[("first_order", 5)] < by_case[("second_order", 5)]
     assert by_case[("second_order", 1)] < by_case[("second_order", 5)]
     assert_markdown_table(capsys.readouterr().out, columns=4)
+
+
+def test_hyper_tuning_tiny():
+    """benchmarks/hyper_tuning.py at 20 steps and one seed: both problems, every method's row, the goals."""
+    pytest.importorskip("sklearn")
+    from benchmarks import hyper_tuning
+
+    lines: list[str] = []
+    report = hyper_tuning.run(seeds=1, steps=20, grid_size=8, every=5, window=2, meta_lr=0.3, log=lines.append)
+    for name in ("digits", "regression"):
+        assert_markdown_table(report[name]["table"], columns=7)
+        assert len(table_lines(report[name]["table"])) == 2 + 8  # (a), (b), 2 x (2 HD + tuner)
+        for goal in report[name]["goals"].values():
+            assert goal["time_ratio"] > 0 and math.isfinite(goal["test_ratio"])
+    assert any("goal" in line for line in lines)
