@@ -159,8 +159,12 @@ class OnlineTuner:
                             f"{type(self.meta_optimizer).__name__}")
         self._commit()  # the replayed values equal the trained ones exactly from the first window on
         self.step_count = 0
-        #: one entry per tuning step: step, validation loss, values after the step, hypergradient
+        #: one entry per tuning step: ``step``, ``validation_loss`` (at the window's end, before the
+        #: meta-step), ``values`` after it (per-element values as one mean per tensor) and the scalar
+        #: entries of the ``hypergradient`` (d validation loss / d raw value)
         self.history: list[dict[str, Any]] = []
+        #: the full hypergradient of the last tuning step, per raw tensor (per-element ones included)
+        self.last_hypergradient: dict[str, Tensor] = {}
         self.last_standard_error: float = float("nan")
         self._start: Snapshot | None = None
         self._batches: list[Any] = []
@@ -246,8 +250,12 @@ class OnlineTuner:
         self.meta_optimizer.step()
         self.meta_optimizer.zero_grad(set_to_none=True)
         self._commit()
-        self.history.append({"step": self.step_count, "validation_loss": float(value), "values": self.values(),
-                             "hypergradient": {label: g.detach().clone() for label, g in zip(self.labels(), grads)}})
+        labels = self.labels()
+        self.last_hypergradient = {label: g.detach().clone() for label, g in zip(labels, grads)}
+        values = {name: [float(v.mean()) for v in value] if isinstance(value, list) and value
+                  and isinstance(value[0], Tensor) else value for name, value in self.values().items()}
+        self.history.append({"step": self.step_count, "validation_loss": float(value), "values": values,
+                             "hypergradient": {label: float(g) for label, g in zip(labels, grads) if g.dim() == 0}})
         self._start, self._batches = None, []
 
     def _pes(self, leaves: list[Tensor], where: str) -> tuple[Tensor, list[Tensor]]:
@@ -309,6 +317,7 @@ class OnlineTuner:
                                                                for pair in self._particles],
             "xi": [[x.clone() for x in xi] for xi in self._xi], "windows_since_reset": self._windows_since_reset,
             "generator": self.generator.get_state(), "history": self.history,
+            "last_hypergradient": self.last_hypergradient,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -336,6 +345,7 @@ class OnlineTuner:
         self._windows_since_reset = int(state["windows_since_reset"])
         self.generator.set_state(state["generator"])
         self.history = list(state["history"])
+        self.last_hypergradient = dict(state["last_hypergradient"])
 
     def save(self, path: str | PathLike[str]) -> None:
         """Write :meth:`state_dict` atomically (a crash leaves the old file or the new one)."""
