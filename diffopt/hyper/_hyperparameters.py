@@ -12,16 +12,12 @@ entries of ``betas`` —, ``"alpha"``, ``"eps"``, ...) or an attribute of its le
 The tuner does not move the value :math:`\lambda` itself but an unconstrained *raw* value :math:`u`
 with :math:`\lambda = T(u)`, so every meta-step lands inside the valid range:
 
-============  ==========================  =======================================================
-transform     :math:`\lambda = T(u)`      default for
-============  ==========================  =======================================================
-``log``       :math:`e^u \in (0,\infty)`  ``lr``, ``weight_decay``, ``eps``, other positive values
-``logit``     :math:`\sigma(u) \in (0,1)` ``momentum``, ``beta1``, ``beta2``, ``alpha``, ``rho``,
-                                          ``dampening``, a scheduler's ``gamma`` / ``factor`` /
-                                          ``pct_start``
-``softplus``  :math:`\log(1+e^u) > 0`     (on request: additive near 0, e.g. a weight decay)
-``identity``  :math:`u`                   (on request)
-============  ==========================  =======================================================
+* ``"log"``: :math:`\lambda = e^u \in (0, \infty)`, the default for ``lr``, ``weight_decay``, ``eps``
+  and other positive values;
+* ``"logit"``: :math:`\lambda = \sigma(u) \in (0, 1)`, the default for ``momentum``, ``beta1``,
+  ``beta2``, ``alpha``, ``rho``, ``dampening`` and a scheduler's ``gamma``, ``factor`` or ``pct_start``;
+* ``"softplus"``: :math:`\lambda = \log(1 + e^u) > 0` (on request: additive near 0, e.g. a weight decay);
+* ``"identity"``: :math:`\lambda = u` (on request).
 """
 from __future__ import annotations
 
@@ -122,11 +118,12 @@ class Tuned:
             values = [torch.tensor(n, dtype=dtype, device=device) for n in numbers]
         low, high = {"log": (0, None), "softplus": (0, None), "logit": (0, 1), "identity": (None, None)}[
             self.transform]  # type: ignore[index]
+        range_text = TRANSFORMS[str(self.transform)][2]
         for number, text in zip(numbers, where):
             if (low is not None and not number > low) or (high is not None and not number < high):
                 raise ValueError(
                     f"tuning {self.name!r}: {text} is {number}, outside the open range "
-                    f"{TRANSFORMS[self.transform][2]} of its {self.transform!r} reparameterisation, so it cannot "  # type: ignore[index]
+                    f"{range_text} of its {self.transform!r} reparameterisation, so it cannot "
                     f"be moved by gradient; start it inside (e.g. {0.9 if high == 1 else 1e-4}), or pass "
                     f"Tuned({self.name!r}, transform='identity')"
                 )

@@ -22,7 +22,8 @@ Franceschi et al. (2017) and Baydin et al. (2018, whose one-step rule is ``windo
   afresh each window :math:`s`) and persist across windows; with :math:`\xi = \sum_s \varepsilon_s`,
 
   .. math::
-      \hat g = \frac{1}{2\sigma^2 N}\sum_{i=1}^{N}\big[L_{\mathrm{val}}(w^{+}_i) - L_{\mathrm{val}}(w^{-}_i)\big]\,\xi_i,
+      \hat g = \frac{1}{2\sigma^2 N}\sum_{i=1}^{N}\big[L_{\mathrm{val}}(w^{+}_i)
+               - L_{\mathrm{val}}(w^{-}_i)\big]\,\xi_i,
 
   an unbiased estimate (for fixed :math:`u`) of the gradient of the smoothed validation loss
   through *every* step since the particles started (no truncation bias), at the price of variance.
