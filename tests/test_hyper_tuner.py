@@ -15,7 +15,7 @@ from torch import Tensor
 
 from diffopt.hyper import OnlineTuner, Tuned, hypergradient, window_loss
 from diffopt.optim import SGD, Adam, AdamW, RMSprop
-from diffopt.optim.lr_scheduler import ExponentialLR
+from diffopt.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR
 from strategies import examples, record
 from test_unroll import QUICK, directional_error, finite_difference, single_threaded  # noqa: F401 (the fixture)
 
@@ -64,6 +64,10 @@ CASES: list[tuple[str, Callable, Callable | None, Any]] = [
      [Tuned("lr", "element")]),
     ("scheduler gamma (ExponentialLR)", lambda w: SGD([x.clone() for x in w], lr=0.2, momentum=0.5),
      lambda opt: ExponentialLR(opt, gamma=0.9), ["scheduler.gamma", "momentum"]),
+    ("scheduler eta_min (CosineAnnealingLR), softplus weight_decay",
+     lambda w: SGD([x.clone() for x in w], lr=0.2, weight_decay=0.01),
+     lambda opt: CosineAnnealingLR(opt, T_max=4, eta_min=0.02),
+     ["scheduler.eta_min", Tuned("weight_decay", transform="softplus")]),
 ]
 CASE_IDS = [c[0] for c in CASES]
 
