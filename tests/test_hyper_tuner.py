@@ -382,3 +382,26 @@ def test_settings_errors_name_the_argument() -> None:
     other = OnlineTuner(SGD([w.clone() for w in weights], lr=0.1), train_loss, validation_loss, every=3)
     with pytest.raises(ValueError, match="build it with the same settings"):
         tuner.load_state_dict(other.state_dict())
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam",
+                                  "Rprop", "ASGD"])
+def test_a_window_start_is_not_written_by_later_steps(name: str) -> None:
+    """The tuner keeps a window's start by reference (update rules never write in place): the training
+    steps after it leave its weights and state tensors unchanged."""
+    from diffopt.hyper._window import Snapshot, advance
+    from diffopt.optim import OPTIMIZERS
+
+    options = {"SGD": {"momentum": 0.5, "weight_decay": 0.01}, "AdamW": {"amsgrad": True},
+               "RMSprop": {"momentum": 0.3, "centered": True}}.get(name, {})
+    weights, batches, train_loss, _ = problem(7)
+    opt = OPTIMIZERS[name]([w.clone() for w in weights], **options)
+    for batch in batches[:2]:
+        advance(opt, None, batch, train_loss)
+    start = Snapshot.capture(opt)
+    saved = Snapshot.capture(opt).payload()  # cloned tensors
+    for batch in batches[2:6]:
+        advance(opt, None, batch, train_loss)
+    assert all(torch.equal(a, b) for a, b in zip(start.params, saved["params"]))
+    for state, kept in zip(start.states, saved["states"]):
+        assert all(torch.equal(state[k], kept[k]) for k in state if isinstance(state[k], Tensor)), name
