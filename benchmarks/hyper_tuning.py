@@ -15,7 +15,7 @@ cost is counted conservatively); (c) Adam-HD (Baydin et al., 2018; diffopt.optim
 at its default hyper_lr 1e-7, which barely moves the lr here, and at 1e-5) from the lr 10x above and
 10x below the grid's best; (d) the tuner from the same two starts: log-lr tuned every ``--every`` steps
 through a window of the last ``--window`` steps (reverse mode) on the whole validation split, Adam on
-log-lr with lr ``--meta-lr``.
+log-lr with lr ``--meta-lr``; with ``--pes-samples N``, (e) the tuner in PES mode from the same starts.
 
 Reported per problem: medians over the seeds of the final validation and test loss, the tuned lr, the
 CPU time of the process (one thread: robust to other jobs on the machine, unlike wall time); the grid's
@@ -24,6 +24,7 @@ tuner's test loss within 5% of the grid's best at <= 1/4 of its CPU time (median
 the per-seed ratios, each seed's tuner against the same seed's grid).
 
     python benchmarks/hyper_tuning.py            # 3 seeds, 8-value grid, 600 steps
+    python benchmarks/hyper_tuning.py --pes-samples 2   # and PES with 2 antithetic pairs
     python benchmarks/hyper_tuning.py --quick    # 1 seed, 8-value grid, 150 steps
 """
 from __future__ import annotations
@@ -141,17 +142,22 @@ def hypergradient_descent(problem: Problem, lr: float, data: list[Split], seed: 
 
 
 def tuned(problem: Problem, lr: float, data: list[Split], seed: int, every: int, window: int,
-          meta_lr: float, first_order: bool = False) -> dict[str, Any]:
+          meta_lr: float, first_order: bool = False, pes_samples: int = 0) -> dict[str, Any]:
+    """The tuner in reverse mode, or in PES mode with ``pes_samples`` antithetic pairs (sigma 0.3 on
+    log-lr, particles never restarted: the horizon is the whole run)."""
     opt = Adam(initial_weights(problem, seed), lr=lr)
+    mode = {"mode": "pes", "pes_samples": pes_samples, "pes_sigma": 0.3} if pes_samples else {
+        "window": window, "first_order": first_order}
     tuner = OnlineTuner(opt, lambda p, b: problem.loss(p, *b), lambda p: problem.loss(p, *problem.val), "lr",
-                        every=every, window=window, meta_lr=meta_lr, first_order=first_order)
+                        every=every, meta_lr=meta_lr, **mode)
     start = time.process_time()
     for batch in data:
         tuner.step(batch)
     seconds = time.process_time() - start
     val, test = evaluate(problem, tuner.params)
+    replayed = (2 * pes_samples * every if pes_samples else window) * (len(data) // every)
     return {"lr": tuner.values()["lr"], "val": val, "test": test, "seconds": seconds, "steps": len(data),
-            "replayed": window * (len(data) // every)}
+            "replayed": replayed}
 
 
 def median(rows: list[dict[str, Any]], key: str) -> float:
@@ -159,7 +165,7 @@ def median(rows: list[dict[str, Any]], key: str) -> float:
 
 
 def run(seeds: int, steps: int, grid_size: int, every: int, window: int, meta_lr: float,
-        hd_hyper_lrs: tuple[float, ...] = (1e-7, 1e-5),
+        hd_hyper_lrs: tuple[float, ...] = (1e-7, 1e-5), pes_samples: int = 0,
         problems: tuple[Callable[[int], Problem], ...] = (digits, regression),
         log: Callable[[str], None] = print) -> dict[str, Any]:
     torch.set_num_threads(1)
@@ -184,6 +190,9 @@ def run(seeds: int, steps: int, grid_size: int, every: int, window: int, meta_lr
                         hypergradient_descent(problem, start_lr, data, seed, hyper_lr))
                 rows.setdefault(f"(d) tuner from {tag}", []).append(
                     tuned(problem, start_lr, data, seed, every, window, meta_lr))
+                if pes_samples:
+                    rows.setdefault(f"(e) tuner, PES ({pes_samples} pairs), from {tag}", []).append(
+                        tuned(problem, start_lr, data, seed, every, window, meta_lr, pes_samples=pes_samples))
             log(f"  {problem.name} seed {seed}: grid best lr {best['lr']:.3g} (val {best['val']:.4f}, test "
                 f"{best['test']:.4f}); tuner from 10x high -> lr {rows['(d) tuner from 10x high'][-1]['lr']:.3g} "
                 f"test {rows['(d) tuner from 10x high'][-1]['test']:.4f}, from 10x low -> lr "
@@ -225,13 +234,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=20, help="training steps between tuning steps")
     parser.add_argument("--window", type=int, default=5, help="steps each hypergradient differentiates through")
     parser.add_argument("--meta-lr", type=float, default=0.3, help="Adam's lr on log-lr")
+    parser.add_argument("--pes-samples", type=int, default=0,
+                        help="also run the tuner in PES mode with this many antithetic pairs (0: not)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.steps = 1, 150
     import platform
 
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread")
-    run(args.seeds, args.steps, args.grid, args.every, args.window, args.meta_lr)
+    run(args.seeds, args.steps, args.grid, args.every, args.window, args.meta_lr, pes_samples=args.pes_samples)
 
 
 if __name__ == "__main__":

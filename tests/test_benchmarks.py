@@ -252,15 +252,17 @@ def test_engine_dispatch_counts_are_deterministic(capsys):
 
 
 def test_hyper_tuning_tiny():
-    """benchmarks/hyper_tuning.py at 20 steps and one seed: both problems, every method's row, the goals."""
+    """benchmarks/hyper_tuning.py at 20 steps and one seed: both problems, every method's row (PES included),
+    the goals."""
     pytest.importorskip("sklearn")
     from benchmarks import hyper_tuning
 
     lines: list[str] = []
-    report = hyper_tuning.run(seeds=1, steps=20, grid_size=8, every=5, window=2, meta_lr=0.3, log=lines.append)
+    report = hyper_tuning.run(seeds=1, steps=20, grid_size=8, every=5, window=2, meta_lr=0.3, pes_samples=1,
+                              log=lines.append)
     for name in ("digits", "regression"):
         assert_markdown_table(report[name]["table"], columns=7)
-        assert len(table_lines(report[name]["table"])) == 2 + 8  # (a), (b), 2 x (2 HD + tuner)
+        assert len(table_lines(report[name]["table"])) == 2 + 10  # (a), (b), 2 x (2 HD + tuner + PES tuner)
         for goal in report[name]["goals"].values():
             assert goal["time_ratio"] > 0 and math.isfinite(goal["test_ratio"])
     assert any("goal" in line for line in lines)
