@@ -331,6 +331,11 @@ def test_validation_loss_that_ignores_the_weights_or_a_hyperparameter() -> None:
     with pytest.raises(ValueError, match="does not depend on the weights passed to validation_loss"):
         for batch in batches[:2]:
             tuner.step(batch)
+    tuner = OnlineTuner(SGD([w.clone() for w in weights], lr=0.1), train_loss,
+                        lambda p: (p[0] ** 2).sum(1), every=2)  # one loss per row, not a scalar
+    with pytest.raises(TypeError, match=r"validation_loss\(params\) must return a scalar tensor, got Tensor\(4,\)"):
+        for batch in batches[:2]:
+            tuner.step(batch)
     # momentum acts only from the second step of a fresh SGD: a one-step window cannot see it
     for mode in ("reverse", "forward"):
         tuner = OnlineTuner(SGD([w.clone() for w in weights], lr=0.1, momentum=0.5), train_loss, validation_loss,
