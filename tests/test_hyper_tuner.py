@@ -195,6 +195,48 @@ def test_training_follows_the_optimizer_with_the_tuned_values(optimizer: str) ->
     assert error <= 1e-10
 
 
+def test_backtracking_restarts_training_from_its_first_step() -> None:
+    """SGD at lr 2 is too fast for the first period: the tuner restarts from the initial weights three
+    times, halving the lr each time (no meta-step), then tunes as usual. The final weights are
+    torch.optim's from the initial weights through the batches after the last restart, with the
+    recorded per-step values (1e-10); with backtrack=0 the same run never restarts."""
+    weights, batches, train_loss, validation_loss = problem(3, n_batches=30)
+    opt = SGD([w.clone() for w in weights], lr=2.0, momentum=0.6)
+    tuner = OnlineTuner(opt, train_loss, validation_loss, ["lr", "momentum"], every=3, window=2, meta_lr=0.2)
+    used = run_and_record(opt, tuner, batches)
+    restarted = [h["step"] for h in tuner.history if h["restarted"]]
+    assert restarted == [3, 6, 9] and tuner.restarts == 3
+    assert [h["values"]["lr"] for h in tuner.history[:3]] == [1.0, 0.5, 0.25]
+    assert [h["values"]["momentum"] for h in tuner.history[:3]] == [0.6, 0.6, 0.6]  # no meta-step
+    assert tuner.history[3]["values"]["lr"] != 0.25 and not any(h["restarted"] for h in tuner.history[3:])
+    ref_params = [w.clone().requires_grad_() for w in weights]
+    reference = torch.optim.SGD(ref_params, lr=2.0, momentum=0.6)
+    for values, batch in list(zip(used, batches))[restarted[-1]:]:
+        reference.param_groups[0].update({k: values[0][k] for k in ("lr", "momentum")})
+        reference.zero_grad()
+        train_loss(ref_params, batch).backward()
+        reference.step()
+    error = max(float((a - b.detach()).abs().max()) for a, b in zip(tuner.params, ref_params))
+    record("tuner trajectory after backtracking vs torch.optim replay (max abs)", "SGD", error)
+    assert error <= 1e-10
+    never = OnlineTuner(SGD([w.clone() for w in weights], lr=2.0, momentum=0.6), train_loss, validation_loss,
+                        ["lr", "momentum"], every=3, window=2, meta_lr=0.2, backtrack=0)
+    for batch in batches:
+        never.step(batch)
+    assert never.restarts == 0 and not any(h["restarted"] for h in never.history)
+    # at most `backtrack` restarts; a tuner of other hyperparameters never restarts
+    capped = OnlineTuner(SGD([w.clone() for w in weights], lr=2.0, momentum=0.6), train_loss, validation_loss,
+                         ["lr"], every=3, window=2, backtrack=2)
+    for batch in batches[:12]:
+        capped.step(batch)
+    assert capped.restarts == 2 and [h["restarted"] for h in capped.history] == [True, True, False, False]
+    other = OnlineTuner(SGD([w.clone() for w in weights], lr=2.0, momentum=0.6), train_loss, validation_loss,
+                        ["momentum"], every=3, window=2)
+    for batch in batches[:6]:
+        other.step(batch)
+    assert other.restarts == 0
+
+
 def test_scheduler_trajectory_matches_torch() -> None:
     """With a tuned ExponentialLR gamma, the learning rates the run used are torch's scheduler's with
     the same gammas, set between windows (torch.optim + torch's ExponentialLR replay)."""
@@ -256,13 +298,16 @@ def test_pes_is_unbiased_on_a_quadratic() -> None:
     assert tuner.last_standard_error <= 0.25 * float(truth.norm())
 
 
-@pytest.mark.parametrize("mode", ["reverse", "pes"])
+@pytest.mark.parametrize("mode", ["reverse", "pes", "reverse, backtracking"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(mode: str, tmp_path: Any) -> None:
-    """Saved mid-window (and mid-PES-horizon) and resumed into freshly built objects: bit for bit."""
+    """Saved mid-window (and mid-PES-horizon, and between two backtracking restarts: the lrs 8 and 4
+    restart at steps 4, 8, 12, 16 and 20) and resumed into freshly built objects: bit for bit."""
     weights, batches, train_loss, validation_loss = problem(5, n_batches=22)
+    lrs = (8.0, 4.0) if "backtracking" in mode else (0.05, 0.02)
+    mode = mode.split(",")[0]
 
     def build() -> OnlineTuner:
-        opt = Adam(two_groups(weights), betas=(0.8, 0.9))
+        opt = Adam(two_groups(weights, lrs), betas=(0.8, 0.9))
         return OnlineTuner(opt, train_loss, validation_loss, [Tuned("lr", "group"), "beta1"], every=4,
                            window=None if mode == "pes" else 3, mode=mode, pes_samples=2, meta_lr=0.2)
 
@@ -280,6 +325,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(mode: str, tmp_path: A
     assert all(torch.equal(a, b) for a, b in zip(whole.params, resumed.params))
     assert all(torch.equal(a, b) for a, b in zip(whole.raw_tensors(), resumed.raw_tensors()))
     assert [h["values"] for h in whole.history] == [h["values"] for h in resumed.history]
+    assert whole.restarts == resumed.restarts
+    assert whole.restarts == 5 or lrs[0] != 8.0
     assert all(torch.equal(a, b) for s1, s2 in zip(whole.optimizer.state, resumed.optimizer.state)
                for a, b in zip(s1.values(), s2.values()) if isinstance(a, Tensor))
 
@@ -378,6 +425,10 @@ def test_settings_errors_name_the_argument() -> None:
         make(every=3, window=2, mode="pes")
     with pytest.raises(ValueError, match="mode must be one of"):
         make(mode="backward")
+    with pytest.raises(ValueError, match="backtrack must be an integer >= 0, got -1"):
+        make(backtrack=-1)
+    with pytest.raises(ValueError, match=r"backtrack_factor must be a number in \(0, 1\), got 1.5"):
+        make(backtrack_factor=1.5)
     opt = SGD([w.clone() for w in weights], lr=0.1)
     with pytest.raises(ValueError, match="'lr' is written by the scheduler"):
         OnlineTuner(opt, train_loss, validation_loss, "lr", scheduler=ExponentialLR(opt, gamma=0.9))
