@@ -15,7 +15,7 @@ from torch import Tensor
 
 from diffopt.hyper import OnlineTuner, Tuned, hypergradient, window_loss
 from diffopt.optim import SGD, Adam, AdamW, RMSprop
-from diffopt.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR
+from diffopt.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR, OneCycleLR
 from strategies import examples, record
 from test_unroll import QUICK, directional_error, finite_difference, single_threaded  # noqa: F401 (the fixture)
 
@@ -68,6 +68,10 @@ CASES: list[tuple[str, Callable, Callable | None, Any]] = [
      lambda w: SGD([x.clone() for x in w], lr=0.2, weight_decay=0.01),
      lambda opt: CosineAnnealingLR(opt, T_max=4, eta_min=0.02),
      ["scheduler.eta_min", Tuned("weight_decay", transform="softplus")]),
+    ("OneCycleLR's max_lr (a group key the scheduler reads), momentum",
+     lambda w: SGD([x.clone() for x in w], lr=0.1, momentum=0.5),
+     lambda opt: OneCycleLR(opt, max_lr=0.4, total_steps=12, pct_start=0.5, cycle_momentum=False),
+     ["max_lr", "momentum"]),
 ]
 CASE_IDS = [c[0] for c in CASES]
 
@@ -261,6 +265,35 @@ def test_scheduler_trajectory_matches_torch() -> None:
         ref_scheduler.step()
     assert max(float((a - b.detach()).abs().max()) for a, b in zip(tuner.params, ref_params)) <= 1e-10
     assert abs(opt.param_groups[0]["lr"] - reference.param_groups[0]["lr"]) <= 1e-15
+
+
+def test_onecycle_max_lr_trajectory_matches_torch() -> None:
+    """OneCycleLR's peak, tuned as the group key 'max_lr': the run equals torch.optim.SGD under torch's
+    OneCycleLR with the same per-step max_lr written into its groups (1e-10), and the peak moved."""
+    weights, batches, train_loss, validation_loss = problem(8, n_batches=24)
+    opt = SGD([w.clone() for w in weights], lr=0.1, momentum=0.5)
+    scheduler = OneCycleLR(opt, max_lr=0.3, total_steps=24, pct_start=0.4, cycle_momentum=False)
+    tuner = OnlineTuner(opt, train_loss, validation_loss, "max_lr", scheduler=scheduler, every=4, window=3,
+                        meta_lr=0.3)
+    peaks = []
+    for batch in batches:
+        peaks.append(opt.param_groups[0]["max_lr"])
+        tuner.step(batch)
+    assert len(set(peaks)) >= 5 and tuner.values()["max_lr"] != 0.3
+    ref_params = [w.clone().requires_grad_() for w in weights]
+    reference = torch.optim.SGD(ref_params, lr=0.1, momentum=0.5)
+    ref_scheduler = torch.optim.lr_scheduler.OneCycleLR(reference, max_lr=0.3, total_steps=24, pct_start=0.4,
+                                                        cycle_momentum=False)
+    for peak, batch in zip(peaks, batches):
+        reference.param_groups[0]["max_lr"] = peak
+        reference.zero_grad()
+        train_loss(ref_params, batch).backward()
+        reference.step()
+        if ref_scheduler.last_epoch < 23:
+            ref_scheduler.step()
+    error = max(float((a - b.detach()).abs().max()) for a, b in zip(tuner.params, ref_params))
+    record("tuner OneCycleLR max_lr trajectory vs torch.optim replay (max abs)", "SGD", error)
+    assert error <= 1e-10
 
 
 def test_pes_is_unbiased_on_a_quadratic() -> None:

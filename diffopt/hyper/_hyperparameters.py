@@ -3,7 +3,9 @@ r"""Which hyperparameters a tuner changes, and how each is kept in its valid ran
 A :class:`Tuned` names one hyperparameter of a :class:`~diffopt.optim.DifferentiableOptimizer`'s
 parameter groups (``"lr"``, ``"weight_decay"``, ``"momentum"``, ``"beta1"`` / ``"beta2"`` — the two
 entries of ``betas`` —, ``"alpha"``, ``"eps"``, ...) or an attribute of its learning-rate scheduler
-(``"scheduler.gamma"``, ``"scheduler.eta_min"``, ...), and a *scope*:
+(``"scheduler.gamma"``, ``"scheduler.eta_min"``, ...) or a number a scheduler keeps in every group and
+reads at each step (``OneCycleLR``'s ``"max_lr"``, the peak; its ``"initial_lr"`` and ``"min_lr"``,
+the start and the end, stay as they are unless tuned too), and a *scope*:
 
 * ``"global"``: one scalar shared by every parameter group;
 * ``"group"``: one scalar per parameter group (per-layer learning rates, when each layer is a group);
@@ -187,6 +189,11 @@ class Tuned:
         return [f"{self.name}[param {i} ({n})]" for i, n in enumerate(optimizer.param_names)]
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) or \
+        isinstance(value, Tensor) and value.dim() == 0
+
+
 def parse_hyperparameters(spec: Any, optimizer: DifferentiableOptimizer, scheduler: Any) -> list[Tuned]:
     """``"lr"``, ``["lr", "momentum"]``, ``{"lr": "group"}`` or :class:`Tuned` objects -> a list of
     :class:`Tuned`, each checked against the optimizer (and scheduler); ``"betas"`` means both."""
@@ -212,6 +219,10 @@ def parse_hyperparameters(spec: Any, optimizer: DifferentiableOptimizer, schedul
     keys = set(optimizer.defaults) - {"maximize", "foreach", "nesterov", "amsgrad", "decoupled_weight_decay",
                                       "differentiable", "capturable", "fused"}
     known = sorted(keys - {"betas"}) + (["beta1", "beta2"] if "betas" in keys else [])
+    # numeric keys a scheduler put into every group and reads at each step (OneCycleLR's 'max_lr',
+    # 'initial_lr', 'min_lr'); one the steps never read is caught at the first window (zero hypergradient)
+    known += sorted(k for k in optimizer.param_groups[0] if k not in keys and k not in ("params", "lr")
+                    and all(_is_number(group.get(k)) for group in optimizer.param_groups))
     for t in tuned:
         if t.on_scheduler:
             if scheduler is None:

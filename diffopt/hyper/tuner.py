@@ -86,7 +86,8 @@ class OnlineTuner:
         validation_loss: ``validation_loss(params) -> scalar``, the loss whose hypergradient is taken.
         hyperparameters: what to tune: ``"lr"``, ``["lr", "momentum"]``, ``{"lr": "group"}`` or
             :class:`~diffopt.hyper.Tuned` objects (scope ``"global"``, ``"group"``, ``"element"``;
-            transform ``"log"``, ``"logit"``, ``"softplus"``, ``"identity"``); ``"betas"`` means both.
+            transform ``"log"``, ``"logit"``, ``"softplus"``, ``"identity"``); ``"betas"`` means both;
+            a number a scheduler keeps in the groups is a name too (OneCycleLR's peak ``"max_lr"``).
         every: training steps between tuning steps.
         window: training steps the hypergradient differentiates through, the last ``window`` of
             each ``every`` (default ``every``; PES always uses ``every``).
