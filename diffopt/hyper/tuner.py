@@ -285,7 +285,8 @@ class OnlineTuner:
         values = {name: [float(v.mean()) for v in value] if isinstance(value, list) and value
                   and isinstance(value[0], Tensor) else value for name, value in self.values().items()}
         self.history.append({"step": self.step_count, "validation_loss": float(value), "values": values,
-                             "hypergradient": {label: float(g.detach()) for label, g in zip(labels, grads) if g.dim() == 0},
+                             "hypergradient": {label: float(g.detach()) for label, g in zip(labels, grads)
+                                               if g.dim() == 0},
                              "restarted": restart})
         self._start, self._batches = None, []
 
