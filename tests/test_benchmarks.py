@@ -290,3 +290,20 @@ def test_implicit_regularization_script_at_tiny_size(capsys):
     assert set(result["summary"]) == {"diffopt", "torchopt", "diffopt_shared", "grid", "random"}
     assert all(math.isfinite(row["val"]) and math.isfinite(row["test"]) for row in result["summary"].values())
     assert_markdown_table(capsys.readouterr().out, columns=6)
+
+
+def test_hyper_tuning_tiny():
+    """benchmarks/hyper_tuning.py at 20 steps and one seed: both problems, every method's row (PES included),
+    the goals."""
+    pytest.importorskip("sklearn")
+    from benchmarks import hyper_tuning
+
+    lines: list[str] = []
+    report = hyper_tuning.run(seeds=1, steps=20, grid_size=8, every=5, window=2, meta_lr=0.3, pes_samples=1,
+                              log=lines.append)
+    for name in ("digits", "regression"):
+        assert_markdown_table(report[name]["table"], columns=7)
+        assert len(table_lines(report[name]["table"])) == 2 + 10  # (a), (b), 2 x (2 HD + tuner + PES tuner)
+        for goal in report[name]["goals"].values():
+            assert goal["time_ratio"] > 0 and math.isfinite(goal["test_ratio"])
+    assert any("goal" in line for line in lines)

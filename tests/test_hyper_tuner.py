@@ -1,0 +1,496 @@
+"""diffopt.hyper.OnlineTuner: hypergradients of the window (reverse vs central finite differences and vs
+forward mode), the exact training trajectory (replayed in torch.optim), PES unbiasedness, resume, bad input.
+All in float64 on a tiny MLP regression."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from diffopt.hyper import OnlineTuner, Tuned, hypergradient, window_loss
+from diffopt.optim import SGD, Adam, AdamW, RMSprop
+from diffopt.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR, OneCycleLR
+from strategies import examples, record
+from test_unroll import QUICK, directional_error, finite_difference, single_threaded  # noqa: F401 (the fixture)
+
+F64 = torch.float64
+Params = list[Tensor]
+
+
+def problem(seed: int = 0, n_batches: int = 12) -> tuple[Params, list[tuple[Tensor, Tensor]], Callable, Callable]:
+    """Weights of a 3-4-1 tanh MLP, training batches, and the training and validation losses."""
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(4, 3, generator=g, dtype=F64) * 0.5, torch.randn(4, generator=g, dtype=F64) * 0.1,
+               torch.randn(1, 4, generator=g, dtype=F64) * 0.5]
+
+    def sample(n: int) -> tuple[Tensor, Tensor]:
+        x = torch.randn(n, 3, generator=g, dtype=F64)
+        return x, torch.sin(x.sum(1, keepdim=True)) + 0.1 * torch.randn(n, 1, generator=g, dtype=F64)
+
+    batches = [sample(8) for _ in range(n_batches)]
+    vx, vy = sample(32)
+
+    def net(p: Params, x: Tensor) -> Tensor:
+        return torch.tanh(x @ p[0].T + p[1]) @ p[2].T
+
+    def train_loss(p: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return ((net(p, batch[0]) - batch[1]) ** 2).mean()
+
+    def validation_loss(p: Params) -> Tensor:
+        return ((net(p, vx) - vy) ** 2).mean()
+
+    return weights, batches, train_loss, validation_loss
+
+
+def two_groups(weights: Params, lrs: tuple[float, float] = (0.05, 0.02)) -> list[dict[str, Any]]:
+    return [{"params": [w.clone() for w in weights[:2]], "lr": lrs[0]}, {"params": [weights[2].clone()], "lr": lrs[1]}]
+
+
+# (name, optimizer factory over weights, scheduler factory or None, what to tune)
+CASES: list[tuple[str, Callable, Callable | None, Any]] = [
+    ("lr, weight_decay, momentum (SGD)", lambda w: SGD([x.clone() for x in w], lr=0.1, momentum=0.6, weight_decay=0.01),
+     None, ["lr", "weight_decay", "momentum"]),
+    ("lr, betas (Adam)", lambda w: Adam([x.clone() for x in w], lr=0.03, betas=(0.8, 0.9)), None, ["lr", "betas"]),
+    ("alpha, weight_decay (RMSprop)", lambda w: RMSprop([x.clone() for x in w], lr=0.01, alpha=0.9, weight_decay=0.01),
+     None, ["alpha", "weight_decay"]),
+    ("per-group lr (AdamW)", lambda w: AdamW(two_groups(w), weight_decay=0.05), None, {"lr": "group"}),
+    ("per-element lr (SGD)", lambda w: SGD([x.clone() for x in w], lr=0.1, momentum=0.5), None,
+     [Tuned("lr", "element")]),
+    ("scheduler gamma (ExponentialLR)", lambda w: SGD([x.clone() for x in w], lr=0.2, momentum=0.5),
+     lambda opt: ExponentialLR(opt, gamma=0.9), ["scheduler.gamma", "momentum"]),
+    ("scheduler eta_min (CosineAnnealingLR), softplus weight_decay",
+     lambda w: SGD([x.clone() for x in w], lr=0.2, weight_decay=0.01),
+     lambda opt: CosineAnnealingLR(opt, T_max=4, eta_min=0.02),
+     ["scheduler.eta_min", Tuned("weight_decay", transform="softplus")]),
+    ("OneCycleLR's max_lr (a group key the scheduler reads), momentum",
+     lambda w: SGD([x.clone() for x in w], lr=0.1, momentum=0.5),
+     lambda opt: OneCycleLR(opt, max_lr=0.4, total_steps=12, pct_start=0.5, cycle_momentum=False),
+     ["max_lr", "momentum"]),
+]
+CASE_IDS = [c[0] for c in CASES]
+
+
+def first_hypergradient(case: tuple, mode: str, window: int = 3, seed: int = 0) -> tuple[OnlineTuner, list[Tensor]]:
+    """The tuner's hypergradient of its first window (the first ``window`` steps from the initial weights);
+    the meta-optimizer has lr 0, so the values do not move."""
+    _, make, make_scheduler, spec = case
+    weights, batches, train_loss, validation_loss = problem(seed)
+    opt = make(weights)
+    scheduler = make_scheduler(opt) if make_scheduler else None
+    tuner = OnlineTuner(opt, train_loss, validation_loss, spec, every=window, mode=mode, scheduler=scheduler,
+                        meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    for batch in batches[:window]:
+        tuner.step(batch)
+    return tuner, list(tuner.last_hypergradient.values())
+
+
+def window_loss_of_raw(case: tuple, raw: list[Tensor], tuner: OnlineTuner, window: int, seed: int = 0) -> float:
+    """The validation loss after the first window with the reparameterised values ``raw``, from a fresh
+    optimizer (and scheduler) by the functional :func:`diffopt.hyper.window_loss`."""
+    _, make, make_scheduler, _ = case
+    weights, batches, train_loss, validation_loss = problem(seed)
+    opt = make(weights)
+    scheduler = make_scheduler(opt) if make_scheduler else None
+    values = tuner._natural(raw)
+    with torch.no_grad():
+        return float(window_loss(opt, batches[:window], train_loss, validation_loss, values, scheduler=scheduler))
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_reverse_window_matches_finite_differences_and_forward_mode(case: tuple) -> None:
+    window = 3
+    tuner, reverse = first_hypergradient(case, "reverse", window)
+    _, forward = first_hypergradient(case, "forward", window)
+    for label, r, f in zip(tuner.labels(), reverse, forward):
+        error = float((r - f).abs().max() / r.abs().max().clamp_min(1e-300))
+        record("tuner reverse vs forward (relative)", case[0], error)
+        assert error <= 1e-10, f"{case[0]} {label}: reverse {r} vs forward {f}"
+    # central differences along a random direction in the reparameterised values
+    raw = [u.detach() for u in tuner.raw_tensors()]
+    g = torch.Generator().manual_seed(1)
+    direction = [torch.randn(u.shape, generator=g, dtype=F64) for u in raw]
+    fd = finite_difference(lambda h: window_loss_of_raw(case, [u + h * d for u, d in zip(raw, direction)], tuner,
+                                                        window))
+    analytic = float(sum((r * d).sum() for r, d in zip(reverse, direction)))
+    scale = math.sqrt(sum(float((r * r).sum()) for r in reverse) * sum(float((d * d).sum()) for d in direction))
+    error = directional_error(fd, analytic, scale)
+    record("tuner reverse vs central differences (relative)", case[0], error)
+    assert error <= 1e-6, f"{case[0]}: finite difference {fd} vs reverse {analytic}"
+
+
+OPTIMIZER_CHOICES = {
+    "SGD": (lambda ws, **hp: SGD(ws, **{"lr": 0.1, **hp}), ["lr", "momentum", "weight_decay"],
+            {"momentum": 0.5, "weight_decay": 0.01}),
+    "Adam": (lambda ws, **hp: Adam(ws, **{"lr": 0.02, **hp}), ["lr", "beta1", "beta2", "weight_decay", "eps"],
+             {"weight_decay": 0.01, "eps": 1e-3}),
+    "AdamW": (lambda ws, **hp: AdamW(ws, **{"lr": 0.02, **hp}), ["lr", "beta1", "weight_decay"], {}),
+    "RMSprop": (lambda ws, **hp: RMSprop(ws, **{"lr": 0.01, **hp}), ["lr", "alpha", "momentum"], {"momentum": 0.3}),
+}
+
+
+@settings(QUICK, max_examples=examples(12))
+@given(name=st.sampled_from(sorted(OPTIMIZER_CHOICES)), window=st.integers(2, 4), extra=st.integers(0, 2),
+       data=st.data(), seed=st.integers(0, 2**16))
+def test_hypothesis_reverse_equals_forward(name: str, window: int, extra: int, data: Any, seed: int) -> None:
+    """Over optimizers, windows, periods and hyperparameter subsets and scopes: the tuner's reverse and
+    forward hypergradients agree to 1e-10 at every tuning step (the values move between them)."""
+    make, names, hp = OPTIMIZER_CHOICES[name]
+    chosen = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True))
+    scope = data.draw(st.sampled_from(["global", "group"]))
+    weights, batches, train_loss, validation_loss = problem(seed, n_batches=2 * (window + extra))
+    results = []
+    for mode in ("reverse", "forward"):
+        opt = make([{"params": [w.clone() for w in weights[:2]]}, {"params": [weights[2].clone()]}], **hp)
+        tuner = OnlineTuner(opt, train_loss, validation_loss, [Tuned(n, scope) for n in chosen], every=window + extra,
+                            window=window, mode=mode, meta_lr=0.05)
+        for batch in batches:
+            tuner.step(batch)
+        results.append(tuner.history)
+    for reverse, forward in zip(*results):
+        for label, r in reverse["hypergradient"].items():
+            f = forward["hypergradient"][label]
+            error = abs(r - f) / max(abs(r), 1e-300)
+            assert error <= 1e-10, f"{name} {label} window {window}: reverse {r} vs forward {f}"
+
+
+def run_and_record(opt: Any, tuner: OnlineTuner, batches: list) -> list[list[dict[str, Any]]]:
+    """Train through the tuner, recording every group's hyperparameters at every step."""
+    used = []
+    for batch in batches:
+        used.append([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+        tuner.step(batch)
+    return used
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
+def test_training_follows_the_optimizer_with_the_tuned_values(optimizer: str) -> None:
+    """The exact-trajectory property: the recorded per-step hyperparameters, set into torch.optim's
+    param_groups step by step, give the same weights (1e-10; the values change between windows)."""
+    weights, batches, train_loss, validation_loss = problem(3, n_batches=30)
+    if optimizer == "SGD":
+        opt = SGD(two_groups(weights, (0.1, 0.05)), momentum=0.6, weight_decay=0.01)
+        spec: Any = [Tuned("lr", "group"), "momentum", "weight_decay"]
+        reference = torch.optim.SGD(two_groups(weights, (0.1, 0.05)), momentum=0.6, weight_decay=0.01)
+    else:
+        opt = Adam(two_groups(weights, (0.03, 0.01)), betas=(0.8, 0.9), weight_decay=0.01)
+        spec = [Tuned("lr", "group"), "betas", "weight_decay"]
+        reference = torch.optim.Adam(two_groups(weights, (0.03, 0.01)), betas=(0.8, 0.9), weight_decay=0.01)
+    tuner = OnlineTuner(opt, train_loss, validation_loss, spec, every=5, window=3, meta_lr=0.2)
+    used = run_and_record(opt, tuner, batches)
+    changes = {str(u) for u in used}
+    assert len(changes) >= 6, "the tuner should have changed the hyperparameters between windows"
+    ref_params = [p for g in reference.param_groups for p in g["params"]]
+    for p in ref_params:
+        p.requires_grad_()
+    for values, batch in zip(used, batches):
+        for group, chosen in zip(reference.param_groups, values):
+            group.update({k: chosen[k] for k in ("lr", "momentum", "weight_decay", "betas") if k in chosen})
+        reference.zero_grad()
+        train_loss(ref_params, batch).backward()
+        reference.step()
+    error = max(float((a - b.detach()).abs().max()) for a, b in zip(tuner.params, ref_params))
+    record("tuner trajectory vs torch.optim replay (max abs)", optimizer, error)
+    assert error <= 1e-10
+
+
+def test_backtracking_restarts_training_from_its_first_step() -> None:
+    """SGD at lr 2 is too fast for the first period: the tuner restarts from the initial weights three
+    times, halving the lr each time (no meta-step), then tunes as usual. The final weights are
+    torch.optim's from the initial weights through the batches after the last restart, with the
+    recorded per-step values (1e-10); with backtrack=0 the same run never restarts."""
+    weights, batches, train_loss, validation_loss = problem(3, n_batches=30)
+    opt = SGD([w.clone() for w in weights], lr=2.0, momentum=0.6)
+    tuner = OnlineTuner(opt, train_loss, validation_loss, ["lr", "momentum"], every=3, window=2, meta_lr=0.2)
+    used = run_and_record(opt, tuner, batches)
+    restarted = [h["step"] for h in tuner.history if h["restarted"]]
+    assert restarted == [3, 6, 9] and tuner.restarts == 3
+    assert [h["values"]["lr"] for h in tuner.history[:3]] == [1.0, 0.5, 0.25]
+    assert [h["values"]["momentum"] for h in tuner.history[:3]] == [0.6, 0.6, 0.6]  # no meta-step
+    assert tuner.history[3]["values"]["lr"] != 0.25 and not any(h["restarted"] for h in tuner.history[3:])
+    ref_params = [w.clone().requires_grad_() for w in weights]
+    reference = torch.optim.SGD(ref_params, lr=2.0, momentum=0.6)
+    for values, batch in list(zip(used, batches))[restarted[-1]:]:
+        reference.param_groups[0].update({k: values[0][k] for k in ("lr", "momentum")})
+        reference.zero_grad()
+        train_loss(ref_params, batch).backward()
+        reference.step()
+    error = max(float((a - b.detach()).abs().max()) for a, b in zip(tuner.params, ref_params))
+    record("tuner trajectory after backtracking vs torch.optim replay (max abs)", "SGD", error)
+    assert error <= 1e-10
+    never = OnlineTuner(SGD([w.clone() for w in weights], lr=2.0, momentum=0.6), train_loss, validation_loss,
+                        ["lr", "momentum"], every=3, window=2, meta_lr=0.2, backtrack=0)
+    for batch in batches:
+        never.step(batch)
+    assert never.restarts == 0 and not any(h["restarted"] for h in never.history)
+    # at most `backtrack` restarts; a tuner of other hyperparameters never restarts
+    capped = OnlineTuner(SGD([w.clone() for w in weights], lr=2.0, momentum=0.6), train_loss, validation_loss,
+                         ["lr"], every=3, window=2, backtrack=2)
+    for batch in batches[:12]:
+        capped.step(batch)
+    assert capped.restarts == 2 and [h["restarted"] for h in capped.history] == [True, True, False, False]
+    other = OnlineTuner(SGD([w.clone() for w in weights], lr=2.0, momentum=0.6), train_loss, validation_loss,
+                        ["momentum"], every=3, window=2)
+    for batch in batches[:6]:
+        other.step(batch)
+    assert other.restarts == 0
+
+
+def test_scheduler_trajectory_matches_torch() -> None:
+    """With a tuned ExponentialLR gamma, the learning rates the run used are torch's scheduler's with
+    the same gammas, set between windows (torch.optim + torch's ExponentialLR replay)."""
+    weights, batches, train_loss, validation_loss = problem(4, n_batches=20)
+    opt = SGD([w.clone() for w in weights], lr=0.2, momentum=0.5)
+    scheduler = ExponentialLR(opt, gamma=0.95)
+    tuner = OnlineTuner(opt, train_loss, validation_loss, "scheduler.gamma", scheduler=scheduler, every=4,
+                        meta_lr=0.3)
+    gammas = []
+    for batch in batches:
+        gammas.append(scheduler.gamma)
+        tuner.step(batch)
+    assert len(set(gammas)) >= 4
+    ref_params = [w.clone().requires_grad_() for w in weights]
+    reference = torch.optim.SGD(ref_params, lr=0.2, momentum=0.5)
+    ref_scheduler = torch.optim.lr_scheduler.ExponentialLR(reference, gamma=0.95)
+    for gamma, batch in zip(gammas, batches):
+        ref_scheduler.gamma = gamma
+        reference.zero_grad()
+        train_loss(ref_params, batch).backward()
+        reference.step()
+        ref_scheduler.step()
+    assert max(float((a - b.detach()).abs().max()) for a, b in zip(tuner.params, ref_params)) <= 1e-10
+    assert abs(opt.param_groups[0]["lr"] - reference.param_groups[0]["lr"]) <= 1e-15
+
+
+def test_onecycle_max_lr_trajectory_matches_torch() -> None:
+    """OneCycleLR's peak, tuned as the group key 'max_lr': the run equals torch.optim.SGD under torch's
+    OneCycleLR with the same per-step max_lr written into its groups (1e-10), and the peak moved."""
+    weights, batches, train_loss, validation_loss = problem(8, n_batches=24)
+    opt = SGD([w.clone() for w in weights], lr=0.1, momentum=0.5)
+    scheduler = OneCycleLR(opt, max_lr=0.3, total_steps=24, pct_start=0.4, cycle_momentum=False)
+    tuner = OnlineTuner(opt, train_loss, validation_loss, "max_lr", scheduler=scheduler, every=4, window=3,
+                        meta_lr=0.3)
+    peaks = []
+    for batch in batches:
+        peaks.append(opt.param_groups[0]["max_lr"])
+        tuner.step(batch)
+    assert len(set(peaks)) >= 5 and tuner.values()["max_lr"] != 0.3
+    ref_params = [w.clone().requires_grad_() for w in weights]
+    reference = torch.optim.SGD(ref_params, lr=0.1, momentum=0.5)
+    ref_scheduler = torch.optim.lr_scheduler.OneCycleLR(reference, max_lr=0.3, total_steps=24, pct_start=0.4,
+                                                        cycle_momentum=False)
+    for peak, batch in zip(peaks, batches):
+        reference.param_groups[0]["max_lr"] = peak
+        reference.zero_grad()
+        train_loss(ref_params, batch).backward()
+        reference.step()
+        if ref_scheduler.last_epoch < 23:
+            ref_scheduler.step()
+    error = max(float((a - b.detach()).abs().max()) for a, b in zip(tuner.params, ref_params))
+    record("tuner OneCycleLR max_lr trajectory vs torch.optim replay (max abs)", "SGD", error)
+    assert error <= 1e-10
+
+
+def test_pes_is_unbiased_on_a_quadratic() -> None:
+    """PES over three windows with fixed values: the mean of its estimate equals the gradient through all
+    six steps (no truncation) within 3 standard errors; a linear model with squared error, SGD with
+    momentum, identity reparameterisation (a small sigma keeps the smoothing bias far below the error)."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(1, 3, generator=g, dtype=F64)
+    batches = [(torch.randn(6, 3, generator=g, dtype=F64), torch.randn(6, 1, generator=g, dtype=F64))
+               for _ in range(6)]
+    vx, vy = torch.randn(12, 3, generator=g, dtype=F64), torch.randn(12, 1, generator=g, dtype=F64)
+
+    def train_loss(p: Params, b: tuple[Tensor, Tensor]) -> Tensor:
+        return ((b[0] @ p[0].T - b[1]) ** 2).mean()
+
+    def validation_loss(p: Params) -> Tensor:
+        return ((vx @ p[0].T - vy) ** 2).mean()
+
+    spec = [Tuned("lr", transform="identity"), Tuned("momentum", transform="identity")]
+    opt = SGD([w0.clone()], lr=0.1, momentum=0.5)
+    tuner = OnlineTuner(opt, train_loss, validation_loss, spec, every=2, mode="pes", pes_samples=400, pes_sigma=1e-3,
+                        meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0),
+                        generator=torch.Generator().manual_seed(5))
+    for batch in batches:
+        tuner.step(batch)
+    estimate = torch.stack(list(tuner.last_hypergradient.values()))
+    lr = torch.tensor(0.1, dtype=F64, requires_grad=True)
+    momentum = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    truth = hypergradient(SGD([w0.clone()], lr=0.1, momentum=0.5), batches, train_loss, validation_loss,
+                          {"lr": lr, "momentum": momentum})
+    truth = torch.stack([truth["lr"][0], truth["momentum"][0]])
+    z = float(((estimate - truth).abs() / tuner.last_standard_error).max())
+    record("tuner PES |mean - truth| / SE", "quadratic", z)
+    assert z <= 3.0, f"PES {estimate} vs truth {truth} (SE {tuner.last_standard_error})"
+    assert tuner.last_standard_error <= 0.25 * float(truth.norm())
+
+
+@pytest.mark.parametrize("mode", ["reverse", "pes", "reverse, backtracking"])
+def test_interrupted_and_resumed_run_equals_uninterrupted(mode: str, tmp_path: Any) -> None:
+    """Saved mid-window (and mid-PES-horizon, and between two backtracking restarts: the lrs 8 and 4
+    restart at steps 4, 8, 12, 16 and 20) and resumed into freshly built objects: bit for bit."""
+    weights, batches, train_loss, validation_loss = problem(5, n_batches=22)
+    lrs = (8.0, 4.0) if "backtracking" in mode else (0.05, 0.02)
+    mode = mode.split(",")[0]
+
+    def build() -> OnlineTuner:
+        opt = Adam(two_groups(weights, lrs), betas=(0.8, 0.9))
+        return OnlineTuner(opt, train_loss, validation_loss, [Tuned("lr", "group"), "beta1"], every=4,
+                           window=None if mode == "pes" else 3, mode=mode, pes_samples=2, meta_lr=0.2)
+
+    whole = build()
+    for batch in batches:
+        whole.step(batch)
+    first = build()
+    for batch in batches[:10]:
+        first.step(batch)
+    first.save(tmp_path / "tuner.pt")
+    resumed = build()
+    resumed.load(tmp_path / "tuner.pt")
+    for batch in batches[10:]:
+        resumed.step(batch)
+    assert all(torch.equal(a, b) for a, b in zip(whole.params, resumed.params))
+    assert all(torch.equal(a, b) for a, b in zip(whole.raw_tensors(), resumed.raw_tensors()))
+    assert [h["values"] for h in whole.history] == [h["values"] for h in resumed.history]
+    assert whole.restarts == resumed.restarts
+    assert whole.restarts == 5 or lrs[0] != 8.0
+    assert all(torch.equal(a, b) for s1, s2 in zip(whole.optimizer.state, resumed.optimizer.state)
+               for a, b in zip(s1.values(), s2.values()) if isinstance(a, Tensor))
+
+
+def test_element_scope_checkpoint_and_values(tmp_path: Any) -> None:
+    weights, batches, train_loss, validation_loss = problem(6, n_batches=8)
+    opt = SGD([w.clone() for w in weights], lr=0.1)
+    tuner = OnlineTuner(opt, train_loss, validation_loss, {"lr": "element"}, every=4)
+    for batch in batches:
+        tuner.step(batch)
+    lrs = tuner.values()["lr"]
+    assert [v.shape for v in lrs] == [w.shape for w in weights]
+    assert len({float(v) for lr in lrs for v in lr.reshape(-1)}) > 1  # the rates now differ per element
+    assert tuner.history[-1]["values"]["lr"] == [float(v.mean()) for v in lrs]  # history: one mean per tensor
+    assert [g.shape for g in tuner.last_hypergradient.values()] == [w.shape for w in weights]
+    tuner.save(tmp_path / "t.pt")
+    again = OnlineTuner(SGD([w.clone() for w in weights], lr=0.1), train_loss, validation_loss, {"lr": "element"},
+                        every=4)
+    again.load(tmp_path / "t.pt")
+    assert all(torch.equal(a, b) for a, b in zip(again.values()["lr"], lrs))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+
+def test_refuses_a_torch_optimizer_and_a_first_order_one() -> None:
+    weights, _, train_loss, validation_loss = problem()
+    with pytest.raises(TypeError, match="from_torch"):
+        OnlineTuner(torch.optim.SGD([w.clone().requires_grad_() for w in weights], lr=0.1), train_loss,
+                    validation_loss)
+    with pytest.raises(ValueError, match="first_order=True.*drops the graph"):
+        OnlineTuner(SGD([w.clone() for w in weights], lr=0.1, first_order=True), train_loss, validation_loss)
+
+
+def test_python_float_where_a_tensor_is_needed() -> None:
+    weights, batches, train_loss, validation_loss = problem()
+    opt = SGD([w.clone() for w in weights], lr=0.1)
+    with pytest.raises(TypeError, match=r"values\['lr'\] is a Python float.*torch.tensor\(0.1"):
+        hypergradient(opt, batches[:2], train_loss, validation_loss, {"lr": 0.1})
+    with pytest.raises(ValueError, match=r"values\['lr'\] does not require grad.*requires_grad=True"):
+        hypergradient(opt, batches[:2], train_loss, validation_loss, {"lr": torch.tensor(0.1, dtype=F64)})
+
+
+def test_validation_loss_that_ignores_the_weights_or_a_hyperparameter() -> None:
+    weights, batches, train_loss, validation_loss = problem()
+    constant = torch.tensor(1.0, dtype=F64)
+    tuner = OnlineTuner(SGD([w.clone() for w in weights], lr=0.1), train_loss, lambda p: constant, every=2)
+    with pytest.raises(ValueError, match="does not depend on the weights passed to validation_loss"):
+        for batch in batches[:2]:
+            tuner.step(batch)
+    tuner = OnlineTuner(SGD([w.clone() for w in weights], lr=0.1), train_loss,
+                        lambda p: (p[0] ** 2).sum(1), every=2)  # one loss per row, not a scalar
+    with pytest.raises(TypeError, match=r"validation_loss\(params\) must return a scalar tensor, got Tensor\(4,\)"):
+        for batch in batches[:2]:
+            tuner.step(batch)
+    # momentum acts only from the second step of a fresh SGD: a one-step window cannot see it
+    for mode in ("reverse", "forward"):
+        tuner = OnlineTuner(SGD([w.clone() for w in weights], lr=0.1, momentum=0.5), train_loss, validation_loss,
+                            ["lr", "momentum"], every=1, mode=mode)
+        with pytest.raises(ValueError, match=r"do not depend on momentum, so its hypergradient would be silently "
+                                             r"zero.*lengthen the window"):
+            tuner.step(batches[0])
+
+
+def test_an_optimizer_that_drops_the_graph() -> None:
+    class DetachingExponentialLR(ExponentialLR):
+        def get_lr(self) -> list[float]:  # a scheduler that turns its rates into Python floats
+            return [float(lr.detach()) if isinstance(lr, Tensor) else lr for lr in super().get_lr()]
+
+    weights, batches, train_loss, validation_loss = problem()
+    for mode in ("reverse", "forward"):
+        opt = SGD([w.clone() for w in weights], lr=0.1)
+        tuner = OnlineTuner(opt, train_loss, validation_loss, "scheduler.gamma", every=3, mode=mode,
+                            scheduler=DetachingExponentialLR(opt, gamma=0.9))
+        with pytest.raises(ValueError, match=r"weights after the window do not depend on scheduler.gamma, so its "
+                                             r"hypergradient would be silently zero.*the optimizer dropped the graph"):
+            for batch in batches[:3]:
+                tuner.step(batch)
+
+
+def test_settings_errors_name_the_argument() -> None:
+    weights, _, train_loss, validation_loss = problem()
+
+    def make(**kw: Any) -> OnlineTuner:
+        opt = SGD([w.clone() for w in weights], lr=0.1)
+        return OnlineTuner(opt, train_loss, validation_loss, **kw)
+
+    with pytest.raises(ValueError, match="no hyperparameter 'lrr'; did you mean 'lr'"):
+        make(hyperparameters="lrr")
+    with pytest.raises(ValueError, match=r"momentum'\] is 0.0, outside the open range \(0, 1\)"):
+        make(hyperparameters="momentum")
+    with pytest.raises(ValueError, match=r"window \(5\) must be <= every \(3\)"):
+        make(every=3, window=5)
+    with pytest.raises(ValueError, match="window must equal every"):
+        make(every=3, window=2, mode="pes")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        make(mode="backward")
+    with pytest.raises(ValueError, match="backtrack must be an integer >= 0, got -1"):
+        make(backtrack=-1)
+    with pytest.raises(ValueError, match=r"backtrack_factor must be a number in \(0, 1\), got 1.5"):
+        make(backtrack_factor=1.5)
+    opt = SGD([w.clone() for w in weights], lr=0.1)
+    with pytest.raises(ValueError, match="'lr' is written by the scheduler"):
+        OnlineTuner(opt, train_loss, validation_loss, "lr", scheduler=ExponentialLR(opt, gamma=0.9))
+    with pytest.raises(ValueError, match="scope 'group'"):
+        OnlineTuner(SGD(two_groups(weights), lr=0.1), train_loss, validation_loss, "lr")
+    tuner = make()
+    other = OnlineTuner(SGD([w.clone() for w in weights], lr=0.1), train_loss, validation_loss, every=3)
+    with pytest.raises(ValueError, match="build it with the same settings"):
+        tuner.load_state_dict(other.state_dict())
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam",
+                                  "Rprop", "ASGD"])
+def test_a_window_start_is_not_written_by_later_steps(name: str) -> None:
+    """The tuner keeps a window's start by reference (update rules never write in place): the training
+    steps after it leave its weights and state tensors unchanged."""
+    from diffopt.hyper._window import Snapshot, advance
+    from diffopt.optim import OPTIMIZERS
+
+    options = {"SGD": {"momentum": 0.5, "weight_decay": 0.01}, "AdamW": {"amsgrad": True},
+               "RMSprop": {"momentum": 0.3, "centered": True}}.get(name, {})
+    weights, batches, train_loss, _ = problem(7)
+    opt = OPTIMIZERS[name]([w.clone() for w in weights], **options)
+    for batch in batches[:2]:
+        advance(opt, None, batch, train_loss)
+    start = Snapshot.capture(opt)
+    saved = Snapshot.capture(opt).payload()  # cloned tensors
+    for batch in batches[2:6]:
+        advance(opt, None, batch, train_loss)
+    assert all(torch.equal(a, b) for a, b in zip(start.params, saved["params"]))
+    for state, kept in zip(start.states, saved["states"]):
+        assert all(torch.equal(state[k], kept[k]) for k in state if isinstance(state[k], Tensor)), name
