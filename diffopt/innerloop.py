@@ -10,11 +10,12 @@
 ``fmodel`` is a :class:`PatchedModule`: the model itself, run with the fast weights put in
 place of its parameters for the duration of each call (the swap ``torch.func.functional_call``
 makes, without its per-call set-up), with higher's interface (``fmodel(x, params=...)``,
-``fast_params``, ``parameters(time=...)``, ``update_params``). Nothing is copied per block:
-what a block needs from the model (where each parameter sits, its buffers) is worked out once
-per model and reused while the model's parameters stay the same tensors, and a torch.optim
+``fast_params``, ``parameters(time=...)``, ``update_params``). Nothing is rebuilt per block
+(only buffers are cloned, as higher does): where each parameter and buffer sits is worked out
+once per model and reused while the model's parameters stay the same tensors, and a torch.optim
 optimizer is converted once while its settings stay the same and it holds no state. A block
-costs what the hand-written ``functional_call`` loop costs (benchmarks/RESULTS.md, section 7).
+costs what the hand-written ``functional_call`` loop costs (benchmarks/RESULTS.md, "The drop-in
+``diffopt.innerloop`` at the plain loop's cost").
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ class _Layout:
     ``(module._parameters, name, position)`` per occurrence (a tied weight has several slots and
     one position), the modules whose flat weights must follow (RNNs), and the buffers.
 
-    Valid while ``model.named_parameters()`` gives the same names and tensors (:meth:`matches`);
+    Valid while ``model.named_parameters()`` gives the same names and tensors and the model has as
+    many buffers (:meth:`matches`);
     it holds no reference to a module, so it never keeps the model alive."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -58,9 +60,10 @@ class _Layout:
                 self.flat.append(weakref.ref(module))
         self.buffer_slots = [(module._buffers, name) for module in model.modules()
                              for name, b in module._buffers.items() if b is not None]
+        self.buffer_count = sum(1 for _ in model.buffers())
 
-    def matches(self, named: Sequence[tuple[str, Tensor]]) -> bool:
-        return (len(named) == len(self._tensors)
+    def matches(self, named: Sequence[tuple[str, Tensor]], buffers: int) -> bool:
+        return (len(named) == len(self._tensors) and buffers == self.buffer_count
                 and all(n == m and p is r() for (n, p), m, r in zip(named, self.names, self._tensors)))
 
 
@@ -70,7 +73,7 @@ _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDiction
 def _layout(model: nn.Module) -> _Layout:
     named = list(model.named_parameters())
     layout = _LAYOUTS.get(model)
-    if layout is None or not layout.matches(named):
+    if layout is None or not layout.matches(named, sum(1 for _ in model.buffers())):
         layout = _LAYOUTS[model] = _Layout(model)
     return layout
 

@@ -549,3 +549,28 @@ def test_recurrent_model_matches_higher():
             results.append(torch.autograd.grad(loss(fmodel, xq), list(gru.parameters())))
     for a, b in zip(*results):
         close("GRU vs higher", b, a)
+
+
+class Counting(nn.Module):
+    """Counts its calls in a buffer registered later, updated in place by the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, x):
+        if hasattr(self, "calls"):
+            self.calls.add_(1)
+        return self.linear(x)
+
+
+def test_a_buffer_registered_between_blocks_is_the_blocks_copy():
+    model = Counting().double()
+    x, y = make_data(0)[0], make_data(0)[1]
+    for registered in (False, True):
+        with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, dopt):
+            dopt.step(mse(fmodel(x), y))
+            fmodel(x)
+        if not registered:
+            model.register_buffer("calls", torch.zeros((), dtype=torch.long))
+    assert int(model.calls) == 0  # the two calls counted in the block's copy
