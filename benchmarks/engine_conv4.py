@@ -38,7 +38,7 @@ allocations during another (``torch.profiler`` memory events, cumulative sum in
 time order, max; see ``_common``). The tensor peak is the number compared.
 Targets: diffopt ≤ 1.05x the per-task-backward loop's time and ≤ 1.1x its memory.
 
-    python benchmarks/engine_conv4.py [--quick] [--json PATH]
+    python benchmarks/engine_conv4.py [--quick] [--clock cpu] [--json PATH]
 """
 from __future__ import annotations
 
@@ -197,7 +197,8 @@ def timing(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, di
     out = {}
     for steps in args.steps:
         fns = {name: build(name, model, data, steps, args.lr) for name in names}
-        samples = _common.interleave(fns, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+        measure = _common.interleave_cpu if args.clock == "cpu" else _common.interleave
+        samples = measure(fns, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                                      budget_s=args.budget)
         base = samples[HEADLINE if HEADLINE in samples else "plain loop"]
         out[f"K={steps}"] = {
@@ -210,7 +211,7 @@ def timing(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, di
 
 
 def tables(results: dict[str, Any], args: argparse.Namespace) -> str:
-    headers = ["K", "implementation", "ms per meta-step", "time / per-task-backward loop", "tensor peak MiB",
+    headers = ["K", "implementation", "CPU ms per meta-step" if args.clock == "cpu" else "ms per meta-step", "time / per-task-backward loop", "tensor peak MiB",
                "memory / plain loop (one backward)", "memory / per-task-backward loop", "RSS peak increase MiB",
                "meta-grad max abs diff (float64, K=1)"]
     rows = []
@@ -277,6 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--implementations", nargs="*", choices=IMPLEMENTATIONS, default=None)
     parser.add_argument("--worker-timeout", type=float, default=600)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    parser.add_argument("--clock", choices=_common.CLOCKS, default="wall",
+                        help="time per meta-step as wall time or as this thread's CPU time (a loaded machine)")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--in-process", action="store_true",
                         help="measure memory in this process instead of a fresh one per configuration (tests)")

@@ -36,7 +36,7 @@ loop's in float64 (max abs difference printed). Ratios are against the per-task-
 plain loop measured in the same run: the median over rounds of the per-round ratio. Targets: diffopt second order at K=5
 ≤ 0.2x that loop, first order ≤ 0.25x.
 
-    python benchmarks/engine_sinusoid.py [--quick] [--json PATH]
+    python benchmarks/engine_sinusoid.py [--quick] [--clock cpu] [--json PATH]
 """
 from __future__ import annotations
 
@@ -219,7 +219,8 @@ def timing(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, di
                 name: with_zeroed_grads(model, build(name, model, data, steps, args.lr, order == "first_order"))
                 for name in names
             }
-            samples = _common.interleave(fns, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+            measure = _common.interleave_cpu if args.clock == "cpu" else _common.interleave
+            samples = measure(fns, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                                          budget_s=args.budget)
             base = samples[HEADLINE]
             out[f"{order}/K={steps}"] = {
@@ -243,8 +244,9 @@ def tables(results: dict[str, Any], args: argparse.Namespace) -> str:
             s = timed[key][name]
             row.append(f"{_common.fmt_ms(s)} ({_common.fmt_ratio(s['ratio']['median'])})")
         rows.append(row)
-    text = ("Median ms per meta-step ±IQR/2 (median of the per-round ratios to the plain loop with a backward "
-            "per task):\n\n") + _common.markdown_table(headers, rows)
+    clock = " (this thread's CPU time)" if args.clock == "cpu" else ""
+    text = (f"Median ms per meta-step{clock} ±IQR/2 (median of the per-round ratios to the plain loop with a "
+            "backward per task):\n\n") + _common.markdown_table(headers, rows)
     agree = results["agreement"]
     rows = [[name] + [f"{agree[key][name]:.1e}" for key in keys] for name in results["implementations"]]
     text += "\n\nMax abs difference of the meta-gradient from the plain loop's (float64):\n\n"
@@ -296,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--budget", type=float, default=None, help="seconds of timed rounds per configuration")
     parser.add_argument("--implementations", nargs="*", choices=IMPLEMENTATIONS, default=None)
+    parser.add_argument("--clock", choices=_common.CLOCKS, default="wall",
+                        help="time per meta-step as wall time or as this thread's CPU time (a loaded machine)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.repeats is None:

@@ -249,3 +249,19 @@ def test_engine_dispatch_counts_are_deterministic(capsys):
     assert by_case[("first_order", 5)] < by_case[("second_order", 5)]
     assert by_case[("second_order", 1)] < by_case[("second_order", 5)]
     assert_markdown_table(capsys.readouterr().out, columns=4)
+
+
+def test_cpu_clock_times_the_task_loop_rows(capsys):
+    """--clock cpu (this thread's CPU time, for a loaded machine): one sample per timed round, none from
+    the warm-up; the per-task-backward loop is the reference of every ratio (issue 16)."""
+    results = engine_sinusoid.main([
+        "--steps", "1", "--orders", "first_order", "--tasks", "2", "--shots", "3", "--queries", "3", "--hidden", "5",
+        "--repeats", "2", "--warmup", "1", "--clock", "cpu", "--implementations", "diffopt.innerloop",
+        "learn2learn stand-in",
+    ])
+    assert "CPU time" in capsys.readouterr().out
+    timed = results["timing"]["first_order/K=1"]
+    assert set(timed) == {"plain loop", "plain loop, backward per task", "diffopt.innerloop", "learn2learn stand-in"}
+    for entry in timed.values():
+        assert entry["n"] == 2 and entry["median"] > 0
+    assert timed["plain loop, backward per task"]["ratio"]["median"] == 1.0
