@@ -178,14 +178,19 @@ class PatchedModule(_View):
 
     def __init__(self, model: nn.Module, layout: _Layout, params: list[Tensor], *, track_higher_grads: bool,
                  twice_differentiable: bool) -> None:
-        super().__init__(self, model, "")
-        setattr_ = object.__setattr__
+        setattr_ = object.__setattr__  # (no _root attribute: a reference to itself would leave it to the cyclic GC)
+        setattr_(self, "_module", model)
+        setattr_(self, "_prefix", "")
         setattr_(self, "_layout", layout)
         setattr_(self, "_fast", [list(params)])
         setattr_(self, "_track", bool(track_higher_grads))
         setattr_(self, "_buffers", [d[name].clone().detach() for d, name in layout.buffer_slots])
         setattr_(self, "_modes", None)  # {module: training} after fmodel.train()/eval(), else the model's own
         setattr_(self, "_attention", _math_attention() if twice_differentiable else None)
+
+    @property
+    def _root(self) -> PatchedModule:  # type: ignore[override]
+        return self
 
     # -- the call ----------------------------------------------------------------------
     def __call__(self, *args: Any, params: Sequence[Tensor] | None = None, **kwargs: Any) -> Any:

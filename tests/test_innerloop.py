@@ -574,3 +574,25 @@ def test_a_buffer_registered_between_blocks_is_the_blocks_copy():
         if not registered:
             model.register_buffer("calls", torch.zeros((), dtype=torch.long))
     assert int(model.calls) == 0  # the two calls counted in the block's copy
+
+
+def test_a_finished_block_is_freed_without_the_cyclic_garbage_collector():
+    """fmodel holds every step's fast weights: a reference cycle would keep them (and so one task's
+    weights per task) alive until a collection, raising the peak memory of a task loop."""
+    import gc
+    import weakref
+
+    model, (x, y, _, _) = make_model(0), make_data(0)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, dopt):
+            dopt.step(mse(fmodel(x), y))
+            fmodel[0](x)  # a submodule view too
+            fmodel.eval()
+        refs = [weakref.ref(fmodel), weakref.ref(dopt), weakref.ref(dopt.optimizer)]
+        del fmodel, dopt
+        assert all(r() is None for r in refs)
+    finally:
+        if enabled:
+            gc.enable()
