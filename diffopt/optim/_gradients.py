@@ -90,7 +90,7 @@ def loss_gradients(loss: Tensor | None, params: Sequence[Tensor], step: int, *, 
             "requires_grad_()), and do not compute the loss under torch.no_grad()"
         )
     computed = torch.autograd.grad(
-        loss.reshape(()),
+        loss if loss.dim() == 0 else loss.reshape(()),  # (a view would add a node to every step's graph)
         [params[i] for i in wanted],
         create_graph=not first_order and torch.is_grad_enabled(),
         allow_unused=True,
