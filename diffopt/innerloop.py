@@ -70,12 +70,13 @@ class _Layout:
 _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
 
 
-def _layout(model: nn.Module) -> _Layout:
+def _layout(model: nn.Module) -> tuple[_Layout, list[Tensor]]:
+    """The model's kept layout (rebuilt if it no longer matches) and its parameters."""
     named = list(model.named_parameters())
     layout = _LAYOUTS.get(model)
     if layout is None or not layout.matches(named, sum(1 for _ in model.buffers())):
         layout = _LAYOUTS[model] = _Layout(model)
-    return layout
+    return layout, [p for _, p in named]
 
 
 class _MathAttention:
@@ -448,9 +449,8 @@ def innerloop(
             f"innerloop(optimizer=...): expected a torch.optim or diffopt optimizer, got "
             f"{type(optimizer).__name__}"
         )
-    layout = _layout(model)
+    layout, params = _layout(model)
     positions = _positions(layout, originals)
-    params = list(model.parameters())
     if copy_initial_weights:
         params = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
     starts = [params[j] for j in positions]
