@@ -26,8 +26,28 @@ __all__ = [  # the scripts also use _common.gc, _common.random and _common.time
     "fmt_ratio", "gc", "interleave", "load_average", "machine_info", "markdown_table", "max_rss_bytes", "ms",
     "paired_ratio", "peak_rss_increase", "peak_tensor_bytes", "random", "ratio", "release_free_memory",
     "reset_peak_rss", "rss_bytes", "run_worker", "set_threads", "summarize", "time", "time_call", "worker_reply",
-    "write_json", "zero_grads",
+    "write_json", "zero_grads", "interleave_cpu", "CLOCKS",
 ]
+
+#: ``--clock`` of the engine scripts: wall time, or the calling thread's CPU time
+CLOCKS = ("wall", "cpu")
+
+
+def interleave_cpu(fns: Mapping[str, Any], warmup: int = 2, **kwargs: Any) -> dict[str, list[float]]:
+    """:func:`interleave`, each sample the calling thread's CPU time during the call (``time.thread_time``)
+    instead of wall time. With one torch thread every forward and backward runs in the calling thread,
+    so this is the work done, without the time spent waiting for a core on a loaded machine."""
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+
+    def timed(name: str, fn: Any) -> Any:
+        def call() -> None:
+            start = time.thread_time()
+            fn()
+            cpu[name].append(time.thread_time() - start)
+        return call
+
+    interleave({name: timed(name, fn) for name, fn in fns.items()}, warmup=warmup, **kwargs)
+    return {name: samples[warmup:] for name, samples in cpu.items()}  # (the warm-up calls left out)
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,6 +20,12 @@ Implementations:
 ``diffopt MAML step``     ``MAML(..., vectorize=False).train_step(...)``: what ``Trainer`` and
                           ``diffopt train`` run, back-propagating task by task (issue 16).
 
+Task-by-task rows (issue 16; ``diffopt.bench.baselines.PEER_ROWS``, backward per task):
+``diffopt.innerloop`` (the drop-in for higher's ``innerloop_ctx``, torch.optim.SGD; target
+≤ 1.03x the per-task-backward loop's time), ``higher loop`` (``higher.innerloop_ctx``),
+``torchopt functional`` (``torchopt.sgd`` ``update`` / ``apply_updates``), ``learn2learn
+stand-in`` (learn2learn does not build on Python 3.11: its ``clone`` + ``maml_update`` written out).
+
 The headline baseline is the per-task-backward loop (what the peers' examples do); ratios to
 it are the targets. The single-backward plain loop stays beside it.
 
@@ -32,7 +38,7 @@ allocations during another (``torch.profiler`` memory events, cumulative sum in
 time order, max; see ``_common``). The tensor peak is the number compared.
 Targets: diffopt ≤ 1.05x the per-task-backward loop's time and ≤ 1.1x its memory.
 
-    python benchmarks/engine_conv4.py [--quick] [--json PATH]
+    python benchmarks/engine_conv4.py [--quick] [--clock cpu] [--json PATH]
 """
 from __future__ import annotations
 
@@ -52,11 +58,14 @@ from benchmarks import _common  # noqa: E402
 from benchmarks._common import MEMORY_METHOD  # noqa: E402
 
 from diffopt.algorithms import MAML  # noqa: E402
-from diffopt.bench.baselines import plain_loop_step  # noqa: E402
+from diffopt.bench.baselines import PEER_ROWS, peer_row_available, plain_loop_step  # noqa: E402
 from diffopt.optim import SGD  # noqa: E402
 from diffopt.unroll import InnerLoop  # noqa: E402
 
-IMPLEMENTATIONS = ("plain loop", "plain loop, backward per task", "diffopt loop", "diffopt vmap", "diffopt MAML step")
+TASK_LOOP_ROWS = ("diffopt.innerloop", "higher loop", "torchopt functional", "learn2learn stand-in")
+IMPLEMENTATIONS = ("plain loop", "plain loop, backward per task", "diffopt loop", "diffopt vmap", "diffopt MAML step",
+                   *TASK_LOOP_ROWS)
+INNERLOOP_TIME_TARGET = 1.03
 HEADLINE = "plain loop, backward per task"
 TIME_TARGET, MEMORY_TARGET = 1.05, 1.10
 
@@ -107,6 +116,12 @@ def maml_step(model: nn.Module, data, steps: int, lr: float) -> Callable[[], Non
     return lambda: learner.train_step(data, outer)
 
 
+def task_loop_row(name: str, model: nn.Module, data, steps: int, lr: float) -> Callable[[], None]:
+    """A per-task-backward row of issue 16 (``PEER_ROWS`` of diffopt.bench.baselines), second order."""
+    step = PEER_ROWS[name](model, F.cross_entropy, lr, steps, False)
+    return lambda: step(data)
+
+
 def build(name: str, model: nn.Module, data, steps: int, lr: float) -> Callable[[], None]:
     params = list(model.parameters())
     if name == "plain loop":
@@ -119,6 +134,8 @@ def build(name: str, model: nn.Module, data, steps: int, lr: float) -> Callable[
         fn = diffopt_loop(model, data, steps, lr, vectorize=True)
     elif name == "diffopt MAML step":
         fn = maml_step(model, data, steps, lr)
+    elif name in TASK_LOOP_ROWS:
+        fn = task_loop_row(name, model, data, steps, lr)
     else:
         raise ValueError(name)
 
@@ -180,7 +197,8 @@ def timing(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, di
     out = {}
     for steps in args.steps:
         fns = {name: build(name, model, data, steps, args.lr) for name in names}
-        samples = _common.interleave(fns, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+        measure = _common.interleave_cpu if args.clock == "cpu" else _common.interleave
+        samples = measure(fns, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                                      budget_s=args.budget)
         base = samples[HEADLINE if HEADLINE in samples else "plain loop"]
         out[f"K={steps}"] = {
@@ -193,7 +211,7 @@ def timing(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, di
 
 
 def tables(results: dict[str, Any], args: argparse.Namespace) -> str:
-    headers = ["K", "implementation", "ms per meta-step", "time / per-task-backward loop", "tensor peak MiB",
+    headers = ["K", "implementation", "CPU ms per meta-step" if args.clock == "cpu" else "ms per meta-step", "time / per-task-backward loop", "tensor peak MiB",
                "memory / plain loop (one backward)", "memory / per-task-backward loop", "RSS peak increase MiB",
                "meta-grad max abs diff (float64, K=1)"]
     rows = []
@@ -216,15 +234,31 @@ def tables(results: dict[str, Any], args: argparse.Namespace) -> str:
                 "error" if rss is None else f"{rss / _common.MiB:.0f}",
                 f"{results['agreement'].get(name, float('nan')):.1e}",
             ])
-            if name.startswith("diffopt"):
+            if name.startswith("diffopt") and name not in TASK_LOOP_ROWS:
                 q = timed[name]["ratio"]
                 summary.append([f"K={steps}", name, f"{tr:.2f}x (IQR {q['q1']:.2f}–{q['q3']:.2f})",
                                 "met" if tr is not None and tr <= TIME_TARGET else "missed",
                                 _common.fmt_ratio(mr), "met" if mr is not None and mr <= MEMORY_TARGET else "missed"])
     text = _common.markdown_table(headers, rows)
-    text += "\n\nTargets (time ≤ 1.05x, memory ≤ 1.1x the per-task-backward loop):\n\n"
+    summary += innerloop_target_rows(results, args)
+    text += "\n\nTargets (time ≤ 1.05x, memory ≤ 1.1x the per-task-backward loop; diffopt.innerloop's time ≤ 1.03x):\n\n"
     text += _common.markdown_table(["case", "implementation", "time ratio", "", "memory ratio", ""], summary)
     return text
+
+
+def innerloop_target_rows(results: dict[str, Any], args: argparse.Namespace) -> list[list[str]]:
+    """diffopt.innerloop ≤ 1.03x the per-task-backward loop's time at every K (issue 16 item 1)."""
+    rows = []
+    for steps in args.steps:
+        timed, mem = results["timing"][f"K={steps}"], results["memory"][f"K={steps}"]
+        if "diffopt.innerloop" not in timed:
+            continue
+        q = timed["diffopt.innerloop"]["ratio"]
+        mr = _common.ratio(mem["diffopt.innerloop"].get("tensor_peak_bytes"), mem[HEADLINE].get("tensor_peak_bytes"))
+        rows.append([f"K={steps}", "diffopt.innerloop (time ≤ 1.03x)", f"{q['median']:.2f}x (IQR {q['q1']:.2f}–"
+                     f"{q['q3']:.2f})", "met" if q["median"] <= INNERLOOP_TIME_TARGET else "missed", _common.fmt_ratio(mr),
+                     "met" if mr is not None and mr <= MEMORY_TARGET else "missed"])
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -244,6 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--implementations", nargs="*", choices=IMPLEMENTATIONS, default=None)
     parser.add_argument("--worker-timeout", type=float, default=600)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    parser.add_argument("--clock", choices=_common.CLOCKS, default="wall",
+                        help="time per meta-step as wall time or as this thread's CPU time (a loaded machine)")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--in-process", action="store_true",
                         help="measure memory in this process instead of a fresh one per configuration (tests)")
@@ -259,6 +295,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _common.set_threads(args.threads)
     info = _common.machine_info()
     names = args.implementations or list(IMPLEMENTATIONS)
+    for name in [n for n in names if peer_row_available(n) is not None]:
+        print(f"# {name} left out: {peer_row_available(name)}")
+        names.remove(name)
     for required in (HEADLINE, "plain loop"):  # the baselines every ratio needs
         if required not in names:
             names = [required] + names

@@ -303,7 +303,24 @@ def test_hyper_tuning_tiny():
                               log=lines.append)
     for name in ("digits", "regression"):
         assert_markdown_table(report[name]["table"], columns=7)
-        assert len(table_lines(report[name]["table"])) == 2 + 10  # (a), (b), 2 x (2 HD + tuner + PES tuner)
+        # header and separator, (a), (b), and from 10x high and low: 2 HD rates, the tuner, without backtracking, PES
+        assert len(table_lines(report[name]["table"])) == 2 + 2 + 2 * 5
         for goal in report[name]["goals"].values():
             assert goal["time_ratio"] > 0 and math.isfinite(goal["test_ratio"])
     assert any("goal" in line for line in lines)
+
+
+def test_cpu_clock_times_the_task_loop_rows(capsys):
+    """--clock cpu (this thread's CPU time, for a loaded machine): one sample per timed round, none from
+    the warm-up; the per-task-backward loop is the reference of every ratio (issue 16)."""
+    results = engine_sinusoid.main([
+        "--steps", "1", "--orders", "first_order", "--tasks", "2", "--shots", "3", "--queries", "3", "--hidden", "5",
+        "--repeats", "2", "--warmup", "1", "--clock", "cpu", "--implementations", "diffopt.innerloop",
+        "learn2learn stand-in",
+    ])
+    assert "CPU time" in capsys.readouterr().out
+    timed = results["timing"]["first_order/K=1"]
+    assert set(timed) == {"plain loop", "plain loop, backward per task", "diffopt.innerloop", "learn2learn stand-in"}
+    for entry in timed.values():
+        assert entry["n"] == 2 and entry["median"] > 0
+    assert timed["plain loop, backward per task"]["ratio"]["median"] == 1.0

@@ -12,6 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn import functional as F
 from torch.func import functional_call
 
 import diffopt
@@ -344,3 +345,254 @@ def test_a_diffopt_optimizer_is_reusable_across_blocks_and_left_untouched():
     assert all(torch.equal(a, b) for a, b in zip(second_order, again))
     # the first-order block really was first order, the later ones second order
     assert any(not torch.allclose(a, b) for a, b in zip(first, second_order))
+
+
+# -- #16 item 1: the drop-in costs what the plain loop costs, and computes what it computes ----------
+
+def sinusoid_mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1)).double()
+
+
+def small_conv(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 3 * 3, 2)).double()
+
+
+def task_batch(kind: str, tasks: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "mlp":
+        x = torch.rand(tasks, 12, 1, generator=g, dtype=F64) * 10 - 5
+        return x[:, :6], torch.sin(x[:, :6]), x[:, 6:], torch.sin(x[:, 6:])
+    images = torch.randn(tasks, 8, 1, 6, 6, generator=g, dtype=F64)
+    labels = torch.randint(0, 2, (tasks, 8), generator=g)
+    return images[:, :4], labels[:, :4], images[:, 4:], labels[:, 4:]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("first_order", [False, True], ids=["SO", "FO"])
+@pytest.mark.parametrize("steps", [1, 5])
+def test_meta_gradient_is_the_plain_loops(kind, first_order, steps):
+    """Per task an innerloop block with torch.optim.SGD and a backward, against the hand-written loop
+    (functional_call, autograd.grad, p - lr g, a backward per task): the same to 1e-14 in float64."""
+    model = sinusoid_mlp(steps) if kind == "mlp" else small_conv(steps)
+    loss_fn = F.mse_loss if kind == "mlp" else F.cross_entropy
+    sx, sy, qx, qy = task_batch(kind, 3, steps)
+    lr, params = 0.05, list(model.parameters())
+    opt = torch.optim.SGD(params, lr=lr)
+    for t in range(3):
+        with diffopt.innerloop(model, opt, first_order=first_order) as (fmodel, dopt):
+            for _ in range(steps):
+                dopt.step(loss_fn(fmodel(sx[t]), sy[t]))
+            (loss_fn(fmodel(qx[t]), qy[t]) / 3).backward()
+    ours = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+
+    names = [n for n, _ in model.named_parameters()]
+    for t in range(3):
+        fast = list(params)
+        for _ in range(steps):
+            out = functional_call(model, dict(zip(names, fast)), (sx[t],))
+            grads = torch.autograd.grad(loss_fn(out, sy[t]), fast, create_graph=not first_order)
+            fast = [p - lr * g for p, g in zip(fast, grads)]
+        (loss_fn(functional_call(model, dict(zip(names, fast)), (qx[t],)), qy[t]) / 3).backward()
+    for a, p in zip(ours, params):
+        error = float(((a - p.grad).abs() / p.grad.abs().clamp(min=1.0)).max())
+        record("innerloop vs the plain loop", f"{kind} {'FO' if first_order else 'SO'} K={steps}", error)
+        assert error <= 1e-14, error
+
+
+def test_a_block_after_the_model_or_the_optimizer_changed_sees_the_change():
+    """What innerloop keeps between blocks (where the parameters sit, the converted optimizer) follows
+    a replaced parameter, a changed learning rate and optimizer state built up by torch."""
+    model, data = make_model(5), make_data(5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def check(lr: float, start=None) -> None:
+        loss, _ = innerloop_query_loss(model, opt, data, 2)
+        ours = torch.autograd.grad(loss, list(model.parameters()))
+        reference = torch.autograd.grad(
+            hand_unroll(model, data, 2, hand_sgd(lr, momentum=0.9) if start is None else start),
+            list(model.parameters()))
+        for a, b in zip(ours, reference):
+            close("after a change", a, b)
+
+    check(0.1)
+    model[0].weight = nn.Parameter(torch.randn(4, 3, dtype=F64))  # a new tensor: the old one is not used
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    check(0.1)
+    opt.param_groups[0]["lr"] = 0.03
+    check(0.03)
+    # torch's own step builds momentum buffers: the block continues from them
+    x_s, y_s, _, _ = data
+    opt.zero_grad()
+    mse(model(x_s), y_s).backward()
+    opt.step()
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+
+    def warm_sgd(lr: float):
+        init, update = hand_sgd(lr, momentum=0.9)
+        return (lambda params: list(buffers)), update
+
+    check(0.03, start=warm_sgd(0.03))
+    with pytest.raises(ValueError, match="parameter 0 .* is not a parameter of the model"):
+        with diffopt.innerloop(make_model(6), opt):
+            pass
+
+
+def test_fmodel_keeps_its_own_batchnorm_statistics_like_higher():
+    """BatchNorm's running statistics change in the block's copy, not in the model (as higher's
+    fmodel); fmodel.eval() uses them, and the model's own mode is left alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x_s, y_s, x_q, y_q = make_data(0)
+    before = [b.clone() for b in model.buffers()]
+    outputs = {}
+    for library in ("higher", "diffopt"):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        context = (higher.innerloop_ctx(model, opt, copy_initial_weights=False) if library == "higher"
+                   else diffopt.innerloop(model, opt))
+        with context as (fmodel, dopt):
+            for _ in range(3):
+                dopt.step(mse(fmodel(x_s), y_s))
+            fmodel.eval()
+            query = fmodel(x_q)
+            outputs[library] = (query, torch.autograd.grad(mse(query, y_q), list(model.parameters())))
+        assert model.training
+        assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    close("batchnorm eval output vs higher", outputs["diffopt"][0].detach(), outputs["higher"][0].detach())
+    for a, b in zip(outputs["diffopt"][1], outputs["higher"][1]):
+        close("batchnorm meta-gradient vs higher", a, b)
+
+
+class WithMethod(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+        self.head = nn.Linear(4, 2)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_submodules_methods_and_fast_weights_by_name():
+    torch.manual_seed(1)
+    model = WithMethod().double()
+    x_s, y_s, x_q, _ = make_data(1)
+    names = [n for n, _ in model.named_parameters()]
+    with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, dopt):
+        dopt.step(mse(fmodel(x_s), y_s))
+        fast = dict(zip(names, fmodel.fast_params))
+        expected = functional_call(model, fast, (x_q,))
+        features = torch.tanh(x_q @ fast["body.0.weight"].T + fast["body.0.bias"])
+        assert torch.equal(fmodel(x_q), expected)
+        assert torch.equal(fmodel.features(x_q), features)
+        assert torch.equal(fmodel.body(x_q), features)
+        assert torch.equal(fmodel.body[0](x_q), x_q @ fast["body.0.weight"].T + fast["body.0.bias"])
+        assert fmodel.head.weight is fast["head.weight"] and fmodel.body[0].bias is fast["body.0.bias"]
+        assert dict(fmodel.named_parameters()) == fast
+        with pytest.raises(AttributeError, match="read-only.*update_params"):
+            fmodel.head.weight = fast["head.weight"]
+    # the model's own parameters are back in place
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+def test_parameters_are_put_back_when_the_forward_raises():
+    model = make_model(2)
+    params = list(model.parameters())
+    with diffopt.innerloop(model, torch.optim.SGD(params, lr=0.1)) as (fmodel, dopt):
+        dopt.step(mse(fmodel(make_data(2)[0]), make_data(2)[1]))
+        with pytest.raises(RuntimeError):
+            fmodel(torch.zeros(5, 7, dtype=F64))  # wrong width
+    assert all(p is q for p, q in zip(model.parameters(), params))
+
+
+def test_time_indexed_parameters_and_track_higher_grads():
+    model, data = make_model(4), make_data(4)
+    x_s, y_s, _, _ = data
+    with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, dopt):
+        steps = [dopt.step(mse(fmodel(x_s), y_s)) for _ in range(3)]
+        assert all(p is q for p, q in zip(fmodel.parameters(time=0), model.parameters()))
+        assert all(p is q for p, q in zip(fmodel.parameters(time=2), steps[1]))
+        assert fmodel.init_fast_params == list(model.parameters())
+    with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                           track_higher_grads=False) as (fmodel, dopt):
+        latest = [dopt.step(mse(fmodel(x_s), y_s)) for _ in range(2)][-1]
+        assert list(fmodel.parameters()) == latest
+        with pytest.raises(ValueError, match="only the latest fast weights"):
+            fmodel.parameters(time=1)
+
+
+def test_recurrent_model_matches_higher():
+    """RNNs read their weights from _flat_weights: the swap refreshes them."""
+    torch.manual_seed(3)
+    gru = nn.GRU(3, 4, batch_first=True).double()
+    g = torch.Generator().manual_seed(3)
+    xs, xq = torch.randn(2, 5, 3, generator=g, dtype=F64), torch.randn(2, 5, 3, generator=g, dtype=F64)
+
+    def loss(fmodel, x):
+        return fmodel(x)[0].pow(2).mean()
+
+    results = []
+    for library in ("higher", "diffopt"):
+        opt = torch.optim.SGD(gru.parameters(), lr=0.3)
+        context = (higher.innerloop_ctx(gru, opt, copy_initial_weights=False) if library == "higher"
+                   else diffopt.innerloop(gru, opt))
+        with context as (fmodel, dopt):
+            for _ in range(2):
+                dopt.step(loss(fmodel, xs))
+            results.append(torch.autograd.grad(loss(fmodel, xq), list(gru.parameters())))
+    for a, b in zip(*results):
+        close("GRU vs higher", b, a)
+
+
+class Counting(nn.Module):
+    """Counts its calls in a buffer registered later, updated in place by the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, x):
+        if hasattr(self, "calls"):
+            self.calls.add_(1)
+        return self.linear(x)
+
+
+def test_a_buffer_registered_between_blocks_is_the_blocks_copy():
+    model = Counting().double()
+    x, y = make_data(0)[0], make_data(0)[1]
+    for registered in (False, True):
+        with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, dopt):
+            dopt.step(mse(fmodel(x), y))
+            fmodel(x)
+        if not registered:
+            model.register_buffer("calls", torch.zeros((), dtype=torch.long))
+    assert int(model.calls) == 0  # the two calls counted in the block's copy
+
+
+def test_a_finished_block_is_freed_without_the_cyclic_garbage_collector():
+    """fmodel holds every step's fast weights: a reference cycle would keep them (and so one task's
+    weights per task) alive until a collection, raising the peak memory of a task loop."""
+    import gc
+    import weakref
+
+    model, (x, y, _, _) = make_model(0), make_data(0)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, dopt):
+            dopt.step(mse(fmodel(x), y))
+            fmodel[0](x)  # a submodule view too
+            fmodel.eval()
+        refs = [weakref.ref(fmodel), weakref.ref(dopt), weakref.ref(dopt.optimizer)]
+        del fmodel, dopt
+        assert all(r() is None for r in refs)
+    finally:
+        if enabled:
+            gc.enable()

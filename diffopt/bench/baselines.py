@@ -11,6 +11,12 @@ lands in the model's ``.grad``):
 * ``torch.func vmap`` — ``vmap`` over tasks of K ``torch.func.grad`` steps;
 * ``torchopt`` — torchopt's ``MetaSGD`` recipe (second order only).
 
+The task-by-task rows of the engine benchmarks (issue 16), all with a backward per task, as the
+peers' MAML examples do (:data:`PEER_ROWS`): ``diffopt.innerloop`` (the drop-in for higher's
+``innerloop_ctx``), ``torchopt functional`` (``torchopt.sgd`` with ``update`` / ``apply_updates``)
+and ``learn2learn stand-in`` (learn2learn's ``clone`` + ``maml_update`` written out: learn2learn
+does not build on Python 3.11).
+
 ``benchmarks/engine_sinusoid.py`` times the same functions.
 """
 from __future__ import annotations
@@ -21,8 +27,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BASELINE_BUILDERS", "Batch", "baseline_available", "func_vmap_step", "higher_step", "plain_loop_step",
-           "torchopt_step"]
+__all__ = ["BASELINE_BUILDERS", "Batch", "PEER_ROWS", "baseline_available", "func_vmap_step", "higher_step",
+           "innerloop_step", "learn2learn_standin_step", "peer_row_available", "plain_loop_step",
+           "torchopt_functional_step", "torchopt_step"]
 
 Batch = tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -142,6 +149,108 @@ def torchopt_step(model: nn.Module, loss_fn: Callable, lr: float, steps: int,
         return torch.tensor(total)
 
     return step
+
+
+# -- task-by-task rows of the engine benchmarks (issue 16) ----------------------------------------
+def innerloop_step(model: nn.Module, loss_fn: Callable, lr: float, steps: int,
+                   first_order: bool) -> Callable[[Batch], Tensor]:
+    """Per task a ``diffopt.innerloop`` block with ``torch.optim.SGD``, backward per task (higher's MAML
+    example, ported)."""
+    from ..innerloop import innerloop
+
+    inner = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def step(batch: Batch) -> Tensor:
+        sx, sy, qx, qy = batch
+        tasks = sx.shape[0]
+        total: Tensor | float = 0.0
+        for t in range(tasks):
+            with innerloop(model, inner, first_order=first_order) as (fmodel, dopt):
+                for _ in range(steps):
+                    dopt.step(loss_fn(fmodel(sx[t]), sy[t]))
+                loss = loss_fn(fmodel(qx[t]), qy[t]) / tasks
+                loss.backward()
+                total = total + loss.detach()
+        return torch.as_tensor(total)
+
+    return step
+
+
+def torchopt_functional_step(model: nn.Module, loss_fn: Callable, lr: float, steps: int,
+                             first_order: bool) -> Callable[[Batch], Tensor]:
+    """torchopt's functional API per task: ``torchopt.sgd(lr)``'s ``init`` / ``update(inplace=False)`` and
+    ``apply_updates(inplace=False)`` on the weights of ``functional_call``, backward per task (first order:
+    gradients without a graph)."""
+    import torchopt
+
+    names, trainable = _adapted_names(model)
+    if not all(trainable):
+        raise NotImplementedError("torchopt functional row: every parameter must require grad")
+    theta = tuple(model.parameters())
+    optimizer = torchopt.sgd(lr=lr)
+
+    def step(batch: Batch) -> Tensor:
+        sx, sy, qx, qy = batch
+        tasks = sx.shape[0]
+        total: Tensor | float = 0.0
+        for t in range(tasks):
+            params = theta
+            state = optimizer.init(params)
+            for _ in range(steps):
+                out = torch.func.functional_call(model, dict(zip(names, params)), (sx[t],))
+                grads = torch.autograd.grad(loss_fn(out, sy[t]), params, create_graph=not first_order)
+                updates, state = optimizer.update(grads, state, params=params, inplace=False)
+                params = torchopt.apply_updates(params, updates, inplace=False)
+            loss = loss_fn(torch.func.functional_call(model, dict(zip(names, params)), (qx[t],)), qy[t]) / tasks
+            loss.backward()
+            total = total + loss.detach()
+        return torch.as_tensor(total)
+
+    return step
+
+
+def learn2learn_standin_step(model: nn.Module, loss_fn: Callable, lr: float, steps: int,
+                             first_order: bool) -> Callable[[Batch], Tensor]:
+    """A stand-in for learn2learn's MAML example (learn2learn does not build on Python 3.11): per task
+    ``maml.clone()`` (every weight cloned) and ``adapt`` (``autograd.grad`` with ``allow_unused``, then
+    ``maml_update``: p − lr·g), written with ``functional_call``; backward per task."""
+    names, _ = _adapted_names(model)
+    theta = list(model.parameters())
+
+    def step(batch: Batch) -> Tensor:
+        sx, sy, qx, qy = batch
+        tasks = sx.shape[0]
+        total: Tensor | float = 0.0
+        for t in range(tasks):
+            params = [p.clone() for p in theta]
+            for _ in range(steps):
+                out = torch.func.functional_call(model, dict(zip(names, params)), (sx[t],))
+                grads = torch.autograd.grad(loss_fn(out, sy[t]), params, create_graph=not first_order,
+                                            allow_unused=True)
+                params = [p if g is None else p - lr * g for p, g in zip(params, grads)]
+            loss = loss_fn(torch.func.functional_call(model, dict(zip(names, params)), (qx[t],)), qy[t]) / tasks
+            loss.backward()
+            total = total + loss.detach()
+        return torch.as_tensor(total)
+
+    return step
+
+
+#: row name -> builder; every row does a backward per task
+PEER_ROWS: dict[str, Callable[..., Callable[[Batch], Tensor]]] = {
+    "diffopt.innerloop": innerloop_step,
+    "higher loop": higher_step,
+    "torchopt functional": torchopt_functional_step,
+    "learn2learn stand-in": learn2learn_standin_step,
+}
+
+
+def peer_row_available(row: str) -> str | None:
+    """None when the row can run here, else why not."""
+    module = {"higher loop": "higher", "torchopt functional": "torchopt"}.get(row)
+    if module is not None and importlib.util.find_spec(module) is None:
+        return f"{module} is not installed"
+    return None
 
 
 BASELINE_BUILDERS = {"plain loop": plain_loop_step, "higher loop": higher_step, "torch.func vmap": func_vmap_step,

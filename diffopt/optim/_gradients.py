@@ -22,18 +22,27 @@ NOT_CONNECTED_FIX = (
 FUSED_ATTENTION_NODES = ("FlashAttention", "EfficientAttention", "CudnnAttention", "FusedAttention")
 
 
+_IS_FUSED_ATTENTION: dict[type, bool] = {}  # autograd node type -> is it a fused-attention node
+
+
 def fused_attention_node(loss: Tensor, limit: int = 200_000) -> str | None:
-    """The name of the first fused-attention node in ``loss``'s graph (None if there is none)."""
+    """The name of the first fused-attention node in ``loss``'s graph (None if there is none).
+    (Runs at every inner loop's first step: node types are classified once, by a dict look-up.)"""
     seen, stack = set(), [loss.grad_fn]
+    known = _IS_FUSED_ATTENTION
     while stack and len(seen) < limit:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        name = type(node).__name__
-        if any(part in name for part in FUSED_ATTENTION_NODES):
-            return name
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        kind = type(node)
+        fused = known.get(kind)
+        if fused is None:
+            fused = known[kind] = any(part in kind.__name__ for part in FUSED_ATTENTION_NODES)
+        if fused:
+            return kind.__name__
+        for next_node, _ in node.next_functions:
+            stack.append(next_node)
     return None
 
 
@@ -81,7 +90,7 @@ def loss_gradients(loss: Tensor | None, params: Sequence[Tensor], step: int, *, 
             "requires_grad_()), and do not compute the loss under torch.no_grad()"
         )
     computed = torch.autograd.grad(
-        loss.reshape(()),
+        loss if loss.dim() == 0 else loss.reshape(()),  # (a view would add a node to every step's graph)
         [params[i] for i in wanted],
         create_graph=not first_order and torch.is_grad_enabled(),
         allow_unused=True,
