@@ -21,8 +21,11 @@ Implementations (all in one process, interleaved in shuffled rounds):
 ``baddbmm floor``   the MLP written by hand on task-batched weights (``torch.baddbmm``),
                     one ``autograd.grad`` of the summed task losses per step.
 ``diffopt vmap``    ``diffopt.unroll.InnerLoop(..., vectorize=True)`` (defaults,
-                    so ``check_finite=True``), built once outside the timed region.
+                    so ``check_finite=True``), built once outside the timed region: the MLP
+                    runs as task-batched kernels (``diffopt.unroll.lowered``, ``baddbmm``).
 ``diffopt vmap nocheck``  the same with ``check_finite=False``.
+``diffopt generic vmap``  ``vectorize="vmap"``: the model under ``torch.func.vmap`` (what
+                    ``vectorize=True`` runs for a model that does not lower).
 ``diffopt loop``    ``InnerLoop(..., vectorize=False)``.
 
 Task-by-task rows (issue 16; ``diffopt.bench.baselines.PEER_ROWS``, backward per task):
@@ -30,6 +33,10 @@ Task-by-task rows (issue 16; ``diffopt.bench.baselines.PEER_ROWS``, backward per
 ``torchopt functional`` (``torchopt.sgd`` ``update`` / ``apply_updates``), ``learn2learn stand-in``
 (learn2learn does not build on Python 3.11: its ``clone`` + ``maml_update`` written out). Target:
 ``diffopt.innerloop`` ≤ 1.10x the per-task-backward loop at every K, first and second order.
+
+The vectorised path against the floor and torch.func (issue 16, item 3): ``diffopt vmap`` ≤ 1.25x
+``baddbmm floor`` and ≥ 2x faster than ``torch.func vmap`` at every K, first and second order
+(per-round ratios, in the "Vectorised path" table).
 
 Before timing, every implementation's meta-gradient is compared with the plain
 loop's in float64 (max abs difference printed). Ratios are against the per-task-backward
@@ -62,9 +69,10 @@ HEADLINE = "plain loop, backward per task"
 TASK_LOOP_ROWS = ("diffopt.innerloop", "torchopt functional", "learn2learn stand-in")  # (and "higher loop")
 IMPLEMENTATIONS = (
     "plain loop", HEADLINE, "higher loop", "torch.func vmap", "baddbmm floor", "diffopt vmap", "diffopt vmap nocheck",
-    "diffopt loop", *TASK_LOOP_ROWS,
+    "diffopt generic vmap", "diffopt loop", *TASK_LOOP_ROWS,
 )
 INNERLOOP_TARGET = 1.10
+FLOOR_TARGET, TORCH_FUNC_SPEEDUP = 1.25, 2.0  # diffopt vmap / floor, torch.func / diffopt vmap
 TARGETS = {("second_order", 5): 0.2, ("first_order", 5): 0.25}
 
 
@@ -132,7 +140,7 @@ def baddbmm_floor(model: nn.Module, data, steps: int, lr: float, first_order: bo
     return meta_step
 
 
-def diffopt_loop(model: nn.Module, data, steps: int, lr: float, first_order: bool, vectorize: bool,
+def diffopt_loop(model: nn.Module, data, steps: int, lr: float, first_order: bool, vectorize: bool | str,
                  check_finite: bool = True) -> Callable[[], None]:
     sx, sy, qx, qy = data
     loop = InnerLoop(model, SGD(model.parameters(), lr=lr), F.mse_loss, steps=steps,
@@ -169,6 +177,8 @@ def build(name: str, model: nn.Module, data, steps: int, lr: float, first_order:
         return diffopt_loop(model, data, steps, lr, first_order, vectorize=True)
     if name == "diffopt vmap nocheck":
         return diffopt_loop(model, data, steps, lr, first_order, vectorize=True, check_finite=False)
+    if name == "diffopt generic vmap":
+        return diffopt_loop(model, data, steps, lr, first_order, vectorize="vmap")
     if name == "diffopt loop":
         return diffopt_loop(model, data, steps, lr, first_order, vectorize=False)
     raise ValueError(name)
@@ -264,10 +274,34 @@ def tables(results: dict[str, Any], args: argparse.Namespace) -> str:
                                     f"{r:.2f}x (IQR {q['q1']:.2f}–{q['q3']:.2f})", f"≤ {bound}x",
                                     "met" if r <= bound else "missed"])
     target_rows += innerloop_target_rows(timed, keys)
+    vectorised = vectorised_path_rows(timed, keys)
+    if vectorised:
+        text += ("\n\nVectorised path (issue 16 item 3; per-round ratios):\n\n" + _common.markdown_table(
+            ["case", "diffopt vmap / floor", f"target ≤ {FLOOR_TARGET}x", "torch.func / diffopt vmap",
+             f"target ≥ {TORCH_FUNC_SPEEDUP}x", "generic vmap / floor"], vectorised))
     if target_rows:
         text += "\n\nTargets:\n\n" + _common.markdown_table(["case", "implementation", "ratio to per-task loop",
                                                             "target", ""], target_rows)
     return text
+
+
+def vectorised_path_rows(timed: dict[str, Any], keys: list[str]) -> list[list[str]]:
+    """``diffopt vmap`` against the floor (≤ 1.25x) and torch.func (≥ 2x faster), per round (issue 16 item 3)."""
+    short = {"second_order": "SO", "first_order": "FO"}
+    rows = []
+    for key in keys:
+        cell = timed[key]
+        if not all(name in cell for name in ("diffopt vmap", "baddbmm floor", "torch.func vmap")):
+            continue
+        ours, floor, func = (cell[n]["samples"] for n in ("diffopt vmap", "baddbmm floor", "torch.func vmap"))
+        to_floor = _common.paired_ratio(ours, floor)["median"]
+        speedup = _common.paired_ratio(func, ours)["median"]
+        generic = (f"{_common.paired_ratio(cell['diffopt generic vmap']['samples'], floor)['median']:.2f}x"
+                   if "diffopt generic vmap" in cell else "–")
+        order, steps = key.split("/")
+        rows.append([f"{short[order]} {steps}", f"{to_floor:.2f}x", "met" if to_floor <= FLOOR_TARGET else "missed",
+                     f"{speedup:.2f}x", "met" if speedup >= TORCH_FUNC_SPEEDUP else "missed", generic])
+    return rows
 
 
 def innerloop_target_rows(timed: dict[str, Any], keys: list[str]) -> list[list[str]]:
