@@ -231,12 +231,24 @@ class DifferentiableOptimizer(ParamGroups, StateDict):
         return hp
 
     def _shared_hp(self, group: Mapping[str, Any], step: int) -> dict[str, Any] | None:
-        """The group's hyperparameters at ``step`` if every parameter shares them, else ``None``."""
+        """The group's hyperparameters at ``step`` if every parameter shares them, else ``None``.
+
+        A group of plain numbers resolves to the same values at every step: that resolution is
+        kept while the group holds the very same values (a value set anew is resolved again)."""
+        values = [(k, v) for k, v in group.items() if k != "params"]
+        cache = self.__dict__.setdefault("_resolved_groups", {})
+        kept = cache.get(id(group))
+        if kept is not None and len(kept[0]) == len(values) and all(
+                a[0] == b[0] and a[1] is b[1] for a, b in zip(kept[0], values)):
+            return dict(kept[1])
         try:
-            shared = {k: resolve_shared(v, k, step) for k, v in group.items() if k != "params"}
+            shared = {k: resolve_shared(v, k, step) for k, v in values}
         except VariesByParameter:
             return None
-        return constants_as_numbers(shared, getattr(self.rule, "structured", ()))
+        shared = constants_as_numbers(shared, getattr(self.rule, "structured", ()))
+        if all(_plain(v) for _, v in values):
+            cache[id(group)] = (values, shared)
+        return dict(shared)
 
     def _update_at_once(
         self,
@@ -316,3 +328,10 @@ class DifferentiableOptimizer(ParamGroups, StateDict):
                 if key != "params":
                     lines.append(f"    {key}: {value}")
         return "\n".join(lines) + "\n)"
+
+
+def _plain(value: Any) -> bool:
+    """A hyperparameter that resolves to itself at every step: a Python number, bool, string or None."""
+    if isinstance(value, tuple):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
