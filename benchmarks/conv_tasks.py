@@ -21,7 +21,7 @@ meta-gradients are compared in float64 first. The crossover (the smallest meta-b
 which the grouped convolution is faster than the task loop) is what ``vectorize="auto"``
 uses (``diffopt.unroll.functional.choose_vectorize``).
 
-    python benchmarks/conv_tasks.py [--quick] [--json PATH]
+    python benchmarks/conv_tasks.py [--quick] [--clock cpu] [--json PATH]
 """
 from __future__ import annotations
 
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--budget", type=float, default=None, help="seconds of timed rounds per configuration")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--clock", choices=_common.CLOCKS, default="wall",
+                        help="cpu: each sample is this thread's CPU time (for a loaded machine)")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.repeats = [1], args.repeats or 5
@@ -109,8 +111,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 key = f"{order}/K={steps}/T={tasks}"
                 batch = make_batch(tasks, args.ways, args.shots, args.queries, args.size, torch.float32, args.seed)
                 fns = {name: meta_step(model, batch, steps, args.lr, order, v) for name, v in IMPLEMENTATIONS.items()}
-                samples = _common.interleave(fns, repeats=args.repeats, warmup=1, seed=args.seed,
-                                             budget_s=args.budget)
+                measure = _common.interleave_cpu if args.clock == "cpu" else _common.interleave
+                samples = measure(fns, repeats=args.repeats, warmup=1, seed=args.seed, budget_s=args.budget)
                 base = samples["task loop"]
                 timed = {name: {**_common.ms(_common.summarize(v)), "ratio": _common.paired_ratio(v, base)}
                          for name, v in samples.items()}
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"timed {key}", file=sys.stderr)
     info["load_average_end"] = _common.load_average()
     headers = ["order", "K", "tasks"] + [f"{n}: ms (ratio) / peak" for n in IMPLEMENTATIONS]
-    text = ("Median ms per meta-step (median of per-round ratios to the task loop) / peak tensor memory:\n\n"
+    clock = " (this thread's CPU time)" if args.clock == "cpu" else ""
+    text = (f"Median ms per meta-step{clock} (median of per-round ratios to the task loop) / peak tensor memory:\n\n"
             + _common.markdown_table(headers, rows))
     text += "\n\nMax abs difference of the meta-gradient from the task loop's (float64, 3 tasks, K=2): " + ", ".join(
         f"{name} {value:.1e}" for name, value in results["agreement"].items())

@@ -10,7 +10,9 @@ import math
 import pytest
 import torch
 
-from benchmarks import _common, engine_conv4, engine_memory, engine_sinusoid, optimizer_step, reweighting
+from benchmarks import (
+    _common, conv_tasks, engine_conv4, engine_memory, engine_sinusoid, maml_iteration, optimizer_step, reweighting,
+)
 
 MiB = 2**20
 
@@ -324,3 +326,34 @@ def test_cpu_clock_times_the_task_loop_rows(capsys):
     for entry in timed.values():
         assert entry["n"] == 2 and entry["median"] > 0
     assert timed["plain loop, backward per task"]["ratio"]["median"] == 1.0
+
+
+def test_conv_tasks_tiny(tmp_path, capsys):
+    """Grouped convolutions across tasks, the task loop and vmap: same meta-gradient (float64), every row
+    timed and measured, the crossover reported (issue 16 item 4)."""
+    path = tmp_path / "out.json"
+    results = conv_tasks.main(["--tasks", "2", "3", "--steps", "1", "--orders", "second_order", "--ways", "2",
+                               "--queries", "1", "--filters", "3", "--size", "16", "--repeats", "1",
+                               "--clock", "cpu", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert_markdown_table(out, columns=6)
+    assert all(value < 1e-10 for value in results["agreement"].values()), results["agreement"]
+    for tasks in (2, 3):
+        cell = results["timing"][f"second_order/K=1/T={tasks}"]
+        assert set(cell) == set(conv_tasks.IMPLEMENTATIONS) and cell["task loop"]["ratio"]["median"] == 1.0
+        assert all(v > 0 for v in results["memory"][f"second_order/K=1/T={tasks}"].values())
+    assert "second_order/K=1" in results["crossover"] and "Smallest meta-batch" in out
+    assert json.loads(path.read_text())["benchmark"] == "conv_tasks"
+
+
+def test_maml_iteration_tiny(tmp_path, capsys):
+    """The library's Trainer and the hand-written loop both run chunks of MAML iterations; ratios and the
+    70,000-iteration projection are reported (issue 16 item 6)."""
+    path = tmp_path / "out.json"
+    results = maml_iteration.main(["--chunk", "3", "--rounds", "2", "--json", str(path)])
+    assert_markdown_table(capsys.readouterr().out, columns=4)
+    assert results["hand-written"]["ratio"] == 1.0
+    for entry in results.values():
+        assert entry["ms_per_iteration"] > 0 and len(entry["samples_ms"]) == 2
+        assert entry["projected_70k_s"] == pytest.approx(entry["ms_per_iteration"] * 70)
+    assert json.loads(path.read_text())["benchmark"] == "maml_iteration"
