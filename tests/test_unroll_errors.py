@@ -74,7 +74,7 @@ def test_mode_options_are_validated():
         InnerLoop(model, steps=3, mode="truncated", truncate=4)
     with pytest.raises(ValueError, match="segment must be a positive"):
         InnerLoop(model, steps=3, mode="checkpointed", segment=0)
-    with pytest.raises(ValueError, match="solver='lu': choose 'cg', 'normal_cg' or 'neumann'"):
+    with pytest.raises(ValueError, match="solver='lu': choose one of 'cg', 'normal_cg', 'neumann', 'gmres', 'minres', 'dense'"):
         InnerLoop(model, mode="implicit", solver="lu")
     with pytest.raises(ValueError, match="pes_truncation must be a positive"):
         InnerLoop(model, mode="pes", pes_truncation=0)
