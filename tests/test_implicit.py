@@ -599,3 +599,20 @@ def test_bad_options_are_named():
     lam = torch.tensor(1.0, dtype=F64, requires_grad=True)
     with pytest.raises(LinearSolveError, match="singular.*lstsq=True"):
         torch.autograd.grad(singular(None, lam).sum(), lam)
+
+
+def test_a_float32_solve_at_its_rounding_floor_reads_converged_without_a_warning():
+    """``converged`` and the warning use one bar: max(tol, 1000·eps) (a float32 solve cannot reach 1e-10)."""
+    import warnings
+
+    from diffopt.implicit import CG
+
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(6, 6, generator=g)
+    a = m @ m.T + 6 * torch.eye(6)
+    b = [torch.randn(1, 6, generator=g)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, info = CG(iterations=50).solve(lambda u: [u[0] @ a.T], b)
+    assert 1e-10 < info.relative_residual <= 1000 * torch.finfo(torch.float32).eps  # above the raw tol, at the floor
+    assert info.converged is True

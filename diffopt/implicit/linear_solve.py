@@ -24,6 +24,8 @@ References: Hestenes & Stiefel 1952 (CG); Saad & Schultz 1986 (GMRES); Paige & S
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -353,12 +355,16 @@ class _Solver:
         """Warn or raise (by ``on_fail``) when the solve stopped above its tolerance.
 
         The bar is ``tol``, or the dtype's rounding floor ``1000·eps`` where that is higher (a
-        float32 solve cannot reach ``tol=1e-10``; that is not worth a warning at every step).
+        float32 solve cannot reach ``tol=1e-10``; that is not worth a warning at every step). The
+        returned ``converged`` says whether the solve cleared that same bar.
         """
-        if info.converged is None or self.on_fail == "ignore":
+        if info.converged is None:
             return info
         bar = max(self.tol, 1000 * torch.finfo(dtype).eps)
-        if not info.relative_residual <= bar:
+        info = dataclasses.replace(info, converged=info.relative_residual <= bar)  # the bar the check uses
+        if self.on_fail == "ignore":
+            return info
+        if not info.converged:
             message = (f"{what}{self.name} linear solve did not converge: relative residual ‖Aw − b‖/‖b‖ = "
                        f"{info.relative_residual:.3g} after {info.iterations} iterations (tol={self.tol:g}). "
                        "The implicit gradient is off by about as much: raise iterations, add damping, or choose "
