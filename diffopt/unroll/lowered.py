@@ -7,16 +7,12 @@ the layers below the batched form is one ordinary kernel, so a ``Sequential``
 built from them is *lowered*: interpreted layer by layer on task-batched
 tensors, with no vmap:
 
-================================  ==========================================================
-layer                             task-batched form
-================================  ==========================================================
-``Linear``                        ``torch.baddbmm(b, h, Wᵀ)`` with ``W`` of shape ``(T, out, in)``
-``Conv1d/2d/3d`` (zero padding)   one grouped convolution: the tasks are folded into the
-                                  channels, ``(N, T·C, ...)``, and ``groups = T · groups``
-``BatchNorm1d/2d/3d``             ``F.batch_norm`` over the ``T · C`` channels: each task's
-                                  channels are normalised with that task's statistics
-pooling, ``Flatten``, activations  the same module, channel by channel or element by element
-================================  ==========================================================
+* ``Linear``: ``torch.baddbmm(b, h, Wᵀ)`` with ``W`` of shape ``(T, out, in)``;
+* ``Conv1d/2d/3d`` (zero padding): one grouped convolution, the tasks folded into the
+  channels, ``(N, T·C, ...)``, with ``groups = T · groups``;
+* ``BatchNorm1d/2d/3d``: ``F.batch_norm`` over the ``T · C`` channels, so each task's channels
+  are normalised with that task's statistics;
+* pooling, ``Flatten`` and activations: the same module, channel by channel or element by element.
 
 A convolution's per-task output is exactly ``conv(x_t, W_t)``: group ``t`` of the
 grouped convolution sees only task ``t``'s input channels and weights. Every
