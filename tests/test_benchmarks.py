@@ -152,9 +152,10 @@ def test_optimizer_step_tiny(tmp_path, capsys):
     assert "n/a" in nadam_row
     for name in ("SGD", "NAdam"):
         assert results[name]["parity_vs_torch"] == 0.0  # float64 trajectories are torch.optim's, bit for bit
-    # SGD with momentum on 4 tensors: buf * m, + g, p - lr * buf as three _foreach ops for the
-    # whole group; higher issues its ops tensor by tensor.
-    assert results["SGD"]["ops_per_update"]["diffopt"] == 3 and results["SGD"]["ops_per_update"]["higher"] >= 12
+    # SGD with momentum on 4 tensors: buf * m and + g as two _foreach ops for the whole group, then
+    # p - lr * buf tensor by tensor (on CPU under autograd add_scaled_all adds per tensor: the same
+    # kernel, a cheaper backward); higher issues all its ops tensor by tensor.
+    assert results["SGD"]["ops_per_update"]["diffopt"] == 2 + 4 and results["SGD"]["ops_per_update"]["higher"] >= 12
     assert "higher" not in results["NAdam"]["ops_per_update"]
     payload = json.loads(path.read_text())
     assert payload["machine"]["threads"] == 1  # recorded after set_num_threads

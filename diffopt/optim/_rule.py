@@ -125,10 +125,26 @@ def scale_all(tensors: Sequence[Tensor], factor: Scalar | Sequence[Scalar]) -> l
 
 def add_scaled_all(tensors: Sequence[Tensor], others: Sequence[Tensor], factor: Scalar) -> list[Tensor]:
     """``[t + factor * o ...]``: ``torch.add(t, o, alpha=factor)`` for a number (torch's own
-    arithmetic), ``t + o * factor`` for a 0-dim tensor (which ``alpha`` cannot take)."""
+    arithmetic), ``t + o * factor`` for a 0-dim tensor (which ``alpha`` cannot take).
+
+    On CPU under autograd the adds are taken tensor by tensor: the same kernel as
+    ``torch._foreach_add`` (whose CPU implementation loops over ``add``), so the same bits.
+    ``_foreach_add``'s autograd node there (a generic ``CppFunction``) makes every later
+    step of an unrolled loop slower: the first-order sinusoid MAML step with 10 inner steps
+    took 1.57x the hand-written floor with it and 1.23x without, interleaved in one process
+    (``benchmarks/RESULTS.md`` section 10)."""
     if isinstance(factor, Tensor):
         return list(torch._foreach_add(list(tensors), scale_all(others, factor)))
+    if _taped_on_cpu(tensors, others):
+        return [torch.add(t, o, alpha=factor) for t, o in zip(tensors, others)]
     return list(torch._foreach_add(list(tensors), list(others), alpha=factor))
+
+
+def _taped_on_cpu(*lists: Sequence[Tensor]) -> bool:
+    """Whether autograd records an operation on these CPU tensors."""
+    first = lists[0][0] if lists and lists[0] else None
+    return (first is not None and first.device.type == "cpu" and torch.is_grad_enabled()
+            and any(t.requires_grad for ts in lists for t in ts))
 
 
 def addcdiv_all(tensors: Sequence[Tensor], numerators: Sequence[Tensor], denominators: Sequence[Tensor],
