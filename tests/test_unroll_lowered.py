@@ -222,6 +222,24 @@ def test_non_finite_checks_read_once_per_meta_step(vectorize):
 
 
 @pytest.mark.parametrize("vectorize", [True, False])
+def test_finite_float16_weights_whose_sum_overflows_are_not_reported(vectorize):
+    # Every weight is 50 (finite in float16) but a layer's sum, 320,000, is past float16's
+    # 65,504: the one-read check's sum overflows, and must be confirmed element by element.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 1600), nn.ReLU(), nn.Linear(1600, 1)).half()
+    with torch.no_grad():
+        model[0].weight.fill_(50.0)
+    assert torch.isinf(model[0].weight.sum())
+    loop = InnerLoop(model, SGD(model.parameters(), lr=0.0), steps=2, vectorize=vectorize)
+    x, y = torch.randn(2, 5, 4).half(), torch.randn(2, 5, 1).half()
+    with CountReads() as mode:
+        loss = loop.meta_loss(x, y, x, y)
+    assert torch.isfinite(loss)
+    # the overflowing sum, then the confirmation: one read per checked tensor (2 inner losses, 4 weights)
+    assert mode.counts["aten._local_scalar_dense"] == 1 + 2 + 4
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
 @pytest.mark.parametrize("bad", ["support", "learning rate"])
 def test_deferred_checks_name_the_first_bad_step_task_and_tensor(vectorize, bad):
     torch.manual_seed(0)
