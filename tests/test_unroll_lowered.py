@@ -133,6 +133,16 @@ def test_tied_weights_and_adam():
     assert_same_as_task_loop(model, lambda m: Adam(m.parameters(), lr=0.05), F.mse_loss, batch, steps=3)
 
 
+def test_a_module_placed_twice_runs_twice():
+    # Sequential runs every entry of _modules; named_children() yields a repeated module once
+    torch.manual_seed(0)
+    square = nn.Linear(5, 5)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), square, nn.ReLU(), square, nn.Tanh(), nn.Linear(5, 2)).double()
+    batch = tuple(torch.randn(3, 5, d, dtype=torch.float64) for d in (4, 2, 4, 2))
+    for mode in ("second_order", "first_order"):
+        assert_same_as_task_loop(model, sgd(), F.mse_loss, batch, steps=2, mode=mode)
+
+
 def test_vmap_and_the_lowered_kernels_agree_and_vmap_can_be_forced():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).double()

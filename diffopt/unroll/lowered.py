@@ -218,7 +218,8 @@ def _why_not(layer: nn.Module, name: str) -> str | None:
 def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     if type(module) is nn.Sequential:
         out = []
-        for name, child in module.named_children():
+        # _modules, not named_children(): a module placed twice runs twice (named_children yields it once)
+        for name, child in module._modules.items():
             out += _leaves(child, f"{prefix}.{name}" if prefix else name)
         return out
     return [(prefix, module)]
