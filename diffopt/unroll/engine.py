@@ -43,6 +43,7 @@ from .attention import ATTENTION, check_double_backward, double_differentiable
 from .modes import MODES, Mode, as_mode, default_segment
 from .functional import ParameterLayout
 from .lowered import per_task_loss
+from .lowered_backprop import ExplicitBackprop
 from .patched import PatchedModel, choose_vectorize, describe_vmap_failure
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -167,6 +168,7 @@ class InnerLoop:
         self.patched = PatchedModel(model, batchnorm, backend)
         self.backend, self.backend_reason = self.patched.backend, self.patched.backend_reason
         self.vectorize, self.vectorize_reason = self._vectorize(vectorize)
+        self._backprop = ExplicitBackprop.build(self.patched.lowered)
         self.proximal = proximal
         self.meta_parameters = list(meta_parameters)
         self.check_finite = check_finite
@@ -351,19 +353,27 @@ class InnerLoop:
         # A graph differentiated twice needs attention with a double backward: the MATH
         # backend, for exactly this forward (see diffopt.unroll.attention). Task-batched kernels
         # (diffopt.unroll.lowered) contain no attention.
-        lowered = self.vectorize and self.patched.lowered is not None
-        with torch.enable_grad(), double_differentiable(second_order and not lowered, self.attention):
-            losses, buffers = self.inner_objective(carry, x, y, theta)
+        adapted = [carry.params[j] for j in self.positions]
         deferred = self._pending_checks is not None
-        with torch.enable_grad():
+        written_out = self._written_out_gradients(carry, x, y, second_order)
+        if written_out is not None:
+            (losses, grads), buffers = written_out, carry.buffers
             if deferred:
                 self._pending_checks.append(losses.detach())  # type: ignore[union-attr]
             else:
                 self._check_finite_losses(losses, carry.step)
-            adapted = [carry.params[j] for j in self.positions]
-            grads = self._inner_gradients(losses, adapted, create_graph=second_order)
-        if second_order and not self._double_backward_checked:
-            self._check_double_backward(grads, adapted, carry, x, y, theta)
+        else:
+            lowered = self.vectorize and self.patched.lowered is not None
+            with torch.enable_grad(), double_differentiable(second_order and not lowered, self.attention):
+                losses, buffers = self.inner_objective(carry, x, y, theta)
+            with torch.enable_grad():
+                if deferred:
+                    self._pending_checks.append(losses.detach())  # type: ignore[union-attr]
+                else:
+                    self._check_finite_losses(losses, carry.step)
+                grads = self._inner_gradients(losses, adapted, create_graph=second_order)
+            if second_order and not self._double_backward_checked:
+                self._check_double_backward(grads, adapted, carry, x, y, theta)
         grads = self._transform(optimizer, grads, carry.step)
         if not deferred:
             self._check_finite_gradients(grads, carry.step)
@@ -375,6 +385,24 @@ class InnerLoop:
         for j, p in zip(self.positions, new):
             params[j] = p
         return Carry(params, states, buffers, carry.step + 1)
+
+    def _written_out_gradients(self, carry: Carry, x: Tensor, y: Tensor,
+                               second_order: bool) -> tuple[Tensor, list[Tensor | None]] | None:
+        """The inner losses and gradients by backpropagation written out as task-batched operations
+        (:mod:`diffopt.unroll.lowered_backprop`), or ``None`` where it does not apply: a model or a
+        loss it does not cover, the task loop or vmap, iMAML's proximal term, autocast."""
+        backprop = self._backprop
+        if (backprop is None or not self.vectorize or backprop.lowered is not self.patched.lowered
+                or self.proximal is not None or self.autocast is not None
+                or not backprop.supports_loss(self.loss_fn)):
+            return None
+        trainable = [j for j in self.positions if self.theta[j].requires_grad]
+        with torch.set_grad_enabled(second_order):
+            result = backprop.loss_and_gradients(carry.params, x, y, self.loss_fn, trainable)
+        if result is None:
+            return None
+        losses, by_position = result
+        return losses, [by_position.get(j) for j in self.positions]
 
     def _check_double_backward(self, grads: list[Tensor | None], adapted: list[Tensor], carry: Carry, x: Tensor,
                                y: Tensor, theta: Sequence[Tensor] | None) -> None:

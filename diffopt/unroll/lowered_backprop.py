@@ -1,0 +1,195 @@
+r"""Inner gradients of lowered MLPs written out: backpropagation as task-batched operations.
+
+For a ``Sequential`` of ``Linear`` layers and activations with a known derivative
+(:data:`DERIVATIVES`) under the mean squared error or cross-entropy, the inner
+gradient of every task is computed by backpropagation written as ordinary tensor
+operations (Rumelhart, Hinton & Williams, 1986) instead of ``torch.autograd.grad``.
+With the activations ``a_l`` entering layer ``l`` (``z_l = a_l W_lᵀ + b_l``) and the
+error ``δ_L = ∂ℓ/∂z_L`` of the output,
+
+.. math::
+
+    \frac{\partial \ell}{\partial W_l} = \delta_l^\top a_l, \qquad
+    \frac{\partial \ell}{\partial b_l} = \textstyle\sum_n \delta_{l,n}, \qquad
+    \delta_{l-1} = (\delta_l W_l) \odot \sigma'(z_{l-1}),
+
+one ``bmm`` per product for all tasks at once, with
+``∂ℓ/∂z_L = 2 (z_L − y) / n`` for the per-task mean squared error over ``n``
+elements and ``(softmax(z_L) − onehot(y)) / m`` for the per-task mean
+cross-entropy over ``m`` counted targets.
+
+Why: autograd's ``grad(create_graph=True)`` records the backward as a second graph
+that the meta-gradient then differentiates (a double backward); written out, the
+same operations are one forward graph, which the meta-gradient differentiates
+once. Second order needs nothing more (every operation here is differentiable to
+any order); first order computes them without a graph at all. The values equal
+autograd's up to rounding (``tests/test_unroll_lowered_backprop.py``: ≤ 1e-12 in
+float64 under hypothesis); the speed is in ``benchmarks/RESULTS.md`` section 10.
+
+Anything else (other activations, convolutions, BatchNorm, other losses, inputs
+with more than one example dimension) returns ``None`` and the engine uses
+autograd on the lowered forward as before.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .lowered import LoweredModel, _linear, per_task_loss
+
+__all__ = ["DERIVATIVES", "ExplicitBackprop"]
+
+# Activation: (function, backward) with backward(delta, z, h) = delta ⊙ σ'(z), h = σ(z).
+Activation = tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor, Tensor], Tensor]]
+
+
+def _relu() -> Activation:
+    return torch.relu, lambda delta, z, h: torch.where(z > 0, delta, 0.0)
+
+
+def _leaky_relu(layer: nn.LeakyReLU) -> Activation:
+    slope = layer.negative_slope
+    return (lambda z: F.leaky_relu(z, slope),
+            lambda delta, z, h: torch.where(z > 0, delta, delta * slope))
+
+
+def _tanh() -> Activation:
+    return torch.tanh, lambda delta, z, h: delta * (1 - h * h)
+
+
+def _sigmoid() -> Activation:
+    return torch.sigmoid, lambda delta, z, h: delta * ((1 - h) * h)
+
+
+def _identity() -> Activation:
+    return (lambda z: z), (lambda delta, z, h: delta)
+
+
+DERIVATIVES: dict[type, Callable[[nn.Module], Activation]] = {
+    nn.ReLU: lambda layer: _relu(),
+    nn.LeakyReLU: _leaky_relu,
+    nn.Tanh: lambda layer: _tanh(),
+    nn.Sigmoid: lambda layer: _sigmoid(),
+    nn.Identity: lambda layer: _identity(),
+    nn.Dropout: lambda layer: _identity(),  # lowered only with p = 0
+}
+
+
+def _is_mse(loss_fn: Callable[..., Tensor]) -> bool:
+    return loss_fn is F.mse_loss or (type(loss_fn) is nn.MSELoss and loss_fn.reduction == "mean")
+
+
+def _is_cross_entropy(loss_fn: Callable[..., Tensor]) -> bool:
+    return loss_fn is F.cross_entropy or (type(loss_fn) is nn.CrossEntropyLoss and loss_fn.reduction == "mean"
+                                          and loss_fn.weight is None and loss_fn.label_smoothing == 0.0)
+
+
+class ExplicitBackprop:
+    """The inner loss and gradients of a lowered MLP, backpropagation written out (module docstring).
+
+    Built by :meth:`build` from a :class:`~diffopt.unroll.lowered.LoweredModel`
+    whose layers are ``Linear``, the activations of :data:`DERIVATIVES` and a
+    leading ``Flatten``; ``None`` otherwise.
+    """
+
+    def __init__(self, lowered: LoweredModel, steps: list[tuple[str, int, Activation | None]], flatten: bool) -> None:
+        self.lowered = lowered
+        self.steps = steps  # (kind, layer index, activation) in forward order
+        self.flatten = flatten
+
+    @classmethod
+    def build(cls, lowered: LoweredModel | None) -> ExplicitBackprop | None:
+        if lowered is None:
+            return None
+        steps: list[tuple[str, int, Activation | None]] = []
+        flatten = False
+        for k, (layer, kind) in enumerate(zip(lowered.layers, lowered.kinds)):
+            if kind == "flatten" and not steps and not flatten:
+                flatten = True
+            elif kind == "linear":
+                steps.append(("linear", k, None))
+            elif kind == "elementwise" and type(layer) in DERIVATIVES:
+                steps.append(("activation", k, DERIVATIVES[type(layer)](layer)))
+            else:
+                return None
+        if not any(kind == "linear" for kind, _, _ in steps):
+            return None
+        return cls(lowered, steps, flatten)
+
+    @staticmethod
+    def supports_loss(loss_fn: Callable[..., Tensor]) -> bool:
+        return _is_mse(loss_fn) or _is_cross_entropy(loss_fn)
+
+    def loss_and_gradients(self, params: Sequence[Tensor], x: Tensor, y: Tensor, loss_fn: Callable[..., Tensor],
+                           wanted: Sequence[int]) -> tuple[Tensor, dict[int, Tensor]] | None:
+        """Per-task losses ``(T,)`` and ``{position: gradient of the summed losses}`` for the
+        parameter positions in ``wanted`` (task-batched weights), or ``None`` when the data's
+        shapes are not the ones written out here (the caller then uses autograd).
+
+        Builds a graph exactly when grad mode is on: under ``torch.no_grad()`` the
+        gradients are plain values (first order)."""
+        h = x.flatten(2) if self.flatten else x
+        if h.dim() != 3:
+            return None
+        lowered = self.lowered
+        saved: list[tuple[Tensor, Tensor]] = []
+        for kind, k, activation in self.steps:
+            if kind == "linear":
+                weight = params[lowered.weights[k]]
+                bias = None if lowered.biases[k] is None else params[lowered.biases[k]]
+                saved.append((h, h))
+                h = _linear(h, weight, bias)
+            else:
+                z = h
+                h = activation[0](z)  # type: ignore[index]
+                saved.append((z, h))
+        losses = per_task_loss(loss_fn, h, y)
+        if losses is None:
+            return None
+        delta = self._output_error(loss_fn, h, y)
+        return losses, self._backward(params, delta, saved, set(wanted))
+
+    @staticmethod
+    def _output_error(loss_fn: Callable[..., Tensor], outputs: Tensor, y: Tensor) -> Tensor:
+        """``∂(Σ_t ℓ_t)/∂ outputs`` for the per-task mean losses of :func:`per_task_loss`."""
+        if _is_mse(loss_fn):
+            return (outputs - y) * (2.0 / outputs[0].numel())
+        ignore = getattr(loss_fn, "ignore_index", -100)
+        counted = y != ignore
+        target = torch.where(counted, y, 0)
+        one_hot = F.one_hot(target, outputs.shape[-1]).to(outputs.dtype)
+        share = counted.to(outputs.dtype) / counted.sum(1, keepdim=True)
+        return (torch.softmax(outputs, -1) - one_hot) * share.unsqueeze(-1)
+
+    def _backward(self, params: Sequence[Tensor], delta: Tensor, saved: list[tuple[Tensor, Tensor]],
+                  wanted: set[int]) -> dict[int, Tensor]:
+        lowered = self.lowered
+        grads: dict[int, Tensor] = {}
+        # The last layer whose input error is still needed: the first Linear with a wanted weight.
+        needed = [i for i, (kind, k, _) in enumerate(self.steps) if kind == "linear"
+                  and (lowered.weights[k] in wanted or lowered.biases[k] in wanted)]
+        if not needed:
+            return grads
+        for i in range(len(self.steps) - 1, needed[0] - 1, -1):
+            kind, k, activation = self.steps[i]
+            if kind == "activation":
+                z, h = saved[i]
+                delta = activation[1](delta, z, h)  # type: ignore[index]
+                continue
+            weight_at, bias_at = lowered.weights[k], lowered.biases[k]
+            if weight_at in wanted:
+                _accumulate(grads, weight_at, torch.bmm(delta.transpose(1, 2), saved[i][0]))
+            if bias_at is not None and bias_at in wanted:
+                _accumulate(grads, bias_at, delta.sum(1))
+            if i > needed[0]:
+                weight = params[weight_at]
+                delta = torch.bmm(delta, weight) if weight.dim() == 3 else delta @ weight
+        return grads
+
+
+def _accumulate(grads: dict[int, Tensor], position: int, value: Tensor) -> None:
+    """A tied weight (one tensor in several layers) gets the sum of its layers' gradients."""
+    grads[position] = value if position not in grads else grads[position] + value
