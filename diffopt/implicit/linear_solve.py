@@ -110,6 +110,14 @@ def conjugate_gradient(apply_a: Operator, b: Vector, iterations: int, tol: float
     Stops when every task's relative residual is below ``tol`` or after
     ``iterations`` products with A.
     """
+    w, done, b_norm = _conjugate_gradient_iterations(apply_a, b, iterations, tol)
+    return w, _info("cg", done, _relative_residual(apply_a, w, b, b_norm), tol)
+
+
+def _conjugate_gradient_iterations(apply_a: Operator, b: Vector, iterations: int,
+                                   tol: float) -> tuple[Vector, int, Tensor]:
+    """:func:`conjugate_gradient`'s iterations: ``(w, iterations run, per-task ‖b‖)``, no final residual
+    (:func:`normal_conjugate_gradient` reports the original system's instead)."""
     batched = under_vmap(b)
     w = [torch.zeros_like(x) for x in b]
     r = [x.clone() for x in b]
@@ -144,7 +152,7 @@ def conjugate_gradient(apply_a: Operator, b: Vector, iterations: int, tol: float
             beta = torch.where(usable, rs_new / torch.where(usable, rs, torch.ones_like(rs)), torch.zeros_like(rs))
         p = [x + _scale(beta, y) for x, y in zip(r, p)]
         rs = rs_new
-    return w, _info("cg", done, _relative_residual(apply_a, w, b, b_norm), tol)
+    return w, done, b_norm
 
 
 def _conjugate_gradient_float_steps(apply_a: Operator, b: Vector, iterations: int,
@@ -190,8 +198,8 @@ def normal_conjugate_gradient(
     reported residual is the original system's, ``‖A w − b‖ / ‖b‖``.
     """
     apply_at = apply_at or apply_a
-    w, info = conjugate_gradient(lambda u: apply_at(apply_a(u)), apply_at(b), iterations, tol)
-    return w, _info("normal_cg", info.iterations, _relative_residual(apply_a, w, b, _b_norm(b)), tol)
+    w, done, _ = _conjugate_gradient_iterations(lambda u: apply_at(apply_a(u)), apply_at(b), iterations, tol)
+    return w, _info("normal_cg", done, _relative_residual(apply_a, w, b, _b_norm(b)), tol)
 
 
 def neumann(apply_a: Operator, b: Vector, iterations: int, alpha: float, tol: float) -> tuple[Vector, SolveInfo]:
