@@ -343,11 +343,19 @@ def dense(apply_a: Operator, b: Vector, lstsq: bool = False, tol: float = 1e-10)
 # -- solver objects: settings, validation, and the convergence check ---------------------------------
 
 class _Solver:
-    """Shared behaviour of the solver objects: validation and the ``on_fail`` check."""
+    """Shared behaviour of the solver objects: validation and the ``on_fail`` check.
+
+    Each solver is a frozen dataclass that declares its own fields, ``tol`` and ``on_fail``
+    included: their order is the class's positional signature (``CG(50, 1e-8)``,
+    ``Neumann(50, 0.1)``), which a base dataclass's fields would put first."""
 
     name: ClassVar[str]
     tol: float
     on_fail: str
+
+    def __post_init__(self) -> None:
+        """Called by the dataclass's ``__init__``; a solver with more settings extends it."""
+        self._validate()
 
     def _validate(self) -> None:
         iterations = getattr(self, "iterations", 1)
@@ -404,9 +412,6 @@ class CG(_Solver):
     on_fail: str = "warn"
     name: ClassVar[str] = "cg"
 
-    def __post_init__(self) -> None:
-        self._validate()
-
     def __call__(self, apply_a: Operator, b: Vector, apply_at: Operator | None = None) -> tuple[Vector, SolveInfo]:
         if _nothing_differentiates(b):
             return _conjugate_gradient_float_steps(apply_a, b, self.iterations, self.tol)
@@ -425,7 +430,7 @@ class Neumann(_Solver):
     name: ClassVar[str] = "neumann"
 
     def __post_init__(self) -> None:
-        self._validate()
+        super().__post_init__()
         if not self.alpha > 0:
             raise ValueError(f"Neumann(alpha=...) must be positive (below 2/λ_max), got {self.alpha!r}")
 
@@ -455,9 +460,6 @@ class NormalCG(_Solver):
     on_fail: str = "warn"
     name: ClassVar[str] = "normal_cg"
 
-    def __post_init__(self) -> None:
-        self._validate()
-
     def __call__(self, apply_a: Operator, b: Vector, apply_at: Operator | None = None) -> tuple[Vector, SolveInfo]:
         return normal_conjugate_gradient(apply_a, b, self.iterations, self.tol, apply_at)
 
@@ -475,7 +477,7 @@ class GMRES(_Solver):
     name: ClassVar[str] = "gmres"
 
     def __post_init__(self) -> None:
-        self._validate()
+        super().__post_init__()
         if isinstance(self.restart, bool) or not isinstance(self.restart, int) or self.restart < 1:
             raise ValueError(f"GMRES(restart=...) must be a positive integer, got {self.restart!r}")
 
@@ -493,9 +495,6 @@ class MINRES(_Solver):
     on_fail: str = "warn"
     name: ClassVar[str] = "minres"
 
-    def __post_init__(self) -> None:
-        self._validate()
-
     def __call__(self, apply_a: Operator, b: Vector, apply_at: Operator | None = None) -> tuple[Vector, SolveInfo]:
         return minres(apply_a, b, self.iterations, self.tol)
 
@@ -509,9 +508,6 @@ class Dense(_Solver):
     tol: float = 1e-10
     on_fail: str = "warn"
     name: ClassVar[str] = "dense"
-
-    def __post_init__(self) -> None:
-        self._validate()
 
     def __call__(self, apply_a: Operator, b: Vector, apply_at: Operator | None = None) -> tuple[Vector, SolveInfo]:
         return dense(apply_a, b, self.lstsq, self.tol)
