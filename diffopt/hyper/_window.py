@@ -70,16 +70,22 @@ class Snapshot:
                      ) -> tuple[DifferentiableOptimizer, Any]:
         """An optimizer (a shallow copy of ``template``, its settings) and scheduler at this snapshot."""
         work = copy.copy(template)
+        self.restore(work)
         work.params = [p.detach().requires_grad_() for p in self.params]
-        work.state = [None if s is None else dict(s) for s in self.states]
-        work.step_count = self.step_count
-        work.param_groups = [dict(g) for g in self.groups]
         work.first_order = first_order
         scheduler = None
         if self.scheduler is not None:
             scheduler = copy.copy(self.scheduler)
             scheduler.optimizer = work
         return work, scheduler
+
+    def restore(self, optimizer: DifferentiableOptimizer) -> None:
+        """Put ``optimizer`` at this snapshot: its weights, state, step count and groups (the dicts
+        copied, so the snapshot stays as it is)."""
+        optimizer.params = list(self.params)
+        optimizer.state = [None if s is None else dict(s) for s in self.states]
+        optimizer.step_count = self.step_count
+        optimizer.param_groups = [dict(g) for g in self.groups]
 
     # -- saving ------------------------------------------------------------------------
     def payload(self) -> dict[str, Any]:

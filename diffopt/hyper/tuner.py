@@ -310,10 +310,7 @@ class OnlineTuner:
         """Training back to its first step, the learning rate(s) times ``backtrack_factor``."""
         assert self._origin is not None
         origin = self._origin
-        self.optimizer.params = list(origin.params)
-        self.optimizer.state = [None if s is None else dict(s) for s in origin.states]
-        self.optimizer.step_count = origin.step_count
-        self.optimizer.param_groups = [dict(g) for g in origin.groups]
+        origin.restore(self.optimizer)
         if self.scheduler is not None:
             self.scheduler.load_state_dict(origin.scheduler.state_dict())
         with torch.no_grad():
@@ -405,11 +402,7 @@ class OnlineTuner:
         if state.get("config") != self._config():
             raise ValueError(f"OnlineTuner.load_state_dict: the saved tuner was built with {state.get('config')}, "
                              f"this one with {self._config()}; build it with the same settings")
-        training = Snapshot.from_payload(state["training"], self.scheduler)
-        self.optimizer.params = list(training.params)
-        self.optimizer.state = list(training.states)
-        self.optimizer.step_count = training.step_count
-        self.optimizer.param_groups = training.groups
+        Snapshot.from_payload(state["training"], self.scheduler).restore(self.optimizer)
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["training"]["scheduler"])
         with torch.no_grad():
