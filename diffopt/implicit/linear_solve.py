@@ -381,15 +381,19 @@ class _Solver:
         if self.on_fail == "ignore":
             return info
         if not info.converged:
-            message = (f"{what}{self.name} linear solve did not converge: relative residual ‖Aw − b‖/‖b‖ = "
-                       f"{info.relative_residual:.3g} after {info.iterations} iterations (tol={self.tol:g}). "
-                       "The implicit gradient is off by about as much: raise iterations, add damping, or choose "
-                       "another solver (cg needs a positive definite A; minres a symmetric one; gmres, "
-                       "normal_cg and dense take any)")
+            message = self.failure_message(info, what)
             if self.on_fail == "raise":
                 raise LinearSolveError(message)
             warnings.warn(message, LinearSolveWarning, stacklevel=4)
         return info
+
+    def failure_message(self, info: SolveInfo, what: str = "") -> str:
+        """What :meth:`check` says of a solve that stopped above its tolerance (``what`` first)."""
+        return (f"{what}{self.name} linear solve did not converge: relative residual ‖Aw − b‖/‖b‖ = "
+                f"{info.relative_residual:.3g} after {info.iterations} iterations (tol={self.tol:g}). "
+                "The implicit gradient is off by about as much: raise iterations, add damping, or choose "
+                "another solver (cg needs a positive definite A; minres a symmetric one; gmres, "
+                "normal_cg and dense take any)")
 
     def __call__(self, apply_a: Operator, b: Vector, apply_at: Operator | None = None) -> tuple[Vector, SolveInfo]:
         raise NotImplementedError  # pragma: no cover
