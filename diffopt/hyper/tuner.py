@@ -61,7 +61,7 @@ from ..errors import NonFiniteError
 from ..optim import DifferentiableOptimizer
 from ..optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from ._hyperparameters import TRANSFORMS, Tuned, parse_hyperparameters
-from ._window import Snapshot, TrainLoss, ValidationLoss, advance, hypergradients, replay
+from ._window import Snapshot, TrainLoss, ValidationLoss, advance, hypergradients, replay, split
 
 __all__ = ["OnlineTuner"]
 
@@ -244,11 +244,7 @@ class OnlineTuner:
 
     # -- tuning ---------------------------------------------------------------------------
     def _split(self, flat: Sequence[Tensor]) -> dict[Tuned, list[Tensor]]:
-        out, k = {}, 0
-        for t in self.tuned:
-            n = len(self.raw[t])
-            out[t], k = list(flat[k:k + n]), k + n
-        return out
+        return split(flat, {t: len(self.raw[t]) for t in self.tuned})
 
     def _natural(self, flat: Sequence[Tensor]) -> dict[Tuned, list[Tensor]]:
         return {t: t.natural(raw) for t, raw in self._split(flat).items()}
