@@ -535,7 +535,7 @@ def as_solver(solve: LinearSolver | str, argument: str = "solve") -> LinearSolve
         return SOLVERS[solve]()
     if not isinstance(solve, tuple(SOLVERS.values())):
         raise TypeError(f"{argument} must be a solver name ({', '.join(map(repr, SOLVERS))}) or one of "
-                        f"CG / NormalCG / Neumann / GMRES / MINRES / Dense, got {solve!r}")
+                        f"{' / '.join(cls.__name__ for cls in SOLVERS.values())}, got {solve!r}")
     return solve
 
 
