@@ -9,7 +9,7 @@ import gc
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ __all__ = [  # the scripts also use _common.gc, _common.random and _common.time
     "fmt_ratio", "gc", "interleave", "load_average", "machine_info", "markdown_table", "max_rss_bytes", "ms",
     "paired_ratio", "peak_rss_increase", "peak_tensor_bytes", "random", "ratio", "release_free_memory",
     "reset_peak_rss", "rss_bytes", "run_worker", "set_threads", "summarize", "time", "time_call", "worker_reply",
-    "write_json", "zero_grads", "interleave_cpu", "CLOCKS",
+    "write_json", "zero_grads", "interleave_cpu", "CLOCKS", "report",
 ]
 
 #: ``--clock`` of the engine scripts: wall time, or the calling thread's CPU time
@@ -50,6 +50,21 @@ def interleave_cpu(fns: Mapping[str, Any], warmup: int = 2, **kwargs: Any) -> di
     return {name: samples[warmup:] for name, samples in cpu.items()}  # (the warm-up calls left out)
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def report(args: Any, benchmark: str, title: str, info: Mapping[str, Any], results: Any, text: str, *,
+           note: str | None = None, exclude: Sequence[str] = ("json",), **extra: Any) -> None:
+    """Print ``text`` under ``# title``, the machine (and ``# note``), and write the run's record to
+    ``args.json`` (when given): the benchmark's name, the machine, the command line, the arguments
+    (less ``exclude``), ``extra`` entries, the results and the table."""
+    print(f"# {title}")
+    print(f"# {describe_machine(info)}")
+    if note is not None:
+        print(f"# {note}")
+    print(text)
+    write_json(args.json, {"benchmark": benchmark, "machine": info, "command": command_line(),
+                           "config": {k: v for k, v in vars(args).items() if k not in exclude}, **extra,
+                           "results": results, "table": text})
 
 
 def run_worker(script: str | os.PathLike[str], config: Mapping[str, Any], timeout: float | None = None,

@@ -146,13 +146,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["crossover"] = crossover
     text += "\n\nSmallest meta-batch at which the grouped convolution beats the task loop: " + ", ".join(
         f"{k}: {v if v is not None else 'none measured'}" for k, v in crossover.items())
-    print(f"# Conv-4 across tasks ({args.ways}-way {args.shots}-shot, {args.queries} queries per class, "
-          f"{args.filters} filters, {args.size}x{args.size}, float32)")
-    print(f"# {_common.describe_machine(info)}")
-    print(text)
-    _common.write_json(args.json, {"benchmark": "conv_tasks", "machine": info, "command": _common.command_line(),
-                                   "config": {k: v for k, v in vars(args).items() if k != "json"},
-                                   "results": results, "table": text})
+    _common.report(args, "conv_tasks", f"Conv-4 across tasks ({args.ways}-way {args.shots}-shot, {args.queries} "
+                   f"queries per class, {args.filters} filters, {args.size}x{args.size}, float32)", info, results, text)
     return results
 
 

@@ -310,16 +310,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["memory"] = memory(args, names)
     info["load_average_end"] = _common.load_average()
     text = tables(results, args)
-    print(f"# Conv-4 MAML meta-step ({args.ways}-way {args.shots}-shot, {args.queries} query per class, meta-batch "
-          f"{args.tasks}, {args.filters} filters, transductive BatchNorm, second order, inner lr {args.lr}, float32)")
-    print(f"# {_common.describe_machine(info)}")
-    print(text)
-    _common.write_json(args.json, {
-        "benchmark": "engine_conv4", "machine": info, "command": _common.command_line(),
-        "config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
-        "memory_method": MEMORY_METHOD, "results": results,
-        "table": text,
-    })
+    _common.report(args, "engine_conv4", f"Conv-4 MAML meta-step ({args.ways}-way {args.shots}-shot, {args.queries} "
+                   f"query per class, meta-batch {args.tasks}, {args.filters} filters, transductive BatchNorm, second "
+                   f"order, inner lr {args.lr}, float32)", info, results, text, exclude=("json", "worker"),
+                   memory_method=MEMORY_METHOD)
     return results
 
 

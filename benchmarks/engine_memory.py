@@ -255,17 +255,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"memory": memory(args), "timing": timing(args)}
     info["load_average_end"] = _common.load_average()
     text = tables(results, args)
-    print(f"# InnerLoop modes: memory and time per meta-step against K (sinusoid MLP 1-{args.hidden}-{args.hidden}-1, "
-          f"{args.tasks} tasks, vectorised, float32; implicit: proximal {args.proximal}, {args.solver_iterations} CG "
-          f"iterations; pes: {args.es_samples} antithetic pairs, truncation {args.pes_truncation})")
-    print(f"# {_common.describe_machine(info)}")
-    print(text)
-    _common.write_json(args.json, {
-        "benchmark": "engine_memory", "machine": info, "command": _common.command_line(),
-        "config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
-        "memory_method": MEMORY_METHOD, "results": results,
-        "table": text,
-    })
+    _common.report(args, "engine_memory", f"InnerLoop modes: memory and time per meta-step against K (sinusoid MLP "
+                   f"1-{args.hidden}-{args.hidden}-1, {args.tasks} tasks, vectorised, float32; implicit: proximal "
+                   f"{args.proximal}, {args.solver_iterations} CG iterations; pes: {args.es_samples} antithetic pairs, "
+                   f"truncation {args.pes_truncation})", info, results, text, exclude=("json", "worker"),
+                   memory_method=MEMORY_METHOD)
     return results
 
 

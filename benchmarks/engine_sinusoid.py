@@ -358,14 +358,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["timing"] = timing(args, names)
     info["load_average_end"] = _common.load_average()
     text = tables(results, args)
-    print(f"# Sinusoid MAML meta-step (MLP 1-{args.hidden}-{args.hidden}-1, {args.tasks} tasks, {args.shots} support + "
-          f"{args.queries} query, inner SGD lr {args.lr}, float32)")
-    print(f"# {_common.describe_machine(info)}")
-    print(text)
-    _common.write_json(args.json, {
-        "benchmark": "engine_sinusoid", "machine": info, "command": _common.command_line(),
-        "config": {k: v for k, v in vars(args).items() if k != "json"}, "results": results, "table": text,
-    })
+    _common.report(args, "engine_sinusoid", f"Sinusoid MAML meta-step (MLP 1-{args.hidden}-{args.hidden}-1, "
+                   f"{args.tasks} tasks, {args.shots} support + {args.queries} query, inner SGD lr {args.lr}, float32)",
+                   info, results, text)
     return results
 
 

@@ -126,12 +126,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append([name, f"{ms:.2f}", f"{ratio:.2f}x", f"{ms * ITERATIONS / 1e3:.0f} s"])
     text = _common.markdown_table(["implementation", "ms / iteration", "ratio to hand-written",
                                    "projected 70,000 iterations"], rows)
-    print(f"# MAML sinusoid meta-training iteration ({args.rounds} rounds of {args.chunk} iterations)")
-    print(f"# {_common.describe_machine(info)}")
-    print(text)
-    _common.write_json(args.json, {"benchmark": "maml_iteration", "machine": info, "command": _common.command_line(),
-                                   "config": {k: v for k, v in vars(args).items() if k != "json"},
-                                   "results": results, "table": text})
+    _common.report(args, "maml_iteration",
+                   f"MAML sinusoid meta-training iteration ({args.rounds} rounds of {args.chunk} iterations)", info,
+                   results, text)
     return results
 
 

@@ -345,16 +345,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = run(args)
     info["load_average_end"] = _common.load_average()
     text = table(results)
-    print(f"# Differentiable optimizer step ({args.layers} Linear layers = {2 * args.layers} tensors, width "
-          f"{args.width}, batch {args.batch}, float32, {args.steps} steps per trial, {args.repeats} trials"
-          f"{', learnable tensor lr' if args.tensor_lr else ''})")
-    print(f"# {_common.describe_machine(info)}")
-    print("# ms: median ±IQR/2 over trials; ratios: median (Q1–Q3) of per-round ratios")
-    print(text)
-    _common.write_json(args.json, {
-        "benchmark": "optimizer_step", "machine": info, "command": _common.command_line(),
-        "config": {k: v for k, v in vars(args).items() if k != "json"}, "results": results, "table": text,
-    })
+    _common.report(args, "optimizer_step", f"Differentiable optimizer step ({args.layers} Linear layers = "
+                   f"{2 * args.layers} tensors, width {args.width}, batch {args.batch}, float32, {args.steps} steps "
+                   f"per trial, {args.repeats} trials{', learnable tensor lr' if args.tensor_lr else ''})", info,
+                   results, text, note="ms: median ±IQR/2 over trials; ratios: median (Q1–Q3) of per-round ratios")
     return results
 
 

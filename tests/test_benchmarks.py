@@ -129,6 +129,25 @@ def test_machine_info_and_markdown():
     assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | 2 |", "| 3 | 4 |"]
 
 
+def test_report_prints_the_table_and_writes_the_record(tmp_path, capsys):
+    """The scripts' common ending: title, machine, note and table on stdout; the JSON record with the
+    arguments less the excluded ones, extra entries before the results."""
+    import argparse
+
+    info = _common.machine_info()
+    args = argparse.Namespace(json=str(tmp_path / "out.json"), worker=None, tasks=3)
+    _common.report(args, "demo", "Demo (3 tasks)", info, {"x": 1.0}, "| a |\n|---|\n| 1 |", note="a note",
+                   exclude=("json", "worker"), memory_method="tensors")
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["# Demo (3 tasks)", f"# {_common.describe_machine(info)}", "# a note", "| a |", "|---|", "| 1 |"]
+    payload = json.loads((tmp_path / "out.json").read_text())
+    assert list(payload) == ["benchmark", "machine", "command", "config", "memory_method", "results", "table"]
+    assert payload["benchmark"] == "demo" and payload["config"] == {"tasks": 3} and payload["results"] == {"x": 1.0}
+    assert payload["memory_method"] == "tensors" and payload["table"] == "| a |\n|---|\n| 1 |"
+    _common.report(argparse.Namespace(json=None), "demo", "Demo", info, {}, "text")  # no --json: print only
+    assert capsys.readouterr().out.splitlines()[-1] == "text"
+
+
 def test_run_worker_reports_errors(tmp_path):
     script = tmp_path / "fails.py"
     script.write_text("import sys\nraise SystemExit('boom')\n")

@@ -44,6 +44,15 @@ def blobs(n: int, generator: torch.Generator, classes: int = 3, features: int = 
     return centers[y] + torch.randn(n, features, generator=generator), y, centers
 
 
+def noisy_and_clean(seed: int, n: int, clean: int) -> tuple[torch.Tensor, ...]:
+    """``x, y, x_val, y_val``: ``n`` training and ``clean`` meta examples of the same blobs, drawn in that
+    order from a generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    x, y, centers = blobs(n, g)
+    xv, yv, _ = blobs(clean, g, centers=centers)
+    return x, y, xv, yv
+
+
 def mlp(seed: int, features: int = 5, classes: int = 3, hidden: int = 8) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, classes))
@@ -141,9 +150,7 @@ def test_l2rw_epsilon_gradient_matches_finite_differences_mlp(kind):
 
 def test_l2rw_diffopt_optimizer_gives_the_torch_optimizers_gradient():
     """The look-ahead of a diffopt.optim.Adam equals that of torch.optim.Adam in the same state (1e-10)."""
-    g = torch.Generator().manual_seed(2)
-    x, y, centers = blobs(10, g)
-    xv, yv, _ = blobs(7, g, centers=centers)
+    x, y, xv, yv = noisy_and_clean(2, 10, 7)
     model = mlp(2)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     warm_up(model, opt, x, y, 2)
@@ -156,9 +163,7 @@ def test_l2rw_diffopt_optimizer_gives_the_torch_optimizers_gradient():
 def test_l2rw_fresh_adam_weights_equal_sgd_weights():
     """At Adam's first step (no moments yet) the look-ahead derivative is lr/eps·∇ℓ_i (√v has derivative 0
     at 0, diffopt's convention), so the normalised weights are plain SGD's."""
-    g = torch.Generator().manual_seed(3)
-    x, y, centers = blobs(16, g)
-    xv, yv, _ = blobs(9, g, centers=centers)
+    x, y, xv, yv = noisy_and_clean(3, 16, 9)
     model = mlp(3)
     adam = LearningToReweight(model, torch.optim.Adam(model.parameters(), lr=1e-3), loss_fn=CE, meta_data=(xv, yv))
     sgd = LearningToReweight(model, torch.optim.SGD(model.parameters(), lr=1e-3), loss_fn=CE, meta_data=(xv, yv))
@@ -220,9 +225,7 @@ OPTIMIZERS = {
 def test_real_step_is_the_torch_optimizers_step_on_the_weighted_loss(learner, kind):
     """After each of 3 steps, the model equals a copy stepped by torch.optim on Σ_i w_i ℓ_i with the
     returned weights (bit for bit), and the returned loss is that weighted loss."""
-    g = torch.Generator().manual_seed(5)
-    x, y, centers = blobs(12, g)
-    xv, yv, _ = blobs(9, g, centers=centers)
+    x, y, xv, yv = noisy_and_clean(5, 12, 9)
     model = mlp(5)
     opt = OPTIMIZERS[kind](model.parameters())
     rw = learner(model, opt, loss_fn=CE, meta_data=(xv, yv))
@@ -242,9 +245,7 @@ def test_real_step_is_the_torch_optimizers_step_on_the_weighted_loss(learner, ki
 def test_real_step_with_a_diffopt_optimizer_matches_torch_optim(learner):
     """A diffopt.optim.Adam as the model's optimizer: the model follows torch.optim.Adam on the weighted
     losses (1e-10), and keeps training its own parameter tensors."""
-    g = torch.Generator().manual_seed(6)
-    x, y, centers = blobs(12, g)
-    xv, yv, _ = blobs(9, g, centers=centers)
+    x, y, xv, yv = noisy_and_clean(6, 12, 9)
     model = mlp(6)
     reference = copy.deepcopy(model)
     ref_opt = torch.optim.Adam(reference.parameters(), lr=0.01, weight_decay=1e-2)
@@ -263,9 +264,7 @@ def test_real_step_with_a_diffopt_optimizer_matches_torch_optim(learner):
 def test_batchnorm_running_statistics_see_only_the_training_forward():
     """The look-ahead evaluations run on copies of the buffers: after a step the running statistics are
     those of one training-mode forward of the batch."""
-    g = torch.Generator().manual_seed(7)
-    x, y, centers = blobs(12, g)
-    xv, yv, _ = blobs(9, g, centers=centers)
+    x, y, xv, yv = noisy_and_clean(7, 12, 9)
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
     reference = copy.deepcopy(model)
@@ -296,9 +295,7 @@ def test_mwn_weights_stay_near_uniform_on_clean_data():
     L2RW's is not near 1 on clean data (0.25-0.76 at the worst step here, 0.15-0.29 on the digits): its
     weights follow each example's gradient agreement, so only the duplicated-example criteria hold for it."""
     for seed in range(3):
-        g = torch.Generator().manual_seed(seed)
-        x, y, centers = blobs(96, g)
-        xv, yv, _ = blobs(30, g, centers=centers)
+        x, y, xv, yv = noisy_and_clean(seed, 96, 30)
         model = mlp(seed, hidden=16)
         rw = MetaWeightNet(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=CE, meta_data=(xv, yv),
                            seed=seed)
@@ -390,9 +387,7 @@ def test_mwn_learns_to_give_flipped_labels_smaller_weights():
 def test_state_dict_resumes_exactly(learner):
     """Two steps, save, two more; a fresh model, optimizer and learner loaded from the save take the same
     two steps bit for bit (with a sampled clean batch, so the generator's state is part of it)."""
-    g = torch.Generator().manual_seed(12)
-    x, y, centers = blobs(12, g)
-    xv, yv, _ = blobs(20, g, centers=centers)
+    x, y, xv, yv = noisy_and_clean(12, 12, 20)
 
     def build(seed: int):
         model = mlp(seed)
@@ -422,9 +417,7 @@ def test_weight_net_shape_and_range():
 
 # -- errors ---------------------------------------------------------------------------------------
 def test_errors_name_the_argument_and_the_fix():
-    g = torch.Generator().manual_seed(13)
-    x, y, centers = blobs(6, g)
-    xv, yv, _ = blobs(4, g, centers=centers)
+    x, y, xv, yv = noisy_and_clean(13, 6, 4)
     model = mlp(13)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"loss_fn=.*reduction='mean'.*reduction='none'"):

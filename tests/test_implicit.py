@@ -262,6 +262,22 @@ def test_solvers_report_iterations_and_residual_on_lists_of_tensors():
         assert 1 <= info.iterations <= 50 and info.relative_residual <= 1e-10
 
 
+def test_normal_cg_applies_a_only_as_its_iterations_need():
+    """NormalCG: one product for Aᵀb, two per CG iteration and one for the reported residual
+    ‖Aw − b‖/‖b‖ of the original system — not also the normal system's residual, which it does not report."""
+    matrix, b = batched_system(22, 2, 6, "indefinite")
+    calls = []
+
+    def apply(u):
+        calls.append(1)
+        return [torch.einsum("tij,tj->ti", matrix, u[0])]
+
+    for iterations in (1, 3):
+        calls.clear()
+        _, info = NormalCG(iterations, tol=0.0, on_fail="ignore").solve(apply, [b])
+        assert info.iterations == iterations and len(calls) == 1 + 2 * iterations + 1
+
+
 def test_cg_with_float_steps_equals_the_tensor_recurrence():
     """Outside autograd, one system: CG runs with Python-float step sizes (fewer operations); it
     computes the same iterates as the task-batched recurrence (to rounding), and is not used when the

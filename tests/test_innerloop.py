@@ -442,6 +442,15 @@ def test_a_block_after_the_model_or_the_optimizer_changed_sees_the_change():
             pass
 
 
+def higher_and_diffopt(model: nn.Module, lr: float):
+    """``(library, context)`` for higher's ``innerloop_ctx`` (``copy_initial_weights=False``) and
+    ``diffopt.innerloop``, each on a fresh ``torch.optim.SGD(model.parameters(), lr)``."""
+    for library in ("higher", "diffopt"):
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        yield library, (higher.innerloop_ctx(model, opt, copy_initial_weights=False) if library == "higher"
+                        else diffopt.innerloop(model, opt))
+
+
 def test_fmodel_keeps_its_own_batchnorm_statistics_like_higher():
     """BatchNorm's running statistics change in the block's copy, not in the model (as higher's
     fmodel); fmodel.eval() uses them, and the model's own mode is left alone."""
@@ -450,10 +459,7 @@ def test_fmodel_keeps_its_own_batchnorm_statistics_like_higher():
     x_s, y_s, x_q, y_q = make_data(0)
     before = [b.clone() for b in model.buffers()]
     outputs = {}
-    for library in ("higher", "diffopt"):
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        context = (higher.innerloop_ctx(model, opt, copy_initial_weights=False) if library == "higher"
-                   else diffopt.innerloop(model, opt))
+    for library, context in higher_and_diffopt(model, lr=0.1):
         with context as (fmodel, dopt):
             for _ in range(3):
                 dopt.step(mse(fmodel(x_s), y_s))
@@ -539,10 +545,7 @@ def test_recurrent_model_matches_higher():
         return fmodel(x)[0].pow(2).mean()
 
     results = []
-    for library in ("higher", "diffopt"):
-        opt = torch.optim.SGD(gru.parameters(), lr=0.3)
-        context = (higher.innerloop_ctx(gru, opt, copy_initial_weights=False) if library == "higher"
-                   else diffopt.innerloop(gru, opt))
+    for _, context in higher_and_diffopt(gru, lr=0.3):
         with context as (fmodel, dopt):
             for _ in range(2):
                 dopt.step(loss(fmodel, xs))

@@ -307,3 +307,28 @@ def test_a_truncated_solve_warns_once_per_loop_and_reports_every_residual():
     solve_warnings = [w for w in caught if issubclass(w.category, LinearSolveWarning)]
     assert len(solve_warnings) == 1 and "warned once per loop" in str(solve_warnings[0].message)
     assert all(r > 1e-10 for r in residuals)
+
+
+@pytest.mark.parametrize("on_fail", ["raise", "ignore"])
+def test_a_truncated_solve_raises_or_stays_quiet_by_on_fail(on_fail):
+    """The engine keeps the solver's on_fail: "raise" raises at every backward, "ignore" never warns; the
+    mode's solver object is left as given."""
+    import warnings
+
+    from diffopt.errors import LinearSolveError, LinearSolveWarning
+    from diffopt.implicit import CG
+
+    model = build("mlp")
+    solver = CG(iterations=1, on_fail=on_fail)
+    loop = InnerLoop(model, SGD(model.parameters(), lr=0.1), steps=3, mode="implicit", proximal=0.5, solver=solver)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for seed in range(2):
+            if on_fail == "raise":
+                with pytest.raises(LinearSolveError, match="InnerLoop\\(mode='implicit'\\): cg linear solve did not"):
+                    loop.meta_loss(*tasks("mlp", 2, seed)).backward()
+            else:
+                loop.meta_loss(*tasks("mlp", 2, seed)).backward()
+                assert loop.last_info["solve"].converged is False
+    assert not [w for w in caught if issubclass(w.category, LinearSolveWarning)]
+    assert loop.mode.solver is solver

@@ -36,7 +36,7 @@ from ..optim import DifferentiableOptimizer, PerParameter, Schedule
 from ..optim._gradients import loss_gradients
 from ._hyperparameters import Tuned
 
-__all__ = ["Snapshot", "TrainLoss", "ValidationLoss", "advance", "hypergradient", "window_loss"]
+__all__ = ["Snapshot", "TrainLoss", "ValidationLoss", "advance", "hypergradient", "split", "window_loss"]
 
 TrainLoss = Callable[[list[Tensor], Any], Tensor]
 ValidationLoss = Callable[[list[Tensor]], Tensor]
@@ -70,16 +70,22 @@ class Snapshot:
                      ) -> tuple[DifferentiableOptimizer, Any]:
         """An optimizer (a shallow copy of ``template``, its settings) and scheduler at this snapshot."""
         work = copy.copy(template)
+        self.restore(work)
         work.params = [p.detach().requires_grad_() for p in self.params]
-        work.state = [None if s is None else dict(s) for s in self.states]
-        work.step_count = self.step_count
-        work.param_groups = [dict(g) for g in self.groups]
         work.first_order = first_order
         scheduler = None
         if self.scheduler is not None:
             scheduler = copy.copy(self.scheduler)
             scheduler.optimizer = work
         return work, scheduler
+
+    def restore(self, optimizer: DifferentiableOptimizer) -> None:
+        """Put ``optimizer`` at this snapshot: its weights, state, step count and groups (the dicts
+        copied, so the snapshot stays as it is)."""
+        optimizer.params = list(self.params)
+        optimizer.state = [None if s is None else dict(s) for s in self.states]
+        optimizer.step_count = self.step_count
+        optimizer.param_groups = [dict(g) for g in self.groups]
 
     # -- saving ------------------------------------------------------------------------
     def payload(self) -> dict[str, Any]:
@@ -237,6 +243,14 @@ def hypergradients(run: Callable[[list[Tensor]], tuple[Tensor, DifferentiableOpt
     return value, grads
 
 
+def split(flat: Sequence[Tensor], counts: Mapping[Tuned, int]) -> dict[Tuned, list[Tensor]]:
+    """``flat`` (the tensors of every tuned hyperparameter, in order) cut into ``counts[t]`` tensors per ``t``."""
+    out, k = {}, 0
+    for t, n in counts.items():
+        out[t], k = list(flat[k:k + n]), k + n
+    return out
+
+
 def _as_values(values: Mapping[Any, Any], optimizer: DifferentiableOptimizer, mode: str
                ) -> dict[Tuned, list[Tensor]]:
     """``{name or Tuned: tensor or [tensors]}`` -> ``{Tuned: [tensors]}``, refusing Python numbers and
@@ -293,20 +307,13 @@ def hypergradient(optimizer: DifferentiableOptimizer, batches: Sequence[Any], tr
                         "; convert a torch.optim one with diffopt.optim.from_torch(opt)")
     tuned = _as_values(values, optimizer, mode)
     start = Snapshot.capture(optimizer, scheduler)
-    keys = list(tuned)
-    sizes = [len(tuned[t]) for t in keys]
-    leaves = [x for t in keys for x in tuned[t]]
-    labels = [label for t in keys for label in t.units(optimizer)]
+    counts = {t: len(tensors) for t, tensors in tuned.items()}
+    leaves = [x for tensors in tuned.values() for x in tensors]
+    labels = [label for t in tuned for label in t.units(optimizer)]
 
     def run(inputs: list[Tensor]) -> tuple[Tensor, DifferentiableOptimizer]:
-        split, k = {}, 0
-        for t, n in zip(keys, sizes):
-            split[t], k = inputs[k:k + n], k + n
-        work, _ = replay(start, optimizer, batches, train_loss, split, first_order=first_order)
+        work, _ = replay(start, optimizer, batches, train_loss, split(inputs, counts), first_order=first_order)
         return validation_loss(work.params), work
 
     _, grads = hypergradients(run, leaves, labels, mode, "hypergradient")
-    out, k = {}, 0
-    for t, n in zip(keys, sizes):
-        out[t.name], k = grads[k:k + n], k + n
-    return out
+    return {t.name: g for t, g in split(grads, counts).items()}

@@ -61,7 +61,7 @@ from ..errors import NonFiniteError
 from ..optim import DifferentiableOptimizer
 from ..optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from ._hyperparameters import TRANSFORMS, Tuned, parse_hyperparameters
-from ._window import Snapshot, TrainLoss, ValidationLoss, advance, hypergradients, replay
+from ._window import Snapshot, TrainLoss, ValidationLoss, advance, hypergradients, replay, split
 
 __all__ = ["OnlineTuner"]
 
@@ -244,11 +244,7 @@ class OnlineTuner:
 
     # -- tuning ---------------------------------------------------------------------------
     def _split(self, flat: Sequence[Tensor]) -> dict[Tuned, list[Tensor]]:
-        out, k = {}, 0
-        for t in self.tuned:
-            n = len(self.raw[t])
-            out[t], k = list(flat[k:k + n]), k + n
-        return out
+        return split(flat, {t: len(self.raw[t]) for t in self.tuned})
 
     def _natural(self, flat: Sequence[Tensor]) -> dict[Tuned, list[Tensor]]:
         return {t: t.natural(raw) for t, raw in self._split(flat).items()}
@@ -310,10 +306,7 @@ class OnlineTuner:
         """Training back to its first step, the learning rate(s) times ``backtrack_factor``."""
         assert self._origin is not None
         origin = self._origin
-        self.optimizer.params = list(origin.params)
-        self.optimizer.state = [None if s is None else dict(s) for s in origin.states]
-        self.optimizer.step_count = origin.step_count
-        self.optimizer.param_groups = [dict(g) for g in origin.groups]
+        origin.restore(self.optimizer)
         if self.scheduler is not None:
             self.scheduler.load_state_dict(origin.scheduler.state_dict())
         with torch.no_grad():
@@ -405,11 +398,7 @@ class OnlineTuner:
         if state.get("config") != self._config():
             raise ValueError(f"OnlineTuner.load_state_dict: the saved tuner was built with {state.get('config')}, "
                              f"this one with {self._config()}; build it with the same settings")
-        training = Snapshot.from_payload(state["training"], self.scheduler)
-        self.optimizer.params = list(training.params)
-        self.optimizer.state = list(training.states)
-        self.optimizer.step_count = training.step_count
-        self.optimizer.param_groups = training.groups
+        Snapshot.from_payload(state["training"], self.scheduler).restore(self.optimizer)
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["training"]["scheduler"])
         with torch.no_grad():

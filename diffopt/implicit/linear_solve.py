@@ -110,6 +110,14 @@ def conjugate_gradient(apply_a: Operator, b: Vector, iterations: int, tol: float
     Stops when every task's relative residual is below ``tol`` or after
     ``iterations`` products with A.
     """
+    w, done, b_norm = _conjugate_gradient_iterations(apply_a, b, iterations, tol)
+    return w, _info("cg", done, _relative_residual(apply_a, w, b, b_norm), tol)
+
+
+def _conjugate_gradient_iterations(apply_a: Operator, b: Vector, iterations: int,
+                                   tol: float) -> tuple[Vector, int, Tensor]:
+    """:func:`conjugate_gradient`'s iterations: ``(w, iterations run, per-task ‖b‖)``, no final residual
+    (:func:`normal_conjugate_gradient` reports the original system's instead)."""
     batched = under_vmap(b)
     w = [torch.zeros_like(x) for x in b]
     r = [x.clone() for x in b]
@@ -144,7 +152,7 @@ def conjugate_gradient(apply_a: Operator, b: Vector, iterations: int, tol: float
             beta = torch.where(usable, rs_new / torch.where(usable, rs, torch.ones_like(rs)), torch.zeros_like(rs))
         p = [x + _scale(beta, y) for x, y in zip(r, p)]
         rs = rs_new
-    return w, _info("cg", done, _relative_residual(apply_a, w, b, b_norm), tol)
+    return w, done, b_norm
 
 
 def _conjugate_gradient_float_steps(apply_a: Operator, b: Vector, iterations: int,
@@ -190,8 +198,8 @@ def normal_conjugate_gradient(
     reported residual is the original system's, ``‖A w − b‖ / ‖b‖``.
     """
     apply_at = apply_at or apply_a
-    w, info = conjugate_gradient(lambda u: apply_at(apply_a(u)), apply_at(b), iterations, tol)
-    return w, _info("normal_cg", info.iterations, _relative_residual(apply_a, w, b, _b_norm(b)), tol)
+    w, done, _ = _conjugate_gradient_iterations(lambda u: apply_at(apply_a(u)), apply_at(b), iterations, tol)
+    return w, _info("normal_cg", done, _relative_residual(apply_a, w, b, _b_norm(b)), tol)
 
 
 def neumann(apply_a: Operator, b: Vector, iterations: int, alpha: float, tol: float) -> tuple[Vector, SolveInfo]:
@@ -335,11 +343,19 @@ def dense(apply_a: Operator, b: Vector, lstsq: bool = False, tol: float = 1e-10)
 # -- solver objects: settings, validation, and the convergence check ---------------------------------
 
 class _Solver:
-    """Shared behaviour of the solver objects: validation and the ``on_fail`` check."""
+    """Shared behaviour of the solver objects: validation and the ``on_fail`` check.
+
+    Each solver is a frozen dataclass that declares its own fields, ``tol`` and ``on_fail``
+    included: their order is the class's positional signature (``CG(50, 1e-8)``,
+    ``Neumann(50, 0.1)``), which a base dataclass's fields would put first."""
 
     name: ClassVar[str]
     tol: float
     on_fail: str
+
+    def __post_init__(self) -> None:
+        """Called by the dataclass's ``__init__``; a solver with more settings extends it."""
+        self._validate()
 
     def _validate(self) -> None:
         iterations = getattr(self, "iterations", 1)
@@ -365,15 +381,19 @@ class _Solver:
         if self.on_fail == "ignore":
             return info
         if not info.converged:
-            message = (f"{what}{self.name} linear solve did not converge: relative residual ‖Aw − b‖/‖b‖ = "
-                       f"{info.relative_residual:.3g} after {info.iterations} iterations (tol={self.tol:g}). "
-                       "The implicit gradient is off by about as much: raise iterations, add damping, or choose "
-                       "another solver (cg needs a positive definite A; minres a symmetric one; gmres, "
-                       "normal_cg and dense take any)")
+            message = self.failure_message(info, what)
             if self.on_fail == "raise":
                 raise LinearSolveError(message)
             warnings.warn(message, LinearSolveWarning, stacklevel=4)
         return info
+
+    def failure_message(self, info: SolveInfo, what: str = "") -> str:
+        """What :meth:`check` says of a solve that stopped above its tolerance (``what`` first)."""
+        return (f"{what}{self.name} linear solve did not converge: relative residual ‖Aw − b‖/‖b‖ = "
+                f"{info.relative_residual:.3g} after {info.iterations} iterations (tol={self.tol:g}). "
+                "The implicit gradient is off by about as much: raise iterations, add damping, or choose "
+                "another solver (cg needs a positive definite A; minres a symmetric one; gmres, "
+                "normal_cg and dense take any)")
 
     def __call__(self, apply_a: Operator, b: Vector, apply_at: Operator | None = None) -> tuple[Vector, SolveInfo]:
         raise NotImplementedError  # pragma: no cover
@@ -396,9 +416,6 @@ class CG(_Solver):
     on_fail: str = "warn"
     name: ClassVar[str] = "cg"
 
-    def __post_init__(self) -> None:
-        self._validate()
-
     def __call__(self, apply_a: Operator, b: Vector, apply_at: Operator | None = None) -> tuple[Vector, SolveInfo]:
         if _nothing_differentiates(b):
             return _conjugate_gradient_float_steps(apply_a, b, self.iterations, self.tol)
@@ -417,7 +434,7 @@ class Neumann(_Solver):
     name: ClassVar[str] = "neumann"
 
     def __post_init__(self) -> None:
-        self._validate()
+        super().__post_init__()
         if not self.alpha > 0:
             raise ValueError(f"Neumann(alpha=...) must be positive (below 2/λ_max), got {self.alpha!r}")
 
@@ -447,9 +464,6 @@ class NormalCG(_Solver):
     on_fail: str = "warn"
     name: ClassVar[str] = "normal_cg"
 
-    def __post_init__(self) -> None:
-        self._validate()
-
     def __call__(self, apply_a: Operator, b: Vector, apply_at: Operator | None = None) -> tuple[Vector, SolveInfo]:
         return normal_conjugate_gradient(apply_a, b, self.iterations, self.tol, apply_at)
 
@@ -467,7 +481,7 @@ class GMRES(_Solver):
     name: ClassVar[str] = "gmres"
 
     def __post_init__(self) -> None:
-        self._validate()
+        super().__post_init__()
         if isinstance(self.restart, bool) or not isinstance(self.restart, int) or self.restart < 1:
             raise ValueError(f"GMRES(restart=...) must be a positive integer, got {self.restart!r}")
 
@@ -485,9 +499,6 @@ class MINRES(_Solver):
     on_fail: str = "warn"
     name: ClassVar[str] = "minres"
 
-    def __post_init__(self) -> None:
-        self._validate()
-
     def __call__(self, apply_a: Operator, b: Vector, apply_at: Operator | None = None) -> tuple[Vector, SolveInfo]:
         return minres(apply_a, b, self.iterations, self.tol)
 
@@ -501,9 +512,6 @@ class Dense(_Solver):
     tol: float = 1e-10
     on_fail: str = "warn"
     name: ClassVar[str] = "dense"
-
-    def __post_init__(self) -> None:
-        self._validate()
 
     def __call__(self, apply_a: Operator, b: Vector, apply_at: Operator | None = None) -> tuple[Vector, SolveInfo]:
         return dense(apply_a, b, self.lstsq, self.tol)
@@ -527,7 +535,7 @@ def as_solver(solve: LinearSolver | str, argument: str = "solve") -> LinearSolve
         return SOLVERS[solve]()
     if not isinstance(solve, tuple(SOLVERS.values())):
         raise TypeError(f"{argument} must be a solver name ({', '.join(map(repr, SOLVERS))}) or one of "
-                        f"CG / NormalCG / Neumann / GMRES / MINRES / Dense, got {solve!r}")
+                        f"{' / '.join(cls.__name__ for cls in SOLVERS.values())}, got {solve!r}")
     return solve
 
 

@@ -88,7 +88,7 @@ class RootProblem:
 
         def apply(u: list[Tensor]) -> list[Tensor]:
             if not transpose:
-                transpose.append(torch.func.vjp(lambda *v: vjp_x(list(v)), *[torch.zeros_like(o) for o in out])[1])
+                transpose.append(_transpose(vjp_x, out))
             return list(transpose[0](tuple(u)))
 
         return apply, (lambda u: list(vjp_x(list(u))))
@@ -127,14 +127,19 @@ class RootProblem:
             return self.F(x, values)
 
         out, vjp_theta = torch.func.vjp(f_theta, *[theta[i] for i in moving])
-        _, transpose = torch.func.vjp(lambda *v: vjp_theta(list(v)), *[torch.zeros_like(o) for o in out])
-        rhs = transpose(tuple(tangents[i] for i in moving))  # (∂F/∂θ) θ̇
+        rhs = _transpose(vjp_theta, out)(tuple(tangents[i] for i in moving))  # (∂F/∂θ) θ̇
         apply, apply_t = self.operators(x, theta)
         return self._solve(apply, apply_t, [-r for r in rhs], "implicit gradient (forward mode): ")
 
 
 def _call_x(problem: RootProblem, theta: list[Tensor], *x: Tensor) -> list[Tensor]:
     return problem.F(x, theta)
+
+
+def _transpose(vjp: Callable[[list[Tensor]], Any], out: list[Tensor]) -> Callable[..., Any]:
+    """The transpose of the linear map ``w ↦ Jᵀw`` that ``vjp`` applies (its own VJP, taken at zero):
+    ``u ↦ J u`` from reverse mode only."""
+    return torch.func.vjp(lambda *v: vjp(list(v)), *[torch.zeros_like(o) for o in out])[1]
 
 
 class _ImplicitRoot(torch.autograd.Function):
@@ -201,10 +206,11 @@ def _reachable_leaves(outputs: list[Tensor]) -> set[int]:
     return found
 
 
-def _residual_check(problem: RootProblem, x: list[Tensor], theta: list[Tensor], names: list[str],
+def _residual_check(problem: RootProblem, x: list[Tensor], theta: list[Tensor], names: Callable[[], list[str]],
                     residual_tol: float, on_residual: str, name: str) -> float:
     """``‖F(x*, θ)‖₂`` at the returned point (warn/raise above ``residual_tol``); and, under plain
-    autograd, a clear error when ``F`` ignores a ``θ`` that asks for a gradient."""
+    autograd, a clear error when ``F`` ignores a ``θ`` that asks for a gradient (``names()``: each
+    ``θ``'s name, worked out only for that message)."""
     if under_vmap(x + theta):
         return math.nan  # the values are batched: nothing to read
     plain = torch._C._functorch.maybe_current_level() is None
@@ -217,11 +223,13 @@ def _residual_check(problem: RootProblem, x: list[Tensor], theta: list[Tensor], 
                          f"{[tuple(xi.shape) for xi in x]}")
     if plain:
         reached = _reachable_leaves(out)
-        ignored = [n for p, t, n in zip(probes, theta, names) if t.requires_grad and id(p) not in reached]
+        ignored = [k for k, (p, t) in enumerate(zip(probes, theta)) if t.requires_grad and id(p) not in reached]
         if ignored:
-            raise ValueError(f"{name}: optimality_fn does not depend on {', '.join(ignored)}, which requires grad: "
-                             "its gradient through the solution would be silently zero. Use it in the optimality "
-                             "condition, pass it as a keyword argument (not differentiated), or detach it")
+            every = names()
+            raise ValueError(f"{name}: optimality_fn does not depend on {', '.join(every[k] for k in ignored)}, "
+                             "which requires grad: its gradient through the solution would be silently zero. Use "
+                             "it in the optimality condition, pass it as a keyword argument (not differentiated), "
+                             "or detach it")
     residual = float(torch.sqrt(sum((o.detach().double() ** 2).sum() for o in out)))
     if on_residual != "ignore" and not residual <= residual_tol:
         message = (f"{name}: the optimality condition is {residual:.3g} from zero at the solver's returned point "
@@ -234,10 +242,11 @@ def _residual_check(problem: RootProblem, x: list[Tensor], theta: list[Tensor], 
     return residual
 
 
-def _argument_names(args: tuple[Any, ...]) -> list[str]:
-    """``argument [0]``, ``argument [1]['lam']``, ...: each leaf of the positional arguments by its path."""
+def _argument_names(args: tuple[Any, ...], positions: list[int]) -> list[str]:
+    """``argument [0]``, ``argument [1]['lam']``, ...: the leaves at ``positions`` of the positional
+    arguments, by their paths."""
     paths, _ = pytree.tree_flatten_with_path(args)
-    return [f"argument {pytree.keystr(path)}" for path, _ in paths]
+    return [f"argument {pytree.keystr(paths[i][0])}" for i in positions]
 
 
 def custom_root(optimality_fn: Callable[..., Any], *, solve: LinearSolver | str = "cg", damping: float = 0.0,
@@ -289,11 +298,12 @@ def custom_root(optimality_fn: Callable[..., Any], *, solve: LinearSolver | str 
 
         @functools.wraps(solver)
         def wrapped(init: Any, *args: Any, **kwargs: Any) -> Any:
-            detached = pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, args)
+            arg_leaves, args_spec = pytree.tree_flatten(args)
+            detached = pytree.tree_unflatten([v.detach() if isinstance(v, Tensor) else v for v in arg_leaves],
+                                             args_spec)
             result = solver(init, *detached, **kwargs)
             solution, aux = result if has_aux else (result, None)
             x_leaves, x_spec = pytree.tree_flatten(solution)
-            arg_leaves, args_spec = pytree.tree_flatten(args)
             positions = [i for i, v in enumerate(arg_leaves) if isinstance(v, Tensor) and v.is_floating_point()]
             theta = [arg_leaves[i] for i in positions]
             if not all(isinstance(v, Tensor) for v in x_leaves):
@@ -302,11 +312,9 @@ def custom_root(optimality_fn: Callable[..., Any], *, solve: LinearSolver | str 
                 return result
             problem = RootProblem(optimality_fn, x_spec, args_spec, arg_leaves, positions, kwargs, solver_object,
                                   damping, record=lambda info: setattr(wrapped, "last_solve", info))
-            every_name = _argument_names(args)
-            names = [every_name[i] for i in positions]
             x = [v.detach() for v in x_leaves]
-            wrapped.last_residual = _residual_check(problem, x, theta, names, residual_tol, on_residual,
-                                                    name)
+            wrapped.last_residual = _residual_check(problem, x, theta, lambda: _argument_names(args, positions),
+                                                    residual_tol, on_residual, name)
             out = _ImplicitRoot.apply(problem, len(x), *x, *theta)
             solution = pytree.tree_unflatten(list(out), x_spec)
             return (solution, aux) if has_aux else solution

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ._hyper import PerParameter, Schedule, leaves
+from ._hyper import PerParameter, Schedule, is_plain, leaves
 from ._rule import UpdateRule
 
 # Options of torch.optim that have no meaning for a differentiable, out-of-place step
@@ -126,7 +126,7 @@ class ParamGroups:
 
     def _check_hyper_shapes(self, group: Mapping[str, Any], param: Tensor, position: int, where: str) -> None:
         for key, value in group.items():
-            if key == "params":
+            if key == "params" or is_plain(value):  # (a number, flag or name has no shape to check)
                 continue
             # A pair (betas, etas, step_sizes) is checked entry by entry, so that an entry may
             # itself be a PerParameter of per-element tensors.

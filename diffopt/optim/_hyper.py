@@ -167,6 +167,14 @@ def is_plain_number(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float))
 
 
+def is_plain(value: Any) -> bool:
+    """A hyperparameter that resolves to itself at every step and has no shape: a Python number,
+    bool, string or None (or a tuple of them)."""
+    if isinstance(value, tuple):
+        return all(is_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
 def leaves(value: Any) -> list[Any]:
     """Every concrete value inside a (possibly wrapped) hyperparameter, for validation."""
     if isinstance(value, PerParameter):

@@ -18,7 +18,8 @@ from torch import Tensor
 from ..errors import NonFiniteError
 from ._gradients import check_finite_gradients, loss_gradients
 from ._groups import IGNORED_TORCH_OPTIONS, PAIR_KEYS, ParamGroups  # noqa: F401 - re-exported
-from ._hyper import VariesByParameter, constants_as_numbers, is_plain_number, leaves, resolve, resolve_shared
+from ._hyper import (VariesByParameter, constants_as_numbers, is_plain, is_plain_number, leaves, resolve,
+                     resolve_shared)
 from ._rule import State, UpdateRule, inside_torch_func, update_one_like_torch
 from ._state_dict import StateDict
 from .transforms import GradTransform, build_transforms
@@ -246,7 +247,7 @@ class DifferentiableOptimizer(ParamGroups, StateDict):
         except VariesByParameter:
             return None
         shared = constants_as_numbers(shared, getattr(self.rule, "structured", ()))
-        if all(_plain(v) for _, v in values):
+        if all(is_plain(v) for _, v in values):
             cache[id(group)] = (values, shared)
         return dict(shared)
 
@@ -328,10 +329,3 @@ class DifferentiableOptimizer(ParamGroups, StateDict):
                 if key != "params":
                     lines.append(f"    {key}: {value}")
         return "\n".join(lines) + "\n)"
-
-
-def _plain(value: Any) -> bool:
-    """A hyperparameter that resolves to itself at every step: a Python number, bool, string or None."""
-    if isinstance(value, tuple):
-        return all(_plain(v) for v in value)
-    return value is None or isinstance(value, (bool, int, float, str))

@@ -10,8 +10,9 @@ Parameters the optimizer does not adapt act as hyperparameters of the inner prob
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -19,13 +20,15 @@ from torch import Tensor
 
 from ...errors import LinearSolveWarning
 from ...implicit.ift import implicit_vjp
-from ...implicit.linear_solve import SOLVERS, LinearSolver, as_solver, solver_settings
+from ...implicit.linear_solve import SOLVERS, LinearSolver, SolveInfo, as_solver, solver_settings
 from ..attention import double_differentiable
 from ..carry import Carry, unique
 from ._base import Mode
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import InnerLoop
+
+WHAT = "InnerLoop(mode='implicit'): "  # what a solve's message starts with
 
 
 @dataclass(eq=False)
@@ -114,11 +117,9 @@ class _ImplicitSolution(torch.autograd.Function):
             def mixed_vjp(w: list[Tensor]) -> Any:  # (∂²G/∂θ∂φ)ᵀ w
                 return torch.autograd.grad(grad, wanted, w, allow_unused=True) if wanted else []
 
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", LinearSolveWarning)
-                negated, solve = implicit_vjp(hessian_vector, mixed_vjp, v, mode.solver, mode.damping,
-                                              what="InnerLoop(mode='implicit'): ")
-            _warn_once(mode, caught)
+            negated, solve = implicit_vjp(hessian_vector, mixed_vjp, v, _quiet(mode.solver), mode.damping,
+                                          what=WHAT)
+            _warn_once(mode, solve)
             ctx.info["solve"] = solve
         it = iter(negated)
         grads = [next(it) if m.requires_grad else None for m in list(meta) + data]
@@ -126,16 +127,20 @@ class _ImplicitSolution(torch.autograd.Function):
         return (None, None, None, None, x_grad, y_grad, *meta_grads)
 
 
-def _warn_once(mode: Implicit, caught: list[warnings.WarningMessage]) -> None:
-    """Re-issue the solve's warnings, a non-converged solve only the first time for this mode: a
+def _quiet(solver: LinearSolver) -> LinearSolver:
+    """The solver as it runs in the backward pass: one that would warn checks quietly (:func:`_warn_once`
+    warns instead); one that raises still raises."""
+    return dataclasses.replace(solver, on_fail="ignore") if solver.on_fail == "warn" else solver  # type: ignore
+
+
+def _warn_once(mode: Implicit, solve: SolveInfo) -> None:
+    """Warn of a non-converged solve (``on_fail="warn"``) only the first time for this mode: a
     meta-training run with a deliberately truncated solver (iMAML's few CG steps) would otherwise
     warn at every meta-step; every solve's residual stays in ``loop.last_info["solve"]``."""
-    for w in caught:
-        if issubclass(w.category, LinearSolveWarning):
-            if getattr(mode, "_warned_solve", False):
-                continue
-            object.__setattr__(mode, "_warned_solve", True)
-            message = f"{w.message} (warned once per loop; every solve's residual is in loop.last_info['solve'])"
-            warnings.warn(message, LinearSolveWarning, stacklevel=2)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    solver = mode.solver
+    if solver.on_fail != "warn" or solve.converged is not False or getattr(mode, "_warned_solve", False):
+        return
+    object.__setattr__(mode, "_warned_solve", True)
+    message = (f"{solver.failure_message(solve, WHAT)} (warned once per loop; every solve's residual is in "
+               "loop.last_info['solve'])")
+    warnings.warn(message, LinearSolveWarning, stacklevel=2)
