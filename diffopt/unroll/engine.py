@@ -440,7 +440,8 @@ class InnerLoop:
     def _deferred_checks_found_non_finite(self) -> bool:
         """One read: any recorded inner loss, or the last adapted weights, not finite (a non-finite
         gradient reaches the next weights through the update)."""
-        return not _all_finite([*(self._pending_checks or []), *(self._last_adapted or [])])
+        pending = [v for v in self._pending_checks or [] if not v.is_meta]
+        return not _all_finite([torch.cat(pending) if pending else None, *(self._last_adapted or [])])
 
     def _diagnose(self, method: Callable[..., Any], args: tuple, kwargs: dict[str, Any],
                   cause: Exception | None) -> None:
