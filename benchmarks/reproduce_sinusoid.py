@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from diffopt.algorithms import ANIL, FOMAML, MAML, MetaSGD, Reptile
 from diffopt.training.demo import pretrain
 from diffopt.recipes import SinusoidSource, sinusoid_mlp
-from diffopt.training import Trainer, evaluate, outer_adam
+from diffopt.training import Trainer, evaluate, outer_adam, summary_text
 
 EVAL_STEPS = (0, 1, 5, 10)
 PAPER_MAML = {"MAML": {"1": 0.67, "5": 0.38, "10": 0.35}, "pretrained": {"1": 2.41, "5": 2.23, "10": 2.19}}
@@ -98,7 +98,7 @@ def train(method: str, source: SinusoidSource, iterations: int, seed: int, progr
 
 
 def fmt(entry: dict[str, float]) -> str:
-    return f"{entry['mean']:.3f} ± {entry['ci95']:.3f}"
+    return summary_text(entry)
 
 
 # -- experiments ------------------------------------------------------------------------------

@@ -360,6 +360,26 @@ def test_evaluate_matches_mean_ci95_of_hand_computed_per_task_losses():
         assert (entry["mean"], entry["ci95"]) == pytest.approx(mean_ci95(values), rel=1e-12)
 
 
+def test_a_test_task_whose_fine_tuning_diverges_counts_as_inf_and_is_reported():
+    # Divergence at test time is a result (MAML's 10-step sinusoid evaluation meets it), not a crash
+    # that loses the run: the task's loss is inf from that step on, the summary counts it, a warning names it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1)).to(F64)
+    learner = MAML(model, inner_lr=0.05, inner_steps=1)
+    g = torch.Generator().manual_seed(0)
+    sx, qx = (torch.randn(3, 4, 1, generator=g, dtype=F64) for _ in range(2))
+    sy, qy = (torch.randn(3, 4, 1, generator=g, dtype=F64) for _ in range(2))
+    sy[1] *= 1e200  # task 1's squared support error overflows float64
+    with pytest.warns(RuntimeWarning, match=r"fine-tuning diverged.*task\(s\) \[1\] at inner step 0"):
+        summary = evaluate(learner, [(sx, sy, qx, qy)], steps=(0, 1, 3))
+    before = summary["loss"]["0"]  # before any step the support data play no part
+    assert "diverged" not in before and math.isfinite(before["mean"]) and before["tasks"] == 3
+    for k in ("1", "3"):
+        assert summary["loss"][k]["mean"] == math.inf and summary["loss"][k]["diverged"] == 1
+        assert summary["loss"][k]["tasks"] == 3
+    assert learner.loop.check_finite  # the checks are back on for training
+
+
 def test_evaluate_metric_learner_reports_loss_and_accuracy():
     torch.manual_seed(0)
     learner = PrototypicalNetwork(nn.Linear(8, 4).to(F64))

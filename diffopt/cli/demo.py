@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..training import demo
+from ..training import demo, summary_text
 from ._types import count, seed
 
 __all__ = ["add_parser", "format_table", "run"]
@@ -30,7 +30,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     header = "| method | " + " | ".join(f"{k} step{'s' if k != 1 else ''}" for k in steps) + " |"
     lines = [header, "|---" * (len(steps) + 1) + "|"]
     for name, summary in results.items():
-        cells = [f"{summary[str(k)]['mean']:.3f} ± {summary[str(k)]['ci95']:.3f}" for k in steps]
+        cells = [summary_text(summary[str(k)]) for k in steps]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

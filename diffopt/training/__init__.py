@@ -21,11 +21,12 @@ from .trainer import (
     load_checkpoint,
     outer_adam,
     save_checkpoint,
+    summary_text,
 )
 
 __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "FAMILIES", "OBJECTIVES", "Batch",
     "CheckpointError", "FewShotFamily", "OptimizerTrainer", "QuadraticFamily", "SinusoidFamily", "TaskBatch",
     "TaskFamily", "TaskSource", "TrainConfig", "Trainer", "Unroll", "config_differences", "evaluate", "family",
-    "iteration_generator", "load_checkpoint", "loss_curves", "outer_adam", "save_checkpoint",
+    "iteration_generator", "load_checkpoint", "loss_curves", "outer_adam", "save_checkpoint", "summary_text",
 ]

@@ -17,6 +17,7 @@ import numbers
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -390,11 +391,18 @@ def _explain(message: str, iteration: int | None) -> str:
 
 
 def evaluate(learner: MetaLearner, batches: Iterable[Batch], steps: Sequence[int] = (0, 1, 5, 10)) -> dict[str, Any]:
-    """Per-metric mean and 95% CI over all test tasks; per test-time step for inner-loop learners."""
+    """Per-metric mean and 95% CI over all test tasks; per test-time step for inner-loop learners.
+
+    Test-time fine-tuning that diverges on a test task is a result, not a crash: that batch
+    is evaluated again without the inner loop's non-finite checks, the task's loss counts as
+    ``inf`` from the step where it diverged (so the mean is ``inf``), the step's summary
+    gets ``"diverged"``: the number of such tasks, and a :class:`RuntimeWarning` repeats the
+    inner loop's error (which step, which task). Training's own divergence still raises.
+    """
     per_task: dict[str, list[Tensor]] = {}
     stepwise = hasattr(learner, "evaluate_steps")
     for sx, sy, qx, qy in batches:
-        values = learner.evaluate_steps(sx, sy, qx, qy, steps) if stepwise else learner.evaluate(sx, sy, qx, qy)
+        values = _evaluate_steps(learner, (sx, sy, qx, qy), steps) if stepwise else learner.evaluate(sx, sy, qx, qy)
         for name, value in values.items():
             per_task.setdefault(name, []).append(value.detach())
     summary: dict[str, Any] = {}
@@ -407,6 +415,35 @@ def evaluate(learner: MetaLearner, batches: Iterable[Batch], steps: Sequence[int
     return summary
 
 
+def _evaluate_steps(learner: MetaLearner, batch: Batch, steps: Sequence[int]) -> dict[str, Tensor]:
+    """``learner.evaluate_steps`` on one batch, a diverging test task reported (see :func:`evaluate`)."""
+    try:
+        return learner.evaluate_steps(*batch, steps)  # type: ignore[attr-defined]
+    except NonFiniteError as error:
+        loop = getattr(learner, "loop", None)
+        if loop is None or not getattr(loop, "check_finite", False):
+            raise
+        warnings.warn(f"evaluation: test-time fine-tuning diverged: {error}. That task's loss counts as inf "
+                      "from there on (the summary's 'diverged' counts such tasks)", RuntimeWarning, stacklevel=3)
+        loop.check_finite = False
+        try:
+            values = learner.evaluate_steps(*batch, steps)  # type: ignore[attr-defined]
+        finally:
+            loop.check_finite = True
+    loss = values["loss"]
+    return {**values, "loss": torch.where(torch.isfinite(loss), loss, torch.inf)}
+
+
+def summary_text(entry: dict[str, float]) -> str:
+    """One :func:`evaluate` summary as text: ``"0.596 ± 0.057"``, or ``"inf (3 of 600 tasks diverged)"``."""
+    if entry.get("diverged"):
+        return f"inf ({entry['diverged']} of {entry['tasks']} tasks diverged)"
+    return f"{entry['mean']:.3f} ± {entry['ci95']:.3f}"
+
+
 def _summary(values: Tensor) -> dict[str, float]:
+    diverged = int((~torch.isfinite(values)).sum())
+    if diverged:  # the mean is inf: no interval to give
+        return {"mean": math.inf, "ci95": math.nan, "tasks": int(values.numel()), "diverged": diverged}
     mean, half = mean_ci95(values)
     return {"mean": mean, "ci95": half, "tasks": int(values.numel())}
