@@ -230,6 +230,22 @@ def test_backtracking_restarts_training_from_its_first_step() -> None:
     error = max(float((a - b.detach()).abs().max()) for a, b in zip(tuner.params, ref_params))
     record("tuner trajectory after backtracking vs torch.optim replay (max abs)", "SGD", error)
     assert error <= 1e-10
+    # delay=2: each run (the first and every restart) trains 2 steps before its first period, so the
+    # restarts come at steps 5 and 10 (backtrack=2), and tuning goes on at 15, 18, ...
+    delayed = OnlineTuner(SGD([w.clone() for w in weights], lr=2.0, momentum=0.6), train_loss, validation_loss,
+                          ["lr", "momentum"], every=3, window=2, meta_lr=0.2, backtrack=2, delay=2)
+    used = run_and_record(delayed.optimizer, delayed, batches)
+    assert [(h["step"], h["restarted"]) for h in delayed.history] == [(5, True), (10, True)] + [
+        (step, False) for step in range(15, 31, 3)]
+    assert [h["values"]["lr"] for h in delayed.history[:2]] == [1.0, 0.5]
+    delayed_params = [w.clone().requires_grad_() for w in weights]
+    delayed_reference = torch.optim.SGD(delayed_params, lr=0.5, momentum=0.6)
+    for values, batch in list(zip(used, batches))[10:]:
+        delayed_reference.param_groups[0].update({k: values[0][k] for k in ("lr", "momentum")})
+        delayed_reference.zero_grad()
+        train_loss(delayed_params, batch).backward()
+        delayed_reference.step()
+    assert max(float((a - b.detach()).abs().max()) for a, b in zip(delayed.params, delayed_params)) <= 1e-10
     never = OnlineTuner(SGD([w.clone() for w in weights], lr=2.0, momentum=0.6), train_loss, validation_loss,
                         ["lr", "momentum"], every=3, window=2, meta_lr=0.2, backtrack=0)
     for batch in batches:
@@ -378,24 +394,25 @@ def test_pes_is_unbiased_on_a_quadratic() -> None:
     assert tuner.last_standard_error <= 0.25 * float(truth.norm())
 
 
-@pytest.mark.parametrize("mode", ["reverse", "pes", "reverse, backtracking", "reverse, backtracking, LambdaLR"])
+@pytest.mark.parametrize("mode", ["reverse", "pes", "reverse, backtracking", "reverse, backtracking, LambdaLR, delay"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(mode: str, tmp_path: Any) -> None:
     """Saved mid-window (and mid-PES-horizon, and between two backtracking restarts: the lrs 8 and 4
-    restart at steps 4, 8, 12, 16 and 20; under a LambdaLR warm-up whose base rates are tuned, 32 and 16
-    restart at steps 4 and 8)
+    restart at steps 4, 8, 12, 16 and 20; under a LambdaLR warm-up whose base rates are tuned, with
+    delay=3, they restart at steps 7, 14 and 21: the save at step 10 falls in the second run, 3 steps
+    after its delay)
     and resumed into freshly built objects: bit for bit."""
     weights, batches, train_loss, validation_loss = problem(5, n_batches=22)
     with_scheduler = "LambdaLR" in mode
-    lrs = (32.0, 16.0) if with_scheduler else (8.0, 4.0) if "backtracking" in mode else (0.05, 0.02)
-    restarts = 2 if with_scheduler else 5 if "backtracking" in mode else None  # None: not checked
+    lrs = (8.0, 4.0) if "backtracking" in mode else (0.05, 0.02)
+    restarts = 3 if with_scheduler else 5 if "backtracking" in mode else None  # None: not checked
     mode = mode.split(",")[0]
 
     def build() -> OnlineTuner:
         opt = Adam(two_groups(weights, lrs), betas=(0.8, 0.9))
-        scheduler = LambdaLR(opt, warmup(8, 0.5)) if with_scheduler else None
+        scheduler = LambdaLR(opt, warmup(8, 0.5)) if with_scheduler else None  # 3 restarts with delay=3
         return OnlineTuner(opt, train_loss, validation_loss, [Tuned("lr", "group"), "beta1"], every=4,
                            window=None if mode == "pes" else 3, mode=mode, pes_samples=2, meta_lr=0.2,
-                           scheduler=scheduler)
+                           scheduler=scheduler, delay=3 if with_scheduler else 0)
 
     whole = build()
     for batch in batches:
@@ -515,6 +532,8 @@ def test_settings_errors_name_the_argument() -> None:
         make(backtrack=-1)
     with pytest.raises(ValueError, match=r"backtrack_factor must be a number in \(0, 1\), got 1.5"):
         make(backtrack_factor=1.5)
+    with pytest.raises(ValueError, match="delay must be an integer >= 0, got -1"):
+        make(delay=-1)
     opt = SGD([w.clone() for w in weights], lr=0.1)
     with pytest.raises(ValueError, match="'lr' is written by the scheduler.*express the schedule as a diffopt"):
         OnlineTuner(opt, train_loss, validation_loss, "lr", scheduler=ExponentialLR(opt, gamma=0.9))

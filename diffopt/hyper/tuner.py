@@ -42,6 +42,15 @@ restarts) ends the search and tuning goes on as above. A rate too low costs noth
 ``n`` calls to :meth:`step` trains its final weights through the steps after the last restart
 (``history`` marks restarts with ``"restarted": True``, ``restarts`` counts them).
 
+**Warm-up and delay.** Under a :class:`~diffopt.optim.lr_scheduler.LambdaLR` (say a linear warm-up,
+``LambdaLR(opt, lambda t: min(1.0, t / 200))``) ``"lr"`` is the base rate the schedule multiplies
+(:mod:`diffopt.hyper._hyperparameters`). A greedy hypergradient would undo a warm-up: it moves the
+*effective* rate of the window towards the best rate over a few steps, which early in training is
+higher than the best fixed rate of the whole run (the short-horizon bias, Wu et al., 2018), so the base
+rate climbs as fast as the meta-optimizer allows. ``delay`` holds the tuning steps back for the first
+``delay`` training steps of a run (and of every restart): the schedule alone sets the early rates,
+and the first period after the delay makes the backtracking test.
+
 Training itself is untouched: the weights follow exactly the trajectory the optimizer takes with
 the values the tuner set, which change only between windows (``history`` records them;
 tests/test_hyper_tuner.py replays them in ``torch.optim`` to 1e-10).
@@ -100,6 +109,8 @@ class OnlineTuner:
         backtrack: at most this many restarts of training from its first step while the learning rate
             is too high (module docstring, "Backtracking"); 0: never restart.
         backtrack_factor: the factor in (0, 1) each restart multiplies the learning rate(s) by.
+        delay: training steps of a run (and after each restart) before its first period starts: no
+            tuning step, no backtracking test, no replay during them (module docstring, "Warm-up").
         first_order: treat the training gradients as constants in the window (cheaper, biased).
         pes_samples, pes_sigma, pes_horizon: PES's antithetic pairs, perturbation scale (on the
             reparameterised values) and windows before the particles restart (None: never).
@@ -127,6 +138,7 @@ class OnlineTuner:
         meta_lr: float = 0.1,
         backtrack: int = 8,
         backtrack_factor: float = 0.5,
+        delay: int = 0,
         first_order: bool = False,
         pes_samples: int = 4,
         pes_sigma: float = 0.1,
@@ -165,6 +177,8 @@ class OnlineTuner:
             raise ValueError(f"OnlineTuner: backtrack must be an integer >= 0, got {backtrack!r}")
         if not (isinstance(backtrack_factor, (int, float)) and 0 < backtrack_factor < 1):
             raise ValueError(f"OnlineTuner: backtrack_factor must be a number in (0, 1), got {backtrack_factor!r}")
+        if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
+            raise ValueError(f"OnlineTuner: delay must be an integer >= 0, got {delay!r}")
         _positive_int(pes_samples, "pes_samples")
         if not (isinstance(pes_sigma, (int, float)) and math.isfinite(pes_sigma) and pes_sigma > 0):
             raise ValueError(f"OnlineTuner: pes_sigma must be a number > 0, got {pes_sigma!r}")
@@ -183,7 +197,9 @@ class OnlineTuner:
                             f"{type(self.meta_optimizer).__name__}")
         self._commit()  # the replayed values equal the trained ones exactly from the first window on
         self.step_count = 0
-        self.backtrack, self.backtrack_factor = backtrack, float(backtrack_factor)
+        self.backtrack, self.backtrack_factor, self.delay = backtrack, float(backtrack_factor), delay
+        #: the step count at which the current run started (0, or the step of the last restart)
+        self._run_start = 0
         #: restarts so far; ``_origin`` is the training state at the first step while restarts are possible
         self.restarts = 0
         self._origin: Snapshot | None = None
@@ -232,13 +248,14 @@ class OnlineTuner:
     def step(self, batch: Any) -> list[Tensor]:
         """One training step on ``batch`` (then, at the end of each period, one tuning step); returns
         the new weights."""
-        if self.step_count % self.every == self.every - self.window:
+        tuning = self.step_count - self._run_start - self.delay  # steps into this run's tuning periods
+        if tuning >= 0 and tuning % self.every == self.every - self.window:
             self._start, self._batches = Snapshot.capture(self.optimizer, self.scheduler), []
         if self._start is not None:
             self._batches.append(batch)
         advance(self.optimizer, self.scheduler, batch, self.train_loss)
         self.step_count += 1
-        if self.step_count % self.every == 0:
+        if tuning >= 0 and (tuning + 1) % self.every == 0:
             self._tune()
         return self.params
 
@@ -324,6 +341,7 @@ class OnlineTuner:
                         u.copy_(inverse(v * self.backtrack_factor))
         self._commit()
         self._particles = None
+        self._run_start = self.step_count
         self.restarts += 1
         if self.restarts >= self.backtrack:
             self._origin = None
@@ -379,7 +397,7 @@ class OnlineTuner:
     def _config(self) -> dict[str, Any]:
         return {"hyperparameters": [[t.name, t.scope, t.transform] for t in self.tuned], "every": self.every,
                 "window": self.window, "mode": self.mode, "pes_samples": self.pes_samples,
-                "backtrack": self.backtrack, "backtrack_factor": self.backtrack_factor}
+                "backtrack": self.backtrack, "backtrack_factor": self.backtrack_factor, "delay": self.delay}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue bit for bit: the optimizer's weights, state and
@@ -388,6 +406,7 @@ class OnlineTuner:
         only (``torch.load(weights_only=True)`` reads it)."""
         return {
             "config": self._config(), "step_count": self.step_count, "restarts": self.restarts,
+            "run_start": self._run_start,
             "origin": None if self._origin is None else self._origin.payload(),
             "training": Snapshot.capture(self.optimizer, self.scheduler).payload(),
             "raw": [u.detach().clone() for u in self.raw_tensors()],
@@ -402,7 +421,9 @@ class OnlineTuner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` (a tuner built with the same settings, optimizer and scheduler)."""
-        if state.get("config") != self._config():
+        saved = dict(state.get("config") or {})
+        saved.setdefault("delay", 0)  # checkpoints from before the option
+        if saved != self._config():
             raise ValueError(f"OnlineTuner.load_state_dict: the saved tuner was built with {state.get('config')}, "
                              f"this one with {self._config()}; build it with the same settings")
         training = Snapshot.from_payload(state["training"], self.scheduler)
@@ -418,6 +439,7 @@ class OnlineTuner:
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self.step_count = int(state["step_count"])
         self.restarts = int(state["restarts"])
+        self._run_start = int(state.get("run_start", 0))
         self._origin = None if state["origin"] is None else Snapshot.from_payload(state["origin"], self.scheduler)
         self._start = None if state["start"] is None else Snapshot.from_payload(state["start"], self.scheduler)
         self._batches = list(state["batches"])
@@ -440,4 +462,4 @@ class OnlineTuner:
 
     def __repr__(self) -> str:
         return (f"OnlineTuner({type(self.optimizer).__name__}, {[t.name for t in self.tuned]}, every={self.every}, "
-                f"window={self.window}, mode={self.mode!r}, step {self.step_count})")
+                f"window={self.window}, mode={self.mode!r}, delay={self.delay}, step {self.step_count})")
