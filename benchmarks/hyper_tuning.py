@@ -196,17 +196,18 @@ def median(rows: list[dict[str, Any]], key: str) -> float:
 def run(seeds: int, steps: int, grid_size: int, every: int, window: int, meta_lr: float,
         hd_hyper_lrs: tuple[float, ...] = (1e-7, 1e-5), pes_samples: int = 0,
         problems: tuple[Callable[[int], Problem], ...] = (digits, regression),
-        warmup: Warmup | None = None, delay: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
+        warmup: Warmup | None = None, delay: int = 0, backtrack: int = 8, first_seed: int = 0,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
     """With ``warmup=(steps, start, shape)``, (d) and (d0) are the tuner under that warm-up (tuning its
     base rate) with ``delay``, (d-) the tuner without either (the default setting), and (b+) the grid
     under the same warm-up; the starts stay 10x off the best rate of the grid without warm-up (b), the
-    headline."""
+    headline. ``backtrack``: (d)'s (with 0, (d0) is not run again); seeds ``first_seed`` onwards."""
     torch.set_num_threads(1)
     grid = [10 ** (-4 + 4 * k / (grid_size - 1)) for k in range(grid_size)]
     report: dict[str, Any] = {}
     for make in problems:
         rows: dict[str, list[dict[str, Any]]] = {}
-        for seed in range(seeds):
+        for seed in range(first_seed, first_seed + seeds):
             problem = make(seed)
             data = batches(problem, steps, seed)
             results = [fixed_lr(problem, lr, data, seed) for lr in grid]
@@ -230,10 +231,12 @@ def run(seeds: int, steps: int, grid_size: int, every: int, window: int, meta_lr
                 under = (f", {warmup[2]} warm-up {warmup[0]} steps from {warmup[1]:g}x" if warmup else "") + (
                     f", delay {delay}" if delay else "")
                 rows.setdefault(f"(d) tuner from {tag}", []).append(
-                    tuned(problem, start_lr, data, seed, every, window, meta_lr, warmup=warmup, delay=delay))
-                rows.setdefault(f"(d0) tuner without backtracking (backtrack=0){under} from {tag}", []).append(
-                    tuned(problem, start_lr, data, seed, every, window, meta_lr, backtrack=0, warmup=warmup,
-                          delay=delay))
+                    tuned(problem, start_lr, data, seed, every, window, meta_lr, warmup=warmup, delay=delay,
+                          backtrack=backtrack))
+                if backtrack:
+                    rows.setdefault(f"(d0) tuner without backtracking (backtrack=0){under} from {tag}", []).append(
+                        tuned(problem, start_lr, data, seed, every, window, meta_lr, backtrack=0, warmup=warmup,
+                              delay=delay))
                 if warmup or delay:
                     rows.setdefault(f"(d-) tuner without warm-up or delay from {tag}", []).append(
                         tuned(problem, start_lr, data, seed, every, window, meta_lr))
@@ -256,22 +259,25 @@ def run(seeds: int, steps: int, grid_size: int, every: int, window: int, meta_lr
             table.append(f"| {method} | {median(results, 'lr'):.3g} | {median(results, 'val'):.4f} | "
                          f"{median(results, 'test'):.4f} | {median(results, 'seconds'):.2f} | {steps_text} | "
                          f"{median(results, 'seconds') / grid_seconds:.2f} |")
-        goals = {}
         grid_rows = rows[f"(b) grid best of {len(grid)} (total cost)"]
         warm_rows = rows.get(f"(b+) grid best of {len(grid)} under the warm-up (total cost)")
-        for tag in ("10x high", "10x low"):
-            tuner_rows = rows[f"(d) tuner from {tag}"]
-            goals[tag] = {"per_seed": [t["test"] / g["test"] for t, g in zip(tuner_rows, grid_rows)],
-                          "test_ratio": statistics.median(t["test"] / g["test"] for t, g in zip(tuner_rows, grid_rows)),
-                          "test_ratio_of_medians": median(tuner_rows, "test") / grid_test,
-                          "val_ratio": statistics.median(t["val"] / g["val"] for t, g in zip(tuner_rows, grid_rows)),
-                          "time_ratio": statistics.median(t["seconds"] / g["seconds"]
-                                                          for t, g in zip(tuner_rows, grid_rows))}
-            if warm_rows:
-                goals[tag]["test_ratio_warm_grid"] = statistics.median(
-                    t["test"] / g["test"] for t, g in zip(tuner_rows, warm_rows))
-                goals[tag]["time_ratio_warm_grid"] = statistics.median(
-                    t["seconds"] / g["seconds"] for t, g in zip(tuner_rows, warm_rows))
+        goals: dict[str, dict[str, Any]] = {}
+        for prefix in ("(d) tuner", "(d-) tuner without warm-up or delay"):
+            for tag in ("10x high", "10x low"):
+                tuner_rows = rows.get(f"{prefix} from {tag}")
+                if tuner_rows is None:
+                    continue
+                goal = goals[tag if prefix == "(d) tuner" else f"{tag}, without warm-up or delay"] = {
+                    "per_seed": [t["test"] / g["test"] for t, g in zip(tuner_rows, grid_rows)],
+                    "test_ratio": statistics.median(t["test"] / g["test"] for t, g in zip(tuner_rows, grid_rows)),
+                    "test_ratio_of_medians": median(tuner_rows, "test") / grid_test,
+                    "val_ratio": statistics.median(t["val"] / g["val"] for t, g in zip(tuner_rows, grid_rows)),
+                    "time_ratio": statistics.median(t["seconds"] / g["seconds"] for t, g in zip(tuner_rows, grid_rows))}
+                if warm_rows:
+                    goal["test_ratio_warm_grid"] = statistics.median(
+                        t["test"] / g["test"] for t, g in zip(tuner_rows, warm_rows))
+                    goal["time_ratio_warm_grid"] = statistics.median(
+                        t["seconds"] / g["seconds"] for t, g in zip(tuner_rows, warm_rows))
         report[make.__name__] = {"table": "\n".join(table), "rows": rows, "goals": goals}
         log(f"\n{make.__name__}: medians over {seeds} seed(s), {steps} steps\n" + "\n".join(table))
         for tag, goal in goals.items():
@@ -300,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also run the tuner and the grid under a linear lr warm-up over this many steps "
                              "(the tuner tunes its base rate; 0: not)")
     parser.add_argument("--warmup-start", type=float, default=0.1, help="the warm-up's factor at step 0")
+    parser.add_argument("--backtrack", type=int, default=8, help="the tuner's (d) backtracking restarts (0: none)")
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--delay", type=int, default=0,
                         help="the tuner's training steps before its first period (and after each restart)")
     parser.add_argument("--warmup-shape", choices=("linear", "exponential"), default="linear",
@@ -311,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread")
     run(args.seeds, args.steps, args.grid, args.every, args.window, args.meta_lr, pes_samples=args.pes_samples,
-        warmup=(args.warmup, args.warmup_start, args.warmup_shape) if args.warmup else None, delay=args.delay)
+        warmup=(args.warmup, args.warmup_start, args.warmup_shape) if args.warmup else None, delay=args.delay,
+        backtrack=args.backtrack, first_seed=args.first_seed)
 
 
 if __name__ == "__main__":
