@@ -166,17 +166,20 @@ def hypergradient_descent(problem: Problem, lr: float, data: list[Split], seed: 
 
 def tuned(problem: Problem, lr: float, data: list[Split], seed: int, every: int, window: int,
           meta_lr: float, first_order: bool = False, pes_samples: int = 0, backtrack: int = 8,
-          warmup: Warmup | None = None, delay: int = 0) -> dict[str, Any]:
+          warmup: Warmup | None = None, delay: int = 0, restart_warmup: int = 0,
+          restart_delay: int | None = None) -> dict[str, Any]:
     """The tuner in reverse mode, or in PES mode with ``pes_samples`` antithetic pairs (sigma 0.3 on
     log-lr, particles never restarted: the horizon is the whole run); ``backtrack``: the tuner's
     restarts while the lr is too high (its default 8; 0: none). Restarted steps are among ``data``'s.
     With ``warmup=(steps, start)`` the rates follow diffopt's LambdaLR warm-up and the tuner tunes its
-    base rate (``"lr"`` under a LambdaLR); ``delay``: the tuner's steps held back at the start of each run."""
+    base rate (``"lr"`` under a LambdaLR); ``delay``: the tuner's steps held back at the start of each run;
+    ``restart_warmup``, ``restart_delay``: the tuner's warm-up after a backtracking restart."""
     opt = Adam(initial_weights(problem, seed), lr=lr)
     scheduler = LambdaLR(opt, warmup_factor(*warmup)) if warmup else None
     mode = {"mode": "pes", "pes_samples": pes_samples, "pes_sigma": 0.3} if pes_samples else {
         "window": window, "first_order": first_order}
-    mode["backtrack"], mode["delay"] = backtrack, delay
+    mode.update(backtrack=backtrack, delay=delay, restart_warmup=restart_warmup if backtrack else 0,
+                restart_delay=restart_delay)
     tuner = OnlineTuner(opt, lambda p, b: problem.loss(p, *b), lambda p: problem.loss(p, *problem.val), "lr",
                         every=every, meta_lr=meta_lr, scheduler=scheduler, **mode)
     start = time.process_time()
@@ -197,11 +200,14 @@ def run(seeds: int, steps: int, grid_size: int, every: int, window: int, meta_lr
         hd_hyper_lrs: tuple[float, ...] = (1e-7, 1e-5), pes_samples: int = 0,
         problems: tuple[Callable[[int], Problem], ...] = (digits, regression),
         warmup: Warmup | None = None, delay: int = 0, backtrack: int = 8, first_seed: int = 0,
+        restart_warmup: int = 0, restart_delay: int | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
     """With ``warmup=(steps, start, shape)``, (d) and (d0) are the tuner under that warm-up (tuning its
     base rate) with ``delay``, (d-) the tuner without either (the default setting), and (b+) the grid
     under the same warm-up; the starts stay 10x off the best rate of the grid without warm-up (b), the
-    headline. ``backtrack``: (d)'s (with 0, (d0) is not run again); seeds ``first_seed`` onwards."""
+    headline. ``backtrack``: (d)'s (with 0, (d0) is not run again); seeds ``first_seed`` onwards.
+    ``restart_warmup``/``restart_delay``: (d)'s and (d0)'s warm-up after a backtracking restart (none in
+    (d0), which never restarts), beside (d-)."""
     torch.set_num_threads(1)
     grid = [10 ** (-4 + 4 * k / (grid_size - 1)) for k in range(grid_size)]
     report: dict[str, Any] = {}
@@ -232,12 +238,12 @@ def run(seeds: int, steps: int, grid_size: int, every: int, window: int, meta_lr
                     f", delay {delay}" if delay else "")
                 rows.setdefault(f"(d) tuner from {tag}", []).append(
                     tuned(problem, start_lr, data, seed, every, window, meta_lr, warmup=warmup, delay=delay,
-                          backtrack=backtrack))
+                          backtrack=backtrack, restart_warmup=restart_warmup, restart_delay=restart_delay))
                 if backtrack:
                     rows.setdefault(f"(d0) tuner without backtracking (backtrack=0){under} from {tag}", []).append(
                         tuned(problem, start_lr, data, seed, every, window, meta_lr, backtrack=0, warmup=warmup,
                               delay=delay))
-                if warmup or delay:
+                if warmup or delay or restart_warmup:
                     rows.setdefault(f"(d-) tuner without warm-up or delay from {tag}", []).append(
                         tuned(problem, start_lr, data, seed, every, window, meta_lr))
                 if pes_samples:
@@ -308,6 +314,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup-start", type=float, default=0.1, help="the warm-up's factor at step 0")
     parser.add_argument("--backtrack", type=int, default=8, help="the tuner's (d) backtracking restarts (0: none)")
     parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
+    parser.add_argument("--restart-warmup", type=int, default=0,
+                        help="the tuner's linear warm-up (steps) after a backtracking restart (0: none)")
+    parser.add_argument("--restart-delay", type=int, default=None,
+                        help="the restarted run's steps before its first tuning step (default: half the warm-up)")
     parser.add_argument("--delay", type=int, default=0,
                         help="the tuner's training steps before its first period (and after each restart)")
     parser.add_argument("--warmup-shape", choices=("linear", "exponential"), default="linear",
@@ -320,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread")
     run(args.seeds, args.steps, args.grid, args.every, args.window, args.meta_lr, pes_samples=args.pes_samples,
         warmup=(args.warmup, args.warmup_start, args.warmup_shape) if args.warmup else None, delay=args.delay,
-        backtrack=args.backtrack, first_seed=args.first_seed)
+        backtrack=args.backtrack, first_seed=args.first_seed, restart_warmup=args.restart_warmup,
+        restart_delay=args.restart_delay)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from diffopt.hyper import OnlineTuner, Tuned, hypergradient, window_loss
+from diffopt.hyper import LinearWarmup, OnlineTuner, Tuned, hypergradient, window_loss
 from diffopt.optim import SGD, Adam, AdamW, RMSprop
 from diffopt.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR, LambdaLR, OneCycleLR
 from strategies import examples, record
@@ -359,6 +359,51 @@ def test_lambdalr_base_lr_trajectory_matches_torch() -> None:
     assert error <= 1e-10
 
 
+def test_restart_warmup_trajectory_matches_torch() -> None:
+    """restart_warmup=8, restart_delay=3: Adam at lr 2 is too fast, so after the first period training
+    restarts once (no further restart) with the lr halved under a LambdaLR of LinearWarmup(8) that the
+    tuner installs, and tunes its base rate from 3 + 4 steps after the restart on. Every step's rate is
+    the base rate times min(1, t / 8), and from the restart the run equals torch.optim.Adam under torch's
+    LambdaLR with the recorded base rates (1e-10). A run that is not too fast never installs it and is the
+    run without the option, bit for bit."""
+    weights, batches, train_loss, validation_loss = problem(10, n_batches=30)
+    opt = Adam([w.clone() for w in weights], lr=2.0, betas=(0.8, 0.9))
+    tuner = OnlineTuner(opt, train_loss, validation_loss, "lr", every=4, window=3, meta_lr=0.3, restart_warmup=8,
+                        restart_delay=3)
+    bases, rates = [], []
+    for batch in batches:
+        bases.append(None if tuner.scheduler is None else tuner.scheduler.base_lrs[0])
+        rates.append(opt.param_groups[0]["lr"])
+        tuner.step(batch)
+    assert tuner.restarts == 1 and [h["step"] for h in tuner.history] == [4] + list(range(11, 31, 4))
+    assert tuner.history[0]["restarted"] and tuner.history[0]["values"]["lr"] == 1.0
+    assert isinstance(tuner.scheduler, LambdaLR) and tuner.values()["lr"] == tuner.scheduler.base_lrs[0]
+    assert rates[:4] == [2.0] * 4 and bases[4:11] == [1.0] * 7 and len(set(bases[4:])) >= 5
+    assert rates[4:] == [b * min(1.0, t / 8) for t, b in enumerate(bases[4:])]
+    ref_params = [w.clone().requires_grad_() for w in weights]
+    reference = torch.optim.Adam(ref_params, lr=1.0, betas=(0.8, 0.9))
+    ref_scheduler = torch.optim.lr_scheduler.LambdaLR(reference, LinearWarmup(8))
+    for base, batch in zip(bases[4:], batches[4:]):
+        ref_scheduler.base_lrs = [base]
+        reference.param_groups[0]["lr"] = base * ref_scheduler.lr_lambdas[0](ref_scheduler.last_epoch)
+        reference.zero_grad()
+        train_loss(ref_params, batch).backward()
+        reference.step()
+        ref_scheduler.step()
+    error = max(float((a - b.detach()).abs().max()) for a, b in zip(tuner.params, ref_params))
+    record("tuner restart warm-up trajectory vs torch.optim replay (max abs)", "Adam", error)
+    assert error <= 1e-10
+    runs = []
+    for option in (8, 0):
+        calm = OnlineTuner(Adam([w.clone() for w in weights], lr=0.01), train_loss, validation_loss, "lr", every=4,
+                           window=3, meta_lr=0.3, restart_warmup=option)
+        for batch in batches:
+            calm.step(batch)
+        runs.append(calm)
+    assert runs[0].restarts == 0 and runs[0].scheduler is None
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].params, runs[1].params))
+
+
 def test_pes_is_unbiased_on_a_quadratic() -> None:
     """PES over three windows with fixed values: the mean of its estimate equals the gradient through all
     six steps (no truncation) within 3 standard errors; a linear model with squared error, SGD with
@@ -394,17 +439,20 @@ def test_pes_is_unbiased_on_a_quadratic() -> None:
     assert tuner.last_standard_error <= 0.25 * float(truth.norm())
 
 
-@pytest.mark.parametrize("mode", ["reverse", "pes", "reverse, backtracking", "reverse, backtracking, LambdaLR, delay"])
+@pytest.mark.parametrize("mode", ["reverse", "pes", "reverse, backtracking", "reverse, backtracking, LambdaLR, delay",
+                                  "reverse, backtracking, restart warm-up"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(mode: str, tmp_path: Any) -> None:
     """Saved mid-window (and mid-PES-horizon, and between two backtracking restarts: the lrs 8 and 4
     restart at steps 4, 8, 12, 16 and 20; under a LambdaLR warm-up whose base rates are tuned, with
-    delay=3, they restart at steps 7, 14 and 21: the save at step 10 falls in the second run, 3 steps
-    after its delay)
+    delay=3, they restart at steps 7, 14 and 21: the save at step 10 falls at the end of the second
+    run's delay; with restart_warmup=8 they restart once, at step 4, into the warm-up the tuner
+    installs, and the save falls in the restarted run's first window)
     and resumed into freshly built objects: bit for bit."""
     weights, batches, train_loss, validation_loss = problem(5, n_batches=22)
     with_scheduler = "LambdaLR" in mode
     lrs = (8.0, 4.0) if "backtracking" in mode else (0.05, 0.02)
-    restarts = 3 if with_scheduler else 5 if "backtracking" in mode else None  # None: not checked
+    restart_warmup = 8 if "restart warm-up" in mode else 0
+    restarts = 3 if with_scheduler else 1 if restart_warmup else 5 if "backtracking" in mode else None  # None: unchecked
     mode = mode.split(",")[0]
 
     def build() -> OnlineTuner:
@@ -412,7 +460,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(mode: str, tmp_path: A
         scheduler = LambdaLR(opt, warmup(8, 0.5)) if with_scheduler else None  # 3 restarts with delay=3
         return OnlineTuner(opt, train_loss, validation_loss, [Tuned("lr", "group"), "beta1"], every=4,
                            window=None if mode == "pes" else 3, mode=mode, pes_samples=2, meta_lr=0.2,
-                           scheduler=scheduler, delay=3 if with_scheduler else 0)
+                           scheduler=scheduler, delay=3 if with_scheduler else 0, restart_warmup=restart_warmup)
 
     whole = build()
     for batch in batches:
@@ -534,6 +582,18 @@ def test_settings_errors_name_the_argument() -> None:
         make(backtrack_factor=1.5)
     with pytest.raises(ValueError, match="delay must be an integer >= 0, got -1"):
         make(delay=-1)
+    with pytest.raises(ValueError, match="restart_warmup must be an integer >= 0, got 2.5"):
+        make(restart_warmup=2.5)
+    with pytest.raises(ValueError, match="restart_warmup=5 warms .* but backtrack is 0"):
+        make(restart_warmup=5, backtrack=0)
+    with pytest.raises(ValueError, match="restart_warmup=5 warms .* but 'lr' is not tuned"):
+        make(restart_warmup=5, hyperparameters="weight_decay")
+    with pytest.raises(ValueError, match="restart_warmup=5 warms .* but 'lr' is tuned per element"):
+        make(restart_warmup=5, hyperparameters={"lr": "element"})
+    with pytest.raises(ValueError, match="restart_warmup=5 warms .* but a scheduler was given"):
+        scheduled = SGD([w.clone() for w in weights], lr=0.1)
+        OnlineTuner(scheduled, train_loss, validation_loss, "lr", scheduler=LambdaLR(scheduled, warmup(3)),
+                    restart_warmup=5)
     opt = SGD([w.clone() for w in weights], lr=0.1)
     with pytest.raises(ValueError, match="'lr' is written by the scheduler.*express the schedule as a diffopt"):
         OnlineTuner(opt, train_loss, validation_loss, "lr", scheduler=ExponentialLR(opt, gamma=0.9))

@@ -42,6 +42,16 @@ restarts) ends the search and tuning goes on as above. A rate too low costs noth
 ``n`` calls to :meth:`step` trains its final weights through the steps after the last restart
 (``history`` marks restarts with ``"restarted": True``, ``restarts`` counts them).
 
+**Warm-up on restart.** With ``restart_warmup=W``, the first restart also starts a linear warm-up:
+the restarted run's rates are the tuned base rates times :math:`\min(1, t / W)` (:class:`LinearWarmup`,
+:math:`t` the steps since the restart), through a :class:`~diffopt.optim.lr_scheduler.LambdaLR` the
+tuner installs (``scheduler``), its tuning steps are held back for ``restart_delay`` steps, and the
+search ends (no further restart). The warm-up is the standard remedy for Adam's large first steps
+(Liu et al., 2020, RAdam; Ma & Yarats, 2021), and a backtracking restart is the evidence that the
+run needs it: a run whose first period is not too fast keeps its rates as they are. On the
+benchmarks this is what brings the digits from a learning rate 10x too high to the best fixed rate's
+test loss (``benchmarks/RESULTS.md`` section 8).
+
 **Warm-up and delay.** Under a :class:`~diffopt.optim.lr_scheduler.LambdaLR` (say a linear warm-up,
 ``LambdaLR(opt, lambda t: min(1.0, t / 200))``) ``"lr"`` is the base rate the schedule multiplies
 (:mod:`diffopt.hyper._hyperparameters`). A greedy hypergradient would undo a warm-up: it moves the
@@ -68,11 +78,11 @@ from torch import Tensor
 from .._io import atomic_save, check_writable, safe_load
 from ..errors import NonFiniteError
 from ..optim import DifferentiableOptimizer
-from ..optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from ..optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 from ._hyperparameters import TRANSFORMS, Tuned, parse_hyperparameters
 from ._window import Snapshot, TrainLoss, ValidationLoss, advance, hypergradients, replay
 
-__all__ = ["OnlineTuner"]
+__all__ = ["LinearWarmup", "OnlineTuner"]
 
 MODES = ("reverse", "forward", "pes")
 MetaOptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
@@ -82,6 +92,20 @@ def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"OnlineTuner: {name} must be an integer >= 1, got {value!r}")
     return value
+
+
+class LinearWarmup:
+    """A linear warm-up factor, ``LambdaLR``'s ``lr_lambda``: :math:`\min(1, t / \text{steps})` at step
+    :math:`t` (0 at the first step). A class, not a lambda, so a scheduler's ``state_dict`` keeps it."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = _positive_int(steps, "LinearWarmup steps")
+
+    def __call__(self, step: int) -> float:
+        return min(1.0, step / self.steps)
+
+    def __repr__(self) -> str:
+        return f"LinearWarmup({self.steps})"
 
 
 class OnlineTuner:
@@ -111,6 +135,11 @@ class OnlineTuner:
         backtrack_factor: the factor in (0, 1) each restart multiplies the learning rate(s) by.
         delay: training steps of a run (and after each restart) before its first period starts: no
             tuning step, no backtracking test, no replay during them (module docstring, "Warm-up").
+        restart_warmup: with W > 0, the first restart also starts a linear warm-up over W steps and
+            ends the search (module docstring, "Warm-up on restart"); needs ``backtrack`` >= 1, a
+            tuned ``"lr"`` (scope global or group) and no ``scheduler``.
+        restart_delay: the restarted run's steps before its first tuning step, with ``restart_warmup``
+            (default: half the warm-up).
         first_order: treat the training gradients as constants in the window (cheaper, biased).
         pes_samples, pes_sigma, pes_horizon: PES's antithetic pairs, perturbation scale (on the
             reparameterised values) and windows before the particles restart (None: never).
@@ -139,6 +168,8 @@ class OnlineTuner:
         backtrack: int = 8,
         backtrack_factor: float = 0.5,
         delay: int = 0,
+        restart_warmup: int = 0,
+        restart_delay: int | None = None,
         first_order: bool = False,
         pes_samples: int = 4,
         pes_sigma: float = 0.1,
@@ -179,6 +210,9 @@ class OnlineTuner:
             raise ValueError(f"OnlineTuner: backtrack_factor must be a number in (0, 1), got {backtrack_factor!r}")
         if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
             raise ValueError(f"OnlineTuner: delay must be an integer >= 0, got {delay!r}")
+        for name, value in (("restart_warmup", restart_warmup), ("restart_delay", restart_delay)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"OnlineTuner: {name} must be an integer >= 0, got {value!r}")
         _positive_int(pes_samples, "pes_samples")
         if not (isinstance(pes_sigma, (int, float)) and math.isfinite(pes_sigma) and pes_sigma > 0):
             raise ValueError(f"OnlineTuner: pes_sigma must be a number > 0, got {pes_sigma!r}")
@@ -189,6 +223,16 @@ class OnlineTuner:
         self.pes_samples, self.pes_sigma, self.pes_horizon = pes_samples, float(pes_sigma), pes_horizon
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.tuned: list[Tuned] = parse_hyperparameters(hyperparameters, optimizer, scheduler)
+        if restart_warmup:
+            lr = [t for t in self.tuned if t.name == "lr"]
+            problem = ("backtrack is 0, so no restart happens" if not backtrack else
+                       "'lr' is not tuned" if not lr else "'lr' is tuned per element; tune it globally or per group"
+                       if lr[0].scope == "element" else "a scheduler was given; express the warm-up in it "
+                       "(a LambdaLR, whose base rate 'lr' tunes) or drop restart_warmup" if scheduler is not None
+                       else "")
+            if problem:
+                raise ValueError(f"OnlineTuner: restart_warmup={restart_warmup} warms the learning rate up after a "
+                                 f"backtracking restart, but {problem}")
         self.raw: dict[Tuned, list[Tensor]] = {t: t.initial_raw(optimizer, scheduler) for t in self.tuned}
         leaves = self.raw_tensors()
         self.meta_optimizer = (meta_optimizer or (lambda ps: torch.optim.Adam(ps, lr=meta_lr)))(leaves)
@@ -198,8 +242,11 @@ class OnlineTuner:
         self._commit()  # the replayed values equal the trained ones exactly from the first window on
         self.step_count = 0
         self.backtrack, self.backtrack_factor, self.delay = backtrack, float(backtrack_factor), delay
-        #: the step count at which the current run started (0, or the step of the last restart)
-        self._run_start = 0
+        self.restart_warmup = restart_warmup
+        self.restart_delay = restart_warmup // 2 if restart_delay is None else restart_delay
+        #: the step count at which the current run started (0, or the step of the last restart), and
+        #: its delay (``delay``, or ``restart_delay`` after a restart that started the warm-up)
+        self._run_start, self._run_delay = 0, delay
         #: restarts so far; ``_origin`` is the training state at the first step while restarts are possible
         self.restarts = 0
         self._origin: Snapshot | None = None
@@ -248,7 +295,7 @@ class OnlineTuner:
     def step(self, batch: Any) -> list[Tensor]:
         """One training step on ``batch`` (then, at the end of each period, one tuning step); returns
         the new weights."""
-        tuning = self.step_count - self._run_start - self.delay  # steps into this run's tuning periods
+        tuning = self.step_count - self._run_start - self._run_delay  # steps into this run's tuning periods
         if tuning >= 0 and tuning % self.every == self.every - self.window:
             self._start, self._batches = Snapshot.capture(self.optimizer, self.scheduler), []
         if self._start is not None:
@@ -339,12 +386,20 @@ class OnlineTuner:
                     inverse = TRANSFORMS[str(t.transform)][1]
                     for u, v in zip(self.raw[t], t.natural(self.raw[t])):
                         u.copy_(inverse(v * self.backtrack_factor))
+        if self.restart_warmup:
+            self._install_warmup()
+            self._run_delay = self.restart_delay
         self._commit()
         self._particles = None
         self._run_start = self.step_count
         self.restarts += 1
-        if self.restarts >= self.backtrack:
+        if self.restarts >= self.backtrack or self.restart_warmup:
             self._origin = None
+
+    def _install_warmup(self) -> None:
+        """The restart's warm-up: a LambdaLR of :class:`LinearWarmup` over the optimizer, whose base rates
+        ``"lr"`` now tunes (written by :meth:`_commit`)."""
+        self.scheduler = LambdaLR(self.optimizer, LinearWarmup(self.restart_warmup))
 
     def _meta_step(self, leaves: list[Tensor], grads: Sequence[Tensor]) -> None:
         self.meta_optimizer.zero_grad(set_to_none=True)
@@ -397,7 +452,8 @@ class OnlineTuner:
     def _config(self) -> dict[str, Any]:
         return {"hyperparameters": [[t.name, t.scope, t.transform] for t in self.tuned], "every": self.every,
                 "window": self.window, "mode": self.mode, "pes_samples": self.pes_samples,
-                "backtrack": self.backtrack, "backtrack_factor": self.backtrack_factor, "delay": self.delay}
+                "backtrack": self.backtrack, "backtrack_factor": self.backtrack_factor, "delay": self.delay,
+                "restart_warmup": self.restart_warmup, "restart_delay": self.restart_delay}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue bit for bit: the optimizer's weights, state and
@@ -406,7 +462,8 @@ class OnlineTuner:
         only (``torch.load(weights_only=True)`` reads it)."""
         return {
             "config": self._config(), "step_count": self.step_count, "restarts": self.restarts,
-            "run_start": self._run_start,
+            "run_start": self._run_start, "run_delay": self._run_delay,
+            "warmup_installed": self.restart_warmup > 0 and self.scheduler is not None,
             "origin": None if self._origin is None else self._origin.payload(),
             "training": Snapshot.capture(self.optimizer, self.scheduler).payload(),
             "raw": [u.detach().clone() for u in self.raw_tensors()],
@@ -422,10 +479,16 @@ class OnlineTuner:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` (a tuner built with the same settings, optimizer and scheduler)."""
         saved = dict(state.get("config") or {})
-        saved.setdefault("delay", 0)  # checkpoints from before the option
+        for key in ("delay", "restart_warmup"):  # checkpoints from before these options
+            saved.setdefault(key, 0)
+        saved.setdefault("restart_delay", saved["restart_warmup"] // 2)
         if saved != self._config():
             raise ValueError(f"OnlineTuner.load_state_dict: the saved tuner was built with {state.get('config')}, "
                              f"this one with {self._config()}; build it with the same settings")
+        if self.restart_warmup:  # the scheduler is the tuner's own: there iff the saved run had restarted
+            self.scheduler = None
+            if state.get("warmup_installed"):
+                self._install_warmup()
         training = Snapshot.from_payload(state["training"], self.scheduler)
         self.optimizer.params = list(training.params)
         self.optimizer.state = list(training.states)
@@ -440,6 +503,7 @@ class OnlineTuner:
         self.step_count = int(state["step_count"])
         self.restarts = int(state["restarts"])
         self._run_start = int(state.get("run_start", 0))
+        self._run_delay = int(state.get("run_delay", self.delay))
         self._origin = None if state["origin"] is None else Snapshot.from_payload(state["origin"], self.scheduler)
         self._start = None if state["start"] is None else Snapshot.from_payload(state["start"], self.scheduler)
         self._batches = list(state["batches"])
