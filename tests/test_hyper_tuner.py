@@ -452,7 +452,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(mode: str, tmp_path: A
     with_scheduler = "LambdaLR" in mode
     lrs = (8.0, 4.0) if "backtracking" in mode else (0.05, 0.02)
     restart_warmup = 8 if "restart warm-up" in mode else 0
-    restarts = 3 if with_scheduler else 1 if restart_warmup else 5 if "backtracking" in mode else None  # None: unchecked
+    # None: not checked
+    restarts = 3 if with_scheduler else 1 if restart_warmup else 5 if "backtracking" in mode else None
     mode = mode.split(",")[0]
 
     def build() -> OnlineTuner:

@@ -96,7 +96,7 @@ def _positive_int(value: Any, name: str) -> int:
 
 
 class LinearWarmup:
-    """A linear warm-up factor, ``LambdaLR``'s ``lr_lambda``: :math:`\min(1, t / \text{steps})` at step
+    r"""A linear warm-up factor, ``LambdaLR``'s ``lr_lambda``: :math:`\min(1, t / \text{steps})` at step
     :math:`t` (0 at the first step). A class, not a lambda, so a scheduler's ``state_dict`` keeps it."""
 
     def __init__(self, steps: int) -> None:
