@@ -29,6 +29,9 @@ the per-seed ratios, each seed's tuner against the same seed's grid).
     python benchmarks/hyper_tuning.py            # 3 seeds, 8-value grid, 600 steps
     python benchmarks/hyper_tuning.py --pes-samples 2   # and PES with 2 antithetic pairs
     python benchmarks/hyper_tuning.py --quick    # 1 seed, 8-value grid, 150 steps
+    python benchmarks/hyper_tuning.py --seeds 5 --restart-warmup 300 --restart-delay 150   # RESULTS.md 8b
+    python benchmarks/hyper_tuning.py --seeds 5 --warmup 300 --warmup-start 0 --delay 150 --backtrack 0
+        # a warm-up for every run (its base rate tuned) and the grid under the same warm-up (b+)
 """
 from __future__ import annotations
 
