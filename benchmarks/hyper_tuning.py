@@ -29,6 +29,9 @@ the per-seed ratios, each seed's tuner against the same seed's grid).
     python benchmarks/hyper_tuning.py            # 3 seeds, 8-value grid, 600 steps
     python benchmarks/hyper_tuning.py --pes-samples 2   # and PES with 2 antithetic pairs
     python benchmarks/hyper_tuning.py --quick    # 1 seed, 8-value grid, 150 steps
+    python benchmarks/hyper_tuning.py --seeds 5 --restart-warmup 300 --restart-delay 150   # RESULTS.md 8b
+    python benchmarks/hyper_tuning.py --seeds 5 --warmup 300 --warmup-start 0 --delay 150 --backtrack 0
+        # a warm-up for every run (its base rate tuned) and the grid under the same warm-up (b+)
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ if __package__ in (None, ""):
 
 from diffopt.hyper import OnlineTuner  # noqa: E402
 from diffopt.optim import Adam  # noqa: E402
+from diffopt.optim.lr_scheduler import LambdaLR  # noqa: E402
 from diffopt.optim.learned import HypergradientAdam  # noqa: E402
 
 Params = list[Tensor]
@@ -114,14 +118,33 @@ def evaluate(problem: Problem, params: Params) -> tuple[float, float]:
         return float(problem.loss(params, *problem.val)), float(problem.loss(params, *problem.test))
 
 
-def fixed_lr(problem: Problem, lr: float, data: list[Split], seed: int) -> dict[str, Any]:
+Warmup = tuple[int, float, str]
+
+
+def warmup_factor(steps: int, start: float, shape: str = "linear") -> Callable[[int], float]:
+    """The learning-rate factor of step t under a warm-up (LambdaLR's lr_lambda): ``"linear"``, from
+    ``start`` at step 0 to 1 at step ``steps``, then 1; ``"exponential"``, 1 - (1 - start) e^(-t/steps)
+    (Ma & Yarats, 2021: with start 0 and steps 1 / (1 - beta2), their "untuned exponential warm-up")."""
+    if shape == "linear":
+        return lambda t: min(1.0, start + (1.0 - start) * t / steps)
+    if shape == "exponential":
+        return lambda t: 1.0 - (1.0 - start) * math.exp(-t / steps)
+    raise ValueError(f"warmup_factor: shape must be 'linear' or 'exponential', got {shape!r}")
+
+
+def fixed_lr(problem: Problem, lr: float, data: list[Split], seed: int,
+             warmup: Warmup | None = None) -> dict[str, Any]:
+    """Adam at the fixed (base) rate ``lr``; with ``warmup=(steps, start)`` under torch's LambdaLR warm-up."""
     params = [w.requires_grad_() for w in initial_weights(problem, seed)]
     opt = torch.optim.Adam(params, lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, warmup_factor(*warmup)) if warmup else None
     start = time.process_time()
     for x, y in data:
         opt.zero_grad()
         problem.loss(params, x, y).backward()
         opt.step()
+        if scheduler is not None:
+            scheduler.step()
     seconds = time.process_time() - start
     val, test = evaluate(problem, params)
     return {"lr": lr, "val": val, "test": test, "seconds": seconds, "steps": len(data)}
@@ -145,22 +168,29 @@ def hypergradient_descent(problem: Problem, lr: float, data: list[Split], seed: 
 
 
 def tuned(problem: Problem, lr: float, data: list[Split], seed: int, every: int, window: int,
-          meta_lr: float, first_order: bool = False, pes_samples: int = 0, backtrack: int = 8) -> dict[str, Any]:
+          meta_lr: float, first_order: bool = False, pes_samples: int = 0, backtrack: int = 8,
+          warmup: Warmup | None = None, delay: int = 0, restart_warmup: int = 0,
+          restart_delay: int | None = None) -> dict[str, Any]:
     """The tuner in reverse mode, or in PES mode with ``pes_samples`` antithetic pairs (sigma 0.3 on
     log-lr, particles never restarted: the horizon is the whole run); ``backtrack``: the tuner's
-    restarts while the lr is too high (its default 8; 0: none). Restarted steps are among ``data``'s."""
+    restarts while the lr is too high (its default 8; 0: none). Restarted steps are among ``data``'s.
+    With ``warmup=(steps, start)`` the rates follow diffopt's LambdaLR warm-up and the tuner tunes its
+    base rate (``"lr"`` under a LambdaLR); ``delay``: the tuner's steps held back at the start of each run;
+    ``restart_warmup``, ``restart_delay``: the tuner's warm-up after a backtracking restart."""
     opt = Adam(initial_weights(problem, seed), lr=lr)
+    scheduler = LambdaLR(opt, warmup_factor(*warmup)) if warmup else None
     mode = {"mode": "pes", "pes_samples": pes_samples, "pes_sigma": 0.3} if pes_samples else {
         "window": window, "first_order": first_order}
-    mode["backtrack"] = backtrack
+    mode.update(backtrack=backtrack, delay=delay, restart_warmup=restart_warmup if backtrack else 0,
+                restart_delay=restart_delay)
     tuner = OnlineTuner(opt, lambda p, b: problem.loss(p, *b), lambda p: problem.loss(p, *problem.val), "lr",
-                        every=every, meta_lr=meta_lr, **mode)
+                        every=every, meta_lr=meta_lr, scheduler=scheduler, **mode)
     start = time.process_time()
     for batch in data:
         tuner.step(batch)
     seconds = time.process_time() - start
     val, test = evaluate(problem, tuner.params)
-    replayed = (2 * pes_samples * every if pes_samples else window) * (len(data) // every)
+    replayed = (2 * pes_samples * every if pes_samples else window) * len(tuner.history)
     return {"lr": tuner.values()["lr"], "val": val, "test": test, "seconds": seconds, "steps": len(data),
             "replayed": replayed, "restarts": tuner.restarts}
 
@@ -172,13 +202,21 @@ def median(rows: list[dict[str, Any]], key: str) -> float:
 def run(seeds: int, steps: int, grid_size: int, every: int, window: int, meta_lr: float,
         hd_hyper_lrs: tuple[float, ...] = (1e-7, 1e-5), pes_samples: int = 0,
         problems: tuple[Callable[[int], Problem], ...] = (digits, regression),
+        warmup: Warmup | None = None, delay: int = 0, backtrack: int = 8, first_seed: int = 0,
+        restart_warmup: int = 0, restart_delay: int | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
+    """With ``warmup=(steps, start, shape)``, (d) and (d0) are the tuner under that warm-up (tuning its
+    base rate) with ``delay``, (d-) the tuner without either (the default setting), and (b+) the grid
+    under the same warm-up; the starts stay 10x off the best rate of the grid without warm-up (b), the
+    headline. ``backtrack``: (d)'s (with 0, (d0) is not run again); seeds ``first_seed`` onwards.
+    ``restart_warmup``/``restart_delay``: (d)'s and (d0)'s warm-up after a backtracking restart (none in
+    (d0), which never restarts), beside (d-)."""
     torch.set_num_threads(1)
     grid = [10 ** (-4 + 4 * k / (grid_size - 1)) for k in range(grid_size)]
     report: dict[str, Any] = {}
     for make in problems:
         rows: dict[str, list[dict[str, Any]]] = {}
-        for seed in range(seeds):
+        for seed in range(first_seed, first_seed + seeds):
             problem = make(seed)
             data = batches(problem, steps, seed)
             results = [fixed_lr(problem, lr, data, seed) for lr in grid]
@@ -188,15 +226,29 @@ def run(seeds: int, steps: int, grid_size: int, every: int, window: int, meta_lr
                     "seconds": sum(r["seconds"] for r in results)}
             rows.setdefault("(a) default lr 1e-3", []).append(fixed_lr(problem, 1e-3, data, seed))
             rows.setdefault(f"(b) grid best of {len(grid)} (total cost)", []).append(cost)
+            if warmup:
+                warm = [fixed_lr(problem, lr, data, seed, warmup) for lr in grid]
+                best_warm = min([r for r in warm if math.isfinite(r["val"])], key=lambda r: r["val"])
+                rows.setdefault(f"(b+) grid best of {len(grid)} under the warm-up (total cost)", []).append(
+                    {"lr": best_warm["lr"], "val": best_warm["val"], "test": best_warm["test"],
+                     "steps": steps * len(grid), "seconds": sum(r["seconds"] for r in warm)})
             for factor, tag in ((10.0, "10x high"), (0.1, "10x low")):
                 start_lr = best["lr"] * factor
                 for hyper_lr in hd_hyper_lrs:
                     rows.setdefault(f"(c) Adam-HD (hyper_lr {hyper_lr:g}) from {tag}", []).append(
                         hypergradient_descent(problem, start_lr, data, seed, hyper_lr))
+                under = (f", {warmup[2]} warm-up {warmup[0]} steps from {warmup[1]:g}x" if warmup else "") + (
+                    f", delay {delay}" if delay else "")
                 rows.setdefault(f"(d) tuner from {tag}", []).append(
-                    tuned(problem, start_lr, data, seed, every, window, meta_lr))
-                rows.setdefault(f"(d0) tuner without backtracking (backtrack=0) from {tag}", []).append(
-                    tuned(problem, start_lr, data, seed, every, window, meta_lr, backtrack=0))
+                    tuned(problem, start_lr, data, seed, every, window, meta_lr, warmup=warmup, delay=delay,
+                          backtrack=backtrack, restart_warmup=restart_warmup, restart_delay=restart_delay))
+                if backtrack:
+                    rows.setdefault(f"(d0) tuner without backtracking (backtrack=0){under} from {tag}", []).append(
+                        tuned(problem, start_lr, data, seed, every, window, meta_lr, backtrack=0, warmup=warmup,
+                              delay=delay))
+                if warmup or delay or restart_warmup:
+                    rows.setdefault(f"(d-) tuner without warm-up or delay from {tag}", []).append(
+                        tuned(problem, start_lr, data, seed, every, window, meta_lr))
                 if pes_samples:
                     rows.setdefault(f"(e) tuner, PES ({pes_samples} pairs), from {tag}", []).append(
                         tuned(problem, start_lr, data, seed, every, window, meta_lr, pes_samples=pes_samples))
@@ -209,22 +261,32 @@ def run(seeds: int, steps: int, grid_size: int, every: int, window: int, meta_lr
         table = ["| method | lr (final) | val loss | test loss | CPU seconds | training steps | CPU time / grid's |",
                  "|---|---|---|---|---|---|---|"]
         for method, results in rows.items():
-            steps_text = str(results[0]["steps"]) + (f" + {results[0]['replayed']} replayed" if "replayed" in
+            steps_text = str(results[0]["steps"]) + (f" + {median(results, 'replayed'):g} replayed" if "replayed" in
                                                      results[0] else "")
             if "restarts" in results[0]:
                 steps_text += f" (restarts per seed: {', '.join(str(r['restarts']) for r in results)})"
             table.append(f"| {method} | {median(results, 'lr'):.3g} | {median(results, 'val'):.4f} | "
                          f"{median(results, 'test'):.4f} | {median(results, 'seconds'):.2f} | {steps_text} | "
                          f"{median(results, 'seconds') / grid_seconds:.2f} |")
-        goals = {}
         grid_rows = rows[f"(b) grid best of {len(grid)} (total cost)"]
-        for tag in ("10x high", "10x low"):
-            tuner_rows = rows[f"(d) tuner from {tag}"]
-            goals[tag] = {"per_seed": [t["test"] / g["test"] for t, g in zip(tuner_rows, grid_rows)],
-                          "test_ratio": statistics.median(t["test"] / g["test"] for t, g in zip(tuner_rows, grid_rows)),
-                          "test_ratio_of_medians": median(tuner_rows, "test") / grid_test,
-                          "time_ratio": statistics.median(t["seconds"] / g["seconds"]
-                                                          for t, g in zip(tuner_rows, grid_rows))}
+        warm_rows = rows.get(f"(b+) grid best of {len(grid)} under the warm-up (total cost)")
+        goals: dict[str, dict[str, Any]] = {}
+        for prefix in ("(d) tuner", "(d-) tuner without warm-up or delay"):
+            for tag in ("10x high", "10x low"):
+                tuner_rows = rows.get(f"{prefix} from {tag}")
+                if tuner_rows is None:
+                    continue
+                goal = goals[tag if prefix == "(d) tuner" else f"{tag}, without warm-up or delay"] = {
+                    "per_seed": [t["test"] / g["test"] for t, g in zip(tuner_rows, grid_rows)],
+                    "test_ratio": statistics.median(t["test"] / g["test"] for t, g in zip(tuner_rows, grid_rows)),
+                    "test_ratio_of_medians": median(tuner_rows, "test") / grid_test,
+                    "val_ratio": statistics.median(t["val"] / g["val"] for t, g in zip(tuner_rows, grid_rows)),
+                    "time_ratio": statistics.median(t["seconds"] / g["seconds"] for t, g in zip(tuner_rows, grid_rows))}
+                if warm_rows:
+                    goal["test_ratio_warm_grid"] = statistics.median(
+                        t["test"] / g["test"] for t, g in zip(tuner_rows, warm_rows))
+                    goal["time_ratio_warm_grid"] = statistics.median(
+                        t["seconds"] / g["seconds"] for t, g in zip(tuner_rows, warm_rows))
         report[make.__name__] = {"table": "\n".join(table), "rows": rows, "goals": goals}
         log(f"\n{make.__name__}: medians over {seeds} seed(s), {steps} steps\n" + "\n".join(table))
         for tag, goal in goals.items():
@@ -232,7 +294,9 @@ def run(seeds: int, steps: int, grid_size: int, every: int, window: int, meta_lr
             log(f"  tuner from {tag}: test loss {goal['test_ratio']:.3f}x the grid's best (median of the per-seed "
                 f"ratios; ratio of the medians {goal['test_ratio_of_medians']:.3f}x) at {goal['time_ratio']:.3f}x "
                 f"its CPU time -> goal {'met' if met else 'NOT met'} (per seed: "
-                f"{', '.join(f'{r:.3f}' for r in goal['per_seed'])})")
+                f"{', '.join(f'{r:.3f}' for r in goal['per_seed'])}); validation loss {goal['val_ratio']:.3f}x the "
+                f"grid's" + (f"; against the grid under the same warm-up: test {goal['test_ratio_warm_grid']:.3f}x at "
+                             f"{goal['time_ratio_warm_grid']:.3f}x its CPU time" if warm_rows else ""))
     return report
 
 
@@ -247,13 +311,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--meta-lr", type=float, default=0.3, help="Adam's lr on log-lr")
     parser.add_argument("--pes-samples", type=int, default=0,
                         help="also run the tuner in PES mode with this many antithetic pairs (0: not)")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="also run the tuner and the grid under a linear lr warm-up over this many steps "
+                             "(the tuner tunes its base rate; 0: not)")
+    parser.add_argument("--warmup-start", type=float, default=0.1, help="the warm-up's factor at step 0")
+    parser.add_argument("--backtrack", type=int, default=8, help="the tuner's (d) backtracking restarts (0: none)")
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
+    parser.add_argument("--restart-warmup", type=int, default=0,
+                        help="the tuner's linear warm-up (steps) after a backtracking restart (0: none)")
+    parser.add_argument("--restart-delay", type=int, default=None,
+                        help="the restarted run's steps before its first tuning step (default: half the warm-up)")
+    parser.add_argument("--delay", type=int, default=0,
+                        help="the tuner's training steps before its first period (and after each restart)")
+    parser.add_argument("--warmup-shape", choices=("linear", "exponential"), default="linear",
+                        help="linear: to 1 at step --warmup; exponential: 1 - (1 - start) exp(-t / --warmup)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.steps = 1, 150
     import platform
 
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread")
-    run(args.seeds, args.steps, args.grid, args.every, args.window, args.meta_lr, pes_samples=args.pes_samples)
+    run(args.seeds, args.steps, args.grid, args.every, args.window, args.meta_lr, pes_samples=args.pes_samples,
+        warmup=(args.warmup, args.warmup_start, args.warmup_shape) if args.warmup else None, delay=args.delay,
+        backtrack=args.backtrack, first_seed=args.first_seed, restart_warmup=args.restart_warmup,
+        restart_delay=args.restart_delay)
 
 
 if __name__ == "__main__":

@@ -332,6 +332,24 @@ def test_hyper_tuning_tiny():
     assert any("goal" in line for line in lines)
 
 
+def test_hyper_tuning_tiny_under_a_warmup():
+    """--warmup/--delay/--backtrack 0: the grid under the same warm-up (b+) beside the plain grid (b), the
+    tuner under the warm-up (d) and without it (d-), no (d0) row; goals for (d) and (d-), against both grids."""
+    pytest.importorskip("sklearn")
+    from benchmarks import hyper_tuning
+
+    report = hyper_tuning.run(seeds=1, steps=20, grid_size=8, every=5, window=2, meta_lr=0.3,
+                              warmup=(10, 0.0, "linear"), delay=5, backtrack=0, log=lambda line: None)
+    for name in ("digits", "regression"):
+        assert_markdown_table(report[name]["table"], columns=7)
+        # header and separator, (a), (b), (b+), and from 10x high and low: 2 HD rates, (d), (d-)
+        assert len(table_lines(report[name]["table"])) == 2 + 3 + 2 * 4
+        goals = report[name]["goals"]
+        assert len(goals) == 4 and all(math.isfinite(g["test_ratio_warm_grid"]) for g in goals.values())
+    assert hyper_tuning.warmup_factor(10, 0.0)(0) == 0.0 and hyper_tuning.warmup_factor(10, 0.0)(5) == 0.5
+    assert hyper_tuning.warmup_factor(10, 0.1)(20) == 1.0
+
+
 def test_cpu_clock_times_the_task_loop_rows(capsys):
     """--clock cpu (this thread's CPU time, for a loaded machine): one sample per timed round, none from
     the warm-up; the per-task-backward loop is the reference of every ratio (issue 16)."""

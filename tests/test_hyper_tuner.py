@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from diffopt.hyper import OnlineTuner, Tuned, hypergradient, window_loss
+from diffopt.hyper import LinearWarmup, OnlineTuner, Tuned, hypergradient, window_loss
 from diffopt.optim import SGD, Adam, AdamW, RMSprop
-from diffopt.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR, OneCycleLR
+from diffopt.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR, LambdaLR, OneCycleLR
 from strategies import examples, record
 from test_unroll import QUICK, directional_error, finite_difference, single_threaded  # noqa: F401 (the fixture)
 
@@ -52,6 +52,11 @@ def two_groups(weights: Params, lrs: tuple[float, float] = (0.05, 0.02)) -> list
     return [{"params": [w.clone() for w in weights[:2]], "lr": lrs[0]}, {"params": [weights[2].clone()], "lr": lrs[1]}]
 
 
+def warmup(steps: int, start: float = 0.2) -> Callable[[int], float]:
+    """A linear warm-up factor from ``start`` to 1 over ``steps`` steps (LambdaLR's lr_lambda)."""
+    return lambda t: min(1.0, start + (1 - start) * t / steps)
+
+
 # (name, optimizer factory over weights, scheduler factory or None, what to tune)
 CASES: list[tuple[str, Callable, Callable | None, Any]] = [
     ("lr, weight_decay, momentum (SGD)", lambda w: SGD([x.clone() for x in w], lr=0.1, momentum=0.6, weight_decay=0.01),
@@ -72,6 +77,8 @@ CASES: list[tuple[str, Callable, Callable | None, Any]] = [
      lambda w: SGD([x.clone() for x in w], lr=0.1, momentum=0.5),
      lambda opt: OneCycleLR(opt, max_lr=0.4, total_steps=12, pct_start=0.5, cycle_momentum=False),
      ["max_lr", "momentum"]),
+    ("lr under a LambdaLR warm-up (its base rate), beta1 (Adam)", lambda w: Adam([x.clone() for x in w], lr=0.03),
+     lambda opt: LambdaLR(opt, warmup(4)), ["lr", "beta1"]),
 ]
 CASE_IDS = [c[0] for c in CASES]
 
@@ -223,6 +230,22 @@ def test_backtracking_restarts_training_from_its_first_step() -> None:
     error = max(float((a - b.detach()).abs().max()) for a, b in zip(tuner.params, ref_params))
     record("tuner trajectory after backtracking vs torch.optim replay (max abs)", "SGD", error)
     assert error <= 1e-10
+    # delay=2: each run (the first and every restart) trains 2 steps before its first period, so the
+    # restarts come at steps 5 and 10 (backtrack=2), and tuning goes on at 15, 18, ...
+    delayed = OnlineTuner(SGD([w.clone() for w in weights], lr=2.0, momentum=0.6), train_loss, validation_loss,
+                          ["lr", "momentum"], every=3, window=2, meta_lr=0.2, backtrack=2, delay=2)
+    used = run_and_record(delayed.optimizer, delayed, batches)
+    assert [(h["step"], h["restarted"]) for h in delayed.history] == [(5, True), (10, True)] + [
+        (step, False) for step in range(15, 31, 3)]
+    assert [h["values"]["lr"] for h in delayed.history[:2]] == [1.0, 0.5]
+    delayed_params = [w.clone().requires_grad_() for w in weights]
+    delayed_reference = torch.optim.SGD(delayed_params, lr=0.5, momentum=0.6)
+    for values, batch in list(zip(used, batches))[10:]:
+        delayed_reference.param_groups[0].update({k: values[0][k] for k in ("lr", "momentum")})
+        delayed_reference.zero_grad()
+        train_loss(delayed_params, batch).backward()
+        delayed_reference.step()
+    assert max(float((a - b.detach()).abs().max()) for a, b in zip(delayed.params, delayed_params)) <= 1e-10
     never = OnlineTuner(SGD([w.clone() for w in weights], lr=2.0, momentum=0.6), train_loss, validation_loss,
                         ["lr", "momentum"], every=3, window=2, meta_lr=0.2, backtrack=0)
     for batch in batches:
@@ -296,6 +319,91 @@ def test_onecycle_max_lr_trajectory_matches_torch() -> None:
     assert error <= 1e-10
 
 
+def test_lambdalr_base_lr_trajectory_matches_torch() -> None:
+    """'lr' under a LambdaLR warm-up is the base rate (per group here): the rate of every step is the base
+    rate times the warm-up's factor (exactly), the run starts too fast and backtracks twice, and from
+    the last restart it equals torch.optim.Adam under torch's LambdaLR with the recorded base rates
+    written into ``base_lrs`` (and this step's rate) between windows (1e-10)."""
+    weights, batches, train_loss, validation_loss = problem(9, n_batches=30)
+    lambdas = [warmup(8), warmup(6, 0.1)]
+    opt = Adam(two_groups(weights, (2.0, 1.0)), betas=(0.8, 0.9))
+    scheduler = LambdaLR(opt, lambdas)
+    tuner = OnlineTuner(opt, train_loss, validation_loss, Tuned("lr", "group"), scheduler=scheduler, every=4,
+                        window=3, meta_lr=0.3, backtrack=2)
+    bases, rates, epochs = [], [], []
+    for batch in batches:
+        bases.append(list(scheduler.base_lrs))
+        rates.append([g["lr"] for g in opt.param_groups])
+        epochs.append(scheduler.last_epoch)
+        tuner.step(batch)
+    assert tuner.restarts == 2 and [h["restarted"] for h in tuner.history[:3]] == [True, True, False]
+    assert tuner.history[1]["values"]["lr"] == [0.5, 0.25]
+    assert len({str(b) for b in bases}) >= 6 and tuner.values()["lr"] == list(scheduler.base_lrs)
+    for base, rate, epoch in zip(bases, rates, epochs):
+        assert rate == [b * f(epoch) for b, f in zip(base, lambdas)]
+    assert epochs[8:12] == [0, 1, 2, 3]  # the scheduler restarted with the weights
+    ref_params = [w.clone().requires_grad_() for w in weights]
+    reference = torch.optim.Adam([{"params": ref_params[:2], "lr": 2.0}, {"params": ref_params[2:], "lr": 1.0}],
+                                 betas=(0.8, 0.9))
+    ref_scheduler = torch.optim.lr_scheduler.LambdaLR(reference, lambdas)
+    for base, batch in list(zip(bases, batches))[8:]:
+        ref_scheduler.base_lrs = base
+        for group, b, f in zip(reference.param_groups, base, lambdas):
+            group["lr"] = b * f(ref_scheduler.last_epoch)
+        reference.zero_grad()
+        train_loss(ref_params, batch).backward()
+        reference.step()
+        ref_scheduler.step()
+    error = max(float((a - b.detach()).abs().max()) for a, b in zip(tuner.params, ref_params))
+    record("tuner LambdaLR base lr trajectory vs torch.optim replay (max abs)", "Adam", error)
+    assert error <= 1e-10
+
+
+def test_restart_warmup_trajectory_matches_torch() -> None:
+    """restart_warmup=8, restart_delay=3: Adam at lr 2 is too fast, so after the first period training
+    restarts once (no further restart) with the lr halved under a LambdaLR of LinearWarmup(8) that the
+    tuner installs, and tunes its base rate from 3 + 4 steps after the restart on. Every step's rate is
+    the base rate times min(1, t / 8), and from the restart the run equals torch.optim.Adam under torch's
+    LambdaLR with the recorded base rates (1e-10). A run that is not too fast never installs it and is the
+    run without the option, bit for bit."""
+    weights, batches, train_loss, validation_loss = problem(10, n_batches=30)
+    opt = Adam([w.clone() for w in weights], lr=2.0, betas=(0.8, 0.9))
+    tuner = OnlineTuner(opt, train_loss, validation_loss, "lr", every=4, window=3, meta_lr=0.3, restart_warmup=8,
+                        restart_delay=3)
+    bases, rates = [], []
+    for batch in batches:
+        bases.append(None if tuner.scheduler is None else tuner.scheduler.base_lrs[0])
+        rates.append(opt.param_groups[0]["lr"])
+        tuner.step(batch)
+    assert tuner.restarts == 1 and [h["step"] for h in tuner.history] == [4] + list(range(11, 31, 4))
+    assert tuner.history[0]["restarted"] and tuner.history[0]["values"]["lr"] == 1.0
+    assert isinstance(tuner.scheduler, LambdaLR) and tuner.values()["lr"] == tuner.scheduler.base_lrs[0]
+    assert rates[:4] == [2.0] * 4 and bases[4:11] == [1.0] * 7 and len(set(bases[4:])) >= 5
+    assert rates[4:] == [b * min(1.0, t / 8) for t, b in enumerate(bases[4:])]
+    ref_params = [w.clone().requires_grad_() for w in weights]
+    reference = torch.optim.Adam(ref_params, lr=1.0, betas=(0.8, 0.9))
+    ref_scheduler = torch.optim.lr_scheduler.LambdaLR(reference, LinearWarmup(8))
+    for base, batch in zip(bases[4:], batches[4:]):
+        ref_scheduler.base_lrs = [base]
+        reference.param_groups[0]["lr"] = base * ref_scheduler.lr_lambdas[0](ref_scheduler.last_epoch)
+        reference.zero_grad()
+        train_loss(ref_params, batch).backward()
+        reference.step()
+        ref_scheduler.step()
+    error = max(float((a - b.detach()).abs().max()) for a, b in zip(tuner.params, ref_params))
+    record("tuner restart warm-up trajectory vs torch.optim replay (max abs)", "Adam", error)
+    assert error <= 1e-10
+    runs = []
+    for option in (8, 0):
+        calm = OnlineTuner(Adam([w.clone() for w in weights], lr=0.01), train_loss, validation_loss, "lr", every=4,
+                           window=3, meta_lr=0.3, restart_warmup=option)
+        for batch in batches:
+            calm.step(batch)
+        runs.append(calm)
+    assert runs[0].restarts == 0 and runs[0].scheduler is None
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].params, runs[1].params))
+
+
 def test_pes_is_unbiased_on_a_quadratic() -> None:
     """PES over three windows with fixed values: the mean of its estimate equals the gradient through all
     six steps (no truncation) within 3 standard errors; a linear model with squared error, SGD with
@@ -331,18 +439,29 @@ def test_pes_is_unbiased_on_a_quadratic() -> None:
     assert tuner.last_standard_error <= 0.25 * float(truth.norm())
 
 
-@pytest.mark.parametrize("mode", ["reverse", "pes", "reverse, backtracking"])
+@pytest.mark.parametrize("mode", ["reverse", "pes", "reverse, backtracking", "reverse, backtracking, LambdaLR, delay",
+                                  "reverse, backtracking, restart warm-up"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(mode: str, tmp_path: Any) -> None:
     """Saved mid-window (and mid-PES-horizon, and between two backtracking restarts: the lrs 8 and 4
-    restart at steps 4, 8, 12, 16 and 20) and resumed into freshly built objects: bit for bit."""
+    restart at steps 4, 8, 12, 16 and 20; under a LambdaLR warm-up whose base rates are tuned, with
+    delay=3, they restart at steps 7, 14 and 21: the save at step 10 falls at the end of the second
+    run's delay; with restart_warmup=8 they restart once, at step 4, into the warm-up the tuner
+    installs, and the save falls in the restarted run's first window)
+    and resumed into freshly built objects: bit for bit."""
     weights, batches, train_loss, validation_loss = problem(5, n_batches=22)
+    with_scheduler = "LambdaLR" in mode
     lrs = (8.0, 4.0) if "backtracking" in mode else (0.05, 0.02)
+    restart_warmup = 8 if "restart warm-up" in mode else 0
+    # None: not checked
+    restarts = 3 if with_scheduler else 1 if restart_warmup else 5 if "backtracking" in mode else None
     mode = mode.split(",")[0]
 
     def build() -> OnlineTuner:
         opt = Adam(two_groups(weights, lrs), betas=(0.8, 0.9))
+        scheduler = LambdaLR(opt, warmup(8, 0.5)) if with_scheduler else None  # 3 restarts with delay=3
         return OnlineTuner(opt, train_loss, validation_loss, [Tuned("lr", "group"), "beta1"], every=4,
-                           window=None if mode == "pes" else 3, mode=mode, pes_samples=2, meta_lr=0.2)
+                           window=None if mode == "pes" else 3, mode=mode, pes_samples=2, meta_lr=0.2,
+                           scheduler=scheduler, delay=3 if with_scheduler else 0, restart_warmup=restart_warmup)
 
     whole = build()
     for batch in batches:
@@ -359,7 +478,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(mode: str, tmp_path: A
     assert all(torch.equal(a, b) for a, b in zip(whole.raw_tensors(), resumed.raw_tensors()))
     assert [h["values"] for h in whole.history] == [h["values"] for h in resumed.history]
     assert whole.restarts == resumed.restarts
-    assert whole.restarts == 5 or lrs[0] != 8.0
+    assert restarts is None or whole.restarts == restarts
     assert all(torch.equal(a, b) for s1, s2 in zip(whole.optimizer.state, resumed.optimizer.state)
                for a, b in zip(s1.values(), s2.values()) if isinstance(a, Tensor))
 
@@ -462,9 +581,25 @@ def test_settings_errors_name_the_argument() -> None:
         make(backtrack=-1)
     with pytest.raises(ValueError, match=r"backtrack_factor must be a number in \(0, 1\), got 1.5"):
         make(backtrack_factor=1.5)
+    with pytest.raises(ValueError, match="delay must be an integer >= 0, got -1"):
+        make(delay=-1)
+    with pytest.raises(ValueError, match="restart_warmup must be an integer >= 0, got 2.5"):
+        make(restart_warmup=2.5)
+    with pytest.raises(ValueError, match="restart_warmup=5 warms .* but backtrack is 0"):
+        make(restart_warmup=5, backtrack=0)
+    with pytest.raises(ValueError, match="restart_warmup=5 warms .* but 'lr' is not tuned"):
+        make(restart_warmup=5, hyperparameters="weight_decay")
+    with pytest.raises(ValueError, match="restart_warmup=5 warms .* but 'lr' is tuned per element"):
+        make(restart_warmup=5, hyperparameters={"lr": "element"})
+    with pytest.raises(ValueError, match="restart_warmup=5 warms .* but a scheduler was given"):
+        scheduled = SGD([w.clone() for w in weights], lr=0.1)
+        OnlineTuner(scheduled, train_loss, validation_loss, "lr", scheduler=LambdaLR(scheduled, warmup(3)),
+                    restart_warmup=5)
     opt = SGD([w.clone() for w in weights], lr=0.1)
-    with pytest.raises(ValueError, match="'lr' is written by the scheduler"):
+    with pytest.raises(ValueError, match="'lr' is written by the scheduler.*express the schedule as a diffopt"):
         OnlineTuner(opt, train_loss, validation_loss, "lr", scheduler=ExponentialLR(opt, gamma=0.9))
+    with pytest.raises(ValueError, match="'lr' under a LambdaLR tunes its base rates, one per group"):
+        OnlineTuner(opt, train_loss, validation_loss, {"lr": "element"}, scheduler=LambdaLR(opt, warmup(3)))
     with pytest.raises(ValueError, match="scope 'group'"):
         OnlineTuner(SGD(two_groups(weights), lr=0.1), train_loss, validation_loss, "lr")
     tuner = make()

@@ -11,7 +11,7 @@
 from ._hyperparameters import Tuned
 from ._window import hypergradient, window_loss
 from .reweight import LearningToReweight, MetaWeightNet, ReweightStep, WeightNet
-from .tuner import OnlineTuner
+from .tuner import LinearWarmup, OnlineTuner
 
-__all__ = ["LearningToReweight", "MetaWeightNet", "OnlineTuner", "ReweightStep", "Tuned", "WeightNet",
+__all__ = ["LearningToReweight", "LinearWarmup", "MetaWeightNet", "OnlineTuner", "ReweightStep", "Tuned", "WeightNet",
            "hypergradient", "window_loss"]

@@ -20,6 +20,12 @@ with :math:`\lambda = T(u)`, so every meta-step lands inside the valid range:
   ``beta2``, ``alpha``, ``rho``, ``dampening`` and a scheduler's ``gamma``, ``factor`` or ``pct_start``;
 * ``"softplus"``: :math:`\lambda = \log(1 + e^u) > 0` (on request: additive near 0, e.g. a weight decay);
 * ``"identity"``: :math:`\lambda = u` (on request).
+
+Under a :class:`~diffopt.optim.lr_scheduler.LambdaLR`, which sets the rate of step :math:`t` to
+:math:`\eta_t = \eta\, f(t)` from its base rate :math:`\eta` (``base_lrs``), ``"lr"`` names the base
+rate :math:`\eta`: writing it sets ``base_lrs`` and the current step's rate :math:`\eta f(t)`, exactly
+what the scheduler would have written, so a schedule's shape (a warm-up, e.g.) stays and the tuner
+moves its scale, and the hypergradient reaches every step of a window through :math:`\eta f(t)`.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..optim import DifferentiableOptimizer, PerParameter, Schedule
+from ..optim.lr_scheduler import LambdaLR
 
 __all__ = ["Tuned", "TRANSFORMS", "parse_hyperparameters"]
 
@@ -89,6 +96,11 @@ class Tuned:
         """The scheduler attribute (``"gamma"`` for ``"scheduler.gamma"``)."""
         return self.name[len(SCHEDULER_PREFIX):]
 
+    def scales_schedule(self, scheduler: Any) -> bool:
+        """Whether this is ``"lr"`` under a :class:`~diffopt.optim.lr_scheduler.LambdaLR`, i.e. the base
+        rate that the scheduler multiplies by its factor of the step (module docstring)."""
+        return self.name == "lr" and isinstance(scheduler, LambdaLR)
+
     def natural(self, raw: Sequence[Tensor]) -> list[Tensor]:
         """:math:`\\lambda = T(u)` for every raw tensor."""
         forward = TRANSFORMS[self.transform][0]  # type: ignore[index]
@@ -98,8 +110,8 @@ class Tuned:
     def initial_raw(self, optimizer: DifferentiableOptimizer, scheduler: Any) -> list[Tensor]:
         """:math:`u = T^{-1}(\\lambda)` of the current values, as leaf tensors in the parameters' dtype."""
         dtype, device = optimizer.params[0].dtype, optimizer.params[0].device
-        if self.on_scheduler:
-            value = getattr(scheduler, self.attribute)
+        if self.on_scheduler or self.scales_schedule(scheduler):
+            value = getattr(scheduler, "base_lrs" if self.scales_schedule(scheduler) else self.attribute)
             per_group = list(value) if isinstance(value, (list, tuple)) else [value] * len(optimizer.param_groups)
             where = [f"{self.name}[{k}]" for k in range(len(per_group))] if isinstance(value, (list, tuple)) \
                 else [self.name] * len(per_group)
@@ -156,6 +168,14 @@ class Tuned:
                 setattr(scheduler, self.attribute, per_group)
             else:
                 setattr(scheduler, self.attribute, values[0])
+            return
+        if self.scales_schedule(scheduler):  # the base rates, and this step's rates from them, as LambdaLR's
+            bases = [values[k if self.scope == "group" else 0] for k in range(len(optimizer.param_groups))]
+            scheduler.base_lrs = bases  # a new list: snapshots share the old one
+            groups = [dict(group) for group in optimizer.param_groups]
+            for group, base, factor in zip(groups, bases, scheduler.lr_lambdas, strict=True):
+                group["lr"] = base * factor(scheduler.last_epoch)
+            optimizer.param_groups = groups
             return
         groups = []
         for k, group in enumerate(optimizer.param_groups):
@@ -239,8 +259,13 @@ def parse_hyperparameters(spec: Any, optimizer: DifferentiableOptimizer, schedul
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"hyperparameters: {type(optimizer).__name__} has no hyperparameter {t.name!r}{hint} "
                              f"(tunable: {', '.join(known)}, or 'scheduler.<attribute>')")
-        elif t.name == "lr" and scheduler is not None:
+        elif t.name == "lr" and scheduler is not None and not t.scales_schedule(scheduler):
             raise ValueError("hyperparameters: 'lr' is written by the scheduler at every step, so a tuned value "
                              "would be overwritten; tune the scheduler's parameters instead (e.g. "
-                             "'scheduler.gamma'), or tune 'lr' without a scheduler")
+                             "'scheduler.gamma'), tune 'lr' without a scheduler, or express the schedule as a "
+                             "diffopt.optim.lr_scheduler.LambdaLR (lr = base lr * f(step), e.g. a warm-up), "
+                             "under which 'lr' tunes the base lr")
+        elif t.scales_schedule(scheduler) and t.scope == "element":
+            raise ValueError("hyperparameters: 'lr' under a LambdaLR tunes its base rates, one per group; use "
+                             "scope 'global' or 'group'")
     return tuned
