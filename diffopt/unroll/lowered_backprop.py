@@ -1,9 +1,9 @@
 r"""Inner gradients of lowered MLPs written out: backpropagation as task-batched operations.
 
 For a ``Sequential`` of ``Linear`` layers and activations with a known derivative
-(:data:`DERIVATIVES`) under the mean squared error or cross-entropy, the inner
-gradient of every task is computed by backpropagation written as ordinary tensor
-operations (Rumelhart, Hinton & Williams, 1986) instead of ``torch.autograd.grad``.
+(:data:`DERIVATIVES`: ReLU, LeakyReLU, Tanh, Sigmoid, SiLU, GELU, ELU, Softplus) under
+the mean squared error or cross-entropy, the inner gradient of every task is computed
+by backpropagation written as ordinary tensor operations (Rumelhart, Hinton & Williams, 1986) instead of ``torch.autograd.grad``.
 With the activations ``a_l`` entering layer ``l`` (``z_l = a_l W_lᵀ + b_l``) and the
 error ``δ_L = ∂ℓ/∂z_L`` of the output,
 
@@ -32,6 +32,7 @@ autograd on the lowered forward as before.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -64,6 +65,39 @@ def _sigmoid() -> Activation:
     return torch.sigmoid, lambda delta, z, h: delta * ((1 - h) * h)
 
 
+def _silu() -> Activation:  # h = z σ(z), h' = σ(z) (1 + z (1 − σ(z)))
+    def backward(delta: Tensor, z: Tensor, h: Tensor) -> Tensor:
+        s = torch.sigmoid(z)
+        return delta * (s * (1 + z * (1 - s)))
+    return F.silu, backward
+
+
+def _gelu(layer: nn.GELU) -> Activation:
+    if layer.approximate == "none":  # h = z Φ(z), h' = Φ(z) + z φ(z)
+        def backward(delta: Tensor, z: Tensor, h: Tensor) -> Tensor:
+            cdf = 0.5 * (1 + torch.erf(z * math.sqrt(0.5)))
+            pdf = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
+            return delta * (cdf + z * pdf)
+    else:  # h = z/2 (1 + tanh u), u = √(2/π) (z + 0.044715 z³)
+        def backward(delta: Tensor, z: Tensor, h: Tensor) -> Tensor:
+            k = math.sqrt(2 / math.pi)
+            t = torch.tanh(k * (z + 0.044715 * z * z * z))
+            return delta * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z))
+    approximate = layer.approximate
+    return (lambda z: F.gelu(z, approximate=approximate)), backward
+
+
+def _elu(layer: nn.ELU) -> Activation:  # h' = 1 for z > 0, α eᶻ = h + α otherwise
+    alpha = layer.alpha
+    return (lambda z: F.elu(z, alpha)), (lambda delta, z, h: torch.where(z > 0, delta, delta * (h + alpha)))
+
+
+def _softplus(layer: nn.Softplus) -> Activation:  # h' = σ(βz), 1 where βz > threshold (there h = z)
+    beta, threshold = layer.beta, layer.threshold
+    return ((lambda z: F.softplus(z, beta, threshold)),
+            (lambda delta, z, h: torch.where(z * beta > threshold, delta, delta * torch.sigmoid(z * beta))))
+
+
 def _identity() -> Activation:
     return (lambda z: z), (lambda delta, z, h: delta)
 
@@ -73,6 +107,10 @@ DERIVATIVES: dict[type, Callable[[nn.Module], Activation]] = {
     nn.LeakyReLU: _leaky_relu,
     nn.Tanh: lambda layer: _tanh(),
     nn.Sigmoid: lambda layer: _sigmoid(),
+    nn.SiLU: lambda layer: _silu(),
+    nn.GELU: _gelu,
+    nn.ELU: _elu,
+    nn.Softplus: _softplus,
     nn.Identity: lambda layer: _identity(),
     nn.Dropout: lambda layer: _identity(),  # lowered only with p = 0
 }
