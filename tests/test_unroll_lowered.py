@@ -6,6 +6,7 @@ once per meta-step and still name the step, task and tensor."""
 from __future__ import annotations
 
 import collections
+import copy
 
 import pytest
 import torch
@@ -141,6 +142,42 @@ def test_a_module_placed_twice_runs_twice():
     batch = tuple(torch.randn(3, 5, d, dtype=torch.float64) for d in (4, 2, 4, 2))
     for mode in ("second_order", "first_order"):
         assert_same_as_task_loop(model, sgd(), F.mse_loss, batch, steps=2, mode=mode)
+
+
+class Shift(nn.Module):
+    def forward(self, x):
+        return 2.0 * x + 1.0
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+@pytest.mark.parametrize("hook", ["forward", "pre"])
+def test_forward_hooks_run_in_every_path(vectorize, hook):
+    # A hook changes the function: the inner loop must evaluate it. Kernels and higher's copy do not call
+    # the modules, so a hooked model runs through functional_call and is not lowered.
+    torch.manual_seed(0)
+    hooked = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    first, last = copy.deepcopy(hooked[0]), copy.deepcopy(hooked[2])  # the same weights, without the hook
+    plain = nn.Sequential(first, *([Shift()] if hook == "forward" else []), nn.Tanh(),
+                          *([Shift()] if hook == "pre" else []), last)
+    if hook == "forward":
+        hooked[0].register_forward_hook(lambda module, inputs, output: 2.0 * output + 1.0)
+    else:
+        hooked[2].register_forward_pre_hook(lambda module, inputs: (2.0 * inputs[0] + 1.0,))
+    batch = tuple(torch.randn(3, 5, d, dtype=torch.float64) for d in (4, 2, 4, 2))
+    loss_ref, grads_ref, _ = meta_gradients(plain, sgd(), F.mse_loss, batch, False, steps=2)
+    loss, grads, loop = meta_gradients(hooked, sgd(), F.mse_loss, batch, vectorize, steps=2)
+    assert loop.backend == "functional_call" and "forward hooks" in loop.backend_reason
+    assert "forward hooks" in loop.patched.lowered_reason
+    assert abs(float(loss - loss_ref)) < TOLERANCE
+    for a, b in zip(grads_ref, grads):
+        assert float((a - b).abs().max()) < TOLERANCE
+
+
+def test_higher_with_a_hooked_model_is_refused_naming_the_module():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    model[2].register_forward_pre_hook(lambda module, inputs: inputs)
+    with pytest.raises(ValueError, match=r"backend='higher': 2 \(Linear\) has forward hooks.*functional_call"):
+        InnerLoop(model, SGD(model.parameters(), lr=0.1), backend="higher")
 
 
 def test_vmap_and_the_lowered_kernels_agree_and_vmap_can_be_forced():

@@ -277,6 +277,11 @@ class FunctionalModel:
             self.backend_reason = f"{backend}: requested (backend={backend!r})"
         else:
             raise ValueError(f"backend={backend!r} is not a functional backend; choose 'auto' or one of {BACKENDS}")
+        hooked = hooked_module(model)
+        if backend == "higher" and hooked is not None:
+            raise ValueError(f"backend='higher': {hooked} has forward hooks, which higher's monkeypatched copy does not "
+                             "run (the inner loop would evaluate another function than the model); use "
+                             "backend='auto' or 'functional_call', which run the module itself")
         self.kwargs = model_kwargs(model)
         self.model = model
         self.policy = batchnorm
@@ -420,6 +425,10 @@ def choose_backend(model: nn.Module) -> tuple[str, str]:
     monkeypatching (the default, measured as fast as ``functional_call`` on the sinusoid
     meta-step), or ``torch.func.functional_call`` for modules from
     :data:`FUNCTIONAL_CALL_PACKAGES` (Hugging Face ``transformers`` and ``peft``)."""
+    hooked = hooked_module(model)
+    if hooked is not None:
+        return "functional_call", (f"functional_call: {hooked} has forward hooks, which run only when the module "
+                                   "itself is called (higher's monkeypatched copy does not run them)")
     for name, module in model.named_modules():
         package = type(module).__module__.split(".")[0]
         if package in FUNCTIONAL_CALL_PACKAGES:
@@ -428,6 +437,14 @@ def choose_backend(model: nn.Module) -> tuple[str, str]:
                 "Hugging Face models run through torch.func.functional_call (decoders such as LLaMA slice their "
                 "ModuleList, self.layers[:n], which higher's monkeypatched copy cannot)")
     return "higher", "higher: a plain torch.nn model (higher's monkeypatched copy, the default)"
+
+
+def hooked_module(model: nn.Module) -> str | None:
+    """The first submodule with a forward (pre-)hook, as ``"name (Type)"``, or ``None``."""
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"{name or 'the model'} ({type(module).__name__})"
+    return None
 
 
 def model_kwargs(model: nn.Module) -> dict[str, Any]:

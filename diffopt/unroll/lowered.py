@@ -233,6 +233,9 @@ def lower(model: nn.Module, position: Callable[[Tensor], int],
     order; ``batchnorms`` lists the BatchNorm layers in the order their per-task
     statistics are kept.
     """
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:  # kernels do not call modules: hooks would not run
+            return None, f"{name or 'model'} ({type(module).__name__}) has forward hooks"
     leaves = _leaves(model)
     for name, layer in leaves:
         reason = _why_not(layer, name)
