@@ -163,9 +163,10 @@ class ExplicitBackprop:
 
     def loss_and_gradients(self, params: Sequence[Tensor], x: Tensor, y: Tensor, loss_fn: Callable[..., Tensor],
                            wanted: Sequence[int]) -> tuple[Tensor, dict[int, Tensor]] | None:
-        """Per-task losses ``(T,)`` and ``{position: gradient of the summed losses}`` for the
-        parameter positions in ``wanted`` (task-batched weights), or ``None`` when the data's
-        shapes are not the ones written out here (the caller then uses autograd).
+        """Per-task losses ``(T,)`` (values, without a graph) and ``{position: gradient of the
+        summed losses}`` for the parameter positions in ``wanted`` (task-batched weights), or
+        ``None`` when the data's shapes are not the ones written out here (the caller then uses
+        autograd).
 
         Builds a graph exactly when grad mode is on: under ``torch.no_grad()`` the
         gradients are plain values (first order)."""
@@ -184,7 +185,8 @@ class ExplicitBackprop:
                 z = h
                 h = activation[0](z)  # type: ignore[index]
                 saved.append((z, h))
-        losses = per_task_loss(loss_fn, h, y)
+        with torch.no_grad():  # values for the non-finite checks; the gradients below carry the graph
+            losses = per_task_loss(loss_fn, h, y)
         if losses is None:
             return None
         delta = self._output_error(loss_fn, h, y)
