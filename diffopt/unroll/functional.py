@@ -279,8 +279,8 @@ class FunctionalModel:
             raise ValueError(f"backend={backend!r} is not a functional backend; choose 'auto' or one of {BACKENDS}")
         hooked = hooked_module(model)
         if backend == "higher" and hooked is not None:
-            raise ValueError(f"backend='higher': {hooked} has forward hooks, which higher's monkeypatched copy does not "
-                             "run (the inner loop would evaluate another function than the model); use "
+            raise ValueError(f"backend='higher': {hooked} has forward hooks, which higher's monkeypatched copy "
+                             "does not run (the inner loop would evaluate another function than the model); use "
                              "backend='auto' or 'functional_call', which run the module itself")
         self.kwargs = model_kwargs(model)
         self.model = model

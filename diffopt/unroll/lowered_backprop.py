@@ -3,7 +3,8 @@ r"""Inner gradients of lowered MLPs written out: backpropagation as task-batched
 For a ``Sequential`` of ``Linear`` layers and activations with a known derivative
 (:data:`DERIVATIVES`: ReLU, LeakyReLU, Tanh, Sigmoid, SiLU, GELU, ELU, Softplus) under
 the mean squared error or cross-entropy, the inner gradient of every task is computed
-by backpropagation written as ordinary tensor operations (Rumelhart, Hinton & Williams, 1986) instead of ``torch.autograd.grad``.
+by backpropagation written as ordinary tensor operations (Rumelhart, Hinton & Williams,
+1986) instead of ``torch.autograd.grad``.
 With the activations ``a_l`` entering layer ``l`` (``z_l = a_l W_lᵀ + b_l``) and the
 error ``δ_L = ∂ℓ/∂z_L`` of the output,
 
