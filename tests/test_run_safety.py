@@ -315,6 +315,21 @@ def test_divergence_from_the_inner_lr_names_iteration_task_step_and_cause(capsys
     assert "--inner-lr" in line and "--outer-lr" not in line
 
 
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_weights_an_outer_step_made_non_finite_are_named_with_that_iteration_and_never_saved(tmp_path, iterations):
+    # (read when the next meta-step diverges, and after the last one: not after every step)
+    torch.manual_seed(0)
+    learner = MAML(sinusoid_mlp(hidden=8), F.mse_loss, inner_lr=0.01, inner_steps=1)
+    source = SinusoidSource(meta_batch=2, shots=5, query=5, test_tasks=2, test_shots=5, test_query=5)
+    outer = torch.optim.SGD(learner.parameters(), lr=float("nan"))  # its first step makes every weight NaN
+    trainer = Trainer(learner, source, outer, iterations=iterations, checkpoint=tmp_path / "run.pt",
+                      checkpoint_every=1, eval_steps=(0,), progress=False)
+    with pytest.raises(NonFiniteError, match=r"meta-iteration 0: the outer step made the weights .* non-finite; "
+                                             r"likely cause: the outer learning rate"):
+        trainer.fit()
+    assert not (tmp_path / "run.pt").exists()
+
+
 # -- item 13: numeric flags -------------------------------------------------------------------------------
 @pytest.mark.parametrize("flag,value", [
     ("--meta-batch", "0"), ("--nproc", "0"), ("--shots", "0"), ("--query", "0"), ("--test-tasks", "0"),

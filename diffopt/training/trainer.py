@@ -323,14 +323,20 @@ class Trainer:
                     self._log({"iteration": self.iteration, "meta_loss": sum(self._running) / len(self._running),
                                "seconds": self._elapsed(), **record})
                     self._running = []
-                if self.eval_every and self.iteration % self.eval_every == 0 and self.iteration < self.iterations:
+                evaluating = bool(self.eval_every) and self.iteration % self.eval_every == 0 \
+                    and self.iteration < self.iterations
+                saving = self.checkpoint is not None and self.iteration % self.checkpoint_every == 0
+                if evaluating or saving:
+                    self._check_weights()
+                if evaluating:
                     self._log({"iteration": self.iteration, "eval": self._evaluate("evaluation")})
-                if self.checkpoint is not None and self.iteration % self.checkpoint_every == 0:
+                if saving:
                     self.save()
                     saved_at = self.iteration
                 bar.update(1, postfix=f"loss {stats['meta_loss']:.4f}")
         finally:
             bar.close()
+        self._check_weights()
         if saved_at != self.iteration:
             self.save()
         final = {"iteration": self.iteration, "eval": self._evaluate("final evaluation"), "final": True}
@@ -343,8 +349,12 @@ class Trainer:
         try:
             stats = self._train_step(batch, i)
         except FloatingPointError as error:
+            if i > 0:
+                self._check_weights()  # non-finite weights from the last outer step explain it best
             raise NonFiniteError(f"diverged at meta-iteration {i}: {_explain(str(error), i)}") from error
         if not math.isfinite(stats["meta_loss"]):
+            if i > 0:
+                self._check_weights()
             raise NonFiniteError(
                 f"meta-loss is {stats['meta_loss']} at iteration {i} (diverged at meta-iteration {i}); likely "
                 + ("cause: the outer learning rate (--outer-lr): the weights the previous outer steps made give a "
@@ -352,17 +362,29 @@ class Trainer:
                    "cause: the initial weights or the data, or the inner learning rate (--inner-lr); lower the "
                    "outer or inner learning rate")
             )
-        sums = [p.detach().sum() for p in self.learner.parameters()]
-        if sums and not bool(torch.isfinite(torch.stack(sums).sum())):  # one read; the names only on failure
-            bad = [name for name, p in self.learner.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
-        else:
-            bad = []
-        if bad:
-            raise NonFiniteError(
-                f"diverged at meta-iteration {i}: the outer step made the weights {', '.join(bad[:3])} non-finite; "
-                "likely cause: the outer learning rate (--outer-lr) is too large; lower it"
-            )
         return stats
+
+    def _check_weights(self) -> None:
+        """Refuse non-finite weights, naming the outer step that made them.
+
+        Not read after every outer step: weights the inner loop adapts are checked by the next
+        meta-step (``InnerLoop``'s one read, which sees them through the adapted weights), and a
+        learner's non-finite weights give a non-finite meta-loss; either calls this. It also runs
+        before every checkpoint and evaluation and after the last iteration, so nothing is saved
+        or evaluated with weights the last outer step broke."""
+        sums = [p.detach().sum() for p in self.learner.parameters()]
+        if not sums or bool(torch.isfinite(torch.stack(sums).sum())):  # one read; the names only on failure
+            return
+        bad = [name for name, p in self.learner.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        if not bad:  # a sum overflowed from finite weights
+            return
+        if self.iteration == 0:
+            raise NonFiniteError(f"the initial weights {', '.join(bad[:3])} are not finite; check the model's "
+                                 "initialisation or the checkpoint it was loaded from")
+        raise NonFiniteError(
+            f"diverged at meta-iteration {self.iteration - 1}: the outer step made the weights {', '.join(bad[:3])} "
+            "non-finite; likely cause: the outer learning rate (--outer-lr) is too large; lower it"
+        )
 
     def _evaluate(self, what: str) -> dict[str, Any]:
         try:
