@@ -350,30 +350,19 @@ class InnerLoop:
         if isinstance(optimizer, LBFGS):  # needs the objective at trial points: one L-BFGS per task
             with double_differentiable(second_order, self.attention):
                 return closure_step.lbfgs_step(self, carry, x, y, graph, None if theta is None else list(theta))
-        # A graph differentiated twice needs attention with a double backward: the MATH
-        # backend, for exactly this forward (see diffopt.unroll.attention). Task-batched kernels
-        # (diffopt.unroll.lowered) contain no attention.
         adapted = [carry.params[j] for j in self.positions]
         deferred = self._pending_checks is not None
         written_out = self._written_out_gradients(carry, x, y, second_order)
         if written_out is not None:
             (losses, grads), buffers = written_out, carry.buffers
-            if deferred:
-                self._pending_checks.append(losses.detach())  # type: ignore[union-attr]
-            else:
-                self._check_finite_losses(losses, carry.step)
         else:
-            lowered = self.vectorize and self.patched.lowered is not None
-            with torch.enable_grad(), double_differentiable(second_order and not lowered, self.attention):
-                losses, buffers = self.inner_objective(carry, x, y, theta)
-            with torch.enable_grad():
-                if deferred:
-                    self._pending_checks.append(losses.detach())  # type: ignore[union-attr]
-                else:
-                    self._check_finite_losses(losses, carry.step)
-                grads = self._inner_gradients(losses, adapted, create_graph=second_order)
-            if second_order and not self._double_backward_checked:
-                self._check_double_backward(grads, adapted, carry, x, y, theta)
+            losses, buffers, grads = self._autograd_gradients(carry, x, y, theta, adapted, second_order)
+        if deferred:
+            self._pending_checks.append(losses.detach())  # type: ignore[union-attr]
+        else:
+            self._check_finite_losses(losses, carry.step)
+        if written_out is None and second_order and not self._double_backward_checked:
+            self._check_double_backward(grads, adapted, carry, x, y, theta)
         grads = self._transform(optimizer, grads, carry.step)
         if not deferred:
             self._check_finite_gradients(grads, carry.step)
@@ -385,6 +374,21 @@ class InnerLoop:
         for j, p in zip(self.positions, new):
             params[j] = p
         return Carry(params, states, buffers, carry.step + 1)
+
+    def _autograd_gradients(
+        self, carry: Carry, x: Tensor, y: Tensor, theta: Sequence[Tensor] | None, adapted: list[Tensor],
+        second_order: bool,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+        """The inner objective's per-task losses, updated statistics and ``autograd.grad`` inner gradients."""
+        # A graph differentiated twice needs attention with a double backward: the MATH
+        # backend, for exactly this forward (see diffopt.unroll.attention). Task-batched kernels
+        # (diffopt.unroll.lowered) contain no attention.
+        lowered = self.vectorize and self.patched.lowered is not None
+        with torch.enable_grad(), double_differentiable(second_order and not lowered, self.attention):
+            losses, buffers = self.inner_objective(carry, x, y, theta)
+        with torch.enable_grad():
+            grads = self._inner_gradients(losses, adapted, create_graph=second_order)
+        return losses, buffers, grads
 
     def _written_out_gradients(self, carry: Carry, x: Tensor, y: Tensor,
                                second_order: bool) -> tuple[Tensor, list[Tensor | None]] | None:
