@@ -14,7 +14,8 @@ error ``δ_L = ∂ℓ/∂z_L`` of the output,
     \frac{\partial \ell}{\partial b_l} = \textstyle\sum_n \delta_{l,n}, \qquad
     \delta_{l-1} = (\delta_l W_l) \odot \sigma'(z_{l-1}),
 
-one ``bmm`` per product for all tasks at once, with
+one ``bmm`` per product for all tasks at once, ``⊙ σ'`` torch's own derivative kernel
+of the activation (the aten ``*_backward`` operation autograd itself calls), and
 ``∂ℓ/∂z_L = 2 (z_L − y) / n`` for the per-task mean squared error over ``n``
 elements and ``(softmax(z_L) − onehot(y)) / m`` for the per-task mean
 cross-entropy over ``m`` counted targets.
@@ -22,8 +23,9 @@ cross-entropy over ``m`` counted targets.
 Why: autograd's ``grad(create_graph=True)`` records the backward as a second graph
 that the meta-gradient then differentiates (a double backward); written out, the
 same operations are one forward graph, which the meta-gradient differentiates
-once. Second order needs nothing more (every operation here is differentiable to
-any order); first order computes them without a graph at all. The values equal
+once. Second order needs nothing more (every operation here has a derivative in
+torch, the activations' ``*_backward`` kernels included); first order computes them
+without a graph at all. The values equal
 autograd's up to rounding (``tests/test_unroll_lowered_backprop.py``: ≤ 1e-12 in
 float64 under hypothesis); the speed is in ``benchmarks/RESULTS.md`` section 10.
 
@@ -33,7 +35,6 @@ autograd on the lowered forward as before.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -44,59 +45,50 @@ from .lowered import LoweredModel, _linear, per_task_loss
 
 __all__ = ["DERIVATIVES", "ExplicitBackprop"]
 
-# Activation: (function, backward) with backward(delta, z, h) = delta ⊙ σ'(z), h = σ(z).
+# Activation: (function, backward) with backward(delta, z, h) = delta ⊙ σ'(z), h = σ(z). The backward
+# is torch's own derivative kernel, the aten ``*_backward`` operation autograd calls for that
+# activation: the same numbers as autograd's first-order gradient, and autograd differentiates it
+# again (derivatives.yaml gives each its own derivative) for the second order.
 Activation = tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor, Tensor], Tensor]]
+_aten = torch.ops.aten
 
 
 def _relu() -> Activation:
-    return torch.relu, lambda delta, z, h: torch.where(z > 0, delta, 0.0)
+    return torch.relu, lambda delta, z, h: _aten.threshold_backward(delta, z, 0)
 
 
 def _leaky_relu(layer: nn.LeakyReLU) -> Activation:
     slope = layer.negative_slope
-    return (lambda z: F.leaky_relu(z, slope),
-            lambda delta, z, h: torch.where(z > 0, delta, delta * slope))
+    return (lambda z: F.leaky_relu(z, slope)), (lambda delta, z, h: _aten.leaky_relu_backward(delta, z, slope, False))
 
 
-def _tanh() -> Activation:
-    return torch.tanh, lambda delta, z, h: delta * (1 - h * h)
+def _tanh() -> Activation:  # 1 − h²
+    return torch.tanh, lambda delta, z, h: _aten.tanh_backward(delta, h)
 
 
-def _sigmoid() -> Activation:
-    return torch.sigmoid, lambda delta, z, h: delta * ((1 - h) * h)
+def _sigmoid() -> Activation:  # h (1 − h)
+    return torch.sigmoid, lambda delta, z, h: _aten.sigmoid_backward(delta, h)
 
 
-def _silu() -> Activation:  # h = z σ(z), h' = σ(z) (1 + z (1 − σ(z)))
-    def backward(delta: Tensor, z: Tensor, h: Tensor) -> Tensor:
-        s = torch.sigmoid(z)
-        return delta * (s * (1 + z * (1 - s)))
-    return F.silu, backward
+def _silu() -> Activation:  # σ(z) (1 + z (1 − σ(z)))
+    return F.silu, lambda delta, z, h: _aten.silu_backward(delta, z)
 
 
-def _gelu(layer: nn.GELU) -> Activation:
-    if layer.approximate == "none":  # h = z Φ(z), h' = Φ(z) + z φ(z)
-        def backward(delta: Tensor, z: Tensor, h: Tensor) -> Tensor:
-            cdf = 0.5 * (1 + torch.erf(z * math.sqrt(0.5)))
-            pdf = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
-            return delta * (cdf + z * pdf)
-    else:  # h = z/2 (1 + tanh u), u = √(2/π) (z + 0.044715 z³)
-        def backward(delta: Tensor, z: Tensor, h: Tensor) -> Tensor:
-            k = math.sqrt(2 / math.pi)
-            t = torch.tanh(k * (z + 0.044715 * z * z * z))
-            return delta * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z))
+def _gelu(layer: nn.GELU) -> Activation:  # Φ(z) + z φ(z), or the tanh approximation's derivative
     approximate = layer.approximate
-    return (lambda z: F.gelu(z, approximate=approximate)), backward
+    return ((lambda z: F.gelu(z, approximate=approximate)),
+            (lambda delta, z, h: _aten.gelu_backward(delta, z, approximate=approximate)))
 
 
-def _elu(layer: nn.ELU) -> Activation:  # h' = 1 for z > 0, α eᶻ = h + α otherwise
+def _elu(layer: nn.ELU) -> Activation:  # 1 for z > 0, α eᶻ otherwise
     alpha = layer.alpha
-    return (lambda z: F.elu(z, alpha)), (lambda delta, z, h: torch.where(z > 0, delta, delta * (h + alpha)))
+    return (lambda z: F.elu(z, alpha)), (lambda delta, z, h: _aten.elu_backward(delta, alpha, 1, 1, False, z))
 
 
-def _softplus(layer: nn.Softplus) -> Activation:  # h' = σ(βz), 1 where βz > threshold (there h = z)
+def _softplus(layer: nn.Softplus) -> Activation:  # σ(βz), 1 where βz > threshold
     beta, threshold = layer.beta, layer.threshold
     return ((lambda z: F.softplus(z, beta, threshold)),
-            (lambda delta, z, h: torch.where(z * beta > threshold, delta, delta * torch.sigmoid(z * beta))))
+            (lambda delta, z, h: _aten.softplus_backward(delta, z, beta, threshold)))
 
 
 def _identity() -> Activation:
