@@ -90,9 +90,9 @@ OPTIMIZERS = {
 }
 
 
-@settings(max_examples=40, deadline=None)
+@pytest.mark.parametrize("activation", ACTIVATIONS + ["identity", "dropout0"])  # every one (hypothesis: the rest)
+@settings(max_examples=10, deadline=None)
 @given(hidden=st.lists(st.integers(1, 6), min_size=0, max_size=3),
-       activation=st.sampled_from(ACTIVATIONS + ["identity", "dropout0"]),
        slope=st.floats(0.01, 0.5), bias=st.booleans(), flatten=st.booleans(),
        loss=st.sampled_from(["mse", "cross_entropy", "cross_entropy_ignore"]),
        optimizer=st.sampled_from(sorted(OPTIMIZERS)), mode=st.sampled_from(["second_order", "first_order"]),
@@ -108,8 +108,9 @@ def test_meta_gradients_equal_autograd_and_the_task_loop(hidden, activation, slo
     assert_close(meta_gradients(*args, "task loop", mode, steps), written_out, PARITY)
 
 
-@settings(max_examples=30, deadline=None)
-@given(activation=st.sampled_from(ACTIVATIONS), slope=st.floats(0.01, 0.5),
+@pytest.mark.parametrize("activation", ACTIVATIONS)  # every one: a second derivative missing in torch fails here
+@settings(max_examples=6, deadline=None)
+@given(slope=st.floats(0.01, 0.5),
        loss=st.sampled_from(["mse", "cross_entropy", "cross_entropy_ignore"]), tasks=st.integers(1, 3),
        seed=st.integers(0, 2 ** 16))
 def test_inner_gradients_and_their_derivatives_equal_autograds(activation, slope, loss, tasks, seed):

@@ -48,7 +48,8 @@ __all__ = ["DERIVATIVES", "ExplicitBackprop"]
 # Activation: (function, backward) with backward(delta, z, h) = delta ⊙ σ'(z), h = σ(z). The backward
 # is torch's own derivative kernel, the aten ``*_backward`` operation autograd calls for that
 # activation: the same numbers as autograd's first-order gradient, and autograd differentiates it
-# again (derivatives.yaml gives each its own derivative) for the second order.
+# again (derivatives.yaml gives each its own derivative) for the second order. SiLU's is written out:
+# aten's silu_backward has no derivative in torch 2.13.
 Activation = tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor, Tensor], Tensor]]
 _aten = torch.ops.aten
 
@@ -70,8 +71,11 @@ def _sigmoid() -> Activation:  # h (1 − h)
     return torch.sigmoid, lambda delta, z, h: _aten.sigmoid_backward(delta, h)
 
 
-def _silu() -> Activation:  # σ(z) (1 + z (1 − σ(z)))
-    return F.silu, lambda delta, z, h: _aten.silu_backward(delta, z)
+def _silu() -> Activation:  # σ(z) (1 + z (1 − σ(z))), written out: aten's silu_backward has no derivative
+    def backward(delta: Tensor, z: Tensor, h: Tensor) -> Tensor:
+        s = torch.sigmoid(z)
+        return delta * (s * (1 + z * (1 - s)))
+    return F.silu, backward
 
 
 def _gelu(layer: nn.GELU) -> Activation:  # Φ(z) + z φ(z), or the tanh approximation's derivative
