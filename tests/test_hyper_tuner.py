@@ -343,20 +343,26 @@ def test_lambdalr_base_lr_trajectory_matches_torch() -> None:
         assert rate == [b * f(epoch) for b, f in zip(base, lambdas)]
     assert epochs[8:12] == [0, 1, 2, 3]  # the scheduler restarted with the weights
     ref_params = [w.clone().requires_grad_() for w in weights]
-    reference = torch.optim.Adam([{"params": ref_params[:2], "lr": 2.0}, {"params": ref_params[2:], "lr": 1.0}],
-                                 betas=(0.8, 0.9))
-    ref_scheduler = torch.optim.lr_scheduler.LambdaLR(reference, lambdas)
-    for base, batch in list(zip(bases, batches))[8:]:
-        ref_scheduler.base_lrs = base
-        for group, b, f in zip(reference.param_groups, base, lambdas):
-            group["lr"] = b * f(ref_scheduler.last_epoch)
-        reference.zero_grad()
-        train_loss(ref_params, batch).backward()
-        reference.step()
-        ref_scheduler.step()
+    lambda_lr_replay([{"params": ref_params[:2], "lr": 2.0}, {"params": ref_params[2:], "lr": 1.0}], lambdas,
+                     bases[8:], batches[8:], train_loss, ref_params)
     error = max(float((a - b.detach()).abs().max()) for a, b in zip(tuner.params, ref_params))
     record("tuner LambdaLR base lr trajectory vs torch.optim replay (max abs)", "Adam", error)
     assert error <= 1e-10
+
+
+def lambda_lr_replay(groups, lambdas, bases, batches, train_loss, params) -> None:
+    """torch.optim.Adam (betas 0.8, 0.9) under torch's LambdaLR over ``groups``, each step's base rates set
+    to the recorded ``bases`` first (as the tuner sets them between windows); trains ``params`` in place."""
+    reference = torch.optim.Adam(groups, betas=(0.8, 0.9))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(reference, lambdas)
+    for base, batch in zip(bases, batches):
+        scheduler.base_lrs = list(base)
+        for group, b, f in zip(reference.param_groups, base, scheduler.lr_lambdas):
+            group["lr"] = b * f(scheduler.last_epoch)
+        reference.zero_grad()
+        train_loss(params, batch).backward()
+        reference.step()
+        scheduler.step()
 
 
 def test_restart_warmup_trajectory_matches_torch() -> None:
@@ -381,15 +387,8 @@ def test_restart_warmup_trajectory_matches_torch() -> None:
     assert rates[:4] == [2.0] * 4 and bases[4:11] == [1.0] * 7 and len(set(bases[4:])) >= 5
     assert rates[4:] == [b * min(1.0, t / 8) for t, b in enumerate(bases[4:])]
     ref_params = [w.clone().requires_grad_() for w in weights]
-    reference = torch.optim.Adam(ref_params, lr=1.0, betas=(0.8, 0.9))
-    ref_scheduler = torch.optim.lr_scheduler.LambdaLR(reference, LinearWarmup(8))
-    for base, batch in zip(bases[4:], batches[4:]):
-        ref_scheduler.base_lrs = [base]
-        reference.param_groups[0]["lr"] = base * ref_scheduler.lr_lambdas[0](ref_scheduler.last_epoch)
-        reference.zero_grad()
-        train_loss(ref_params, batch).backward()
-        reference.step()
-        ref_scheduler.step()
+    lambda_lr_replay([{"params": ref_params, "lr": 1.0}], LinearWarmup(8), [[b] for b in bases[4:]], batches[4:],
+                     train_loss, ref_params)
     error = max(float((a - b.detach()).abs().max()) for a, b in zip(tuner.params, ref_params))
     record("tuner restart warm-up trajectory vs torch.optim replay (max abs)", "Adam", error)
     assert error <= 1e-10

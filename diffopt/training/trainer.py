@@ -30,6 +30,7 @@ from .._progress import Progress
 from ..algorithms import MetaLearner
 from ..tasks import mean_ci95
 from ..errors import CheckpointError, NonFiniteError
+from ..optim._gradients import all_finite
 
 CHECKPOINT_FORMAT = "diffopt-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -372,12 +373,9 @@ class Trainer:
         learner's non-finite weights give a non-finite meta-loss; either calls this. It also runs
         before every checkpoint and evaluation and after the last iteration, so nothing is saved
         or evaluated with weights the last outer step broke."""
-        sums = [p.detach().sum() for p in self.learner.parameters()]
-        if not sums or bool(torch.isfinite(torch.stack(sums).sum())):  # one read; the names only on failure
+        if all_finite(list(self.learner.parameters())):  # one read; the names only on failure
             return
         bad = [name for name, p in self.learner.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
-        if not bad:  # a sum overflowed from finite weights
-            return
         if self.iteration == 0:
             raise NonFiniteError(f"the initial weights {', '.join(bad[:3])} are not finite; check the model's "
                                  "initialisation or the checkpoint it was loaded from")

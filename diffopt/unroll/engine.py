@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..optim import SGD, DifferentiableOptimizer, NonFiniteError, from_torch
 from ..optim.lbfgs import LBFGS
+from ..optim._gradients import all_finite
 from ..optim._hyper import PerParameter, Schedule
 from ._shapes import no_example_dimension
 from . import closure_step
@@ -445,7 +446,7 @@ class InnerLoop:
         """One read: any recorded inner loss, or the last adapted weights, not finite (a non-finite
         gradient reaches the next weights through the update)."""
         pending = [v for v in self._pending_checks or [] if not v.is_meta]
-        return not _all_finite([torch.cat(pending) if pending else None, *(self._last_adapted or [])])
+        return not all_finite([torch.cat(pending) if pending else None, *(self._last_adapted or [])])
 
     def _diagnose(self, method: Callable[..., Any], args: tuple, kwargs: dict[str, Any],
                   cause: Exception | None) -> None:
@@ -470,7 +471,7 @@ class InnerLoop:
             )
 
     def _check_finite_gradients(self, grads: list[Tensor | None], step: int) -> None:
-        if not self.check_finite or _all_finite(grads):
+        if not self.check_finite or all_finite(grads):
             return
         for k, g in enumerate(grads):
             if g is not None and not torch.isfinite(g.detach()).all():
@@ -641,17 +642,3 @@ def _check_proximal(proximal: float | Tensor | None) -> None:
         raise TypeError(f"proximal must be None, a number or a scalar tensor, got {proximal!r}")
     if not (value >= 0 and math.isfinite(value)):
         raise ValueError(f"proximal (iMAML's λ in λ/2·||φ − θ||²) must be a finite number >= 0, got {value!r}")
-
-
-def _all_finite(tensors: Sequence[Tensor | None]) -> bool:
-    """Whether every element is finite (meta tensors, shapes only, count as finite).
-
-    One synchronisation when they are: a NaN or infinity anywhere makes the sum of
-    sums non-finite. A sum can also overflow from finite values (float16 weights of
-    50 in a 1600-wide layer already do), so a non-finite sum is confirmed element by
-    element before it counts.
-    """
-    present = [t.detach() for t in tensors if t is not None and not t.is_meta]
-    if not present or bool(torch.isfinite(torch.stack([t.sum() for t in present]).sum())):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in present)

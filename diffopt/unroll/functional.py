@@ -57,7 +57,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .attention import double_differentiable
-from .lowered import lower
+from .lowered import hooked_module, lower
 
 __all__ = [
     "BATCHNORM_POLICIES", "FunctionalModel", "ParameterLayout", "Weights", "attention_layers", "batchnorm_flags",
@@ -437,14 +437,6 @@ def choose_backend(model: nn.Module) -> tuple[str, str]:
                 "Hugging Face models run through torch.func.functional_call (decoders such as LLaMA slice their "
                 "ModuleList, self.layers[:n], which higher's monkeypatched copy cannot)")
     return "higher", "higher: a plain torch.nn model (higher's monkeypatched copy, the default)"
-
-
-def hooked_module(model: nn.Module) -> str | None:
-    """The first submodule with a forward (pre-)hook, as ``"name (Type)"``, or ``None``."""
-    for name, module in model.named_modules():
-        if module._forward_hooks or module._forward_pre_hooks:
-            return f"{name or 'the model'} ({type(module).__name__})"
-    return None
 
 
 def model_kwargs(model: nn.Module) -> dict[str, Any]:

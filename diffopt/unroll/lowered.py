@@ -225,6 +225,14 @@ def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     return [(prefix, module)]
 
 
+def hooked_module(model: nn.Module) -> str | None:
+    """The first submodule with a forward (pre-)hook, as ``"name (Type)"``, or ``None``."""
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"{name or 'the model'} ({type(module).__name__})"
+    return None
+
+
 def lower(model: nn.Module, position: Callable[[Tensor], int],
           batchnorms: Sequence[_BatchNorm]) -> tuple[LoweredModel | None, str]:
     """``model`` as task-batched kernels, or ``None``, with the reason either way.
@@ -233,9 +241,9 @@ def lower(model: nn.Module, position: Callable[[Tensor], int],
     order; ``batchnorms`` lists the BatchNorm layers in the order their per-task
     statistics are kept.
     """
-    for name, module in model.named_modules():
-        if module._forward_hooks or module._forward_pre_hooks:  # kernels do not call modules: hooks would not run
-            return None, f"{name or 'model'} ({type(module).__name__}) has forward hooks"
+    hooked = hooked_module(model)
+    if hooked is not None:  # kernels do not call the modules: their hooks would not run
+        return None, f"{hooked} has forward hooks"
     leaves = _leaves(model)
     for name, layer in leaves:
         reason = _why_not(layer, name)
