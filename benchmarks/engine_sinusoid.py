@@ -24,6 +24,9 @@ Implementations (all in one process, interleaved in shuffled rounds):
                     so ``check_finite=True``), built once outside the timed region: the MLP
                     runs as task-batched kernels (``diffopt.unroll.lowered``, ``baddbmm``).
 ``diffopt vmap nocheck``  the same with ``check_finite=False``.
+``diffopt vmap autograd HVP``  the same with the inner gradient written out but its second order
+                    left to autograd (``diffopt.unroll.lowered_hessian`` off).
+``diffopt vmap autograd``  the same with autograd's inner gradient (``lowered_backprop`` off too).
 ``diffopt generic vmap``  ``vectorize="vmap"``: the model under ``torch.func.vmap`` (what
                     ``vectorize=True`` runs for a model that does not lower).
 ``diffopt loop``    ``InnerLoop(..., vectorize=False)``.
@@ -69,7 +72,7 @@ HEADLINE = "plain loop, backward per task"
 TASK_LOOP_ROWS = ("diffopt.innerloop", "torchopt functional", "learn2learn stand-in")  # (and "higher loop")
 IMPLEMENTATIONS = (
     "plain loop", HEADLINE, "higher loop", "torch.func vmap", "baddbmm floor", "diffopt vmap", "diffopt vmap nocheck",
-    "diffopt vmap autograd", "diffopt generic vmap", "diffopt loop", *TASK_LOOP_ROWS,
+    "diffopt vmap autograd HVP", "diffopt vmap autograd", "diffopt generic vmap", "diffopt loop", *TASK_LOOP_ROWS,
 )
 INNERLOOP_TARGET = 1.10
 FLOOR_TARGET, TORCH_FUNC_SPEEDUP = 1.25, 2.0  # diffopt vmap / floor, torch.func / diffopt vmap
@@ -141,13 +144,16 @@ def baddbmm_floor(model: nn.Module, data, steps: int, lr: float, first_order: bo
 
 
 def diffopt_loop(model: nn.Module, data, steps: int, lr: float, first_order: bool, vectorize: bool | str,
-                 check_finite: bool = True, written_out: bool = True) -> Callable[[], None]:
+                 check_finite: bool = True, written_out: bool = True,
+                 written_out_hvp: bool = True) -> Callable[[], None]:
     sx, sy, qx, qy = data
     loop = InnerLoop(model, SGD(model.parameters(), lr=lr), F.mse_loss, steps=steps,
                      mode="first_order" if first_order else "second_order", vectorize=vectorize,
                      check_finite=check_finite)
     if not written_out:  # the lowered forward with autograd's inner gradient (diffopt.unroll.lowered_backprop off)
         loop._backprop = None
+    if not written_out_hvp:  # the inner gradient written out, autograd's second order (lowered_hessian off)
+        loop._hessian = None
 
     def meta_step() -> None:
         loop.meta_loss(sx, sy, qx, qy).backward()
@@ -179,6 +185,8 @@ def build(name: str, model: nn.Module, data, steps: int, lr: float, first_order:
         return diffopt_loop(model, data, steps, lr, first_order, vectorize=True)
     if name == "diffopt vmap nocheck":
         return diffopt_loop(model, data, steps, lr, first_order, vectorize=True, check_finite=False)
+    if name == "diffopt vmap autograd HVP":
+        return diffopt_loop(model, data, steps, lr, first_order, vectorize=True, written_out_hvp=False)
     if name == "diffopt vmap autograd":
         return diffopt_loop(model, data, steps, lr, first_order, vectorize=True, written_out=False)
     if name == "diffopt generic vmap":
@@ -282,7 +290,8 @@ def tables(results: dict[str, Any], args: argparse.Namespace) -> str:
     if vectorised:
         text += ("\n\nVectorised path (issue 16 item 3; per-round ratios):\n\n" + _common.markdown_table(
             ["case", "diffopt vmap / floor", f"target ≤ {FLOOR_TARGET}x", "torch.func / diffopt vmap",
-             f"target ≥ {TORCH_FUNC_SPEEDUP}x", "lowered, autograd gradient / floor", "generic vmap / floor"], vectorised))
+             f"target ≥ {TORCH_FUNC_SPEEDUP}x", "autograd's Hessian-vector product / floor",
+             "autograd's gradient / floor", "generic vmap / floor"], vectorised))
     if target_rows:
         text += "\n\nTargets:\n\n" + _common.markdown_table(["case", "implementation", "ratio to per-task loop",
                                                             "target", ""], target_rows)
@@ -301,7 +310,7 @@ def vectorised_path_rows(timed: dict[str, Any], keys: list[str]) -> list[list[st
         to_floor = _common.paired_ratio(ours, floor)["median"]
         speedup = _common.paired_ratio(func, ours)["median"]
         others = [f"{_common.paired_ratio(cell[name]['samples'], floor)['median']:.2f}x" if name in cell else "–"
-                  for name in ("diffopt vmap autograd", "diffopt generic vmap")]
+                  for name in ("diffopt vmap autograd HVP", "diffopt vmap autograd", "diffopt generic vmap")]
         order, steps = key.split("/")
         rows.append([f"{short[order]} {steps}", f"{to_floor:.2f}x", "met" if to_floor <= FLOOR_TARGET else "missed",
                      f"{speedup:.2f}x", "met" if speedup >= TORCH_FUNC_SPEEDUP else "missed", *others])

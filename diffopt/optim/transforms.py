@@ -60,4 +60,5 @@ def build_transforms(
             out = transformed
         return out
 
+    apply.identity = max_value is None and max_norm is None and custom is None  # type: ignore[attr-defined]
     return apply

@@ -45,6 +45,8 @@ from .modes import MODES, Mode, as_mode, default_segment
 from .functional import ParameterLayout
 from .lowered import per_task_loss
 from .lowered_backprop import ExplicitBackprop
+from .lowered_hessian import (ExplicitHessian, SGDStep, StepContext, sgd_hyperparameters, sgd_values,
+                              written_out_task_losses)
 from .patched import PatchedModel, choose_vectorize, describe_vmap_failure
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -170,6 +172,7 @@ class InnerLoop:
         self.backend, self.backend_reason = self.patched.backend, self.patched.backend_reason
         self.vectorize, self.vectorize_reason = self._vectorize(vectorize)
         self._backprop = ExplicitBackprop.build(self.patched.lowered)
+        self._hessian = ExplicitHessian.build(self._backprop)
         self.proximal = proximal
         self.meta_parameters = list(meta_parameters)
         self.check_finite = check_finite
@@ -276,6 +279,10 @@ class InnerLoop:
     ) -> tuple[Tensor, list[Tensor]]:
         """Per-task losses, shape (T,), and the updated per-task statistics."""
         loss_fn = loss_fn or self.loss_fn
+        if phase == "outer" and torch.is_grad_enabled() and self._writes_out_gradients(loss_fn) and not x.requires_grad:
+            losses = written_out_task_losses(self._backprop, params, x, y, loss_fn)  # type: ignore[arg-type]
+            if losses is not None:
+                return losses, list(buffers)
         with self._autocast():
             try:
                 outputs, buffers = self.patched.forward_tasks(params, buffers, x, phase, self.vectorize,
@@ -353,6 +360,10 @@ class InnerLoop:
                 return closure_step.lbfgs_step(self, carry, x, y, graph, None if theta is None else list(theta))
         adapted = [carry.params[j] for j in self.positions]
         deferred = self._pending_checks is not None
+        if second_order:
+            fused = self._written_out_sgd_step(carry, x, y, optimizer)
+            if fused is not None:
+                return self._finish_step(carry, *fused, deferred)
         written_out = self._written_out_gradients(carry, x, y, second_order)
         if written_out is not None:
             (losses, grads), buffers = written_out, carry.buffers
@@ -391,15 +402,64 @@ class InnerLoop:
             grads = self._inner_gradients(losses, adapted, create_graph=second_order)
         return losses, buffers, grads
 
+    def _finish_step(self, carry: Carry, losses: Tensor, grads: list[Tensor], new: list[Tensor],
+                     states: list[Any], deferred: bool) -> Carry:
+        """The checks of a step whose update :meth:`_written_out_sgd_step` took, and its carry."""
+        if deferred:
+            self._pending_checks.append(losses)  # type: ignore[union-attr]
+            self._last_adapted = new
+        else:
+            self._check_finite_losses(losses, carry.step)
+            self._check_finite_gradients(list(grads), carry.step)
+        params = list(carry.params)
+        for j, p in zip(self.positions, new):
+            params[j] = p
+        return Carry(params, states, carry.buffers, carry.step + 1)
+
+    def _written_out_sgd_step(self, carry: Carry, x: Tensor, y: Tensor, optimizer: DifferentiableOptimizer,
+                              ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Any]] | None:
+        """A second-order SGD step whose backward is written out (:mod:`diffopt.unroll.lowered_hessian`):
+        ``(losses, gradients, new adapted tensors, states)``, or ``None`` where it does not apply:
+        where the inner gradient is not written out, another update rule or option (momentum,
+        clipping), frozen adapted tensors, other meta-parameters, or data that requires grad."""
+        hessian = self._hessian
+        if (hessian is None or not self._writes_out_gradients() or self.meta_parameters
+                or x.requires_grad or y.requires_grad
+                or not all(self.theta[j].requires_grad for j in self.positions)):
+            return None
+        hyper = sgd_hyperparameters(optimizer, len(self.positions), carry.step)
+        if hyper is None:
+            return None
+        adapted = [carry.params[j] for j in self.positions]
+        with torch.no_grad():
+            recorded = hessian.record(carry.params, x, y, self.loss_fn)
+            if recorded is None:
+                return None
+            losses, by_position, tape = recorded
+            if any(j not in by_position for j in self.positions):
+                return None  # an adapted tensor the model does not use: autograd gives it no gradient
+            grads = [by_position[j] for j in self.positions]
+            new = sgd_values(adapted, grads, hyper)  # (plain SGD keeps no state)
+        lr_inputs = list({id(h.lr): h.lr for h in hyper if isinstance(h.lr, Tensor) and h.lr.requires_grad}.values())
+        context = StepContext(hessian, self.loss_fn, x, y, list(self.positions), hyper, len(carry.params), lr_inputs,
+                              (grads, tape, new))
+        return losses, grads, list(SGDStep.apply(context, *carry.params, *lr_inputs)), list(carry.states)
+
+    def _writes_out_gradients(self, loss_fn: LossFn | None = None) -> bool:
+        """Whether :mod:`diffopt.unroll.lowered_backprop` covers this loop's model and loss (default:
+        the inner loss): not the task loop or vmap, iMAML's proximal term, autocast or another loss."""
+        backprop = self._backprop
+        return not (backprop is None or not self.vectorize or backprop.lowered is not self.patched.lowered
+                    or self.proximal is not None or self.autocast is not None
+                    or not backprop.supports_loss(loss_fn or self.loss_fn))
+
     def _written_out_gradients(self, carry: Carry, x: Tensor, y: Tensor,
                                second_order: bool) -> tuple[Tensor, list[Tensor | None]] | None:
         """The inner losses and gradients by backpropagation written out as task-batched operations
-        (:mod:`diffopt.unroll.lowered_backprop`), or ``None`` where it does not apply: a model or a
-        loss it does not cover, the task loop or vmap, iMAML's proximal term, autocast."""
+        (:mod:`diffopt.unroll.lowered_backprop`), or ``None`` where it does not apply
+        (:meth:`_writes_out_gradients`)."""
         backprop = self._backprop
-        if (backprop is None or not self.vectorize or backprop.lowered is not self.patched.lowered
-                or self.proximal is not None or self.autocast is not None
-                or not backprop.supports_loss(self.loss_fn)):
+        if not self._writes_out_gradients():
             return None
         trainable = [j for j in self.positions if self.theta[j].requires_grad]
         with torch.set_grad_enabled(second_order):
