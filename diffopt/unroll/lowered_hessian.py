@@ -432,6 +432,7 @@ class SGDStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, context: StepContext, *inputs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        """Return the precomputed new values; save the inputs, inner gradients and tape."""
         grads, tape, new = context.pending  # type: ignore[misc]
         context.pending = None
         ctx.context = context
@@ -440,6 +441,7 @@ class SGDStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *vectors: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        """The written-out vector-Jacobian product (:meth:`StepContext.backward`)."""
         context: StepContext = ctx.context
         saved = ctx.saved_tensors
         count, adapted = context.param_count + len(context.lr_inputs), len(context.positions)
@@ -487,6 +489,7 @@ class TaskLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, context: LossContext, *params: Tensor) -> Tensor:  # type: ignore[override]
+        """Return the precomputed per-task losses; save the weights and the per-task gradients."""
         losses, gradients = context.pending  # type: ignore[misc]
         context.pending = None
         ctx.context = context
@@ -495,6 +498,7 @@ class TaskLosses(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, weights: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        """Each task's gradient weighed by ``∂L/∂ℓ_t`` (:meth:`LossContext.weigh`)."""
         context: LossContext = ctx.context
         saved = ctx.saved_tensors
         params, computed = saved[:len(saved) - len(context.wanted)], saved[len(saved) - len(context.wanted):]
