@@ -281,3 +281,23 @@ def test_the_query_loss_is_written_out_too_and_only_where_it_applies(mode):
         assert _max_relative(a, p.grad) <= PARITY
     with torch.no_grad():
         assert loop.meta_loss(sx, sy, qx, qy).grad_fn is None
+
+
+# forward-mode AD loads jit decompositions, which warn on torch 2.13
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_forward_mode_dual_numbers_take_the_autograd_path():
+    """Under ``torch.autograd.forward_ad`` (dual numbers through the whole meta-loss) the engine
+    does not use the written-out Functions, which have no ``jvp``: the tangent is the derivative."""
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(8)
+    model = mlp([3, 4, 2], "tanh", 0.1, True, False)
+    batch = task_data(2, 4, 3, 2, "mse", False, 8)
+    lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    loss = InnerLoop(model, SGD(model.parameters(), lr=lr), F.mse_loss, steps=2, vectorize=True).meta_loss(*batch)
+    assert uses_written_out_step(loss)
+    (expected,) = torch.autograd.grad(loss, lr)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(lr.detach(), torch.tensor(1.0, dtype=torch.float64))
+        loop = InnerLoop(model, SGD(model.parameters(), lr=dual), F.mse_loss, steps=2, vectorize=True)
+        tangent = fwAD.unpack_dual(loop.meta_loss(*batch)).tangent.detach()
+    assert abs(float(tangent) - float(expected)) <= PARITY * max(1.0, abs(float(expected)))

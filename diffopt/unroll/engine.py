@@ -45,8 +45,8 @@ from .modes import MODES, Mode, as_mode, default_segment
 from .functional import ParameterLayout
 from .lowered import per_task_loss
 from .lowered_backprop import ExplicitBackprop
-from .lowered_hessian import (ExplicitHessian, SGDStep, StepContext, sgd_hyperparameters, sgd_values,
-                              written_out_task_losses)
+from .lowered_hessian import (ExplicitHessian, SGDStep, StepContext, forward_ad_active, sgd_hyperparameters,
+                              sgd_values, written_out_task_losses)
 from .patched import PatchedModel, choose_vectorize, describe_vmap_failure
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -421,10 +421,11 @@ class InnerLoop:
         """A second-order SGD step whose backward is written out (:mod:`diffopt.unroll.lowered_hessian`):
         ``(losses, gradients, new adapted tensors, states)``, or ``None`` where it does not apply:
         where the inner gradient is not written out, another update rule or option (momentum,
-        clipping), frozen adapted tensors, other meta-parameters, or data that requires grad."""
+        clipping), frozen adapted tensors, other meta-parameters, data that requires grad, or
+        forward-mode AD (dual numbers)."""
         hessian = self._hessian
         if (hessian is None or not self._writes_out_gradients() or self.meta_parameters
-                or x.requires_grad or y.requires_grad
+                or x.requires_grad or y.requires_grad or forward_ad_active()
                 or not all(self.theta[j].requires_grad for j in self.positions)):
             return None
         hyper = sgd_hyperparameters(optimizer, len(self.positions), carry.step)

@@ -56,7 +56,7 @@ from .lowered import _linear, per_task_loss
 from .lowered_backprop import ExplicitBackprop, _accumulate, _is_mse
 
 __all__ = ["SECOND_DERIVATIVES", "ExplicitHessian", "LossContext", "SGDStep", "StepContext", "TaskLosses",
-           "sgd_hyperparameters", "sgd_values", "written_out_task_losses"]
+           "forward_ad_active", "sgd_hyperparameters", "sgd_values", "written_out_task_losses"]
 
 # σ''(z) from (z, h = σ(z)); None for a piecewise-linear activation (σ'' = 0 almost everywhere, as autograd has it).
 Curvature = Callable[[Tensor, Tensor], Tensor] | None
@@ -512,12 +512,18 @@ class TaskLosses(torch.autograd.Function):
         return (None, *LossContext.weigh(params, gradients, weights, ctx.needs_input_grad[1:]))
 
 
+def forward_ad_active() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open: dual numbers need a ``jvp`` that
+    :class:`SGDStep` and :class:`TaskLosses` do not have, so the engine uses autograd there."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
 def written_out_task_losses(backprop: ExplicitBackprop, params: Sequence[Tensor], x: Tensor, y: Tensor,
                             loss_fn: Callable[..., Tensor]) -> Tensor | None:
     """Per-task losses through :class:`TaskLosses`, or ``None`` where the data's shapes are not
-    written out or no weight requires grad."""
+    written out, no weight requires grad, or forward-mode AD is running."""
     wanted = [j for j, p in enumerate(params) if p.requires_grad]
-    if not wanted:
+    if not wanted or forward_ad_active():
         return None
     with torch.no_grad():
         result = backprop.loss_and_gradients(params, x, y, loss_fn, wanted)
