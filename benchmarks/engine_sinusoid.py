@@ -24,8 +24,8 @@ Implementations (all in one process, interleaved in shuffled rounds):
                     so ``check_finite=True``), built once outside the timed region: the MLP
                     runs as task-batched kernels (``diffopt.unroll.lowered``, ``baddbmm``).
 ``diffopt vmap nocheck``  the same with ``check_finite=False``.
-``diffopt vmap autograd HVP``  the same with the inner gradient written out but its second order
-                    left to autograd (``diffopt.unroll.lowered_hessian`` off).
+``diffopt vmap autograd HVP``  the same with the inner gradient written out but its second order and
+                    the query loss's gradient left to autograd (``diffopt.unroll.lowered_hessian`` off).
 ``diffopt vmap autograd``  the same with autograd's inner gradient (``lowered_backprop`` off too).
 ``diffopt generic vmap``  ``vectorize="vmap"``: the model under ``torch.func.vmap`` (what
                     ``vectorize=True`` runs for a model that does not lower).
@@ -152,7 +152,8 @@ def diffopt_loop(model: nn.Module, data, steps: int, lr: float, first_order: boo
                      check_finite=check_finite)
     if not written_out:  # the lowered forward with autograd's inner gradient (diffopt.unroll.lowered_backprop off)
         loop._backprop = None
-    if not written_out_hvp:  # the inner gradient written out, autograd's second order (lowered_hessian off)
+    if not written_out_hvp:  # the inner gradient written out; its second order and the query loss's gradient
+        # left to autograd (lowered_hessian off)
         loop._hessian = None
 
     def meta_step() -> None:

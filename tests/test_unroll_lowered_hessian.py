@@ -19,7 +19,7 @@ from torch import nn
 from diffopt.optim import SGD, Adam
 from diffopt.optim._hyper import PerParameter, Schedule
 from diffopt.unroll import InnerLoop
-from diffopt.unroll.lowered_hessian import SECOND_DERIVATIVES, ExplicitHessian
+from diffopt.unroll.lowered_hessian import ExplicitHessian
 
 from test_unroll_lowered_backprop import ACTIVATIONS, loss_of, mlp, task_data
 
@@ -84,8 +84,8 @@ def sgd_factory(form: str, weight_decay: float, maximize: bool, steps: int, adap
 
 def meta_gradients(model, make_optimizer, learnable, loss_fn, batch, path: str, steps: int, mode="second_order"):
     """Meta-loss, meta-gradients of the initial weights and of ``learnable``, and whether the
-    written-out step ran, on "written out", "autograd" (its second order left to autograd) or
-    "task loop"."""
+    written-out step ran, on "written out", "autograd" (the inner gradient written out, its second
+    order and the query loss's gradient left to autograd) or "task loop"."""
     model.zero_grad()
     optimizer = make_optimizer(model)
     loop = InnerLoop(model, optimizer, loss_fn, steps=steps, mode=mode, vectorize=path != "task loop")
@@ -251,9 +251,12 @@ def test_frozen_weights_and_first_order_do_not_use_it():
     assert_close(meta_gradients(model, make, [], F.mse_loss, batch, "task loop", 1), frozen)
 
 
-def test_every_activation_that_lowers_has_a_second_derivative():
+def test_every_activation_that_lowers_has_its_second_derivative_and_every_lowered_mlp_a_hessian():
     from diffopt.unroll.lowered_backprop import DERIVATIVES
-    assert set(DERIVATIVES) == set(SECOND_DERIVATIVES)
+    piecewise_linear = {nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout}
+    for kind, make in DERIVATIVES.items():
+        layer = kind(0.0) if kind is nn.Dropout else kind()
+        assert (make(layer)[2] is None) == (kind in piecewise_linear), kind
     model = mlp([4, 5, 3], "relu", 0.1, True, False)
     loop = InnerLoop(model, SGD(model.parameters(), lr=0.1), F.mse_loss, vectorize=True)
     assert isinstance(loop._hessian, ExplicitHessian)
@@ -301,3 +304,100 @@ def test_forward_mode_dual_numbers_take_the_autograd_path():
         loop = InnerLoop(model, SGD(model.parameters(), lr=dual), F.mse_loss, steps=2, vectorize=True)
         tangent = fwAD.unpack_dual(loop.meta_loss(*batch)).tangent.detach()
     assert abs(float(tangent) - float(expected)) <= PARITY * max(1.0, abs(float(expected)))
+
+
+def reference_and_written_out(model, make, batch, wrt_of, steps=1, mode="second_order", check_finite=True,
+                              reduce=None):
+    """Gradients of ``wrt_of(model)`` on the task loop and the vectorised (written-out) path."""
+    out = []
+    for vectorize in (False, True):
+        loop = InnerLoop(model, make(model), F.mse_loss if batch[1].is_floating_point() else F.cross_entropy,
+                         steps=steps, mode=mode, vectorize=vectorize, check_finite=check_finite)
+        losses = loop.query_losses(loop.adapt(batch[0], batch[1]), batch[2], batch[3])
+        loss = losses.mean() if reduce is None else reduce(losses)
+        out.append((float(loss.detach()), torch.autograd.grad(loss, wrt_of(model), allow_unused=True)))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["second_order", "first_order"])
+def test_targets_that_require_grad_get_their_gradient(mode):
+    """Targets that require grad (a learned label, a generated target) are differentiated: the
+    written-out Functions stand aside for them."""
+    torch.manual_seed(9)
+    model = mlp([4, 5, 3], "tanh", 0.1, True, False)
+    sx, sy, qx, qy = task_data(2, 5, 4, 3, "mse", False, 9)
+    sy, qy = sy.clone().requires_grad_(), qy.clone().requires_grad_()
+    reference, ours = reference_and_written_out(model, lambda m: SGD(m.parameters(), lr=0.1), (sx, sy, qx, qy),
+                                                lambda m: [sy, qy, *m.parameters()], mode=mode)
+    assert ours[1][1] is not None  # the query targets
+    assert (ours[1][0] is not None) == (mode == "second_order")  # first order: inner gradients are constants
+    assert_close(reference, ours)
+
+
+@pytest.mark.parametrize("later_lr", ["equal 0-dim tensor", "learnable equal 0-dim tensor", "per element"])
+def test_groups_mixing_a_number_and_a_tensor_learning_rate(later_lr):
+    """A plain-number lr on the first group and a tensor on another (equal in value or not):
+    meta-gradients, and the cross derivative ∂²L/∂W∂lr under create_graph, equal autograd's."""
+    torch.manual_seed(10)
+    model = mlp([4, 5, 3], "tanh", 0.1, True, False)
+    batch = task_data(2, 5, 4, 3, "mse", False, 10)
+    params = list(model.parameters())
+    rate = {"equal 0-dim tensor": torch.tensor(0.1, dtype=torch.float64),
+            "learnable equal 0-dim tensor": torch.tensor(0.1, dtype=torch.float64, requires_grad=True),
+            "per element": torch.full_like(params[2], 0.1)}[later_lr]
+
+    def make(m):
+        p = list(m.parameters())
+        return SGD([{"params": p[:2], "lr": 0.1}, {"params": p[2:3], "lr": rate}, {"params": p[3:], "lr": 0.1}],
+                   lr=0.1)
+
+    learnable = [rate] if rate.requires_grad else []
+    written_out = meta_gradients(model, make, learnable, F.mse_loss, batch, "written out", 2)
+    assert written_out[2]
+    assert_close(meta_gradients(model, make, learnable, F.mse_loss, batch, "autograd", 2), written_out)
+    assert_close(meta_gradients(model, make, learnable, F.mse_loss, batch, "task loop", 2), written_out)
+    if rate.requires_grad:
+        cross = []
+        for hessian_on in (True, False):
+            loop = InnerLoop(model, make(model), F.mse_loss, steps=2, vectorize=True)
+            if not hessian_on:
+                loop._hessian = None
+            (g,) = torch.autograd.grad(loop.meta_loss(*batch), params[0], create_graph=True)
+            cross.append(torch.autograd.grad(g.sum(), rate)[0])
+        assert _max_relative(cross[0], cross[1]) <= PARITY
+
+
+def test_a_task_whose_cross_entropy_targets_are_all_ignored_gets_zero_gradient():
+    """torch's cross-entropy gives such a task a NaN loss and a zero gradient: a query task masked
+    out of the meta-loss leaves the others' meta-gradients finite, and a support task with no
+    counted target is not adapted (check_finite=False), as on the task loop."""
+    torch.manual_seed(11)
+    model = mlp([4, 5, 3], "tanh", 0.1, True, False)
+    sx, sy, qx, qy = task_data(3, 5, 4, 3, "cross_entropy", False, 11)
+    qy[1] = -100
+    reference, ours = reference_and_written_out(model, lambda m: SGD(m.parameters(), lr=0.1), (sx, sy, qx, qy),
+                                                lambda m: list(m.parameters()),
+                                                reduce=lambda losses: losses[~losses.isnan()].mean())
+    assert all(bool(torch.isfinite(g).all()) for g in ours[1])
+    assert_close(reference, ours)
+    qy[1] = 0
+    sy[2] = -100
+    reference, ours = reference_and_written_out(model, lambda m: SGD(m.parameters(), lr=0.1), (sx, sy, qx, qy),
+                                                lambda m: list(m.parameters()), steps=2, check_finite=False)
+    assert all(bool(torch.isfinite(g).all()) for g in ours[1])
+    assert_close(reference, ours)
+
+
+def test_an_sgd_subclass_that_changes_the_update_is_not_bypassed():
+    class HalfSteps(SGD):
+        def update(self, params, grads, states, step):
+            new, states = super().update(params, grads, states, step)
+            return [p + 0.5 * (n - p) for p, n in zip(params, new)], states
+
+    torch.manual_seed(12)
+    model = mlp([4, 5, 3], "tanh", 0.1, True, False)
+    batch = task_data(2, 5, 4, 3, "mse", False, 12)
+    make = lambda m: HalfSteps(m.parameters(), lr=0.1)  # noqa: E731
+    vectorised = meta_gradients(model, make, [], F.mse_loss, batch, "written out", 2)
+    assert not vectorised[2]
+    assert_close(meta_gradients(model, make, [], F.mse_loss, batch, "task loop", 2), vectorised)

@@ -279,9 +279,10 @@ class InnerLoop:
     ) -> tuple[Tensor, list[Tensor]]:
         """Per-task losses, shape (T,), and the updated per-task statistics."""
         loss_fn = loss_fn or self.loss_fn
-        if phase == "outer" and torch.is_grad_enabled() and self._writes_out_gradients(loss_fn) and not x.requires_grad:
+        if (phase == "outer" and torch.is_grad_enabled() and self._hessian is not None
+                and self._writes_out_gradients(loss_fn)):
             losses = written_out_task_losses(self._backprop, params, x, y, loss_fn)  # type: ignore[arg-type]
-            if losses is not None:
+            if losses is not None:  # (the query losses with their gradients, lowered_hessian.TaskLosses)
                 return losses, list(buffers)
         with self._autocast():
             try:
@@ -382,6 +383,10 @@ class InnerLoop:
             new, states = optimizer.update(adapted, grads, carry.states, carry.step)
         if deferred:
             self._last_adapted = new
+        return self._next_carry(carry, new, states, buffers)
+
+    def _next_carry(self, carry: Carry, new: Sequence[Tensor], states: list[Any], buffers: list[Tensor]) -> Carry:
+        """The carry after a step: the adapted positions replaced by ``new``."""
         params = list(carry.params)
         for j, p in zip(self.positions, new):
             params[j] = p
@@ -411,10 +416,7 @@ class InnerLoop:
         else:
             self._check_finite_losses(losses, carry.step)
             self._check_finite_gradients(list(grads), carry.step)
-        params = list(carry.params)
-        for j, p in zip(self.positions, new):
-            params[j] = p
-        return Carry(params, states, carry.buffers, carry.step + 1)
+        return self._next_carry(carry, new, states, carry.buffers)
 
     def _written_out_sgd_step(self, carry: Carry, x: Tensor, y: Tensor, optimizer: DifferentiableOptimizer,
                               ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Any]] | None:

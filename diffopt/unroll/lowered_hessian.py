@@ -26,14 +26,17 @@ forward pass and then to backpropagation. For a layer ``z = a Wᵀ + b`` followe
 
 and at the output ``R{δ_L} = 2 R{z_L} / n`` (mean squared error over ``n`` elements) or
 ``share · p ⊙ (R{z_L} − ⟨p, R{z_L}⟩)`` (cross-entropy, ``p`` the softmax, ``share`` one over
-the counted targets). ``σ''`` of every activation is in :data:`SECOND_DERIVATIVES`.
+the counted targets). ``σ''`` of every activation is the third entry of
+:data:`diffopt.unroll.lowered_backprop.DERIVATIVES`.
 
 :class:`SGDStep` is the step as a ``torch.autograd.Function``: the forward computes the
 update without recording a graph and keeps the forward and backpropagation's values; the
 backward is the formula above. Where a graph of the backward is asked for
 (``create_graph=True``: higher derivatives, forward mode's double-VJP), the forward and
 backpropagation are recorded again with a graph and the same formula runs on them, so it is a
-differentiable function of the step's inputs and every order stays exact.
+differentiable function of the step's inputs and every order stays exact. :class:`TaskLosses`
+does the same for the query losses: their gradients are computed with them, and the backward
+only weighs each task's gradient.
 
 Values equal autograd's up to rounding (``tests/test_unroll_lowered_hessian.py``: Hessian-vector
 products ≤ 1e-12 and meta-gradients ≤ 1e-10 in float64, under hypothesis); the speed is in
@@ -41,91 +44,31 @@ products ≤ 1e-12 and meta-gradients ≤ 1e-10 in float64, under hypothesis); t
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..optim._hyper import is_plain_number
 from ..optim.optimizer import DifferentiableOptimizer
 from ..optim.sgd import SGDRule, add_scaled
+from .lowered_backprop import ExplicitBackprop, Saved, _accumulate, _is_mse, counted_share, times
 from .lowered import _linear, per_task_loss
-from .lowered_backprop import ExplicitBackprop, _accumulate, _is_mse
 
-__all__ = ["SECOND_DERIVATIVES", "ExplicitHessian", "LossContext", "SGDStep", "StepContext", "TaskLosses",
+__all__ = ["ExplicitHessian", "LossContext", "SGDStep", "StepContext", "StepHyperparameters", "Tape", "TaskLosses",
            "forward_ad_active", "sgd_hyperparameters", "sgd_values", "written_out_task_losses"]
-
-# σ''(z) from (z, h = σ(z)); None for a piecewise-linear activation (σ'' = 0 almost everywhere, as autograd has it).
-Curvature = Callable[[Tensor, Tensor], Tensor] | None
-_SQRT_2PI = math.sqrt(2 * math.pi)
-_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
-
-
-def _tanh(z: Tensor, h: Tensor) -> Tensor:  # (1 − h²)' = −2h (1 − h²)
-    return -2 * h * (1 - h * h)
-
-
-def _sigmoid(z: Tensor, h: Tensor) -> Tensor:  # (h (1 − h))' = h (1 − h)(1 − 2h)
-    return h * (1 - h) * (1 - 2 * h)
-
-
-def _silu(z: Tensor, h: Tensor) -> Tensor:  # s (1 − s)(2 + z (1 − 2s)), s = sigmoid(z)
-    s = torch.sigmoid(z)
-    return s * (1 - s) * (2 + z * (1 - 2 * s))
-
-
-def _gelu(layer: nn.GELU) -> Curvature:
-    if layer.approximate == "none":  # (Φ(z) + z φ(z))' = φ(z) (2 − z²)
-        return lambda z, h: torch.exp(-0.5 * z * z) * (2 - z * z) / _SQRT_2PI
-
-    def tanh_approximation(z: Tensor, h: Tensor) -> Tensor:
-        # ½ z (1 + tanh u), u = k (z + c z³): σ'' = (1 − t²) (u' + ½ z (u'' − 2 t u'²))
-        c = 0.044715
-        t = torch.tanh(_SQRT_2_OVER_PI * (z + c * z ** 3))
-        du = _SQRT_2_OVER_PI * (1 + 3 * c * z * z)
-        return (1 - t * t) * (du + 0.5 * z * (_SQRT_2_OVER_PI * 6 * c * z - 2 * t * du * du))
-    return tanh_approximation
-
-
-def _elu(layer: nn.ELU) -> Curvature:  # α eᶻ for z ≤ 0 (torch's derivative takes the α eᶻ branch at 0)
-    alpha = layer.alpha
-    return lambda z, h: torch.where(z <= 0, alpha * torch.exp(z), 0.0)
-
-
-def _softplus(layer: nn.Softplus) -> Curvature:  # β s (1 − s), s = sigmoid(βz), where βz ≤ threshold
-    beta, threshold = layer.beta, layer.threshold
-
-    def curvature(z: Tensor, h: Tensor) -> Tensor:
-        s = torch.sigmoid(beta * z)
-        return torch.where(beta * z > threshold, 0.0, beta * s * (1 - s))
-    return curvature
-
-
-SECOND_DERIVATIVES: dict[type, Callable[[nn.Module], Curvature]] = {
-    nn.ReLU: lambda layer: None,
-    nn.LeakyReLU: lambda layer: None,
-    nn.Identity: lambda layer: None,
-    nn.Dropout: lambda layer: None,  # lowered only with p = 0
-    nn.Tanh: lambda layer: _tanh,
-    nn.Sigmoid: lambda layer: _sigmoid,
-    nn.SiLU: lambda layer: _silu,
-    nn.GELU: _gelu,
-    nn.ELU: _elu,
-    nn.Softplus: _softplus,
-}
 
 
 @dataclass
 class Tape:
-    """What one forward and backpropagation leave for the Hessian-vector product: per step of
-    the network, a Linear's input or an activation's ``(z, h)``; from the first Linear on, the
-    error flowing into the step from above (``δ`` at a Linear's output, ``e`` at an
-    activation's output); the network's outputs and the targets."""
+    """What one forward and backpropagation leave for the Hessian-vector product: per step of the
+    network what backpropagation reads (:data:`~diffopt.unroll.lowered_backprop.Saved`) and, from
+    the first Linear on, the error flowing into the step from above (``δ`` at a Linear's output,
+    ``e`` at an activation's output); the network's outputs and the targets."""
 
-    values: list[Any]
+    values: list[Saved]
     errors: list[Tensor | None]
     outputs: Tensor
     targets: Tensor
@@ -139,7 +82,7 @@ class Tape:
 
     @classmethod
     def from_tensors(cls, flat: Sequence[Tensor], kinds: Sequence[str], first_linear: int) -> Tape:
-        values: list[Any] = []
+        values: list[Saved] = []
         at = 0
         for kind in kinds:
             values.append((flat[at], flat[at + 1]) if kind == "activation" else flat[at])
@@ -150,26 +93,19 @@ class Tape:
 
 class ExplicitHessian:
     """Inner losses, gradients and Hessian-vector products of a lowered MLP, all written out
-    (module docstring). Built by :meth:`build` from an :class:`ExplicitBackprop` whose
-    activations all have a second derivative in :data:`SECOND_DERIVATIVES`; ``None`` otherwise."""
+    (module docstring), on an :class:`~diffopt.unroll.lowered_backprop.ExplicitBackprop`."""
 
-    def __init__(self, backprop: ExplicitBackprop, curvatures: list[Curvature]) -> None:
+    def __init__(self, backprop: ExplicitBackprop) -> None:
         self.backprop = backprop
-        self.curvatures = curvatures  # per step of backprop.steps (None for Linear and σ'' = 0)
         self.kinds = [kind for kind, _, _ in backprop.steps]
         self.first_linear = self.kinds.index("linear")
+        lowered = backprop.lowered
+        self.linear_positions = {j for kind, k, _ in backprop.steps if kind == "linear"
+                                 for j in (lowered.weights[k], lowered.biases[k]) if j is not None}
 
     @classmethod
     def build(cls, backprop: ExplicitBackprop | None) -> ExplicitHessian | None:
-        if backprop is None:
-            return None
-        curvatures: list[Curvature] = []
-        for kind, k, _ in backprop.steps:
-            layer = backprop.lowered.layers[k]
-            if kind == "activation" and type(layer) not in SECOND_DERIVATIVES:
-                return None
-            curvatures.append(SECOND_DERIVATIVES[type(layer)](layer) if kind == "activation" else None)
-        return cls(backprop, curvatures)
+        return None if backprop is None else cls(backprop)
 
     def _weight_and_bias(self, k: int) -> tuple[int, int | None]:
         lowered = self.backprop.lowered
@@ -178,42 +114,21 @@ class ExplicitHessian:
     def record(self, params: Sequence[Tensor], x: Tensor, y: Tensor,
                loss_fn: Callable[..., Tensor]) -> tuple[Tensor, dict[int, Tensor], Tape] | None:
         """Per-task losses, ``{position: per-task gradient}`` of every Linear's weight and bias
-        (task-batched even for a weight shared by the tasks) and the :class:`Tape`; ``None`` for
-        data whose shapes are not written out. No graph is recorded (call under ``no_grad``)."""
+        (task-batched even for a weight the tasks share) and the :class:`Tape`; ``None`` for data
+        whose shapes are not written out. Records a graph exactly when grad mode is on."""
         backprop = self.backprop
-        h = x.flatten(2) if backprop.flatten else x
-        if h.dim() != 3:
+        forward = backprop.forward(params, x)
+        if forward is None:
             return None
-        values: list[Any] = []
-        for kind, k, activation in backprop.steps:
-            if kind == "linear":
-                weight_at, bias_at = self._weight_and_bias(k)
-                values.append(h)
-                h = _linear(h, params[weight_at], None if bias_at is None else params[bias_at])
-            else:
-                z = h
-                h = activation[0](z)  # type: ignore[index]
-                values.append((z, h))
-        losses = per_task_loss(loss_fn, h, y)
+        outputs, values = forward
+        with torch.no_grad():
+            losses = per_task_loss(loss_fn, outputs, y)
         if losses is None:
             return None
-        delta = backprop._output_error(loss_fn, h, y)
         errors: list[Tensor | None] = [None] * len(values)
-        grads: dict[int, Tensor] = {}
-        for i in range(len(values) - 1, self.first_linear - 1, -1):
-            kind, k, activation = backprop.steps[i]
-            errors[i] = delta
-            if kind == "activation":
-                z, out = values[i]
-                delta = activation[1](delta, z, out)  # type: ignore[index]
-                continue
-            weight_at, bias_at = self._weight_and_bias(k)
-            _accumulate(grads, weight_at, torch.bmm(delta.transpose(1, 2), values[i]))
-            if bias_at is not None:
-                _accumulate(grads, bias_at, delta.sum(1))
-            if i > self.first_linear:
-                delta = _times(delta, params[weight_at])
-        return losses, grads, Tape(values, errors, h, y)
+        grads = backprop.backward(params, backprop.output_error(loss_fn, outputs, y), values,
+                                  self.linear_positions, errors)
+        return losses, grads, Tape(values, errors, outputs, y)
 
     def hessian_vector(self, params: Sequence[Tensor], tape: Tape, direction: dict[int, Tensor],
                        loss_fn: Callable[..., Tensor]) -> dict[int, Tensor]:
@@ -227,14 +142,14 @@ class ExplicitHessian:
             incoming[i] = r
             if kind == "activation":
                 if r is not None:
-                    z, h = tape.values[i]
+                    z, h = tape.values[i]  # type: ignore[misc]
                     r = activation[1](r, z, h)  # type: ignore[index]
                 continue
             weight_at, bias_at = self._weight_and_bias(k)
             u_weight, u_bias = direction.get(weight_at), None if bias_at is None else direction.get(bias_at)
             out = None if u_bias is None else u_bias.unsqueeze(1)
             if u_weight is not None:
-                out = _add_product(out, tape.values[i], u_weight.transpose(-1, -2))
+                out = _add_product(out, tape.values[i], u_weight.transpose(-1, -2))  # type: ignore[arg-type]
             if r is not None:
                 out = _add_product(out, r, params[weight_at].transpose(-1, -2))
             r = out
@@ -246,25 +161,25 @@ class ExplicitHessian:
             kind, k, activation = steps[i]
             error = tape.errors[i]
             if kind == "activation":
-                z, h = tape.values[i]
+                z, h = tape.values[i]  # type: ignore[misc]
                 new = None if r_delta is None else activation[1](r_delta, z, h)  # type: ignore[index]
-                curvature, r_z = self.curvatures[i], incoming[i]
+                curvature, r_z = activation[2], incoming[i]  # type: ignore[index]
                 if curvature is not None and r_z is not None:
                     term = error * curvature(z, h) * r_z  # type: ignore[operator]
                     new = term if new is None else new + term
                 r_delta = new
                 continue
             weight_at, bias_at = self._weight_and_bias(k)
-            product_w = None if r_delta is None else _add_product(None, r_delta.transpose(1, 2), tape.values[i])
+            product_w = None if r_delta is None else _add_product(None, r_delta.transpose(1, 2), tape.values[i])  # type: ignore[arg-type]
             if incoming[i] is not None:
-                product_w = _add_product(product_w, error.transpose(1, 2), incoming[i])  # type: ignore[union-attr]
+                product_w = _add_product(product_w, error.transpose(1, 2), incoming[i])  # type: ignore[union-attr,arg-type]
             if product_w is not None:
                 _accumulate(product, weight_at, product_w)
             if bias_at is not None and r_delta is not None:
                 _accumulate(product, bias_at, r_delta.sum(1))
             if i > self.first_linear:
                 u_weight = direction.get(weight_at)
-                new = None if u_weight is None else _add_product(None, error, u_weight)  # type: ignore[arg-type]
+                new = None if u_weight is None else times(error, u_weight)  # type: ignore[arg-type]
                 r_delta = new if r_delta is None else _add_product(new, r_delta, params[weight_at])
         return product
 
@@ -274,15 +189,8 @@ class ExplicitHessian:
         if _is_mse(loss_fn):
             return r * (2.0 / tape.outputs[0].numel())
         p = torch.softmax(tape.outputs, -1)
-        ignore = getattr(loss_fn, "ignore_index", -100)
-        counted = tape.targets != ignore
-        share = (counted.to(r.dtype) / counted.sum(1, keepdim=True)).unsqueeze(-1)
+        _, share = counted_share(loss_fn, tape.targets, r.dtype)
         return share * p * (r - (p * r).sum(-1, keepdim=True))
-
-
-def _times(error: Tensor, weight: Tensor) -> Tensor:
-    """``error W`` per task, for a task-batched or a shared weight."""
-    return torch.bmm(error, weight) if weight.dim() == 3 else error @ weight
 
 
 def _add_product(total: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
@@ -310,8 +218,13 @@ def sgd_hyperparameters(optimizer: DifferentiableOptimizer, count: int,
                         step: int) -> list[StepHyperparameters] | None:
     """Per adapted tensor (the optimizer's order), the hyperparameters of a plain SGD step at
     ``step``, or ``None`` where the step is not one :class:`SGDStep` writes out: another rule,
-    momentum, a tensor weight decay, gradient clipping or a ``grad_transform``."""
-    if type(optimizer.rule) is not SGDRule or not getattr(optimizer.transforms, "identity", False):
+    a subclass that changes how the update or its hyperparameters are computed, momentum or a
+    weight decay that is not a plain number, gradient clipping or a ``grad_transform``."""
+    kind = type(optimizer)
+    if (type(optimizer.rule) is not SGDRule or not getattr(optimizer.transforms, "identity", False)
+            or kind.update is not DifferentiableOptimizer.update
+            or kind.tensor_hyperparameters is not DifferentiableOptimizer.tensor_hyperparameters
+            or kind._hp is not DifferentiableOptimizer._hp):
         return None
     found: list[StepHyperparameters | None] = [None] * count
     for group in optimizer.param_groups:
@@ -323,6 +236,26 @@ def sgd_hyperparameters(optimizer: DifferentiableOptimizer, count: int,
                 return None
             found[i] = StepHyperparameters(hp["lr"], float(hp["weight_decay"]), -1.0 if hp["maximize"] else 1.0)
     return None if any(h is None for h in found) else found  # type: ignore[return-value]
+
+
+def sgd_values(params: Sequence[Tensor], grads: Sequence[Tensor], hyper: Sequence[StepHyperparameters]) -> list[Tensor]:
+    """The step's new values, with torch.optim.SGD's arithmetic: ``d = ±g (+ λθ)``, ``θ − α d``."""
+    new = []
+    for param, grad, h in zip(params, grads, hyper):
+        d = grad if h.sign == 1 else -grad
+        if h.weight_decay:
+            d = torch.add(d, param, alpha=h.weight_decay)
+        new.append(add_scaled(param, d, -h.lr))
+    return new
+
+
+def _common_number_lr(hyper: Sequence[StepHyperparameters]) -> float | None:
+    """``s α`` when every adapted tensor's lr is the same plain number ``α`` with the same sign
+    ``s``; ``None`` when any is a tensor or they differ."""
+    first = hyper[0]
+    if any(isinstance(h.lr, Tensor) or h.lr != first.lr or h.sign != first.sign for h in hyper):
+        return None
+    return first.sign * first.lr  # type: ignore[operator]
 
 
 @dataclass(eq=False)
@@ -342,19 +275,20 @@ class StepContext:
     pending: tuple[list[Tensor], Tape, list[Tensor]] | None  # (gradients, tape, new values)
 
     def backward(self, inputs: Sequence[Tensor], grads: Sequence[Tensor], tape: Tape,
-                 vectors: Sequence[Tensor | None], needs: Sequence[bool]) -> list[Tensor | None]:
-        """The written-out vector-Jacobian product of the step (module docstring)."""
+                 vectors: Sequence[Tensor], needs: Sequence[bool]) -> list[Tensor | None]:
+        """The written-out vector-Jacobian product of the step (module docstring). ``vectors`` are
+        ``∂L/∂φ`` per adapted tensor (autograd materialises unused ones as zeros)."""
         params = list(inputs[:self.param_count])
         # With u = s α ⊙ v: ∂L/∂θ = v − λ α ⊙ v − H u for an adapted tensor, − H u for a shared one.
-        # One number α and sign s for every tensor (the usual case): H u = s α H v, scaled at the end.
+        # One plain-number α and sign s for every tensor (the usual case): H u = s α H v, scaled at the end.
         common = _common_number_lr(self.hyper)
         if common is not None:
-            direction = {j: v for j, v in zip(self.positions, vectors) if v is not None}
+            direction = dict(zip(self.positions, vectors))
         else:
-            direction = {j: _signed(v * hyper.lr, hyper.sign)
-                         for j, hyper, v in zip(self.positions, self.hyper, vectors) if v is not None}
+            direction = {j: v * hyper.lr if hyper.sign == 1 else -(v * hyper.lr)
+                         for j, hyper, v in zip(self.positions, self.hyper, vectors)}
         scale = 1.0 if common is None else common
-        product = self.hessian.hessian_vector(params, tape, direction, self.loss_fn) if direction else {}
+        product = self.hessian.hessian_vector(params, tape, direction, self.loss_fn)
         adapted = {j: k for k, j in enumerate(self.positions)}
         out: list[Tensor | None] = [None] * len(inputs)
         for j, param in enumerate(params):
@@ -363,64 +297,37 @@ class StepContext:
             hu = product.get(j)
             if hu is not None and hu.dim() > param.dim():  # shared by the tasks: every task's dependence
                 hu = hu.sum(0)
-            v = vectors[adapted[j]] if j in adapted else None
-            if v is None:
+            if j not in adapted:
                 out[j] = None if hu is None else hu * -scale
                 continue
-            hyper = self.hyper[adapted[j]]
+            hyper, v = self.hyper[adapted[j]], vectors[adapted[j]]
             if hyper.weight_decay:
                 v = v - hyper.weight_decay * (v * hyper.lr)
             out[j] = v if hu is None else torch.add(v, hu, alpha=-scale)
         for n, lr in enumerate(self.lr_inputs):
             if needs[self.param_count + n]:
-                out[self.param_count + n] = _sum([
-                    (-(hyper.sign * g + hyper.weight_decay * params[j]) * v).sum_to_size(lr.shape)
-                    for j, hyper, v, g in zip(self.positions, self.hyper, vectors, grads)
-                    if hyper.lr is lr and v is not None])
+                terms = [(-(hyper.sign * g + hyper.weight_decay * params[j]) * v).sum_to_size(lr.shape)
+                         for j, hyper, v, g in zip(self.positions, self.hyper, vectors, grads) if hyper.lr is lr]
+                out[self.param_count + n] = torch.stack(terms).sum(0) if len(terms) > 1 else terms[0]
         return out
 
-    def backward_with_graph(self, inputs: Sequence[Tensor], vectors: Sequence[Tensor | None],
+    def backward_with_graph(self, inputs: Sequence[Tensor], vectors: Sequence[Tensor],
                             needs: Sequence[bool]) -> list[Tensor | None]:
         """:meth:`backward` as a differentiable function of the inputs, for ``create_graph=True``
         (higher derivatives, forward mode's double-VJP): the forward and backpropagation recorded
         again with a graph, so that every tensor the formula reads depends on the inputs."""
         with torch.enable_grad():
-            recorded = self.hessian.record(inputs[:self.param_count], self.x, self.y, self.loss_fn)
-            assert recorded is not None  # the forward's data, which was written out
+            recorded = _recorded(self.hessian.record(inputs[:self.param_count], self.x, self.y, self.loss_fn))
             _, by_position, tape = recorded
             return self.backward(inputs, [by_position[j] for j in self.positions], tape, vectors, needs)
 
 
-def _common_number_lr(hyper: Sequence[StepHyperparameters]) -> float | None:
-    """``s α`` when every adapted tensor has the same number ``α`` and sign ``s``, else ``None``."""
-    first = hyper[0]
-    if isinstance(first.lr, Tensor) or any(h.lr != first.lr or h.sign != first.sign for h in hyper):
-        return None
-    return first.sign * first.lr
-
-
-def sgd_values(params: Sequence[Tensor], grads: Sequence[Tensor], hyper: Sequence[StepHyperparameters]) -> list[Tensor]:
-    """The step's new values, with torch.optim.SGD's arithmetic: ``d = ±g (+ λθ)``, ``θ − α d``."""
-    new = []
-    for param, grad, h in zip(params, grads, hyper):
-        d = grad if h.sign == 1 else -grad
-        if h.weight_decay:
-            d = torch.add(d, param, alpha=h.weight_decay)
-        new.append(add_scaled(param, d, -h.lr))
-    return new
-
-
-def _signed(value: Tensor, sign: float) -> Tensor:
-    return value if sign == 1 else -value
-
-
-def _sum(terms: Sequence[Tensor]) -> Tensor | None:
-    if not terms:
-        return None
-    total = terms[0]
-    for term in terms[1:]:
-        total = total + term
-    return total
+def _recorded(result: Any) -> Any:
+    """A recomputation in a backward, of data whose forward was written out."""
+    if result is None:
+        raise RuntimeError("diffopt.unroll.lowered_hessian: recomputing a written-out step for create_graph=True "
+                           "found data it cannot write out; the step's inputs changed shape after its forward")
+    return result
 
 
 class SGDStep(torch.autograd.Function):
@@ -440,7 +347,7 @@ class SGDStep(torch.autograd.Function):
         return tuple(new)
 
     @staticmethod
-    def backward(ctx: Any, *vectors: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *vectors: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         """The written-out vector-Jacobian product (:meth:`StepContext.backward`)."""
         context: StepContext = ctx.context
         saved = ctx.saved_tensors
@@ -505,10 +412,8 @@ class TaskLosses(torch.autograd.Function):
         gradients = dict(zip(context.wanted, computed))
         if torch.is_grad_enabled():  # a graph of the backward is wanted (create_graph=True)
             with torch.enable_grad():
-                result = context.backprop.loss_and_gradients(params, context.x, context.y, context.loss_fn,
-                                                             context.wanted)
-                assert result is not None  # the forward's data, which was written out
-                gradients = result[1]
+                gradients = _recorded(context.backprop.loss_and_gradients(
+                    params, context.x, context.y, context.loss_fn, context.wanted))[1]
         return (None, *LossContext.weigh(params, gradients, weights, ctx.needs_input_grad[1:]))
 
 
@@ -521,9 +426,9 @@ def forward_ad_active() -> bool:
 def written_out_task_losses(backprop: ExplicitBackprop, params: Sequence[Tensor], x: Tensor, y: Tensor,
                             loss_fn: Callable[..., Tensor]) -> Tensor | None:
     """Per-task losses through :class:`TaskLosses`, or ``None`` where the data's shapes are not
-    written out, no weight requires grad, or forward-mode AD is running."""
+    written out, no weight requires grad, the data requires grad, or forward-mode AD is running."""
     wanted = [j for j, p in enumerate(params) if p.requires_grad]
-    if not wanted or forward_ad_active():
+    if not wanted or x.requires_grad or y.requires_grad or forward_ad_active():
         return None
     with torch.no_grad():
         result = backprop.loss_and_gradients(params, x, y, loss_fn, wanted)
