@@ -343,7 +343,8 @@ class SGDStep(torch.autograd.Function):
         grads, tape, new = context.pending  # type: ignore[misc]
         context.pending = None
         ctx.context = context
-        ctx.save_for_backward(*inputs, *grads, *tape.tensors())
+        # (the inner gradients only for the learning rates' derivative)
+        ctx.save_for_backward(*inputs, *(grads if context.lr_inputs else []), *tape.tensors())
         return tuple(new)
 
     @staticmethod
@@ -351,7 +352,8 @@ class SGDStep(torch.autograd.Function):
         """The written-out vector-Jacobian product (:meth:`StepContext.backward`)."""
         context: StepContext = ctx.context
         saved = ctx.saved_tensors
-        count, adapted = context.param_count + len(context.lr_inputs), len(context.positions)
+        count = context.param_count + len(context.lr_inputs)
+        adapted = len(context.positions) if context.lr_inputs else 0
         inputs, grads, rest = saved[:count], saved[count:count + adapted], saved[count + adapted:]
         needs = ctx.needs_input_grad[1:]
         if torch.is_grad_enabled():  # a graph of the backward is wanted (create_graph=True)
