@@ -401,3 +401,70 @@ def test_an_sgd_subclass_that_changes_the_update_is_not_bypassed():
     vectorised = meta_gradients(model, make, [], F.mse_loss, batch, "written out", 2)
     assert not vectorised[2]
     assert_close(meta_gradients(model, make, [], F.mse_loss, batch, "task loop", 2), vectorised)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
+@settings(max_examples=6, deadline=None)
+@given(loss=st.sampled_from(["mse", "cross_entropy", "cross_entropy_ignore"]), flatten=st.booleans(),
+       mode=st.sampled_from(["second_order", "first_order"]), steps=st.integers(1, 3), seed=st.integers(0, 2 ** 16))
+def test_inputs_that_require_grad_anil_features(activation, loss, flatten, mode, steps, seed):
+    """Support and query inputs computed by a meta-learned body (ANIL): the body's meta-gradient
+    reaches it through the written-out step's mixed derivative ∂⟨∇_θ ℓ, u⟩/∂x and the query losses'
+    input gradients; equal to autograd's and the task loop's."""
+    torch.manual_seed(seed)
+    body = nn.Linear(4, 4).double()
+    head = mlp([4, 5, 3], activation, 0.1, True, flatten)
+    sx, sy, qx, qy = task_data(3, 5, 4, 3, loss, False, seed)
+    lr = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    results = []
+    for path in ("written out", "autograd", "task loop"):
+        loop = InnerLoop(head, SGD(head.parameters(), lr=lr), loss_of(loss), steps=steps, mode=mode,
+                         vectorize=path != "task loop")
+        if path == "autograd":
+            loop._hessian = None
+        features = [body(x).view(*x.shape[:2], 2, 2) if flatten else body(x) for x in (sx, qx)]
+        meta = loop.meta_loss(features[0], sy, features[1], qy)
+        if path == "written out":
+            nodes = graph_nodes(meta)
+            assert "TaskLossesBackward" in nodes and (("SGDStepBackward" in nodes) == (mode == "second_order"))
+        wrt = [*body.parameters(), *head.parameters(), lr]
+        results.append((float(meta.detach()), torch.autograd.grad(meta, wrt)))
+    assert_close(results[1], results[0])
+    assert_close(results[2], results[0])
+
+
+def test_inputs_that_require_grad_higher_derivatives_and_what_falls_back():
+    """Double backward through the written-out step with inputs that require grad equals autograd's;
+    a head that does not start with a Linear leaves such inputs to autograd."""
+    torch.manual_seed(13)
+    body = nn.Linear(4, 4).double()
+    batch = task_data(2, 5, 4, 3, "mse", False, 13)
+    scale = torch.tensor([1.1, 0.2], dtype=torch.float64)
+
+    def meta_loss(r: torch.Tensor, head: nn.Module, written_out: bool) -> torch.Tensor:
+        loop = InnerLoop(head, SGD(head.parameters(), lr=r[1]), F.mse_loss, steps=2, vectorize=True)
+        if not written_out:
+            loop._hessian = None
+        return loop.meta_loss(body(batch[0]) * r[0], batch[1], body(batch[2]) * r[0], batch[3])
+
+    head = mlp([4, 5, 3], "tanh", 0.1, True, False)
+    hessians = [torch.autograd.functional.hessian(lambda r: meta_loss(r, head, w), scale) for w in (True, False)]
+    assert _max_relative(hessians[0], hessians[1]) <= PARITY
+    starts_with_activation = nn.Sequential(nn.Tanh(), nn.Linear(4, 3)).double()
+    assert not uses_written_out_step(meta_loss(scale, starts_with_activation, True))
+
+
+def test_anil_takes_the_written_out_path_and_agrees():
+    from diffopt.algorithms import ANIL
+    torch.manual_seed(14)
+    body = nn.Sequential(nn.Linear(4, 6), nn.ReLU()).double()
+    head = nn.Linear(6, 3).double()
+    learner = ANIL(body, head, F.cross_entropy, inner_lr=0.3, inner_steps=2)
+    batch = task_data(3, 5, 4, 3, "cross_entropy", False, 14)
+    loss = learner.meta_loss(*batch)
+    assert uses_written_out_step(loss)
+    ours = torch.autograd.grad(loss, list(learner.parameters()))
+    learner.loop._hessian = None
+    theirs = torch.autograd.grad(learner.meta_loss(*batch), list(learner.parameters()))
+    for a, b in zip(ours, theirs):
+        assert _max_relative(a, b) <= PARITY

@@ -281,7 +281,7 @@ class InnerLoop:
         loss_fn = loss_fn or self.loss_fn
         if (phase == "outer" and torch.is_grad_enabled() and self._hessian is not None
                 and self._writes_out_gradients(loss_fn)):
-            losses = written_out_task_losses(self._backprop, params, x, y, loss_fn)  # type: ignore[arg-type]
+            losses = written_out_task_losses(self._hessian, params, x, y, loss_fn)
             if losses is not None:  # (the query losses with their gradients, lowered_hessian.TaskLosses)
                 return losses, list(buffers)
         with self._autocast():
@@ -423,11 +423,11 @@ class InnerLoop:
         """A second-order SGD step whose backward is written out (:mod:`diffopt.unroll.lowered_hessian`):
         ``(losses, gradients, new adapted tensors, states)``, or ``None`` where it does not apply:
         where the inner gradient is not written out, another update rule or option (momentum,
-        clipping), frozen adapted tensors, other meta-parameters, data that requires grad, or
-        forward-mode AD (dual numbers)."""
+        clipping), frozen adapted tensors, other meta-parameters, targets that require grad (or
+        inputs that do, unless the network starts with a Linear), or forward-mode AD."""
         hessian = self._hessian
         if (hessian is None or not self._writes_out_gradients() or self.meta_parameters
-                or x.requires_grad or y.requires_grad or forward_ad_active()
+                or (x.requires_grad and not hessian.differentiates_inputs) or y.requires_grad or forward_ad_active()
                 or not all(self.theta[j].requires_grad for j in self.positions)):
             return None
         hyper = sgd_hyperparameters(optimizer, len(self.positions), carry.step)
@@ -444,9 +444,11 @@ class InnerLoop:
             grads = [by_position[j] for j in self.positions]
             new = sgd_values(adapted, grads, hyper)  # (plain SGD keeps no state)
         lr_inputs = list({id(h.lr): h.lr for h in hyper if isinstance(h.lr, Tensor) and h.lr.requires_grad}.values())
+        with_x = x.requires_grad  # (ANIL's features: the support inputs carry the body's graph)
         context = StepContext(hessian, self.loss_fn, x, y, list(self.positions), hyper, len(carry.params), lr_inputs,
-                              (grads, tape, new))
-        return losses, grads, list(SGDStep.apply(context, *carry.params, *lr_inputs)), list(carry.states)
+                              (grads, tape, new), with_x)
+        new = list(SGDStep.apply(context, *carry.params, *lr_inputs, *([x] if with_x else [])))
+        return losses, grads, new, list(carry.states)
 
     def _writes_out_gradients(self, loss_fn: LossFn | None = None) -> bool:
         """Whether :mod:`diffopt.unroll.lowered_backprop` covers this loop's model and loss (default:

@@ -57,7 +57,10 @@ from ..optim.sgd import SGDRule, add_scaled
 from .lowered_backprop import ExplicitBackprop, Saved, _accumulate, _is_mse, counted_share, times
 from .lowered import _linear, per_task_loss
 
-__all__ = ["ExplicitHessian", "LossContext", "SGDStep", "StepContext", "StepHyperparameters", "Tape", "TaskLosses",
+#: The key of the inputs' entry in :meth:`ExplicitHessian.hessian_vector`'s result.
+INPUT = -1
+
+__all__ = ["INPUT", "ExplicitHessian", "LossContext", "SGDStep", "StepContext", "StepHyperparameters", "Tape", "TaskLosses",
            "forward_ad_active", "sgd_hyperparameters", "sgd_values", "written_out_task_losses"]
 
 
@@ -131,10 +134,12 @@ class ExplicitHessian:
         return losses, grads, Tape(values, errors, outputs, y)
 
     def hessian_vector(self, params: Sequence[Tensor], tape: Tape, direction: dict[int, Tensor],
-                       loss_fn: Callable[..., Tensor]) -> dict[int, Tensor]:
+                       loss_fn: Callable[..., Tensor], inputs: bool = False) -> dict[int, Tensor]:
         """``{position: (H u)}`` per task, for the direction ``u`` given at some positions
         (task-batched; zero elsewhere): the R-operator on the forward pass, then on
-        backpropagation (module docstring)."""
+        backpropagation (module docstring). With ``inputs=True`` (a network that starts with a
+        Linear) also ``INPUT: ∂⟨∇_θ ℓ, u⟩/∂x = R{∂ℓ/∂x}``, the mixed derivative that reaches
+        inputs which require grad (ANIL's features), by one more step of the R-backpropagation."""
         steps = self.backprop.steps
         incoming: list[Tensor | None] = [None] * len(steps)  # R of each step's input (None: zero)
         r: Tensor | None = None
@@ -177,11 +182,24 @@ class ExplicitHessian:
                 _accumulate(product, weight_at, product_w)
             if bias_at is not None and r_delta is not None:
                 _accumulate(product, bias_at, r_delta.sum(1))
-            if i > self.first_linear:
+            if i > self.first_linear or inputs:
                 u_weight = direction.get(weight_at)
                 new = None if u_weight is None else times(error, u_weight)  # type: ignore[arg-type]
                 r_delta = new if r_delta is None else _add_product(new, r_delta, params[weight_at])
+        if inputs and r_delta is not None:
+            product[INPUT] = r_delta
         return product
+
+    def input_gradient(self, params: Sequence[Tensor], tape: Tape, x: Tensor) -> Tensor:
+        """``∂ℓ_t/∂x`` per task, in ``x``'s shape, for a network that starts with a Linear: the
+        error at its output times its weight."""
+        weight_at, _ = self._weight_and_bias(self.backprop.steps[0][1])
+        return times(tape.errors[0], params[weight_at]).reshape(x.shape)  # type: ignore[arg-type]
+
+    @property
+    def differentiates_inputs(self) -> bool:
+        """Whether gradients reaching the inputs are written out: the network starts with a Linear."""
+        return self.first_linear == 0
 
     @staticmethod
     def _output_error_r(loss_fn: Callable[..., Tensor], tape: Tape, r: Tensor) -> Tensor:
@@ -273,6 +291,7 @@ class StepContext:
     param_count: int
     lr_inputs: list[Tensor]  # the distinct lr tensors that require grad
     pending: tuple[list[Tensor], Tape, list[Tensor]] | None  # (gradients, tape, new values)
+    with_x: bool = False  # x requires grad and is the last input
 
     def backward(self, inputs: Sequence[Tensor], grads: Sequence[Tensor], tape: Tape,
                  vectors: Sequence[Tensor], needs: Sequence[bool]) -> list[Tensor | None]:
@@ -288,9 +307,11 @@ class StepContext:
             direction = {j: v * hyper.lr if hyper.sign == 1 else -(v * hyper.lr)
                          for j, hyper, v in zip(self.positions, self.hyper, vectors)}
         scale = 1.0 if common is None else common
-        product = self.hessian.hessian_vector(params, tape, direction, self.loss_fn)
+        product = self.hessian.hessian_vector(params, tape, direction, self.loss_fn, inputs=self.with_x)
         adapted = {j: k for k, j in enumerate(self.positions)}
         out: list[Tensor | None] = [None] * len(inputs)
+        if self.with_x and needs[-1] and INPUT in product:  # x enters every step through ∇ℓ(θ, x)
+            out[-1] = (product[INPUT] * -scale).reshape(inputs[-1].shape)
         for j, param in enumerate(params):
             if not needs[j]:
                 continue
@@ -316,8 +337,9 @@ class StepContext:
         """:meth:`backward` as a differentiable function of the inputs, for ``create_graph=True``
         (higher derivatives, forward mode's double-VJP): the forward and backpropagation recorded
         again with a graph, so that every tensor the formula reads depends on the inputs."""
+        x = inputs[-1] if self.with_x else self.x
         with torch.enable_grad():
-            recorded = _recorded(self.hessian.record(inputs[:self.param_count], self.x, self.y, self.loss_fn))
+            recorded = _recorded(self.hessian.record(inputs[:self.param_count], x, self.y, self.loss_fn))
             _, by_position, tape = recorded
             return self.backward(inputs, [by_position[j] for j in self.positions], tape, vectors, needs)
 
@@ -332,7 +354,8 @@ def _recorded(result: Any) -> Any:
 
 class SGDStep(torch.autograd.Function):
     """``φ = θ − α ⊙ (s ∇ℓ(θ) + λθ)`` for every adapted tensor, with the backward written out
-    (module docstring). ``apply(context, *params, *context.lr_inputs)`` returns the adapted
+    (module docstring). ``apply(context, *params, *context.lr_inputs[, x])`` (``x`` when
+    ``context.with_x``) returns the adapted
     tensors' new values, which the caller computed without a graph (``context.pending``). The
     forward saves the inner gradients and the tape with the inputs (``save_for_backward``, so
     that checkpointing frees and recomputes them like any saved tensor)."""
@@ -352,7 +375,7 @@ class SGDStep(torch.autograd.Function):
         """The written-out vector-Jacobian product (:meth:`StepContext.backward`)."""
         context: StepContext = ctx.context
         saved = ctx.saved_tensors
-        count = context.param_count + len(context.lr_inputs)
+        count = context.param_count + len(context.lr_inputs) + int(context.with_x)
         adapted = len(context.positions) if context.lr_inputs else 0
         inputs, grads, rest = saved[:count], saved[count:count + adapted], saved[count + adapted:]
         needs = ctx.needs_input_grad[1:]
@@ -365,26 +388,44 @@ class SGDStep(torch.autograd.Function):
 
 @dataclass(eq=False)
 class LossContext:
-    """What :class:`TaskLosses` needs besides the weights: the written-out backpropagation, the
-    data, and, until the forward saves them, the per-task gradients computed without a graph."""
+    """What :class:`TaskLosses` needs besides its tensor inputs: the written-out Hessian (its
+    backpropagation), the data, the positions that require grad, whether ``x`` does, and, until the
+    forward saves them, the per-task gradients computed without a graph."""
 
-    backprop: ExplicitBackprop
+    hessian: ExplicitHessian
     loss_fn: Callable[..., Tensor]
     x: Tensor
     y: Tensor
     wanted: list[int]  # the positions that require grad
-    pending: dict[int, Tensor] | None
+    with_x: bool  # x requires grad and is the last input
+    pending: tuple[Tensor, dict[int, Tensor], Tensor | None] | None  # (losses, gradients, input gradient)
 
-    @staticmethod
-    def weigh(params: Sequence[Tensor], gradients: dict[int, Tensor], weights: Tensor,
-              needs: Sequence[bool]) -> list[Tensor | None]:
-        """``∂(Σ_t w_t ℓ_t)/∂θ``: each task's gradient times its weight; summed over the tasks
-        for a weight they share."""
-        out: list[Tensor | None] = [None] * len(params)
-        for j, g in gradients.items():
+    def gradients(self, params: Sequence[Tensor], x: Tensor) -> tuple[Tensor, dict[int, Tensor], Tensor | None] | None:
+        """Per-task losses, ``{position: per-task gradient}`` and, when ``with_x``, ``∂ℓ_t/∂x``;
+        a graph exactly when grad mode is on; ``None`` for data that is not written out."""
+        if not self.with_x:
+            result = self.hessian.backprop.loss_and_gradients(params, x, self.y, self.loss_fn, self.wanted)
+            return None if result is None else (result[0], result[1], None)
+        recorded = self.hessian.record(params, x, self.y, self.loss_fn)
+        if recorded is None:
+            return None
+        losses, grads, tape = recorded
+        return losses, grads, self.hessian.input_gradient(params, tape, x)
+
+    def weigh(self, params: Sequence[Tensor], gradients: dict[int, Tensor], input_gradient: Tensor | None,
+              weights: Tensor, needs: Sequence[bool]) -> list[Tensor | None]:
+        """``∂(Σ_t w_t ℓ_t)/∂θ``: each task's gradient times its weight, summed over the tasks for
+        a weight they share; and ``∂/∂x`` the same way when ``with_x``."""
+        def weighed(g: Tensor) -> Tensor:
+            return g * weights.view(-1, *([1] * (g.dim() - 1)))
+
+        out: list[Tensor | None] = [None] * (len(params) + int(self.with_x))
+        for j in self.wanted:
             if needs[j]:
-                weighted = g * weights.view(-1, *([1] * (g.dim() - 1)))
+                weighted = weighed(gradients[j])
                 out[j] = weighted.sum(0) if weighted.dim() > params[j].dim() else weighted
+        if self.with_x and needs[-1]:
+            out[-1] = weighed(input_gradient)  # type: ignore[arg-type]
         return out
 
 
@@ -394,15 +435,16 @@ class TaskLosses(torch.autograd.Function):
     the backward only weighs each task's gradient by the incoming ``∂L/∂ℓ_t``, so the query
     loss of a meta-step records no graph of its own. Under ``create_graph=True`` the gradients
     are recorded again with a graph (every order stays exact).
-    ``apply(context, *params)``; ``context`` is a :class:`LossContext`."""
+    ``apply(context, *params[, x])`` (``x`` when ``context.with_x``); ``context`` is a :class:`LossContext`."""
 
     @staticmethod
-    def forward(ctx: Any, context: LossContext, *params: Tensor) -> Tensor:  # type: ignore[override]
-        """Return the precomputed per-task losses; save the weights and the per-task gradients."""
-        losses, gradients = context.pending  # type: ignore[misc]
+    def forward(ctx: Any, context: LossContext, *inputs: Tensor) -> Tensor:  # type: ignore[override]
+        """Return the precomputed per-task losses; save the inputs and the per-task gradients."""
+        losses, gradients, input_gradient = context.pending  # type: ignore[misc]
         context.pending = None
         ctx.context = context
-        ctx.save_for_backward(*params, *(gradients[j] for j in context.wanted))
+        extra = [input_gradient] if context.with_x else []
+        ctx.save_for_backward(*inputs, *(gradients[j] for j in context.wanted), *extra)
         return losses
 
     @staticmethod
@@ -410,13 +452,16 @@ class TaskLosses(torch.autograd.Function):
         """Each task's gradient weighed by ``∂L/∂ℓ_t`` (:meth:`LossContext.weigh`)."""
         context: LossContext = ctx.context
         saved = ctx.saved_tensors
-        params, computed = saved[:len(saved) - len(context.wanted)], saved[len(saved) - len(context.wanted):]
-        gradients = dict(zip(context.wanted, computed))
+        count = len(saved) - len(context.wanted) - int(context.with_x)
+        inputs = saved[:count]
+        params = inputs[:count - int(context.with_x)]
+        gradients = dict(zip(context.wanted, saved[count:count + len(context.wanted)]))
+        input_gradient = saved[-1] if context.with_x else None
         if torch.is_grad_enabled():  # a graph of the backward is wanted (create_graph=True)
             with torch.enable_grad():
-                gradients = _recorded(context.backprop.loss_and_gradients(
-                    params, context.x, context.y, context.loss_fn, context.wanted))[1]
-        return (None, *LossContext.weigh(params, gradients, weights, ctx.needs_input_grad[1:]))
+                x = inputs[-1] if context.with_x else context.x
+                _, gradients, input_gradient = _recorded(context.gradients(params, x))
+        return (None, *context.weigh(params, gradients, input_gradient, weights, ctx.needs_input_grad[1:]))
 
 
 def forward_ad_active() -> bool:
@@ -425,16 +470,20 @@ def forward_ad_active() -> bool:
     return torch.autograd.forward_ad._current_level >= 0
 
 
-def written_out_task_losses(backprop: ExplicitBackprop, params: Sequence[Tensor], x: Tensor, y: Tensor,
+def written_out_task_losses(hessian: ExplicitHessian, params: Sequence[Tensor], x: Tensor, y: Tensor,
                             loss_fn: Callable[..., Tensor]) -> Tensor | None:
     """Per-task losses through :class:`TaskLosses`, or ``None`` where the data's shapes are not
-    written out, no weight requires grad, the data requires grad, or forward-mode AD is running."""
+    written out, no weight requires grad, the targets require grad, the inputs do and the network
+    does not start with a Linear, or forward-mode AD is running."""
     wanted = [j for j, p in enumerate(params) if p.requires_grad]
-    if not wanted or x.requires_grad or y.requires_grad or forward_ad_active():
+    with_x = x.requires_grad
+    if (not wanted or y.requires_grad or (with_x and not hessian.differentiates_inputs)
+            or forward_ad_active()):
         return None
+    context = LossContext(hessian, loss_fn, x, y, wanted, with_x, None)
     with torch.no_grad():
-        result = backprop.loss_and_gradients(params, x, y, loss_fn, wanted)
+        result = context.gradients(params, x)
     if result is None or any(j not in result[1] for j in wanted):
         return None
-    context = LossContext(backprop, loss_fn, x, y, wanted, (result[0], result[1]))
-    return TaskLosses.apply(context, *params)
+    context.pending = result
+    return TaskLosses.apply(context, *params, *([x] if with_x else []))
