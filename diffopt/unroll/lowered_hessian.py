@@ -55,7 +55,7 @@ from ..optim._hyper import is_plain_number
 from ..optim.optimizer import DifferentiableOptimizer
 from ..optim.sgd import SGDRule, add_scaled
 from .lowered_backprop import ExplicitBackprop, Saved, _accumulate, _is_mse, counted_share, times
-from .lowered import _linear, per_task_loss
+from .lowered import per_task_loss
 
 #: The key of the inputs' entry in :meth:`ExplicitHessian.hessian_vector`'s result.
 INPUT = -1
