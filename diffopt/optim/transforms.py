@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -11,7 +12,7 @@ from ._rule import safe_sqrt
 Grads = list[Tensor | None]
 GradTransform = Callable[[Grads, int], Sequence[Tensor | None]]
 
-__all__ = ["clip_grad_norm", "clip_grad_value", "build_transforms"]
+__all__ = ["GradientTransforms", "clip_grad_norm", "clip_grad_value", "build_transforms"]
 
 
 def clip_grad_norm(grads: Sequence[Tensor | None], max_norm: float | Tensor) -> Grads:
@@ -34,25 +35,28 @@ def clip_grad_value(grads: Sequence[Tensor | None], clip_value: float) -> Grads:
     return [None if g is None else g.clamp(-clip_value, clip_value) for g in grads]
 
 
-def build_transforms(
-    max_norm: float | None, max_value: float | None, custom: GradTransform | None
-) -> Callable[[Sequence[Tensor | None], int], Grads]:
-    """Compose the configured transforms: value clip, then norm clip, then ``custom``."""
-    if max_norm is not None and not (isinstance(max_norm, Tensor) or max_norm > 0):
-        raise ValueError(f"clip_grad_norm must be positive, got {max_norm!r}")
-    if max_value is not None and not max_value > 0:
-        raise ValueError(f"clip_grad_value must be positive, got {max_value!r}")
-    if custom is not None and not callable(custom):
-        raise TypeError("grad_transform must be a callable f(grads, step) -> grads")
+@dataclass(frozen=True, eq=False)
+class GradientTransforms:
+    """The configured transforms as one callable ``(grads, step) -> grads``: value clip, then norm
+    clip, then ``custom`` (:func:`build_transforms` checks the settings)."""
 
-    def apply(grads: Sequence[Tensor | None], step: int) -> Grads:
+    max_norm: float | Tensor | None = None
+    max_value: float | None = None
+    custom: GradTransform | None = None
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether no transform is configured (the gradients pass through unchanged)."""
+        return self.max_value is None and self.max_norm is None and self.custom is None
+
+    def __call__(self, grads: Sequence[Tensor | None], step: int) -> Grads:
         out = list(grads)
-        if max_value is not None:
-            out = clip_grad_value(out, max_value)
-        if max_norm is not None:
-            out = clip_grad_norm(out, max_norm)
-        if custom is not None:
-            transformed = list(custom(out, step))
+        if self.max_value is not None:
+            out = clip_grad_value(out, self.max_value)
+        if self.max_norm is not None:
+            out = clip_grad_norm(out, self.max_norm)
+        if self.custom is not None:
+            transformed = list(self.custom(out, step))
             if len(transformed) != len(out):
                 raise ValueError(
                     f"grad_transform returned {len(transformed)} gradients for {len(out)} parameters"
@@ -60,5 +64,15 @@ def build_transforms(
             out = transformed
         return out
 
-    apply.identity = max_value is None and max_norm is None and custom is None  # type: ignore[attr-defined]
-    return apply
+
+def build_transforms(
+    max_norm: float | Tensor | None, max_value: float | None, custom: GradTransform | None
+) -> GradientTransforms:
+    """Compose the configured transforms: value clip, then norm clip, then ``custom``."""
+    if max_norm is not None and not (isinstance(max_norm, Tensor) or max_norm > 0):
+        raise ValueError(f"clip_grad_norm must be positive, got {max_norm!r}")
+    if max_value is not None and not max_value > 0:
+        raise ValueError(f"clip_grad_value must be positive, got {max_value!r}")
+    if custom is not None and not callable(custom):
+        raise TypeError("grad_transform must be a callable f(grads, step) -> grads")
+    return GradientTransforms(max_norm, max_value, custom)

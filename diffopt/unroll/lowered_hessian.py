@@ -54,6 +54,7 @@ from torch import Tensor
 from ..optim._hyper import is_plain_number
 from ..optim.optimizer import DifferentiableOptimizer
 from ..optim.sgd import SGDRule, add_scaled
+from ..optim.transforms import GradientTransforms
 from .lowered_backprop import ExplicitBackprop, Saved, _accumulate, _is_mse, counted_share, times
 from .lowered import per_task_loss
 
@@ -239,7 +240,7 @@ def sgd_hyperparameters(optimizer: DifferentiableOptimizer, count: int,
     a subclass that changes how the update or its hyperparameters are computed, momentum or a
     weight decay that is not a plain number, gradient clipping or a ``grad_transform``."""
     kind = type(optimizer)
-    if (type(optimizer.rule) is not SGDRule or not getattr(optimizer.transforms, "identity", False)
+    if (type(optimizer.rule) is not SGDRule or not (isinstance(optimizer.transforms, GradientTransforms) and optimizer.transforms.is_identity)
             or kind.update is not DifferentiableOptimizer.update
             or kind.tensor_hyperparameters is not DifferentiableOptimizer.tensor_hyperparameters
             or kind._hp is not DifferentiableOptimizer._hp):
