@@ -34,20 +34,11 @@ CLOCKS = ("wall", "cpu")
 
 
 def interleave_cpu(fns: Mapping[str, Any], warmup: int = 2, **kwargs: Any) -> dict[str, list[float]]:
-    """:func:`interleave`, each sample the calling thread's CPU time during the call (``time.thread_time``)
-    instead of wall time. With one torch thread every forward and backward runs in the calling thread,
-    so this is the work done, without the time spent waiting for a core on a loaded machine."""
-    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    """:func:`interleave`, each sample the calling thread's CPU time (``time.thread_time``) instead of
+    wall time. With one torch thread every forward and backward runs in the calling thread, so this
+    is the work done, without the time spent waiting for a core on a loaded machine."""
+    return interleave(fns, warmup=warmup, clock=time.thread_time, **kwargs)
 
-    def timed(name: str, fn: Any) -> Any:
-        def call() -> None:
-            start = time.thread_time()
-            fn()
-            cpu[name].append(time.thread_time() - start)
-        return call
-
-    interleave({name: timed(name, fn) for name, fn in fns.items()}, warmup=warmup, **kwargs)
-    return {name: samples[warmup:] for name, samples in cpu.items()}  # (the warm-up calls left out)
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -41,6 +41,13 @@ The vectorised path against the floor and torch.func (issue 16, item 3): ``diffo
 ``baddbmm floor`` and ≥ 2x faster than ``torch.func vmap`` at every K, first and second order
 (per-round ratios, in the "Vectorised path" table).
 
+Each sample is the mean of as many back-to-back meta-steps as last ``--min-sample-ms`` (20 ms:
+one call for the task loops, 5-20 for the vectorised rows), as ``timeit`` sizes its loops; the
+garbage collector runs between samples. ``--min-sample-ms 0`` times single meta-steps, each right
+after a full collection and the other rows' calls, so from cold caches: that reads the
+millisecond-long vectorised meta-steps 1.4-1.75x slower than back to back, and code with more
+Python per call (diffopt, torch.func) more so than the floor (``benchmarks/RESULTS.md`` section 10).
+
 Before timing, every implementation's meta-gradient is compared with the plain
 loop's in float64 (max abs difference printed). Ratios are against the per-task-backward
 plain loop measured in the same run: the median over rounds of the per-round ratio. Targets: diffopt second order at K=5
@@ -244,7 +251,7 @@ def timing(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, di
             }
             measure = _common.interleave_cpu if args.clock == "cpu" else _common.interleave
             samples = measure(fns, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
-                                         budget_s=args.budget)
+                              budget_s=args.budget, min_sample_s=args.min_sample_ms / 1e3 or None)
             base = samples[HEADLINE]
             out[f"{order}/K={steps}"] = {
                 name: {**_common.summarize(v), "ratio": _common.paired_ratio(v, base), "samples": v}
@@ -348,6 +355,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--implementations", nargs="*", choices=IMPLEMENTATIONS, default=None)
     parser.add_argument("--clock", choices=_common.CLOCKS, default="wall",
                         help="time per meta-step as wall time or as this thread's CPU time (a loaded machine)")
+    parser.add_argument("--min-sample-ms", type=float, default=20.0,
+                        help="each sample the mean of as many back-to-back meta-steps as last this long "
+                             "(default 20; 0: one meta-step per sample, after a full garbage collection)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.repeats is None:

@@ -8,10 +8,12 @@ Timing
 :func:`interleave` runs every implementation once per round, in an order that is
 reshuffled (seeded) every round, so slow drifts of a shared machine (other
 processes, frequency scaling, thermal state) hit every implementation alike.
-Each call is timed on its own with ``time.perf_counter`` with the garbage
-collector paused for the call (collected between calls). Report medians and
-ratios against a baseline measured in the same run; never compare absolute
-numbers between runs.
+Each sample is one call, or with ``min_sample_s`` the mean of enough back-to-back
+calls to last that long (as ``timeit`` sizes its loops), timed with
+``time.perf_counter`` (or another ``clock``: the engine scripts' ``--clock cpu``
+takes the thread's CPU time) with the garbage collector paused during the sample
+(collected between samples). Report medians and ratios against a baseline
+measured in the same run; never compare absolute numbers between runs.
 
 Memory (CPU)
 ------------
@@ -43,6 +45,7 @@ import gc
 import importlib.metadata
 import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -131,17 +134,26 @@ def set_threads(threads: int) -> None:
 
 
 # -- timing ----------------------------------------------------------------------------
-def time_call(fn: Callable[[], Any]) -> float:
-    """Seconds for one call of ``fn``, garbage collector paused during the call."""
+def time_call(fn: Callable[[], Any], number: int = 1, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds per call of ``fn``, averaged over ``number`` back-to-back calls, garbage collector
+    paused during them. ``clock``: wall time (default), or e.g. ``time.thread_time`` for the
+    calling thread's CPU time."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
+        start = clock()
+        for _ in range(number):
+            fn()
+        return (clock() - start) / number
     finally:
         if enabled:
             gc.enable()
+
+
+def calls_per_sample(fn: Callable[[], Any], min_sample_s: float, clock: Callable[[], float] = time.perf_counter) -> int:
+    """How many back-to-back calls of ``fn`` make a sample of at least ``min_sample_s`` (by one timed
+    call; at least 1), as ``timeit`` sizes its loops."""
+    return max(1, math.ceil(min_sample_s / max(time_call(fn, clock=clock), 1e-9)))
 
 
 def interleave(
@@ -152,18 +164,30 @@ def interleave(
     budget_s: float | None = None,
     min_repeats: int = 3,
     collect: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
+    min_sample_s: float | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of every function, measured in interleaved, shuffled rounds.
 
     ``warmup`` untimed rounds come first. With ``budget_s``, rounds stop once the
     time spent exceeds it (after at least ``min_repeats`` rounds). ``collect``:
-    run the garbage collector before every call (outside the timer).
+    run the garbage collector before every sample (outside the timer). ``clock``: wall
+    time (default) or another clock, e.g. ``time.thread_time``.
+
+    With ``min_sample_s``, each sample is the mean of as many back-to-back calls as make it
+    last at least that long (sized once per function after the warm-up, :func:`calls_per_sample`),
+    as ``timeit`` does. A single call of a millisecond right after a full collection and six
+    other functions' calls runs from cold caches, which costs code with more Python per call
+    more than code with less (a sinusoid meta-step read 1.6-1.75x its back-to-back time,
+    ``benchmarks/RESULTS.md`` section 10); back-to-back calls measure what a training loop runs.
     """
     names = list(fns)
     rng = random.Random(seed)
     for _ in range(warmup):
         for name in names:
             fns[name]()
+    number = {name: 1 if min_sample_s is None else calls_per_sample(fns[name], min_sample_s, clock)
+              for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     started = time.perf_counter()
     for r in range(repeats):
@@ -172,7 +196,7 @@ def interleave(
         for name in order:
             if collect:
                 gc.collect()
-            times[name].append(time_call(fns[name]))
+            times[name].append(time_call(fns[name], number[name], clock))
         if budget_s is not None and r + 1 >= min_repeats and time.perf_counter() - started > budget_s:
             break
     return times

@@ -119,6 +119,26 @@ def test_interleave_runs_every_function_equally():
     assert all(t >= 0 for v in times.values() for t in v)
 
 
+
+def test_interleave_sizes_samples_like_timeit():
+    """With ``min_sample_s`` each sample is the mean of enough back-to-back calls to last that
+    long (sized once after the warm-up), read from the given clock."""
+    now = [0.0]
+    calls = {"fast": 0, "slow": 0}
+
+    def make(name, seconds):
+        def f():
+            calls[name] += 1
+            now[0] += seconds
+        return f
+
+    times = _common.interleave({"fast": make("fast", 0.01), "slow": make("slow", 0.25)}, repeats=3, warmup=1,
+                               collect=False, clock=lambda: now[0], min_sample_s=0.05)
+    # warm-up 1, sizing 1, then 3 samples of 5 (fast) and of 1 (slow) calls
+    assert calls == {"fast": 1 + 1 + 3 * 5, "slow": 1 + 1 + 3}
+    assert all(abs(t - 0.01) < 1e-12 for t in times["fast"]) and all(abs(t - 0.25) < 1e-12 for t in times["slow"])
+    assert _common.time_call(make("fast", 0.01), number=4, clock=lambda: now[0]) == pytest.approx(0.01)
+
 def test_machine_info_and_markdown():
     info = _common.machine_info()
     for key in ("cpu", "cores", "torch", "threads", "python", "date", "load_average"):
@@ -222,7 +242,7 @@ def test_engine_sinusoid_tiny(tmp_path, capsys):
     path = tmp_path / "out.json"
     results = engine_sinusoid.main([
         "--steps", "2", "--tasks", "2", "--shots", "3", "--queries", "3", "--hidden", "5",
-        "--repeats", "1", "--warmup", "0", "--json", str(path),
+        "--repeats", "1", "--warmup", "0", "--min-sample-ms", "2", "--json", str(path),
     ])
     out = capsys.readouterr().out
     assert_markdown_table(out, columns=3)
