@@ -42,7 +42,7 @@ The vectorised path against the floor and torch.func (issue 16, item 3): ``diffo
 (per-round ratios, in the "Vectorised path" table).
 
 Each sample is the mean of as many back-to-back meta-steps as last ``--min-sample-ms`` (20 ms:
-one call for the task loops, 5-20 for the vectorised rows), as ``timeit`` sizes its loops; the
+one call for the task loops, 3-25 for the vectorised rows), as ``timeit`` sizes its loops; the
 garbage collector runs between samples. ``--min-sample-ms 0`` times single meta-steps, each right
 after a full collection and the other rows' calls, so from cold caches: that reads the
 millisecond-long vectorised meta-steps 1.4-1.75x slower than back to back, and code with more
