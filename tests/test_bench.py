@@ -341,6 +341,11 @@ def test_quick_settings_are_smaller():
     assert quick.steps_for("conv4") == (1,) and quick.train_steps_for("sinusoid") == (5,)
     assert bench_cli.settings_from_args(parser.parse_args(["--truncate", "3"])).truncate == 3
     assert bench.truncate_window(10, full) == 5 and bench.truncate_window(1, full) == 1
+    assert full.min_sample_s == 0.02 and bench_cli.settings_from_args(
+        parser.parse_args(["--min-sample-ms", "0"])).min_sample_s == 0.0
+    assert "the mean of back-to-back meta-steps lasting ≥ 20 ms" in bench.markdown(
+        {"machine": bench.common.machine_info(),
+         "settings": full.to_dict(), "memory_method": "off", "problems": {}})
 
 
 def test_modes_script_entry(tmp_path):

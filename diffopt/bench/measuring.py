@@ -98,7 +98,8 @@ def measure(problem: Problem, steps: int, settings: Settings, predicted: Mapping
         try:
             samples = common.interleave(fns, repeats=settings.repeats, warmup=max(settings.warmup - 1, 0),
                                         seed=settings.seed, budget_s=settings.block_budget_s,
-                                        min_repeats=min(3, settings.repeats))
+                                        min_repeats=min(3, settings.repeats),
+                                        min_sample_s=settings.min_sample_s or None)
         finally:
             gc.unfreeze()
         for name, values in samples.items():

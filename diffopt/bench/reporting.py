@@ -167,13 +167,21 @@ def problem_markdown(name: str, entry: Mapping[str, Any], results: Mapping[str, 
     return "\n\n".join(parts)
 
 
+def _sample_text(min_sample_s: float) -> str:
+    """How one time sample was taken (:class:`~diffopt.bench.settings.Settings` ``min_sample_s``)."""
+    if not min_sample_s:
+        return "one meta-step"
+    return f"the mean of back-to-back meta-steps lasting ≥ {min_sample_s * 1e3:g} ms"
+
+
 def markdown(results: Mapping[str, Any]) -> str:
     """The results as markdown: per problem time, ratios, memory, agreement, discrepancy, accuracy; targets."""
     info = results["machine"]
     s = results["settings"]
     parts = [f"# diffopt bench: modes against baselines\n\nMachine: {common.describe_machine(info)}.",
              f"Settings: threads {s['threads']}, repeats ≤ {s['repeats']} interleaved rounds per K "
-             f"(≤ {s['block_budget_s']:g} s per K), skipped when a meta-step is predicted over "
+             f"(≤ {s['block_budget_s']:g} s per K), each sample "
+             f"{_sample_text(s.get('min_sample_s', 0.0))}, skipped when a meta-step is predicted over "
              f"{s['max_call_s']:g} s; "
              f"truncated window {'max(1, K//2)' if not s['truncate'] else s['truncate']}, checkpoint segment "
              f"{'⌈√K⌉' if not s['segment'] else s['segment']}, implicit proximal λ={s['proximal']} with "

@@ -25,6 +25,7 @@ class Settings:
     repeats: int = 5
     warmup: int = 1
     block_budget_s: float = 15.0      # seconds of timed rounds per (problem, K)
+    min_sample_s: float = 0.02        # each time sample the mean of back-to-back calls lasting this long (0: one call)
     max_call_s: float = 4.0           # skip an implementation whose meta-step is predicted to take longer
     memory: str = "profiler"          # "profiler", "subprocess" or "off"
     discrepancy: bool = True

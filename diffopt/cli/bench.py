@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--quick", action="store_true", help="about a minute: fewer K, fewer repeats, tiny budgets")
     how.add_argument("--repeats", type=count(1), default=None, help="interleaved timing rounds per K (default 5; quick 2)")
     how.add_argument("--block-budget", type=number(0), default=None, help="seconds of timing rounds per K (default 15)")
+    how.add_argument("--min-sample-ms", type=number(0, strict=False), default=None,
+                     help="each time sample the mean of as many back-to-back meta-steps as last this long "
+                          "(default 20; 0: one meta-step per sample)")
     how.add_argument("--max-call-seconds", type=number(0), default=None,
                      help="skip implementations whose meta-step is predicted to take longer (default 4; quick 1)")
     how.add_argument("--memory", choices=("profiler", "subprocess", "off"), default="profiler",
@@ -115,7 +118,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
     overrides: dict[str, Any] = given(
         repeats=args.repeats, block_budget_s=args.block_budget, max_call_s=args.max_call_seconds,
-        truncate=args.truncate, segment=args.segment, snapshots=args.snapshots,
+        min_sample_s=None if args.min_sample_ms is None else args.min_sample_ms / 1e3, truncate=args.truncate, segment=args.segment, snapshots=args.snapshots,
     )
     overrides.update(memory=args.memory, discrepancy=not args.no_discrepancy, accuracy=not args.no_accuracy,
                      modes=tuple(args.modes) if args.modes else MODES,
