@@ -7,6 +7,13 @@ so for an outer gradient :math:`v = \partial L/\partial\phi^*`:
 :math:`(\partial^2 G/\partial\phi^2 + \text{damping}\cdot I)\,w = v`. For iMAML's proximal term
 :math:`\tfrac{\lambda}{2}\|\phi-\theta\|^2` this is :math:`\partial L/\partial\theta = \lambda w = (I + H/\lambda)^{-1} v`.
 Parameters the optimizer does not adapt act as hyperparameters of the inner problem.
+
+The stationary point is the optimizer's: an optimizer with a coupled weight decay :math:`\omega`
+(SGD, Adam, RMSprop, ... whose update adds :math:`\omega\phi` to the gradient) stops where
+:math:`s\nabla\ell + \omega\phi = 0` (:math:`s = -1` when maximising), so
+:math:`G = \ell + s\tfrac{\omega}{2}\|\phi\|^2`, and a learnable :math:`\omega` gets its hypergradient
+through the same solve. A decoupled weight decay (AdamW; Adafactor's and Muon's) stops at a point
+that is stationary for no objective, and is refused.
 """
 from __future__ import annotations
 
@@ -68,6 +75,7 @@ class Implicit(Mode):
         return cls(solver=SOLVERS[name](**settings), damping=options.get("damping", 0.0))
 
     def adapt(self, loop: InnerLoop, carry: Carry, x: Tensor, y: Tensor, info: dict[str, Any]) -> Carry:
+        coupled_weight_decays(loop)  # refuses a decoupled one before any step runs
         final = loop.run(carry, loop.steps, x, y, "none")
         shared = [loop.theta[j] for j in range(len(loop.theta)) if not loop.adapted_mask[j]]
         meta = unique(loop.meta_tensors() + [t for t in shared if t.requires_grad])
@@ -81,6 +89,39 @@ class Implicit(Mode):
         info["solver"] = self.solver.name  # type: ignore[union-attr]
         return Carry(params, final.states, final.buffers, final.step)
 
+
+
+#: The update rules whose ``weight_decay`` is added to the gradient (unless a group sets
+#: ``decoupled_weight_decay``): their stationary point is that of ``ℓ + s ω/2 ‖φ‖²``.
+COUPLED_WEIGHT_DECAY = ("SGDRule", "AdamRule", "AdamaxRule", "NAdamRule", "RAdamRule", "RMSpropRule", "AdagradRule",
+                        "AdadeltaRule", "ASGDRule")
+
+
+def coupled_weight_decays(loop: InnerLoop) -> list[tuple[float | Tensor, float]]:
+    """Per adapted tensor (``loop.positions``' order), the weight decay ``ω`` of the inner
+    optimizer's last step and the sign ``s`` of its gradient (−1 when maximising); ``(0.0, 1.0)``
+    where there is none. Raises for a decoupled weight decay, which no inner objective accounts for."""
+    optimizer = loop.optimizer
+    found: list[tuple[float | Tensor, float]] = [(0.0, 1.0)] * len(loop.positions)
+    if not hasattr(optimizer, "param_groups"):  # L-BFGS: no weight decay
+        return found
+    step = max(loop.steps - 1, 0)
+    for k, group in enumerate(optimizer.param_groups):
+        for position, i in enumerate(group["params"]):
+            hp = optimizer._hp(group, position, step)
+            decay = hp.get("weight_decay", 0.0)
+            if not isinstance(decay, Tensor) and float(decay) == 0.0:
+                continue
+            if type(optimizer.rule).__name__ not in COUPLED_WEIGHT_DECAY or hp.get("decoupled_weight_decay", False):
+                raise ValueError(
+                    f"InnerLoop(mode='implicit'): the inner optimizer's group {k} has a decoupled weight decay "
+                    f"(weight_decay={decay!r}, {type(optimizer).__name__}): its updates stop at a point that is "
+                    "stationary for no inner objective, so the implicit gradient would be wrong. Use weight_decay=0 "
+                    "(iMAML's proximal term regularises instead: proximal=λ), a coupled weight decay (e.g. "
+                    "Adam(..., decoupled_weight_decay=False) or SGD), or mode='second_order'"
+                )
+            found[i] = (decay if isinstance(decay, Tensor) else float(decay), -1.0 if hp.get("maximize") else 1.0)
+    return found
 
 class _ImplicitSolution(torch.autograd.Function):
     """Forward: the inner solution φ*. Backward: the implicit-function-theorem VJP
@@ -105,7 +146,11 @@ class _ImplicitSolution(torch.autograd.Function):
                 params[j] = p
             carry = Carry(params, final.states, [b.clone() for b in final.buffers], final.step)
             losses, _ = loop.inner_objective(carry, x, y)
-            grad = torch.autograd.grad(losses.sum(), phi, create_graph=True)
+            objective = losses.sum()
+            for p, (decay, sign) in zip(phi, coupled_weight_decays(loop)):
+                if not (isinstance(decay, float) and decay == 0.0):
+                    objective = objective + (0.5 * sign) * (decay * p * p).sum()
+            grad = torch.autograd.grad(objective, phi, create_graph=True)
 
             def hessian_vector(u: list[Tensor]) -> list[Tensor]:
                 hv = torch.autograd.grad(grad, phi, u, retain_graph=True, allow_unused=True)
