@@ -60,6 +60,31 @@ def test_loss_that_is_not_a_scalar_per_task(vectorize):
         loop.meta_loss(*tasks("mlp", 2, 0))
 
 
+
+@pytest.mark.parametrize("transform", ["grad", "jvp", "vmap"])
+def test_torch_func_transforms_are_refused_with_the_alternatives(transform):
+    """The inner steps call torch.autograd, which torch.func transforms cannot trace: the entry point
+    says so and names what works (before: torch's message about requires_grad_ or .item())."""
+    loop = InnerLoop(build("mlp"), steps=1)
+    sx, sy, qx, qy = tasks("mlp", 2, 0)
+
+    def meta_loss(query_x: Tensor) -> Tensor:
+        return loop.meta_loss(sx, sy, query_x, qy)
+
+    call = {"grad": lambda: torch.func.grad(meta_loss)(qx),
+            "jvp": lambda: torch.func.jvp(meta_loss, (qx,), (torch.ones_like(qx),)),
+            "vmap": lambda: torch.func.vmap(meta_loss)(torch.stack([qx, qx]))}[transform]
+    with pytest.raises(RuntimeError, match=r"InnerLoop.meta_loss was called inside a torch.func transform.*"
+                                           r"\.backward\(\) or torch.autograd.grad.*mode='forward'"):
+        call()
+    # the supported routes: the reverse-mode gradient and the forward-mode derivative agree
+    query = qx.clone().requires_grad_(True)
+    (reverse,) = torch.autograd.grad(meta_loss(query), query)
+    with torch.autograd.forward_ad.dual_level():
+        tangent = torch.autograd.forward_ad.unpack_dual(
+            meta_loss(torch.autograd.forward_ad.make_dual(qx, torch.ones_like(qx)))).tangent
+    assert torch.allclose(reverse.sum(), tangent, rtol=1e-10, atol=0)
+
 def test_unknown_mode_lists_the_valid_modes():
     with pytest.raises(ValueError, match="mode='maml' is not a mode; valid modes: second_order, first_order, "
                                          "truncated, checkpointed, implicit, forward, es, pes"):

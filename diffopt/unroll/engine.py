@@ -54,6 +54,26 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 __all__ = ["MODES", "Adapted", "InnerLoop", "default_segment"]
 
 
+def functorch_transform_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vjp, jvp, jacrev, jacfwd, vmap) is tracing the call.
+    torch has no public query for it; its ``maybe_current_level`` is ``None`` outside every transform."""
+    level = getattr(torch._C._functorch, "maybe_current_level", None)
+    return level is not None and level() is not None
+
+
+def _refuse_functorch_transform(entry: str) -> None:
+    """Name the limitation and the alternatives instead of torch's message about ``requires_grad_``
+    or ``.item()`` deep inside the inner loop."""
+    if functorch_transform_active():
+        raise RuntimeError(
+            f"InnerLoop.{entry} was called inside a torch.func transform (grad, vjp, jvp, jacrev, jacfwd or "
+            "vmap): its inner steps differentiate the inner loss with torch.autograd, which those transforms "
+            "cannot trace. Differentiate the result with .backward() or torch.autograd.grad instead; for "
+            "forward mode use mode='forward' or torch.autograd.forward_ad dual numbers; for several "
+            "hyperparameter values, call it once per value"
+        )
+
+
 def _checks_at_exit(method: Callable[..., Any]) -> Callable[..., Any]:
     """Run an entry point (``adapt``, ``meta_loss``, ...) with the inner steps' non-finite checks
     deferred to its end: each step only records its losses, and one read at exit checks them
@@ -62,6 +82,7 @@ def _checks_at_exit(method: Callable[..., Any]) -> Callable[..., Any]:
     and tensor. (Steps run later, in a backward pass, check at once.)"""
     @functools.wraps(method)
     def checked(self: InnerLoop, *args: Any, **kwargs: Any) -> Any:
+        _refuse_functorch_transform(method.__name__)
         if self._pending_checks is not None or not self.check_finite:
             return method(self, *args, **kwargs)
         self._pending_checks, self._last_adapted = [], None
