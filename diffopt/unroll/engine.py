@@ -54,6 +54,23 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 __all__ = ["MODES", "Adapted", "InnerLoop", "default_segment"]
 
 
+def graph_leaves(output: Tensor) -> list[Tensor]:
+    """The leaf tensors that ``output``'s autograd graph accumulates gradients into."""
+    leaves: dict[int, Tensor] = {}
+    seen: set[int] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node
+        if isinstance(variable, Tensor):
+            leaves.setdefault(id(variable), variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return list(leaves.values())
+
+
 def functorch_transform_active() -> bool:
     """Whether a ``torch.func`` transform (grad, vjp, jvp, jacrev, jacfwd, vmap) is tracing the call.
     torch has no public query for it; its ``maybe_current_level`` is ``None`` outside every transform."""
@@ -204,6 +221,7 @@ class InnerLoop:
         self.attention = attention
         self.last_info: dict[str, Any] = {}
         self._double_backward_checked = False
+        self._dependencies_checked = False
         self._pending_checks: list[Tensor] | None = None  # inner losses recorded for one check at exit
         self._last_adapted: list[Tensor] | None = None
 
@@ -525,6 +543,33 @@ class InnerLoop:
 
         module = self.patched.fmodel if self.patched.fmodel is not None else self.model
         check_double_backward(grads, adapted, module, rerun, self.mode.name, self.model)
+
+    def check_declared_dependencies(self, carry: Carry, x: Tensor, y: Tensor) -> None:
+        """Once per loop, for the modes whose backward routes meta-gradients only to what they were
+        given (checkpointed, implicit): refuse an inner loss that depends on a tensor which requires
+        grad but is neither the weights, the data nor a declared meta-parameter (a tensor ``loss_fn``
+        closes over, say). Those modes would drop its gradient silently; second order, truncated and
+        forward mode follow the graph and find it on their own."""
+        if self._dependencies_checked:
+            return
+        self._dependencies_checked = True
+        probe = Carry([p.detach() for p in carry.params], carry.states, [b.clone() for b in carry.buffers], carry.step)
+        devices = [x.device] if x.device.type == "cuda" else []  # the probe must not move the random
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():  # stream Dropout draws from
+            losses, _ = self.inner_objective(probe, x.detach(), y.detach(), [t.detach() for t in self.theta])
+        if not losses.requires_grad:
+            return
+        declared = {id(t) for t in self.meta_tensors()}
+        undeclared = [t for t in graph_leaves(losses) if id(t) not in declared]
+        if undeclared:
+            shapes = ", ".join(str(tuple(t.shape)) for t in undeclared)
+            raise ValueError(
+                f"InnerLoop(mode={self.mode.name!r}): the inner loss depends on {len(undeclared)} tensor(s) that "
+                f"require grad but are not declared (shapes {shapes}; e.g. the weights of a learned loss that "
+                f"loss_fn closes over). This mode routes meta-gradients only to the weights, the data and "
+                "meta_parameters, so their gradient through the inner steps would be lost: pass them as "
+                "InnerLoop(..., meta_parameters=[...]), or use mode='second_order'"
+            )
 
     def _inner_gradients(self, losses: Tensor, adapted: list[Tensor], create_graph: bool) -> list[Tensor | None]:
         """Every task's gradient in one call: tasks are independent, so the gradient of the

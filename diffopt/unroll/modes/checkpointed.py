@@ -39,6 +39,7 @@ class Checkpointed(Mode):
         return self.segment or default_segment(steps)
 
     def adapt(self, loop: InnerLoop, carry: Carry, x: Tensor, y: Tensor, info: dict[str, Any]) -> Carry:
+        loop.check_declared_dependencies(carry, x, y)
         segment = self.segment_length(loop.steps)
         info["segment"] = segment
         meta = loop.meta_tensors()

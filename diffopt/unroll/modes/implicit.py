@@ -28,6 +28,7 @@ from torch import Tensor
 from ...errors import LinearSolveWarning
 from ...implicit.ift import implicit_vjp
 from ...implicit.linear_solve import SOLVERS, LinearSolver, SolveInfo, as_solver, solver_settings
+from ...optim.optimizer import DifferentiableOptimizer
 from ..attention import double_differentiable
 from ..carry import Carry, unique
 from ._base import Mode
@@ -76,6 +77,7 @@ class Implicit(Mode):
 
     def adapt(self, loop: InnerLoop, carry: Carry, x: Tensor, y: Tensor, info: dict[str, Any]) -> Carry:
         coupled_weight_decays(loop)  # refuses a decoupled one before any step runs
+        loop.check_declared_dependencies(carry, x, y)
         final = loop.run(carry, loop.steps, x, y, "none")
         shared = [loop.theta[j] for j in range(len(loop.theta)) if not loop.adapted_mask[j]]
         meta = unique(loop.meta_tensors() + [t for t in shared if t.requires_grad])
@@ -103,7 +105,7 @@ def coupled_weight_decays(loop: InnerLoop) -> list[tuple[float | Tensor, float]]
     where there is none. Raises for a decoupled weight decay, which no inner objective accounts for."""
     optimizer = loop.optimizer
     found: list[tuple[float | Tensor, float]] = [(0.0, 1.0)] * len(loop.positions)
-    if not hasattr(optimizer, "param_groups"):  # L-BFGS: no weight decay
+    if not isinstance(optimizer, DifferentiableOptimizer):  # L-BFGS: no weight decay
         return found
     step = max(loop.steps - 1, 0)
     for k, group in enumerate(optimizer.param_groups):
