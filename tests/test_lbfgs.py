@@ -149,3 +149,33 @@ def test_errors():
         LBFGS([{"params": [w]}, {"params": [torch.zeros(1, requires_grad=True)]}])
     with pytest.raises(TypeError, match="scalar loss"):
         LBFGS([w]).step(lambda ps: ps[0] * 2)
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_a_parameter_built_frozen_stays_put_as_in_torch(tensor_lr):
+    """A parameter with requires_grad=False gets a zero gradient and never moves (torch.optim.LBFGS);
+    before, the first move gave it a graph, from then on it was differentiated and moved (review)."""
+    def f(w, c):
+        return ((w - 1) ** 2).sum() * (1 + c.sum() ** 2) + (w * c).sum() + c.sum() ** 2
+
+    w0, frozen = torch.tensor([1.0, -2.0], dtype=F64, requires_grad=True), torch.tensor([3.0], dtype=F64)
+    w = w0.detach().clone().requires_grad_()
+    c = frozen.clone()
+    reference = torch.optim.LBFGS([w, c], lr=0.5, max_iter=3)
+
+    def closure():
+        reference.zero_grad()
+        loss = f(w, c)
+        loss.backward()
+        return loss
+
+    reference.step(closure)
+    lr = torch.tensor(0.5, dtype=F64, requires_grad=True) if tensor_lr else 0.5
+    new_w, new_c = LBFGS([w0, frozen], lr=lr, max_iter=3).step(lambda ps: f(*ps))
+    assert torch.equal(new_c, frozen) and not new_c.requires_grad
+    assert torch.allclose(new_w, w, rtol=0, atol=1e-12)
+
+
+def test_a_nan_learning_rate_is_refused():
+    with pytest.raises(ValueError, match="LBFGS: invalid lr nan"):
+        LBFGS([torch.zeros(2, dtype=F64, requires_grad=True)], lr=float("nan"))

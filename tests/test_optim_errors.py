@@ -338,3 +338,46 @@ def test_a_second_order_step_through_fused_attention_is_refused_with_the_fix():
         grads[how] = torch.autograd.grad(meta, params)
     for a, b in zip(grads["context"], grads["math"]):
         assert torch.equal(a, b) and bool(torch.isfinite(a).all())
+
+
+# -- review findings: inputs that passed validation and then gave a wrong or non-finite step -----------
+
+@pytest.mark.parametrize("grad", [torch.ones(3, 1, dtype=F64), torch.ones(1, 3, dtype=F64), torch.ones(4, dtype=F64),
+                                  torch.ones(3, dtype=torch.float32)])
+def test_a_gradient_of_another_shape_or_dtype_is_refused(grad):
+    """``step(grads=...)``: a (3, 1) gradient for a (3,) parameter used to broadcast it to (3, 3)."""
+    with pytest.raises(ValueError, match=r"step 0: the gradient of parameter 0 .* has shape .* but the parameter "
+                                         r"has shape \(3,\) and dtype torch.float64"):
+        diffopt.optim.SGD([weight()], lr=0.1).step(grads=[grad])
+    bad_transform = diffopt.optim.Adam([weight()], lr=0.1, grad_transform=lambda gs, step: [grad])
+    with pytest.raises(ValueError, match=r"grads= or grad_transform"):
+        bad_transform.step(grads=[torch.ones(3, dtype=F64)])
+
+
+@pytest.mark.parametrize("option", ["clip_grad_norm", "clip_grad_value"])
+@pytest.mark.parametrize("value", [-1.0, float("nan"), 0.0, float("inf")])
+def test_clipping_thresholds_given_as_tensors_are_checked_like_numbers(option, value):
+    """A tensor ``clip_grad_norm`` of -1 reversed the step, NaN made every weight NaN (review)."""
+    for given in (value, torch.tensor(value, dtype=F64)):
+        with pytest.raises(ValueError, match=f"{option} must be positive"):
+            diffopt.optim.SGD([weight()], lr=0.1, **{option: given})
+    with pytest.raises(ValueError, match=f"{option} must be positive.*one-element tensor"):
+        diffopt.optim.SGD([weight()], lr=0.1, **{option: torch.tensor([1.0, 2.0], dtype=F64)})
+
+
+@pytest.mark.parametrize(("name", "value"), [("lr", torch.tensor(-0.1, dtype=F64)), ("momentum", -5.0),
+                                             ("weight_decay", torch.tensor(float("nan"), dtype=F64))])
+def test_a_callable_schedule_is_checked_at_every_step(name, value):
+    options = {"lr": 0.1, name: Schedule(lambda step: value)}
+    optimizer = diffopt.optim.SGD([weight()], **options)
+    w = optimizer.params[0]
+    with pytest.raises(ValueError, match=f"hyperparameter '{name}': its Schedule returned .* at step 0.*must be >= 0"):
+        optimizer.step((w * w).sum())
+
+
+def test_nesterov_reads_the_values_of_tensor_hyperparameters():
+    """``dampening=tensor(0.)`` is a dampening of 0 (torch accepts it); the message says what it got."""
+    diffopt.optim.SGD([weight()], lr=0.1, momentum=0.9, nesterov=True, dampening=torch.tensor(0.0, dtype=F64))
+    with pytest.raises(ValueError, match=r"nesterov=True requires momentum > 0 and dampening = 0, got momentum=0.9 "
+                                         r"and dampening=tensor\(0.5"):
+        diffopt.optim.SGD([weight()], lr=0.1, momentum=0.9, nesterov=True, dampening=torch.tensor(0.5, dtype=F64))

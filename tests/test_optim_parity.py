@@ -449,3 +449,25 @@ def test_a_derived_group_update_does_not_inherit_the_tensor_lr_promise():
     new = NumbersOnlySGD(w, lr=lr).step(grads=[torch.full((3,), 2.0, dtype=F64), torch.full((2,), 4.0, dtype=F64)])
     (grad_lr,) = torch.autograd.grad(sum(p.sum() for p in new), lr)
     assert float(grad_lr) == -(3 * 2.0 + 2 * 4.0)
+
+
+@pytest.mark.parametrize("dampening", [0.0, 0.5])
+def test_sgd_with_a_tensor_momentum_of_zero_follows_torch(dampening):
+    """torch applies momentum only when ``momentum != 0``; a tensor momentum of 0 with a dampening used to
+    take the buffer path and scale the gradient by 1 − dampening (review). Its hypergradient stays: at
+    dampening 0 the buffer path is torch's value."""
+    w0 = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    reference = w0.clone().requires_grad_()
+    torch_sgd = torch.optim.SGD([reference], lr=0.1, momentum=0.0, dampening=dampening)
+    momentum = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    ours = diffopt.optim.SGD([w0.clone().requires_grad_()], lr=0.1, momentum=momentum, dampening=dampening)
+    for _ in range(3):
+        torch_sgd.zero_grad()
+        (reference ** 3).sum().backward()
+        torch_sgd.step()
+        w = ours.params[0]
+        ours.step((w ** 3).sum())
+    assert torch.equal(ours.params[0].detach(), reference.detach())
+    if dampening == 0.0:
+        (hypergradient,) = torch.autograd.grad(ours.params[0].sum(), momentum)
+        assert hypergradient != 0

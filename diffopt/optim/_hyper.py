@@ -41,6 +41,19 @@ class PerParameter:
         return f"PerParameter({self.values!r})"
 
 
+#: Hyperparameters a callable :class:`Schedule`'s values are checked for at every step (the optimizers
+#: check the other forms once, at construction).
+NON_NEGATIVE = frozenset({"lr", "momentum", "weight_decay", "dampening"})
+
+
+def _all_non_negative(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return bool((value.detach() >= 0).all())  # (False for NaN)
+    if isinstance(value, (int, float)):
+        return value >= 0
+    return True  # other kinds are checked where they are used
+
+
 class Schedule:
     """A per-step hyperparameter: entry ``t`` is used at the optimizer's step ``t`` (0-based).
 
@@ -69,9 +82,9 @@ class Schedule:
     def at(self, step: int, name: str) -> Any:
         if callable(self.values) and not isinstance(self.values, Tensor):
             value = self.values(step)
-            if name == "lr" and isinstance(value, (int, float)) and not value >= 0:
-                raise ValueError(f"hyperparameter 'lr': its Schedule returned {value!r} at step {step} (0-based); "
-                                 "a learning rate must be a number >= 0")
+            if name in NON_NEGATIVE and not _all_non_negative(value):
+                raise ValueError(f"hyperparameter {name!r}: its Schedule returned {value!r} at step {step} (0-based); "
+                                 f"{name} must be >= 0 (and not NaN), as the optimizer checks it at construction")
             return value
         length = len(self.values)
         if self.hold_last:

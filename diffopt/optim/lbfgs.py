@@ -162,8 +162,8 @@ class LBFGS:
                 raise TypeError(f"LBFGS: params[{j}] must be a floating-point or complex tensor")
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError(f"LBFGS: a tensor lr must have one element, got shape {tuple(lr.shape)}")
-        if float(lr.detach() if isinstance(lr, Tensor) else lr) < 0:
-            raise ValueError(f"LBFGS: invalid lr {float(lr)}; it must be >= 0")
+        if not float(lr.detach() if isinstance(lr, Tensor) else lr) >= 0:  # (NaN too, as torch)
+            raise ValueError(f"LBFGS: invalid lr {float(lr)}; it must be a number >= 0")
         if line_search_fn not in (None, "strong_wolfe"):
             raise ValueError(f"LBFGS: line_search_fn must be None or 'strong_wolfe', got {line_search_fn!r}")
         for name, value in (("max_iter", max_iter), ("history_size", history_size)):
@@ -193,10 +193,13 @@ class LBFGS:
     def _moved(self, params: list[Tensor], t: Any, d: Tensor) -> list[Tensor]:
         """``p + t * d`` for every parameter (torch: ``p.add_(d_slice, alpha=t)``, a fused multiply-add)."""
         out, offset = [], 0
-        for p in params:
+        for p, trainable in zip(params, self._trainable):
             real = torch.view_as_real(p) if p.is_complex() else p
             piece = d[offset:offset + real.numel()].view_as(real)
             offset += real.numel()
+            if not trainable:  # its gradient is zero; torch leaves it exactly as it is
+                out.append(p)
+                continue
             if isinstance(t, Tensor):
                 moved = torch.addcmul(real, piece, t.to(real.dtype))
             else:
@@ -212,13 +215,14 @@ class LBFGS:
             loss = closure(params)
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise TypeError("LBFGS.step(closure): the closure must return a scalar loss tensor of the parameters")
-            wanted = [p for p in params if p.requires_grad]
+            # what was frozen when the optimizer was built (requires_grad=False) stays a constant, as in torch
+            wanted = [p for p, trainable in zip(params, self._trainable) if trainable and p.requires_grad]
             if not loss.requires_grad or not wanted:
                 raise ValueError("LBFGS.step(closure): the loss does not depend on parameters that require grad")
             grads = torch.autograd.grad(loss.reshape(()), wanted, create_graph=not self.first_order and
                                         torch.is_grad_enabled(), allow_unused=True)
         it = iter(grads)
-        full = [next(it) if p.requires_grad else None for p in params]
+        full = [next(it) if trainable and p.requires_grad else None for p, trainable in zip(params, self._trainable)]
         return loss.reshape(()), self._flat([torch.zeros_like(p) if g is None else g for p, g in zip(params, full)])
 
     # -- the step ---------------------------------------------------------------------------------------

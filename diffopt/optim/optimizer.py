@@ -182,11 +182,23 @@ class DifferentiableOptimizer(ParamGroups, StateDict):
             if len(grads) != len(current):
                 raise ValueError(f"step: got {len(grads)} gradients for {len(current)} parameters")
         grads = self.transforms(grads, self.step_count)
+        self._check_gradient_shapes(grads, current)
         if self.check_finite:
             check_finite_gradients(grads, self.param_names, self.step_count)
         self.params, self.state = self.update(current, grads, self.state, self.step_count)
         self.step_count += 1
         return list(self.params)
+
+    def _check_gradient_shapes(self, grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> None:
+        """Refuse a gradient (``grads=`` or a ``grad_transform``'s) whose shape or dtype is not its
+        parameter's: broadcasting would silently change the parameter's shape."""
+        for i, (g, p) in enumerate(zip(grads, params)):
+            if g is not None and (g.shape != p.shape or g.dtype != p.dtype):
+                raise ValueError(
+                    f"step {self.step_count}: the gradient of parameter {i} ({self.param_names[i]}) has shape "
+                    f"{tuple(g.shape)} and dtype {g.dtype}, but the parameter has shape {tuple(p.shape)} and dtype "
+                    f"{p.dtype}; give one gradient per parameter, in its shape and dtype (grads= or grad_transform)"
+                )
 
     def update(
         self,

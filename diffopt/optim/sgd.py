@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rule import Hyper, State, UpdateRule, add_scaled_all, check_range, nonzero
+from ._rule import Hyper, State, UpdateRule, add_scaled_all, check_range, maximum_of, minimum_of, nonzero
 from ._shared import signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
 
@@ -22,6 +22,18 @@ def add_scaled(tensor: Tensor, other: Tensor, factor: Any) -> Tensor:
     """``tensor + factor * other``: torch's ``add(alpha=factor)`` for a number (one rounding, as torch.optim's
     single-tensor SGD; also in half precision), the product for a tensor factor."""
     return torch.add(tensor, other, alpha=factor) if isinstance(factor, (int, float)) else tensor + factor * other
+
+
+def momentum_applies(momentum: float | Tensor, dampening: float | Tensor) -> bool:
+    """Whether the step keeps a momentum buffer. torch's test is ``momentum != 0``. A tensor momentum
+    takes the buffer path even at 0 (``buf = 0·buf + g`` is torch's value there, and the path keeps
+    the hypergradient with respect to the momentum), except at 0 with a dampening, where the path
+    would scale the gradient by ``1 − dampening`` and torch does not."""
+    if not isinstance(momentum, Tensor):
+        return momentum != 0
+    if momentum.numel() == 1 and float(momentum.detach()) == 0:
+        return minimum_of(dampening) == 0 and maximum_of(dampening) == 0
+    return True
 
 
 class SGDRule(UpdateRule):
@@ -41,7 +53,7 @@ class SGDRule(UpdateRule):
             g = add_scaled(g, param, hp["weight_decay"])
         momentum = hp["momentum"]
         new_state = state
-        if nonzero(momentum):
+        if momentum_applies(momentum, hp["dampening"]):
             buf = state.get("momentum_buffer")
             buf = g if buf is None else add_scaled(buf * momentum, g, 1 - hp["dampening"])
             new_state = {"momentum_buffer": buf}
@@ -54,7 +66,7 @@ class SGDRule(UpdateRule):
         _, g = signed_with_weight_decay(params, grads, hp)  # SGD's weight decay is coupled
         momentum = hp["momentum"]
         new_states = states
-        if momentum != 0:
+        if momentum_applies(momentum, hp["dampening"]):
             previous = [s.get("momentum_buffer") for s in states]
             buffers = list(g)  # the first step's buffer is the gradient, as in torch
             running = [k for k, b in enumerate(previous) if b is not None]
@@ -73,10 +85,11 @@ class SGDRule(UpdateRule):
         super().validate_group(group, where)
         check_range(group["momentum"], "momentum", where, low=0.0)
         check_range(group["dampening"], "dampening", where)
-        if group["nesterov"] and (
-            not nonzero(group["momentum"]) or isinstance(group["dampening"], Tensor) or group["dampening"] != 0
-        ):
-            raise ValueError(f"{where}: nesterov=True requires momentum > 0 and dampening = 0")
+        momentum, dampening = group["momentum"], group["dampening"]
+        if group["nesterov"] and (minimum_of(momentum) <= 0 or minimum_of(dampening) != 0
+                                  or maximum_of(dampening) != 0):
+            raise ValueError(f"{where}: nesterov=True requires momentum > 0 and dampening = 0, got momentum="
+                             f"{momentum!r} and dampening={dampening!r}")
 
     def state_from_torch(self, state: Mapping[str, Any], param: Tensor) -> State:
         buf = state.get("momentum_buffer")

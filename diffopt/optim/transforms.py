@@ -1,6 +1,8 @@
 """Differentiable gradient transforms applied before the update rule."""
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -41,7 +43,7 @@ class GradientTransforms:
     clip, then ``custom`` (:func:`build_transforms` checks the settings)."""
 
     max_norm: float | Tensor | None = None
-    max_value: float | None = None
+    max_value: float | Tensor | None = None
     custom: GradTransform | None = None
 
     @property
@@ -65,14 +67,20 @@ class GradientTransforms:
         return out
 
 
+def _positive_number(value: float | Tensor) -> bool:
+    """A finite number > 0, or a one-element tensor holding one (its value checked here, once)."""
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and bool(torch.isfinite(value.detach())) and float(value.detach()) > 0
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def build_transforms(
-    max_norm: float | Tensor | None, max_value: float | None, custom: GradTransform | None
+    max_norm: float | Tensor | None, max_value: float | Tensor | None, custom: GradTransform | None
 ) -> GradientTransforms:
     """Compose the configured transforms: value clip, then norm clip, then ``custom``."""
-    if max_norm is not None and not (isinstance(max_norm, Tensor) or max_norm > 0):
-        raise ValueError(f"clip_grad_norm must be positive, got {max_norm!r}")
-    if max_value is not None and not max_value > 0:
-        raise ValueError(f"clip_grad_value must be positive, got {max_value!r}")
+    for name, value in (("clip_grad_norm", max_norm), ("clip_grad_value", max_value)):
+        if value is not None and not _positive_number(value):
+            raise ValueError(f"{name} must be positive, got {value!r} (a finite number, or a one-element tensor of one)")
     if custom is not None and not callable(custom):
         raise TypeError("grad_transform must be a callable f(grads, step) -> grads")
     return GradientTransforms(max_norm, max_value, custom)
