@@ -362,3 +362,19 @@ def test_an_undeclared_tensor_the_inner_loss_depends_on_is_refused(mode):
         assert torch.allclose(gradient(mode, (w,)), gradient("second_order", ()), rtol=1e-10, atol=1e-14)
     else:
         gradient(mode, (w,))  # declared, it runs (its value: the closed-form tests of implicit mode)
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", True, False])
+@pytest.mark.parametrize("which", ["support", "query"])
+def test_inputs_that_do_not_fit_the_model_are_named_on_every_path(vectorize, which):
+    """Inputs of the wrong feature size used to be reported as a vmap failure of the model (with the
+    advice to use vectorize=False, which fails too) or as a raw baddbmm error (review)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    data = {name: torch.randn(3, n, d, dtype=F64) for name, n, d in
+            (("sx", 5, 3), ("sy", 5, 2), ("qx", 6, 3), ("qy", 6, 2))}
+    data["sx" if which == "support" else "qx"] = torch.randn(3, 5 if which == "support" else 6, 2, dtype=F64)
+    loop = InnerLoop(model, steps=1, vectorize=vectorize)
+    shape = r"\(3, 5, 2\)" if which == "support" else r"\(3, 6, 2\)"
+    with pytest.raises(RuntimeError, match=rf"the model's forward failed on the {which} inputs of shape {shape}.*"
+                                           rf"first task alone as well.*Check that the {which} inputs"):
+        loop.meta_loss(data["sx"], data["sy"], data["qx"], data["qy"])

@@ -328,9 +328,7 @@ class InnerLoop:
                 outputs, buffers = self.patched.forward_tasks(params, buffers, x, phase, self.vectorize,
                                                               self.adapted_mask)
             except RuntimeError as error:
-                if self.vectorize and ("vmap" in str(error) or "batch" in str(error).lower()):
-                    raise RuntimeError(describe_vmap_failure(self.model, error, self.patched.policy)) from error
-                raise
+                raise self._forward_failure(error, params, buffers, x, phase) from error
             losses = self._per_task_loss(loss_fn, outputs, y)
         if self.autocast is not None and self.theta:
             losses = losses.to(self.theta[0].dtype)  # a low-precision loss_fn's value, in the weights' dtype
@@ -372,6 +370,31 @@ class InnerLoop:
             except (RuntimeError, ValueError):
                 pass  # a loss vmap cannot batch: fall back to the task loop below
         return torch.stack([loss_fn(out, target) for out, target in zip(outputs.unbind(0), y.unbind(0))])
+
+    def _forward_failure(self, error: RuntimeError, params: Sequence[Tensor], buffers: Sequence[Tensor], x: Tensor,
+                         phase: str) -> RuntimeError:
+        """The error to raise when the model's forward failed on a task batch: the first task run alone
+        in the task loop tells data that does not fit the model (named with its shape) from a model
+        that cannot run vectorised (vmap or the task-batched kernels)."""
+        which = "support" if phase == "inner" else "query"
+        try:
+            first = [p[:1] if adapted else p for p, adapted in zip(params, self.adapted_mask)]
+            self.patched.forward_tasks(first, [b[:1] for b in buffers], x[:1], phase, False, self.adapted_mask)
+        except RuntimeError as alone:
+            return RuntimeError(
+                f"the model's forward failed on the {which} inputs of shape {tuple(x.shape)} (tasks, examples, "
+                f"...), for the first task alone as well: {alone}. Check that the {which} inputs have the shape "
+                "the model takes after the task and example dimensions"
+            )
+        if self.vectorize and self.patched.lowered is None:
+            return RuntimeError(describe_vmap_failure(self.model, error, self.patched.policy))
+        if self.vectorize:
+            return RuntimeError(
+                f"the task-batched kernels of diffopt.unroll.lowered failed on the {which} inputs of shape "
+                f"{tuple(x.shape)}, which the model takes task by task ({error}); use vectorize='vmap' or False, "
+                "and please report it"
+            )
+        return error
 
     def inner_objective(self, carry: Carry, x: Tensor, y: Tensor, theta: Sequence[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
         """Per-task inner objective: the inner loss plus iMAML's proximal term if set."""

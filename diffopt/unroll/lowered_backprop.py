@@ -189,9 +189,10 @@ class ExplicitBackprop:
         """The network's outputs and, per step, what backpropagation reads: a Linear's input or an
         activation's ``(z, h)``; ``None`` for inputs whose shapes are not written out here."""
         h = x.flatten(2) if self.flatten else x
-        if h.dim() != 3:
-            return None
         lowered = self.lowered
+        if h.dim() != 3 or (self.steps[0][0] == "linear"
+                            and h.shape[-1] != params[lowered.weights[self.steps[0][1]]].shape[-1]):
+            return None  # (inputs that do not fit: the generic path names the problem)
         saved: list[Saved] = []
         for kind, k, activation in self.steps:
             if kind == "linear":
