@@ -378,3 +378,17 @@ def test_inputs_that_do_not_fit_the_model_are_named_on_every_path(vectorize, whi
     with pytest.raises(RuntimeError, match=rf"the model's forward failed on the {which} inputs of shape {shape}.*"
                                            rf"first task alone as well.*Check that the {which} inputs"):
         loop.meta_loss(data["sx"], data["sy"], data["qx"], data["qy"])
+
+
+def test_implicit_mode_without_proximal_warns_that_the_initialisation_gets_no_meta_gradient():
+    """By the implicit function theorem the solution of the inner loss alone does not depend on θ:
+    ``weight.grad`` silently stayed None (review). The loop says so when it is built."""
+    model = build("mlp")
+    with pytest.warns(UserWarning, match=r"mode='implicit'\) without proximal=.*initialisation gets no "
+                                         r"meta-gradient.*proximal=λ \(iMAML\)"):
+        InnerLoop(model, steps=2, mode="implicit")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        InnerLoop(model, steps=2, mode="implicit", proximal=1.0)

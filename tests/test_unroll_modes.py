@@ -134,3 +134,13 @@ def test_implicit_refuses_a_decoupled_weight_decay():
     loop = InnerLoop(model, AdamW(model.parameters(), lr=0.01, weight_decay=0.0), steps=2, mode="implicit",
                      proximal=0.5)
     loop.meta_loss(*problem()[1]).backward()  # without the decay it runs
+
+
+def test_forward_mode_checks_its_wrt_when_built():
+    """``Forward(wrt=[0.1])`` used to fail with an AttributeError inside meta_loss (review)."""
+    with pytest.raises(TypeError, match=r"Forward\(wrt=...\): entry 0 is float 0.1, not a tensor"):
+        Forward(wrt=[0.1])
+    with pytest.raises(TypeError, match="a sequence of tensors, e.g. wrt=\\[lr\\]"):
+        Forward(wrt=torch.tensor(0.1))
+    with pytest.raises(TypeError, match="entry 0 is float"):
+        InnerLoop(problem()[0], steps=1, mode="forward", forward_wrt=[0.1])

@@ -172,7 +172,8 @@ class InnerLoop:
             ``solver``, ``solver_iterations``, ``solver_tol``, ``damping``,
             ``neumann_alpha`` (``implicit``), ``forward_wrt`` (``forward``),
             ``es_wrt``, ``es_samples``, ``es_sigma``, ``generator`` (``es``, ``pes``),
-            ``pes_truncation`` (``pes``). An option of another mode is an error.
+            ``pes_truncation`` (``pes``). Options of the other modes are ignored, so that one set of
+            keywords can sweep the modes; an unknown keyword is an error naming the closest option.
     """
 
     def __init__(
@@ -213,6 +214,14 @@ class InnerLoop:
         self._hessian = ExplicitHessian.build(self._backprop)
         self.proximal = proximal
         self.meta_parameters = list(meta_parameters)
+        if self.mode.name == "implicit" and proximal is None and any(self.theta[j].requires_grad for j in self.positions):
+            warnings.warn(
+                "InnerLoop(mode='implicit') without proximal=: the inner solution does not depend on where the "
+                "steps start, so the adapted weights' initialisation gets no meta-gradient (only the inner "
+                "problem's other inputs do: hyperparameters, meta_parameters, shared weights, the data); pass "
+                "proximal=λ (iMAML) to meta-learn it",
+                UserWarning, stacklevel=2,
+            )
         self.check_finite = check_finite
         self.autocast = _check_autocast(autocast)
         if attention not in ATTENTION:

@@ -31,6 +31,15 @@ class Forward(Mode):
     name: ClassVar[str] = "forward"
     legacy_options: ClassVar[dict[str, str]] = {"forward_wrt": "wrt"}
 
+    def __post_init__(self) -> None:
+        if self.wrt is not None:
+            if isinstance(self.wrt, Tensor):
+                raise TypeError("Forward(wrt=...): a sequence of tensors, e.g. wrt=[lr]; got one tensor")
+            for k, w in enumerate(self.wrt):
+                if not isinstance(w, Tensor):
+                    raise TypeError(f"Forward(wrt=...): entry {k} is {type(w).__name__} {w!r}, not a tensor; list the "
+                                    "tensors (hyperparameters, weights) whose forward-mode derivatives you want")
+
     def adapt(self, loop: InnerLoop, carry: Carry, x: Tensor, y: Tensor, info: dict[str, Any]) -> Carry:
         wrt = list(self.wrt) if self.wrt is not None else loop.optimizer.hyperparameter_tensors()
         wrt = unique([w for w in wrt if w.requires_grad])
