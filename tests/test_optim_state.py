@@ -195,3 +195,27 @@ def test_load_state_dict_checks_the_layout():
     smaller = diffopt.optim.SGD([w1], lr=0.1)
     with pytest.raises(ValueError, match="group 0 has 2 parameters in the state dict and 1 here"):
         smaller.load_state_dict(one_group)
+
+
+def test_loading_a_state_dict_keeps_a_learnable_hyperparameter_it_equals():
+    """Restoring a checkpoint of the same run used to swap a learnable lr for the saved detached copy,
+    so later steps silently stopped differentiating with respect to it (review)."""
+    def run(reload: bool, saved_lr: float | None = None):
+        w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, requires_grad=True)
+        lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+        opt = diffopt.optim.Adam([w], lr=lr)
+        p = opt.step((w ** 2).sum())
+        if reload:
+            saved = _round_trip(opt.state_dict())
+            if saved_lr is not None:
+                saved["param_groups"][0]["lr"] = saved_lr
+            opt.load_state_dict(saved)
+        p = opt.step((p[0] ** 2).sum(), params=p)
+        return opt, torch.autograd.grad((p[0] ** 2).sum(), lr)[0]
+
+    reloaded, gradient = run(True)
+    assert reloaded.hyperparameter_tensors() and torch.equal(gradient, run(False)[1])
+    with pytest.warns(UserWarning, match=r"group 0's 'lr': a tensor that requires grad was replaced by the saved "
+                                         r"value 0.2.*no longer differentiate"):
+        replaced, _ = run(True, saved_lr=0.2)
+    assert replaced.param_groups[0]["lr"] == 0.2 and replaced.hyperparameter_tensors() == []

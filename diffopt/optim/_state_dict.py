@@ -1,9 +1,11 @@
 """Saving and loading a differentiable optimizer's state in torch.optim's layout."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ._groups import PAIR_KEYS
@@ -65,9 +67,30 @@ class StateDict:
             mapping.update(zip(saved["params"], mine["params"]))
             for key, value in saved.items():
                 if key in mine and key != "params":
-                    mine[key] = tuple(value) if key in PAIR_KEYS else value
+                    value = tuple(value) if key in PAIR_KEYS else value
+                    mine[key] = _keep_learnable(mine[key], value, f"load_state_dict: group {k}'s {key!r}")
         self.state = [None] * len(self.params)
         for saved_index, s in state_dict["state"].items():
             i = mapping[int(saved_index)]
             self.state[i] = self.rule.state_from_torch(dict(s), self.params[i])
         self.step_count = int(state_dict.get("step_count", 0))
+
+
+def _keep_learnable(live: Any, saved: Any, what: str) -> Any:
+    """The value a loaded group sets: the saved one, except that a learnable tensor (one that requires
+    grad) the saved value equals is kept, so later steps still differentiate with respect to it (a
+    restored checkpoint of the same run); a learnable tensor the saved value differs from is replaced,
+    with a warning that the meta-gradient no longer reaches it."""
+    if isinstance(live, tuple) and isinstance(saved, tuple) and len(live) == len(saved):
+        return tuple(_keep_learnable(a, b, f"{what}[{i}]") for i, (a, b) in enumerate(zip(live, saved)))
+    if not (isinstance(live, torch.Tensor) and live.requires_grad):
+        return saved
+    same = (torch.equal(live.detach(), saved.detach().to(live)) if isinstance(saved, torch.Tensor)
+            and saved.shape == live.shape else live.numel() == 1 and isinstance(saved, (int, float))
+            and float(live.detach()) == float(saved))
+    if same:
+        return live
+    warnings.warn(f"{what}: a tensor that requires grad was replaced by the saved value {saved!r}; later steps "
+                  "no longer differentiate with respect to it (set it again, e.g. with apply_override)",
+                  UserWarning, stacklevel=3)
+    return saved
