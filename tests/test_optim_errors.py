@@ -381,3 +381,17 @@ def test_nesterov_reads_the_values_of_tensor_hyperparameters():
     with pytest.raises(ValueError, match=r"nesterov=True requires momentum > 0 and dampening = 0, got momentum=0.9 "
                                          r"and dampening=tensor\(0.5"):
         diffopt.optim.SGD([weight()], lr=0.1, momentum=0.9, nesterov=True, dampening=torch.tensor(0.5, dtype=F64))
+
+
+def test_adagrad_says_a_group_level_initial_accumulator_value_is_not_used():
+    """As torch, the accumulators start from the constructor's value; a tensor set per group silently got
+    no gradient (review). The twin keeps torch's values and says so."""
+    import warnings
+
+    w = weight()
+    with pytest.warns(UserWarning, match="group 0 sets initial_accumulator_value, which is not used"):
+        diffopt.optim.Adagrad([{"params": [w], "initial_accumulator_value": 0.3}], lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diffopt.optim.Adagrad([w], lr=0.1, initial_accumulator_value=0.3)
+        diffopt.optim.from_torch(torch.optim.Adagrad([w], lr=0.1, initial_accumulator_value=0.3))

@@ -9,6 +9,8 @@ Like torch, the state is created for every parameter at construction.
 """
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -82,6 +84,16 @@ class Adagrad(DifferentiableOptimizer):
             params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize, **options,
         )
+        for k, group in enumerate(self.param_groups):
+            value = group["initial_accumulator_value"]
+            if value is not initial_accumulator_value and (
+                    isinstance(value, Tensor) or isinstance(initial_accumulator_value, Tensor)
+                    or value != initial_accumulator_value):
+                warnings.warn(
+                    f"Adagrad: parameter group {k} sets initial_accumulator_value, which is not used: as "
+                    "torch.optim.Adagrad, the accumulators start from the constructor's value (so a tensor "
+                    "there gets no gradient); pass it to the constructor", UserWarning, stacklevel=2,
+                )
 
     def initial_states(self, params: Sequence[Tensor]) -> list[State | None]:
         """As torch.optim.Adagrad, which fills every accumulator in ``__init__`` from the

@@ -97,6 +97,8 @@ def from_torch(
         position += count
     if cls is Adafactor and "foreach" not in options:  # torch's Adafactor takes its per-tensor path unless told
         options["foreach"] = bool(torch_optimizer.param_groups[0].get("foreach"))
+    if cls is Adagrad:  # its accumulators start from the constructor's value, not a group's (as torch)
+        options.setdefault("initial_accumulator_value", torch_optimizer.defaults["initial_accumulator_value"])
     twin = cls(groups, **options)
     for cls_option, value in cls.fixed_options.items():
         for group in twin.param_groups:
