@@ -632,3 +632,35 @@ def test_a_float32_solve_at_its_rounding_floor_reads_converged_without_a_warning
         _, info = CG(iterations=50).solve(lambda u: [u[0] @ a.T], b)
     assert 1e-10 < info.relative_residual <= 1000 * torch.finfo(torch.float32).eps  # above the raw tol, at the floor
     assert info.converged is True
+
+
+@pytest.mark.parametrize("solve", ["dense", "cg"])
+def test_second_derivatives_that_go_through_the_forward_rule(solve):
+    """x³ + x = θ: d²x*/dθ² = −6x/(3x² + 1)³. jacrev(jacfwd) and a backward through a forward-mode
+    tangent read 0 or failed before (the forward rule saw x* without its dependence on θ; review);
+    jvp of jvp, which that rule cannot see through, is refused instead of reading 0."""
+    import torch.autograd.forward_ad as fwAD
+
+    def f(x, th):
+        return x ** 3 + x - th
+
+    @custom_root(f, solve=solve)
+    def solution(init, th):
+        x = torch.zeros_like(th)
+        for _ in range(60):
+            x = x - f(x, th) / (3 * x ** 2 + 1)
+        return x
+
+    th, one = torch.tensor(2.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    x = solution(None, th)
+    exact = -6 * x / (3 * x ** 2 + 1) ** 3
+    at = lambda s: solution(None, s)  # noqa: E731
+    for second in (torch.func.jacrev(torch.func.jacfwd(at))(th), torch.func.jacfwd(torch.func.jacrev(at))(th),
+                   torch.func.hessian(at)(th)):
+        assert torch.allclose(second, exact, rtol=1e-10, atol=0), (second, exact)
+    leaf = th.clone().requires_grad_()
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(solution(None, fwAD.make_dual(leaf, one))).tangent
+    assert torch.allclose(torch.autograd.grad(tangent, leaf)[0], exact, rtol=1e-10, atol=0)
+    with pytest.raises(RuntimeError, match="forward-mode derivative of a forward-mode derivative.*hessian"):
+        torch.func.jvp(lambda t: torch.func.jvp(at, (t,), (one,))[1], (th,), (one,))

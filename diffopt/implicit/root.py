@@ -157,10 +157,11 @@ class _ImplicitRoot(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         problem, n_x, *leaves = inputs
         ctx.problem, ctx.n_x = problem, n_x
-        # x* saved as the *output*: a second derivative through backward then sees x*'s own
-        # dependence on θ (through this Function again), so Hessians are exact too.
+        # x* saved as the *output*: a second derivative through backward or the jvp then sees x*'s
+        # own dependence on θ (through this Function again), so Hessians, jacrev(jacfwd) and a
+        # backward through a forward-mode tangent are exact too (forward over forward is refused).
         ctx.save_for_backward(*output, *leaves[n_x:])
-        ctx.save_for_forward(*leaves)
+        ctx.save_for_forward(*output, *leaves[n_x:])
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> Any:
@@ -174,10 +175,27 @@ class _ImplicitRoot(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, _problem: Any, _n_x: Any, *tangents: Tensor | None) -> Any:
+        _refuse_forward_over_forward()
         leaves = ctx.saved_tensors
         n_x = ctx.n_x
         x, theta = list(leaves[:n_x]), list(leaves[n_x:])
         return tuple(ctx.problem.jvp(x, theta, list(tangents[n_x:])))
+
+
+def _refuse_forward_over_forward() -> None:
+    """A forward-mode derivative of a forward-mode derivative (``jvp`` of ``jvp``, ``jacfwd`` of
+    ``jacfwd``) does not see the solution's dependence on θ in the inner rule and would read 0."""
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        from torch._C._functorch import TransformType
+    except ImportError:  # pragma: no cover - a torch without the private stack: nothing to check
+        return
+    if sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()) >= 2:
+        raise RuntimeError(
+            "custom_root / custom_fixed_point: a forward-mode derivative of a forward-mode derivative (jvp of "
+            "jvp, jacfwd of jacfwd) is not supported here (it would read 0); take second derivatives with "
+            "torch.func.hessian, jacrev(jacfwd), jacfwd(jacrev) or jacrev(jacrev)"
+        )
 
 
 def _differentiating(tensors: list[Tensor]) -> bool:
