@@ -628,3 +628,51 @@ def test_a_window_start_is_not_written_by_later_steps(name: str) -> None:
     assert all(torch.equal(a, b) for a, b in zip(start.params, saved["params"]))
     for state, kept in zip(start.states, saved["states"]):
         assert all(torch.equal(state[k], kept[k]) for k in state if isinstance(state[k], Tensor)), name
+
+
+def test_forward_mode_names_pytorchs_forward_ad_gap_for_the_mean_squared_error():
+    """torch's forward AD cannot differentiate F.mse_loss's gradient ('ZeroTensors are immutable'):
+    forward mode used to crash with that message (review). It now says what to do; with the loss
+    written out it gives reverse mode's hypergradient."""
+    import torch.nn.functional as F
+
+    import diffopt
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randn(30, 2, generator=g, dtype=torch.float64)
+
+    def tuner(loss, mode):
+        optimizer = diffopt.optim.Adam([torch.randn(4, 2, generator=torch.Generator().manual_seed(2),
+                                                    dtype=torch.float64)], lr=0.05)
+        return diffopt.hyper.OnlineTuner(optimizer, lambda p, b: loss(b[0] @ p[0], b[1]),
+                                         lambda p: loss(x @ p[0], y), "lr", every=3, mode=mode, backtrack=0)
+
+    failing = tuner(F.mse_loss, "forward")
+    with pytest.raises(RuntimeError, match=r"forward mode failed inside PyTorch's forward-mode AD.*mode='reverse'.*"
+                                           r"\(\(prediction - target\) \*\* 2\)\.mean\(\)"):
+        for t in range(3):
+            failing.step((x[10 * t:10 * t + 10], y[10 * t:10 * t + 10]))
+    written = lambda a, b: ((a - b) ** 2).mean()  # noqa: E731
+    results = []
+    for mode in ("forward", "reverse"):
+        run = tuner(written, mode)
+        for t in range(3):
+            run.step((x[10 * t:10 * t + 10], y[10 * t:10 * t + 10]))
+        results.append(run.last_hypergradient)
+    for label in results[0]:
+        assert torch.allclose(results[0][label], results[1][label], rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    (0.1, r"hyperparameters: expected a name \('lr'\), a list of names.*got 0.1"),
+    (None, r"hyperparameters: expected a name \('lr'\).*got None"),
+    (["betas"], r"SGD has no hyperparameter 'betas'"),
+])
+def test_a_hyperparameter_spec_that_is_not_one_is_named(spec, message):
+    """A float or None gave a bare "'float' object is not iterable"; 'betas' on SGD complained about
+    'beta1' (review)."""
+    import diffopt
+
+    optimizer = diffopt.optim.SGD([torch.zeros(3, 1, dtype=torch.float64)], lr=0.1)
+    with pytest.raises((TypeError, ValueError), match=message):
+        diffopt.hyper.OnlineTuner(optimizer, lambda p, b: p[0].sum(), lambda p: p[0].sum(), spec)

@@ -221,13 +221,16 @@ def parse_hyperparameters(spec: Any, optimizer: DifferentiableOptimizer, schedul
         spec = [spec]
     if isinstance(spec, Mapping):
         spec = [Tuned(name, scope) for name, scope in spec.items()]
+    if not isinstance(spec, Sequence):
+        raise TypeError(f"hyperparameters: expected a name ('lr'), a list of names, {{name: scope}} or Tuned "
+                        f"objects, got {spec!r}")
     tuned: list[Tuned] = []
     for item in spec:
         if isinstance(item, str):
             item = Tuned(item)
         if not isinstance(item, Tuned):
             raise TypeError(f"hyperparameters: expected names, {{name: scope}} or Tuned objects, got {item!r}")
-        if item.name == "betas":
+        if item.name == "betas" and "betas" in optimizer.defaults:
             tuned += [Tuned("beta1", item.scope, item.transform), Tuned("beta2", item.scope, item.transform)]
         else:
             tuned.append(item)

@@ -225,7 +225,17 @@ def hypergradients(run: Callable[[list[Tensor]], tuple[Tensor, DifferentiableOpt
                 with fwAD.dual_level():
                     inputs = [fwAD.make_dual(x.detach(), direction) if k == j else x.detach()
                               for k, x in enumerate(leaves)]
-                    loss, work = run(inputs)
+                    try:
+                        loss, work = run(inputs)
+                    except (RuntimeError, NotImplementedError) as error:
+                        if not _forward_ad_limitation(error):
+                            raise
+                        raise RuntimeError(
+                            f"{where}: forward mode failed inside PyTorch's forward-mode AD ({error}): it cannot "
+                            "take the forward derivative of some losses' gradients (F.mse_loss / nn.MSELoss: "
+                            "'ZeroTensors are immutable'; F.huber_loss: not implemented). Use mode='reverse' (the "
+                            "same hypergradient), or write the loss out, e.g. ((prediction - target) ** 2).mean()"
+                        ) from error
                     _check_validation(loss, where)
                     primal, tangent = fwAD.unpack_dual(loss)
                     if tangent is None:
@@ -242,6 +252,13 @@ def hypergradients(run: Callable[[list[Tensor]], tuple[Tensor, DifferentiableOpt
                                  "rate, shorten the window or clip the training gradients (clip_grad_norm=...)")
     return value, grads
 
+
+
+def _forward_ad_limitation(error: Exception) -> bool:
+    """Whether ``error`` is one of PyTorch's forward-mode AD gaps (not a problem of the user's code)."""
+    text = str(error)
+    return ("ZeroTensors are immutable" in text or "forward AD" in text or "forward-mode AD" in text
+            or ("derivative for" in text and "not implemented" in text))
 
 def split(flat: Sequence[Tensor], counts: Mapping[Tuned, int]) -> dict[Tuned, list[Tensor]]:
     """``flat`` (the tensors of every tuned hyperparameter, in order) cut into ``counts[t]`` tensors per ``t``."""
