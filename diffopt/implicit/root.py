@@ -12,7 +12,11 @@ Reverse mode solves :math:`A^\top w = \bar x` for the cotangent :math:`\bar x` a
 :math:`A\dot x = -(\partial F/\partial\theta)\,\dot\theta`. Both apply :math:`A`,
 :math:`A^\top` and :math:`\partial F/\partial\theta` only as Jacobian-vector products
 (``torch.func.jvp`` / ``torch.func.vjp``), so the solver itself — a Python loop, scipy, L-BFGS, a
-closed form — is never differentiated. This is the API of jaxopt (Blondel et al. 2022,
+closed form — is never differentiated. Nor is the linear solver: where the gradient itself will be
+differentiated (Hessians, a double backward), the adjoint ``w`` is the root of the linear condition
+:math:`A^\top w - \bar x = 0` and gets its own derivative the same way, so second derivatives are
+exact to the solver's tolerance even where a Krylov solver stops after a step or two. This is the API
+of jaxopt (Blondel et al. 2022,
 "Efficient and modular implicit differentiation"), for PyTorch.
 
 The derivative is an ``autograd.Function`` with a ``jvp`` and a generated ``vmap`` rule, so the
@@ -108,11 +112,45 @@ class RootProblem:
                 return []
             return list(torch.func.vjp(f_theta, *chosen)[1]([wi[0] for wi in w]))
 
-        grads, info = implicit_vjp(self._batched(apply_t), mixed_vjp, [c[None] for c in cotangent], self.solver,
-                                   self.damping, self._batched(apply), "implicit gradient (reverse mode): ")
-        self.record(info)
+        if _differentiating([*x, *theta, *cotangent]):
+            # a derivative of this gradient will be taken: w's own, by the implicit function theorem
+            # again (not by differentiating the solver's iterations, which is wrong where its Krylov
+            # space closes early); the solve itself runs once, without a graph
+            w = self._attached_adjoint(x, theta, cotangent, apply, apply_t)
+            negated = mixed_vjp([wi[None] for wi in w])
+            grads = [None if g is None else -g for g in negated]
+        else:
+            grads, info = implicit_vjp(self._batched(apply_t), mixed_vjp, [c[None] for c in cotangent], self.solver,
+                                       self.damping, self._batched(apply), "implicit gradient (reverse mode): ")
+            self.record(info)
         it = iter(grads)
         return [next(it) if keep else None for keep in wanted]
+
+    def _attached_adjoint(self, x: list[Tensor], theta: list[Tensor], cotangent: list[Tensor],
+                          apply: Callable[[list[Tensor]], list[Tensor]],
+                          apply_t: Callable[[list[Tensor]], list[Tensor]]) -> list[Tensor]:
+        """``w`` with ``(A + damping·I)ᵀ w = x̄`` as a differentiable function of ``x*``, ``θ`` and
+        ``x̄``: the root of the linear condition ``G(w) = (A + damping·I)ᵀ w − x̄``, solved once
+        without a graph and given its derivatives by :class:`_ImplicitRoot` (``∂G/∂w`` is the same
+        operator, so its solves are the same kind)."""
+        with torch.no_grad():
+            w, info = self.solver.solve(damped(self._batched(apply_t), self.damping), [c.detach()[None] for c in cotangent],
+                                        damped(self._batched(apply), self.damping), what="implicit gradient (reverse mode): ")
+        self.record(info)
+        n_x, n_theta = len(x), len(theta)
+        damping = self.damping
+
+        def condition(w: list[Tensor], *inputs: Tensor) -> list[Tensor]:
+            xs, thetas, targets = inputs[:n_x], list(inputs[n_x:n_x + n_theta]), inputs[n_x + n_theta:]
+            transposed = torch.func.vjp(functools.partial(_call_x, self, thetas), *xs)[1](list(w))
+            return [g + damping * wi - t for g, wi, t in zip(transposed, w, targets)]
+
+        inputs = [*x, *theta, *cotangent]
+        _, w_spec = pytree.tree_flatten([wi[0] for wi in w])
+        _, inputs_spec = pytree.tree_flatten(tuple(inputs))
+        linear = RootProblem(condition, w_spec, inputs_spec, inputs, list(range(len(inputs))), {}, self.solver, 0.0,
+                             self.record)
+        return list(_ImplicitRoot.apply(linear, n_x, *[wi[0].detach() for wi in w], *inputs))
 
     def jvp(self, x: list[Tensor], theta: list[Tensor], tangents: list[Tensor | None]) -> list[Tensor]:
         """``ẋ`` with ``(∂F/∂x) ẋ = −(∂F/∂θ) θ̇``."""
