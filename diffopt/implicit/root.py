@@ -91,6 +91,8 @@ class RootProblem:
         transpose: list[Callable[..., Any]] = []  # built on first use (only NormalCG and forward mode need A)
 
         def apply(u: list[Tensor]) -> list[Tensor]:
+            if _plain_jvp_nests():
+                return list(torch.func.jvp(f_x, tuple(x), tuple(u))[1])
             if not transpose:
                 transpose.append(_transpose(vjp_x, out))
             return list(transpose[0](tuple(u)))
@@ -170,6 +172,21 @@ class RootProblem:
         return self._solve(apply, apply_t, [-r for r in rhs], "implicit gradient (forward mode): ")
 
 
+def _plain_jvp_nests() -> bool:
+    """Whether ``torch.func.jvp`` can run here: not inside a plain ``forward_ad.dual_level`` (only a
+    torch.func transform's own forward level, which it nests under)."""
+    return forward_ad._current_level < 0 or _jvp_levels() > 0
+
+
+def _jvp_levels() -> int:
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        from torch._C._functorch import TransformType
+    except ImportError:  # pragma: no cover
+        return 0
+    return sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+
+
 def _call_x(problem: RootProblem, theta: list[Tensor], *x: Tensor) -> list[Tensor]:
     return problem.F(x, theta)
 
@@ -223,12 +240,7 @@ class _ImplicitRoot(torch.autograd.Function):
 def _refuse_forward_over_forward() -> None:
     """A forward-mode derivative of a forward-mode derivative (``jvp`` of ``jvp``, ``jacfwd`` of
     ``jacfwd``) does not see the solution's dependence on θ in the inner rule and would read 0."""
-    try:
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-        from torch._C._functorch import TransformType
-    except ImportError:  # pragma: no cover - a torch without the private stack: nothing to check
-        return
-    if sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()) >= 2:
+    if _jvp_levels() >= 2:
         raise RuntimeError(
             "custom_root / custom_fixed_point: a forward-mode derivative of a forward-mode derivative (jvp of "
             "jvp, jacfwd of jacfwd) is not supported here (it would read 0); take second derivatives with "
