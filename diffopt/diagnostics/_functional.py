@@ -113,6 +113,7 @@ def split_tasks(
     if not batched:
         if T_params:
             raise ValueError("weights carry a task dimension but batched=False")
+        _refuse_empty(data, None)
         return None, [(dict(params), dict(data))]
     T = T_params.pop() if T_params else None
     for k, v in data.items():
@@ -130,7 +131,17 @@ def split_tasks(
         pt = {k: (None if p is None else ({n: v[t] for n, v in p.items()} if counts.get(k) is not None else p))
               for k, p in params.items()}
         views.append((pt, {k: _data_slice(v, t) for k, v in data.items()}))
+        _refuse_empty(views[-1][1], t)
     return T, views
+
+
+def _refuse_empty(data: Mapping[str, Any], task: Optional[int]) -> None:
+    """A set with no examples has no mean: every estimate over it would be NaN or a silent 0."""
+    for k, v in data.items():
+        if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == 0:
+            where = "" if task is None else f" for task {task}"
+            raise ValueError(f"{k} has no examples{where} (shape {tuple(v.shape)}): a diagnostic needs at least one "
+                             "example per set")
 
 
 # ---------------------------------------------------------------------------------------

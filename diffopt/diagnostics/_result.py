@@ -52,6 +52,19 @@ def _scale(x: Any, factor: float) -> Any:
     return x * factor
 
 
+def _scale_details(x: Any, factor: float) -> Any:
+    """``details`` in the new units: they hold values in the diagnostic's units (the Fisher's diagonal
+    and matrix, a naive estimate beside an unbiased one), so every float and tensor is scaled; counts,
+    flags and text stay as they are."""
+    if isinstance(x, dict):
+        return {k: _scale_details(v, factor) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_scale_details(v, factor) for v in x)
+    if isinstance(x, (float, Tensor)) and not isinstance(x, bool):
+        return x * factor
+    return x
+
+
 def _jsonable(x: Any) -> Any:
     if x is None or isinstance(x, (bool, str, int)):
         return x
@@ -144,7 +157,7 @@ class Diagnostic:
             ci95=_scale(self.ci95, f),
             stderr=None if self.stderr is None else self.stderr * abs(f),
             by_layer=_scale(self.by_layer, f),
-            details=dict(self.details),
+            details=_scale_details(self.details, f),
         )
 
     def to_dict(self) -> Dict[str, Any]:

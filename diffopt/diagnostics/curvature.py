@@ -1,8 +1,8 @@
 """(7) Inner-loss curvature and stability.
 
-``λ_max`` of the support-loss Hessian at θ by power iteration on
-Hessian-vector products (the eigenvalue of largest magnitude, signed, as a
-Rayleigh quotient), ``tr H`` by Hutchinson's estimator with Rademacher probes
+``λ_max``, the largest eigenvalue of the support-loss Hessian at θ, by power iteration on
+Hessian-vector products (a second, shifted run where the eigenvalue of largest magnitude is
+negative: :func:`power_iteration`), ``tr H`` by Hutchinson's estimator with Rademacher probes
 (explicit generator), and the stability ratio ``ρ = lr·λ_max``: plain gradient
 descent on a quadratic converges for ``0 < ρ < 2`` and diverges for ``ρ > 2``.
 Sharpness is descriptive, not predictive.
@@ -94,21 +94,38 @@ def hessian_vector_product(
     return from_vector(op(flat.to(op.dtype)), p)
 
 
-def power_iteration(op: HVPOperator, iters: int, tol: float, generator: torch.Generator) -> Tuple[float, int]:
+def _power_iteration(op: Any, iters: int, tol: float, generator: torch.Generator,
+                     shift: float = 0.0) -> Tuple[float, int, bool]:
+    """The dominant eigenvalue of ``H + shift·I`` (largest magnitude, signed, a Rayleigh quotient), the
+    iterations run, and whether it stopped by ``tol`` (``tol = 0``: a fixed count, taken as converged)."""
     v = torch.randn(op.size, generator=generator, dtype=op.dtype, device=generator.device).to(op.device)
     v = v / v.norm()
     lam, prev, it = 0.0, None, 0
     for it in range(1, iters + 1):
-        hv = op(v)
+        hv = op(v) + shift * v if shift else op(v)
         lam = float(v @ hv)
         norm = float(hv.norm())
         if norm == 0.0:
-            break
+            return lam, it, True
         v = hv / norm
         if tol > 0 and prev is not None and abs(lam - prev) <= tol * abs(lam):
-            break
+            return lam, it, True
         prev = lam
-    return lam, it
+    return lam, it, tol == 0
+
+
+def power_iteration(op: Any, iters: int, tol: float, generator: torch.Generator) -> Tuple[float, int]:
+    """``λ_max``, the largest (algebraic) eigenvalue of the symmetric operator, and the iterations run.
+    Power iteration finds the eigenvalue of largest magnitude ``λ₁``; that is ``λ_max`` when it is
+    positive and converged. Otherwise (``λ₁ < 0``, or ``±λ₁`` both eigenvalues, where the Rayleigh
+    quotient does not settle) a second run on ``H + |λ₁|·I``, whose spectrum lies in ``[0, 2|λ₁|]``
+    with ``λ_max + |λ₁|`` on top, gives ``λ_max``."""
+    lam, run, converged = _power_iteration(op, iters, tol, generator)
+    if lam >= 0 and converged:
+        return lam, run
+    shift = abs(lam)
+    top, more, _ = _power_iteration(op, iters, tol, generator, shift)
+    return top - shift, run + more
 
 
 def hutchinson(op: HVPOperator, samples: int, generator: torch.Generator) -> Tuple[float, Optional[float]]:

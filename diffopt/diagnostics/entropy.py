@@ -18,7 +18,7 @@ from ._functional import ParamsLike, as_weights, call_model, explained_errors, s
 from .settings import DiagnosticSettings, diagnostic
 from ._likelihood import Likelihood, resolve_likelihood
 from ._result import DiagnosticGroup
-from .kl import aggregate
+from .kl import _weighted, aggregate
 
 __all__ = ["entropy_change", "bald", "entropy_categorical", "bald_from_logits"]
 
@@ -26,7 +26,7 @@ __all__ = ["entropy_change", "bald", "entropy_categorical", "bald_from_logits"]
 def entropy_categorical(logits: Tensor) -> Tensor:
     """``H[softmax(logits)]`` over the last dim, in nats, in ``[0, ln N]``."""
     lp = logits.log_softmax(-1)
-    return (-(lp.exp() * lp).sum(-1)).clamp(0.0, math.log(logits.shape[-1]))
+    return (-_weighted(lp, lp).sum(-1)).clamp(0.0, math.log(logits.shape[-1]))
 
 
 def bald_from_logits(logits: Tensor) -> Tensor:
@@ -34,8 +34,8 @@ def bald_from_logits(logits: Tensor) -> Tensor:
     J = logits.shape[0]
     lp = logits.log_softmax(-1)
     lmean = torch.logsumexp(lp, dim=0) - math.log(J)
-    h_mean = -(lmean.exp() * lmean).sum(-1)
-    mean_h = -(lp.exp() * lp).sum(-1).mean(0)
+    h_mean = -_weighted(lmean, lmean).sum(-1)
+    mean_h = -_weighted(lp, lp).sum(-1).mean(0)
     return (h_mean - mean_h).clamp(0.0, math.log(logits.shape[-1]))
 
 

@@ -23,17 +23,24 @@ from ._result import Diagnostic, DiagnosticGroup
 __all__ = ["adaptation_kl", "kl_categorical", "js_categorical", "kl_gaussian"]
 
 
+def _weighted(log_p: Tensor, term: Tensor) -> Tensor:
+    """``p · term`` with ``0 · term = 0`` where ``p = 0`` (a class masked by a ``-inf`` logit), as in the
+    definitions of KL and entropy; ``0 · (−inf)`` would be NaN. Where ``p > 0`` and ``term = inf``
+    (``q = 0``) the result stays ``inf``: the KL is infinite."""
+    return torch.where(log_p > float("-inf"), log_p.exp() * torch.where(log_p > float("-inf"), term, 0.0), 0.0)
+
+
 def kl_categorical(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     """``KL(softmax(logits_p) ‖ softmax(logits_q))`` over the last dim, in nats (clamped at 0)."""
     lp, lq = logits_p.log_softmax(-1), logits_q.log_softmax(-1)
-    return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
+    return _weighted(lp, lp - lq).sum(-1).clamp_min(0.0)
 
 
 def js_categorical(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     """Jensen–Shannon divergence in nats, in ``[0, ln 2]``."""
     lp, lq = logits_p.log_softmax(-1), logits_q.log_softmax(-1)
     lm = torch.where(lp == lq, lp, torch.logaddexp(lp, lq) - math.log(2.0))  # exactly 0 for identical inputs
-    js = 0.5 * (lp.exp() * (lp - lm)).sum(-1) + 0.5 * (lq.exp() * (lq - lm)).sum(-1)
+    js = 0.5 * _weighted(lp, lp - lm).sum(-1) + 0.5 * _weighted(lq, lq - lm).sum(-1)
     return js.clamp(0.0, math.log(2.0))
 
 
