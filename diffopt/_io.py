@@ -99,7 +99,8 @@ def describe_os_error(error: OSError) -> str:
 
 
 def atomic_save(path: str | os.PathLike[str], payload: Any) -> None:
-    """Write ``payload`` atomically: a temporary file in the same folder, fsync, ``os.replace``."""
+    """Write ``payload`` atomically: a temporary file in the same folder, fsync, ``os.replace``, and an
+    fsync of the folder, so that the rename itself survives a power loss (POSIX)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
@@ -115,6 +116,21 @@ def atomic_save(path: str | os.PathLike[str], payload: Any) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder's entry table (where the platform allows opening a folder: not Windows)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - Windows, or a folder that cannot be opened
+        return
+    try:
+        os.fsync(handle)
+    except OSError:  # pragma: no cover - file systems that do not sync folders
+        pass
+    finally:
+        os.close(handle)
 
 
 def safe_load(path: str | os.PathLike[str], what: str = "diffopt file",

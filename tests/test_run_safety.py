@@ -498,3 +498,23 @@ def test_diagnose_and_train_optimizer_refuse_incomplete_or_foreign_checkpoints_i
     torch.save(saved, rule_run)
     status, _, err = run_cli(capsys, *args, "--resume")
     assert status == 2 and "another rule's tensors" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_atomic_save_also_syncs_its_folder_so_the_rename_survives_a_power_loss(tmp_path, monkeypatch):
+    """fsync of the file, os.replace, then fsync of the folder's entries (a review's note: the rename
+    was atomic but not yet durable)."""
+    import os
+
+    from diffopt import _io
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(_io.os, "fsync", recording)
+    _io.atomic_save(tmp_path / "run.pt", {"x": torch.zeros(3)})
+    assert len(synced) == 2 and synced[0].endswith(".tmp") and synced[1] == str(tmp_path)
+    assert torch.equal(torch.load(tmp_path / "run.pt", weights_only=True)["x"], torch.zeros(3))
