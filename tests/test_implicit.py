@@ -634,13 +634,10 @@ def test_a_float32_solve_at_its_rounding_floor_reads_converged_without_a_warning
     assert info.converged is True
 
 
-@pytest.mark.parametrize("solve", ["dense", "cg"])
-def test_second_derivatives_that_go_through_the_forward_rule(solve):
-    """x³ + x = θ: d²x*/dθ² = −6x/(3x² + 1)³. jacrev(jacfwd) and a backward through a forward-mode
-    tangent read 0 or failed before (the forward rule saw x* without its dependence on θ; review);
-    jvp of jvp, which that rule cannot see through, is refused instead of reading 0."""
-    import torch.autograd.forward_ad as fwAD
 
+def cubic_root(solve: str):
+    """``x*(θ)`` with ``x³ + x = θ`` (elementwise), by Newton's method, under ``custom_root``:
+    ``d²x*/dθ² = −6x/(3x² + 1)³``."""
     def f(x, th):
         return x ** 3 + x - th
 
@@ -650,6 +647,17 @@ def test_second_derivatives_that_go_through_the_forward_rule(solve):
         for _ in range(60):
             x = x - f(x, th) / (3 * x ** 2 + 1)
         return x
+
+    return solution
+
+@pytest.mark.parametrize("solve", ["dense", "cg"])
+def test_second_derivatives_that_go_through_the_forward_rule(solve):
+    """x³ + x = θ: d²x*/dθ² = −6x/(3x² + 1)³. jacrev(jacfwd) and a backward through a forward-mode
+    tangent read 0 or failed before (the forward rule saw x* without its dependence on θ; review);
+    jvp of jvp, which that rule cannot see through, is refused instead of reading 0."""
+    import torch.autograd.forward_ad as fwAD
+
+    solution = cubic_root(solve)
 
     th, one = torch.tensor(2.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
     x = solution(None, th)
@@ -672,15 +680,7 @@ def test_second_derivatives_through_an_iterative_solve_are_exact_where_its_krylo
     used to differentiate the solver's iterations: the diagonal halved, spurious off-diagonals, NaN
     for gmres under torch.func (review). The adjoint's solve now gets its derivative by the implicit
     function theorem as well."""
-    def f(x, th):
-        return x ** 3 + x - th
-
-    @custom_root(f, solve=solve)
-    def solution(init, th):
-        x = torch.zeros_like(th)
-        for _ in range(60):
-            x = x - f(x, th) / (3 * x ** 2 + 1)
-        return x
+    solution = cubic_root(solve)
 
     for th0 in (torch.full((2,), 2.5, dtype=F64), torch.tensor([2.5, 0.5], dtype=F64)):
         x = solution(None, th0)
