@@ -40,8 +40,15 @@ from torch.autograd import forward_ad
 from torch.utils import _pytree as pytree
 
 from ..errors import OptimalityResidualError, OptimalityResidualWarning
+from ..optim._gradients import graph_leaves
 from .ift import damped, implicit_vjp
 from .linear_solve import LinearSolver, SolveInfo, Vector, as_solver, under_vmap
+
+try:  # torch's private functorch interpreter stack (no public query): which transforms are tracing
+    from torch._C._functorch import TransformType as _TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _interpreters
+except ImportError:  # pragma: no cover
+    _interpreters = None
 
 ON_RESIDUAL = ("warn", "raise", "ignore")
 
@@ -179,12 +186,11 @@ def _plain_jvp_nests() -> bool:
 
 
 def _jvp_levels() -> int:
-    try:
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-        from torch._C._functorch import TransformType
-    except ImportError:  # pragma: no cover
+    """How many ``torch.func`` forward-mode transforms are tracing (torch's private interpreter stack;
+    0 on a torch without it)."""
+    if _interpreters is None:  # pragma: no cover
         return 0
-    return sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+    return sum(i.key() == _TransformType.Jvp for i in _interpreters())
 
 
 def _call_x(problem: RootProblem, theta: list[Tensor], *x: Tensor) -> list[Tensor]:
@@ -257,23 +263,6 @@ def _differentiating(tensors: list[Tensor]) -> bool:
     return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def _reachable_leaves(outputs: list[Tensor]) -> set[int]:
-    """ids of the autograd leaves a list of outputs depends on (a walk of the graph, no arithmetic)."""
-    found: set[int] = set()
-    seen: set[Any] = set()
-    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            found.add(id(variable))
-        stack.extend(n for n, _ in node.next_functions if n is not None)
-    return found
-
-
 def _residual_check(problem: RootProblem, x: list[Tensor], theta: list[Tensor], names: Callable[[], list[str]],
                     residual_tol: float, on_residual: str, name: str) -> float:
     """``‖F(x*, θ)‖₂`` at the returned point (warn/raise above ``residual_tol``); and, under plain
@@ -290,7 +279,7 @@ def _residual_check(problem: RootProblem, x: list[Tensor], theta: list[Tensor], 
                          f"unknown), got shapes {[tuple(o.shape) for o in out]} for x of shapes "
                          f"{[tuple(xi.shape) for xi in x]}")
     if plain:
-        reached = _reachable_leaves(out)
+        reached = {id(t) for t in graph_leaves(out)}
         ignored = [k for k, (p, t) in enumerate(zip(probes, theta)) if t.requires_grad and id(p) not in reached]
         if ignored:
             every = names()

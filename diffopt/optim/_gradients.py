@@ -126,3 +126,21 @@ def all_finite(tensors: Sequence[Tensor | None]) -> bool:
     if not present or bool(torch.isfinite(torch.stack([t.sum() for t in present]).sum())):
         return True
     return all(bool(torch.isfinite(t).all()) for t in present)
+
+
+def graph_leaves(outputs: Sequence[Tensor]) -> list[Tensor]:
+    """The leaf tensors the autograd graphs of ``outputs`` accumulate gradients into (a walk of the
+    graph, no arithmetic): what a loss really depends on, declared or not."""
+    leaves: dict[int, Tensor] = {}
+    seen: set[int] = set()
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node
+        if isinstance(variable, Tensor):
+            leaves.setdefault(id(variable), variable)
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return list(leaves.values())

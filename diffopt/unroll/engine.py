@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..optim import SGD, DifferentiableOptimizer, NonFiniteError, from_torch
 from ..optim.lbfgs import LBFGS
-from ..optim._gradients import all_finite
+from ..optim._gradients import all_finite, graph_leaves
 from ..optim._hyper import PerParameter, Schedule
 from ._shapes import no_example_dimension
 from . import closure_step
@@ -52,23 +52,6 @@ from .patched import PatchedModel, choose_vectorize, describe_vmap_failure
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = ["MODES", "Adapted", "InnerLoop", "default_segment"]
-
-
-def graph_leaves(output: Tensor) -> list[Tensor]:
-    """The leaf tensors that ``output``'s autograd graph accumulates gradients into."""
-    leaves: dict[int, Tensor] = {}
-    seen: set[int] = set()
-    stack = [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)  # an AccumulateGrad node
-        if isinstance(variable, Tensor):
-            leaves.setdefault(id(variable), variable)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return list(leaves.values())
 
 
 def functorch_transform_active() -> bool:
@@ -592,7 +575,7 @@ class InnerLoop:
         if not losses.requires_grad:
             return
         declared = {id(t) for t in self.meta_tensors()}
-        undeclared = [t for t in graph_leaves(losses) if id(t) not in declared]
+        undeclared = [t for t in graph_leaves([losses]) if id(t) not in declared]
         if undeclared:
             shapes = ", ".join(str(tuple(t.shape)) for t in undeclared)
             raise ValueError(

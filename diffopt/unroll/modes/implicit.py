@@ -28,6 +28,8 @@ from torch import Tensor
 from ...errors import LinearSolveWarning
 from ...implicit.ift import implicit_vjp
 from ...implicit.linear_solve import SOLVERS, LinearSolver, SolveInfo, as_solver, solver_settings
+from ...optim import (AdadeltaRule, AdagradRule, AdamaxRule, AdamRule, ASGDRule, NAdamRule, RAdamRule,
+                      RMSpropRule, SGDRule)
 from ...optim.optimizer import DifferentiableOptimizer
 from ..attention import double_differentiable
 from ..carry import Carry, unique
@@ -95,8 +97,8 @@ class Implicit(Mode):
 
 #: The update rules whose ``weight_decay`` is added to the gradient (unless a group sets
 #: ``decoupled_weight_decay``): their stationary point is that of ``ℓ + s ω/2 ‖φ‖²``.
-COUPLED_WEIGHT_DECAY = ("SGDRule", "AdamRule", "AdamaxRule", "NAdamRule", "RAdamRule", "RMSpropRule", "AdagradRule",
-                        "AdadeltaRule", "ASGDRule")
+COUPLED_WEIGHT_DECAY = (SGDRule, AdamRule, AdamaxRule, NAdamRule, RAdamRule, RMSpropRule, AdagradRule, AdadeltaRule,
+                        ASGDRule)
 
 
 def coupled_weight_decays(loop: InnerLoop) -> list[tuple[float | Tensor, float]]:
@@ -114,7 +116,7 @@ def coupled_weight_decays(loop: InnerLoop) -> list[tuple[float | Tensor, float]]
             decay = hp.get("weight_decay", 0.0)
             if not isinstance(decay, Tensor) and float(decay) == 0.0:
                 continue
-            if type(optimizer.rule).__name__ not in COUPLED_WEIGHT_DECAY or hp.get("decoupled_weight_decay", False):
+            if type(optimizer.rule) not in COUPLED_WEIGHT_DECAY or hp.get("decoupled_weight_decay", False):
                 raise ValueError(
                     f"InnerLoop(mode='implicit'): the inner optimizer's group {k} has a decoupled weight decay "
                     f"(weight_decay={decay!r}, {type(optimizer).__name__}): its updates stop at a point that is "
