@@ -95,7 +95,13 @@ def test_sgd_option_errors(kwargs, message):
 
 
 @pytest.mark.parametrize(("name", "kwargs", "message"), [
-    ("Adam", {"eps": -1e-8}, "invalid eps -1e-08; it must be >= 0.0"),
+    ("Adam", {"eps": -1e-8}, "invalid eps -1e-08; it must be > 0.0"),
+    ("Adam", {"eps": 0.0}, "invalid eps 0.0; it must be > 0.0 (with eps = 0 a gradient coordinate that stays 0"),
+    ("Adagrad", {"eps": 0.0}, "use a tiny eps such as 1e-12"),
+    ("Adam", {"weight_decay": float("inf")}, "invalid weight_decay inf; it must be finite"),
+    ("RMSprop", {"alpha": 1.5}, "invalid alpha 1.5; it must be <= 1.0 (above 1 the average of squares"),
+    ("Rprop", {"etas": (0.5, float("inf"))}, "invalid etas[1] inf; it must be finite"),
+    ("Adafactor", {"eps": (0.0, 1e-3)}, "invalid eps[0] 0.0; it must be > 0.0"),
     ("Adam", {"weight_decay": -0.1}, "invalid weight_decay -0.1"),
     ("Adam", {"weight_decay": float("nan")}, "weight_decay contains NaN"),
     ("Adam", {"betas": 0.9}, "betas must be a pair (a, b), got 0.9"),
@@ -116,6 +122,32 @@ def test_sgd_option_errors(kwargs, message):
 def test_invalid_values_name_the_argument(name, kwargs, message):
     with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         twin_class(name)([weight()], **kwargs)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+@pytest.mark.parametrize("lr", [float("inf"), torch.tensor(float("inf"), dtype=F64)], ids=["number", "tensor"])
+def test_an_infinite_learning_rate_is_refused_where_it_is_set(name, lr):
+    """torch.optim accepts lr=inf and returns inf or NaN weights from the first step."""
+    with pytest.raises(ValueError, match=r"parameter group 0: invalid lr inf; it must be finite"):
+        twin_class(name)([weight()], lr=lr)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [
+    ("Rprop", {"step_sizes": (1e-6, float("inf"))}), ("ASGD", {"t0": float("inf")}), ("Adafactor", {"d": float("inf")})])
+def test_an_infinite_bound_that_switches_a_limit_off_is_accepted(name, kwargs):
+    """Rprop's largest step, ASGD's averaging start and Adafactor's clipping threshold may be inf (no
+    limit): the weights stay finite and follow torch.optim."""
+    w = weight()
+    ours = twin_class(name)([w], lr=0.01, **kwargs)
+    reference = torch.nn.Parameter(w.detach().clone())
+    theirs = getattr(torch.optim, name)([reference], lr=0.01, **kwargs)
+    for _ in range(3):
+        ours.step((ours.params[0] ** 2).sum())
+        theirs.zero_grad()
+        (reference ** 2).sum().backward()
+        theirs.step()
+    assert torch.isfinite(ours.params[0]).all()
+    torch.testing.assert_close(ours.params[0].detach(), reference.detach(), rtol=0, atol=1e-12)
 
 
 def test_invalid_values_in_a_later_group_name_the_group():

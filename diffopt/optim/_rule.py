@@ -318,7 +318,9 @@ class UpdateRule:
         if "lr" in group:
             check_range(group["lr"], "lr", where, low=0.0)
         if "eps" in group:
-            check_range(group["eps"], "eps", where, low=0.0)
+            check_range(group["eps"], "eps", where, low=0.0, low_inclusive=False,
+                        why=" (with eps = 0 a gradient coordinate that stays 0 is updated by 0 / 0 = NaN, in torch.optim "
+                            "too; use a tiny eps such as 1e-12)")
         if "weight_decay" in group:
             check_range(group["weight_decay"], "weight_decay", where, low=0.0)
         if "betas" in group:
@@ -339,8 +341,13 @@ def check_range(
     high: float | None = None,
     high_inclusive: bool = False,
     low_inclusive: bool = True,
+    finite: bool = True,
+    why: str = "",
 ) -> None:
-    """Check every number inside a (possibly tensor or wrapped) hyperparameter."""
+    """Check every number inside a (possibly tensor or wrapped) hyperparameter: not NaN, within the
+    bounds, and finite unless ``finite=False`` (a bound that may be switched off with ``inf``, such as
+    Rprop's largest step). An infinite rate or decay is accepted by torch.optim and turns the weights
+    into inf or NaN on the first step; here it is refused where it is set. ``why`` ends a bound's message."""
     for leaf in leaves(value):
         if isinstance(leaf, Tensor):
             if not (leaf.is_floating_point() or leaf.is_complex()):
@@ -354,12 +361,15 @@ def check_range(
             lo = hi = float(leaf)
         if math.isnan(lo) or math.isnan(hi):
             raise ValueError(f"{where}: {name} contains NaN")
+        if finite and (math.isinf(lo) or math.isinf(hi)):
+            raise ValueError(f"{where}: invalid {name} {lo if math.isinf(lo) else hi!r}; it must be finite "
+                             "(an infinite value makes the weights inf or NaN on the first step)")
         if low is not None and (lo < low or (not low_inclusive and lo == low)):
             bound = f">= {low}" if low_inclusive else f"> {low}"
-            raise ValueError(f"{where}: invalid {name} {lo!r}; it must be {bound}")
+            raise ValueError(f"{where}: invalid {name} {lo!r}; it must be {bound}{why}")
         if high is not None and (hi > high or (not high_inclusive and hi == high)):
             bound = f"<= {high}" if high_inclusive else f"< {high}"
-            raise ValueError(f"{where}: invalid {name} {hi!r}; it must be {bound}")
+            raise ValueError(f"{where}: invalid {name} {hi!r}; it must be {bound}{why}")
 
 
 def check_pair(value: Any, name: str, where: str) -> tuple[Any, Any]:

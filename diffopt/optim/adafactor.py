@@ -142,9 +142,10 @@ class AdafactorRule(UpdateRule):
         check_range(group["beta2_decay"], "beta2_decay", where, high=0.0, high_inclusive=True)
         eps1, eps2 = check_pair(tuple(group["eps"]) if isinstance(group["eps"], list) else group["eps"], "eps", where)
         if eps1 is not None:
-            check_range(eps1, "eps[0]", where, low=0.0)
+            check_range(eps1, "eps[0]", where, low=0.0, low_inclusive=False,
+                        why=" (with 0 a gradient that is 0 is updated by rsqrt(0) * 0 = NaN; None picks one by dtype)")
         check_range(eps2, "eps[1]", where, low=0.0)
-        check_range(group["d"], "d", where, low=1.0)
+        check_range(group["d"], "d", where, low=1.0, finite=False)  # inf: no update clipping
         check_range(group["weight_decay"], "weight_decay", where, low=0.0)
 
 

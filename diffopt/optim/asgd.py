@@ -79,7 +79,7 @@ class ASGDRule(UpdateRule):
         super().validate_group(group, where)
         check_range(group["lambd"], "lambd", where, low=0.0)
         check_range(group["alpha"], "alpha", where, low=0.0)
-        check_range(group["t0"], "t0", where, low=0.0)
+        check_range(group["t0"], "t0", where, low=0.0, finite=False)  # inf: never average
         if isinstance(group["t0"], Tensor):
             raise TypeError(f"{where}: t0 is a step count and must be a number, not a tensor")
 

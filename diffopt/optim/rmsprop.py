@@ -83,7 +83,9 @@ class RMSpropRule(UpdateRule):
 
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:
         super().validate_group(group, where)
-        check_range(group["alpha"], "alpha", where, low=0.0)
+        check_range(group["alpha"], "alpha", where, low=0.0, high=1.0, high_inclusive=True,
+                    why=" (above 1 the average of squares alpha v + (1 - alpha) g^2 turns negative and its root NaN, "
+                        "in torch.optim too)")
         check_range(group["momentum"], "momentum", where, low=0.0)
 
 

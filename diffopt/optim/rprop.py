@@ -74,7 +74,7 @@ class RpropRule(UpdateRule):
         check_range(etaplus, "etas[1]", where, low=1.0, low_inclusive=False)
         low, high = check_pair(group["step_sizes"], "step_sizes", where)
         check_range(low, "step_sizes[0]", where, low=0.0)
-        check_range(high, "step_sizes[1]", where, low=0.0)
+        check_range(high, "step_sizes[1]", where, low=0.0, finite=False)  # inf: no largest step
 
 
 class Rprop(DifferentiableOptimizer):
