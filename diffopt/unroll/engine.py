@@ -45,8 +45,8 @@ from .modes import MODES, Mode, as_mode, default_segment
 from .functional import ParameterLayout
 from .lowered import per_task_loss
 from .lowered_backprop import ExplicitBackprop
-from .lowered_hessian import (ExplicitHessian, SGDStep, StepContext, forward_ad_active, sgd_hyperparameters,
-                              sgd_values, written_out_task_losses)
+from .lowered_hessian import (ExplicitHessian, SGDStep, StepContext, StepHyperparameters, forward_ad_active,
+                              sgd_hyperparameters, sgd_values, written_out_task_losses)
 from .patched import PatchedModel, choose_vectorize, describe_vmap_failure
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -415,29 +415,42 @@ class InnerLoop:
                 return closure_step.lbfgs_step(self, carry, x, y, graph, None if theta is None else list(theta))
         adapted = [carry.params[j] for j in self.positions]
         deferred = self._pending_checks is not None
-        if second_order:
-            fused = self._written_out_sgd_step(carry, x, y, optimizer)
+        hyper = sgd_hyperparameters(optimizer, len(adapted), carry.step)  # None: not a plain SGD step
+        if second_order and hyper is not None:
+            fused = self._written_out_sgd_step(carry, x, y, hyper)
             if fused is not None:
-                return self._finish_step(carry, *fused, deferred)
+                losses, grads, new = fused
+                self._check_step(losses, grads, new, carry.step, deferred)
+                return self._next_carry(carry, new, list(carry.states), carry.buffers)
         written_out = self._written_out_gradients(carry, x, y, second_order)
         if written_out is not None:
             (losses, grads), buffers = written_out, carry.buffers
         else:
             losses, buffers, grads = self._autograd_gradients(carry, x, y, theta, adapted, second_order)
-        if deferred:
-            self._pending_checks.append(losses.detach())  # type: ignore[union-attr]
-        else:
-            self._check_finite_losses(losses, carry.step)
         if written_out is None and second_order and not self._double_backward_checked:
             self._check_double_backward(grads, adapted, carry, x, y, theta)
         grads = self._transform(optimizer, grads, carry.step)
-        if not deferred:
-            self._check_finite_gradients(grads, carry.step)
         with torch.set_grad_enabled(graph != "none"):
-            new, states = self._update(optimizer, adapted, grads, carry.states, carry.step)
-        if deferred:
-            self._last_adapted = new
+            if hyper is not None and all(g is not None for g in grads):
+                # plain SGD's arithmetic written directly (sgd_values, the same operations as
+                # torch.optim.SGD's), skipping the optimizer's group bookkeeping: 4% / 8% / 7% of a
+                # first-order sinusoid meta-step at K = 1 / 5 / 10 (in-process A/B); SGD keeps no state
+                new, states = sgd_values(adapted, grads, hyper), list(carry.states)  # type: ignore[arg-type]
+            else:
+                new, states = optimizer.update(adapted, grads, carry.states, carry.step)
+        self._check_step(losses, grads, new, carry.step, deferred)
         return self._next_carry(carry, new, states, buffers)
+
+    def _check_step(self, losses: Tensor, grads: Sequence[Tensor | None], new: list[Tensor], step: int,
+                    deferred: bool) -> None:
+        """A step's non-finite checks (losses, then gradients), or, inside :meth:`deferred_checks`, its
+        losses and new values kept for one check when the loop ends."""
+        if deferred:
+            self._pending_checks.append(losses.detach())  # type: ignore[union-attr]
+            self._last_adapted = new
+            return
+        self._check_finite_losses(losses, step)
+        self._check_finite_gradients(list(grads), step)
 
     def _next_carry(self, carry: Carry, new: Sequence[Tensor], states: list[Any], buffers: list[Tensor]) -> Carry:
         """The carry after a step: the adapted positions replaced by ``new``."""
@@ -461,33 +474,11 @@ class InnerLoop:
             grads = self._inner_gradients(losses, adapted, create_graph=second_order)
         return losses, buffers, grads
 
-    @staticmethod
-    def _update(optimizer: DifferentiableOptimizer, adapted: list[Tensor], grads: list[Tensor | None],
-                states: list[Any], step: int) -> tuple[list[Tensor], list[Any]]:
-        """The optimizer's update. Plain SGD's (:func:`~diffopt.unroll.lowered_hessian.sgd_hyperparameters`)
-        is taken with its arithmetic written directly (``sgd_values``, the same operations as
-        torch.optim.SGD's), which skips the optimizer's group bookkeeping: 4% / 8% / 7% of a first-order
-        sinusoid meta-step at K = 1 / 5 / 10 (in-process A/B). Plain SGD keeps no state."""
-        hyper = None if any(g is None for g in grads) else sgd_hyperparameters(optimizer, len(adapted), step)
-        if hyper is None:
-            return optimizer.update(adapted, grads, states, step)
-        return sgd_values(adapted, grads, hyper), list(states)  # type: ignore[arg-type]
-
-    def _finish_step(self, carry: Carry, losses: Tensor, grads: list[Tensor], new: list[Tensor],
-                     states: list[Any], deferred: bool) -> Carry:
-        """The checks of a step whose update :meth:`_written_out_sgd_step` took, and its carry."""
-        if deferred:
-            self._pending_checks.append(losses)  # type: ignore[union-attr]
-            self._last_adapted = new
-        else:
-            self._check_finite_losses(losses, carry.step)
-            self._check_finite_gradients(list(grads), carry.step)
-        return self._next_carry(carry, new, states, carry.buffers)
-
-    def _written_out_sgd_step(self, carry: Carry, x: Tensor, y: Tensor, optimizer: DifferentiableOptimizer,
-                              ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Any]] | None:
-        """A second-order SGD step whose backward is written out (:mod:`diffopt.unroll.lowered_hessian`):
-        ``(losses, gradients, new adapted tensors, states)``, or ``None`` where it does not apply:
+    def _written_out_sgd_step(self, carry: Carry, x: Tensor, y: Tensor, hyper: list[StepHyperparameters],
+                              ) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
+        """A second-order plain-SGD step (``hyper``: its hyperparameters) whose backward is written out
+        (:mod:`diffopt.unroll.lowered_hessian`): ``(losses, gradients, new adapted tensors)``, or ``None``
+        where it does not apply:
         where the inner gradient is not written out, another update rule or option (momentum,
         clipping), frozen adapted tensors, other meta-parameters, targets that require grad (or
         inputs that do, unless the network starts with a Linear), or forward-mode AD."""
@@ -495,9 +486,6 @@ class InnerLoop:
         if (hessian is None or not self._writes_out_gradients() or self.meta_parameters
                 or (x.requires_grad and not hessian.differentiates_inputs) or y.requires_grad or forward_ad_active()
                 or not all(self.theta[j].requires_grad for j in self.positions)):
-            return None
-        hyper = sgd_hyperparameters(optimizer, len(self.positions), carry.step)
-        if hyper is None:
             return None
         adapted = [carry.params[j] for j in self.positions]
         with torch.no_grad():
@@ -514,7 +502,7 @@ class InnerLoop:
         context = StepContext(hessian, self.loss_fn, x, y, list(self.positions), hyper, len(carry.params), lr_inputs,
                               (grads, tape, new), with_x)
         new = list(SGDStep.apply(context, *carry.params, *lr_inputs, *([x] if with_x else [])))
-        return losses, grads, new, list(carry.states)
+        return losses, grads, new
 
     def _writes_out_gradients(self, loss_fn: LossFn | None = None) -> bool:
         """Whether :mod:`diffopt.unroll.lowered_backprop` covers this loop's model and loss (default:
