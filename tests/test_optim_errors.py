@@ -398,12 +398,13 @@ def test_clipping_thresholds_given_as_tensors_are_checked_like_numbers(option, v
 
 
 @pytest.mark.parametrize(("name", "value"), [("lr", torch.tensor(-0.1, dtype=F64)), ("momentum", -5.0),
-                                             ("weight_decay", torch.tensor(float("nan"), dtype=F64))])
+                                             ("weight_decay", torch.tensor(float("nan"), dtype=F64)),
+                                             ("lr", float("inf"))])
 def test_a_callable_schedule_is_checked_at_every_step(name, value):
     options = {"lr": 0.1, name: Schedule(lambda step: value)}
     optimizer = diffopt.optim.SGD([weight()], **options)
     w = optimizer.params[0]
-    with pytest.raises(ValueError, match=f"hyperparameter '{name}': its Schedule returned .* at step 0.*must be >= 0"):
+    with pytest.raises(ValueError, match=f"hyperparameter '{name}': its Schedule returned .* at step 0.*must be finite and >= 0"):
         optimizer.step((w * w).sum())
 
 

@@ -46,12 +46,19 @@ class PerParameter:
 NON_NEGATIVE = frozenset({"lr", "momentum", "weight_decay", "dampening"})
 
 
-def _all_non_negative(value: Any) -> bool:
-    if isinstance(value, Tensor):
-        return bool((value.detach() >= 0).all())  # (False for NaN)
-    if isinstance(value, (int, float)):
-        return value >= 0
-    return True  # other kinds are checked where they are used
+def minimum_of(value: Any) -> float:
+    """The smallest number in a number or tensor (NaN where there is one: NaN compares false)."""
+    return float(value.detach().min()) if isinstance(value, Tensor) else float(value)
+
+
+def maximum_of(value: Any) -> float:
+    return float(value.detach().max()) if isinstance(value, Tensor) else float(value)
+
+
+def _finite_and_non_negative(value: Any) -> bool:
+    if not isinstance(value, (Tensor, int, float)):
+        return True  # other kinds are checked where they are used
+    return 0 <= minimum_of(value) and maximum_of(value) < float("inf")  # (False for NaN)
 
 
 class Schedule:
@@ -82,9 +89,9 @@ class Schedule:
     def at(self, step: int, name: str) -> Any:
         if callable(self.values) and not isinstance(self.values, Tensor):
             value = self.values(step)
-            if name in NON_NEGATIVE and not _all_non_negative(value):
+            if name in NON_NEGATIVE and not _finite_and_non_negative(value):
                 raise ValueError(f"hyperparameter {name!r}: its Schedule returned {value!r} at step {step} (0-based); "
-                                 f"{name} must be >= 0 (and not NaN), as the optimizer checks it at construction")
+                                 f"{name} must be finite and >= 0, as the optimizer checks it at construction")
             return value
         length = len(self.values)
         if self.hold_last:

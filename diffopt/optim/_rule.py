@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor
 
-from ._hyper import leaves
+from ._hyper import leaves, maximum_of, minimum_of
 
 State = dict[str, Any]
 Hyper = Mapping[str, Any]
@@ -178,14 +178,6 @@ def common_value(states: Sequence[State], key: str) -> Any:
 def nonzero(value: Any) -> bool:
     """Whether a hyperparameter term must be applied (tensors always are)."""
     return isinstance(value, Tensor) or value != 0
-
-
-def minimum_of(value: Any) -> float:
-    return float(value.detach().min()) if isinstance(value, Tensor) else float(value)
-
-
-def maximum_of(value: Any) -> float:
-    return float(value.detach().max()) if isinstance(value, Tensor) else float(value)
 
 
 def _real_view(value: Any) -> Any:
