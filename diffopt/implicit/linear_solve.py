@@ -37,6 +37,7 @@ from torch import Tensor
 from torch._C import _functorch
 
 from ..errors import LinearSolveError, LinearSolveWarning
+from ..optim._gradients import inside_torch_func
 
 Vector = list[Tensor]
 Operator = Callable[[Vector], Vector]
@@ -183,7 +184,7 @@ def _conjugate_gradient_float_steps(apply_a: Operator, b: Vector, iterations: in
 
 
 def _nothing_differentiates(b: Vector) -> bool:
-    return (b[0].shape[0] == 1 and not torch.is_grad_enabled() and _functorch.maybe_current_level() is None
+    return (b[0].shape[0] == 1 and not torch.is_grad_enabled() and not inside_torch_func()
             and not any(x.requires_grad for x in b))
 
 

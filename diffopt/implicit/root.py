@@ -40,7 +40,7 @@ from torch.autograd import forward_ad
 from torch.utils import _pytree as pytree
 
 from ..errors import OptimalityResidualError, OptimalityResidualWarning
-from ..optim._gradients import graph_leaves
+from ..optim._gradients import graph_leaves, inside_torch_func
 from .ift import damped, implicit_vjp
 from .linear_solve import LinearSolver, SolveInfo, Vector, as_solver, under_vmap
 
@@ -256,7 +256,7 @@ def _refuse_forward_over_forward() -> None:
 
 def _differentiating(tensors: list[Tensor]) -> bool:
     """Whether anything will ask for a derivative of the solution: autograd, forward AD or a torch.func transform."""
-    if torch._C._functorch.maybe_current_level() is not None:
+    if inside_torch_func():
         return True
     if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
         return True
@@ -270,7 +270,7 @@ def _residual_check(problem: RootProblem, x: list[Tensor], theta: list[Tensor], 
     ``θ``'s name, worked out only for that message)."""
     if under_vmap(x + theta):
         return math.nan  # the values are batched: nothing to read
-    plain = torch._C._functorch.maybe_current_level() is None
+    plain = not inside_torch_func()
     with torch.enable_grad():
         probes = [t.detach().requires_grad_(t.requires_grad) if plain else t for t in theta]
         out = problem.F([xi.detach() for xi in x], probes)

@@ -10,6 +10,13 @@ from torch import Tensor
 
 from ..errors import NonFiniteError
 
+
+def inside_torch_func() -> bool:
+    """Whether a ``torch.func`` transform (grad, vjp, jvp, jacrev, jacfwd, vmap) is running: torch has no
+    public query for it; its functorch interpreter stack is empty outside every transform."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
 NOT_CONNECTED_FIX = (
     "compute the loss from the optimizer's current parameters: `params = opt.step(loss)` returns "
     "them, and the next loss must be a function of those tensors (e.g. torch.func.functional_call(net, "

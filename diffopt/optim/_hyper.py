@@ -20,6 +20,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from ._gradients import inside_torch_func
+
 __all__ = ["PerParameter", "Schedule", "HyperValue", "resolve", "resolve_shared"]
 
 
@@ -134,8 +136,7 @@ def resolve(value: Any, name: str, index_in_group: int, step: int) -> Any:
 def _carries_no_derivative(value: Tensor) -> bool:
     """No gradient can reach ``value``: it does not require grad, carries no forward-mode tangent,
     and no ``torch.func`` transform (which wraps tensors) is running."""
-    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    if value.requires_grad or (peek is not None and peek() is not None):
+    if value.requires_grad or inside_torch_func():
         return False
     return torch.autograd.forward_ad.unpack_dual(value).tangent is None
 

@@ -15,16 +15,11 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor
 
+from ._gradients import inside_torch_func
 from ._hyper import leaves, maximum_of, minimum_of
 
 State = dict[str, Any]
 Hyper = Mapping[str, Any]
-
-
-def inside_torch_func() -> bool:
-    """Whether a ``torch.func`` transform (vmap, grad, jvp, ...) is running."""
-    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    return peek is not None and peek() is not None
 
 
 def _sqrt_derivative(grad: Tensor, root: Tensor) -> Tensor:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..optim import SGD, DifferentiableOptimizer, NonFiniteError, from_torch
 from ..optim.lbfgs import LBFGS
-from ..optim._gradients import all_finite, graph_leaves
+from ..optim._gradients import all_finite, graph_leaves, inside_torch_func
 from ..optim._hyper import PerParameter, Schedule
 from ._shapes import no_example_dimension
 from . import closure_step
@@ -54,17 +54,10 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 __all__ = ["MODES", "Adapted", "InnerLoop", "default_segment"]
 
 
-def functorch_transform_active() -> bool:
-    """Whether a ``torch.func`` transform (grad, vjp, jvp, jacrev, jacfwd, vmap) is tracing the call.
-    torch has no public query for it; its ``maybe_current_level`` is ``None`` outside every transform."""
-    level = getattr(torch._C._functorch, "maybe_current_level", None)
-    return level is not None and level() is not None
-
-
 def _refuse_functorch_transform(entry: str) -> None:
     """Name the limitation and the alternatives instead of torch's message about ``requires_grad_``
     or ``.item()`` deep inside the inner loop."""
-    if functorch_transform_active():
+    if inside_torch_func():
         raise RuntimeError(
             f"InnerLoop.{entry} was called inside a torch.func transform (grad, vjp, jvp, jacrev, jacfwd or "
             "vmap): its inner steps differentiate the inner loss with torch.autograd, which those transforms "
