@@ -413,16 +413,21 @@ class InnerLoop:
             fused = self._written_out_sgd_step(carry, x, y, hyper)
             if fused is not None:
                 losses, grads, new = fused
-                self._check_step(losses, grads, new, carry.step, deferred)
+                self._record_or_check_losses(losses, carry.step, deferred)
+                if not deferred:
+                    self._check_finite_gradients(list(grads), carry.step)
                 return self._next_carry(carry, new, list(carry.states), carry.buffers)
         written_out = self._written_out_gradients(carry, x, y, second_order)
         if written_out is not None:
             (losses, grads), buffers = written_out, carry.buffers
         else:
             losses, buffers, grads = self._autograd_gradients(carry, x, y, theta, adapted, second_order)
+        self._record_or_check_losses(losses, carry.step, deferred)  # named before anything else of the step
         if written_out is None and second_order and not self._double_backward_checked:
             self._check_double_backward(grads, adapted, carry, x, y, theta)
         grads = self._transform(optimizer, grads, carry.step)
+        if not deferred:
+            self._check_finite_gradients(grads, carry.step)
         with torch.set_grad_enabled(graph != "none"):
             if hyper is not None and all(g is not None for g in grads):
                 # plain SGD's arithmetic written directly (sgd_values, the same operations as
@@ -431,22 +436,21 @@ class InnerLoop:
                 new, states = sgd_values(adapted, grads, hyper), list(carry.states)  # type: ignore[arg-type]
             else:
                 new, states = optimizer.update(adapted, grads, carry.states, carry.step)
-        self._check_step(losses, grads, new, carry.step, deferred)
         return self._next_carry(carry, new, states, buffers)
 
-    def _check_step(self, losses: Tensor, grads: Sequence[Tensor | None], new: list[Tensor], step: int,
-                    deferred: bool) -> None:
-        """A step's non-finite checks (losses, then gradients), or, inside :meth:`deferred_checks`, its
-        losses and new values kept for one check when the loop ends."""
+    def _record_or_check_losses(self, losses: Tensor, step: int, deferred: bool) -> None:
+        """The step's non-finite check of its inner losses, or, inside :meth:`deferred_checks`, the
+        losses kept for one check when the loop ends."""
         if deferred:
             self._pending_checks.append(losses.detach())  # type: ignore[union-attr]
-            self._last_adapted = new
-            return
-        self._check_finite_losses(losses, step)
-        self._check_finite_gradients(list(grads), step)
+        else:
+            self._check_finite_losses(losses, step)
 
     def _next_carry(self, carry: Carry, new: Sequence[Tensor], states: list[Any], buffers: list[Tensor]) -> Carry:
-        """The carry after a step: the adapted positions replaced by ``new``."""
+        """The carry after a step: the adapted positions replaced by ``new`` (kept, inside
+        :meth:`deferred_checks`, for the check when the loop ends)."""
+        if self._pending_checks is not None:
+            self._last_adapted = list(new)
         params = list(carry.params)
         for j, p in zip(self.positions, new):
             params[j] = p
