@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .optim import DifferentiableOptimizer, from_torch
+from .optim._gradients import loss_gradients
 
 __all__ = ["innerloop", "PatchedModule", "PatchedOptimizer"]
 
@@ -322,18 +323,52 @@ class PatchedOptimizer:
         self.optimizer = optimizer
         self._position = positions  # where each optimizer parameter sits in fmodel.fast_params
 
-    def step(self, loss: Tensor, *, override: dict[str, list[Any]] | None = None, **kwargs: Any) -> list[Tensor]:
-        """One step from ``loss``; ``override`` sets hyperparameters from this step on, as
-        higher's ``diffopt.step(loss, override={'lr': [lr]})`` (one value, or one per group)."""
-        fast = list(self.fmodel.fast_params)
+    def step(self, loss: Tensor, params: Sequence[Tensor] | None = None, override: dict[str, list[Any]] | None = None,
+             grad_callback: Callable[[list[Tensor | None]], Sequence[Tensor | None]] | None = None,
+             **kwargs: Any) -> list[Tensor]:
+        """One step from ``loss``, with higher's ``diffopt.step`` arguments:
+
+        * ``params``: the fast weights to step from (one per ``model.parameters()``), instead of
+          ``fmodel``'s latest;
+        * ``override``: hyperparameters from this step on, ``{'lr': [lr]}`` (one value, or one per group);
+        * ``grad_callback``: ``f(grads) -> grads`` on the gradients of every fast weight (``None`` for
+          one the optimizer does not update or the loss does not use), e.g. clipping; for a whole
+          block, ``grad_transform=`` / ``clip_grad_norm=`` of :func:`innerloop` do the same.
+
+        Returns the new fast weights (all of them); ``fmodel`` runs with them from now on. With
+        ``track_higher_grads=False`` they are new leaves, as in higher: nothing is differentiated
+        through the step."""
+        fast = list(self.fmodel.fast_params if params is None else params)
+        if len(fast) != len(self.fmodel.fast_params):
+            raise ValueError(f"step(params=...): got {len(fast)} tensors, the model has "
+                             f"{len(self.fmodel.fast_params)} parameters; pass one per model.parameters(), in order")
         current = [fast[j] for j in self._position]
         if override is not None:
             self.optimizer.apply_override(override, "step(override=...)")
+        if grad_callback is not None:
+            kwargs["grads"] = self._called_back(grad_callback, loss, fast, current)
         new = self.optimizer.step(loss, params=current, **kwargs)
+        if not self.fmodel.track_higher_grads:  # higher's evaluation mode: each step starts a new graph
+            new = [t.detach().requires_grad_(old.requires_grad) for t, old in zip(new, current)]
         for j, tensor in zip(self._position, new):
             fast[j] = tensor
         self.fmodel.update_params(fast)
         return fast
+
+    def _called_back(self, grad_callback: Callable[[list[Tensor | None]], Sequence[Tensor | None]], loss: Tensor,
+                     fast: list[Tensor], current: list[Tensor]) -> list[Tensor | None]:
+        """higher's ``grad_callback`` applied to the gradients of all the fast weights; the optimizer's."""
+        optimizer = self.optimizer
+        grads = loss_gradients(loss, current, optimizer.step_count, first_order=optimizer.first_order,
+                               check_finite=optimizer.check_finite, check_graph=optimizer.step_count == 0)
+        every: list[Tensor | None] = [None] * len(fast)
+        for j, g in zip(self._position, grads):
+            every[j] = g
+        called = list(grad_callback(every))
+        if len(called) != len(fast):
+            raise ValueError(f"step(grad_callback=...): the callback returned {len(called)} gradients for "
+                             f"{len(fast)} fast weights; return one per fast weight (None where there is none)")
+        return [called[j] for j in self._position]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.optimizer, name)
@@ -415,6 +450,7 @@ def innerloop(
     copy_initial_weights: bool = False,
     track_higher_grads: bool = True,
     override: dict[str, list[Any]] | None = None,
+    device: torch.device | str | None = None,
     **options: Any,
 ) -> Iterator[tuple[PatchedModule, PatchedOptimizer]]:
     """Yield ``(fmodel, dopt)``: ``model`` with fast weights and its differentiable optimizer.
@@ -430,11 +466,15 @@ def innerloop(
             so no meta-gradient reaches ``model``'s parameters (higher's default);
             diffopt's default is False, as MAML needs: the fast weights start as
             ``model``'s parameters themselves.
-        track_higher_grads: False keeps only the latest fast weights (higher's evaluation mode).
+        track_higher_grads: False is higher's evaluation mode: the steps keep no graph (each new fast
+            weight is a leaf), so no meta-gradient reaches the model and only the latest fast weights
+            are kept.
         override: hyperparameters for the whole loop, as higher's ``innerloop_ctx(override=...)``:
             ``{"lr": [value]}`` for every parameter group or ``{"lr": [v0, v1, ...]}`` one per
             group; values may be tensors that require grad. ``dopt.step(loss, override=...)``
             overrides from that step on.
+        device: higher's ``innerloop_ctx(device=...)``, which copies the model there: here ``fmodel`` is the
+            model itself, so the model must already be on that device (``model.to(device)``).
         **options: passed to ``from_torch`` (``check_finite``, clipping, ...).
 
     Forwards of ``fmodel`` run attention on a twice-differentiable kernel when the steps keep a
@@ -450,6 +490,11 @@ def innerloop(
             f"{type(optimizer).__name__}"
         )
     layout, params = _layout(model)
+    if device is not None and any(p.device != torch.device(device) for p in params):
+        where = sorted({str(p.device) for p in params})
+        raise ValueError(f"innerloop(device={str(device)!r}): the model's parameters are on {', '.join(where)}; "
+                         "fmodel runs the model itself (higher runs a copy moved there), so move the model first: "
+                         "model.to(device), then build its optimizer")
     positions = _positions(layout, originals)
     if copy_initial_weights:
         params = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
@@ -459,9 +504,9 @@ def innerloop(
             raise TypeError(f"innerloop: {', '.join(options)} are options of from_torch; give them to the "
                             f"diffopt optimizer's constructor instead")
         # A working copy: the caller's optimizer keeps its parameters, state and settings.
-        dopt = optimizer.bound_to(starts, first_order=True if first_order else None)
+        dopt = optimizer.bound_to(starts, first_order=True if first_order or not track_higher_grads else None)
     else:
-        dopt = _converted(optimizer, starts, {"first_order": first_order, **options})
+        dopt = _converted(optimizer, starts, {"first_order": first_order or not track_higher_grads, **options})
     if override is not None:
         dopt.apply_override(override, "innerloop(override=...)")
     fmodel = PatchedModule(model, layout, params, track_higher_grads=track_higher_grads,

@@ -599,3 +599,70 @@ def test_a_finished_block_is_freed_without_the_cyclic_garbage_collector():
     finally:
         if enabled:
             gc.enable()
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["torch.optim", "diffopt optimizer"])
+def test_track_higher_grads_false_is_highers_evaluation_mode(wrap):
+    """higher's track_higher_grads=False: the gradients are taken without a graph and every new
+    fast weight is a leaf, so no meta-gradient reaches the model, the fast weights get .grad, and no
+    graph grows across steps; the values equal higher's."""
+    model, (x_s, y_s, x_q, y_q) = make_model(5), make_data(5)
+    results = []
+    for library in ("higher", "diffopt"):
+        model.zero_grad()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if library == "higher":
+            context = higher.innerloop_ctx(model, opt, copy_initial_weights=False, track_higher_grads=False)
+        else:
+            context = diffopt.innerloop(model, diffopt.optim.from_torch(opt) if wrap else opt,
+                                        track_higher_grads=False)
+        with context as (fmodel, dopt):
+            for _ in range(3):
+                dopt.step(mse(fmodel(x_s), y_s))
+            fast = list(fmodel.parameters())
+            assert all(p.is_leaf and p.requires_grad for p in fast), library
+            mse(fmodel(x_q), y_q).backward()
+        assert all(p.grad is None for p in model.parameters()), library
+        results.append([p.grad for p in fast])
+    for a, b in zip(*results):
+        close("track_higher_grads=False vs higher", b, a)
+
+
+def test_step_takes_highers_params_and_grad_callback():
+    """higher's diffopt.step(loss, params, grad_callback=f): the step starts from the given fast
+    weights, and f sees the gradients of all of them (in model.parameters() order)."""
+    model, (x_s, y_s, x_q, y_q) = make_model(6), make_data(6)
+    seen = {}
+
+    def callback(grads):
+        seen.setdefault(len(seen), [None if g is None else tuple(g.shape) for g in grads])
+        return [None if g is None else g.clamp(-0.05, 0.05) * 2 for g in grads]
+
+    results = []
+    for library in ("higher", "diffopt"):
+        opt = torch.optim.SGD(list(model.parameters())[:2], lr=0.3)  # the first layer only
+        context = (higher.innerloop_ctx(model, opt, copy_initial_weights=False) if library == "higher"
+                   else diffopt.innerloop(model, opt))
+        with context as (fmodel, dopt):
+            start = [p * 1.0 for p in model.parameters()]
+            dopt.step(mse(fmodel(x_s, params=start), y_s), start, grad_callback=callback)
+            dopt.step(mse(fmodel(x_s), y_s), grad_callback=callback)
+            results.append(torch.autograd.grad(mse(fmodel(x_q), y_q), list(model.parameters())))
+    assert seen[0] == [tuple(p.shape) for p in model.parameters()]
+    for a, b in zip(*results):
+        close("step(params, grad_callback) vs higher", b, a)
+    with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, dopt):
+        with pytest.raises(ValueError, match=r"step\(params=...\): got 1 tensors, the model has 4 parameters"):
+            dopt.step(mse(fmodel(x_s), y_s), params=[x_s])
+        with pytest.raises(ValueError, match="the callback returned 1 gradients for 4 fast weights"):
+            dopt.step(mse(fmodel(x_s), y_s), grad_callback=lambda grads: grads[:1])
+
+
+def test_device_is_accepted_where_the_model_is_and_refused_elsewhere():
+    model, (x_s, y_s, _, _) = make_model(7), make_data(7)
+    with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=0.1), device="cpu") as (fmodel, dopt):
+        dopt.step(mse(fmodel(x_s), y_s))
+    with pytest.raises(ValueError, match=r"innerloop\(device='meta'\): the model's parameters are on cpu; .*"
+                                         r"model.to\(device\)"):
+        with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=0.1), device="meta"):
+            pass

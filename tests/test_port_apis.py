@@ -397,3 +397,39 @@ def test_learn2learn_port_refuses_a_loss_computed_with_the_wrapped_model():
     learner.adapt(F.mse_loss(learner(x), x))
     with pytest.raises(ValueError, match=r"compute it with the clone, learner\(x\)"):
         learner.adapt(F.mse_loss(maml(x), x))  # θ, not the adapted weights
+
+
+def test_learn2learn_port_errors_give_fixes_that_exist():
+    """MetaSGD has no allow_nograd / allow_unused (nor has learn2learn's); a loss under no_grad gets
+    loss_gradients' own advice, not the 'compute it with the clone' one; a NaN loss is an error."""
+    import diffopt.ports.learn2learn as l2l
+    x = torch.randn(4, 1, dtype=F64)
+    model = mlp()
+    model[0].bias.requires_grad_(False)
+    learner = l2l.algorithms.MetaSGD(model, lr=0.1).clone()
+    with pytest.raises(ValueError, match=r"'0.bias' does not require grad; MetaSGD adapts every parameter .*"
+                                         r"MetaSGD\(model.head\)") as info:
+        learner.adapt(F.mse_loss(learner(x), x))
+    assert "pass allow_nograd" not in str(info.value)
+    learner = l2l.algorithms.MAML(mlp(), lr=0.1).clone()
+    with torch.no_grad():
+        detached = F.mse_loss(learner(x), x)
+    with pytest.raises(ValueError, match=r"do not compute the loss under torch.no_grad\(\)"):
+        learner.adapt(detached)
+    with pytest.raises(diffopt.optim.NonFiniteError, match="the loss is nan"):
+        learner.adapt(F.mse_loss(learner(x), x) * float("nan"))
+
+
+def test_custom_root_names_torchopts_signature_and_solvers():
+    import torchopt
+    from diffopt.implicit import custom_root
+
+    def condition(x, lam):
+        return x - lam
+
+    for call in (lambda: custom_root(condition, 1), lambda: custom_root(condition, argnums=1)):
+        with pytest.raises(TypeError, match=r"that is torchopt's signature. diffopt's follows jaxopt's.*drop argnums"):
+            call()
+    with pytest.raises(TypeError, match=r"a torchopt linear solver; .* solve_cg\(maxiter=n, rtol=r\) is "
+                                        r"CG\(iterations=n, tol=r\)"):
+        custom_root(condition, solve=torchopt.linear_solve.solve_cg())

@@ -306,9 +306,9 @@ def _argument_names(args: tuple[Any, ...], positions: list[int]) -> list[str]:
     return [f"argument {pytree.keystr(paths[i][0])}" for i in positions]
 
 
-def custom_root(optimality_fn: Callable[..., Any], *, solve: LinearSolver | str = "cg", damping: float = 0.0,
-                residual_tol: float = 1e-4, on_residual: str = "warn",
-                has_aux: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def custom_root(optimality_fn: Callable[..., Any], *torchopt_argnums: Any, solve: LinearSolver | str = "cg",
+                damping: float = 0.0, residual_tol: float = 1e-4, on_residual: str = "warn",
+                has_aux: bool = False, argnums: Any = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     r"""Decorate ``solver(init, *args, **kwargs) -> x*`` so that ``x*`` is differentiable in ``args``
     through ``optimality_fn(x, *args, **kwargs) = 0`` (the implicit function theorem).
 
@@ -323,6 +323,8 @@ def custom_root(optimality_fn: Callable[..., Any], *, solve: LinearSolver | str 
         on_residual: ``"warn"`` (default), ``"raise"`` (:class:`~diffopt.errors.OptimalityResidualError`)
             or ``"ignore"`` when that residual is above ``residual_tol``.
         has_aux: the solver returns ``(x*, aux)``; ``aux`` is passed through, not differentiated.
+        argnums: torchopt's ``custom_root(F, argnums, ...)`` argument, refused with the port: here, as in
+            jaxopt, every tensor argument that requires grad is differentiated.
 
     The solver runs on detached arguments (it is never differentiated) and its first argument
     ``init`` gets no gradient. When nothing asks for a derivative (no argument requires grad, no
@@ -342,6 +344,15 @@ def custom_root(optimality_fn: Callable[..., Any], *, solve: LinearSolver | str 
         def ridge(init, lam, a, b):
             return torch.linalg.solve(a.T @ a + lam * torch.eye(a.shape[1]), a.T @ b)
     """
+    if torchopt_argnums or argnums is not None:
+        raise TypeError("custom_root(optimality_fn, argnums): that is torchopt's signature. diffopt's follows jaxopt's: "
+                        "custom_root(optimality_fn, solve=..., has_aux=...) differentiates every tensor argument of "
+                        "the solver that requires grad (pass the others detached, or as keyword arguments, which "
+                        "are never differentiated); drop argnums")
+    if str(getattr(getattr(solve, "func", solve), "__module__", "")).startswith("torchopt"):  # (solve_cg() is a partial)
+        raise TypeError(f"custom_root(solve={solve!r}): a torchopt linear solver; use a name ('cg', 'normal_cg', "
+                        "'gmres', 'minres', 'neumann', 'dense') or a diffopt solver object: solve_cg(maxiter=n, "
+                        "rtol=r) is CG(iterations=n, tol=r), solve_normal_cg(...) is NormalCG(...)")
     solver_object = as_solver(solve)
     if not damping >= 0:
         raise ValueError(f"custom_root: damping must be >= 0, got {damping!r}")

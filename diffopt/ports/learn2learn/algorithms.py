@@ -64,24 +64,27 @@ class _Learner(nn.Module):
                 return getattr(modules["module"], name)
             raise error
 
+    #: how to let ``adapt`` leave frozen / unused parameters alone (MAML's options; MetaSGD has none,
+    #: as in learn2learn, where every parameter has its rate)
+    _nograd_fix = "pass allow_nograd=True to leave frozen parameters unadapted (as learn2learn suggests)"
+    _unused_fix = "pass allow_unused=True to leave unused parameters unchanged"
+
     def _adapted_parameters(self, allow_nograd: bool) -> list[Tensor]:
         params = list(self.module.parameters())
         if not allow_nograd:
             frozen = [name for name, p in self.module.named_parameters() if not p.requires_grad]
             if frozen:
-                raise ValueError(
-                    f"adapt: parameter {frozen[0]!r} does not require grad; pass allow_nograd=True to leave "
-                    "frozen parameters unadapted (as learn2learn suggests), or call requires_grad_() on it"
-                )
+                raise ValueError(f"adapt: parameter {frozen[0]!r} does not require grad; {self._nograd_fix}, or "
+                                 "call requires_grad_() on it")
         return params
 
     def _step(self, optimizer: DifferentiableOptimizer, loss: Tensor, params: Sequence[Tensor],
               allow_unused: bool, first_order: bool) -> None:
         try:
-            grads = loss_gradients(loss, params, 0, first_order=first_order, check_finite=False)
+            grads = loss_gradients(loss, params, 0, first_order=first_order, check_finite=True)
         except ValueError as error:
-            if "does not depend" not in str(error):
-                raise
+            if "parameters this step updates" not in str(error):
+                raise  # (a loss under no_grad, frozen weights: loss_gradients' own message says what to do)
             raise ValueError(
                 "adapt(loss): the loss does not depend on this learner's weights, so the step would change "
                 "nothing; compute it with the clone, learner(x), not with the wrapped model or maml(x)"
@@ -90,10 +93,7 @@ class _Learner(nn.Module):
             names = [name for name, _ in self.module.named_parameters()]
             for name, p, g in zip(names, params, grads):
                 if p.requires_grad and g is None:
-                    raise ValueError(
-                        f"adapt: the loss does not depend on parameter {name!r}; pass allow_unused=True to "
-                        "leave unused parameters unchanged"
-                    )
+                    raise ValueError(f"adapt: the loss does not depend on parameter {name!r}; {self._unused_fix}")
         new = optimizer.step(params=params, grads=grads)
         self.module = clone_module(self.module, {id(old): p for old, p in zip(params, new)})
 
@@ -159,6 +159,10 @@ class MetaSGD(_Learner):
         lrs: the rates (one tensor per parameter); default ``lr`` everywhere, as
             ``nn.Parameter``\\ s that ``meta_sgd.parameters()`` includes.
     """
+
+    _nograd_fix = _unused_fix = ("MetaSGD adapts every parameter of the model with its own rate (as learn2learn's "
+                                 "does); wrap only the part to adapt, e.g. MetaSGD(model.head), or use MAML with "
+                                 "allow_unused=True / allow_nograd=True")
 
     def __init__(self, model: nn.Module, lr: float = 1.0, first_order: bool = False,
                  lrs: Sequence[Tensor] | None = None) -> None:
