@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .optim import DifferentiableOptimizer, from_torch
 from .optim._gradients import loss_gradients
+from .unroll.functional import refuse_activation_checkpointing
 
 __all__ = ["innerloop", "PatchedModule", "PatchedOptimizer"]
 
@@ -489,6 +490,8 @@ def innerloop(
             f"innerloop(optimizer=...): expected a torch.optim or diffopt optimizer, got "
             f"{type(optimizer).__name__}"
         )
+    refuse_activation_checkpointing(model, "innerloop", "to save memory over the inner steps, "
+                                    "diffopt.unroll.InnerLoop(mode='checkpointed') recomputes whole steps correctly")
     layout, params = _layout(model)
     if device is not None and any(p.device != torch.device(device) for p in params):
         where = sorted({str(p.device) for p in params})

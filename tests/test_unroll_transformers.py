@@ -145,3 +145,21 @@ def test_every_mode_on_a_decoder(family: str, vectorize: bool) -> None:
     es = engine_gradient(loop_for(model, ES(samples=2, sigma=1e-3, generator=torch.Generator().manual_seed(0)),
                                   vectorize), batch)
     assert all(torch.isfinite(g).all() for g in implicit + es)
+
+
+def test_gradient_checkpointing_is_refused_with_the_fix() -> None:
+    """A model that recomputes its activations in the backward would recompute them with its own
+    weights, not the fast ones (silently wrong from the second inner step on): refused, naming
+    gradient_checkpointing_disable() and the engine's own checkpointed mode; after disabling, the
+    meta-gradient equals the hand-written loop's."""
+    model = decoder("gpt2")
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match=r"InnerLoop: the model recomputes its activations in the backward .*"
+                                         r"gradient_checkpointing_disable\(\) first; .*mode='checkpointed'"):
+        loop_for(model)
+    with pytest.raises(ValueError, match=r"innerloop: the model recomputes its activations"):
+        with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=LR)):
+            pass
+    model.gradient_checkpointing_disable()
+    batch = data()
+    assert max_difference(engine_gradient(loop_for(model), batch), reference_gradient(model, batch)) < 1e-10

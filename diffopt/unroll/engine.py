@@ -185,6 +185,7 @@ class InnerLoop:
         self.steps = steps
         self.patched = PatchedModel(model, batchnorm, backend)
         self.backend, self.backend_reason = self.patched.backend, self.patched.backend_reason
+        self.autocast = _check_autocast(autocast)
         self.vectorize, self.vectorize_reason = self._vectorize(vectorize)
         self._backprop = ExplicitBackprop.build(self.patched.lowered)
         self._hessian = ExplicitHessian.build(self._backprop)
@@ -199,7 +200,6 @@ class InnerLoop:
                 UserWarning, stacklevel=2,
             )
         self.check_finite = check_finite
-        self.autocast = _check_autocast(autocast)
         if attention not in ATTENTION:
             raise ValueError(f"attention={attention!r}: choose 'math' (the MATH backend) or 'blockwise' "
                              "(a backward recomputed in blocks of rows)")
@@ -229,6 +229,8 @@ class InnerLoop:
         if isinstance(self.optimizer, LBFGS):
             return closure_step.check_closure_optimizer(self, vectorize)
         if vectorize == "vmap":  # the generic vectorised path, even where task-batched kernels exist
+            if self.autocast is not None:
+                self._vmap_under_autocast(vectorize)
             self.patched.lowered, self.patched.lowered_reason = None, "vmap: requested (vectorize='vmap')"
             return True, "vmap: requested (vectorize='vmap')"
         if vectorize == "auto":
@@ -241,7 +243,19 @@ class InnerLoop:
             raise ValueError(f"vectorize must be True, False, 'auto' or 'vmap', got {vectorize!r}")
         if chosen and self.patched.lowered is not None:
             return True, f"{self.patched.lowered_reason}: {reason.split(': ', 1)[1]}"
+        if chosen and self.autocast is not None:
+            return self._vmap_under_autocast(vectorize)
         return chosen, reason
+
+    def _vmap_under_autocast(self, vectorize: bool | str) -> tuple[bool, str]:
+        """torch.autocast does not reach operations traced by torch.func.vmap: a vmapped forward would run in
+        the weights' precision (or mix dtypes and fail in attention), so autocast takes the task loop."""
+        why = ("torch.autocast does not reach the operations torch.func.vmap traces (the forward would silently run "
+               "in the weights' precision)")
+        if vectorize == "auto":
+            return False, f"task loop: autocast={self.autocast}: {why}"
+        raise ValueError(f"InnerLoop(vectorize={vectorize!r}, autocast={self.autocast}): {why}; use vectorize='auto' "
+                         "or False (the task loop, which autocast reaches), or drop autocast")
 
     def meta_tensors(self) -> list[Tensor]:
         """Tensors other than the carry that the inner steps depend on and that require grad."""

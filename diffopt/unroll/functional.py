@@ -277,6 +277,8 @@ class FunctionalModel:
             self.backend_reason = f"{backend}: requested (backend={backend!r})"
         else:
             raise ValueError(f"backend={backend!r} is not a functional backend; choose 'auto' or one of {BACKENDS}")
+        refuse_activation_checkpointing(model, "InnerLoop", "to save memory over the inner steps use "
+                                        "mode='checkpointed', which recomputes whole inner steps with their weights")
         hooked = hooked_module(model)
         if backend == "higher" and hooked is not None:
             raise ValueError(f"backend='higher': {hooked} has forward hooks, which higher's monkeypatched copy "
@@ -393,6 +395,31 @@ class FunctionalModel:
 # ---------------------------------------------------------------------------------------
 # vmap or a task loop
 # ---------------------------------------------------------------------------------------
+def checkpointing_module(model: nn.Module) -> str | None:
+    """The first module that recomputes its activations in the backward (Hugging Face's gradient
+    checkpointing, ``model.gradient_checkpointing_enable()``), or None."""
+    for name, module in model.named_modules():
+        if getattr(module, "gradient_checkpointing", None) is True or getattr(module, "is_gradient_checkpointing",
+                                                                              None) is True:
+            return name or "the model"
+    return None
+
+
+def refuse_activation_checkpointing(model: nn.Module, where: str, alternative: str) -> None:
+    """A model that recomputes activations in the backward gives silently wrong meta-gradients with fast
+    weights: the recomputation runs inside the backward, after each forward has put the model's own
+    weights back, so it recomputes with θ instead of the fast weights (first order: wrong values from
+    the second step on; second order: torch's "recomputed values have different metadata")."""
+    found = checkpointing_module(model)
+    if found is not None:
+        raise ValueError(
+            f"{where}: {found} recomputes its activations in the backward (gradient checkpointing). Under fast "
+            "weights the recomputation would run with the model's own weights, after the forward that set the "
+            "fast ones has ended, and the gradients would be silently wrong. Call "
+            f"model.gradient_checkpointing_disable() first; {alternative}"
+        )
+
+
 def vectorization_blockers(model: nn.Module, batchnorm: str | None = None) -> list[str]:
     """Layers that torch.func.vmap cannot batch, each with the reason.
 
