@@ -7,6 +7,7 @@ needed, and an op without a double backward is refused naming the module and the
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from unittest import mock
 
@@ -355,3 +356,48 @@ def test_blockwise_attention_keeps_no_attention_matrix_for_the_meta_gradient() -
 def test_attention_option_is_checked() -> None:
     with pytest.raises(ValueError, match="attention='flash': choose 'math'"):
         loop_for(model_for("causal"), attention="flash")
+
+
+def _second_order_terms(attend, q, k, v, mask, forward_context=contextlib.nullcontext):
+    """Attention's output, first derivatives and a second derivative (the meta-gradient's path); the
+    forward alone runs inside ``forward_context()``, as the engine's forwards under autocast."""
+    with forward_context():
+        out = attend(q, k, v, attn_mask=mask)
+    cotangent = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    first = torch.autograd.grad(out, (q, k, v), cotangent, create_graph=True)
+    second = torch.autograd.grad(sum((f * f).sum() for f in first), (q, k, v))
+    return (out, *first, *second)
+
+
+def test_blockwise_attention_gives_a_fully_masked_row_zeros_like_math() -> None:
+    """A query row that may attend to nothing (left padding) is 0 in the fused and MATH kernels;
+    blockwise's recomputed backward had 0/0 = NaN there."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()
+    mask[0] = False  # the first query attends to nothing
+    with sdpa_kernel([SDPBackend.MATH]):
+        expected = _second_order_terms(F.scaled_dot_product_attention, q, k, v, mask)
+    got = _second_order_terms(lambda *a, **kw: blockwise.blockwise_attention(*a, **kw, block=2), q, k, v, mask)
+    for a, b in zip(got, expected):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_blockwise_attention_under_autocast_takes_mixed_input_dtypes_like_math() -> None:
+    """Under bf16 autocast, Q and K in float32 (LLaMA's RoPE upcasts) and V in bf16: MATH runs, and so
+    does blockwise, whose backward (outside autocast) recomputes in the forward's precision."""
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(1, 2, 6, 8, generator=g, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, 6, 8, generator=g).bfloat16().requires_grad_()
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        expected = _second_order_terms(F.scaled_dot_product_attention, q, k, v, mask, autocast)
+    got = _second_order_terms(lambda *a, **kw: blockwise.blockwise_attention(*a, **kw, block=4), q, k, v, mask,
+                              autocast)
+    for a, b in zip(got, expected):
+        assert a.dtype == b.dtype and torch.isfinite(a).all()
+        assert float((a.float() - b.float()).norm() / b.float().norm()) < 2e-2  # bf16 keeps 8 bits

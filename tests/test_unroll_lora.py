@@ -172,3 +172,23 @@ def test_adapting_a_selection_equals_the_hand_written_loop(which) -> None:
     model, batch = encoder_with_lora(), vector_data()
     chosen = select_parameters(model, which)
     assert_close(engine(model, chosen, F.mse_loss, batch)[1], reference(model, chosen, F.mse_loss, batch))
+
+
+def test_add_lora_refuses_what_a_wrapper_would_break_and_names_the_alternatives() -> None:
+    """nn.MultiheadAttention reads its out_proj's weight directly (a LoRA wrapper would break the next
+    forward): refused before the model is changed. GPT-2's Conv1D is named with peft as the way; a
+    tied weight frozen as a LoRA base is warned about."""
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    before = [n for n, _ in layer.named_modules()]
+    for targets in (["out_proj"], ["self_attn.*"], ["*"]):
+        with pytest.raises(ValueError, match=r"self_attn.out_proj is nn.MultiheadAttention's output projection"):
+            add_lora(layer, targets)
+    assert [n for n, _ in layer.named_modules()] == before
+    layer(torch.randn(1, 3, 8))  # still runs
+    transformers.logging.set_verbosity_error()
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=1,
+                                                                n_head=2, bos_token_id=0, eos_token_id=0))
+    with pytest.raises(ValueError, match=r"transformer.h.0.attn.c_attn is transformers' Conv1D .* peft"):
+        add_lora(gpt2, ["c_attn"])
+    with pytest.warns(UserWarning, match=r"lm_head.weight is tied to transformer.wte.weight"):
+        add_lora(gpt2, ["lm_head"])

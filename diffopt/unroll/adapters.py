@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -71,12 +72,32 @@ def add_lora(model: nn.Module, targets: Sequence[str], rank: int = 4, alpha: flo
     """Replace every ``nn.Linear`` of ``model`` whose name (or its last component) matches one
     of ``targets`` (``fnmatch`` patterns: ``"q_proj"``, ``"layers.0.*"``) by a
     :class:`LoRALinear`; return the names replaced. A target that matches nothing raises."""
-    chosen = [(name, module) for name, module in model.named_modules()
+    modules = dict(model.named_modules())
+    chosen = [(name, module) for name, module in modules.items()
               if isinstance(module, nn.Linear) and _matches(name, targets)]
     if not chosen:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+        conv1d = [n for n, m in modules.items() if type(m).__name__ == "Conv1D" and _matches(n, targets)]
+        hint = (f"; {conv1d[0]} is transformers' Conv1D (GPT-2's layers), not an nn.Linear: adapt it with peft "
+                "(LoraConfig(target_modules=[...], fan_in_fan_out=True)), which InnerLoop takes as it is") if conv1d else ""
         raise ValueError(f"add_lora: no nn.Linear of {type(model).__name__} matches {list(targets)}; "
-                         f"its linear layers are {linears[:12]}{' ...' if len(linears) > 12 else ''}")
+                         f"its linear layers are {linears[:12]}{' ...' if len(linears) > 12 else ''}{hint}")
+    for name, _ in chosen:
+        parent_name = name.rpartition(".")[0]
+        if isinstance(modules[parent_name], nn.MultiheadAttention):
+            raise ValueError(f"add_lora: {name} is nn.MultiheadAttention's output projection, whose weight the "
+                             "attention reads directly (F.multi_head_attention_forward), so a LoRA wrapper would "
+                             "break it; leave it out of targets, or adapt it as it is with select_parameters(model, "
+                             f"['{name}.*'])")
+    owners: dict[int, list[str]] = {}
+    for module_name, module in modules.items():
+        for param_name, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{module_name}.{param_name}" if module_name else param_name)
+    for name, module in chosen:
+        tied = [other for other in owners.get(id(module.weight), []) if other != f"{name}.weight"]
+        if tied:
+            warnings.warn(f"add_lora: {name}.weight is tied to {', '.join(tied)}; freezing it as the LoRA base "
+                          "freezes that too", UserWarning, stacklevel=2)
     for name, module in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

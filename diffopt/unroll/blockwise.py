@@ -40,7 +40,35 @@ def _math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) ->
     scores = (q @ k.transpose(-2, -1)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return torch.softmax(scores, dim=-1) @ v
+    return _safe_softmax(scores) @ v
+
+
+def _safe_softmax(scores: Tensor) -> Tensor:
+    """Softmax over the last dimension, 0 on a row whose every score is -inf (a query that may attend
+    to nothing: Hugging Face's left padding), as the fused and MATH kernels give, instead of 0/0 = NaN;
+    differentiable to every order (the masked rows get zero derivatives)."""
+    dead = scores.amax(-1, keepdim=True) == float("-inf")
+    return torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+
+
+def _autocast_dtype(device: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes attention in on ``device``, or None outside autocast."""
+    if _AUTOCAST_BY_DEVICE:
+        enabled = torch.is_autocast_enabled(device)
+    else:
+        enabled = torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
+    if not enabled:
+        return None
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device)
+    return torch.get_autocast_cpu_dtype() if device == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+try:  # torch >= 2.4 takes the device type
+    torch.is_autocast_enabled("cpu")
+    _AUTOCAST_BY_DEVICE = True
+except TypeError:
+    _AUTOCAST_BY_DEVICE = False
 
 
 def _rows(mask: Tensor | None, rows: slice) -> Tensor | None:
@@ -143,6 +171,12 @@ def blockwise_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Te
         repeat = query.shape[-3] // key.shape[-3]
         key, value = key.repeat_interleave(repeat, dim=-3), value.repeat_interleave(repeat, dim=-3)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    low = _autocast_dtype(query.device.type)
+    if low is not None:  # as autocast casts the fused kernel's inputs: the backward (run outside autocast)
+        # then recomputes in the forward's precision on one dtype (LLaMA's RoPE leaves Q, K in float32)
+        query, key, value = (t.to(low) for t in (query, key, value))
+        if isinstance(attn_mask, Tensor) and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(low)
     if is_causal:
         attn_mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
     return _Attention.apply(query, key, value, attn_mask, scale, block)
