@@ -38,8 +38,10 @@ class QuadraticHypergradients:
 
 def quadratic_sgd(A: Tensor, b: Tensor, w0: Tensor, lr: float, momentum: float, steps: int,
                   target: Tensor) -> QuadraticHypergradients:
-    """Exact hypergradients of ``½‖w_K − target‖²`` after ``steps`` SGD(+momentum) steps on ``½wᵀAw − bᵀw``."""
+    """Exact hypergradients of ``½‖w_K − target‖²`` after ``steps`` SGD(+momentum) steps on ``½wᵀAw − bᵀw``
+    (whose gradient is ``½(A + Aᵀ)w − b``: a non-symmetric ``A`` counts through its symmetric part)."""
     A, b, w0, target = (t.double() for t in (A, b, w0, target))
+    A = 0.5 * (A + A.T)
     n = w0.numel()
     eye = torch.eye(n, dtype=torch.float64)
     zero = torch.zeros(n, n, dtype=torch.float64)
