@@ -301,3 +301,40 @@ def test_a_hung_rank_is_cleared_soon_after_the_other_gives_up(monkeypatch) -> No
     assert distributed.launch(["train"], 2, timeout=60.0, grace=1.0) == 2
     assert time.monotonic() - begin < 20  # not the 60 s timeout again
     assert all(p.poll() is not None for p in started)
+
+
+def test_ranks_compare_the_outer_and_inner_optimizers_hyperparameters() -> None:
+    """Through the Python API a rank with another outer or inner learning rate would have averaged its
+    gradients in silently (the configuration held only the optimizer's class name): the start-up check
+    now compares every group's hyperparameters of both optimizers."""
+    from diffopt import recipes
+    from diffopt.training import Trainer
+    from diffopt.training.trainer import optimizer_settings, outer_adam
+
+    class Seen(Exception):
+        pass
+
+    class Recording:
+        is_main, rank, world_size = True, 0, 2
+
+        def check_consistent(self, settings):
+            self.settings = settings
+            raise Seen
+
+    def started(inner_lr: float, outer_lr: float) -> dict:
+        torch.manual_seed(0)
+        learner = recipes.make_learner("maml", recipes.sinusoid_mlp(hidden=8), classification=False,
+                                       inner_lr=inner_lr)
+        context = Recording()
+        trainer = Trainer(learner, recipes.SinusoidSource(2, 3, 3, test_tasks=2), outer_adam(learner.parameters(),
+                          lr=outer_lr), iterations=1, progress=False, distributed=context)
+        with pytest.raises(Seen):
+            trainer.fit()
+        return context.settings
+
+    base = started(0.01, 1e-3)
+    assert base["outer optimizer"] == optimizer_settings(outer_adam([torch.zeros(1)], lr=1e-3))
+    assert base["outer optimizer"][0]["lr"] == 1e-3 and base["inner optimizer"][0]["lr"] == 0.01
+    assert started(0.02, 1e-3)["inner optimizer"] != base["inner optimizer"]
+    assert started(0.01, 2e-3)["outer optimizer"] != base["outer optimizer"]
+    assert started(0.01, 1e-3) == base

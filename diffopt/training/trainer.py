@@ -127,6 +127,19 @@ def _normal(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def optimizer_settings(optimizer: Any) -> list[dict[str, Any]]:
+    """Every parameter group's hyperparameters (a tensor as its shape and sum), for the ranks of a
+    distributed run to compare: a rank with another learning rate would silently mix its gradients
+    into the average."""
+    def describe(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return [list(value.shape), float(value.detach().double().sum())]
+        if isinstance(value, (list, tuple)):
+            return [describe(v) for v in value]
+        return value if isinstance(value, (bool, int, float, str, type(None))) else repr(value)
+    return [{k: describe(v) for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
 class Trainer:
     """The meta-training loop.
 
@@ -302,7 +315,10 @@ class Trainer:
             if self.metrics is not None and self.metrics.exists() and self.is_main:
                 self.metrics.unlink()
         if self.distributed is not None:
-            self.distributed.check_consistent({**self.config, "resumed_at": self.iteration})
+            inner = getattr(getattr(self.learner, "loop", None), "optimizer", None)
+            self.distributed.check_consistent({
+                **self.config, "resumed_at": self.iteration, "outer optimizer": optimizer_settings(self.optimizer),
+                "inner optimizer": None if inner is None else optimizer_settings(inner)})
         bar = Progress(self.iterations, type(self.learner).__name__, start=self.iteration,
                        enabled=self.progress and self.is_main)
         self._started = time.perf_counter()
