@@ -20,6 +20,8 @@ Batch = tuple[Tensor, Tensor, Tensor, Tensor]
 
 ALGORITHMS = ("maml", "fomaml", "imaml", "metasgd", "mamlpp", "anil", "reptile", "protonet", "matching", "siamese")
 GRADIENT_BASED = ALGORITHMS[:7]
+MODE_ALGORITHMS = ("maml", "metasgd", "anil")  # the learners whose engine mode is a choice (make_learner's mode)
+INNER_LR_ALGORITHMS = ("maml", "fomaml", "imaml", "mamlpp", "anil", "reptile")  # a shared inner rate (not Meta-SGD's)
 
 
 # -- models ------------------------------------------------------------------------------
@@ -121,7 +123,7 @@ def make_learner(algorithm: str, model: nn.Module, *, classification: bool, ways
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     if name in ("protonet", "matching", "siamese") and not classification:
         raise ValueError(f"{algorithm} is a classification method; use a classification task")
-    if mode is not None and name not in ("maml", "metasgd", "anil"):
+    if mode is not None and name not in MODE_ALGORITHMS:
         fixed = {"fomaml": "first_order", "imaml": "implicit", "mamlpp": "second order with first-order annealing",
                  "reptile": "no meta-gradient"}.get(name, "no inner loop")
         raise ValueError(f"--mode does not apply to {algorithm} (its mode is fixed: {fixed}); use --algo maml "

@@ -226,3 +226,60 @@ def test_omniglot_protocol_end_to_end(capsys, omniglot_root, algo):
                     "--eval-steps", "0,1")
     gradient = algo in ("maml", "fomaml")
     check_summary(summary, 3, 2, steps=(0, 1) if gradient else None, accuracy=True)
+
+
+# =============================================================================================
+# Flags an algorithm would ignore, modes it cannot be trained in, and checkpoints it is rebuilt from
+# =============================================================================================
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--algo", "protonet", "--inner-lr", "0.1"), "--inner-lr do not apply to protonet, which has no inner loop"),
+    (("--algo", "matching", "--inner-steps", "3"), "--inner-steps do not apply to matching"),
+    (("--algo", "metasgd", "--inner-lr", "0.5"), "--inner-lr does not apply to metasgd: its per-parameter inner"),
+    (("--mode", "forward"), "--mode forward: forward mode differentiates the inner optimizer's hyperparameters only"),
+    (("--mode", "implicit"), "--mode implicit: implicit differentiation needs a proximal term"),
+    (("--algo", "anil", "--mode", "truncated"), "--mode truncated: truncated back-propagation needs truncate=k"),
+])
+def test_a_flag_the_algorithm_would_ignore_or_a_mode_it_cannot_train_in_is_refused(capsys, args, message):
+    """They had been ignored (Meta-SGD's --inner-lr, the metric learners' inner flags), or crashed with
+    a traceback, or trained nothing (forward / implicit modes)."""
+    err = fails(capsys, "train", *args, "--iterations", "1", "--test-tasks", "2")
+    assert message in err
+
+
+def test_mamlpp_takes_an_explicit_inner_steps_of_one(capsys, monkeypatch):
+    """MAML++'s default is 5 inner steps; an explicit --inner-steps 1 had silently become 5."""
+    from diffopt.cli import build_parser
+    from diffopt.cli.train import settings_from_args
+
+    def inner_steps(*args: str) -> int:
+        parsed = build_parser().parse_args(["train", "--algo", "mamlpp", *args])
+        return experiment.build(settings_from_args(parsed))[1].loop.steps
+
+    assert inner_steps() == 5 and inner_steps("--inner-steps", "1") == 1 and inner_steps("--inner-steps", "3") == 3
+
+
+@pytest.mark.parametrize("algo", ["fomaml", "imaml", "mamlpp", "reptile", "metasgd"])
+def test_diagnose_reads_a_checkpoint_of_every_kind_of_algorithm(capsys, tmp_path, algo):
+    """A fixed-mode algorithm's checkpoint records its mode, which diagnose had passed back as --mode
+    (refused for fomaml, imaml and mamlpp); the rebuilt settings give each flag only to algorithms it applies to."""
+    path = tmp_path / f"{algo}.pt"
+    train(capsys, "--algo", algo, "--iterations", "1", "--test-tasks", "2", "--eval-steps", "0",
+          "--checkpoint", str(path))
+    assert main(["diagnose", str(path), "--tasks", "2", "--sigma", "0.5"]) == 0, capsys.readouterr().err
+
+
+def test_the_omniglot_class_split_is_recorded_for_resume_and_diagnose(capsys, tmp_path, omniglot_root):
+    """--omniglot-train-classes changes the split: it is in the checkpoint's configuration, so a resume
+    with another value is refused and a rebuild (diagnose) uses the recorded one."""
+    path = tmp_path / "omniglot.pt"
+    common = ("--task", "omniglot", "--data-root", str(omniglot_root), "--algo", "protonet", "--meta-batch", "1",
+              "--shots", "1", "--query", "1", "--test-tasks", "2", "--checkpoint", str(path))
+    train(capsys, *common, "--iterations", "1", "--omniglot-train-classes", "1190")
+    err = fails(capsys, "train", *common, "--iterations", "2", "--omniglot-train-classes", "1200", "--resume",
+                "--no-progress")
+    assert "omniglot_train_classes" in err
+    config = torch.load(path, weights_only=True)["config"]
+    settings = experiment.settings_from_checkpoint(config, tasks=2, data_root=str(omniglot_root))
+    assert settings.omniglot_train_classes == 1190
+    assert experiment.build(settings)[0].test.num_groups == 15

@@ -30,7 +30,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     train.add_argument("--mode", default=None, help="engine mode for gradient-based algorithms")
     train.add_argument("--iterations", type=count(0), default=1000)
     train.add_argument("--meta-batch", type=count(1), default=None, help="tasks per meta-batch (default: protocol's)")
-    train.add_argument("--inner-steps", type=count(0), default=1)
+    train.add_argument("--inner-steps", type=count(0), default=None, help="inner steps (default 5 for mamlpp, 1 otherwise)")
     train.add_argument("--inner-lr", type=number(0), default=None)
     train.add_argument("--outer-lr", type=number(0), default=None,
                        help="outer learning rate (default 1e-3 for Adam; Reptile's step size ε, default 1.0)")

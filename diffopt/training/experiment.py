@@ -32,13 +32,22 @@ ITERATIONS_PER_EPOCH = 500  # MAML++'s epoch (Antoniou et al., 2019): its anneal
 TASKS = tuple(PROTOCOL_DEFAULTS)
 OMNIGLOT_NEEDS_ROOT = "--task omniglot needs --data-root (the folder with images_background/ and images_evaluation/)"
 METRIC_ALGORITHMS = ("protonet", "matching", "siamese")  # learners that need an embedding, not a classifier head
+UNTRAINABLE_MODES = {  # engine modes 'diffopt train' cannot meta-train the initialisation in, and why
+    "implicit": "implicit differentiation needs a proximal term to give the initialisation a meta-gradient; "
+                "train iMAML with --algo imaml",
+    "forward": "forward mode differentiates the inner optimizer's hyperparameters only, so the initialisation "
+               "would get no meta-gradient; use second_order, first_order or checkpointed",
+    "truncated": "truncated back-propagation needs truncate=k, which has no flag; use --mode checkpointed (the "
+                 "same meta-gradient with less memory) or the Python API (InnerLoop(mode=Truncated(k)))",
+}
 
 
 @dataclasses.dataclass
 class TrainSettings:
     """A ``diffopt train`` run. ``None`` means the task family's protocol default
     (:data:`PROTOCOL_DEFAULTS`: meta-batch, shots, query, inner learning rate; the outer
-    learning rate is 1.0 for Reptile's ε, 1e-3 for Adam otherwise).
+    learning rate is 1.0 for Reptile's ε, 1e-3 for Adam otherwise; 5 inner steps for MAML++, 1
+    for the others).
 
     ``overwrite`` allows a run without ``resume`` to replace an existing checkpoint
     and metrics file; without it such a run is refused."""
@@ -48,7 +57,7 @@ class TrainSettings:
     mode: str | None = None
     iterations: int = 1000
     meta_batch: int | None = None
-    inner_steps: int = 1
+    inner_steps: int | None = None
     inner_lr: float | None = None
     outer_lr: float | None = None
     ways: int = 5
@@ -77,7 +86,7 @@ class TrainSettings:
                   "threads": 1}
         for name, minimum in counts.items():
             value = getattr(self, name)
-            if value is None and name not in ("iterations", "inner_steps", "ways", "test_tasks", "eval_every",
+            if value is None and name not in ("iterations", "ways", "test_tasks", "eval_every",
                                               "omniglot_train_classes", "checkpoint_every"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -91,6 +100,21 @@ class TrainSettings:
         steps = tuple(self.eval_steps)
         if not steps or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in steps):
             raise ValueError(f"eval_steps (--eval-steps) must be one or more integers >= 0, got {list(steps)}")
+        self._validate_for_algorithm()
+
+    def _validate_for_algorithm(self) -> None:
+        """Refuse a flag the algorithm would ignore, and an engine mode it cannot be trained in here."""
+        if self.algo in METRIC_ALGORITHMS:
+            given = [flag for flag, value in (("--inner-lr", self.inner_lr), ("--inner-steps", self.inner_steps))
+                     if value is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} do not apply to {self.algo}, which has no inner loop")
+        elif self.algo not in recipes.INNER_LR_ALGORITHMS and self.inner_lr is not None:
+            raise ValueError(f"--inner-lr does not apply to {self.algo}: its per-parameter inner rates start uniform "
+                             "in (0.005, 0.1) and are meta-learned")
+        why = UNTRAINABLE_MODES.get(self.mode or "")
+        if why is not None:
+            raise ValueError(f"--mode {self.mode}: {why}")
 
 
 def set_epoch(learner: Any, iteration: int) -> None:
@@ -108,7 +132,10 @@ def build(settings: TrainSettings) -> tuple[Any, Any, dict[str, Any]]:
     shots = settings.shots if settings.shots is not None else shots
     query = settings.query if settings.query is not None else query
     inner_lr = settings.inner_lr if settings.inner_lr is not None else inner_lr
-    inner_steps = 5 if settings.algo == "mamlpp" and settings.inner_steps == 1 else settings.inner_steps  # MAML++'s K
+    if settings.inner_steps is not None:
+        inner_steps = settings.inner_steps
+    else:
+        inner_steps = 5 if settings.algo == "mamlpp" else 1  # MAML++'s K (Antoniou et al., 2019)
     torch.manual_seed(settings.seed)
     if settings.task == "sinusoid":
         source = SinusoidSource(meta_batch, shots, query, test_tasks=settings.test_tasks)
@@ -155,6 +182,8 @@ def build(settings: TrainSettings) -> tuple[Any, Any, dict[str, Any]]:
                                    inner_lr=inner_lr, inner_steps=inner_steps, mode=settings.mode,
                                    embedding_dim=embedding, **options)
     config = {"algo": settings.algo, "inner_lr": inner_lr, "outer_lr": outer_lr}
+    if settings.task == "omniglot":  # the class split: a resume or a diagnosis must rebuild the same one
+        config["omniglot_train_classes"] = settings.omniglot_train_classes
     return source, learner, config
 
 
@@ -212,12 +241,15 @@ def settings_from_checkpoint(config: dict[str, Any], tasks: int, data_root: str 
         raise ValueError("the checkpoint was not written by 'diffopt train' (its configuration has no algorithm "
                          "and task family); rebuild the learner in Python, load its weights and call "
                          "diffopt.diagnostics.diagnose(learner, tasks, ...)")
-    source, learner = config["tasks"], config.get("learner", {})
+    source, learner, algo = config["tasks"], config.get("learner", {}), config["algo"]
     return TrainSettings(
-        task=source["task"], algo=config["algo"], meta_batch=source.get("meta_batch"), shots=source.get("shots"),
-        query=source.get("query"), inner_lr=config.get("inner_lr"), inner_steps=learner.get("inner_steps", 1),
-        mode=learner.get("mode"), ways=source.get("ways", 5), test_tasks=tasks, seed=config.get("seed", 0),
+        task=source["task"], algo=algo, meta_batch=source.get("meta_batch"), shots=source.get("shots"),
+        query=source.get("query"), ways=source.get("ways", 5), test_tasks=tasks, seed=config.get("seed", 0),
+        inner_lr=config.get("inner_lr") if algo in recipes.INNER_LR_ALGORITHMS else None,
+        inner_steps=None if algo in METRIC_ALGORITHMS else learner.get("inner_steps", 1),
+        mode=learner.get("mode") if algo in recipes.MODE_ALGORITHMS else None,
         data_root=data_root, outer_lr=config.get("outer_lr", 1e-3),
+        omniglot_train_classes=config.get("omniglot_train_classes", 1200),
     )
 
 
