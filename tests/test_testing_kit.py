@@ -187,3 +187,28 @@ def test_the_implicit_row_does_not_fail_a_correct_adaptive_optimizer(name):
     (report,) = check_modes(smooth_mlp(), lambda ps: optim.OPTIMIZERS[name](ps, lr=lr), regression_data(),
                             modes=("implicit",), implicit_steps=250)
     assert "plain SGD" in report.name and report.passed, report
+
+
+def test_check_command_options_reach_a_branch_and_bad_optimizers_are_one_line(tmp_path, capsys, monkeypatch) -> None:
+    """--option gives both classes the same constructor arguments, so a bug in a non-default branch (a
+    dropped dampening) is caught and a correct optimizer with other defaults can be checked; an object
+    that is not a diffopt optimizer, or does not build, is refused in one line, not a traceback."""
+    (tmp_path / "user_dampening.py").write_text(textwrap.dedent("""
+        from diffopt.optim import SGD
+
+        class NoDampening(SGD):
+            def __init__(self, params, lr, momentum=0.0, dampening=0.0, **options):
+                super().__init__(params, lr, momentum=momentum, dampening=0.0, **options)  # the bug
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["check", "--optimizer", "user_dampening:NoDampening", "--reference", "torch.optim:SGD", "--skip-modes"]
+    assert main(args) == 0  # the default branch agrees with torch
+    capsys.readouterr()
+    assert main([*args, "--option", "momentum=0.9", "--option", "dampening=0.3"]) == 1
+    out = capsys.readouterr().out
+    assert "NoDampening(momentum=0.9, dampening=0.3) | NoDampening trajectory vs SGD" in out and "FAIL" in out
+    sys.modules.pop("user_dampening", None)
+    for spec, message in (("torch.optim:SGD", "built a torch.optim.sgd.SGD; it must be a diffopt optimizer"),
+                          ("torch:nn", r"building it as nn\(params, lr=0.05\) failed")):
+        with pytest.raises(SystemExit, match=message):
+            main(["check", "--optimizer", spec])

@@ -88,11 +88,12 @@ def optimizer_reports(name: str, cls: Callable[..., Any], reference: Any, option
     return rows
 
 
-def mode_reports(optimizer_factory: Callable[..., Any], label: str, thorough: bool) -> list[tuple[str, Report]]:
+def mode_reports(optimizer_factory: Callable[..., Any], label: str, thorough: bool,
+                 options: dict[str, Any] | None = None) -> list[tuple[str, Report]]:
     rows = []
     model, data = _problem()
     lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
-    factory = lambda ps: optimizer_factory(ps, lr=lr)  # noqa: E731
+    factory = lambda ps: optimizer_factory(ps, lr=lr, **(options or {}))  # noqa: E731
     for report in check_modes(model, factory, data, steps=4 if thorough else 3,
                               implicit_steps=400 if thorough else 250):
         rows.append((label, report))
@@ -153,18 +154,20 @@ class CheckRun:
 
 def run_checks(optimizer: Callable[..., Any] | None = None, reference: Callable[..., Any] | None = None,
                lr: float = 0.05, thorough: bool = False, self_test_run: bool = True,
-               skip_modes: bool = False) -> CheckRun:
+               skip_modes: bool = False, options: dict[str, Any] | None = None) -> CheckRun:
     """Check the optimizer class ``optimizer`` (against the torch.optim class ``reference`` if given) or,
     without one, every built-in optimizer and the engine's modes, then (built-ins only) that every deliberately
     wrong optimizer of :mod:`.faulty` is flagged. ``thorough``: more option sets, steps, directions and gradcheck.
+    ``options``: constructor arguments given to ``optimizer`` and ``reference`` alike (their defaults may
+    differ, and a branch such as a dampening is exercised only when set).
     (:func:`load_object` turns ``module:Class`` into the class.)"""
     started = time.perf_counter()
     steps = 60 if thorough else 20
     rows: list[tuple[str, Report]] = []
     if optimizer is not None:
-        rows += optimizer_reports(optimizer.__name__, optimizer, reference, [{}], steps, lr)
+        rows += optimizer_reports(optimizer.__name__, optimizer, reference, [dict(options or {})], steps, lr)
         if not skip_modes:
-            rows += mode_reports(optimizer, optimizer.__name__, thorough)
+            rows += mode_reports(optimizer, optimizer.__name__, thorough, options)
     else:
         for name, cls in optim.OPTIMIZERS.items():
             sets = OPTION_SETS[name] if thorough else OPTION_SETS[name][:1]
