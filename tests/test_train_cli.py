@@ -183,8 +183,7 @@ def test_omniglot_folder_in_the_wrong_layout(capsys, tmp_path):
     assert "no alphabet folders" in err and "images_background" in err
     err = fails(capsys, "train", "--task", "omniglot", "--data-root", str(tmp_path / "nowhere"), "--iterations", "1")
     assert "does not exist" in err and "images_background.zip" in err
-    with pytest.raises(SystemExit, match="--task omniglot needs --data-root"):
-        main(["train", "--task", "omniglot", "--iterations", "1"])
+    assert "--task omniglot needs --data-root" in fails(capsys, "train", "--task", "omniglot", "--iterations", "1")
 
 
 # =============================================================================================
@@ -239,6 +238,8 @@ def test_omniglot_protocol_end_to_end(capsys, omniglot_root, algo):
     (("--mode", "forward"), "--mode forward: forward mode differentiates the inner optimizer's hyperparameters only"),
     (("--mode", "implicit"), "--mode implicit: implicit differentiation needs a proximal term"),
     (("--algo", "anil", "--mode", "truncated"), "--mode truncated: truncated back-propagation needs truncate=k"),
+    (("--resume",), "--resume continues the run saved at --checkpoint; give --checkpoint PATH"),
+    (("--backend", "bogus"), "backend (--backend) must be one of auto, gloo, nccl, mpi, ucc, got 'bogus'"),
 ])
 def test_a_flag_the_algorithm_would_ignore_or_a_mode_it_cannot_train_in_is_refused(capsys, args, message):
     """They had been ignored (Meta-SGD's --inner-lr, the metric learners' inner flags), or crashed with

@@ -11,6 +11,7 @@ import json
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..errors import DistributedError, PeerFailure
@@ -86,16 +87,18 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
             parser.exit(2, f"diffopt train: error: {error}\n")
         raw = list(sys.argv[1:] if argv is None else argv)
         return launch(_without_nproc(raw), args.nproc, args.timeout)
-    if args.task == "omniglot" and args.data_root is None:
-        raise SystemExit(experiment.OMNIGLOT_NEEDS_ROOT)
     stopped: list[int] = []
     try:
         with _interrupt_on(signal.SIGTERM, stopped):
             summary = experiment.train(settings_from_args(args))
     except KeyboardInterrupt:  # SIGINT, or SIGTERM (kill, timeout, a scheduler, the --nproc launcher)
         name = signal.Signals(stopped[0]).name if stopped else "SIGINT"
-        kept = (f"the last checkpoint {args.checkpoint} is kept; continue with --resume" if args.checkpoint
-                else "no --checkpoint was given, nothing was saved")
+        if args.checkpoint is None:
+            kept = "no --checkpoint was given, nothing was saved"
+        elif Path(args.checkpoint).is_file():
+            kept = f"the last checkpoint {args.checkpoint} is kept; continue with --resume"
+        else:
+            kept = f"no checkpoint was written yet (every {args.checkpoint_every} iterations, and at the end)"
         print(f"diffopt train: stopped by {name}; {kept}", file=sys.stderr)
         return 128 + (stopped[0] if stopped else signal.SIGINT)
     except (ValueError, OmniglotLayoutError) as error:  # settings, data or checkpoint: say what, no traceback

@@ -32,6 +32,7 @@ ITERATIONS_PER_EPOCH = 500  # MAML++'s epoch (Antoniou et al., 2019): its anneal
 TASKS = tuple(PROTOCOL_DEFAULTS)
 OMNIGLOT_NEEDS_ROOT = "--task omniglot needs --data-root (the folder with images_background/ and images_evaluation/)"
 METRIC_ALGORITHMS = ("protonet", "matching", "siamese")  # learners that need an embedding, not a classifier head
+BACKENDS = ("auto", "gloo", "nccl", "mpi", "ucc")  # torch.distributed's; auto: nccl with CUDA, else gloo
 UNTRAINABLE_MODES = {  # engine modes 'diffopt train' cannot meta-train the initialisation in, and why
     "implicit": "implicit differentiation needs a proximal term to give the initialisation a meta-gradient; "
                 "train iMAML with --algo imaml",
@@ -100,6 +101,10 @@ class TrainSettings:
         steps = tuple(self.eval_steps)
         if not steps or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in steps):
             raise ValueError(f"eval_steps (--eval-steps) must be one or more integers >= 0, got {list(steps)}")
+        if self.resume and self.checkpoint is None:
+            raise ValueError("--resume continues the run saved at --checkpoint; give --checkpoint PATH")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend (--backend) must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         self._validate_for_algorithm()
 
     def _validate_for_algorithm(self) -> None:
