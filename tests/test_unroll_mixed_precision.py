@@ -106,3 +106,6 @@ def test_autocast_names_the_accepted_dtypes() -> None:
     model, _ = model_and_data()
     with pytest.raises(ValueError, match="autocast must be None, torch.bfloat16 or torch.float16"):
         InnerLoop(model, autocast=torch.float64)
+    with pytest.raises(ValueError, match=r"the model's weights are float64, and torch.autocast lowers float32 "
+                                         r"operations only.*model.float\(\)"):
+        InnerLoop(model.double(), autocast=torch.bfloat16)

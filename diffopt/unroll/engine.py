@@ -185,7 +185,7 @@ class InnerLoop:
         self.steps = steps
         self.patched = PatchedModel(model, batchnorm, backend)
         self.backend, self.backend_reason = self.patched.backend, self.patched.backend_reason
-        self.autocast = _check_autocast(autocast)
+        self.autocast = _check_autocast(autocast, self.theta)
         self.vectorize, self.vectorize_reason = self._vectorize(vectorize)
         self._backprop = ExplicitBackprop.build(self.patched.lowered)
         self._hessian = ExplicitHessian.build(self._backprop)
@@ -776,11 +776,15 @@ class InnerLoop:
         return clone
 
 
-def _check_autocast(autocast: torch.dtype | None) -> torch.dtype | None:
-    if autocast is None or autocast in (torch.bfloat16, torch.float16):
-        return autocast
-    raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16 (the dtype torch.autocast computes "
-                     f"in), got {autocast!r}")
+def _check_autocast(autocast: torch.dtype | None, theta: Sequence[Tensor]) -> torch.dtype | None:
+    if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16 (the dtype torch.autocast computes "
+                         f"in), got {autocast!r}")
+    if autocast is not None and theta and all(p.dtype == torch.float64 for p in theta):
+        raise ValueError(f"autocast={autocast}: the model's weights are float64, and torch.autocast lowers float32 "
+                         "operations only, so nothing would run in mixed precision; convert the model with "
+                         "model.float() for mixed precision, or drop autocast")
+    return autocast
 
 
 def _check_proximal(proximal: float | Tensor | None) -> None:
