@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 from .optim import DifferentiableOptimizer, from_torch
 from .optim._gradients import loss_gradients
-from .unroll.functional import refuse_activation_checkpointing
 
 __all__ = ["innerloop", "PatchedModule", "PatchedOptimizer"]
 
@@ -490,6 +489,8 @@ def innerloop(
             f"innerloop(optimizer=...): expected a torch.optim or diffopt optimizer, got "
             f"{type(optimizer).__name__}"
         )
+    from .unroll.functional import refuse_activation_checkpointing  # (here: `import diffopt` stays light)
+
     refuse_activation_checkpointing(model, "innerloop", "to save memory over the inner steps, "
                                     "diffopt.unroll.InnerLoop(mode='checkpointed') recomputes whole steps correctly")
     layout, params = _layout(model)

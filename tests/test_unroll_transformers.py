@@ -154,12 +154,78 @@ def test_gradient_checkpointing_is_refused_with_the_fix() -> None:
     meta-gradient equals the hand-written loop's."""
     model = decoder("gpt2")
     model.gradient_checkpointing_enable()
-    with pytest.raises(ValueError, match=r"InnerLoop: the model recomputes its activations in the backward .*"
+    with pytest.raises(ValueError, match=r"InnerLoop: transformer recomputes its activations in the backward .*"
                                          r"gradient_checkpointing_disable\(\) first; .*mode='checkpointed'"):
         loop_for(model)
-    with pytest.raises(ValueError, match=r"innerloop: the model recomputes its activations"):
+    with pytest.raises(ValueError, match=r"innerloop: transformer recomputes its activations"):
         with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=LR)):
             pass
     model.gradient_checkpointing_disable()
     batch = data()
     assert max_difference(engine_gradient(loop_for(model), batch), reference_gradient(model, batch)) < 1e-10
+
+
+def padded_batch(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Left-padded next-token data, packed for PaddedSequences: per task two sequences of 3 and 8
+    tokens (support) and 5 and 8 (query), padded on the left to 8; a padded input has target -100."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for lengths in ((3, 8), (5, 8)):
+        tokens = torch.randint(0, VOCAB, (TASKS, BATCH, LENGTH + 1), generator=g)
+        mask = torch.stack([torch.arange(LENGTH + 1) >= LENGTH + 1 - n - 1 for n in lengths]).long()
+        mask = mask.expand(TASKS, -1, -1)
+        tokens = tokens * mask  # pad id 0
+        ids, next_ids = tokens[..., :-1], tokens[..., 1:]
+        out += [diffopt.unroll.PaddedSequences.pack(ids, mask[..., :-1]), torch.where(mask[..., :-1] > 0, next_ids, -100)]
+    return tuple(out)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_padded_sequences_equal_the_hand_written_loop_and_their_unpadded_selves(family: str) -> None:
+    """Through PaddedSequences the engine's meta-gradient equals a hand-written loop that calls the model
+    with input_ids, attention_mask and position_ids; and a left-padded sequence gives what it gives
+    unpadded (one sequence per task: the padded positions are masked as keys and ignored as targets)."""
+    model = decoder(family)
+    wrapped = diffopt.unroll.PaddedSequences(model)
+    sx, sy, qx, qy = padded_batch()
+    loop = InnerLoop(wrapped, diffopt.optim.SGD(wrapped.parameters(), lr=LR), lm_loss, steps=STEPS)
+    ours = list(torch.autograd.grad(loop.meta_loss(sx, sy, qx, qy), list(model.parameters())))
+
+    names = [n for n, _ in model.named_parameters()]
+    theta = list(model.parameters())
+
+    def loss(weights, packed, y):
+        ids, mask = packed.unbind(-2)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = functional_call(model, dict(zip(names, weights)), (), {"input_ids": ids, "attention_mask": mask,
+                                                                      "position_ids": positions, "use_cache": False})
+        return lm_loss(out.logits, y)
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        losses = []
+        for t in range(TASKS):
+            weights = list(theta)
+            for _ in range(STEPS):
+                grads = torch.autograd.grad(loss(weights, sx[t], sy[t]), weights, create_graph=True)
+                weights = [w - LR * g for w, g in zip(weights, grads)]
+            losses.append(loss(weights, qx[t], qy[t]))
+        reference = torch.autograd.grad(torch.stack(losses).mean(), theta)
+    assert max_difference(ours, list(reference)) <= 1e-10
+
+    first = [t[:, :1] for t in (sx, sy, qx, qy)]  # the short sequences alone, one per task
+    padded = InnerLoop(wrapped, diffopt.optim.SGD(wrapped.parameters(), lr=LR), lm_loss, steps=STEPS)
+    padded_gradient = torch.autograd.grad(padded.meta_loss(*first), list(model.parameters()))
+    keep = [first[0][0, 0, 1] > 0, first[2][0, 0, 1] > 0]  # the unpadded positions (equal in every task)
+    unpadded = (first[0][:, :, 0][..., keep[0]], first[1][..., keep[0]], first[2][:, :, 0][..., keep[1]],
+                first[3][..., keep[1]])
+    plain = InnerLoop(model, diffopt.optim.SGD(model.parameters(), lr=LR), lm_loss, steps=STEPS)
+    plain_gradient = torch.autograd.grad(plain.meta_loss(*unpadded), list(model.parameters()))
+    assert max_difference(list(padded_gradient), list(plain_gradient)) <= 1e-10
+
+
+def test_padded_sequences_refuse_unpacked_inputs() -> None:
+    wrapped = diffopt.unroll.PaddedSequences(decoder("gpt2"))
+    with pytest.raises(ValueError, match=r"expected integer inputs of shape \(\.\.\., 2, length\)"):
+        wrapped(torch.randint(0, VOCAB, (3, LENGTH)))
+    with pytest.raises(ValueError, match="must have the same shape"):
+        diffopt.unroll.PaddedSequences.pack(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4))

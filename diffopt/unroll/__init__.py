@@ -1,7 +1,7 @@
 """The inner-loop engine: task-batched unrolls over functional models, and
 meta-gradients in every mode (see :mod:`diffopt.unroll.engine`,
 :mod:`diffopt.unroll.modes` and :mod:`diffopt.unroll.functional`)."""
-from .adapters import LoRALinear, add_lora, select_parameters
+from .adapters import LoRALinear, PaddedSequences, add_lora, select_parameters
 from .attention import double_differentiable
 from .carry import Adapted, Carry
 from .engine import InnerLoop
@@ -14,7 +14,8 @@ from .solvers import (CG, GMRES, MINRES, Dense, Neumann, NormalCG, SolveInfo, co
 
 __all__ = [
     "BATCHNORM_POLICIES", "CG", "Dense", "ES", "GMRES", "MINRES", "MODES", "PES", "Adapted", "Carry", "Checkpointed", "FirstOrder", "Forward",
-    "FunctionalModel", "Implicit", "InnerLoop", "LoRALinear", "Mode", "Neumann", "NormalCG", "ParameterLayout",
+    "FunctionalModel", "Implicit", "InnerLoop", "LoRALinear", "Mode", "Neumann", "NormalCG", "PaddedSequences",
+    "ParameterLayout",
     "PatchedModel", "SecondOrder", "SolveInfo", "Truncated", "add_lora", "as_mode", "choose_vectorize",
     "conjugate_gradient", "double_differentiable", "neumann", "normal_conjugate_gradient", "select_parameters",
 ]

@@ -21,6 +21,10 @@ part of a model is choosing the optimizer's parameters:
 Only the adapted tensors are expanded over the tasks and differentiated in the inner
 steps, so the inner loop's memory for fast weights and their gradients grows with the
 adapted part, not with the model.
+
+:class:`PaddedSequences` adapts the *inputs*: the engine passes one tensor per task to the
+model, so a Hugging Face model that needs an attention mask for padded sequences takes the
+token ids and the mask stacked into one tensor (``PaddedSequences.pack(ids, mask)``).
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LoRALinear", "add_lora", "select_parameters", "SELECTIONS"]
+__all__ = ["LoRALinear", "PaddedSequences", "add_lora", "select_parameters", "SELECTIONS"]
 
 SELECTIONS = ("all", "head", "norms", "lora")
 
@@ -152,3 +156,53 @@ def _selection(model: nn.Module, which: str, named: list[tuple[str, nn.Parameter
             head = holders[-1] if holders else None
         modules = [head] if head is not None else []
     return {owners[id(p)] for m in modules for p in m.parameters(recurse=False) if id(p) in owners}
+
+
+class PaddedSequences(nn.Module):
+    """A Hugging Face model run on padded sequences: its input packs each sequence's token ids and
+    attention mask as ``x[..., 0, :]`` and ``x[..., 1, :]`` (:meth:`pack`), since the engine gives
+    the model one tensor per task. The forward calls ``model(input_ids=ids, attention_mask=mask,
+    position_ids=...)``, the positions counted over the unmasked tokens (``cumsum(mask) - 1``, as
+    Hugging Face's ``generate`` does), so a left-padded sequence gets the logits it has unpadded.
+    Give the targets of padded inputs the loss's ignore index (``-100`` for ``F.cross_entropy``)::
+
+        model = PaddedSequences(transformers.AutoModelForCausalLM.from_config(config))
+        x = PaddedSequences.pack(ids, mask)              # (tasks, examples, 2, length)
+        y = torch.where(mask.bool(), next_ids, -100)     # no target where the input is padding
+        loop = InnerLoop(model, diffopt.optim.SGD(select_parameters(model, "lora"), lr=0.1), lm_loss, steps=5)
+
+    ``positions=False`` leaves the positions to the model (right padding needs none).
+    """
+
+    def __init__(self, model: nn.Module, positions: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.positions = positions
+        config = getattr(model, "config", None)
+        self._extra = {"use_cache": False} if hasattr(config, "use_cache") else {}
+
+    @staticmethod
+    def pack(ids: Tensor, mask: Tensor) -> Tensor:
+        """``(..., length)`` token ids and 0/1 attention mask -> ``(..., 2, length)``."""
+        if ids.shape != mask.shape:
+            raise ValueError(f"PaddedSequences.pack: ids {tuple(ids.shape)} and mask {tuple(mask.shape)} must have "
+                             "the same shape")
+        if ids.is_floating_point():
+            raise TypeError(f"PaddedSequences.pack: ids must be integer token ids, got {ids.dtype}")
+        return torch.stack([ids, mask.to(ids.dtype)], dim=-2)
+
+    def forward(self, packed: Tensor) -> object:
+        if packed.dim() < 2 or packed.shape[-2] != 2 or packed.is_floating_point():
+            raise ValueError(f"PaddedSequences: expected integer inputs of shape (..., 2, length), token ids and "
+                             f"attention mask stacked by PaddedSequences.pack(ids, mask); got {packed.dtype} of "
+                             f"shape {tuple(packed.shape)}")
+        ids, mask = packed.unbind(-2)
+        inputs = {"input_ids": ids, "attention_mask": mask, **self._extra}
+        if self.positions:
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
+        return self.model(**inputs)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The wrapped model's output layer (``select_parameters(model, "head")``)."""
+        output = getattr(self.model, "get_output_embeddings", None)
+        return output() if callable(output) else None

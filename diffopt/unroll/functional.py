@@ -399,8 +399,7 @@ def checkpointing_module(model: nn.Module) -> str | None:
     """The first module that recomputes its activations in the backward (Hugging Face's gradient
     checkpointing, ``model.gradient_checkpointing_enable()``), or None."""
     for name, module in model.named_modules():
-        if getattr(module, "gradient_checkpointing", None) is True or getattr(module, "is_gradient_checkpointing",
-                                                                              None) is True:
+        if getattr(module, "gradient_checkpointing", None) is True:  # (set on the layer stacks by transformers)
             return name or "the model"
     return None
 
