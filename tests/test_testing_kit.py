@@ -212,3 +212,16 @@ def test_check_command_options_reach_a_branch_and_bad_optimizers_are_one_line(tm
                           ("torch:nn", r"building it as nn\(params, lr=0.05\) failed")):
         with pytest.raises(SystemExit, match=message):
             main(["check", "--optimizer", spec])
+
+
+@settings(max_examples=5, deadline=None)
+@given(data=st.data())
+def test_model_strategies_leave_the_global_random_stream_alone(data) -> None:
+    """The module promises explicit generators: drawing a model seeds its layers' initialisation
+    inside a forked stream, so the caller's global RNG is as it was."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    data.draw(ds.mlps())
+    data.draw(ds.conv_nets())
+    assert torch.equal(torch.rand(3), expected)

@@ -16,8 +16,9 @@ and keeps hyperparameters where finite differences are well conditioned.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -127,19 +128,28 @@ def hyperparameter_tensors(draw: st.DrawFn, shape: tuple[int, ...], low: float =
 
 
 # -- models -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Layers draw their initial weights from the global RNG: seed it for the block, then put the
+    caller's stream back (a strategy must not change it)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 @st.composite
 def mlps(draw: st.DrawFn, in_features: int = 1, out_features: int = 1) -> nn.Module:
     """Small smooth MLPs (tanh or softplus), float64, seeded."""
     hidden = draw(st.lists(st.integers(2, 8), min_size=1, max_size=2))
     activation = draw(st.sampled_from([nn.Tanh, nn.Softplus]))
-    torch.manual_seed(draw(seeds()))
-    layers: list[nn.Module] = []
-    width = in_features
-    for h in hidden:
-        layers += [nn.Linear(width, h), activation()]
-        width = h
-    layers.append(nn.Linear(width, out_features))
-    return nn.Sequential(*layers).double()
+    with _seeded(draw(seeds())):
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), activation()]
+            width = h
+        layers.append(nn.Linear(width, out_features))
+        return nn.Sequential(*layers).double()
 
 
 @st.composite
@@ -147,12 +157,12 @@ def conv_nets(draw: st.DrawFn, channels: int = 1, size: int = 6, classes: int = 
     """Tiny convolutional classifiers for ``channels``×``size``×``size`` inputs, with or without BatchNorm."""
     use_bn = draw(st.booleans()) if batchnorm is None else batchnorm
     filters = draw(st.integers(2, 4))
-    torch.manual_seed(draw(seeds()))
-    layers: list[nn.Module] = [nn.Conv2d(channels, filters, 3, padding=1)]
-    if use_bn:
-        layers.append(nn.BatchNorm2d(filters, track_running_stats=False))
-    layers += [nn.Tanh(), nn.Flatten(), nn.Linear(filters * size * size, classes)]
-    return nn.Sequential(*layers).double()
+    with _seeded(draw(seeds())):
+        layers: list[nn.Module] = [nn.Conv2d(channels, filters, 3, padding=1)]
+        if use_bn:
+            layers.append(nn.BatchNorm2d(filters, track_running_stats=False))
+        layers += [nn.Tanh(), nn.Flatten(), nn.Linear(filters * size * size, classes)]
+        return nn.Sequential(*layers).double()
 
 
 # -- task batches --------------------------------------------------------------------------------
