@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import NonFiniteError
 from .optim import DifferentiableOptimizer, from_torch
 from .optim._gradients import loss_gradients
 
@@ -318,10 +319,13 @@ class PatchedOptimizer:
     fast weights.
     """
 
-    def __init__(self, fmodel: PatchedModule, optimizer: DifferentiableOptimizer, positions: list[int]) -> None:
+    def __init__(self, fmodel: PatchedModule, optimizer: DifferentiableOptimizer, positions: list[int],
+                 record_losses: bool = False) -> None:
         self.fmodel = fmodel
         self.optimizer = optimizer
         self._position = positions  # where each optimizer parameter sits in fmodel.fast_params
+        #: the inner losses, kept (detached, no synchronisation) for one finiteness check when the block ends
+        self._losses: list[Tensor] | None = [] if record_losses else None
 
     def step(self, loss: Tensor, params: Sequence[Tensor] | None = None, override: dict[str, list[Any]] | None = None,
              grad_callback: Callable[[list[Tensor | None]], Sequence[Tensor | None]] | None = None,
@@ -347,6 +351,8 @@ class PatchedOptimizer:
             self.optimizer.apply_override(override, "step(override=...)")
         if grad_callback is not None:
             kwargs["grads"] = self._called_back(grad_callback, loss, fast, current)
+        if self._losses is not None and isinstance(loss, Tensor) and loss.numel() == 1:
+            self._losses.append(loss.detach().reshape(()))
         new = self.optimizer.step(loss, params=current, **kwargs)
         if not self.fmodel.track_higher_grads:  # higher's evaluation mode: each step starts a new graph
             new = [t.detach().requires_grad_(old.requires_grad) for t, old in zip(new, current)]
@@ -354,6 +360,21 @@ class PatchedOptimizer:
             fast[j] = tensor
         self.fmodel.update_params(fast)
         return fast
+
+    def check_recorded_losses(self) -> None:
+        """Raise :class:`~diffopt.errors.NonFiniteError` naming the first inner step whose loss was NaN or
+        infinite (one check for the whole block: one synchronisation, not one per step)."""
+        if not self._losses:
+            return
+        finite = torch.isfinite(torch.stack([loss.to(self._losses[0].device) for loss in self._losses]))
+        if bool(finite.all()):
+            return
+        step = int((~finite).nonzero()[0])
+        raise NonFiniteError(
+            f"innerloop: the inner loss of step {step} (0-based) was {float(self._losses[step])}, so the fast "
+            "weights and the meta-gradient are not finite; lower the inner learning rate, clip gradients "
+            "(clip_grad_norm=...) or check the data (checked once when the block ends; check_finite=True checks "
+            "every step as it is taken, check_finite=False not at all)")
 
     def _called_back(self, grad_callback: Callable[[list[Tensor | None]], Sequence[Tensor | None]], loss: Tensor,
                      fast: list[Tensor], current: list[Tensor]) -> list[Tensor | None]:
@@ -451,6 +472,7 @@ def innerloop(
     track_higher_grads: bool = True,
     override: dict[str, list[Any]] | None = None,
     device: torch.device | str | None = None,
+    check_finite: bool | None = None,
     **options: Any,
 ) -> Iterator[tuple[PatchedModule, PatchedOptimizer]]:
     """Yield ``(fmodel, dopt)``: ``model`` with fast weights and its differentiable optimizer.
@@ -475,7 +497,11 @@ def innerloop(
             overrides from that step on.
         device: higher's ``innerloop_ctx(device=...)``, which copies the model there: here ``fmodel`` is the
             model itself, so the model must already be on that device (``model.to(device)``).
-        **options: passed to ``from_torch`` (``check_finite``, clipping, ...).
+        check_finite: ``None`` (default): when the block ends without an error, one check that every
+            inner loss was finite (:class:`~diffopt.errors.NonFiniteError` naming the step; one
+            synchronisation per block); ``True``: every step checks its loss and gradients as it is
+            taken (a torch.optim optimizer's conversion gets ``check_finite=True``); ``False``: no check.
+        **options: passed to ``from_torch`` (clipping, ...).
 
     Forwards of ``fmodel`` run attention on a twice-differentiable kernel when the steps keep a
     graph for second-order meta-gradients (see :mod:`diffopt.unroll.attention`).
@@ -510,10 +536,13 @@ def innerloop(
         # A working copy: the caller's optimizer keeps its parameters, state and settings.
         dopt = optimizer.bound_to(starts, first_order=True if first_order or not track_higher_grads else None)
     else:
+        options = {**options, "check_finite": True} if check_finite else options
         dopt = _converted(optimizer, starts, {"first_order": first_order or not track_higher_grads, **options})
     if override is not None:
         dopt.apply_override(override, "innerloop(override=...)")
     fmodel = PatchedModule(model, layout, params, track_higher_grads=track_higher_grads,
                            twice_differentiable=track_higher_grads and not first_order)
-    yield fmodel, PatchedOptimizer(fmodel, dopt, positions)
+    inner = PatchedOptimizer(fmodel, dopt, positions, record_losses=check_finite is not False)
+    yield fmodel, inner
+    inner.check_recorded_losses()
 

@@ -666,3 +666,27 @@ def test_device_is_accepted_where_the_model_is_and_refused_elsewhere():
                                          r"model.to\(device\)"):
         with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=0.1), device="meta"):
             pass
+
+
+def test_a_non_finite_inner_loss_is_reported_when_the_block_ends():
+    """By default every inner loss is checked once, when the block ends (one synchronisation), naming
+    the first bad step; check_finite=True checks each step as it is taken; False checks nothing."""
+    model, (x_s, y_s, x_q, y_q) = make_model(8), make_data(8)
+    bad = x_s.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(diffopt.optim.NonFiniteError, match=r"the inner loss of step 1 \(0-based\) was nan"):
+        with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, dopt):
+            dopt.step(mse(fmodel(x_s), y_s))
+            dopt.step(mse(fmodel(bad), y_s))
+            dopt.step(mse(fmodel(x_s), y_s))
+            mse(fmodel(x_q), y_q).backward()
+    with pytest.raises(diffopt.optim.NonFiniteError, match="step 1: the loss is nan"):
+        with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=0.1), check_finite=True) as (fmodel, dopt):
+            dopt.step(mse(fmodel(x_s), y_s))
+            dopt.step(mse(fmodel(bad), y_s))
+    with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=0.1), check_finite=False) as (fmodel, dopt):
+        assert not torch.isfinite(dopt.step(mse(fmodel(bad), y_s))[0]).all()
+    with pytest.raises(KeyError):  # an error inside the block is not replaced by the check
+        with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, dopt):
+            dopt.step(mse(fmodel(bad), y_s))
+            raise KeyError("the block's own error")
