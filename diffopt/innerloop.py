@@ -20,6 +20,7 @@ costs what the hand-written ``functional_call`` loop costs (benchmarks/RESULTS.m
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -62,6 +63,8 @@ class _Layout:
                 self.flat.append(weakref.ref(module))
         self.buffer_slots = [(module._buffers, name) for module in model.modules()
                              for name, b in module._buffers.items() if b is not None]
+        #: modules with a gradient-checkpointing switch (transformers' layer stacks), read at every block
+        self.checkpointing = [weakref.ref(m) for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         self.buffer_count = sum(1 for _ in model.buffers())
 
     def matches(self, named: Sequence[tuple[str, Tensor]], buffers: int) -> bool:
@@ -364,11 +367,15 @@ class PatchedOptimizer:
     def check_recorded_losses(self) -> None:
         """Raise :class:`~diffopt.errors.NonFiniteError` naming the first inner step whose loss was NaN or
         infinite (one check for the whole block: one synchronisation, not one per step)."""
-        if not self._losses:
+        losses = self._losses
+        if not losses:
             return
-        finite = torch.isfinite(torch.stack([loss.to(self._losses[0].device) for loss in self._losses]))
+        total = float(losses[0] if len(losses) == 1 else torch.stack(losses).sum())  # NaN and inf carry through
+        if math.isfinite(total):
+            return
+        finite = torch.isfinite(torch.stack(losses))
         if bool(finite.all()):
-            return
+            return  # (finite losses whose sum overflowed)
         step = int((~finite).nonzero()[0])
         raise NonFiniteError(
             f"innerloop: the inner loss of step {step} (0-based) was {float(self._losses[step])}, so the fast "
@@ -515,11 +522,13 @@ def innerloop(
             f"innerloop(optimizer=...): expected a torch.optim or diffopt optimizer, got "
             f"{type(optimizer).__name__}"
         )
-    from .unroll.functional import refuse_activation_checkpointing  # (here: `import diffopt` stays light)
-
-    refuse_activation_checkpointing(model, "innerloop", "to save memory over the inner steps, "
-                                    "diffopt.unroll.InnerLoop(mode='checkpointed') recomputes whole steps correctly")
     layout, params = _layout(model)
+    if any(getattr(ref(), "gradient_checkpointing", None) is True for ref in layout.checkpointing):
+        from .unroll.functional import refuse_activation_checkpointing  # (here: `import diffopt` stays light)
+
+        refuse_activation_checkpointing(model, "innerloop", "to save memory over the inner steps, "
+                                        "diffopt.unroll.InnerLoop(mode='checkpointed') recomputes whole steps "
+                                        "correctly")
     if device is not None and any(p.device != torch.device(device) for p in params):
         where = sorted({str(p.device) for p in params})
         raise ValueError(f"innerloop(device={str(device)!r}): the model's parameters are on {', '.join(where)}; "
