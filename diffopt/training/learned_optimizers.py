@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import unroll
+from .._io import check_writable
 from .._progress import Progress
 from ..optim import DifferentiableOptimizer
 from ..optim.learned.factory import RULES, make_rule
@@ -255,6 +256,7 @@ class OptimizerTrainer:
         self.meta_optimizer = torch.optim.Adam(self.meta_params, lr=config.meta_lr)
         self.unroll = Unroll(self.model, self.optimizer, self.family.loss_fn, vectorize=config.vectorize)
         self.iteration = 0
+        self.saved_iteration: int | None = None  # the iteration of the last checkpoint written or restored
         self.history: list[dict[str, Any]] = []
 
     # -- checkpoints -------------------------------------------------------------------
@@ -292,11 +294,13 @@ class OptimizerTrainer:
             for name, tensor in live.items():
                 tensor.copy_(saved[name])
         self.iteration = int(payload["iteration"])
+        self.saved_iteration = self.iteration
         self.history = history
 
     def save_checkpoint(self) -> None:
         if self.checkpoint is not None:
             save_checkpoint(self.checkpoint, self.state())
+            self.saved_iteration = self.iteration
 
     def save_rule(self, path: str | os.PathLike[str], metadata: dict[str, Any] | None = None) -> None:
         """Write the trained rule (loadable by :func:`diffopt.optim.learned.load`)."""
@@ -379,6 +383,9 @@ class OptimizerTrainer:
     def fit(self, callback: Callable[["OptimizerTrainer", dict[str, Any]], None] | None = None) -> DifferentiableOptimizer:
         """Run the remaining meta-iterations; returns the trained rule (``self.optimizer``)."""
         cfg = self.config
+        for path, what in ((self.checkpoint, "checkpoint"), (self.metrics, "metrics")):
+            if path is not None:
+                check_writable(path, what)  # now, not after the first meta-iterations
         if self.resume and self.checkpoint is not None and self.checkpoint.exists():
             self.restore(load_checkpoint(self.checkpoint, cfg.identity()))
             self._truncate_metrics()
