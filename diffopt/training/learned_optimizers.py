@@ -72,6 +72,24 @@ MODES = tuple(mode for mode in unroll.MODES if mode in TRUNCATION_MODES)
 OBJECTIVES = ("log", "loss")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
+# Rules whose learnable tensors are step sizes spanning orders of magnitude (the hypergradient rules' α₀ = 1e-2
+# and β = 1e-3 ... 1e-7). Adam moves every tensor by about meta_lr per update whatever its scale, which took
+# β = 1e-5 to 3e-3 in one meta-update; these take relative steps: Adam's rate for each tensor is meta_lr·|w|
+# at each update (Adam on log w to first order), so a step size changes by ~meta_lr of itself and stays positive.
+RELATIVE_STEP_RULES = frozenset({"hypergradient_sgd", "hypergradient_adam"})
+
+# Rule options meta-training starts from where the rule's own default does not survive an unroll. SGD-HD's
+# β = 1e-3 (Baydin et al.'s) is for losses of order 1: its hypergradient ∇f_t·∇f_{t−1} sums over every weight,
+# on the sinusoid family it reaches 1e2–1e3, so α jumps from 0.01 to 0.1–1, overshoots, turns negative and the
+# optimizees diverge within 3–36 steps (10 of 10 task batches; 4 of 10 at β = 1e-4, none at 1e-5 on the
+# sinusoid, quadratic and synthetic families).
+TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {"hypergradient_sgd": {"hyper_lr": 1e-5}}
+
+# The options that set a rule's step size: what a diverging unroll's message tells the user to lower.
+STEP_SIZE_OPTIONS = {"lstm": ("output_scale",), "mlp": ("lr", "magnitude_scale"), "meta_curvature": ("lr",),
+                     "meta_sgd": ("init",), "per_layer_per_step": ("init",),
+                     "hypergradient_sgd": ("lr", "hyper_lr"), "hypergradient_adam": ("lr", "hyper_lr")}
+
 
 # -- unrolling optimizees ------------------------------------------------------------------
 def _log_or_plain(losses: Tensor, objective: str) -> Tensor:
@@ -248,12 +266,15 @@ class OptimizerTrainer:
         self.dtype = DTYPES[config.dtype]
         self.model = self.family.model(self.dtype)
         generator = torch.Generator().manual_seed(config.seed)
+        options = {**TRAINING_DEFAULTS.get(config.rule, {}), **config.rule_options}
         self.optimizer = make_rule(config.rule, self.model.parameters(), generator=generator, steps=config.unroll,
-                                   **dict(config.rule_options))
+                                   **options)
         self.meta_params = self.optimizer.hyperparameter_tensors()
         if not self.meta_params:
             raise ValueError(f"the {config.rule} rule has no learnable tensors to meta-train")
-        self.meta_optimizer = torch.optim.Adam(self.meta_params, lr=config.meta_lr)
+        self.relative_steps = config.rule in RELATIVE_STEP_RULES
+        groups = [{"params": [w]} for w in self.meta_params] if self.relative_steps else self.meta_params
+        self.meta_optimizer = torch.optim.Adam(groups, lr=config.meta_lr)
         self.unroll = Unroll(self.model, self.optimizer, self.family.loss_fn, vectorize=config.vectorize)
         self.iteration = 0
         self.saved_iteration: int | None = None  # the iteration of the last checkpoint written or restored
@@ -312,6 +333,9 @@ class OptimizerTrainer:
         for p, g in zip(self.meta_params, grads):
             p.grad = None if g is None else g.detach().clone()
         torch.nn.utils.clip_grad_norm_(self.meta_params, self.config.meta_clip)
+        if self.relative_steps:  # RELATIVE_STEP_RULES: a step of ~meta_lr·|w| (a zero stays zero)
+            for group, w in zip(self.meta_optimizer.param_groups, self.meta_params):
+                group["lr"] = self.config.meta_lr * float(w.detach().abs().max())
         self.meta_optimizer.step()
         self.meta_optimizer.zero_grad(set_to_none=True)
 
@@ -328,17 +352,27 @@ class OptimizerTrainer:
         objectives, last = [], None
         for start in bounds:
             length = min(cfg.truncation, cfg.unroll - start)
-            carry, objective, last = self.unroll.truncation(carry, batch, length, graph, cfg.objective)
+            try:
+                carry, objective, last = self.unroll.truncation(carry, batch, length, graph, cfg.objective)
+            except FloatingPointError as error:  # the engine's words are for an inner loop with a fixed rate
+                raise FloatingPointError(self._diverged(i, start, str(error).split(";")[0])) from None
             if not torch.isfinite(objective.detach()):
-                raise FloatingPointError(
-                    f"the meta-objective is {float(objective.detach())} at iteration {i}, step {start}; lower meta_lr "
-                    "or the rule's initial step size"
-                )
+                raise FloatingPointError(self._diverged(i, start, f"the meta-objective is {float(objective.detach())}"))
             grads = torch.autograd.grad(objective, self.meta_params, allow_unused=True)
             self._meta_step(grads)
             objectives.append(float(objective.detach()))
         assert last is not None
         return {"iteration": i, "objective": sum(objectives) / len(objectives), "final_loss": float(last.mean())}
+
+    def _diverged(self, i: int, start: int, what: str) -> str:
+        """The message of an unroll that diverged: where, and the options that lower the step size."""
+        rule = self.config.rule
+        options = " or ".join(f"rule_options {name}= (--rule-option {name}=...)"
+                              for name in STEP_SIZE_OPTIONS.get(rule, ()))
+        after = "at the rule's initial weights" if i == 0 and start == 0 else "after meta-updates"
+        return (f"the optimizees diverged under the {rule} rule at meta-iteration {i}, in the truncation from "
+                f"step {start} ({after}): {what}; lower the rule's step size ({options or 'its options'})"
+                f"{'' if i == 0 and start == 0 else ' or meta_lr (--meta-lr)'}")
 
     def _pes_iteration(self, batch: TaskBatch, bounds: list[int], generator: torch.Generator) -> dict[str, Any]:
         cfg = self.config
