@@ -366,17 +366,17 @@ def test_train_optimizer_stopped_by_sigterm_says_whether_a_checkpoint_exists(cap
 # -- hypergradient SGD: its defaults meta-train, a divergence names the real options ----------------------------
 
 def test_train_optimizer_hypergradient_sgd_defaults_meta_train_on_the_sinusoid(capsys, tmp_path):
-    """With the rule's own β = 1e-3 every sinusoid task batch diverged within 3-36 steps and the first
-    meta-update took β = 1e-5 to 3e-3; the trainer starts from β = 1e-5 and takes relative meta-steps."""
+    """With the rule's own β = 1e-3 every sinusoid task batch diverged within 3-36 steps, and Adam's first
+    meta-update took β = 1e-5 to 3e-3; the trainer starts from β = 1e-6 and takes relative meta-steps."""
     from diffopt.training import OptimizerTrainer, TrainConfig
 
     config = TrainConfig(rule="hypergradient_sgd", task="sinusoid", unroll=12, truncation=4, iterations=3,
                          meta_batch=4)
     trainer = OptimizerTrainer(config, progress=False)
-    lr, hyper_lr = (float(w) for w in trainer.meta_params)
-    assert (lr, hyper_lr) == (pytest.approx(1e-2), pytest.approx(1e-5))
+    lr, hyper_lr = (float(w.detach()) for w in trainer.meta_params)
+    assert (lr, hyper_lr) == (pytest.approx(1e-2), pytest.approx(1e-6))
     seen = []
-    trainer.fit(lambda t, record: seen.append([float(w) for w in t.meta_params]))
+    trainer.fit(lambda t, record: seen.append([float(w.detach()) for w in t.meta_params]))
     assert all(np.isfinite(r["objective"]) and np.isfinite(r["final_loss"]) for r in trainer.history)
     for (lr0, beta0), (lr1, beta1) in zip([[lr, hyper_lr]] + seen, seen):  # 3 meta-updates per iteration
         assert 0 < beta1 and abs(beta1 / beta0 - 1) <= 3 * 3.2 * config.meta_lr  # Adam's step ≤ ~3.2·rate
@@ -395,3 +395,17 @@ def test_train_optimizer_divergence_names_the_rules_step_size_options(capsys, tm
     assert "diverged under the hypergradient_sgd rule at meta-iteration 0" in line
     assert "--rule-option lr=" in line and "--rule-option hyper_lr=" in line
     assert "inner learning rate" not in line and not (tmp_path / "r.pt").exists()
+
+
+def test_train_optimizer_hypergradient_rules_meta_train_with_pes(capsys, tmp_path):
+    """PES perturbs each hypergradient tensor by σ·|w|·ε (an absolute σ = 0.01 put β = 1e-6 at ±1e-2: every
+    optimizee diverged at once) and the run resumes exactly."""
+    from diffopt.training import OptimizerTrainer, TrainConfig
+
+    for rule in ("hypergradient_sgd", "hypergradient_adam"):
+        config = TrainConfig(rule=rule, task="sinusoid", unroll=6, truncation=3, iterations=2, meta_batch=2,
+                             mode="pes", pes_samples=2)
+        trainer = OptimizerTrainer(config, progress=False)
+        trainer.fit()
+        assert all(np.isfinite(r["objective"]) for r in trainer.history)
+        assert all(float(w.detach()) > 0 for w in trainer.meta_params)

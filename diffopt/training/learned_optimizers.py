@@ -81,9 +81,11 @@ RELATIVE_STEP_RULES = frozenset({"hypergradient_sgd", "hypergradient_adam"})
 # Rule options meta-training starts from where the rule's own default does not survive an unroll. SGD-HD's
 # β = 1e-3 (Baydin et al.'s) is for losses of order 1: its hypergradient ∇f_t·∇f_{t−1} sums over every weight,
 # on the sinusoid family it reaches 1e2–1e3, so α jumps from 0.01 to 0.1–1, overshoots, turns negative and the
-# optimizees diverge within 3–36 steps (10 of 10 task batches; 4 of 10 at β = 1e-4, none at 1e-5 on the
-# sinusoid, quadratic and synthetic families).
-TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {"hypergradient_sgd": {"hyper_lr": 1e-5}}
+# optimizees diverge within 3–36 steps (10 of 10 task batches; 4 of 10 at β = 1e-4; 10 of 100 at 4e-5, none at
+# 2e-5). Meta-training then raises α₀ and β steadily (the truncated objective favours larger steps): from
+# β = 1e-5 a task diverged at meta-iteration 75 (β ≈ 2.4e-5); from 1e-6, 100 meta-iterations of every family
+# end at β ≈ 3.3e-6 (the first divergence, seed 0 on the sinusoid, at meta-iteration 173).
+TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {"hypergradient_sgd": {"hyper_lr": 1e-6}}
 
 # The options that set a rule's step size: what a diverging unroll's message tells the user to lower.
 STEP_SIZE_OPTIONS = {"lstm": ("output_scale",), "mlp": ("lr", "magnitude_scale"), "meta_curvature": ("lr",),
@@ -346,7 +348,7 @@ class OptimizerTrainer:
         batch = self.family.sample(cfg.meta_batch, generator, "train", self.dtype)
         bounds = list(range(0, cfg.unroll, cfg.truncation))
         if cfg.mode == "pes":
-            return self._pes_iteration(batch, bounds, generator)
+            return self._pes_iteration(batch, bounds, generator, i)
         graph = "full" if cfg.mode == "second_order" else "first_order"
         carry = self.unroll.start(batch)
         objectives, last = [], None
@@ -364,19 +366,26 @@ class OptimizerTrainer:
         assert last is not None
         return {"iteration": i, "objective": sum(objectives) / len(objectives), "final_loss": float(last.mean())}
 
-    def _diverged(self, i: int, start: int, what: str) -> str:
+    def _diverged(self, i: int, start: int, what: str, pes: bool = False) -> str:
         """The message of an unroll that diverged: where, and the options that lower the step size."""
         rule = self.config.rule
         options = " or ".join(f"rule_options {name}= (--rule-option {name}=...)"
                               for name in STEP_SIZE_OPTIONS.get(rule, ()))
-        after = "at the rule's initial weights" if i == 0 and start == 0 else "after meta-updates"
+        first = i == 0 and start == 0
+        after = "at the rule's initial weights" if first else "after meta-updates"
+        also = ([] if first else ["meta_lr (--meta-lr)"]) + (["pes_sigma (--pes-sigma)"] if pes else [])
         return (f"the optimizees diverged under the {rule} rule at meta-iteration {i}, in the truncation from "
                 f"step {start} ({after}): {what}; lower the rule's step size ({options or 'its options'})"
-                f"{'' if i == 0 and start == 0 else ' or meta_lr (--meta-lr)'}")
+                + "".join(f" or {item}" for item in also))
 
-    def _pes_iteration(self, batch: TaskBatch, bounds: list[int], generator: torch.Generator) -> dict[str, Any]:
+    def _pes_iteration(self, batch: TaskBatch, bounds: list[int], generator: torch.Generator,
+                       i: int) -> dict[str, Any]:
         cfg = self.config
         n, sigma = cfg.pes_samples, cfg.pes_sigma
+        # RELATIVE_STEP_RULES: tensor j is perturbed by σ·s_j·ε (s_j = its magnitude at the unroll's start), the
+        # smoothing N(0, σ²S²), whose PES estimate divides the accumulated noise by s_j² (s_j = 1: Vicol et al.'s)
+        scales = ([float(w.detach().abs().max()) or 1.0 for w in self.meta_params] if self.relative_steps
+                  else [1.0] * len(self.meta_params))
         carries = [self.unroll.start(batch) for _ in range(2 * n)]
         accumulated = [[torch.zeros_like(w) for w in self.meta_params] for _ in range(n)]
         objectives, last = [], None
@@ -389,20 +398,30 @@ class OptimizerTrainer:
                 for k in range(n):
                     noise = [torch.randn(w.shape, generator=generator, dtype=w.dtype) * sigma
                              for w in self.meta_params]
+                    if self.relative_steps:
+                        noise = [e * scale for e, scale in zip(noise, scales)]
                     pair = []
                     for sign, index in ((1.0, 2 * k), (-1.0, 2 * k + 1)):
                         with torch.no_grad():
                             for w, w0, e in zip(self.meta_params, originals, noise):
                                 w.copy_(w0 + sign * e)
-                        carries[index], value, last = self.unroll.truncation(
-                            carries[index], batch, length, "none", cfg.objective)
+                        try:
+                            carries[index], value, last = self.unroll.truncation(
+                                carries[index], batch, length, "none", cfg.objective)
+                        except FloatingPointError as error:
+                            raise FloatingPointError(self._diverged(
+                                i, start, str(error).split(";")[0], pes=True)) from None
                         pair.append(float(value))
                     accumulated[k] = [a + e for a, e in zip(accumulated[k], noise)]
                     difference = (pair[0] - pair[1]) / (2 * sigma**2 * n)
                     if not math.isfinite(difference):
-                        raise FloatingPointError(
-                            f"PES: a perturbed optimizee diverged at step {start}; lower pes_sigma or meta_lr")
-                    estimate = [e + difference * a for e, a in zip(estimate, accumulated[k])]
+                        raise FloatingPointError(self._diverged(
+                            i, start, "PES: a perturbed truncation's objective is not finite", pes=True))
+                    if self.relative_steps:
+                        estimate = [e + difference * a / scale**2
+                                    for e, a, scale in zip(estimate, accumulated[k], scales)]
+                    else:
+                        estimate = [e + difference * a for e, a in zip(estimate, accumulated[k])]
                     values.extend(pair)
             finally:
                 with torch.no_grad():
@@ -411,7 +430,7 @@ class OptimizerTrainer:
             self._meta_step(estimate)
             objectives.append(sum(values) / len(values))
         assert last is not None
-        return {"iteration": -1, "objective": sum(objectives) / len(objectives), "final_loss": float(last.mean())}
+        return {"iteration": i, "objective": sum(objectives) / len(objectives), "final_loss": float(last.mean())}
 
     # -- the loop ----------------------------------------------------------------------
     def fit(self, callback: Callable[["OptimizerTrainer", dict[str, Any]], None] | None = None) -> DifferentiableOptimizer:
