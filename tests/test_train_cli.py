@@ -315,9 +315,12 @@ def test_diagnose_writes_its_report_into_a_new_folder(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("option,words", [
-    ("hidden=abc", 'hidden="abc": hidden takes a list like hidden=[20,20]'),
-    ("hidden=5", "hidden=5: hidden takes a list like hidden=[20,20]"),
-    ("points=2.5", "points=2.5: points takes an integer such as points=20"),
+    ("hidden=abc", 'hidden="abc": hidden takes a list of integers >= 1 like hidden=[20,20]'),
+    ("hidden=5", "hidden=5: hidden takes a list of integers >= 1 like hidden=[20,20]"),
+    ("hidden=[0]", "hidden=[0]: hidden takes a list of integers >= 1 like hidden=[20,20]"),
+    ("points=2.5", "points=2.5: points takes an integer >= 1 such as points=20"),
+    ("points=0", "points=0: points takes an integer >= 1 such as points=20"),  # was a ZeroDivisionError
+    ("amplitude_range=[1]", "takes a list of 2 numbers like amplitude_range=[0.1,5.0]"),  # was an IndexError
     ("bogus=1", "the sinusoid family has no option 'bogus'; its options are hidden, points"),
 ])
 def test_train_optimizer_task_option_of_the_wrong_kind_names_the_flag(capsys, tmp_path, monkeypatch, option, words):

@@ -71,28 +71,28 @@ def _check_rule_options(rule: str, options: dict[str, Any]) -> None:
                              f"not {value!r}")
 
 
-def _fits(value: Any, default: Any) -> bool:
-    """Whether a JSON value can stand where ``default`` stands (an int for an int, a list of numbers for a
-    tuple of numbers, ...)."""
+def _fits(value: Any, default: Any, minimum: int = 1) -> bool:
+    """Whether a JSON value can stand where ``default`` stands: an integer ``>= minimum`` for an int (a count),
+    a finite number for a float, a list of such for a tuple (as long as the default when it holds floats, a
+    range; any length when it holds ints, layer widths)."""
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
     if isinstance(default, float):
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if isinstance(default, (tuple, list)):
-        if not isinstance(value, list):
+        if not isinstance(value, list) or not default:
+            return isinstance(value, list)
+        if not all(isinstance(item, int) for item in default) and len(value) != len(default):
             return False
-        kinds = {type(item) for item in default}
-        if len(kinds) == 1 and default:
-            return all(_fits(item, default[0]) for item in value)
-        return len(value) == len(default) and all(_fits(v, d) for v, d in zip(value, default))
+        return all(_fits(item, default[0]) for item in value)
     return True
 
 
 def _check_task_options(task: str, options: dict[str, Any]) -> None:
     """Refuse an option the task family does not have, or a value of the wrong kind, naming the flag
-    (``--task-option hidden=abc: hidden takes a list of integers such as hidden=[20,20]``)."""
+    (``--task-option hidden="abc": hidden takes a list like hidden=[20,20]``)."""
     parameters = {name: p for name, p in inspect.signature(FAMILIES[task]).parameters.items()
                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     for key, value in options.items():
@@ -100,10 +100,14 @@ def _check_task_options(task: str, options: dict[str, Any]) -> None:
             raise ValueError(f"--task-option {key}=...: the {task} family has no option {key!r}; "
                              f"its options are {', '.join(parameters)}")
         default = parameters[key].default
-        if default is not inspect.Parameter.empty and not _fits(value, default):
+        minimum = 0 if key == "seed" else 1
+        if default is not inspect.Parameter.empty and not _fits(value, default, minimum):
             example = json.dumps(list(default) if isinstance(default, tuple) else default).replace(" ", "")
-            kind = ("a list like" if isinstance(default, (tuple, list))
-                    else "an integer such as" if isinstance(default, int) else "a number such as")
+            if isinstance(default, (tuple, list)):
+                kind = ("a list of integers >= 1 like" if all(isinstance(d, int) for d in default)
+                        else f"a list of {len(default)} numbers like")
+            else:
+                kind = f"an integer >= {minimum} such as" if isinstance(default, int) else "a number such as"
             raise ValueError(f"--task-option {key}={json.dumps(value)}: {key} takes {kind} {key}={example} "
                              "(VALUE in JSON)")
 
