@@ -412,3 +412,15 @@ def test_train_optimizer_hypergradient_rules_meta_train_with_pes(capsys, tmp_pat
         trainer.fit()
         assert all(np.isfinite(r["objective"]) for r in trainer.history)
         assert all(float(w.detach()) > 0 for w in trainer.meta_params)
+
+
+@pytest.mark.parametrize("rule,option,words", [
+    ("mlp", "hidden=abc", 'hidden="abc": hidden takes a list of integers >= 1 such as hidden=[32,32]'),
+    ("lstm", "hidden_size=abc", 'hidden_size="abc": hidden_size takes an integer >= 1 such as hidden_size=20'),
+    ("meta_sgd", "init=[1,2,3]", "init=[1,2,3]: init takes a number or a list of 2 numbers"),  # 'too many values'
+])
+def test_train_optimizer_rule_option_of_the_wrong_kind_names_the_flag(capsys, tmp_path, monkeypatch, rule, option,
+                                                                       words):
+    no_work(monkeypatch)
+    line = one_line(capsys, "train-optimizer", "--rule", rule, "--rule-option", option, "-o", str(tmp_path / "r.pt"))
+    assert f"--rule-option {words}" in line and "int()" not in line

@@ -57,14 +57,30 @@ _RULE_BUILDERS = {"lstm": learned.LSTMOptimizer, "mlp": learned.MLPOptimizer, "m
 _NUMERIC = ("lr", "hyper_lr", "init", "momentum", "weight_decay", "eps")
 
 
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
 def _check_rule_options(rule: str, options: dict[str, Any]) -> None:
-    """Refuse a text value for an option that takes a number, naming the flag (``--rule-option lr=abc``)."""
+    """Refuse a value of the wrong kind for an option that takes a number, a count or a list of counts,
+    naming the flag (``--rule-option lr=abc``, ``--rule-option hidden=abc``); the rule checks the rest."""
     signature = inspect.signature(_RULE_BUILDERS[rule])
     for key, value in options.items():
-        if not isinstance(value, str):
-            continue
         parameter = signature.parameters.get(key)
         default = parameter.default if parameter is not None else inspect.Parameter.empty
+        counts = (isinstance(default, int) and not isinstance(default, bool)) or (
+            isinstance(default, (tuple, list)) and default and all(isinstance(d, int) for d in default))
+        if counts and not _fits(value, default):
+            example = _json(list(default) if isinstance(default, tuple) else default)
+            kind = "an integer >= 1" if isinstance(default, int) else "a list of integers >= 1"
+            raise ValueError(f"--rule-option {key}={_json(value)}: {key} takes {kind} such as "
+                             f"{key}={example} (VALUE in JSON)")
+        if isinstance(default, tuple) and default and all(isinstance(d, float) for d in default):
+            if not (_fits(value, 0.0) or _fits(value, default)):  # a number, or one per entry (meta_sgd's init)
+                raise ValueError(f"--rule-option {key}={_json(value)}: {key} takes a number or a list of "
+                                 f"{len(default)} numbers such as {key}={_json(list(default))}")
+        if not isinstance(value, str):
+            continue
         numeric = key in _NUMERIC or (isinstance(default, (int, float)) and not isinstance(default, bool))
         if numeric:
             raise ValueError(f"--rule-option {key}={value}: {key} takes a number (for example {key}=0.01), "
@@ -102,13 +118,13 @@ def _check_task_options(task: str, options: dict[str, Any]) -> None:
         default = parameters[key].default
         minimum = 0 if key == "seed" else 1
         if default is not inspect.Parameter.empty and not _fits(value, default, minimum):
-            example = json.dumps(list(default) if isinstance(default, tuple) else default).replace(" ", "")
+            example = _json(list(default) if isinstance(default, tuple) else default)
             if isinstance(default, (tuple, list)):
                 kind = ("a list of integers >= 1 like" if all(isinstance(d, int) for d in default)
                         else f"a list of {len(default)} numbers like")
             else:
                 kind = f"an integer >= {minimum} such as" if isinstance(default, int) else "a number such as"
-            raise ValueError(f"--task-option {key}={json.dumps(value)}: {key} takes {kind} {key}={example} "
+            raise ValueError(f"--task-option {key}={_json(value)}: {key} takes {kind} {key}={example} "
                              "(VALUE in JSON)")
 
 
