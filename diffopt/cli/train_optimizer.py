@@ -10,6 +10,12 @@ Example (≈1–2 minutes on 2 CPU cores)::
 
 The saved file is used in a plain training loop with
 ``diffopt.optim.learned.load(path, model.parameters())``.
+
+Every output (``--output``, ``--checkpoint``, ``--metrics``) is checked before any
+training: a folder or an unwritable place is refused, and so is an earlier run's
+file unless ``--resume`` continues that run or ``--overwrite`` replaces it. Bad
+``--rule-option`` / ``--task-option`` values, a divergence and SIGINT/SIGTERM end
+in one line on stderr (status 2, or 128 + the signal).
 """
 from __future__ import annotations
 

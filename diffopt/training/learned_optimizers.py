@@ -30,6 +30,13 @@ Meta-gradient modes, all through :class:`diffopt.unroll.InnerLoop`'s steps
                    whole unroll, no backpropagation.
 =================  ========================================================
 
+The meta-optimizer is Adam at ``meta_lr``. The hypergradient rules' tensors (α₀ and β,
+step sizes of very different scales) take relative steps and relative PES noise
+(:data:`RELATIVE_STEP_RULES`), and SGD-HD starts from β = 1e-6 unless told
+otherwise (:data:`TRAINING_DEFAULTS`). A diverging optimizee stops the run with
+the meta-iteration, the truncation and the rule's step-size options
+(:data:`STEP_SIZE_OPTIONS`).
+
 Exact resume: the tasks (and PES noise) of iteration ``i`` come from a
 generator seeded by ``(seed, i)``; a checkpoint (written atomically with
 :func:`diffopt.training.save_checkpoint`) holds the rule's tensors, the
