@@ -248,7 +248,10 @@ def _stopped_message(args: argparse.Namespace, trainer: OptimizerTrainer | None,
     elif trainer is not None and trainer.saved_iteration is not None:
         kept = (f"the checkpoint {args.checkpoint} (meta-iteration {trainer.saved_iteration}) is kept; "
                 "continue with --resume")
+    elif args.resume and Path(args.checkpoint).is_file():  # stopped while it was being read
+        kept = f"the checkpoint {args.checkpoint} is kept; continue with --resume"
     else:
+        earlier = (f"; {args.checkpoint} still holds the earlier run's" if Path(args.checkpoint).is_file() else "")
         kept = (f"no checkpoint was written yet (the first comes after {args.checkpoint_every} meta-iterations, "
-                "--checkpoint-every), nothing was saved")
+                f"--checkpoint-every), nothing was saved{earlier}")
     return f"stopped by {name} after {done} meta-iteration(s); {kept}; the rule was not saved to --output"
