@@ -424,3 +424,13 @@ def test_train_optimizer_rule_option_of_the_wrong_kind_names_the_flag(capsys, tm
     no_work(monkeypatch)
     line = one_line(capsys, "train-optimizer", "--rule", rule, "--rule-option", option, "-o", str(tmp_path / "r.pt"))
     assert f"--rule-option {words}" in line and "int()" not in line
+
+
+def test_optimizer_trainer_divergence_is_a_non_finite_error_naming_the_options():
+    from diffopt.errors import NonFiniteError
+    from diffopt.training import OptimizerTrainer, TrainConfig
+
+    config = TrainConfig(rule="hypergradient_sgd", task="sinusoid", unroll=20, truncation=10, iterations=1,
+                         meta_batch=4, rule_options={"hyper_lr": 1e-3})  # the rule's own β: every batch diverges
+    with pytest.raises(NonFiniteError, match=r"rule_options hyper_lr= \(--rule-option hyper_lr=\.\.\.\)"):
+        OptimizerTrainer(config, progress=False).fit()

@@ -66,7 +66,7 @@ from ..optim.learned.serialization import live_tensors, save, to_payload
 from ..unroll import Carry, InnerLoop
 from ..unroll.carry import detached
 from .families import TaskBatch, TaskFamily, family
-from ..errors import CheckpointError
+from ..errors import CheckpointError, NonFiniteError
 from .trainer import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, iteration_generator, load_checkpoint, save_checkpoint
 
 __all__ = ["MODES", "OBJECTIVES", "RULES", "OptimizerTrainer", "TrainConfig", "loss_curves", "make_rule", "Unroll"]
@@ -364,9 +364,9 @@ class OptimizerTrainer:
             try:
                 carry, objective, last = self.unroll.truncation(carry, batch, length, graph, cfg.objective)
             except FloatingPointError as error:  # the engine's words are for an inner loop with a fixed rate
-                raise FloatingPointError(self._diverged(i, start, str(error).split(";")[0])) from None
+                raise NonFiniteError(self._diverged(i, start, str(error).split(";")[0])) from error
             if not torch.isfinite(objective.detach()):
-                raise FloatingPointError(self._diverged(i, start, f"the meta-objective is {float(objective.detach())}"))
+                raise NonFiniteError(self._diverged(i, start, f"the meta-objective is {float(objective.detach())}"))
             grads = torch.autograd.grad(objective, self.meta_params, allow_unused=True)
             self._meta_step(grads)
             objectives.append(float(objective.detach()))
@@ -416,13 +416,13 @@ class OptimizerTrainer:
                             carries[index], value, last = self.unroll.truncation(
                                 carries[index], batch, length, "none", cfg.objective)
                         except FloatingPointError as error:
-                            raise FloatingPointError(self._diverged(
-                                i, start, str(error).split(";")[0], pes=True)) from None
+                            raise NonFiniteError(self._diverged(
+                                i, start, str(error).split(";")[0], pes=True)) from error
                         pair.append(float(value))
                     accumulated[k] = [a + e for a, e in zip(accumulated[k], noise)]
                     difference = (pair[0] - pair[1]) / (2 * sigma**2 * n)
                     if not math.isfinite(difference):
-                        raise FloatingPointError(self._diverged(
+                        raise NonFiniteError(self._diverged(
                             i, start, "PES: a perturbed truncation's objective is not finite", pes=True))
                     if self.relative_steps:
                         estimate = [e + difference * a / scale**2
