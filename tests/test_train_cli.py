@@ -284,3 +284,211 @@ def test_the_omniglot_class_split_is_recorded_for_resume_and_diagnose(capsys, tm
     settings = experiment.settings_from_checkpoint(config, tasks=2, data_root=str(omniglot_root))
     assert settings.omniglot_train_classes == 1190
     assert experiment.build(settings)[0].test.num_groups == 15
+
+
+# =============================================================================================
+# train-optimizer and diagnose: outputs checked before any work, bad input in one line
+# =============================================================================================
+
+TOPT = ("train-optimizer", "--rule", "hypergradient_sgd", "--task", "quadratic", "--task-option", "dim=3",
+        "--unroll", "2", "--truncation", "2", "--meta-batch", "2", "--no-progress")
+
+
+def status_and_error(capsys, *args: str) -> tuple[int, str]:
+    """Run ``diffopt ARGS`` (returning, not exiting), the status and stderr, which has no traceback."""
+    status = main(list(args))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return status, err
+
+
+def one_line(capsys, *args: str) -> str:
+    status, err = status_and_error(capsys, *args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1, err
+    return lines[0]
+
+
+def no_work(monkeypatch) -> None:
+    """Any training or diagnosing from here on fails the test: the refusals come first."""
+    from diffopt.cli import diagnose
+    from diffopt.training import OptimizerTrainer
+
+    monkeypatch.setattr(OptimizerTrainer, "fit", lambda self, *a: pytest.fail("meta-training started"))
+    monkeypatch.setattr(diagnose, "rebuild", lambda *a: pytest.fail("diagnose started"))
+
+
+def test_train_optimizer_refuses_to_replace_an_earlier_run_without_resume_or_overwrite(capsys, tmp_path, monkeypatch):
+    out, ckpt, metrics = tmp_path / "rule.pt", tmp_path / "run.pt", tmp_path / "m.jsonl"
+    run = (*TOPT, "-o", str(out), "--checkpoint", str(ckpt), "--metrics", str(metrics))
+    assert main([*run, "--meta-iterations", "3"]) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in (out, ckpt, metrics)}
+    with monkeypatch.context() as patch:
+        no_work(patch)
+        line = one_line(capsys, *run, "--meta-iterations", "1")
+        assert f"--checkpoint {ckpt} already exists" in line and "--resume" in line and "--overwrite" in line
+        line = one_line(capsys, *TOPT, "-o", str(out), "--meta-iterations", "1")  # the rule file alone
+        assert f"--output {out} already exists" in line and "another --output" in line
+        line = one_line(capsys, *run, "--meta-iterations", "1", "--resume", "--overwrite")
+        assert "give one of them" in line
+    assert {p: p.read_bytes() for p in before} == before  # nothing cut back
+    assert main([*run, "--meta-iterations", "4", "--resume"]) == 0  # continues: 3 + 1
+    assert json.loads(capsys.readouterr().out)["meta_iterations"] == 4
+    assert len(metrics.read_text().splitlines()) == 4
+    assert main([*run, "--meta-iterations", "1", "--overwrite"]) == 0  # replaces: a fresh run of 1
+    assert json.loads(capsys.readouterr().out)["meta_iterations"] == 1
+    assert len(metrics.read_text().splitlines()) == 1
+    assert torch.load(ckpt, weights_only=True)["iteration"] == 1
+
+
+def test_train_optimizer_and_diagnose_check_every_output_path_before_any_work(capsys, tmp_path, monkeypatch):
+    checkpoint = tmp_path / "maml.pt"
+    train(capsys, "--iterations", "1", "--test-tasks", "2", "--checkpoint", str(checkpoint))
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    no_work(monkeypatch)
+    for flag, path, words in (("-o", tmp_path, "is a folder"), ("--checkpoint", tmp_path, "is a folder"),
+                              ("--metrics", a_file / "m.jsonl", "is a file, not a folder")):
+        extra = [] if flag == "-o" else ["-o", str(tmp_path / "rule.pt")]
+        line = one_line(capsys, *TOPT, flag, str(path), *extra)
+        assert ("--output" if flag == "-o" else flag) in line and words in line
+    diagnose = ("diagnose", str(checkpoint), "--sigma", "0.5", "--tasks", "2")
+    cases = (("--json", tmp_path, "diagnostics.json"), ("--plot", tmp_path, "diagnostics.png"),
+             ("--json", a_file / "d.json", "is a file, not a folder"),
+             ("--plot", tmp_path / "figure", "figure.png"),  # matplotlib would have saved figure.png
+             ("--plot", tmp_path / "figure.nosuch", ".svg"))
+    for flag, path, words in cases:
+        line = one_line(capsys, *diagnose, flag, str(path))
+        assert flag in line and words in line, line
+
+
+def test_diagnose_writes_its_report_into_a_new_folder(capsys, tmp_path):
+    checkpoint = tmp_path / "maml.pt"
+    train(capsys, "--iterations", "1", "--test-tasks", "2", "--checkpoint", str(checkpoint))
+    report, figure = tmp_path / "new" / "d.json", tmp_path / "other" / "d.svg"
+    assert main(["diagnose", str(checkpoint), "--sigma", "0.5", "--tasks", "2", "--which", "kl",
+                 "--json", str(report), "--plot", str(figure)]) == 0
+    assert json.loads(report.read_text()) and figure.read_bytes().startswith(b"<?xml")
+
+
+@pytest.mark.parametrize("option,words", [
+    ("hidden=abc", 'hidden="abc": hidden takes a list of integers >= 1 like hidden=[20,20]'),
+    ("hidden=5", "hidden=5: hidden takes a list of integers >= 1 like hidden=[20,20]"),
+    ("hidden=[0]", "hidden=[0]: hidden takes a list of integers >= 1 like hidden=[20,20]"),
+    ("points=2.5", "points=2.5: points takes an integer >= 1 such as points=20"),
+    ("points=0", "points=0: points takes an integer >= 1 such as points=20"),  # was a ZeroDivisionError
+    ("amplitude_range=[1]", "takes a list of 2 numbers like amplitude_range=[0.1,5.0]"),  # was an IndexError
+    ("bogus=1", "the sinusoid family has no option 'bogus'; its options are hidden, points"),
+])
+def test_train_optimizer_task_option_of_the_wrong_kind_names_the_flag(capsys, tmp_path, monkeypatch, option, words):
+    no_work(monkeypatch)
+    line = one_line(capsys, "train-optimizer", "--task", "sinusoid", "--task-option", option, "-o",
+                    str(tmp_path / "r.pt"))
+    assert f"--task-option {option.split('=')[0]}" in line and words in line and "int()" not in line
+
+
+@pytest.mark.parametrize("option,words", [("=1", "the KEY before '=' is empty"),
+                                          ("bogus=1", "--rule-option: HypergradientSGD: unknown argument 'bogus'")])
+def test_train_optimizer_rule_option_without_a_usable_key_names_the_flag(capsys, tmp_path, monkeypatch, option, words):
+    no_work(monkeypatch)
+    assert words in one_line(capsys, *TOPT, "--rule-option", option, "-o", str(tmp_path / "r.pt"))
+
+
+def test_train_optimizer_stopped_by_sigterm_says_whether_a_checkpoint_exists(capsys, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from diffopt.training import OptimizerTrainer
+
+    train_iteration = OptimizerTrainer.train_iteration
+    stop_at = {"iteration": 0}
+
+    def stopping(self, i):
+        if i == stop_at["iteration"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_iteration(self, i)
+
+    monkeypatch.setattr(OptimizerTrainer, "train_iteration", stopping)
+    ckpt = tmp_path / "run.pt"
+    run = (*TOPT, "-o", str(tmp_path / "rule.pt"), "--checkpoint", str(ckpt), "--checkpoint-every", "2",
+           "--meta-iterations", "5")
+    status, err = status_and_error(capsys, *run)
+    assert status == 128 + signal.SIGTERM and not ckpt.exists()
+    assert "stopped by SIGTERM after 0 meta-iteration(s); no checkpoint was written yet" in err
+    assert "is kept" not in err and len(err.strip().splitlines()) == 1
+    stop_at["iteration"] = 3
+    status, err = status_and_error(capsys, *run, "--resume")
+    assert status == 128 + signal.SIGTERM
+    assert f"the checkpoint {ckpt} (meta-iteration 2) is kept; continue with --resume" in err
+    assert torch.load(ckpt, weights_only=True)["iteration"] == 2 and not (tmp_path / "rule.pt").exists()
+
+
+# -- hypergradient SGD: its defaults meta-train, a divergence names the real options ----------------------------
+
+def test_train_optimizer_hypergradient_sgd_defaults_meta_train_on_the_sinusoid(capsys, tmp_path):
+    """With the rule's own β = 1e-3 every sinusoid task batch diverged within 3-36 steps, and Adam's first
+    meta-update took β = 1e-5 to 3e-3; the trainer starts from β = 1e-6 and takes relative meta-steps."""
+    from diffopt.training import OptimizerTrainer, TrainConfig
+
+    config = TrainConfig(rule="hypergradient_sgd", task="sinusoid", unroll=12, truncation=4, iterations=3,
+                         meta_batch=4)
+    trainer = OptimizerTrainer(config, progress=False)
+    lr, hyper_lr = (float(w.detach()) for w in trainer.meta_params)
+    assert (lr, hyper_lr) == (pytest.approx(1e-2), pytest.approx(1e-6))
+    seen = []
+    trainer.fit(lambda t, record: seen.append([float(w.detach()) for w in t.meta_params]))
+    assert all(np.isfinite(r["objective"]) and np.isfinite(r["final_loss"]) for r in trainer.history)
+    for (lr0, beta0), (lr1, beta1) in zip([[lr, hyper_lr]] + seen, seen):  # 3 meta-updates per iteration
+        assert 0 < beta1 and abs(beta1 / beta0 - 1) <= 3 * 3.2 * config.meta_lr  # Adam's step ≤ ~3.2·rate
+        assert 0 < lr1 and abs(lr1 / lr0 - 1) <= 3 * 3.2 * config.meta_lr
+    # and on the command line, with every default but the length
+    out = tmp_path / "rule.pt"
+    assert main(["train-optimizer", "--rule", "hypergradient_sgd", "--unroll", "12", "--truncation", "4",
+                 "--meta-iterations", "2", "--meta-batch", "4", "-o", str(out), "--no-progress"]) == 0
+    assert np.isfinite(json.loads(capsys.readouterr().out)["last_final_loss"]) and out.is_file()
+
+
+def test_train_optimizer_divergence_names_the_rules_step_size_options(capsys, tmp_path):
+    line = one_line(capsys, "train-optimizer", "--rule", "hypergradient_sgd", "--rule-option", "hyper_lr=0.01",
+                    "--unroll", "20", "--truncation", "10", "--meta-iterations", "1", "--meta-batch", "4",
+                    "-o", str(tmp_path / "r.pt"), "--no-progress")
+    assert "diverged under the hypergradient_sgd rule at meta-iteration 0" in line
+    assert "--rule-option lr=" in line and "--rule-option hyper_lr=" in line
+    assert "inner learning rate" not in line and not (tmp_path / "r.pt").exists()
+
+
+def test_train_optimizer_hypergradient_rules_meta_train_with_pes(capsys, tmp_path):
+    """PES perturbs each hypergradient tensor by σ·|w|·ε (an absolute σ = 0.01 put β = 1e-6 at ±1e-2: every
+    optimizee diverged at once) and the run resumes exactly."""
+    from diffopt.training import OptimizerTrainer, TrainConfig
+
+    for rule in ("hypergradient_sgd", "hypergradient_adam"):
+        config = TrainConfig(rule=rule, task="sinusoid", unroll=6, truncation=3, iterations=2, meta_batch=2,
+                             mode="pes", pes_samples=2)
+        trainer = OptimizerTrainer(config, progress=False)
+        trainer.fit()
+        assert all(np.isfinite(r["objective"]) for r in trainer.history)
+        assert all(float(w.detach()) > 0 for w in trainer.meta_params)
+
+
+@pytest.mark.parametrize("rule,option,words", [
+    ("mlp", "hidden=abc", 'hidden="abc": hidden takes a list of integers >= 1 such as hidden=[32,32]'),
+    ("lstm", "hidden_size=abc", 'hidden_size="abc": hidden_size takes an integer >= 1 such as hidden_size=20'),
+    ("meta_sgd", "init=[1,2,3]", "init=[1,2,3]: init takes a number or a list of 2 numbers"),  # 'too many values'
+])
+def test_train_optimizer_rule_option_of_the_wrong_kind_names_the_flag(capsys, tmp_path, monkeypatch, rule, option,
+                                                                       words):
+    no_work(monkeypatch)
+    line = one_line(capsys, "train-optimizer", "--rule", rule, "--rule-option", option, "-o", str(tmp_path / "r.pt"))
+    assert f"--rule-option {words}" in line and "int()" not in line
+
+
+def test_optimizer_trainer_divergence_is_a_non_finite_error_naming_the_options():
+    from diffopt.errors import NonFiniteError
+    from diffopt.training import OptimizerTrainer, TrainConfig
+
+    config = TrainConfig(rule="hypergradient_sgd", task="sinusoid", unroll=20, truncation=10, iterations=1,
+                         meta_batch=4, rule_options={"hyper_lr": 1e-3})  # the rule's own β: every batch diverges
+    with pytest.raises(NonFiniteError, match=r"rule_options hyper_lr= \(--rule-option hyper_lr=\.\.\.\)"):
+        OptimizerTrainer(config, progress=False).fit()

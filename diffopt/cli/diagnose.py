@@ -14,9 +14,12 @@ The rebuild is :func:`diffopt.training.experiment.rebuild`, the report
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+from pathlib import Path
 from typing import Any
 
+from .._io import check_writable, describe_os_error
 from ..diagnostics import DIAGNOSTICS, SecondOrderUnavailable, diagnose
 from ..training import CheckpointError
 from ..training.experiment import rebuild
@@ -50,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.tasks < 1:
             raise ValueError(f"--tasks must be >= 1, got {args.tasks}")
+        _check_outputs(args)
         learner, source, payload = rebuild(args.checkpoint, args.tasks, args.data_root)
         report = diagnose(learner, source, which=args.which, steps=args.steps, sigma=args.sigma,
                           max_tasks=args.tasks, seed=args.seed)
@@ -60,14 +64,41 @@ def run(args: argparse.Namespace) -> int:
           f"meta-iterations, {report.settings['tasks']} test tasks of {payload['config']['tasks']['task']}, "
           f"{report.settings['inner_steps']} inner step(s)\n")
     print(report.to_table())
-    if args.json:
-        report.to_json(args.json)
-        print(f"\nJSON: {args.json}")
-    if args.plot:
-        try:
+    try:
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            report.to_json(args.json)
+            print(f"\nJSON: {args.json}")
+        if args.plot:
+            Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
             report.plot(args.plot)
-        except ImportError as error:
-            print(f"diffopt diagnose: error: {error}", file=sys.stderr)
-            return 2
-        print(f"plot: {args.plot}")
+            print(f"plot: {args.plot}")
+    except (ImportError, ValueError, RuntimeError) as error:  # no matplotlib, a NaN for JSON, a LaTeX-less .pgf
+        print(f"diffopt diagnose: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk, a folder removed meanwhile: one line
+        print(f"diffopt diagnose: error: could not write {error.filename or 'the report'}: "
+              f"{describe_os_error(error)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Before the diagnostics run: --json and --plot can be written, --plot names a format matplotlib
+    writes (without a suffix matplotlib would add .png and save elsewhere than the path given)."""
+    for path, flag, example in ((args.json, "--json", "diagnostics.json"), (args.plot, "--plot", "diagnostics.png")):
+        if path and Path(path).is_dir():
+            raise ValueError(f"{flag} {path} is a folder; give a file path such as {Path(path) / example}")
+        if path:
+            check_writable(path, flag)
+    if args.plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("--plot needs matplotlib: pip install matplotlib (or leave out --plot)")
+        from matplotlib.figure import Figure
+
+        formats = sorted(Figure().canvas.get_supported_filetypes())
+        suffix = Path(args.plot).suffix.lower().lstrip(".")
+        if suffix not in formats:
+            stem = Path(args.plot).with_suffix("") if suffix else Path(args.plot)
+            raise ValueError(f"--plot {args.plot}: give a file name ending in a format matplotlib writes "
+                             f"({', '.join('.' + f for f in formats)}), e.g. {stem}.png")

@@ -30,6 +30,13 @@ Meta-gradient modes, all through :class:`diffopt.unroll.InnerLoop`'s steps
                    whole unroll, no backpropagation.
 =================  ========================================================
 
+The meta-optimizer is Adam at ``meta_lr``. The hypergradient rules' tensors (α₀ and β,
+step sizes of very different scales) take relative steps and relative PES noise
+(:data:`RELATIVE_STEP_RULES`), and SGD-HD starts from β = 1e-6 unless told
+otherwise (:data:`TRAINING_DEFAULTS`). A diverging optimizee stops the run with
+the meta-iteration, the truncation and the rule's step-size options
+(:data:`STEP_SIZE_OPTIONS`).
+
 Exact resume: the tasks (and PES noise) of iteration ``i`` come from a
 generator seeded by ``(seed, i)``; a checkpoint (written atomically with
 :func:`diffopt.training.save_checkpoint`) holds the rule's tensors, the
@@ -51,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import unroll
+from .._io import check_writable
 from .._progress import Progress
 from ..optim import DifferentiableOptimizer
 from ..optim.learned.factory import RULES, make_rule
@@ -58,7 +66,7 @@ from ..optim.learned.serialization import live_tensors, save, to_payload
 from ..unroll import Carry, InnerLoop
 from ..unroll.carry import detached
 from .families import TaskBatch, TaskFamily, family
-from ..errors import CheckpointError
+from ..errors import CheckpointError, NonFiniteError
 from .trainer import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, iteration_generator, load_checkpoint, save_checkpoint
 
 __all__ = ["MODES", "OBJECTIVES", "RULES", "OptimizerTrainer", "TrainConfig", "loss_curves", "make_rule", "Unroll"]
@@ -70,6 +78,26 @@ TRUNCATION_MODES = frozenset({"second_order", "first_order", "pes"})
 MODES = tuple(mode for mode in unroll.MODES if mode in TRUNCATION_MODES)
 OBJECTIVES = ("log", "loss")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+# Rules whose learnable tensors are step sizes spanning orders of magnitude (the hypergradient rules' α₀ = 1e-2
+# and β = 1e-3 ... 1e-7). Adam moves every tensor by about meta_lr per update whatever its scale, which took
+# β = 1e-5 to 3e-3 in one meta-update; these take relative steps: Adam's rate for each tensor is meta_lr·|w|
+# at each update (Adam on log w to first order), so a step size changes by ~meta_lr of itself and stays positive.
+RELATIVE_STEP_RULES = frozenset({"hypergradient_sgd", "hypergradient_adam"})
+
+# Rule options meta-training starts from where the rule's own default does not survive an unroll. SGD-HD's
+# β = 1e-3 (Baydin et al.'s) is for losses of order 1: its hypergradient ∇f_t·∇f_{t−1} sums over every weight,
+# on the sinusoid family it reaches 1e2–1e3, so α jumps from 0.01 to 0.1–1, overshoots, turns negative and the
+# optimizees diverge within 3–36 steps (10 of 10 task batches; 4 of 10 at β = 1e-4; 10 of 100 at 4e-5, none at
+# 2e-5). Meta-training then raises α₀ and β steadily (the truncated objective favours larger steps): from
+# β = 1e-5 a task diverged at meta-iteration 75 (β ≈ 2.4e-5); from 1e-6, 100 meta-iterations of every family
+# end at β ≈ 3.3e-6 (the first divergence, seed 0 on the sinusoid, at meta-iteration 173).
+TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {"hypergradient_sgd": {"hyper_lr": 1e-6}}
+
+# The options that set a rule's step size: what a diverging unroll's message tells the user to lower.
+STEP_SIZE_OPTIONS = {"lstm": ("output_scale",), "mlp": ("lr", "magnitude_scale"), "meta_curvature": ("lr",),
+                     "meta_sgd": ("init",), "per_layer_per_step": ("init",),
+                     "hypergradient_sgd": ("lr", "hyper_lr"), "hypergradient_adam": ("lr", "hyper_lr")}
 
 
 # -- unrolling optimizees ------------------------------------------------------------------
@@ -247,14 +275,18 @@ class OptimizerTrainer:
         self.dtype = DTYPES[config.dtype]
         self.model = self.family.model(self.dtype)
         generator = torch.Generator().manual_seed(config.seed)
+        options = {**TRAINING_DEFAULTS.get(config.rule, {}), **config.rule_options}
         self.optimizer = make_rule(config.rule, self.model.parameters(), generator=generator, steps=config.unroll,
-                                   **dict(config.rule_options))
+                                   **options)
         self.meta_params = self.optimizer.hyperparameter_tensors()
         if not self.meta_params:
             raise ValueError(f"the {config.rule} rule has no learnable tensors to meta-train")
-        self.meta_optimizer = torch.optim.Adam(self.meta_params, lr=config.meta_lr)
+        self.relative_steps = config.rule in RELATIVE_STEP_RULES
+        groups = [{"params": [w]} for w in self.meta_params] if self.relative_steps else self.meta_params
+        self.meta_optimizer = torch.optim.Adam(groups, lr=config.meta_lr)
         self.unroll = Unroll(self.model, self.optimizer, self.family.loss_fn, vectorize=config.vectorize)
         self.iteration = 0
+        self.saved_iteration: int | None = None  # the iteration of the last checkpoint written or restored
         self.history: list[dict[str, Any]] = []
 
     # -- checkpoints -------------------------------------------------------------------
@@ -292,11 +324,13 @@ class OptimizerTrainer:
             for name, tensor in live.items():
                 tensor.copy_(saved[name])
         self.iteration = int(payload["iteration"])
+        self.saved_iteration = self.iteration
         self.history = history
 
     def save_checkpoint(self) -> None:
         if self.checkpoint is not None:
             save_checkpoint(self.checkpoint, self.state())
+            self.saved_iteration = self.iteration
 
     def save_rule(self, path: str | os.PathLike[str], metadata: dict[str, Any] | None = None) -> None:
         """Write the trained rule (loadable by :func:`diffopt.optim.learned.load`)."""
@@ -308,6 +342,9 @@ class OptimizerTrainer:
         for p, g in zip(self.meta_params, grads):
             p.grad = None if g is None else g.detach().clone()
         torch.nn.utils.clip_grad_norm_(self.meta_params, self.config.meta_clip)
+        if self.relative_steps:  # RELATIVE_STEP_RULES: a step of ~meta_lr·|w| (a zero stays zero)
+            for group, w in zip(self.meta_optimizer.param_groups, self.meta_params):
+                group["lr"] = self.config.meta_lr * float(w.detach().abs().max())
         self.meta_optimizer.step()
         self.meta_optimizer.zero_grad(set_to_none=True)
 
@@ -318,27 +355,44 @@ class OptimizerTrainer:
         batch = self.family.sample(cfg.meta_batch, generator, "train", self.dtype)
         bounds = list(range(0, cfg.unroll, cfg.truncation))
         if cfg.mode == "pes":
-            return self._pes_iteration(batch, bounds, generator)
+            return self._pes_iteration(batch, bounds, generator, i)
         graph = "full" if cfg.mode == "second_order" else "first_order"
         carry = self.unroll.start(batch)
         objectives, last = [], None
         for start in bounds:
             length = min(cfg.truncation, cfg.unroll - start)
-            carry, objective, last = self.unroll.truncation(carry, batch, length, graph, cfg.objective)
+            try:
+                carry, objective, last = self.unroll.truncation(carry, batch, length, graph, cfg.objective)
+            except FloatingPointError as error:  # the engine's words are for an inner loop with a fixed rate
+                raise NonFiniteError(self._diverged(i, start, str(error).split(";")[0])) from error
             if not torch.isfinite(objective.detach()):
-                raise FloatingPointError(
-                    f"the meta-objective is {float(objective.detach())} at iteration {i}, step {start}; lower meta_lr "
-                    "or the rule's initial step size"
-                )
+                raise NonFiniteError(self._diverged(i, start, f"the meta-objective is {float(objective.detach())}"))
             grads = torch.autograd.grad(objective, self.meta_params, allow_unused=True)
             self._meta_step(grads)
             objectives.append(float(objective.detach()))
         assert last is not None
         return {"iteration": i, "objective": sum(objectives) / len(objectives), "final_loss": float(last.mean())}
 
-    def _pes_iteration(self, batch: TaskBatch, bounds: list[int], generator: torch.Generator) -> dict[str, Any]:
+    def _diverged(self, i: int, start: int, what: str, pes: bool = False) -> str:
+        """The message of an unroll that diverged: where, and the options that lower the step size."""
+        rule = self.config.rule
+        options = " or ".join(f"rule_options {name}= (--rule-option {name}=...)"
+                              for name in STEP_SIZE_OPTIONS.get(rule, ()))
+        first = i == 0 and start == 0
+        after = "at the rule's initial weights" if first else "after meta-updates"
+        also = ([] if first else ["meta_lr (--meta-lr)"]) + (["pes_sigma (--pes-sigma)"] if pes else [])
+        return (f"the optimizees diverged under the {rule} rule at meta-iteration {i}, in the truncation from "
+                f"step {start} ({after}): {what}; lower the rule's step size ({options or 'its options'})"
+                + "".join(f" or {item}" for item in also))
+
+    def _pes_iteration(self, batch: TaskBatch, bounds: list[int], generator: torch.Generator,
+                       i: int) -> dict[str, Any]:
         cfg = self.config
         n, sigma = cfg.pes_samples, cfg.pes_sigma
+        # RELATIVE_STEP_RULES: tensor j is perturbed by σ·s_j·ε (s_j = its magnitude at the unroll's start), the
+        # smoothing N(0, σ²S²), whose PES estimate divides the accumulated noise by s_j² (s_j = 1: Vicol et al.'s)
+        scales = ([float(w.detach().abs().max()) or 1.0 for w in self.meta_params] if self.relative_steps
+                  else [1.0] * len(self.meta_params))
         carries = [self.unroll.start(batch) for _ in range(2 * n)]
         accumulated = [[torch.zeros_like(w) for w in self.meta_params] for _ in range(n)]
         objectives, last = [], None
@@ -351,20 +405,30 @@ class OptimizerTrainer:
                 for k in range(n):
                     noise = [torch.randn(w.shape, generator=generator, dtype=w.dtype) * sigma
                              for w in self.meta_params]
+                    if self.relative_steps:
+                        noise = [e * scale for e, scale in zip(noise, scales)]
                     pair = []
                     for sign, index in ((1.0, 2 * k), (-1.0, 2 * k + 1)):
                         with torch.no_grad():
                             for w, w0, e in zip(self.meta_params, originals, noise):
                                 w.copy_(w0 + sign * e)
-                        carries[index], value, last = self.unroll.truncation(
-                            carries[index], batch, length, "none", cfg.objective)
+                        try:
+                            carries[index], value, last = self.unroll.truncation(
+                                carries[index], batch, length, "none", cfg.objective)
+                        except FloatingPointError as error:
+                            raise NonFiniteError(self._diverged(
+                                i, start, str(error).split(";")[0], pes=True)) from error
                         pair.append(float(value))
                     accumulated[k] = [a + e for a, e in zip(accumulated[k], noise)]
                     difference = (pair[0] - pair[1]) / (2 * sigma**2 * n)
                     if not math.isfinite(difference):
-                        raise FloatingPointError(
-                            f"PES: a perturbed optimizee diverged at step {start}; lower pes_sigma or meta_lr")
-                    estimate = [e + difference * a for e, a in zip(estimate, accumulated[k])]
+                        raise NonFiniteError(self._diverged(
+                            i, start, "PES: a perturbed truncation's objective is not finite", pes=True))
+                    if self.relative_steps:
+                        estimate = [e + difference * a / scale**2
+                                    for e, a, scale in zip(estimate, accumulated[k], scales)]
+                    else:
+                        estimate = [e + difference * a for e, a in zip(estimate, accumulated[k])]
                     values.extend(pair)
             finally:
                 with torch.no_grad():
@@ -373,12 +437,15 @@ class OptimizerTrainer:
             self._meta_step(estimate)
             objectives.append(sum(values) / len(values))
         assert last is not None
-        return {"iteration": -1, "objective": sum(objectives) / len(objectives), "final_loss": float(last.mean())}
+        return {"iteration": i, "objective": sum(objectives) / len(objectives), "final_loss": float(last.mean())}
 
     # -- the loop ----------------------------------------------------------------------
     def fit(self, callback: Callable[["OptimizerTrainer", dict[str, Any]], None] | None = None) -> DifferentiableOptimizer:
         """Run the remaining meta-iterations; returns the trained rule (``self.optimizer``)."""
         cfg = self.config
+        for path, what in ((self.checkpoint, "checkpoint"), (self.metrics, "metrics")):
+            if path is not None:
+                check_writable(path, what)  # now, not after the first meta-iterations
         if self.resume and self.checkpoint is not None and self.checkpoint.exists():
             self.restore(load_checkpoint(self.checkpoint, cfg.identity()))
             self._truncate_metrics()
