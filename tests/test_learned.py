@@ -514,3 +514,81 @@ def test_every_learned_tensor_is_reported_to_the_engine(name):
     assert {id(t) for t in live.values()} == reported
     loop = InnerLoop(model, opt, steps=1)
     assert reported <= {id(t) for t in loop.meta_tensors()}
+
+
+def _flat_hypergradient_reference(kind: str, params: list[Tensor], grads_per_step: list[list[Tensor | None]],
+                                  lr: float, hyper_lr: float, betas=(0.9, 0.999), eps=1e-8) -> list[Tensor]:
+    """Baydin et al.'s reference SGD-HD / Adam-HD: the group as one flat vector (a missing gradient is
+    zeros), one α, h_t = ∇f_t · u_{t−1}."""
+    sizes = [p.numel() for p in params]
+    theta = torch.cat([p.flatten() for p in params]).clone()
+    alpha, u_prev = lr, None
+    m = torch.zeros_like(theta)
+    v = torch.zeros_like(theta)
+    for t, grads in enumerate(grads_per_step, start=1):
+        g = torch.cat([torch.zeros(n, dtype=theta.dtype) if x is None else x.flatten() for n, x in zip(sizes, grads)])
+        if u_prev is not None:
+            alpha = alpha + hyper_lr * float(g @ u_prev)
+        if kind == "sgd":
+            u = g
+        else:
+            m = betas[0] * m + (1 - betas[0]) * g
+            v = betas[1] * v + (1 - betas[1]) * g * g
+            u = (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+        theta = theta - alpha * u
+        u_prev = u
+    return list(theta.split(sizes))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("seed", range(4))
+def test_global_hypergradient_descent_with_missing_gradients_follows_the_flat_reference(kind, seed):
+    """One α for the group: a tensor without a gradient at some step counts with a zero gradient (the
+    paper's reference flattens the group), so its α and direction do not go stale."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(2, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)]
+    steps = [[None if torch.rand((), generator=g) < 0.3 else torch.randn(p.shape, generator=g, dtype=torch.float64)
+              for p in params] for _ in range(6)]
+    cls, options = (L.HypergradientSGD, {"lr": 0.1, "hyper_lr": 0.01}) if kind == "sgd" else (
+        L.HypergradientAdam, {"lr": 0.01, "hyper_lr": 1e-3})
+    opt = cls([p.clone() for p in params], scope="global", **options)
+    current, states = [p.clone() for p in params], opt.initial_states(params)
+    for k, grads in enumerate(steps):
+        current, states = opt.update(current, grads, states, k)
+    expected = _flat_hypergradient_reference(kind, params, steps, options["lr"], options["hyper_lr"])
+    for ours, theirs in zip(current, expected):
+        torch.testing.assert_close(ours.flatten(), theirs, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [L.HypergradientSGD, L.HypergradientAdam])
+def test_hypergradient_rules_keep_each_parameters_dtype(cls):
+    """A float64 lr tensor, or a global α over float32 and float64 tensors, had promoted a float32
+    parameter to float64 (and Adam-HD's lerp then failed)."""
+    w32, w64 = torch.ones(3), torch.ones(2, dtype=torch.float64)
+    for lr in (0.01, torch.tensor(0.01, dtype=torch.float64)):
+        opt = cls([w32.clone(), w64.clone()], lr=lr, scope="global")
+        current, states = [w32.clone(), w64.clone()], opt.initial_states([w32, w64])
+        for k in range(3):
+            current, states = opt.update(current, [torch.full_like(w32, 0.5), torch.full_like(w64, 0.5)], states, k)
+        assert [p.dtype for p in current] == [torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("make", [lambda p: L.LSTMOptimizer(p, hidden_size=2), lambda p: L.MLPOptimizer(p, hidden=(2,))],
+                         ids=["lstm", "mlp"])
+def test_network_rules_run_under_a_users_vmap(make):
+    """Their non-finite guard branched on the values (data-dependent control flow under vmap)."""
+    tasks = torch.randn(4, 3, dtype=torch.float64)
+    opt = make([torch.zeros(3, dtype=torch.float64)])
+
+    def step(p: Tensor) -> Tensor:
+        return opt.update([p], [torch.sin(p)], [None], 0)[0][0]
+
+    assert torch.equal(torch.func.vmap(step)(tasks), torch.stack([step(p) for p in tasks]))
+
+
+def test_rules_take_empty_parameters_as_torch_optim_does():
+    empty_matrix, empty_vector, w = torch.zeros(0, 3, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    for opt, params in ((L.MetaCurvature([empty_matrix, w], lr=0.1), [empty_matrix, w]),
+                        (L.meta_sgd([empty_vector, w], init=0.1), [empty_vector, w])):
+        new, _ = opt.update(params, [torch.ones_like(p) for p in params], opt.initial_states(params), 0)
+        assert new[0].shape == params[0].shape and torch.allclose(new[1], torch.full_like(w, 0.9))

@@ -395,7 +395,7 @@ class OptimizerTrainer:
                   else [1.0] * len(self.meta_params))
         carries = [self.unroll.start(batch) for _ in range(2 * n)]
         accumulated = [[torch.zeros_like(w) for w in self.meta_params] for _ in range(n)]
-        objectives, last = [], None
+        objectives, finals = [], []  # finals: every particle's final loss (antithetic pairs: about the centre's)
         for start in bounds:
             length = min(cfg.truncation, cfg.unroll - start)
             estimate = [torch.zeros_like(w) for w in self.meta_params]
@@ -419,6 +419,8 @@ class OptimizerTrainer:
                             raise NonFiniteError(self._diverged(
                                 i, start, str(error).split(";")[0], pes=True)) from error
                         pair.append(float(value))
+                        if start == bounds[-1]:
+                            finals.append(float(last.mean()))
                     accumulated[k] = [a + e for a, e in zip(accumulated[k], noise)]
                     difference = (pair[0] - pair[1]) / (2 * sigma**2 * n)
                     if not math.isfinite(difference):
@@ -436,8 +438,7 @@ class OptimizerTrainer:
                         w.copy_(w0)
             self._meta_step(estimate)
             objectives.append(sum(values) / len(values))
-        assert last is not None
-        return {"iteration": i, "objective": sum(objectives) / len(objectives), "final_loss": float(last.mean())}
+        return {"iteration": i, "objective": sum(objectives) / len(objectives), "final_loss": sum(finals) / len(finals)}
 
     # -- the loop ----------------------------------------------------------------------
     def fit(self, callback: Callable[["OptimizerTrainer", dict[str, Any]], None] | None = None) -> DifferentiableOptimizer:

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._gradients import inside_torch_func
 from .._hyper import PerParameter, Schedule
 from .._rule import State, UpdateRule
 from ..optimizer import DifferentiableOptimizer, NonFiniteError
@@ -133,6 +134,10 @@ def guard_features(features: Tensor, policy: str, rule: str) -> tuple[Tensor, Te
     gradients) and the returned mask marks them, for :func:`keep_where`.
     """
     ok = finite_mask(features)
+    if inside_torch_func():  # a user's vmap or grad: no data-dependent branch; the mask does the work
+        if policy == "skip":
+            return torch.where(ok.unsqueeze(-1), features, torch.zeros_like(features)), ok
+        return features, None  # ("raise" cannot read the values here; the engine's checks run outside)
     if bool(ok.all()):
         return features, None
     bad = int((~ok).sum())

@@ -74,7 +74,7 @@ def precondition(grad: Tensor, factors: tuple[Tensor, ...], base_dim: int) -> Te
         m = mats[0]
         return grad * m if m.dim() == 1 else (grad.unsqueeze(-2) @ m.transpose(-1, -2)).squeeze(-2)
     shape = grad.shape[grad.dim() - base_dim:]
-    matrix = grad.reshape(*batch, shape[0], -1)
+    matrix = grad.reshape(*batch, shape[0], math.prod(shape[1:]))  # (not -1: a weight may have 0 rows)
     return (mats[0] @ matrix @ mats[1]).reshape(grad.shape)
 
 

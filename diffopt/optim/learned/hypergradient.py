@@ -54,7 +54,7 @@ class HypergradientSGDRule(LearnedRule):
     def init_state(self, param: Tensor, hp: Hyper) -> State:
         shape = batch_shape(param, hp)
         ones = torch.ones(shape, dtype=param.dtype, device=param.device)
-        return {"step": 0, "lr": ones * hp["lr"], "direction": None}
+        return {"step": 0, "lr": (ones * hp["lr"]).to(param.dtype), "direction": None}
 
     def direction(self, g: Tensor, state: State, hp: Hyper, step: int) -> tuple[Tensor, State]:
         return g, {}
@@ -75,6 +75,7 @@ class HypergradientSGDRule(LearnedRule):
         else:
             h = self.hypergradient(grad, state, hp)
         lr = state["lr"] if h is None else state["lr"] + hp["hyper_lr"] * h
+        lr = lr.to(param.dtype)  # (a float64 lr tensor, or the global sum over float32 and float64 tensors)
         step = state["step"] + 1
         u, extra = self.direction(g, state, hp, step)
         return param - _expand(lr, param) * u, {"step": step, "lr": lr, "direction": u, **extra}
@@ -118,6 +119,14 @@ class _Hypergradient(LearnedOptimizer):
         global_groups = [g for g in self.param_groups if g["scope"] == "global"]
         if not global_groups:
             return super().update(params, grads, states, step)
+        # One α for the whole group, as Baydin et al.'s reference treats the group as one flat vector: a
+        # tensor without a gradient this step counts with a zero gradient, so its α and direction move
+        # with the others' instead of going stale.
+        grads = list(grads)
+        for group in global_groups:
+            for i in group["params"]:
+                if grads[i] is None:
+                    grads[i] = torch.zeros_like(params[i])
         # One α for all parameters of the "global" groups: sum the per-tensor dot products first.
         total: Tensor | None = None
         for group in global_groups:
