@@ -30,9 +30,10 @@ from diffopt.cli.bench import main as bench_command  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     """``diffopt bench`` with the plots written next to this script unless ``--plots`` says where
-    (``--plots ''``: none)."""
+    (``--plots ''``: none). A ``--quick`` run writes none by default: the committed figures are the
+    full run's."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a == "--plots" or a.startswith("--plots=") for a in argv):
+    if "--quick" not in argv and not any(a == "--plots" or a.startswith("--plots=") for a in argv):
         argv += ["--plots", str(Path(__file__).resolve().parent)]
     if "--plots" in argv and argv[argv.index("--plots") + 1:argv.index("--plots") + 2] == [""]:
         i = argv.index("--plots")

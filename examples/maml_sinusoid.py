@@ -1,4 +1,7 @@
-"""MAML on sinusoid regression with the Python API, in any meta-gradient mode.
+"""MAML on sinusoid regression with the Python API, in every meta-gradient mode that meta-learns the
+initialisation on its own: second order, first order, checkpointed, and the zero-order ES and PES.
+(Truncated back-propagation needs ``truncate=k``, implicit differentiation a proximal term (iMAML:
+``diffopt.algorithms.iMAML``), and forward mode differentiates hyperparameters only.)
 
     python examples/maml_sinusoid.py --iterations 2000 --mode second_order
     python examples/maml_sinusoid.py --mode checkpointed --inner-steps 10
@@ -14,6 +17,9 @@ import diffopt
 from diffopt.algorithms import MAML
 from diffopt.recipes import SinusoidSource, sinusoid_mlp
 from diffopt.training import iteration_generator
+
+
+INITIALISATION_MODES = ("second_order", "first_order", "checkpointed", "es", "pes")
 
 
 def main(iterations: int, mode: str, inner_steps: int) -> dict[str, float]:
@@ -39,7 +45,7 @@ def main(iterations: int, mode: str, inner_steps: int) -> dict[str, float]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=2000)
-    parser.add_argument("--mode", default="second_order", choices=diffopt.unroll.MODES)
+    parser.add_argument("--mode", default="second_order", choices=INITIALISATION_MODES)
     parser.add_argument("--inner-steps", type=int, default=1)
     args = parser.parse_args()
     main(args.iterations, args.mode, args.inner_steps)

@@ -23,7 +23,8 @@ def loop_for(mode: str, model: nn.Module, **extra) -> InnerLoop:
     if mode in ("es", "pes"):
         options["generator"] = torch.Generator().manual_seed(0)
     options.update(extra)
-    return InnerLoop(model, SGD(model.parameters(), lr=0.1), steps=2, mode=mode, **options)
+    lr = torch.tensor(0.1, dtype=F64, requires_grad=True) if mode == "forward" else 0.1  # (forward: d/d lr only)
+    return InnerLoop(model, SGD(model.parameters(), lr=lr), steps=2, mode=mode, **options)
 
 
 # =============================================================================================
@@ -132,7 +133,8 @@ def diverging_problem():
 @pytest.mark.parametrize("vectorize", [False, True])
 def test_non_finite_inner_loss_names_the_task_and_step(mode, vectorize):
     model, sx, sy = diverging_problem()
-    loop = InnerLoop(model, SGD(model.parameters(), lr=1e155), steps=3, mode=mode, vectorize=vectorize,
+    lr = torch.tensor(1e155, dtype=F64, requires_grad=True) if mode == "forward" else 1e155  # (forward: d/d lr)
+    loop = InnerLoop(model, SGD(model.parameters(), lr=lr), steps=3, mode=mode, vectorize=vectorize,
                      es_samples=1, generator=torch.Generator().manual_seed(0))
     with pytest.raises(NonFiniteError, match=r"inner loss is not finite for task\(s\) \[1\] at inner step 1"):
         loop.meta_loss(sx, sy, sx, sy)
@@ -177,6 +179,20 @@ def test_meta_loss_under_no_grad_adapts_the_same(mode):
     with torch.no_grad():
         start = InnerLoop(model, SGD(model.parameters(), lr=0.1), steps=0).meta_loss(*data)
     assert float((value - start).abs()) > 1e-6
+
+
+def test_forward_mode_with_nothing_to_differentiate_is_refused_with_the_fix():
+    """The meta-loss had silently carried no meta-gradient (.backward() then failed in torch's words);
+    adaptation and evaluation under no_grad need no tangent and still run."""
+    model = build("mlp", 1)
+    data = tasks("mlp", 2, 2)
+    loop = InnerLoop(model, SGD(model.parameters(), lr=0.1), steps=2, mode="forward")
+    with pytest.raises(ValueError, match=r"mode='forward': nothing to differentiate.*lr=torch.tensor\(0.1, "
+                                         r"requires_grad=True\)\) or Forward\(wrt=\[\.\.\.\]\)"):
+        loop.meta_loss(*data)
+    with torch.no_grad():
+        assert torch.isfinite(loop.meta_loss(*data))
+    assert loop.adapt(*data[:2]).params[0].shape[0] == 2
 
 
 @pytest.mark.parametrize("mode", ALL_MODES)

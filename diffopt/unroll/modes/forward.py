@@ -40,9 +40,26 @@ class Forward(Mode):
                     raise TypeError(f"Forward(wrt=...): entry {k} is {type(w).__name__} {w!r}, not a tensor; list the "
                                     "tensors (hyperparameters, weights) whose forward-mode derivatives you want")
 
-    def adapt(self, loop: InnerLoop, carry: Carry, x: Tensor, y: Tensor, info: dict[str, Any]) -> Carry:
+    def differentiated(self, loop: InnerLoop) -> list[Tensor]:
+        """The tensors whose forward-mode derivatives the meta-loss carries: ``wrt``, by default the inner
+        optimizer's hyperparameter tensors, that require grad."""
         wrt = list(self.wrt) if self.wrt is not None else loop.optimizer.hyperparameter_tensors()
-        wrt = unique([w for w in wrt if w.requires_grad])
+        return unique([w for w in wrt if w.requires_grad])
+
+    def meta_loss(self, loop: InnerLoop, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
+                  loss_fn: Any, info: dict[str, Any]) -> Tensor:
+        if torch.is_grad_enabled() and not self.differentiated(loop):
+            raise ValueError(
+                "mode='forward': nothing to differentiate: forward mode carries one tangent per scalar of "
+                "Forward(wrt=[...]), by default the inner optimizer's hyperparameter tensors that require grad, and "
+                "there are none (the initialisation is not differentiated in this mode), so the meta-loss would "
+                "carry no meta-gradient. Give the optimizer a learnable hyperparameter (lr=torch.tensor(0.1, "
+                "requires_grad=True)) or Forward(wrt=[...]); for the initialisation's meta-gradient use a reverse "
+                "mode (second_order, checkpointed)")
+        return super().meta_loss(loop, support_x, support_y, query_x, query_y, loss_fn, info)
+
+    def adapt(self, loop: InnerLoop, carry: Carry, x: Tensor, y: Tensor, info: dict[str, Any]) -> Carry:
+        wrt = self.differentiated(loop)
         info["forward_directions"] = sum(w.numel() for w in wrt)
         theta_index = {id(t): j for j, t in enumerate(loop.theta)}
         hyper = [w for w in wrt if id(w) not in theta_index]
