@@ -76,11 +76,12 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def check_writable(path: str | os.PathLike[str], what: str = "file") -> None:
-    """Raise ``ValueError`` now if ``path`` could not be written later (a folder, or no writable parent)."""
+def check_writable(path: str | os.PathLike[str], what: str = "file", example: str = "run.pt") -> None:
+    """Raise ``ValueError`` now if ``path`` could not be written later (a folder, or no writable parent);
+    ``example``: a file name the message suggests inside a folder given instead of a file."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"the {what} path {path} is a folder; give a file path such as {path / 'run.pt'}")
+        raise ValueError(f"the {what} path {path} is a folder; give a file path such as {path / example}")
     parent = path.parent
     while not parent.exists():
         if parent == parent.parent:

@@ -357,3 +357,21 @@ def test_modes_script_entry(tmp_path):
     assert code == 0
     payload = json.loads((tmp_path / "m.json").read_text())
     assert set(payload["problems"]["sinusoid"]["timing"]["1"]) == {"second_order", "plain loop SO", "plain loop FO"}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--json", "{tmp}"], "the --json file path {tmp} is a folder; give a file path such as {tmp}/bench.json"),
+    (["--markdown", "{tmp}/a_file/x.md"], "is a file, not a folder"),
+    (["--plots", "{tmp}/a_file"], "is a file; give a folder for the PNG files"),
+    (["--task", "regression", "--ways", "3"], "--task, --ways describe the data of --model MODULE:FACTORY"),
+    (["--modes"], "--modes needs one or more of"),
+    (["--model", "m:f", "--input-shape", "1,x"], "--input-shape '1,x': give positive integers"),
+])
+def test_cli_refuses_what_it_would_ignore_or_could_not_write_before_measuring(tmp_path, capsys, monkeypatch,
+                                                                           extra, message):
+    """Output paths used to be written after the whole run (a traceback after up to ~18 minutes), and
+    --model's data options without --model silently ran the default benchmark."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(bench_cli.bench, "run", lambda *a, **k: pytest.fail("measured before refusing"))
+    assert bench_cli.main([a.format(tmp=tmp_path) for a in extra]) == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import bench
+from .._io import check_writable
 from ..bench import BASELINES, MODES, PROBLEMS, TASKS, Settings, build_problem, problem_spec
 from ._types import count, number, seed
 
@@ -45,12 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="built-in problems (default: sinusoid conv4; none when --model is given)")
     what.add_argument("--model", default=None, metavar="MODULE:FACTORY",
                       help="your model: FACTORY() returns an nn.Module (seeded with --seed before the call)")
-    what.add_argument("--task", choices=TASKS, default="sinusoid",
+    what.add_argument("--task", choices=TASKS, default=None,
                       help="data for --model: sinusoid (1 in, 1 out), regression (--input-shape, --output-dim) or "
                            "classification (--input-shape D: Gaussian classes; 1,S,S: glyph images; --ways)")
     what.add_argument("--input-shape", default=None, help="input shape of one example for --model, e.g. 8 or 1,28,28")
-    what.add_argument("--output-dim", type=count(1), default=1, help="regression outputs for --model")
-    what.add_argument("--ways", type=count(2), default=5, help="classes per task for --task classification")
+    what.add_argument("--output-dim", type=count(1), default=None, help="regression outputs for --model (default 1)")
+    what.add_argument("--ways", type=count(2), default=None, help="classes per task for --task classification (default 5)")
     what.add_argument("--shots", type=count(1), default=None, help="support examples (per class) for --model")
     what.add_argument("--query", type=count(1), default=None, help="query examples (per class) for --model")
     what.add_argument("--meta-batch", type=count(1), default=None, help="tasks per meta-batch for --model")
@@ -60,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--conv4-steps", type=_ints, default=None, metavar="K,K,...",
                       help="K for the Conv-4 problem (default: --steps; quick: 1)")
     what.add_argument("--modes", nargs="*", choices=MODES, default=None, help="engine modes (default: all)")
-    what.add_argument("--baselines", nargs="*", choices=BASELINES, default=None, help="baselines (default: all)")
+    what.add_argument("--baselines", nargs="*", choices=BASELINES, default=None,
+                      help="baselines (default: all; --baselines with no names: none)")
     how = parser.add_argument_group("budgets")
     how.add_argument("--quick", action="store_true", help="about a minute: fewer K, fewer repeats, tiny budgets")
     how.add_argument("--repeats", type=count(1), default=None, help="interleaved timing rounds per K (default 5; quick 2)")
@@ -89,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opts = parser.add_argument_group("mode settings")
     opts.add_argument("--truncate", type=count(1), default=None, help="truncated mode's window k (default max(1, K//2))")
     opts.add_argument("--segment", type=count(1), default=None, help="checkpointed mode's segment (default ⌈√K⌉)")
-    opts.add_argument("--proximal", type=number(0, strict=False), default=1.0, help="implicit mode's proximal λ (iMAML; default 1)")
+    opts.add_argument("--proximal", type=number(0), default=1.0,
+                      help="implicit mode's proximal λ > 0 (iMAML; default 1; without it θ gets no meta-gradient)")
     opts.add_argument("--solver-iterations", type=count(1), default=20, help="implicit mode's CG iterations (default 20)")
     opts.add_argument("--es-samples", type=count(1), default=4, help="es/pes antithetic pairs (default 4)")
     opts.add_argument("--es-sigma", type=number(0), default=1e-3, help="es/pes perturbation scale (default 1e-3)")
@@ -110,6 +114,36 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                    description=DESCRIPTION)
     add_arguments(parser)
     return parser
+
+
+MODEL_OPTIONS = ("task", "input_shape", "output_dim", "ways", "shots", "query", "meta_batch", "inner_lr")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before any measurement, what the run would ignore or could not write."""
+    if args.modes is not None and not args.modes:
+        raise ValueError(f"--modes needs one or more of {', '.join(MODES)} (leave it out for all)")
+    ignored = [f"--{name.replace('_', '-')}" for name in MODEL_OPTIONS if getattr(args, name) is not None]
+    if ignored and not args.model:
+        verb, them = ("describes", "it") if len(ignored) == 1 else ("describe", "them")
+        raise ValueError(f"{', '.join(ignored)} {verb} the data of --model MODULE:FACTORY; give --model, or leave "
+                         f"{them} out for the built-in problems")
+    for path, flag, example in ((args.json, "--json", "bench.json"), (args.markdown, "--markdown", "bench.md")):
+        if path:
+            check_writable(path, f"{flag} file", example)
+    if args.plots:
+        folder = Path(args.plots)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--plots {folder} is a file; give a folder for the PNG files")
+        check_writable(folder / "modes_time_memory.png", "--plots folder")
+
+
+def input_shape(text: str) -> list[int]:
+    """``8``, ``1,28,28`` or ``1x28x28``."""
+    parts = re.split(r"[x,]", text.strip())
+    if not parts or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--input-shape {text!r}: give positive integers such as 8, 1,28,28 or 1x28x28")
+    return [int(p) for p in parts]
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -163,17 +197,13 @@ def problems_from_args(args: argparse.Namespace) -> list[Any]:
             overrides.update(classes=40, examples=20, filters=32, meta_batch=2, query=5)
         specs.append(problem_spec(kind, **overrides))
     if args.model:
-        shape = None
-        if args.input_shape:
-            try:
-                shape = [int(v) for v in args.input_shape.replace("x", ",").split(",") if v.strip()]
-            except ValueError as error:
-                raise ValueError(f"--input-shape {args.input_shape!r}: give integers such as 8 or 1,28,28") from error
-        test_tasks = args.test_tasks or (20 if args.quick and args.task == "classification" else
+        shape = input_shape(args.input_shape) if args.input_shape else None
+        task = args.task or "sinusoid"
+        test_tasks = args.test_tasks or (20 if args.quick and task == "classification" else
                                          200 if args.quick else None)
         specs.append(problem_spec(
-            "custom", factory=args.model, task=args.task, input_shape=shape, output_dim=args.output_dim,
-            ways=args.ways, shots=args.shots, query=args.query, meta_batch=args.meta_batch, inner_lr=args.inner_lr,
+            "custom", factory=args.model, task=task, input_shape=shape, output_dim=args.output_dim or 1,
+            ways=args.ways or 5, shots=args.shots, query=args.query, meta_batch=args.meta_batch, inner_lr=args.inner_lr,
             test_tasks=test_tasks, seed=args.seed, sys_path=_import_roots(args.model),
             **({"classes": 40, "examples": 20} if args.quick else {}),
         ))
@@ -201,6 +231,7 @@ def _import_roots(spec: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Run ``diffopt bench`` for parsed arguments; 0 on success, 2 on bad settings."""
     try:
+        check_arguments(args)
         settings = settings_from_args(args)
         problems = problems_from_args(args)
     except ValueError as error:
