@@ -14,6 +14,7 @@ small MLP (no normalisation layers) diverges — with ``--momentum 0`` it works
 from __future__ import annotations
 
 import argparse
+import math
 
 import numpy as np
 import torch
@@ -69,8 +70,8 @@ def train(method: str, data: dict[str, torch.Tensor], epochs: int, momentum: flo
         accuracy = float((model(data["x_test"]).argmax(1) == data["y_test"]).float().mean())
     result = {"accuracy": accuracy}
     if learner is not None:
-        result["weight_wrong"] = float(np.mean(wrong_weight))
-        result["weight_right"] = float(np.mean(right_weight))
+        result["weight_wrong"] = float(np.mean(wrong_weight)) if wrong_weight else float("nan")  # (--noise 0: none)
+        result["weight_right"] = float(np.mean(right_weight)) if right_weight else float("nan")
     return result
 
 
@@ -84,8 +85,9 @@ def main(epochs: int = 20, noise: float = 0.4, momentum: float = 0.9) -> dict[st
         results[method] = train(method, data, epochs, momentum)
         line = f"{method:>5}: test accuracy {results[method]['accuracy']:.3f}"
         if "weight_wrong" in results[method]:
-            line += (f"; mean weight of wrong labels {results[method]['weight_wrong']:.2f}, of right labels "
-                     f"{results[method]['weight_right']:.2f} (plain training: 1 and 1)")
+            wrong = results[method]["weight_wrong"]
+            line += (f"; mean weight of wrong labels {'(none)' if math.isnan(wrong) else f'{wrong:.2f}'}, of right "
+                     f"labels {results[method]['weight_right']:.2f} (plain training: 1 and 1)")
         print(line)
     return results
 
@@ -93,7 +95,9 @@ def main(epochs: int = 20, noise: float = 0.4, momentum: float = 0.9) -> dict[st
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="plain training, L2RW and MWN on digits with noisy labels")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--noise", type=float, default=0.4)
+    parser.add_argument("--noise", type=float, default=0.4, help="fraction of training labels flipped, in [0, 1)")
     parser.add_argument("--momentum", type=float, default=0.9)
     args = parser.parse_args()
+    if not 0 <= args.noise < 1 or args.epochs < 1:
+        parser.error("--noise must be in [0, 1) and --epochs >= 1")
     main(args.epochs, args.noise, args.momentum)

@@ -85,4 +85,6 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=50, help="inner Adam steps to differentiate through")
     parser.add_argument("--tuning-steps", type=int, default=12, help="hypergradient steps on log lr")
     args = parser.parse_args()
+    if args.steps < 1 or args.tuning_steps < 1:
+        parser.error("--steps and --tuning-steps must be >= 1 (the hypergradient flows through the inner steps)")
     run(steps=args.steps, tuning_steps=args.tuning_steps)
