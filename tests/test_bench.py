@@ -375,3 +375,17 @@ def test_cli_refuses_what_it_would_ignore_or_could_not_write_before_measuring(tm
     monkeypatch.setattr(bench_cli.bench, "run", lambda *a, **k: pytest.fail("measured before refusing"))
     assert bench_cli.main([a.format(tmp=tmp_path) for a in extra]) == 2
     assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_the_report_names_linear_solves_that_did_not_converge():
+    """The implicit rows' solve used to be visible only as a stderr warning: the measured residual is
+    recorded per cell and the report lists the cells whose solve stopped above its tolerance."""
+    from diffopt.bench.reporting import problem_markdown
+
+    solve = {"solver": "cg", "iterations": 20, "relative_residual": 1.58, "converged": False}
+    entry = {"description": "toy", "timing": {"1": {"implicit": {"time": None, "solve": solve},
+                                                    "second_order": {"time": None}},
+                                              "5": {"implicit": {"time": None, "solve": {**solve, "converged": True}}}}}
+    text = problem_markdown("toy", entry, {"implementations": ["second_order", "implicit"], "settings": {"memory": "off"}})
+    assert "- implicit, K=1: cg stopped after 20 iterations at relative residual 1.58" in text
+    assert "K=5: cg" not in text

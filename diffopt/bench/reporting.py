@@ -86,6 +86,13 @@ def problem_markdown(name: str, entry: Mapping[str, Any], results: Mapping[str, 
     if notes:
         parts.append("Skipped, failed or single-call cells:\n\n" + "\n".join(
             f"- {text} (K={', '.join(k)})" for text, k in notes.items()))
+    unsolved = [(k, n, e["solve"]) for k in ks for n in names
+                if (e := entry["timing"][k].get(n, {})).get("solve", {}).get("converged") is False]
+    if unsolved:
+        parts.append("Linear solves that did not converge (the implicit meta-gradient is off by about the relative "
+                     "residual; raise --solver-iterations or --proximal):\n\n" + "\n".join(
+                         f"- {n}, K={k}: {s['solver']} stopped after {s['iterations']} iterations at relative "
+                         f"residual {s['relative_residual']:.3g}" for k, n, s in unsolved))
     rows = []
     for n in names:
         if n.startswith(("higher", "torch.func")):
