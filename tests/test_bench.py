@@ -386,6 +386,7 @@ def test_the_report_names_linear_solves_that_did_not_converge():
     entry = {"description": "toy", "timing": {"1": {"implicit": {"time": None, "solve": solve},
                                                     "second_order": {"time": None}},
                                               "5": {"implicit": {"time": None, "solve": {**solve, "converged": True}}}}}
-    text = problem_markdown("toy", entry, {"implementations": ["second_order", "implicit"], "settings": {"memory": "off"}})
+    results = {"implementations": ["second_order", "implicit"], "settings": {"memory": "off"}}
+    text = problem_markdown("toy", entry, results)
     assert "- implicit, K=1: cg stopped after 20 iterations at relative residual 1.58" in text
     assert "K=5: cg" not in text
