@@ -378,7 +378,7 @@ class PatchedOptimizer:
             return  # (finite losses whose sum overflowed)
         step = int((~finite).nonzero()[0])
         raise NonFiniteError(
-            f"innerloop: the inner loss of step {step} (0-based) was {float(self._losses[step])}, so the fast "
+            f"innerloop: the inner loss of step {step} (0-based) was {float(losses[step])}, so the fast "
             "weights and the meta-gradient are not finite; lower the inner learning rate, clip gradients "
             "(clip_grad_norm=...) or check the data (checked once when the block ends; check_finite=True checks "
             "every step as it is taken, check_finite=False not at all)")

@@ -87,10 +87,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
     """Before the diagnostics run: --json and --plot can be written, --plot names a format matplotlib
     writes (without a suffix matplotlib would add .png and save elsewhere than the path given)."""
     for path, flag, example in ((args.json, "--json", "diagnostics.json"), (args.plot, "--plot", "diagnostics.png")):
-        if path and Path(path).is_dir():
-            raise ValueError(f"{flag} {path} is a folder; give a file path such as {Path(path) / example}")
         if path:
-            check_writable(path, flag)
+            check_writable(path, flag, example)
     if args.plot:
         if importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--plot needs matplotlib: pip install matplotlib (or leave out --plot)")

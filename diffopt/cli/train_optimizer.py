@@ -141,8 +141,7 @@ def _check_output_paths(args: argparse.Namespace) -> None:
     for path, flag in ((args.checkpoint, "--checkpoint"), (args.metrics, "--metrics")):
         if path is not None:
             check_writable(path, flag)
-    experiment.check_outputs(experiment.TrainSettings(checkpoint=args.checkpoint, metrics=args.metrics,
-                                                      resume=args.resume, overwrite=args.overwrite))
+    experiment.refuse_replacing(args.checkpoint, args.metrics, resume=args.resume, overwrite=args.overwrite)
     if not (args.resume or args.overwrite) and Path(args.output).is_file():
         raise ValueError(f"--output {args.output} already exists: continue that run with --resume (and its "
                          "--checkpoint), write to another --output, or replace it with --overwrite")

@@ -211,9 +211,15 @@ def train(settings: TrainSettings) -> dict[str, Any] | None:
 
 def check_outputs(settings: TrainSettings) -> None:
     """Refuse to replace an earlier run's checkpoint or metrics without ``resume`` or ``overwrite``."""
-    if settings.resume or settings.overwrite:
+    refuse_replacing(settings.checkpoint, settings.metrics, resume=settings.resume, overwrite=settings.overwrite)
+
+
+def refuse_replacing(checkpoint: str | None, metrics: str | None, *, resume: bool, overwrite: bool) -> None:
+    """A run's ``--checkpoint`` and ``--metrics`` that already exist are an earlier run's: refused unless
+    ``resume`` continues it or ``overwrite`` replaces it (``diffopt train`` and ``train-optimizer``)."""
+    if resume or overwrite:
         return
-    for path, flag in ((settings.checkpoint, "--checkpoint"), (settings.metrics, "--metrics")):
+    for path, flag in ((checkpoint, "--checkpoint"), (metrics, "--metrics")):
         if path is not None and Path(path).is_file():
             raise ValueError(
                 f"{flag} {path} already exists: continue that run with --resume, or replace it with --overwrite"
