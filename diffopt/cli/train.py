@@ -18,6 +18,7 @@ from ..errors import DistributedError, PeerFailure
 from ..recipes import ALGORITHMS
 from ..tasks import OmniglotLayoutError
 from ..training import experiment
+from ._signals import interrupt_on
 from ._types import count, int_list, number, seed
 
 __all__ = ["add_parser", "run", "settings_from_args"]
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
         return launch(_without_nproc(raw), args.nproc, args.timeout)
     stopped: list[int] = []
     try:
-        with _interrupt_on(signal.SIGTERM, stopped):
+        with interrupt_on(signal.SIGTERM, stopped):
             summary = experiment.train(settings_from_args(args))
     except KeyboardInterrupt:  # SIGINT, or SIGTERM (kill, timeout, a scheduler, the --nproc launcher)
         name = signal.Signals(stopped[0]).name if stopped else "SIGINT"
@@ -110,28 +111,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
     if summary is not None:
         print(json.dumps(summary, indent=2, default=float))
     return 0
-
-
-class _interrupt_on:
-    """Within the block, ``signum`` raises ``KeyboardInterrupt`` as SIGINT does: an atomic save in
-    progress removes its temporary file and the previous checkpoint stays in place."""
-
-    def __init__(self, signum: int, received: list[int]) -> None:
-        self.signum, self.received, self.previous = signum, received, None
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.received.append(signum)
-        raise KeyboardInterrupt
-
-    def __enter__(self) -> None:
-        try:
-            self.previous = signal.signal(self.signum, self._handler)
-        except ValueError:  # not the main thread
-            self.previous = None
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.previous is not None:
-            signal.signal(self.signum, self.previous)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

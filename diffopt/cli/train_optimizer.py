@@ -35,8 +35,8 @@ from ..optim import learned
 from ..optim.learned import RULES, LearnedRuleError
 from ..training import FAMILIES, OBJECTIVES, CheckpointError, OptimizerTrainer, TrainConfig, experiment
 from ..training.learned_optimizers import MODES
+from ._signals import interrupt_on
 from ._types import count, number, seed
-from .train import _interrupt_on
 
 __all__ = ["add_parser", "run"]
 
@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
                                        resume=args.resume, progress=not args.no_progress, metrics=args.metrics)
         except TypeError as error:  # the task options are checked above: an option the rule does not take
             raise ValueError(f"--rule-option: {error}" if args.rule_option else str(error)) from None
-        with _interrupt_on(signal.SIGTERM, stopped):
+        with interrupt_on(signal.SIGTERM, stopped):
             trainer.fit()
         trainer.save_rule(args.output)
     except KeyboardInterrupt:  # SIGINT, or SIGTERM (kill, timeout, a scheduler)
