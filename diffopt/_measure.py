@@ -259,19 +259,28 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def write_json(path: str | os.PathLike[str] | None, payload: Mapping[str, Any]) -> None:
+    """Write ``payload`` as standard JSON (nothing when ``path`` is empty): a NaN or infinite number (a
+    measurement that did not happen, a solve that diverged) becomes ``null``, which every JSON reader
+    accepts, where ``json.dump``'s default would write the non-standard ``NaN`` / ``Infinity``."""
     if not path:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2, default=_json_default)
-        f.write("\n")
+    text = json.dumps(_standard_json(payload), indent=2, allow_nan=False)
+    Path(path).write_text(text + "\n")
 
 
-def _json_default(value: Any) -> Any:
+def _standard_json(value: Any) -> Any:
+    """``value`` with tensors as lists, paths and other objects as text and non-finite floats as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(key): _standard_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_standard_json(item) for item in value]
     if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
+        return _standard_json(value.tolist())
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
     return str(value)
 
 
@@ -419,8 +428,10 @@ def run_worker_command(program: Sequence[str], config: Mapping[str, Any], timeou
 
 
 def worker_reply(payload: Mapping[str, Any]) -> None:
-    """Print a worker's result as the last stdout line."""
-    sys.stdout.write(json.dumps(dict(payload), default=_json_default) + "\n")
+    """Print a worker's result as the last stdout line (for the parent's ``json.loads``, which reads
+    the ``NaN`` a missing measurement is written as back into a float)."""
+    sys.stdout.write(json.dumps(dict(payload), default=lambda value: value.tolist()
+                                if isinstance(value, torch.Tensor) else str(value)) + "\n")
     sys.stdout.flush()
 
 

@@ -6,6 +6,7 @@ equals the one measured in a fresh process.
 """
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -112,6 +113,17 @@ def test_in_process_peak_equals_fresh_process_peak(tmp_path, monkeypatch):
     assert fresh["rss_peak_bytes"] >= 0 and fresh["rss_method"] in ("VmHWM reset", "ru_maxrss")
 
 
+def test_markdown_reports_the_resident_memory_of_subprocess_runs(tiny_results):
+    results = copy.deepcopy(tiny_results)
+    cell = results["problems"]["sinusoid"]["timing"]["1"]["second_order"]
+    assert "Peak resident-memory" not in bench.markdown(results)  # the profiler measures tensors only
+    cell["memory"] = {**cell["memory"], "rss_peak_bytes": 3 * MiB, "rss_method": "VmHWM reset"}
+    text = bench.markdown(results)
+    assert "Peak resident-memory (RSS) increase" in text
+    rows = [line for line in text.split("Peak resident-memory")[1].splitlines() if line.startswith("| second_order")]
+    assert rows[0].split("|")[2].strip() == "3"
+
+
 # -- the run's structure -------------------------------------------------------------------------------
 def test_every_mode_and_baseline_is_measured(tiny_results):
     names = bench.implementations(bench.Settings())
@@ -182,6 +194,11 @@ def test_json_and_markdown_formats(tiny_results, tmp_path):
     assert payload["benchmark"] == "modes" and payload["machine"]["torch"] == torch.__version__
     assert "profile_memory" in payload["memory_method"]
     assert {t["target"].split(" ")[1] for t in payload["targets"]} >= {"second_order", "first_order", "checkpointed"}
+    # standard JSON: a number that is NaN or infinite (an unmeasured peak, a diverged solve) is null
+    unmeasured = {**tiny_results, "unmeasured": [float("nan"), float("inf"), torch.tensor([1.0, float("nan")])]}
+    bench.write_json(path, unmeasured)
+    strict = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
+    assert strict["unmeasured"] == [None, None, [1.0, None]]
     text = bench.markdown(tiny_results)
     assert text.startswith("# diffopt bench") and "## sinusoid" in text and "## conv4" in text and "## Targets" in text
     lines = table_lines(text)

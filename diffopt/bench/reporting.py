@@ -1,14 +1,11 @@
 """``diffopt bench`` results as markdown tables, JSON and PNG plots (matplotlib optional)."""
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-from torch import Tensor
 
 from .. import _measure as common
 from .measuring import _median, _peak
@@ -117,6 +114,12 @@ def problem_markdown(name: str, entry: Mapping[str, Any], results: Mapping[str, 
             rows.append(row)
         parts.append("Peak tensor memory per meta-step, MiB (ratio to the plain loop of the same order):\n\n"
                      + table(["implementation"] + [f"K={k}" for k in ks], rows))
+        rss = {(k, n): e["memory"]["rss_peak_bytes"] for k in ks for n in names
+               if (e := entry["timing"][k].get(n, {})).get("memory", {}).get("rss_peak_bytes") is not None}
+        if rss:  # --memory subprocess: the process's resident memory too (allocator caches, non-tensor buffers)
+            rows = [[n] + [f"{rss[k, n] / MiB:.3g}" if (k, n) in rss else "n/a" for k in ks] for n in names]
+            parts.append("Peak resident-memory (RSS) increase of the process per meta-step, MiB:\n\n"
+                         + table(["implementation"] + [f"K={k}" for k in ks], rows))
     rows = []
     for n in names:
         row = [n]
@@ -206,17 +209,8 @@ def markdown(results: Mapping[str, Any]) -> str:
 
 
 def write_json(path: str | os.PathLike[str], results: Mapping[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, default=_json_default, allow_nan=True) + "\n")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
+    """Write ``results`` as standard JSON; an unmeasured or non-finite number is ``null``."""
+    common.write_json(path, results)
 
 
 def _slug(name: str) -> str:
