@@ -552,10 +552,21 @@ def test_a_linear_solve_that_does_not_converge_reports_its_residual():
     strict = ridge_solver(CG(iterations=2, on_fail="raise"))
     with pytest.raises(LinearSolveError, match="relative residual"):
         torch.autograd.grad(strict(None, lam, a, b).sum(), lam)
-    # plain CG cannot solve an indefinite system: its residual is reported, not hidden
-    _, info = CG(iterations=50, on_fail="ignore").solve(lambda u: [u[0] * torch.tensor([[1.0, -1.0]], dtype=F64)],
-                                                         [torch.ones(1, 2, dtype=F64)])
-    assert not info.converged and info.relative_residual >= 0.5
+    assert ridge.last_solve.negative_curvature is False  # ridge's A is positive definite
+    # plain CG cannot solve an indefinite system: its residual is reported, not hidden, and the message
+    # says why more iterations will not help (both of CG's paths: tensor steps, and float steps without autograd)
+    # (diagonal: pᵀAp = Σ diag < 0 already for the first direction, b = 1; six eigenvalues need six iterations)
+    indefinite = torch.tensor([[1.0, -4.0, 2.0, 3.0, -5.0, 0.5], [2.0, 1.0, -6.0, 0.25, 1.5, -1.0]], dtype=F64)
+    for tasks, grad in ((1, True), (2, True), (1, False)):
+        with torch.set_grad_enabled(grad):
+            _, info = CG(iterations=3, on_fail="ignore").solve(lambda u: [u[0] * indefinite[:tasks]],
+                                                                [torch.ones(tasks, 6, dtype=F64)])
+        assert not info.converged and info.negative_curvature is True, info
+    with pytest.warns(LinearSolveWarning, match=r"negative curvature \(pᵀAp < 0\): A is not positive definite.*"
+                                                r"solver='minres'"):
+        CG(iterations=3).solve(lambda u: [u[0] * indefinite[:1]], [torch.ones(1, 6, dtype=F64)])
+    (w,), info = MINRES(iterations=50).solve(lambda u: [u[0] * indefinite[:1]], [torch.ones(1, 6, dtype=F64)])
+    assert info.converged and info.negative_curvature is None and relative(w, 1 / indefinite[:1]) <= 1e-10
 
 
 def test_arguments_without_grad_cost_nothing():

@@ -27,7 +27,7 @@ def make_learner(problem: Problem, model: nn.Module, steps: int, mode: str, sett
     elif mode == "checkpointed":
         options["segment"] = settings.segment
     elif mode == "implicit":
-        options.update(proximal=settings.proximal, solver_iterations=settings.solver_iterations)
+        options.update(proximal=settings.proximal, solver=settings.solver, solver_iterations=settings.solver_iterations)
     elif mode == "forward":
         lr = torch.tensor(problem.inner_lr, requires_grad=True)  # forward_wrt defaults to the tensor lr
     elif mode in ("es", "pes"):

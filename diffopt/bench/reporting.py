@@ -87,7 +87,7 @@ def problem_markdown(name: str, entry: Mapping[str, Any], results: Mapping[str, 
                 if (e := entry["timing"][k].get(n, {})).get("solve", {}).get("converged") is False]
     if unsolved:
         parts.append("Linear solves that did not converge (the implicit meta-gradient is off by about the relative "
-                     "residual; raise --solver-iterations or --proximal):\n\n" + "\n".join(
+                     "residual; raise --solver-iterations or --proximal, or choose another --solver):\n\n" + "\n".join(
                          f"- {n}, K={k}: {s['solver']} stopped after {s['iterations']} iterations at relative "
                          f"residual {s['relative_residual']:.3g}" for k, n, s in unsolved))
     rows = []
@@ -195,7 +195,7 @@ def markdown(results: Mapping[str, Any]) -> str:
              f"{s['max_call_s']:g} s; "
              f"truncated window {'max(1, K//2)' if not s['truncate'] else s['truncate']}, checkpoint segment "
              f"{'⌈√K⌉' if not s['segment'] else s['segment']}, implicit proximal λ={s['proximal']} with "
-             f"{s['solver_iterations']} CG iterations, forward mode w.r.t. the (tensor) inner learning rate only, "
+             f"{s['solver_iterations']} {s.get('solver', 'cg')} iterations, forward mode w.r.t. the (tensor) inner learning rate only, "
              f"es/pes {s['es_samples']} antithetic pairs σ={s['es_sigma']:g}, pes truncation "
              f"min({s['pes_truncation']}, K).",
              f"Memory: {results['memory_method']}"]

@@ -40,6 +40,7 @@ class Settings:
     truncate: int | None = None       # truncated mode's window; None: max(1, K // 2)
     segment: int | None = None        # checkpointed mode's segment; None: ⌈√K⌉
     proximal: float = 1.0
+    solver: str = "minres"            # implicit mode's linear solver: the Hessian after K steps is indefinite
     solver_iterations: int = 20
     es_samples: int = 4
     es_sigma: float = 1e-3

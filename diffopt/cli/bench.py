@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import bench
 from .._io import check_writable
+from ..implicit.linear_solve import SOLVERS
 from ..bench import BASELINES, MODES, PROBLEMS, TASKS, Settings, build_problem, problem_spec
 from ._types import count, number, seed
 
@@ -94,7 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opts.add_argument("--segment", type=count(1), default=None, help="checkpointed mode's segment (default ⌈√K⌉)")
     opts.add_argument("--proximal", type=number(0), default=1.0,
                       help="implicit mode's proximal λ > 0 (iMAML; default 1; without it θ gets no meta-gradient)")
-    opts.add_argument("--solver-iterations", type=count(1), default=20, help="implicit mode's CG iterations (default 20)")
+    opts.add_argument("--solver", choices=tuple(SOLVERS), default="minres",
+                      help="implicit mode's linear solver (default minres: after a few inner steps the inner loss's "
+                           "Hessian plus λI is often indefinite, where cg diverges)")
+    opts.add_argument("--solver-iterations", type=count(1), default=20,
+                      help="implicit mode's linear-solver iterations (default 20)")
     opts.add_argument("--es-samples", type=count(1), default=4, help="es/pes antithetic pairs (default 4)")
     opts.add_argument("--es-sigma", type=number(0), default=1e-3, help="es/pes perturbation scale (default 1e-3)")
     opts.add_argument("--pes-truncation", type=count(1), default=10, help="pes truncation length (default min(10, K))")
@@ -157,7 +162,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     overrides.update(memory=args.memory, discrepancy=not args.no_discrepancy, accuracy=not args.no_accuracy,
                      modes=tuple(args.modes) if args.modes else MODES,
                      baselines=tuple(args.baselines) if args.baselines is not None else BASELINES,
-                     proximal=args.proximal, solver_iterations=args.solver_iterations, es_samples=args.es_samples,
+                     proximal=args.proximal, solver=args.solver, solver_iterations=args.solver_iterations, es_samples=args.es_samples,
                      es_sigma=args.es_sigma, pes_truncation=args.pes_truncation, threads=args.threads, seed=args.seed)
     if args.accuracy_baselines is not None:
         overrides["accuracy_baselines"] = tuple(args.accuracy_baselines)

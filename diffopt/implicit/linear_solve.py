@@ -81,12 +81,16 @@ def _safe_divide(a: Tensor, b: Tensor) -> Tensor:
 @dataclass
 class SolveInfo:
     """What a linear solve did: ``relative_residual`` is the worst task's ``‖Aw − b‖ / ‖b‖``
-    (``nan`` and ``converged=None`` under ``vmap``, where the values cannot be read)."""
+    (``nan`` and ``converged=None`` under ``vmap``, where the values cannot be read).
+    ``negative_curvature``: whether conjugate gradient met a direction with ``pᵀAp < 0``, proof that
+    ``A`` is not positive definite and that CG's iterates mean nothing there (``None`` for the other
+    solvers, and under ``vmap``)."""
 
     solver: str
     iterations: int
     relative_residual: float
     converged: bool | None
+    negative_curvature: bool | None = None
 
 
 def _relative_residual(apply_a: Operator, w: Vector, b: Vector, b_norm: Tensor) -> float:
@@ -97,8 +101,9 @@ def _relative_residual(apply_a: Operator, w: Vector, b: Vector, b_norm: Tensor) 
     return float((task_dot(r, r).sqrt() / b_norm).max().detach())
 
 
-def _info(name: str, iterations: int, residual: float, tol: float) -> SolveInfo:
-    return SolveInfo(name, iterations, residual, None if math.isnan(residual) else residual <= tol)
+def _info(name: str, iterations: int, residual: float, tol: float,
+          negative_curvature: bool | None = None) -> SolveInfo:
+    return SolveInfo(name, iterations, residual, None if math.isnan(residual) else residual <= tol, negative_curvature)
 
 
 def _b_norm(b: Vector) -> Tensor:
@@ -111,20 +116,23 @@ def conjugate_gradient(apply_a: Operator, b: Vector, iterations: int, tol: float
     Stops when every task's relative residual is below ``tol`` or after
     ``iterations`` products with A.
     """
-    w, done, b_norm = _conjugate_gradient_iterations(apply_a, b, iterations, tol)
-    return w, _info("cg", done, _relative_residual(apply_a, w, b, b_norm), tol)
+    w, done, b_norm, negative = _conjugate_gradient_iterations(apply_a, b, iterations, tol)
+    return w, _info("cg", done, _relative_residual(apply_a, w, b, b_norm), tol,
+                    None if under_vmap(b) else _true(negative.any()))
 
 
 def _conjugate_gradient_iterations(apply_a: Operator, b: Vector, iterations: int,
-                                   tol: float) -> tuple[Vector, int, Tensor]:
-    """:func:`conjugate_gradient`'s iterations: ``(w, iterations run, per-task ‖b‖)``, no final residual
-    (:func:`normal_conjugate_gradient` reports the original system's instead)."""
+                                   tol: float) -> tuple[Vector, int, Tensor, Tensor]:
+    """:func:`conjugate_gradient`'s iterations: ``(w, iterations run, per-task ‖b‖, per-task flag of a
+    direction with negative curvature pᵀAp)``, no final residual (:func:`normal_conjugate_gradient`
+    reports the original system's instead)."""
     batched = under_vmap(b)
     w = [torch.zeros_like(x) for x in b]
     r = [x.clone() for x in b]
     p = [x.clone() for x in b]
     b_norm = _b_norm(b)
     rs = task_dot(r, r)
+    negative = torch.zeros_like(rs, dtype=torch.bool)
     # Under vmap the loop cannot stop: a system stays put once converged (α = β = 0), and the
     # unused branches divide by 1, so differentiating the solve (jacrev of jacrev) cannot meet 0/0.
     bar = (max(tol, torch.finfo(b[0].dtype).eps) * b_norm.detach()) ** 2 if batched else None
@@ -132,6 +140,7 @@ def _conjugate_gradient_iterations(apply_a: Operator, b: Vector, iterations: int
     for done in range(1, iterations + 1):
         ap = apply_a(p)
         curvature = task_dot(p, ap)
+        negative = negative | (curvature.detach() < 0)  # read once at the end: no synchronisation here
         if bar is None:
             alpha = torch.where(curvature != 0, rs / torch.where(curvature != 0, curvature, torch.ones_like(curvature)),
                                 torch.zeros_like(rs))
@@ -153,7 +162,7 @@ def _conjugate_gradient_iterations(apply_a: Operator, b: Vector, iterations: int
             beta = torch.where(usable, rs_new / torch.where(usable, rs, torch.ones_like(rs)), torch.zeros_like(rs))
         p = [x + _scale(beta, y) for x, y in zip(r, p)]
         rs = rs_new
-    return w, done, b_norm
+    return w, done, b_norm, negative
 
 
 def _conjugate_gradient_float_steps(apply_a: Operator, b: Vector, iterations: int,
@@ -167,10 +176,11 @@ def _conjugate_gradient_float_steps(apply_a: Operator, b: Vector, iterations: in
     p = [x.clone() for x in b]
     rs = sum(float((x * x).sum()) for x in r)
     bar = tol * max(math.sqrt(rs), torch.finfo(b[0].dtype).tiny)
-    done = 0
+    done, negative = 0, False
     for done in range(1, iterations + 1):
         ap = apply_a(p)
         curvature = sum(float((x * y).sum()) for x, y in zip(p, ap))
+        negative = negative or curvature < 0
         alpha = rs / curvature if curvature != 0 else 0.0
         w = [x.add(y, alpha=alpha) for x, y in zip(w, p)]
         r = [x.sub(y, alpha=alpha) for x, y in zip(r, ap)]
@@ -180,7 +190,7 @@ def _conjugate_gradient_float_steps(apply_a: Operator, b: Vector, iterations: in
         beta = rs_new / rs if rs != 0 else 0.0
         p = [x.add(y, alpha=beta) for x, y in zip(r, p)]
         rs = rs_new
-    return w, _info("cg", done, _relative_residual(apply_a, w, b, _b_norm(b)), tol)
+    return w, _info("cg", done, _relative_residual(apply_a, w, b, _b_norm(b)), tol, negative)
 
 
 def _nothing_differentiates(b: Vector) -> bool:
@@ -199,7 +209,7 @@ def normal_conjugate_gradient(
     reported residual is the original system's, ``‖A w − b‖ / ‖b‖``.
     """
     apply_at = apply_at or apply_a
-    w, done, _ = _conjugate_gradient_iterations(lambda u: apply_at(apply_a(u)), apply_at(b), iterations, tol)
+    w, done, _, _ = _conjugate_gradient_iterations(lambda u: apply_at(apply_a(u)), apply_at(b), iterations, tol)
     return w, _info("normal_cg", done, _relative_residual(apply_a, w, b, _b_norm(b)), tol)
 
 
@@ -390,11 +400,18 @@ class _Solver:
 
     def failure_message(self, info: SolveInfo, what: str = "") -> str:
         """What :meth:`check` says of a solve that stopped above its tolerance (``what`` first)."""
-        return (f"{what}{self.name} linear solve did not converge: relative residual ‖Aw − b‖/‖b‖ = "
-                f"{info.relative_residual:.3g} after {info.iterations} iterations (tol={self.tol:g}). "
-                "The implicit gradient is off by about as much: raise iterations, add damping, or choose "
-                "another solver (cg needs a positive definite A; minres a symmetric one; gmres, "
-                "normal_cg and dense take any)")
+        start = (f"{what}{self.name} linear solve did not converge: relative residual ‖Aw − b‖/‖b‖ = "
+                 f"{info.relative_residual:.3g} after {info.iterations} iterations (tol={self.tol:g}). ")
+        if info.negative_curvature:
+            return start + (
+                "It met a direction of negative curvature (pᵀAp < 0): A is not positive definite, which CG needs "
+                "(a Hessian away from a minimum: few inner steps, a non-convex loss, a small proximal λ or "
+                "damping), so more iterations will not help. Use solver='minres' (symmetric A, indefinite "
+                "allowed; its residual only falls), add damping or a larger proximal λ above the most negative "
+                "eigenvalue, or solve the inner problem closer to its minimum")
+        return start + ("The implicit gradient is off by about as much: raise iterations, add damping, or choose "
+                        "another solver (cg needs a positive definite A; minres a symmetric one; gmres, "
+                        "normal_cg and dense take any)")
 
     def __call__(self, apply_a: Operator, b: Vector, apply_at: Operator | None = None) -> tuple[Vector, SolveInfo]:
         raise NotImplementedError  # pragma: no cover
