@@ -94,6 +94,32 @@ def test_constant_tensor_lr_is_the_number_bit_for_bit_in_float32(name):
         assert all((a.detach() - b.detach()).abs().max() <= 1e-5 for a, b in zip(with_tensor, reference))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("options", [{}, {"momentum": 0.9}, {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}])
+def test_learnable_tensor_lr_sgd_is_torch_bit_for_bit(dtype, options):
+    """A learnable lr takes torch.optim's ``addcmul`` (one rounding, as ``add(alpha=)``), not
+    ``p + (-lr) * g``, which rounds the product first: the last bit differed for about 5% of elements."""
+    g = torch.Generator().manual_seed(4)
+    init = [torch.randn(40, 30, generator=g, dtype=dtype), torch.randn(30, generator=g, dtype=dtype)]
+
+    def loss(ps):
+        return ((torch.tanh(ps[0] @ ps[1]) - 0.5) ** 2).sum() + 0.1 * (ps[1] ** 2).sum()
+
+    for foreach in (True, False):
+        lr = torch.tensor(0.01, dtype=dtype, requires_grad=True)
+        torch_params = [p.clone().requires_grad_() for p in init]
+        torch_opt = torch.optim.SGD(torch_params, lr=0.01, foreach=foreach, **options)
+        twin = diffopt.optim.SGD([p.clone().requires_grad_() for p in init], lr=lr, foreach=foreach, **options)
+        current = list(twin.params)
+        for _ in range(20):
+            torch_opt.zero_grad()
+            loss(torch_params).backward()
+            torch_opt.step()
+            current = twin.step(loss(current), params=current)
+        assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(current, torch_params)), foreach
+        assert torch.autograd.grad(loss(current), lr)[0].isfinite()  # and the lr is on the graph
+
+
 @pytest.mark.parametrize("name", ["SGD", "Adam", "NAdam", "Adafactor"])
 def test_forward_mode_tangent_on_a_constant_lr_still_flows(name):
     """A dual lr does not require grad but carries a tangent: it must stay a tensor (the jvp equals

@@ -19,9 +19,12 @@ from .optimizer import DifferentiableOptimizer
 
 
 def add_scaled(tensor: Tensor, other: Tensor, factor: Any) -> Tensor:
-    """``tensor + factor * other``: torch's ``add(alpha=factor)`` for a number (one rounding, as torch.optim's
-    single-tensor SGD; also in half precision), the product for a tensor factor."""
-    return torch.add(tensor, other, alpha=factor) if isinstance(factor, (int, float)) else tensor + factor * other
+    """``tensor + factor * other`` as torch.optim's SGD computes it: ``add(alpha=factor)`` for a number,
+    ``addcmul`` for a tensor (torch's path for a learnable lr or weight decay). The two round alike, bit for
+    bit; the written-out ``tensor + factor * other`` rounds the product first and differs in the last bit
+    for about 5% of elements."""
+    return torch.add(tensor, other, alpha=factor) if isinstance(factor, (int, float)) else torch.addcmul(
+        tensor, other, factor)
 
 
 def momentum_applies(momentum: float | Tensor, dampening: float | Tensor) -> bool:
