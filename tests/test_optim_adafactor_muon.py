@@ -319,15 +319,17 @@ def test_leading_task_dimension_equals_separate_runs(name):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3, 6, 3, generator=g, dtype=F64)
     w1, w2 = torch.randn(3, 4, 3, generator=g, dtype=F64), torch.randn(3, 2, 4, generator=g, dtype=F64)
-    b = torch.randn(3, 4, generator=g, dtype=F64)
+    b, scale = torch.randn(3, 4, generator=g, dtype=F64), torch.randn(3, generator=g, dtype=F64)
     options = {"ns_dtype": None} if name == "Muon" else {"foreach": True}
 
     def loss(ps, xs=x):
         h = torch.tanh(xs @ ps[0].mT + (ps[2].unsqueeze(-2) if len(ps) > 2 else 0))
-        return (h @ ps[1].mT - 0.5).square().sum()
+        out = h @ ps[1].mT * (ps[3][:, None, None] if len(ps) > 3 else 1)
+        return (out - 0.5).square().sum()
 
     cls = getattr(diffopt.optim, name)
-    batched = [w1, w2] + ([b] if name == "Adafactor" else [])
+    # (Adafactor: a 0-dim parameter per task too, whose RMS and clip norm pooled the tasks)
+    batched = [w1, w2] + ([b, scale] if name == "Adafactor" else [])
     opt = cls([t[0].clone().requires_grad_() for t in batched], lr=0.05, **options)
     current = [t.clone().requires_grad_() for t in batched]
     for _ in range(5):

@@ -60,6 +60,23 @@ def test_complex_parameters_follow_torch(name, foreach):
     assert torch.isfinite(grad)
 
 
+@pytest.mark.parametrize("foreach", [True, False])
+def test_complex_adagrad_starts_both_parts_at_the_initial_accumulator(foreach):
+    """torch.optim.Adagrad starts a complex parameter's sum at complex(v, v) (it had started at v + 0j)."""
+    init = torch.tensor([1.0 + 2.0j, -0.5 + 0.3j], dtype=torch.complex128)
+    reference = init.clone().requires_grad_()
+    torch_opt = torch.optim.Adagrad([reference], lr=0.1, initial_accumulator_value=0.1)
+    twin = diffopt.optim.Adagrad([init.clone()], lr=0.1, initial_accumulator_value=0.1, foreach=foreach)
+    assert torch.equal(twin.state[0]["sum"], torch_opt.state[reference]["sum"])
+    current = init.clone()
+    for step in range(3):
+        grad = torch.tensor([0.3 - 0.2j, 0.1 + 0.4j], dtype=torch.complex128) * (step + 1)
+        reference.grad = grad.clone()
+        torch_opt.step()
+        (current,) = twin.step(params=[current], grads=[grad])
+    assert (current - reference.detach()).abs().max() <= 1e-15
+
+
 @pytest.mark.parametrize("name", [n for n in diffopt.optim.OPTIMIZERS if n != "Muon"])
 @pytest.mark.parametrize("foreach", [True, False])
 def test_0dim_float32_parameter_with_float64_tensor_lr_stays_float32(name, foreach):

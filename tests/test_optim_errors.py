@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -428,3 +429,34 @@ def test_adagrad_says_a_group_level_initial_accumulator_value_is_not_used():
         warnings.simplefilter("error")
         diffopt.optim.Adagrad([w], lr=0.1, initial_accumulator_value=0.3)
         diffopt.optim.from_torch(torch.optim.Adagrad([w], lr=0.1, initial_accumulator_value=0.3))
+
+
+def test_adamw_refuses_coupled_weight_decay_instead_of_ignoring_it():
+    """AdamW(decoupled_weight_decay=False) had been accepted and silently set back to True."""
+    with pytest.raises(TypeError, match=r"AdamW: decoupled_weight_decay=False is not available.*Adam\(weight_decay"):
+        diffopt.optim.AdamW([weight()], decoupled_weight_decay=False)
+    with pytest.raises(TypeError, match="group 1: decoupled_weight_decay=False is not available"):
+        diffopt.optim.AdamW([{"params": [weight()]}, {"params": [weight()], "decoupled_weight_decay": False}])
+    assert diffopt.optim.AdamW([weight()], decoupled_weight_decay=True).param_groups[0]["decoupled_weight_decay"]
+
+
+def test_numpy_scalar_hyperparameters_are_accepted_as_torch_accepts_them():
+    """np.float32 (unlike np.float64, not a float subclass) had been refused as 'not a number'."""
+    init = torch.tensor([1.0, -2.0], dtype=F64)
+    twin = diffopt.optim.Adam([init.clone()], lr=np.float32(0.1), betas=(np.float32(0.5), np.float32(0.75)))
+    assert type(twin.param_groups[0]["lr"]) is float and type(twin.param_groups[0]["betas"][1]) is float
+    # the value, as a Python float (torch keeps the numpy scalar, and numpy >= 2 then computes Adam's step
+    # size in float32; torch's betas must be floats or tensors)
+    reference = init.clone().requires_grad_()
+    torch_opt = torch.optim.Adam([reference], lr=float(np.float32(0.1)), betas=(0.5, 0.75))
+    current = init.clone()
+    for _ in range(3):
+        reference.grad = reference.detach() ** 3
+        torch_opt.step()
+        (current,) = twin.step(params=[current], grads=[current ** 3])
+    assert torch.equal(current, reference.detach())
+
+
+def test_adafactor_eps_must_be_a_pair():
+    with pytest.raises(TypeError, match=r"Adafactor: eps must be a pair \(eps1, eps2\).*got 0.001"):
+        diffopt.optim.Adafactor([weight()], eps=1e-3)

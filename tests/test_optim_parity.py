@@ -471,3 +471,24 @@ def test_sgd_with_a_tensor_momentum_of_zero_follows_torch(dampening):
     if dampening == 0.0:
         (hypergradient,) = torch.autograd.grad(ours.params[0].sum(), momentum)
         assert hypergradient != 0
+
+
+@pytest.mark.parametrize("dampening", [0.0, 0.3])
+def test_sgd_per_element_momentum_follows_torch_element_by_element(dampening):
+    """Each element of a per-element momentum follows torch.optim.SGD with that element's momentum; at
+    momentum 0 torch keeps no buffer and ignores the dampening (the twin had scaled the gradient by it)."""
+    momenta = [0.0, 0.5, 0.9]
+    x0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    twin = diffopt.optim.SGD([x0.clone()], lr=0.1, momentum=torch.tensor(momenta, dtype=torch.float64),
+                             dampening=dampening)
+    references = [x0[j:j + 1].clone().requires_grad_() for j in range(3)]
+    optimizers = [torch.optim.SGD([r], lr=0.1, momentum=m, dampening=dampening) for r, m in zip(references, momenta)]
+    current = x0.clone()
+    for step in range(5):
+        grad = torch.sin(current * (step + 1)) + current
+        for j, (r, opt) in enumerate(zip(references, optimizers)):
+            r.grad = torch.sin(r.detach() * (step + 1)) + r.detach()
+            opt.step()
+        (current,) = twin.step(params=[current], grads=[grad])
+    for j, r in enumerate(references):
+        assert abs(float(current[j]) - float(r)) <= 1e-15, (j, float(current[j]), float(r))

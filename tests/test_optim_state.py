@@ -219,3 +219,36 @@ def test_loading_a_state_dict_keeps_a_learnable_hyperparameter_it_equals():
                                          r"value 0.2.*no longer differentiate"):
         replaced, _ = run(True, saved_lr=0.2)
     assert replaced.param_groups[0]["lr"] == 0.2 and replaced.hyperparameter_tensors() == []
+
+
+@pytest.mark.parametrize("source", ["torch", "diffopt"])
+def test_a_scheduler_resumes_after_load_state_dict(source):
+    """The standard resume (load the optimizer's state, then build the scheduler with last_epoch=k)
+    needs the saved groups' initial_lr, which load_state_dict had dropped as a key its groups lacked."""
+    library = torch.optim if source == "torch" else diffopt.optim
+    schedulers = torch.optim.lr_scheduler if source == "torch" else diffopt.optim.lr_scheduler
+    saved_opt = library.SGD([torch.zeros(2, requires_grad=True)], lr=0.1)
+    scheduler = schedulers.StepLR(saved_opt, step_size=2, gamma=0.5)
+    for _ in range(3):
+        scheduler.step()
+    state = saved_opt.state_dict()
+    twin = diffopt.optim.SGD([torch.zeros(2)], lr=0.1)
+    twin.load_state_dict(state)
+    assert twin.param_groups[0]["initial_lr"] == 0.1 and "foreach" not in twin.param_groups[0]
+    resumed = diffopt.optim.lr_scheduler.StepLR(twin, step_size=2, gamma=0.5, last_epoch=3)
+    resumed.step()
+    assert twin.param_groups[0]["lr"] == 0.025
+
+
+def test_a_converted_or_loaded_tensor_lr_is_not_shared_with_the_torch_optimizer():
+    """torch's scheduler writes a tensor lr in place: the twin keeps the value it was given."""
+    for load in (False, True):
+        torch_opt = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=torch.tensor(0.1))
+        if load:
+            twin = diffopt.optim.SGD([torch.zeros(2)], lr=torch.tensor(0.3))
+            twin.load_state_dict(torch_opt.state_dict())
+        else:
+            twin = diffopt.optim.from_torch(torch_opt)
+        assert twin.param_groups[0]["lr"] is not torch_opt.param_groups[0]["lr"]
+        torch.optim.lr_scheduler.StepLR(torch_opt, step_size=1, gamma=0.5).step()
+        assert torch_opt.param_groups[0]["lr"] == torch.tensor(0.05) and twin.param_groups[0]["lr"] == torch.tensor(0.1)

@@ -4,6 +4,7 @@ shapes that do not broadcast to the parameter), in torch.optim's conventions."""
 from __future__ import annotations
 
 import difflib
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -17,6 +18,16 @@ from ._rule import UpdateRule
 # (``foreach`` is honoured at the optimizer level and ignored in parameter groups).
 IGNORED_TORCH_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
 PAIR_KEYS = ("betas", "etas", "step_sizes")
+
+
+def python_numbers(value: Any) -> Any:
+    """``value`` with numpy scalars (``np.float32(0.1)``, as torch.optim accepts) as Python numbers, also
+    inside tuples and lists; the value is the same (a float32 widens to a float exactly)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return type(value)(python_numbers(v) for v in value)
+    return value
 
 
 class ParamGroups:
@@ -61,9 +72,19 @@ class ParamGroups:
         self._fused_requested = bool(hyperparameters.get("fused"))
         self._reject_unknown(hyperparameters, type(self).__name__)
         defaults = dict(self.rule.defaults)
-        defaults.update({k: v for k, v in hyperparameters.items() if k not in IGNORED_TORCH_OPTIONS})
+        defaults.update({k: python_numbers(v) for k, v in hyperparameters.items() if k not in IGNORED_TORCH_OPTIONS})
+        self._refuse_changing_fixed(hyperparameters, type(self).__name__)
         defaults.update(self.fixed_options)
         return defaults
+
+    def _refuse_changing_fixed(self, options: Mapping[str, Any], where: str) -> None:
+        """A fixed option (AdamW's ``decoupled_weight_decay=True``) given another value is an error, not ignored."""
+        for key, fixed in self.fixed_options.items():
+            if key in options and options[key] != fixed:
+                raise TypeError(
+                    f"{where}: {key}={options[key]!r} is not available: {type(self).__name__} always has "
+                    f"{key}={fixed!r}" + (" (for a weight decay added to the gradient use Adam(weight_decay=...))"
+                                          if key == "decoupled_weight_decay" else ""))
 
     @staticmethod
     def _groups_from(params: Iterable[Any]) -> list[dict[str, Any]]:
@@ -94,7 +115,9 @@ class ParamGroups:
         raw = group["params"]
         raw = [raw] if isinstance(raw, Tensor) else list(raw)
         full = {k: v for k, v in self.defaults.items()}
-        full.update({k: v for k, v in group.items() if k != "params" and k not in IGNORED_TORCH_OPTIONS})
+        full.update({k: python_numbers(v) for k, v in group.items()
+                     if k != "params" and k not in IGNORED_TORCH_OPTIONS})
+        self._refuse_changing_fixed(group, where)
         full.update(self.fixed_options)
         for key in PAIR_KEYS:
             if isinstance(full.get(key), list):

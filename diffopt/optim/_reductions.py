@@ -35,6 +35,8 @@ class _SafeNorm(torch.autograd.Function):
     def forward(x: Tensor, dims: tuple[int, ...] | None) -> Tensor:  # type: ignore[override]
         if dims is None:
             return x.norm(2)  # torch.optim's own call (Adafactor's RMS of the parameter, Muon's scaling)
+        if not dims:  # a 0-dim parameter batched over tasks: one norm per element (dim=() would mean all)
+            return x.abs()
         return torch.linalg.vector_norm(x, 2, dim=dims, keepdim=True)
 
     @staticmethod
@@ -52,12 +54,16 @@ class _SafeNorm(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, tangent: Tensor, _: Any) -> Tensor:  # type: ignore[override]
         x, norm = ctx.saved_tensors
-        inner = (x * tangent).sum() if ctx.dims is None else (x * tangent).sum(dim=ctx.dims, keepdim=True)
+        if ctx.dims is None:
+            inner = (x * tangent).sum()
+        else:
+            inner = (x * tangent).sum(dim=ctx.dims, keepdim=True) if ctx.dims else x * tangent
         return _masked_ratio(inner, norm)
 
 
 def safe_norm(x: Tensor, dims: tuple[int, ...] | None = None) -> Tensor:
-    """``x.norm(2)`` (``dims=None``) or the 2-norm over ``dims`` (kept as size-1 dimensions).
+    """``x.norm(2)`` (``dims=None``) or the 2-norm over ``dims`` (kept as size-1 dimensions; ``dims=()``:
+    over none, ``|x|`` per element).
 
     Forward values are torch's; the derivative ``x / ||x||`` is 0 where the norm is 0,
     and every higher derivative is finite.

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._groups import PAIR_KEYS
+from ._groups import IGNORED_TORCH_OPTIONS, PAIR_KEYS
 from ._hyper import PerParameter, Schedule
 from ._rule import State, UpdateRule
 
@@ -66,14 +66,28 @@ class StateDict:
                 )
             mapping.update(zip(saved["params"], mine["params"]))
             for key, value in saved.items():
-                if key in mine and key != "params":
-                    value = tuple(value) if key in PAIR_KEYS else value
+                if key == "params" or key in IGNORED_TORCH_OPTIONS:
+                    continue
+                value = own_copy(tuple(value) if key in PAIR_KEYS else value)
+                if key in mine:
                     mine[key] = _keep_learnable(mine[key], value, f"load_state_dict: group {k}'s {key!r}")
+                else:  # a scheduler's key (initial_lr, max_lr, ...): kept, as torch.optim keeps it, for its resume
+                    mine[key] = value
         self.state = [None] * len(self.params)
         for saved_index, s in state_dict["state"].items():
             i = mapping[int(saved_index)]
             self.state[i] = self.rule.state_from_torch(dict(s), self.params[i])
         self.step_count = int(state_dict.get("step_count", 0))
+
+
+def own_copy(value: Any) -> Any:
+    """``value`` with its tensors copied (detached), also inside tuples and lists: a group loaded from a
+    live torch optimizer's state dict must not share a tensor lr the torch scheduler changes in place."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(own_copy(v) for v in value)
+    return value
 
 
 def _keep_learnable(live: Any, saved: Any, what: str) -> Any:

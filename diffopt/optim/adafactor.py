@@ -173,6 +173,10 @@ class Adafactor(DifferentiableOptimizer):
     ) -> None:
         if foreach not in (None, True, False):
             raise TypeError(f"Adafactor: foreach must be None, True or False, got {foreach!r}")
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+            raise TypeError(f"Adafactor: eps must be a pair (eps1, eps2), as torch.optim.Adafactor's: eps1 (None: the "
+                            f"dtype's eps) bounds the variance, eps2 the parameter's RMS; got {eps!r}, for example "
+                            "eps=(None, 1e-3)")
         super().__init__(
             params, lr=lr, beta2_decay=beta2_decay, eps=tuple(eps), d=d, weight_decay=weight_decay,
             maximize=maximize, foreach=bool(foreach), **options,

@@ -34,6 +34,8 @@ class AdagradRule(UpdateRule):
 
     def init_state(self, param: Tensor, hp: Hyper) -> State:
         initial = hp["initial_accumulator_value"]
+        if param.is_complex():  # as torch.optim: the real and imaginary parts are two coordinates, each starts there
+            initial = torch.complex(initial, initial) if isinstance(initial, Tensor) else complex(initial, initial)
         total = torch.zeros_like(param) + initial
         return {"step": 0, "sum": total}
 

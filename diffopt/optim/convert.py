@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._state_dict import own_copy
 from .adadelta import Adadelta
 from .adafactor import Adafactor
 from .adagrad import Adagrad
@@ -89,8 +90,8 @@ def from_torch(
     groups, position = [], 0
     for group in torch_optimizer.param_groups:
         count = len(group["params"])
-        twin_group = {
-            k: v for k, v in group.items() if k in known and k not in IGNORED_TORCH_OPTIONS
+        twin_group = {  # tensors copied: torch's scheduler changes a tensor lr in place
+            k: own_copy(v) for k, v in group.items() if k in known and k not in IGNORED_TORCH_OPTIONS
         }
         twin_group["params"] = replacements[position:position + count]
         groups.append(twin_group)

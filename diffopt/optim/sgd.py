@@ -58,7 +58,11 @@ class SGDRule(UpdateRule):
         new_state = state
         if momentum_applies(momentum, hp["dampening"]):
             buf = state.get("momentum_buffer")
-            buf = g if buf is None else add_scaled(buf * momentum, g, 1 - hp["dampening"])
+            dampening = hp["dampening"]
+            if isinstance(momentum, Tensor) and momentum.numel() > 1:
+                # per element: where the momentum is 0, torch keeps no buffer and ignores the dampening
+                dampening = torch.where(momentum == 0, torch.zeros_like(momentum), dampening)
+            buf = g if buf is None else add_scaled(buf * momentum, g, 1 - dampening)
             new_state = {"momentum_buffer": buf}
             g = add_scaled(g, buf, momentum) if hp["nesterov"] else buf
         return add_scaled(param, g, -hp["lr"]), new_state
