@@ -402,13 +402,19 @@ def test_the_report_names_linear_solves_that_did_not_converge():
     from diffopt.bench.reporting import problem_markdown
 
     solve = {"solver": "cg", "iterations": 20, "relative_residual": 1.58, "converged": False}
-    entry = {"description": "toy", "timing": {"1": {"implicit": {"time": None, "solve": solve},
+    far, near = ({"relative_gradient_norm": r, "task": 0, "gradient_norm": r, "initial_gradient_norm": 1.0}
+                 for r in (0.98, 0.1))
+    entry = {"description": "toy", "timing": {"1": {"implicit": {"time": None, "solve": solve, "stationarity": far},
                                                     "second_order": {"time": None}},
-                                              "5": {"implicit": {"time": None, "solve": {**solve, "converged": True}}}}}
+                                              "5": {"implicit": {"time": None, "solve": {**solve, "converged": True},
+                                                                 "stationarity": near}}}}
     results = {"implementations": ["second_order", "implicit"], "settings": {"memory": "off"}}
     text = problem_markdown("toy", entry, results)
     assert "- implicit, K=1: cg stopped after 20 iterations at relative residual 1.58" in text
     assert "K=5: cg" not in text
+    # the inner problem's stationarity too: the implicit gradient assumes a solved inner problem
+    assert "- implicit, K=1: the worst task's inner gradient norm is 0.98 times its value at the start" in text
+    assert "K=5: the worst" not in text
 
 
 def test_the_implicit_rows_default_solver_suits_the_indefinite_hessian_after_few_steps():

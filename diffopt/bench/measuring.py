@@ -60,10 +60,13 @@ def measure(problem: Problem, steps: int, settings: Settings, predicted: Mapping
             out[name] = {"error": _error(error)}
             continue
         out[name] = {"first_call_s": first}
-        solve = impl.learner.loop.last_info.get("solve") if impl.learner is not None else None
-        if solve is not None:  # implicit mode: how far the warm-up's linear solve got (the timed calls repeat it)
+        info = impl.learner.loop.last_info if impl.learner is not None else {}
+        if info.get("solve") is not None:  # implicit mode: how far the warm-up's solve got (the timed calls repeat it)
+            solve = info["solve"]
             out[name]["solve"] = {"solver": solve.solver, "iterations": solve.iterations,
                                   "relative_residual": solve.relative_residual, "converged": solve.converged}
+        if info.get("stationarity") is not None:  # and how far the inner loop got towards a stationary point
+            out[name]["stationarity"] = dict(info["stationarity"])
         impls[name] = impl
         if first > 2 * settings.max_call_s:
             out[name]["note"] = f"one call only: the warm-up took {first:.1f} s > 2 × max_call_s"

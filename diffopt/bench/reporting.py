@@ -90,6 +90,13 @@ def problem_markdown(name: str, entry: Mapping[str, Any], results: Mapping[str, 
                      "residual; raise --solver-iterations or --proximal, or choose another --solver):\n\n" + "\n".join(
                          f"- {n}, K={k}: {s['solver']} stopped after {s['iterations']} iterations at relative "
                          f"residual {s['relative_residual']:.3g}" for k, n, s in unsolved))
+    unsettled = [(k, n, e["stationarity"]) for k, n in ((k, n) for k in ks for n in names)
+                 if (e := entry["timing"][k].get(n, {})).get("stationarity", {}).get("relative_gradient_norm", 0) > 0.5]
+    if unsettled:
+        parts.append("Inner problems far from stationary (the implicit meta-gradient assumes a solved inner problem; "
+                     "raise K, or change the inner learning rate if it oscillates or crawls):\n\n" + "\n".join(
+                         f"- {n}, K={k}: the worst task's inner gradient norm is {s['relative_gradient_norm']:.2g} "
+                         "times its value at the start" for k, n, s in unsettled))
     rows = []
     for n in names:
         if n.startswith(("higher", "torch.func")):

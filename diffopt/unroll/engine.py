@@ -180,6 +180,9 @@ class InnerLoop:
         _check_proximal(proximal)
         self.model = model
         self.theta = list(model.parameters())
+        # which tensors adapt is the model's: a parameter with requires_grad=False is frozen, whatever
+        # tensors rebind(theta=...) puts in its place (plain ones, for finite differences)
+        self.model_parameters = list(self.theta)
         self.optimizer = self._inner_optimizer(optimizer)
         self.loss_fn = loss_fn or F.mse_loss
         self.steps = steps
@@ -191,7 +194,8 @@ class InnerLoop:
         self._hessian = ExplicitHessian.build(self._backprop)
         self.proximal = proximal
         self.meta_parameters = list(meta_parameters)
-        if self.mode.name == "implicit" and proximal is None and any(self.theta[j].requires_grad for j in self.positions):
+        if (self.mode.name == "implicit" and proximal is None
+                and any(self.model_parameters[j].requires_grad for j in self.positions)):
             warnings.warn(
                 "InnerLoop(mode='implicit') without proximal=: the inner solution does not depend on where the "
                 "steps start, so the adapted weights' initialisation gets no meta-gradient (only the inner "
@@ -496,7 +500,7 @@ class InnerLoop:
         hessian = self._hessian
         if (hessian is None or not self._writes_out_gradients() or self.meta_parameters
                 or (x.requires_grad and not hessian.differentiates_inputs) or y.requires_grad or forward_ad_active()
-                or not all(self.theta[j].requires_grad for j in self.positions)):
+                or not all(self.model_parameters[j].requires_grad for j in self.positions)):
             return None
         adapted = [carry.params[j] for j in self.positions]
         with torch.no_grad():
@@ -531,7 +535,7 @@ class InnerLoop:
         backprop = self._backprop
         if not self._writes_out_gradients():
             return None
-        trainable = [j for j in self.positions if self.theta[j].requires_grad]
+        trainable = [j for j in self.positions if self.model_parameters[j].requires_grad]
         with torch.set_grad_enabled(second_order):
             result = backprop.loss_and_gradients(carry.params, x, y, self.loss_fn, trainable)
         if result is None:
@@ -589,7 +593,7 @@ class InnerLoop:
         """Every task's gradient in one call: tasks are independent, so the gradient of the
         sum of the task losses with respect to task t's weights is task t's gradient.
         Frozen parameters (requires_grad=False) get None and stay put, as in torch.optim."""
-        trainable = [k for k, j in enumerate(self.positions) if self.theta[j].requires_grad]
+        trainable = [k for k, j in enumerate(self.positions) if self.model_parameters[j].requires_grad]
         grads: list[Tensor | None] = [None] * len(adapted)
         if trainable:
             computed = torch.autograd.grad(losses.sum(), [adapted[k] for k in trainable], create_graph=create_graph,
@@ -747,7 +751,9 @@ class InnerLoop:
             theta = list(theta)
             if len(theta) != len(self.theta) or any(a.shape != b.shape for a, b in zip(theta, self.theta)):
                 raise ValueError("rebind(theta=...): give one tensor per model parameter, with the same shapes")
-            clone.theta = theta
+            # a plain tensor in place of a trainable parameter still adapts: the inner gradient needs a leaf
+            clone.theta = [t.detach().requires_grad_() if model.requires_grad and not t.requires_grad else t
+                           for t, model in zip(theta, self.model_parameters)]
         if hyperparameters:
             clone.optimizer = self.with_hyperparameters(hyperparameters)
         clone.last_info = {}

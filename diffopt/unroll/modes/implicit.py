@@ -18,6 +18,7 @@ that is stationary for no objective, and is refused.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -25,9 +26,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from ...errors import LinearSolveWarning
+from ...errors import LinearSolveWarning, OptimalityResidualWarning
 from ...implicit.ift import implicit_vjp
-from ...implicit.linear_solve import SOLVERS, LinearSolver, SolveInfo, as_solver, solver_settings
+from ...implicit.linear_solve import SOLVERS, LinearSolver, SolveInfo, as_solver, solver_settings, under_vmap
 from ...optim import (AdadeltaRule, AdagradRule, AdamaxRule, AdamRule, ASGDRule, NAdamRule, RAdamRule,
                       RMSpropRule, SGDRule)
 from ...optim.optimizer import DifferentiableOptimizer
@@ -50,10 +51,19 @@ class Implicit(Mode):
     :class:`~diffopt.implicit.MINRES` (symmetric, indefinite), :class:`~diffopt.implicit.GMRES`,
     :class:`~diffopt.implicit.Neumann`, :class:`~diffopt.implicit.Dense` — or its name, with default
     settings; ``damping`` is added to the Hessian's diagonal. A solve that stops above its ``tol``
-    warns (or raises, by the solver's ``on_fail``) with its residual."""
+    warns (or raises, by the solver's ``on_fail``) with its residual.
+
+    The theorem holds at a stationary point of the inner objective. The backward measures each task's
+    ``‖∇G‖`` at the returned weights against its value where the steps started, records the worst
+    task's ratio in ``loop.last_info["stationarity"]``, and warns (once per loop) when it is above
+    ``stationarity_tol``: the inner loop did not solve its problem (too few steps, or a rate that
+    oscillates or diverges) and the implicit gradient may be far from the true one. iMAML's few inner
+    steps are an approximation by design; the default 0.5 flags only a loop that barely moved towards
+    stationarity, or moved away from it."""
 
     solver: LinearSolver | str = "cg"
     damping: float = 0.0
+    stationarity_tol: float = 0.5
     name: ClassVar[str] = "implicit"
     legacy_options: ClassVar[dict[str, str]] = {
         "solver": "solver", "solver_iterations": "iterations", "solver_tol": "tol", "neumann_alpha": "alpha",
@@ -64,6 +74,8 @@ class Implicit(Mode):
         self.solver = as_solver(self.solver, "solver")
         if not self.damping >= 0:
             raise ValueError(f"damping must be >= 0, got {self.damping!r}")
+        if not self.stationarity_tol >= 0:
+            raise ValueError(f"stationarity_tol must be >= 0 (inf: never warn), got {self.stationarity_tol!r}")
 
     @classmethod
     def from_legacy(cls, options: dict[str, Any]) -> Implicit:
@@ -86,7 +98,7 @@ class Implicit(Mode):
         for j in range(len(loop.theta)):
             if not loop.adapted_mask[j]:
                 final.params[j] = loop.theta[j]
-        solution = _ImplicitSolution.apply(self, loop, final, info, x, y, *meta)
+        solution = _ImplicitSolution.apply(self, loop, (carry, final), info, x, y, *meta)
         params = list(final.params)
         for j, p in zip(loop.positions, solution):
             params[j] = p
@@ -132,9 +144,10 @@ class _ImplicitSolution(torch.autograd.Function):
     (:func:`diffopt.implicit.ift.implicit_vjp` with ``F = ∇_φ G``: Hessian-vector products)."""
 
     @staticmethod
-    def forward(ctx: Any, mode: Implicit, loop: Any, final: Carry, info: dict[str, Any], x: Tensor, y: Tensor,
-                *meta: Tensor) -> Any:
-        ctx.mode, ctx.loop, ctx.final, ctx.info = mode, loop, final, info
+    def forward(ctx: Any, mode: Implicit, loop: Any, carries: tuple[Carry, Carry], info: dict[str, Any], x: Tensor,
+                y: Tensor, *meta: Tensor) -> Any:
+        (ctx.initial, final), ctx.mode, ctx.loop, ctx.info = carries, mode, loop, info
+        ctx.final = final
         ctx.save_for_backward(x, y, *meta)
         return tuple(final.params[j].detach() for j in loop.positions)
 
@@ -142,19 +155,18 @@ class _ImplicitSolution(torch.autograd.Function):
     def backward(ctx: Any, *v: Tensor) -> Any:
         mode, loop, final = ctx.mode, ctx.loop, ctx.final
         x, y, *meta = ctx.saved_tensors
-        v = [torch.zeros_like(final.params[j]) if g is None else g for g, j in zip(v, loop.positions)]
+        # A frozen tensor (requires_grad=False) the optimizer holds never moves: a constant of the inner
+        # problem, outside the system solved (its rows would couple the others' solve to a gradient
+        # that is never followed).
+        moving = [k for k, j in enumerate(loop.positions) if loop.model_parameters[j].requires_grad]
+        positions = [loop.positions[k] for k in moving]
+        v = [torch.zeros_like(final.params[j]) if v[k] is None else v[k] for k, j in zip(moving, positions)]
+        decays = [coupled_weight_decays(loop)[k] for k in moving]
+        if not moving:  # nothing adapts: the solution is the (frozen) initialisation, which gets no gradient
+            return (None,) * (6 + len(meta))
         with torch.enable_grad(), double_differentiable(attention=loop.attention):  # HVPs through attention
-            params = list(final.params)
-            phi = [params[j].detach().requires_grad_() for j in loop.positions]
-            for j, p in zip(loop.positions, phi):
-                params[j] = p
-            carry = Carry(params, final.states, [b.clone() for b in final.buffers], final.step)
-            losses, _ = loop.inner_objective(carry, x, y)
-            objective = losses.sum()
-            for p, (decay, sign) in zip(phi, coupled_weight_decays(loop)):
-                if not (isinstance(decay, float) and decay == 0.0):
-                    objective = objective + (0.5 * sign) * (decay * p * p).sum()
-            grad = torch.autograd.grad(objective, phi, create_graph=True)
+            phi, grad = _objective_gradient(loop, final, x, y, positions, decays, create_graph=True)
+            _check_stationarity(mode, loop, ctx.initial, grad, x, y, positions, decays, ctx.info)
 
             def hessian_vector(u: list[Tensor]) -> list[Tensor]:
                 hv = torch.autograd.grad(grad, phi, u, retain_graph=True, allow_unused=True)
@@ -174,6 +186,54 @@ class _ImplicitSolution(torch.autograd.Function):
         grads = [next(it) if m.requires_grad else None for m in list(meta) + data]
         meta_grads, (x_grad, y_grad) = grads[: len(meta)], grads[len(meta):]
         return (None, None, None, None, x_grad, y_grad, *meta_grads)
+
+
+def _objective_gradient(loop: Any, carry: Carry, x: Tensor, y: Tensor, positions: list[int],
+                        decays: list[tuple[float | Tensor, float]], create_graph: bool) -> tuple[list[Tensor], Any]:
+    """Fresh leaves φ at ``carry``'s adapted ``positions`` and ``∇_φ G`` of the inner objective there
+    (the loss, iMAML's proximal term, and the optimizer's coupled weight decay ``s ω/2 ‖φ‖²``)."""
+    params = list(carry.params)
+    phi = [params[j].detach().requires_grad_() for j in positions]
+    for j, p in zip(positions, phi):
+        params[j] = p
+    losses, _ = loop.inner_objective(Carry(params, carry.states, [b.clone() for b in carry.buffers], carry.step), x, y)
+    objective = losses.sum()
+    for p, (decay, sign) in zip(phi, decays):
+        if not (isinstance(decay, float) and decay == 0.0):
+            objective = objective + (0.5 * sign) * (decay * p * p).sum()
+    return phi, torch.autograd.grad(objective, phi, create_graph=create_graph)
+
+
+def _task_norms(tensors: Any) -> Tensor:
+    """Per-task 2-norms of a list of task-batched tensors, shape (T,)."""
+    return torch.stack([t.detach().flatten(1).square().sum(1) for t in tensors]).sum(0).sqrt()
+
+
+def _check_stationarity(mode: Implicit, loop: Any, initial: Carry, grad: Any, x: Tensor, y: Tensor,
+                        positions: list[int], decays: list[tuple[float | Tensor, float]], info: dict[str, Any]) -> None:
+    """Each task's ``‖∇G‖`` at the solution over its value at the start: the worst in
+    ``info["stationarity"]``, and a warning (once per loop) above ``mode.stationarity_tol``."""
+    if not grad or under_vmap(list(grad)):
+        return
+    _, start = _objective_gradient(loop, initial, x.detach(), y.detach(), positions, decays, create_graph=False)
+    final, first = _task_norms(grad), _task_norms(start)
+    ratio = torch.where(first > 0, final / first.clamp_min(torch.finfo(final.dtype).tiny),
+                        torch.where(final > 0, torch.full_like(final, math.inf), torch.zeros_like(final)))
+    task = int(ratio.argmax())
+    report = {"relative_gradient_norm": float(ratio[task]), "task": task, "gradient_norm": float(final[task]),
+              "initial_gradient_norm": float(first[task])}
+    info["stationarity"] = report
+    if not report["relative_gradient_norm"] <= mode.stationarity_tol and not getattr(mode, "_warned_stationarity",
+                                                                                       False):
+        object.__setattr__(mode, "_warned_stationarity", True)
+        warnings.warn(
+            f"{WHAT}the inner loop did not reach a stationary point: on task {task} the inner objective's gradient "
+            f"norm is {report['gradient_norm']:.3g} after {loop.steps} steps, {report['relative_gradient_norm']:.3g} "
+            f"times its {report['initial_gradient_norm']:.3g} at the start (stationarity_tol="
+            f"{mode.stationarity_tol:g}), so the implicit meta-gradient, which assumes a solved inner problem, may be "
+            "far from the true one. Raise steps, lower the inner learning rate if the loop oscillates or diverges, "
+            "or use mode='second_order' (warned once per loop; every meta-step's figures are in "
+            "loop.last_info['stationarity'])", OptimalityResidualWarning, stacklevel=2)
 
 
 def _quiet(solver: LinearSolver) -> LinearSolver:
