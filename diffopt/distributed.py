@@ -114,7 +114,10 @@ class DistributedContext:
             ) from error
 
     def all_reduce_gradients(self, parameters: Sequence[Tensor], weight: float, iteration: int | None = None) -> None:
-        """Replace every ``.grad`` by the weighted sum over ranks (one flat all-reduce)."""
+        """Replace every ``.grad`` by the weighted sum over ranks (one flat all-reduce). A frozen
+        parameter (``requires_grad=False``) keeps no gradient: given a zero one, an outer optimizer with
+        weight decay or momentum would move it."""
+        parameters = [p for p in parameters if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
         flat = torch.cat([g.reshape(-1) for g in grads]) * weight
         self.bytes_communicated += flat.numel() * flat.element_size()

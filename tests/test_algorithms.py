@@ -724,3 +724,32 @@ def test_recipe_learners_have_their_settings(name):
     assert learner.loop.mode == expected_mode
     if name == "maml":
         assert make_learner(name, regressor(0), classification=False, mode="checkpointed").loop.mode == "checkpointed"
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_reptile_leaves_frozen_parameters_alone(batched):
+    """Reptile gave a frozen layer (requires_grad=False) a zero pseudo-gradient, so an outer AdamW's
+    weight decay moved it (by 8e-2 here); MAML leaves its .grad None and torch.optim skips it."""
+    torch.manual_seed(0)
+    sx, qx = torch.randn(2, 4, 5, 1)
+    sy, qy = torch.sin(sx), torch.sin(qx)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    model[0].requires_grad_(False)
+    before = [p.detach().clone() for p in model.parameters()]
+    learner = Reptile(model, F.mse_loss, inner_lr=0.02, inner_steps=3, batched=batched)
+    opt = torch.optim.AdamW(learner.parameters(), lr=1e-2, weight_decay=0.1)
+    learner.train_step((sx, sy, qx, qy), opt)
+    assert model[0].weight.grad is None and model[0].bias.grad is None
+    assert torch.equal(model[0].weight, before[0]) and torch.equal(model[0].bias, before[1])
+    assert not torch.equal(model[2].weight, before[2])  # the trainable layer moved
+
+
+def test_mamlpp_refuses_a_mode_it_would_ignore_and_names_inner_steps():
+    """MAMLPlusPlus(mode='first_order') had been accepted and ignored (the epoch picks the graph) while
+    config() reported the mode; inner_steps=0 was blamed on per_layer_per_step."""
+    model = nn.Linear(1, 1)
+    for mode in ("first_order", "checkpointed", "second_order"):
+        with pytest.raises(TypeError, match=f"MAMLPlusPlus takes no mode= \\(got '{mode}'\\).*first_order_epochs"):
+            MAMLPlusPlus(model, mode=mode)
+    with pytest.raises(ValueError, match="MAMLPlusPlus: inner_steps must be an integer >= 1.*got 0"):
+        MAMLPlusPlus(model, inner_steps=0)

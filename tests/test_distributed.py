@@ -338,3 +338,19 @@ def test_ranks_compare_the_outer_and_inner_optimizers_hyperparameters() -> None:
     assert started(0.02, 1e-3)["inner optimizer"] != base["inner optimizer"]
     assert started(0.01, 2e-3)["outer optimizer"] != base["outer optimizer"]
     assert started(0.01, 1e-3) == base
+
+
+def test_the_gradient_all_reduce_leaves_frozen_parameters_without_a_gradient(monkeypatch) -> None:
+    """A frozen parameter (requires_grad=False) given a zero gradient by the all-reduce would be moved by
+    an outer optimizer's weight decay or momentum; a trainable one without a gradient still takes part."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(distributed.free_port()))
+    context = distributed.initialize("gloo", timeout=30.0, rank=0, world_size=1)
+    try:
+        frozen, trained, unused = torch.ones(2), torch.ones(3, requires_grad=True), torch.ones(1, requires_grad=True)
+        trained.grad = torch.full((3,), 2.0)
+        context.all_reduce_gradients([frozen, trained, unused], weight=0.5)
+        assert frozen.grad is None
+        assert torch.equal(trained.grad, torch.ones(3)) and torch.equal(unused.grad, torch.zeros(1))
+    finally:
+        distributed.shutdown()

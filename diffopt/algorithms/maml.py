@@ -167,6 +167,13 @@ class MAMLPlusPlus(MAML):
 
     def __init__(self, model: nn.Module, loss_fn: LossFn = F.mse_loss, inner_lr: float = 0.01, inner_steps: int = 5,
                  multi_step_loss_epochs: int = 10, first_order_epochs: int = 50, **options: Any) -> None:
+        if "mode" in options:  # derivative-order annealing picks each meta-step's graph; a mode would be ignored
+            raise TypeError(f"MAMLPlusPlus takes no mode= (got {options['mode']!r}): derivative-order annealing "
+                            "chooses the graph, first order for the first first_order_epochs epochs and second order "
+                            "after; for first order throughout pass a large first_order_epochs, or use MAML(mode=...)")
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+            raise ValueError(f"MAMLPlusPlus: inner_steps must be an integer >= 1 (one learnable rate per layer and "
+                             f"step), got {inner_steps!r}")
         self.multi_step_loss_epochs = multi_step_loss_epochs
         self.first_order_epochs = first_order_epochs
         self.epoch = 0

@@ -64,11 +64,14 @@ class Reptile(InnerLoopLearner):
         fraction = min(iteration / total_iterations, 1.0)
         return self.outer_lr + fraction * (self.outer_lr_final - self.outer_lr)
 
-    def pseudo_gradient(self, x: Tensor, y: Tensor) -> list[Tensor]:
-        """``θ − mean_t W_t`` for the tasks in (x, y), one tensor per parameter of θ."""
+    def pseudo_gradient(self, x: Tensor, y: Tensor) -> list[Tensor | None]:
+        """``θ − mean_t W_t`` for the tasks in (x, y), one entry per parameter of θ: zero for one the
+        inner optimizer does not hold, ``None`` for a frozen one (``requires_grad=False``), which the
+        outer optimizer then leaves alone as it would in MAML (a zero would meet its weight decay)."""
         adapted = self.loop.adapt_without_graph(x, y)
         return [
-            (theta - p.mean(0)).detach() if is_adapted else torch.zeros_like(theta)
+            None if not theta.requires_grad else (theta - p.mean(0)).detach() if is_adapted
+            else torch.zeros_like(theta)
             for theta, p, is_adapted in zip(self.loop.theta, adapted.params, adapted.adapted)
         ]
 
