@@ -285,6 +285,11 @@ def test_inputs_that_used_to_give_nan_or_wrong_results_are_refused():
     sx, sy, qx, qy = tasks("mlp", 2, 4, support=4, query=4)
     with pytest.raises(ValueError, match="support: got 0 tasks"):
         InnerLoop(model).meta_loss(sx[:0], sy[:0], qx[:0], qy[:0])
+    for vectorize in (True, False):  # 0 examples: a ZeroDivisionError, a NaN error blaming the lr, or a NaN meta-loss
+        with pytest.raises(ValueError, match=r"support: got 0 examples per task \(inputs \(2, 0"):
+            InnerLoop(model, vectorize=vectorize).meta_loss(sx[:, :0], sy[:, :0], qx, qy)
+        with pytest.raises(ValueError, match=r"query: got 0 examples per task"):
+            InnerLoop(model, vectorize=vectorize).meta_loss(sx, sy, qx[:, :0], qy[:, :0])
     with pytest.raises(ValueError, match=r"proximal .* must be a finite number >= 0, got -1.0"):
         InnerLoop(model, proximal=-1.0)
     with pytest.raises(ValueError, match=r"iterations \(InnerLoop's solver_iterations=\) must be a positive"):

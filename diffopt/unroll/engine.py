@@ -288,6 +288,11 @@ class InnerLoop:
             raise ValueError(
                 f"{what}: inputs have {x.shape[0]} tasks but targets have {y.shape[0]} (leading dimension)"
             )
+        if x.shape[1] == 0 or (y.dim() >= 2 and y.shape[1] == 0):
+            raise ValueError(
+                f"{what}: got 0 examples per task (inputs {tuple(x.shape)}, targets {tuple(y.shape)}; the second "
+                "dimension counts the examples): a task's loss needs at least one example (a mean over none is NaN)"
+            )
         no_example_dimension(x, what)
 
     def _check_tasks(self, sx: Tensor, sy: Tensor, qx: Tensor | None = None, qy: Tensor | None = None) -> None:

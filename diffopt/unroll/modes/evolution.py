@@ -137,15 +137,16 @@ class _EstimatedLoss(torch.autograd.Function):
 
 @contextlib.contextmanager
 def perturbed(tensors: list[Tensor], mapping: dict[int, Tensor]) -> Iterator[None]:
-    """Temporarily shift extra meta-parameters (leaves) in place; restores their exact values."""
+    """Temporarily give extra meta-parameters (leaves a ``loss_fn`` closes over) the shifted values, and
+    give them back their own storage after. Swapping ``.data`` leaves the tensors' version counters
+    alone: an in-place copy would make every earlier graph that saved them unusable ("modified by an
+    inplace operation"), e.g. a regulariser of the same meta-parameter summed with the meta-loss."""
     targets = [(t, mapping[id(t)]) for t in tensors if id(t) in mapping]
-    saved = [t.detach().clone() for t, _ in targets]
-    with torch.no_grad():
-        for t, value in targets:
-            t.copy_(value)
+    originals = [t.data for t, _ in targets]
+    for t, value in targets:
+        t.data = value.detach()
     try:
         yield
     finally:
-        with torch.no_grad():
-            for (t, _), old in zip(targets, saved):
-                t.copy_(old)
+        for (t, _), original in zip(targets, originals):
+            t.data = original

@@ -27,8 +27,11 @@ class SecondOrder(Mode):
 @dataclass(eq=False)
 class FirstOrder(Mode):
     r"""First-order MAML: inner gradients are constants, so
-    :math:`\partial\phi_K/\partial\theta = I`. The updates stay differentiable, so tensor
-    hyperparameters (Meta-SGD's rates, a learnable lr) still receive their gradient."""
+    :math:`\partial\phi_K/\partial\theta = I` for plain SGD. The updates stay differentiable, so tensor
+    hyperparameters (Meta-SGD's rates, a learnable lr) still receive their gradient, and so does
+    anything else in the update that is not the loss's gradient: with the inner optimizer's coupled
+    weight decay :math:`\omega` (added to the gradient), :math:`\partial\phi_K/\partial\theta =
+    (1 - \alpha\omega)^K I`, as in higher's first-order mode."""
 
     name: ClassVar[str] = "first_order"
 
