@@ -460,3 +460,10 @@ def test_numpy_scalar_hyperparameters_are_accepted_as_torch_accepts_them():
 def test_adafactor_eps_must_be_a_pair():
     with pytest.raises(TypeError, match=r"Adafactor: eps must be a pair \(eps1, eps2\).*got 0.001"):
         diffopt.optim.Adafactor([weight()], eps=1e-3)
+
+
+def test_centered_rmsprop_with_alpha_zero_is_refused():
+    """The centred variance g² − g² is zero up to rounding: NaN or a step of g/eps, in torch.optim too."""
+    with pytest.raises(ValueError, match=r"centered=True with alpha=0.*use alpha > 0 or centered=False"):
+        diffopt.optim.RMSprop([weight()], alpha=0.0, centered=True)
+    diffopt.optim.RMSprop([weight()], alpha=0.0)  # uncentred: v = g², a sign step

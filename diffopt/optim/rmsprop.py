@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from ._rule import (
-    Hyper, State, UpdateRule, add_scaled_all, addcdiv_all, check_range, moving_average_of_squares, nonzero, safe_sqrt,
-    safe_sqrt_all,
+    Hyper, State, UpdateRule, add_scaled_all, addcdiv_all, check_range, minimum_of, moving_average_of_squares, nonzero,
+    safe_sqrt, safe_sqrt_all,
 )
 from ._shared import add_weight_decay, signed_with_weight_decay
 from .optimizer import DifferentiableOptimizer
@@ -87,6 +87,10 @@ class RMSpropRule(UpdateRule):
                     why=" (above 1 the average of squares alpha v + (1 - alpha) g^2 turns negative and its root NaN, "
                         "in torch.optim too)")
         check_range(group["momentum"], "momentum", where, low=0.0)
+        if group["centered"] and minimum_of(group["alpha"]) == 0:
+            raise ValueError(f"{where}: centered=True with alpha=0: the centred variance g² − g² is zero up to "
+                             "rounding, so its square root is NaN or the step g/eps enormous (in torch.optim too); "
+                             "use alpha > 0 or centered=False")
 
 
 class RMSprop(DifferentiableOptimizer):
