@@ -81,10 +81,11 @@ class StateDict:
 
 
 def own_copy(value: Any) -> Any:
-    """``value`` with its tensors copied (detached), also inside tuples and lists: a group loaded from a
-    live torch optimizer's state dict must not share a tensor lr the torch scheduler changes in place."""
+    """``value`` with its plain tensors copied, also inside tuples and lists: a group converted or loaded
+    from a live torch optimizer must not share a tensor lr the torch scheduler changes in place. A
+    learnable tensor (one that requires grad) is kept: differentiating with respect to it is the point."""
     if isinstance(value, Tensor):
-        return value.detach().clone()
+        return value if value.requires_grad else value.clone()
     if isinstance(value, (tuple, list)):
         return type(value)(own_copy(v) for v in value)
     return value
