@@ -569,6 +569,39 @@ def test_a_linear_solve_that_does_not_converge_reports_its_residual():
     assert info.converged and info.negative_curvature is None and relative(w, 1 / indefinite[:1]) <= 1e-10
 
 
+def test_a_solve_that_ends_in_nan_is_a_failure_not_unknown():
+    """A diverged solve (nan residual) fails its check; ``converged=None`` is kept for vmap only."""
+    h = torch.tensor([1.0, 10.0, 1e4], dtype=F64)  # λ_max = 1e4: alpha=0.5 > 2/λ_max, the series diverges
+    apply = lambda u: [u[0] * h]  # noqa: E731
+    _, info = Neumann(iterations=200, alpha=0.5, on_fail="ignore").solve(apply, [torch.ones(1, 3, dtype=F64)])
+    assert info.converged is False and np.isnan(info.relative_residual)
+    with pytest.warns(LinearSolveWarning, match=r"neumann linear solve diverged.*below 2/λ_max"):
+        Neumann(iterations=200, alpha=0.5).solve(apply, [torch.ones(1, 3, dtype=F64)])
+    root = custom_root(lambda x, t: h * x - t, solve=Neumann(iterations=200, alpha=0.5, on_fail="raise"))(
+        lambda init, t: t / h)
+    t = torch.ones(3, dtype=F64, requires_grad=True)
+    with pytest.raises(LinearSolveError, match=r"diverged.*lower alpha below 2/λ_max\(A\)"):
+        torch.autograd.grad(root(None, t).sum(), t)
+    # under vmap the residual is unknown: nan with converged=None, and no check
+    infos = []
+
+    def solve_one(v):
+        w, info = CG(iterations=5, on_fail="raise").solve(apply, [v[None]])
+        infos.append(info)
+        return w[0][0]
+
+    (w,) = [torch.func.vmap(solve_one)(torch.ones(2, 3, dtype=F64))]
+    assert infos[0].converged is None and np.isnan(infos[0].relative_residual)
+    assert relative(w, (1 / h).expand(2, 3)) <= 1e-10
+    with pytest.raises(ValueError, match=r"alpha.*positive and finite"):
+        Neumann(alpha=float("inf"))
+    with pytest.raises(ValueError, match=r"damping must be >= 0 and finite"):
+        custom_root(ridge_condition, damping=float("inf"))
+    from diffopt.implicit.ift import damped
+    with pytest.raises(ValueError, match=r"damping must be finite"):
+        damped(apply, float("inf"))
+
+
 def test_arguments_without_grad_cost_nothing():
     calls = []
 

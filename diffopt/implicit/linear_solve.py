@@ -17,7 +17,9 @@ stops above ``tol`` warns (:class:`~diffopt.errors.LinearSolveWarning`) or raise
 
 Under ``torch.func.vmap`` (for example inside ``jacrev``) a tensor's values cannot steer Python
 control flow: the iterative solvers then run all ``iterations`` (their updates are guarded so a
-converged system stays put), and the residual is reported as ``nan`` (unknown), not checked.
+converged system stays put), and the residual is reported as ``nan`` with ``converged=None``
+(unknown), not checked. Outside ``vmap`` a ``nan`` or infinite residual is a failure: the solve
+diverged (a Neumann series with ``alpha`` above ``2/λ_max``, say), and ``on_fail`` applies.
 
 References: Hestenes & Stiefel 1952 (CG); Saad & Schultz 1986 (GMRES); Paige & Saunders 1975
 (MINRES); Lorraine et al. 2020 (Neumann series for hypergradients).
@@ -81,7 +83,8 @@ def _safe_divide(a: Tensor, b: Tensor) -> Tensor:
 @dataclass
 class SolveInfo:
     """What a linear solve did: ``relative_residual`` is the worst task's ``‖Aw − b‖ / ‖b‖``
-    (``nan`` and ``converged=None`` under ``vmap``, where the values cannot be read).
+    (``nan`` and ``converged=None`` under ``vmap``, where the values cannot be read; elsewhere a ``nan``
+    or infinite residual means the solve diverged, and ``converged`` is ``False``).
     ``negative_curvature``: whether conjugate gradient met a direction with ``pᵀAp < 0``, proof that
     ``A`` is not positive definite and that CG's iterates mean nothing there (``None`` for the other
     solvers, and under ``vmap``)."""
@@ -93,17 +96,22 @@ class SolveInfo:
     negative_curvature: bool | None = None
 
 
-def _relative_residual(apply_a: Operator, w: Vector, b: Vector, b_norm: Tensor) -> float:
+def _relative_residual(apply_a: Operator, w: Vector, b: Vector, b_norm: Tensor) -> float | None:
+    """The worst task's ``‖Aw − b‖/‖b‖``, or ``None`` under ``vmap`` (unknown: the values cannot be read)."""
     if under_vmap(list(w) + list(b)):
-        return math.nan
+        return None
     aw = apply_a(w)
     r = [x - y for x, y in zip(b, aw)]
     return float((task_dot(r, r).sqrt() / b_norm).max().detach())
 
 
-def _info(name: str, iterations: int, residual: float, tol: float,
+def _info(name: str, iterations: int, residual: float | None, tol: float,
           negative_curvature: bool | None = None) -> SolveInfo:
-    return SolveInfo(name, iterations, residual, None if math.isnan(residual) else residual <= tol, negative_curvature)
+    """``converged=None`` only for an unknown residual (``None``: under ``vmap``); a ``nan`` residual (a
+    diverged solve) is not ``<= tol``, so it reads ``converged=False``."""
+    if residual is None:
+        return SolveInfo(name, iterations, math.nan, None, negative_curvature)
+    return SolveInfo(name, iterations, residual, residual <= tol, negative_curvature)
 
 
 def _b_norm(b: Vector) -> Tensor:
@@ -400,6 +408,10 @@ class _Solver:
 
     def failure_message(self, info: SolveInfo, what: str = "") -> str:
         """What :meth:`check` says of a solve that stopped above its tolerance (``what`` first)."""
+        if not math.isfinite(info.relative_residual):
+            return (f"{what}{self.name} linear solve diverged: relative residual ‖Aw − b‖/‖b‖ = "
+                    f"{info.relative_residual} after {info.iterations} iterations, so the implicit gradient is not "
+                    "finite. " + self.divergence_hint())
         start = (f"{what}{self.name} linear solve did not converge: relative residual ‖Aw − b‖/‖b‖ = "
                  f"{info.relative_residual:.3g} after {info.iterations} iterations (tol={self.tol:g}). ")
         if info.negative_curvature:
@@ -412,6 +424,12 @@ class _Solver:
         return start + ("The implicit gradient is off by about as much: raise iterations, add damping, or choose "
                         "another solver (cg needs a positive definite A; minres a symmetric one; gmres, "
                         "normal_cg and dense take any)")
+
+    def divergence_hint(self) -> str:
+        """How to fix a solve whose result is not finite (:meth:`failure_message`)."""
+        return ("A or b holds a non-finite value, or the iterations overflowed: check the optimality condition "
+                "at the solution, add damping, or choose another solver (minres for a symmetric A, gmres or dense "
+                "for any)")
 
     def __call__(self, apply_a: Operator, b: Vector, apply_at: Operator | None = None) -> tuple[Vector, SolveInfo]:
         raise NotImplementedError  # pragma: no cover
@@ -453,8 +471,13 @@ class Neumann(_Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.alpha > 0:
-            raise ValueError(f"Neumann(alpha=...) must be positive (below 2/λ_max), got {self.alpha!r}")
+        if not 0 < self.alpha < math.inf:
+            raise ValueError(f"Neumann(alpha=...) must be positive and finite (below 2/λ_max(A)), got {self.alpha!r}")
+
+    def divergence_hint(self) -> str:
+        return (f"The Neumann series converges only for 0 < alpha < 2/λ_max(A), and alpha={self.alpha:g} is likely "
+                f"above that for this A (λ_max(A) > {2 / self.alpha:g}): lower alpha below 2/λ_max(A), or choose another "
+                "solver (cg for a positive definite A, minres for a symmetric one, gmres or dense for any)")
 
     def __call__(self, apply_a: Operator, b: Vector, apply_at: Operator | None = None) -> tuple[Vector, SolveInfo]:
         return neumann(apply_a, b, self.iterations, self.alpha, self.tol)

@@ -354,8 +354,8 @@ def custom_root(optimality_fn: Callable[..., Any], *torchopt_argnums: Any, solve
                         "'gmres', 'minres', 'neumann', 'dense') or a diffopt solver object: solve_cg(maxiter=n, "
                         "rtol=r) is CG(iterations=n, tol=r), solve_normal_cg(...) is NormalCG(...)")
     solver_object = as_solver(solve)
-    if not damping >= 0:
-        raise ValueError(f"custom_root: damping must be >= 0, got {damping!r}")
+    if not 0 <= damping < math.inf:
+        raise ValueError(f"custom_root: damping must be >= 0 and finite, got {damping!r}")
     if on_residual not in ON_RESIDUAL:
         raise ValueError(f"custom_root: on_residual must be 'warn', 'raise' or 'ignore', got {on_residual!r}")
     if not residual_tol >= 0:
