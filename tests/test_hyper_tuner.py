@@ -290,6 +290,64 @@ def test_scheduler_trajectory_matches_torch() -> None:
     assert abs(opt.param_groups[0]["lr"] - reference.param_groups[0]["lr"]) <= 1e-15
 
 
+def composite_scheduler(kind: str, lr_scheduler: Any, opt: Any) -> Any:
+    """A warm-up then a decay, as a SequentialLR or a ChainedScheduler of ``lr_scheduler``'s classes."""
+    warm = lr_scheduler.LinearLR(opt, 0.2, 1.0, total_iters=4)
+    if kind == "SequentialLR":
+        return lr_scheduler.SequentialLR(opt, [warm, lr_scheduler.ExponentialLR(opt, 0.9)], [4])
+    return lr_scheduler.ChainedScheduler([warm, lr_scheduler.ExponentialLR(opt, 0.9)])
+
+
+@pytest.mark.parametrize("kind", ["SequentialLR", "ChainedScheduler"])
+def test_composite_scheduler_trajectory_matches_torch(kind: str, tmp_path: Any) -> None:
+    """Under a SequentialLR / ChainedScheduler the windows step copies of the sub-schedulers, not the
+    live ones: the run is torch.optim's with torch's scheduler and the tuned momenta set between windows,
+    bit for bit; window_loss leaves the sub-schedulers and the rate as they were; a resumed run is the
+    uninterrupted one."""
+    import diffopt.optim.lr_scheduler as ours
+    weights, batches, train_loss, validation_loss = problem(0, n_batches=12)
+
+    def build() -> OnlineTuner:
+        opt = SGD([w.clone() for w in weights], lr=0.2, momentum=0.5)
+        return OnlineTuner(opt, train_loss, validation_loss, "momentum", scheduler=composite_scheduler(kind, ours, opt),
+                           every=3, window=2, meta_lr=0.3)
+
+    tuner = build()
+    for batch in batches:
+        tuner.step(batch)
+    ref_params = [w.clone().requires_grad_() for w in weights]
+    reference = torch.optim.SGD(ref_params, lr=0.2, momentum=0.5)
+    ref_scheduler = composite_scheduler(kind, torch.optim.lr_scheduler, reference)
+    momenta = {h["step"]: h["values"]["momentum"] for h in tuner.history}
+    assert len(set(momenta.values())) >= 3
+    for t, batch in enumerate(batches):
+        reference.zero_grad()
+        train_loss(ref_params, batch).backward()
+        reference.step()
+        ref_scheduler.step()
+        if t + 1 in momenta:
+            reference.param_groups[0]["momentum"] = momenta[t + 1]
+    assert all(torch.equal(a, b.detach()) for a, b in zip(tuner.params, ref_params))
+    assert tuner.optimizer.param_groups[0]["lr"] == reference.param_groups[0]["lr"]
+
+    first = build()
+    for batch in batches[:7]:
+        first.step(batch)
+    first.save(tmp_path / "tuner.pt")
+    resumed = build()
+    resumed.load(tmp_path / "tuner.pt")
+    for batch in batches[7:]:
+        resumed.step(batch)
+    assert all(torch.equal(a, b) for a, b in zip(tuner.params, resumed.params))
+
+    opt = SGD([w.clone() for w in weights], lr=0.2, momentum=0.5)
+    scheduler = composite_scheduler(kind, ours, opt)
+    before = [s.last_epoch for s in scheduler._schedulers], opt.param_groups[0]["lr"]
+    window_loss(opt, batches[:3], train_loss, validation_loss,
+                {"momentum": torch.tensor(0.5, dtype=F64, requires_grad=True)}, scheduler=scheduler)
+    assert ([s.last_epoch for s in scheduler._schedulers], opt.param_groups[0]["lr"]) == before
+
+
 def test_onecycle_max_lr_trajectory_matches_torch() -> None:
     """OneCycleLR's peak, tuned as the group key 'max_lr': the run equals torch.optim.SGD under torch's
     OneCycleLR with the same per-step max_lr written into its groups (1e-10), and the peak moved."""

@@ -64,7 +64,7 @@ class Snapshot:
     def capture(cls, optimizer: DifferentiableOptimizer, scheduler: Any = None) -> Snapshot:
         return cls([p.detach() for p in optimizer.params], [None if s is None else dict(s) for s in optimizer.state],
                    optimizer.step_count, [dict(g) for g in optimizer.param_groups],
-                   None if scheduler is None else copy.copy(scheduler))
+                   None if scheduler is None else copy_scheduler(scheduler, scheduler.optimizer))
 
     def working_copy(self, template: DifferentiableOptimizer, *, first_order: bool = False
                      ) -> tuple[DifferentiableOptimizer, Any]:
@@ -75,8 +75,7 @@ class Snapshot:
         work.first_order = first_order
         scheduler = None
         if self.scheduler is not None:
-            scheduler = copy.copy(self.scheduler)
-            scheduler.optimizer = work
+            scheduler = copy_scheduler(self.scheduler, work)
         return work, scheduler
 
     def restore(self, optimizer: DifferentiableOptimizer) -> None:
@@ -100,12 +99,24 @@ class Snapshot:
     def from_payload(cls, payload: Mapping[str, Any], scheduler_template: Any = None) -> Snapshot:
         scheduler = None
         if payload["scheduler"] is not None:
-            scheduler = copy.copy(scheduler_template)
+            scheduler = copy_scheduler(scheduler_template, scheduler_template.optimizer)
             scheduler.load_state_dict(payload["scheduler"])
         return cls(list(payload["params"]), [None if s is None else {k: _unplain(v) for k, v in s.items()}
                                              for s in payload["states"]],
                    int(payload["step_count"]), [{k: _unplain(v) for k, v in g.items()} for g in payload["groups"]],
                    scheduler)
+
+
+def copy_scheduler(scheduler: Any, optimizer: Any) -> Any:
+    """A copy of ``scheduler`` that steps ``optimizer``: shallow (a tuned tensor attribute stays the same
+    tensor, on the graph), with a composite's sub-schedulers (``SequentialLR``, ``ChainedScheduler``:
+    ``_schedulers``) copied and rebound the same way, so that stepping the copy never moves the original
+    or the optimizer it drives (a shallow copy had shared the live sub-schedulers)."""
+    twin = copy.copy(scheduler)
+    twin.optimizer = optimizer
+    if hasattr(scheduler, "_schedulers"):
+        twin._schedulers = [copy_scheduler(s, optimizer) for s in scheduler._schedulers]
+    return twin
 
 
 def _plain(value: Any) -> Any:
