@@ -131,6 +131,41 @@ def test_reverse_window_matches_finite_differences_and_forward_mode(case: tuple)
     assert error <= 1e-6, f"{case[0]}: finite difference {fd} vs reverse {analytic}"
 
 
+def test_first_order_forward_mode_equals_reverse_and_the_window_by_hand() -> None:
+    """first_order=True treats the training gradients as constants in forward mode too (their forward-mode
+    tangents, which create_graph=False does not drop, had made it second order): hypergradient and the
+    tuner agree with reverse mode and with the window written out by hand with detached gradients."""
+    weights, batches, train_loss, validation_loss = problem(0, n_batches=3)
+    lr, mu = (torch.tensor(v, dtype=F64, requires_grad=True) for v in (0.1, 0.5))
+    w, buf = [x.clone() for x in weights], None
+    for batch in batches:
+        current = [x.detach().requires_grad_() for x in w]
+        g = torch.autograd.grad(train_loss(current, batch), current)
+        buf = list(g) if buf is None else [mu * m + gi for m, gi in zip(buf, g)]
+        w = [x - lr * m for x, m in zip(w, buf)]
+    by_hand = torch.autograd.grad(validation_loss(w), (lr, mu))
+    second_order = hypergradient(SGD([x.clone() for x in weights], lr=0.1, momentum=0.5), batches, train_loss,
+                                 validation_loss, {"lr": torch.tensor(0.1, dtype=F64, requires_grad=True)},
+                                 mode="forward")["lr"][0]
+    assert abs(float(second_order) - float(by_hand[0])) > 1e-2  # the two orders differ here
+    last = {}
+    for mode in ("reverse", "forward"):
+        values = {"lr": torch.tensor(0.1, dtype=F64, requires_grad=True),
+                  "momentum": torch.tensor(0.5, dtype=F64, requires_grad=True)}
+        got = hypergradient(SGD([x.clone() for x in weights], lr=0.1, momentum=0.5), batches, train_loss,
+                            validation_loss, values, mode=mode, first_order=True)
+        for name, ref in zip(("lr", "momentum"), by_hand):
+            assert abs(float(got[name][0]) - float(ref)) <= 1e-10 * abs(float(ref)), (mode, name)
+        tuner = OnlineTuner(SGD([x.clone() for x in weights], lr=0.1, momentum=0.5), train_loss, validation_loss,
+                            ["lr", "momentum"], every=3, mode=mode, first_order=True, backtrack=0,
+                            meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+        for batch in batches:
+            tuner.step(batch)
+        last[mode] = float(tuner.last_hypergradient["lr"])
+    assert abs(last["forward"] - 0.1 * float(by_hand[0])) <= 1e-10 * abs(last["forward"])  # d/d log lr
+    assert abs(last["forward"] - last["reverse"]) <= 1e-10 * abs(last["reverse"])
+
+
 OPTIMIZER_CHOICES = {
     "SGD": (lambda ws, **hp: SGD(ws, **{"lr": 0.1, **hp}), ["lr", "momentum", "weight_decay"],
             {"momentum": 0.5, "weight_decay": 0.01}),
