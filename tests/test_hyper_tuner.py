@@ -383,6 +383,36 @@ def test_composite_scheduler_trajectory_matches_torch(kind: str, tmp_path: Any) 
     assert ([s.last_epoch for s in scheduler._schedulers], opt.param_groups[0]["lr"]) == before
 
 
+def test_a_momentum_the_scheduler_cycles_is_refused_naming_the_fix() -> None:
+    """OneCycleLR / CyclicLR with cycle_momentum=True write 'momentum' (or Adam's 'beta1') at every step:
+    tuning it is refused when the tuner is built (it had been accepted and silently overwritten); the
+    cycle's own bounds tune, and so does the momentum under cycle_momentum=False."""
+    from diffopt.optim.lr_scheduler import CyclicLR, SequentialLR
+    weights, batches, train_loss, validation_loss = problem(0, n_batches=3)
+    sgd = lambda: SGD([w.clone() for w in weights], lr=0.1, momentum=0.9)  # noqa: E731
+    adam = lambda: Adam([w.clone() for w in weights], lr=0.01)  # noqa: E731
+    cases = [(sgd, "momentum", lambda o: OneCycleLR(o, max_lr=0.1, total_steps=20), "OneCycleLR"),
+             (adam, "beta1", lambda o: OneCycleLR(o, max_lr=0.1, total_steps=20), "OneCycleLR"),
+             (sgd, "momentum", lambda o: CyclicLR(o, 0.01, 0.1, step_size_up=4), "CyclicLR"),
+             (adam, "beta1", lambda o: SequentialLR(o, [ExponentialLR(o, 0.9), OneCycleLR(o, 0.1, total_steps=9)],
+                                                    [3]), "OneCycleLR")]
+    for make, name, make_scheduler, cycler in cases:
+        opt = make()
+        with pytest.raises(ValueError, match=rf"{name!r} is written by the scheduler.*{cycler} with cycle_momentum"
+                                             rf"=True.*cycle_momentum=False"):
+            OnlineTuner(opt, train_loss, validation_loss, [name], scheduler=make_scheduler(opt), every=3)
+    for spec, make_scheduler in (("momentum", lambda o: OneCycleLR(o, 0.1, total_steps=20, cycle_momentum=False)),
+                                 ("max_momentum", lambda o: OneCycleLR(o, 0.1, total_steps=20)),
+                                 ("scheduler.max_momentums", lambda o: CyclicLR(o, 0.01, 0.1, step_size_up=4))):
+        opt = sgd()
+        tuner = OnlineTuner(opt, train_loss, validation_loss, [spec], scheduler=make_scheduler(opt), every=3,
+                            meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+        for batch in batches:
+            tuner.step(batch)
+        (g,) = tuner.last_hypergradient.values()
+        assert torch.isfinite(g).all() and float(g.abs().max()) > 0, spec
+
+
 def test_onecycle_max_lr_trajectory_matches_torch() -> None:
     """OneCycleLR's peak, tuned as the group key 'max_lr': the run equals torch.optim.SGD under torch's
     OneCycleLR with the same per-step max_lr written into its groups (1e-10), and the peak moved."""
