@@ -486,6 +486,47 @@ def test_has_aux_and_keyword_arguments():
     assert relative(grad, torch.func.grad(lambda v: ridge_closed(v, a.detach(), b).sum())(lam.detach())) <= 1e-8
 
 
+def test_keyword_tensors_are_differentiated_implicitly_and_the_solver_never_is():
+    """A keyword tensor that requires grad gets its implicit gradient, with or without a positional one that
+    requires grad (it had got None, or the gradient through the solver's own unrolled iterations); the
+    solver's graph is never returned."""
+    a, b = ridge_data(21, n=8)
+    condition = lambda x, lam, b=None: a.T @ (a @ x - b) + lam * x  # noqa: E731
+
+    def gradient_descent(init, lam, b=None):  # 30 steps: 1e-2 from the root, so its unrolled gradient is off
+        x = torch.zeros(4, dtype=F64)
+        for _ in range(30):
+            x = x - 0.02 * condition(x, lam, b=b)
+        return x
+
+    root = custom_root(condition, on_residual="ignore")(gradient_descent)
+    lam = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    b = b.requires_grad_()
+    exact_b, exact_lam = torch.autograd.grad(ridge_closed(lam, a, b).sum(), (b, lam))
+    for lam_in in (lam, lam.detach()):
+        (grad_b,) = torch.autograd.grad(root(None, lam_in, b=b).sum(), b)
+        # the implicit gradient at the returned point x: (AᵀA + λI)⁻¹ applied through Aᵀ, x-independent here
+        assert relative(grad_b, exact_b) <= 1e-10
+    grad_b, grad_lam = torch.autograd.grad(root(None, lam, b=b).sum(), (b, lam))
+    x = gradient_descent(None, lam.detach(), b=b.detach())
+    expected_lam = -torch.linalg.solve(a.T @ a + 0.5 * torch.eye(4, dtype=F64), x).sum()
+    assert relative(grad_b, exact_b) <= 1e-10 and relative(grad_lam, expected_lam) <= 1e-10
+    # torch.func over a keyword argument (a pytree of them) agrees with the closed form
+    tree = custom_root(lambda x, lam, *, data: ridge_condition(x, lam, data["a"], data["b"]))(
+        lambda init, lam, *, data: ridge_closed(lam, data["a"], data["b"]))
+    jac = torch.func.jacrev(lambda v: tree(None, torch.tensor(0.5, dtype=F64), data={"a": a, "b": v}))(b.detach())
+    assert relative(jac, torch.func.jacrev(lambda v: ridge_closed(torch.tensor(0.5, dtype=F64), a, v))(b.detach())) \
+        <= 1e-10
+    # a solver closing over a tensor that requires grad: its own graph is not returned
+    scale = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    closed = custom_root(ridge_condition)(lambda init, lam, a, b: scale * ridge_closed(lam, a, b))
+    assert closed(None, torch.tensor(0.5, dtype=F64), a, b.detach()).grad_fn is None
+    ignored = custom_root(lambda x, lam, *, extra: ridge_condition(x, lam, a, b.detach()))(
+        lambda init, lam, *, extra: ridge_closed(lam, a, b.detach()))
+    with pytest.raises(ValueError, match=r"does not depend on keyword argument \['extra'\].*pass it detached"):
+        ignored(None, lam, extra=torch.ones(2, dtype=F64, requires_grad=True))
+
+
 def test_damping_is_added_to_the_jacobian():
     """With damping δ the solve is (A + δI)⁻¹: d x*/dλ = −(H + δI)⁻¹ x*."""
     a, b = ridge_data(12)
