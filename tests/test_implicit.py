@@ -527,6 +527,28 @@ def test_keyword_tensors_are_differentiated_implicitly_and_the_solver_never_is()
         ignored(None, lam, extra=torch.ones(2, dtype=F64, requires_grad=True))
 
 
+@pytest.mark.parametrize("solve", ["cg", "minres", "gmres", "normal_cg", "dense", "neumann"])
+def test_torchs_batched_gradient_api(solve):
+    """autograd.grad(is_grads_batched=True), autograd.functional.jacobian(vectorize=True) and
+    gradcheck(check_batched_grad=True) run on torch's legacy batched tensors, whose values cannot be read
+    (the solvers had called .item() on them): each equals the Jacobian taken column by column."""
+    a, b = ridge_data(22, n=8)
+    options = {"neumann": {"solve": Neumann(iterations=400, alpha=0.5 / float(torch.linalg.matrix_norm(a, 2)) ** 2)},
+               "normal_cg": {"solve": NormalCG(iterations=200)}}.get(solve, {"solve": solve})
+    root = custom_root(ridge_condition, **options)(ridge_solver().__wrapped__)
+    lam = torch.tensor(0.5, dtype=F64)
+    looped = torch.autograd.functional.jacobian(lambda v: root(None, v, a, b), lam)
+    assert relative(looped, torch.autograd.functional.jacobian(lambda v: ridge_closed(v, a, b), lam)) <= 1e-8
+    vectorized = torch.autograd.functional.jacobian(lambda v: root(None, v, a, b), lam, vectorize=True)
+    assert relative(vectorized, looped) <= 1e-12
+    leaf = lam.clone().requires_grad_()
+    (batched,) = torch.autograd.grad(root(None, leaf, a, b), leaf, grad_outputs=torch.eye(4, dtype=F64),
+                                     is_grads_batched=True)
+    assert relative(batched, looped) <= 1e-12
+    two = torch.tensor([0.5, 0.8], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: root(None, v[0] * v[1], a, b), (two,), check_batched_grad=True)
+
+
 def test_damping_is_added_to_the_jacobian():
     """With damping δ the solve is (A + δI)⁻¹: d x*/dλ = −(H + δI)⁻¹ x*."""
     a, b = ridge_data(12)

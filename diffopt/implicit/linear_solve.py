@@ -57,10 +57,14 @@ def _scale(alpha: Tensor, v: Tensor) -> Tensor:
 
 
 def under_vmap(tensors: Sequence[Tensor]) -> bool:
-    """Whether any tensor is batched by ``torch.func.vmap`` (then its values cannot be read)."""
+    """Whether any tensor is batched by ``torch.func.vmap``, or by the legacy batching of torch's
+    batched-gradient API (``autograd.grad(is_grads_batched=True)``, which ``autograd.functional.jacobian(
+    vectorize=True)`` and ``gradcheck(check_batched_grad=True)`` use): then its values cannot be read."""
     for t in tensors:
+        if _functorch.is_legacy_batchedtensor(t):
+            return True
         while _functorch.is_functorch_wrapped_tensor(t):
-            if _functorch.is_batchedtensor(t):
+            if _functorch.is_batchedtensor(t) or _functorch.is_legacy_batchedtensor(t):
                 return True
             t = _functorch.get_unwrapped(t)
     return False
@@ -143,17 +147,19 @@ def _conjugate_gradient_iterations(apply_a: Operator, b: Vector, iterations: int
     negative = torch.zeros_like(rs, dtype=torch.bool)
     # Under vmap the loop cannot stop: a system stays put once converged (α = β = 0), and the
     # unused branches divide by 1, so differentiating the solve (jacrev of jacrev) cannot meet 0/0.
-    bar = (max(tol, torch.finfo(b[0].dtype).eps) * b_norm.detach()) ** 2 if batched else None
+    # (comparisons only, no .detach(): torch's legacy batched tensors, under autograd.grad(is_grads_batched=True),
+    # have no batching rule for it, and a comparison carries no derivative anyway)
+    bar = (max(tol, torch.finfo(b[0].dtype).eps) * b_norm) ** 2 if batched else None
     done = 0
     for done in range(1, iterations + 1):
         ap = apply_a(p)
         curvature = task_dot(p, ap)
-        negative = negative | (curvature.detach() < 0)  # read once at the end: no synchronisation here
+        negative = negative | (curvature < 0)  # read once at the end: no synchronisation here
         if bar is None:
             alpha = torch.where(curvature != 0, rs / torch.where(curvature != 0, curvature, torch.ones_like(curvature)),
                                 torch.zeros_like(rs))
         else:
-            active = rs.detach() > bar  # (no square root: its forward-mode tangent at 0 is not finite)
+            active = rs > bar  # (no square root: its forward-mode tangent at 0 is not finite)
             usable = active & (curvature != 0)
             alpha = torch.where(usable, rs / torch.where(usable, curvature, torch.ones_like(curvature)),
                                 torch.zeros_like(rs))
@@ -203,7 +209,7 @@ def _conjugate_gradient_float_steps(apply_a: Operator, b: Vector, iterations: in
 
 def _nothing_differentiates(b: Vector) -> bool:
     return (b[0].shape[0] == 1 and not torch.is_grad_enabled() and not inside_torch_func()
-            and not any(x.requires_grad for x in b))
+            and not any(x.requires_grad for x in b) and not under_vmap(b))
 
 
 def normal_conjugate_gradient(
