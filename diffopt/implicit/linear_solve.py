@@ -136,8 +136,7 @@ def conjugate_gradient(apply_a: Operator, b: Vector, iterations: int, tol: float
 def _conjugate_gradient_iterations(apply_a: Operator, b: Vector, iterations: int,
                                    tol: float) -> tuple[Vector, int, Tensor, Tensor]:
     """:func:`conjugate_gradient`'s iterations: ``(w, iterations run, per-task ‖b‖, per-task flag of a
-    direction with negative curvature pᵀAp)``, no final residual (:func:`normal_conjugate_gradient`
-    reports the original system's instead)."""
+    direction with negative curvature pᵀAp)``, no final residual."""
     batched = under_vmap(b)
     w = [torch.zeros_like(x) for x in b]
     r = [x.clone() for x in b]
@@ -215,16 +214,49 @@ def _nothing_differentiates(b: Vector) -> bool:
 def normal_conjugate_gradient(
     apply_a: Operator, b: Vector, iterations: int, tol: float, apply_at: Operator | None = None,
 ) -> tuple[Vector, SolveInfo]:
-    """Solve ``A w = b`` per task by CG on the normal equations ``AᵀA w = Aᵀb``.
+    r"""Solve ``A w = b`` per task by CG on the normal equations ``AᵀA w = Aᵀb`` (CGNR; Hestenes &
+    Stiefel 1952, §10).
 
-    ``apply_at`` applies ``Aᵀ`` (default: ``apply_a``, for a symmetric ``A`` such as a
-    Hessian). Stops when every task's normal-equation residual ``‖Aᵀ(b − A w)‖`` is below
-    ``tol·‖Aᵀb‖`` or after ``iterations`` CG iterations (two products with ``A`` each); the
-    reported residual is the original system's, ``‖A w − b‖ / ‖b‖``.
+    ``apply_at`` applies ``Aᵀ`` (default: ``apply_a``, for a symmetric ``A`` such as a Hessian). The
+    recurrence carries the original system's residual :math:`r = b - Aw` (and :math:`z = A^\top r`,
+    the normal equations' residual): with :math:`q = Ap`, :math:`\alpha = \|z\|^2/\|q\|^2`,
+    :math:`w \mathrel{+}= \alpha p`, :math:`r \mathrel{-}= \alpha q`, :math:`z = A^\top r`,
+    :math:`p = z + (\|z'\|^2/\|z\|^2)\, p`. It stops when every task's ``‖b − Aw‖/‖b‖`` is below
+    ``tol``, the residual it reports and checks (a stop on the normal equations' ``‖Aᵀr‖ ≤ tol·‖Aᵀb‖``,
+    torchopt's, could leave ``‖r‖/‖b‖`` up to ``cond(A)`` times above ``tol`` and then warn whatever the
+    iteration budget), or after ``iterations`` iterations (two products with ``A`` or ``Aᵀ`` each).
     """
     apply_at = apply_at or apply_a
-    w, done, _, _ = _conjugate_gradient_iterations(lambda u: apply_at(apply_a(u)), apply_at(b), iterations, tol)
-    return w, _info("normal_cg", done, _relative_residual(apply_a, w, b, _b_norm(b)), tol)
+    batched = under_vmap(b)
+    b_norm = _b_norm(b)
+    w = [torch.zeros_like(x) for x in b]
+    r = [x.clone() for x in b]
+    z = apply_at(r)
+    p = [x.clone() for x in z]
+    zz = task_dot(z, z)
+    rr = task_dot(r, r)
+    # under vmap the loop cannot stop: guarded as conjugate_gradient's (comparisons only, see there)
+    bar = (max(tol, torch.finfo(b[0].dtype).eps) * b_norm) ** 2 if batched else None
+    done = 0
+    for done in range(1, iterations + 1):
+        q = apply_a(p)
+        curvature = task_dot(q, q)  # pᵀAᵀA p
+        usable = curvature != 0 if bar is None else (rr > bar) & (curvature != 0)
+        alpha = torch.where(usable, zz / torch.where(usable, curvature, torch.ones_like(curvature)),
+                            torch.zeros_like(zz))
+        w = [x + _scale(alpha, y) for x, y in zip(w, p)]
+        r = [x - _scale(alpha, y) for x, y in zip(r, q)]
+        active = None if bar is None else rr > bar
+        rr = task_dot(r, r)
+        if not batched and _true((rr.sqrt() / b_norm <= tol).all()):
+            break
+        z = apply_at(r)
+        zz_new = task_dot(z, z)
+        usable = zz != 0 if active is None else active & (zz != 0)
+        beta = torch.where(usable, zz_new / torch.where(usable, zz, torch.ones_like(zz)), torch.zeros_like(zz))
+        p = [x + _scale(beta, y) for x, y in zip(z, p)]
+        zz = zz_new
+    return w, _info("normal_cg", done, _relative_residual(apply_a, w, b, b_norm), tol)
 
 
 def neumann(apply_a: Operator, b: Vector, iterations: int, alpha: float, tol: float) -> tuple[Vector, SolveInfo]:
@@ -493,8 +525,10 @@ class Neumann(_Solver):
 class NormalCG(_Solver):
     """Conjugate gradient on the normal equations ``AᵀA w = Aᵀb`` (CGNR), as torchopt's
     ``solve_normal_cg`` and its iMAML example: at most ``iterations`` CG iterations (each two
-    products with ``A``), stopping when every task's normal-equation residual is below
-    ``tol·‖Aᵀb‖``.
+    products with ``A`` or ``Aᵀ``), stopping when every task's relative residual ``‖b − Aw‖/‖b‖``
+    is below ``tol``, the residual it reports and checks (:func:`normal_conjugate_gradient`; torchopt
+    stops on the normal equations' ``‖Aᵀ(b − Aw)‖ ≤ tol·‖Aᵀb‖`` instead, so with ``tol > 0`` the two
+    may stop at different iterations; with ``tol=0`` both run every iteration).
 
     When to use it: when ``A`` is not symmetric positive definite. The implicit systems
     here are symmetric (a Hessian plus damping), but away from a minimum — few inner
