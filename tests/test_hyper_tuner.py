@@ -413,6 +413,44 @@ def test_a_momentum_the_scheduler_cycles_is_refused_naming_the_fix() -> None:
         assert torch.isfinite(g).all() and float(g.abs().max()) > 0, spec
 
 
+def test_mismatched_values_settings_and_checkpoints_are_named(tmp_path: Any) -> None:
+    """Refused with the shapes, the scheduler or the missing steps named (they had broadcast silently,
+    failed later with a misleading message, raised AttributeError, or loaded another model silently)."""
+    weights, batches, train_loss, validation_loss = problem(0, n_batches=4)
+    sgd = lambda: SGD([w.clone() for w in weights], lr=0.1, momentum=0.5)  # noqa: E731
+    value = lambda *shape: torch.full(shape, 0.1, dtype=F64, requires_grad=True)  # noqa: E731
+    per_element = [value(3), value(4), value(1, 4)]  # (3,) for the (4, 3) weight would broadcast
+    with pytest.raises(ValueError, match=r"values\['lr'\]\[0\] has shape \(3,\), but parameter 0 has shape \(4, 3\)"):
+        hypergradient(sgd(), batches[:2], train_loss, validation_loss, {Tuned("lr", "element"): per_element})
+    with pytest.raises(ValueError, match=r"values\['lr'\] has shape \(5,\); scope 'global' takes one number"):
+        hypergradient(sgd(), batches[:2], train_loss, validation_loss, {"lr": value(5)})
+    for function in (hypergradient, window_loss):
+        with pytest.raises(ValueError, match=rf"{function.__name__}: batches is empty.*no training steps"):
+            function(sgd(), [], train_loss, validation_loss, {"lr": value()})
+    two = SGD([{"params": [w.clone() for w in weights[:2]], "lr": 0.1}, {"params": [weights[2].clone()], "lr": 0.05}])
+    with pytest.raises(ValueError, match=r"ExponentialLR.gamma is one number for all 2 parameter groups.*scope "
+                                         r"'global'"):
+        OnlineTuner(two, train_loss, validation_loss, [Tuned("scheduler.gamma", "group")],
+                    scheduler=ExponentialLR(two, 0.9), every=2)
+
+    def build(params: list[Tensor], scheduled: bool) -> OnlineTuner:
+        opt = SGD(params, lr=0.1, momentum=0.5)
+        return OnlineTuner(opt, train_loss, validation_loss, "momentum", every=2,
+                           scheduler=ExponentialLR(opt, 0.9) if scheduled else None)
+
+    saved = build([w.clone() for w in weights], True)
+    for batch in batches[:3]:
+        saved.step(batch)
+    state = saved.state_dict()
+    with pytest.raises(ValueError, match=r"saved with a scheduler, this tuner has no scheduler="):
+        build([w.clone() for w in weights], False).load_state_dict(state)
+    other = build([torch.zeros(2, dtype=F64)], True)
+    with pytest.raises(ValueError, match=r"3 parameters of shapes \[\(4, 3\), \(4,\), \(1, 4\)\], this tuner's "
+                                         r"optimizer has 1 of shapes \[\(2,\)\]"):
+        other.load_state_dict(state)
+    assert torch.equal(other.params[0], torch.zeros(2, dtype=F64)) and other.step_count == 0  # nothing loaded
+
+
 def test_onecycle_max_lr_trajectory_matches_torch() -> None:
     """OneCycleLR's peak, tuned as the group key 'max_lr': the run equals torch.optim.SGD under torch's
     OneCycleLR with the same per-step max_lr written into its groups (1e-10), and the peak moved."""

@@ -272,6 +272,10 @@ def parse_hyperparameters(spec: Any, optimizer: DifferentiableOptimizer, schedul
                                         for v in items):
                 raise ValueError(f"hyperparameters: {type(scheduler).__name__} has no numeric attribute "
                                  f"{t.attribute!r} to tune (found {value!r})")
+            if t.scope == "group" and not isinstance(value, (list, tuple)) and len(optimizer.param_groups) > 1:
+                raise ValueError(f"hyperparameters: {type(scheduler).__name__}.{t.attribute} is one number for all "
+                                 f"{len(optimizer.param_groups)} parameter groups, so {t.name!r} cannot take one "
+                                 "value per group; use scope 'global'")
         elif t.name not in known:
             close = difflib.get_close_matches(t.name, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -299,8 +299,23 @@ def _as_values(values: Mapping[Any, Any], optimizer: DifferentiableOptimizer, mo
         if len(tensors) != expected:
             raise ValueError(f"hypergradient: values[{tuned.name!r}] has {len(tensors)} tensors; scope "
                              f"{tuned.scope!r} takes {expected}")
+        for k, t in enumerate(tensors):  # a wrong shape would broadcast silently (a (3,) lr over a (4, 3) weight)
+            if tuned.scope == "element" and t.dim() > 0 and t.shape != optimizer.params[k].shape:
+                raise ValueError(f"hypergradient: values[{tuned.name!r}][{k}] has shape {tuple(t.shape)}, but "
+                                 f"parameter {k} has shape {tuple(optimizer.params[k].shape)}; scope 'element' "
+                                 "takes one value per element (the parameter's shape) or one number (0-dim)")
+            if tuned.scope != "element" and t.numel() != 1:
+                raise ValueError(f"hypergradient: values[{tuned.name!r}] has shape {tuple(t.shape)}; scope "
+                                 f"{tuned.scope!r} takes one number per tensor (0-dim); use "
+                                 "Tuned(name, 'element') for per-element values")
         out[tuned] = tensors
     return out
+
+
+def _check_batches(batches: Sequence[Any], name: str) -> None:
+    if len(batches) == 0:
+        raise ValueError(f"{name}: batches is empty, so there are no training steps to differentiate through; "
+                         "pass the window's training batches (one per step)")
 
 
 def window_loss(optimizer: DifferentiableOptimizer, batches: Sequence[Any], train_loss: TrainLoss,
@@ -311,6 +326,7 @@ def window_loss(optimizer: DifferentiableOptimizer, batches: Sequence[Any], trai
     [one per group]}``, ...), differentiable with respect to every tensor in ``values``. The optimizer
     and scheduler are left untouched."""
     tuned = _as_values(values, optimizer, "values")
+    _check_batches(batches, "window_loss")
     work, _ = replay(Snapshot.capture(optimizer, scheduler), optimizer, batches, train_loss, tuned,
                      first_order=first_order)
     return validation_loss(work.params)
@@ -334,6 +350,7 @@ def hypergradient(optimizer: DifferentiableOptimizer, batches: Sequence[Any], tr
         raise TypeError(f"hypergradient: optimizer must be a diffopt.optim optimizer, got {type(optimizer).__name__}"
                         "; convert a torch.optim one with diffopt.optim.from_torch(opt)")
     tuned = _as_values(values, optimizer, mode)
+    _check_batches(batches, "hypergradient")
     start = Snapshot.capture(optimizer, scheduler)
     counts = {t: len(tensors) for t, tensors in tuned.items()}
     leaves = [x for tensors in tuned.values() for x in tensors]
