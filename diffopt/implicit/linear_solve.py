@@ -514,8 +514,8 @@ class Neumann(_Solver):
 
     def divergence_hint(self) -> str:
         return (f"The Neumann series converges only for 0 < alpha < 2/λ_max(A), and alpha={self.alpha:g} is likely "
-                f"above that for this A (λ_max(A) > {2 / self.alpha:g}): lower alpha below 2/λ_max(A), or choose another "
-                "solver (cg for a positive definite A, minres for a symmetric one, gmres or dense for any)")
+                f"above that for this A (λ_max(A) > {2 / self.alpha:g}): lower alpha below 2/λ_max(A), or choose "
+                "another solver (cg for a positive definite A, minres for a symmetric one, gmres or dense for any)")
 
     def __call__(self, apply_a: Operator, b: Vector, apply_at: Operator | None = None) -> tuple[Vector, SolveInfo]:
         return neumann(apply_a, b, self.iterations, self.alpha, self.tol)

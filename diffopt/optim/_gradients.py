@@ -71,9 +71,10 @@ def check_second_order_graph(loss: Tensor, step: int) -> None:
 def loss_gradients(loss: Tensor | None, params: Sequence[Tensor], step: int, *, first_order: bool,
                    check_finite: bool, check_graph: bool = False) -> list[Tensor | None]:
     """``d loss / d params`` (None where a parameter is unused), with a graph through the
-    gradients unless ``first_order`` (then without forward-mode tangents too: constants); ``step`` is only for the messages. ``check_graph`` walks the
-    loss's graph for ops without a double backward (fused attention) first: the optimizer asks for
-    it at its first step only, where the model's forward is seen for the first time."""
+    gradients unless ``first_order`` (then without forward-mode tangents too: constants); ``step``
+    is only for the messages. ``check_graph`` walks the loss's graph for ops without a double
+    backward (fused attention) first: the optimizer asks for it at its first step only, where the
+    model's forward is seen for the first time."""
     if loss is None:
         raise TypeError("step(loss): a loss tensor is required (or pass grads=...)")
     if not isinstance(loss, Tensor):
