@@ -329,10 +329,11 @@ def custom_root(optimality_fn: Callable[..., Any], *torchopt_argnums: Any, solve
     The solver runs on detached arguments (it is never differentiated: its result is returned detached,
     with the implicit derivative only) and its first argument ``init`` gets no gradient. When nothing
     asks for a derivative (no argument requires grad, no forward-mode tangent, no ``torch.func``
-    transform) the decorator costs nothing. The decorated function records its last solve in ``.last_solve`` (a :class:`SolveInfo`) and the residual in
-    ``.last_residual``. The residual is checked, and an argument that requires grad but that
-    ``optimality_fn`` ignores is refused (``ValueError``: its gradient would be silently zero),
-    wherever the values can be read: not under ``vmap``, and the second check only under plain autograd.
+    transform) the decorator costs nothing. The decorated function records its last solve in
+    ``.last_solve`` (a :class:`SolveInfo`) and the residual in ``.last_residual``. The residual is
+    checked, and an argument that requires grad but that ``optimality_fn`` ignores is refused
+    (``ValueError``: its gradient would be silently zero), wherever the values can be read: not
+    under ``vmap``, and the second check only under plain autograd.
     Under ``vmap`` the iterative solvers run all their iterations (no early stop on batched values).
 
     Example::
