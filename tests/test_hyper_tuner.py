@@ -131,6 +131,41 @@ def test_reverse_window_matches_finite_differences_and_forward_mode(case: tuple)
     assert error <= 1e-6, f"{case[0]}: finite difference {fd} vs reverse {analytic}"
 
 
+def test_first_order_forward_mode_equals_reverse_and_the_window_by_hand() -> None:
+    """first_order=True treats the training gradients as constants in forward mode too (their forward-mode
+    tangents, which create_graph=False does not drop, had made it second order): hypergradient and the
+    tuner agree with reverse mode and with the window written out by hand with detached gradients."""
+    weights, batches, train_loss, validation_loss = problem(0, n_batches=3)
+    lr, mu = (torch.tensor(v, dtype=F64, requires_grad=True) for v in (0.1, 0.5))
+    w, buf = [x.clone() for x in weights], None
+    for batch in batches:
+        current = [x.detach().requires_grad_() for x in w]
+        g = torch.autograd.grad(train_loss(current, batch), current)
+        buf = list(g) if buf is None else [mu * m + gi for m, gi in zip(buf, g)]
+        w = [x - lr * m for x, m in zip(w, buf)]
+    by_hand = torch.autograd.grad(validation_loss(w), (lr, mu))
+    second_order = hypergradient(SGD([x.clone() for x in weights], lr=0.1, momentum=0.5), batches, train_loss,
+                                 validation_loss, {"lr": torch.tensor(0.1, dtype=F64, requires_grad=True)},
+                                 mode="forward")["lr"][0]
+    assert abs(float(second_order) - float(by_hand[0])) > 1e-2  # the two orders differ here
+    last = {}
+    for mode in ("reverse", "forward"):
+        values = {"lr": torch.tensor(0.1, dtype=F64, requires_grad=True),
+                  "momentum": torch.tensor(0.5, dtype=F64, requires_grad=True)}
+        got = hypergradient(SGD([x.clone() for x in weights], lr=0.1, momentum=0.5), batches, train_loss,
+                            validation_loss, values, mode=mode, first_order=True)
+        for name, ref in zip(("lr", "momentum"), by_hand):
+            assert abs(float(got[name][0]) - float(ref)) <= 1e-10 * abs(float(ref)), (mode, name)
+        tuner = OnlineTuner(SGD([x.clone() for x in weights], lr=0.1, momentum=0.5), train_loss, validation_loss,
+                            ["lr", "momentum"], every=3, mode=mode, first_order=True, backtrack=0,
+                            meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+        for batch in batches:
+            tuner.step(batch)
+        last[mode] = float(tuner.last_hypergradient["lr"])
+    assert abs(last["forward"] - 0.1 * float(by_hand[0])) <= 1e-10 * abs(last["forward"])  # d/d log lr
+    assert abs(last["forward"] - last["reverse"]) <= 1e-10 * abs(last["reverse"])
+
+
 OPTIMIZER_CHOICES = {
     "SGD": (lambda ws, **hp: SGD(ws, **{"lr": 0.1, **hp}), ["lr", "momentum", "weight_decay"],
             {"momentum": 0.5, "weight_decay": 0.01}),
@@ -288,6 +323,132 @@ def test_scheduler_trajectory_matches_torch() -> None:
         ref_scheduler.step()
     assert max(float((a - b.detach()).abs().max()) for a, b in zip(tuner.params, ref_params)) <= 1e-10
     assert abs(opt.param_groups[0]["lr"] - reference.param_groups[0]["lr"]) <= 1e-15
+
+
+def composite_scheduler(kind: str, lr_scheduler: Any, opt: Any) -> Any:
+    """A warm-up then a decay, as a SequentialLR or a ChainedScheduler of ``lr_scheduler``'s classes."""
+    warm = lr_scheduler.LinearLR(opt, 0.2, 1.0, total_iters=4)
+    if kind == "SequentialLR":
+        return lr_scheduler.SequentialLR(opt, [warm, lr_scheduler.ExponentialLR(opt, 0.9)], [4])
+    return lr_scheduler.ChainedScheduler([warm, lr_scheduler.ExponentialLR(opt, 0.9)])
+
+
+@pytest.mark.parametrize("kind", ["SequentialLR", "ChainedScheduler"])
+def test_composite_scheduler_trajectory_matches_torch(kind: str, tmp_path: Any) -> None:
+    """Under a SequentialLR / ChainedScheduler the windows step copies of the sub-schedulers, not the
+    live ones: the run is torch.optim's with torch's scheduler and the tuned momenta set between windows,
+    bit for bit; window_loss leaves the sub-schedulers and the rate as they were; a resumed run is the
+    uninterrupted one."""
+    import diffopt.optim.lr_scheduler as ours
+    weights, batches, train_loss, validation_loss = problem(0, n_batches=12)
+
+    def build() -> OnlineTuner:
+        opt = SGD([w.clone() for w in weights], lr=0.2, momentum=0.5)
+        return OnlineTuner(opt, train_loss, validation_loss, "momentum", scheduler=composite_scheduler(kind, ours, opt),
+                           every=3, window=2, meta_lr=0.3)
+
+    tuner = build()
+    for batch in batches:
+        tuner.step(batch)
+    ref_params = [w.clone().requires_grad_() for w in weights]
+    reference = torch.optim.SGD(ref_params, lr=0.2, momentum=0.5)
+    ref_scheduler = composite_scheduler(kind, torch.optim.lr_scheduler, reference)
+    momenta = {h["step"]: h["values"]["momentum"] for h in tuner.history}
+    assert len(set(momenta.values())) >= 3
+    for t, batch in enumerate(batches):
+        reference.zero_grad()
+        train_loss(ref_params, batch).backward()
+        reference.step()
+        ref_scheduler.step()
+        if t + 1 in momenta:
+            reference.param_groups[0]["momentum"] = momenta[t + 1]
+    assert all(torch.equal(a, b.detach()) for a, b in zip(tuner.params, ref_params))
+    assert tuner.optimizer.param_groups[0]["lr"] == reference.param_groups[0]["lr"]
+
+    first = build()
+    for batch in batches[:7]:
+        first.step(batch)
+    first.save(tmp_path / "tuner.pt")
+    resumed = build()
+    resumed.load(tmp_path / "tuner.pt")
+    for batch in batches[7:]:
+        resumed.step(batch)
+    assert all(torch.equal(a, b) for a, b in zip(tuner.params, resumed.params))
+
+    opt = SGD([w.clone() for w in weights], lr=0.2, momentum=0.5)
+    scheduler = composite_scheduler(kind, ours, opt)
+    before = [s.last_epoch for s in scheduler._schedulers], opt.param_groups[0]["lr"]
+    window_loss(opt, batches[:3], train_loss, validation_loss,
+                {"momentum": torch.tensor(0.5, dtype=F64, requires_grad=True)}, scheduler=scheduler)
+    assert ([s.last_epoch for s in scheduler._schedulers], opt.param_groups[0]["lr"]) == before
+
+
+def test_a_momentum_the_scheduler_cycles_is_refused_naming_the_fix() -> None:
+    """OneCycleLR / CyclicLR with cycle_momentum=True write 'momentum' (or Adam's 'beta1') at every step:
+    tuning it is refused when the tuner is built (it had been accepted and silently overwritten); the
+    cycle's own bounds tune, and so does the momentum under cycle_momentum=False."""
+    from diffopt.optim.lr_scheduler import CyclicLR, SequentialLR
+    weights, batches, train_loss, validation_loss = problem(0, n_batches=3)
+    sgd = lambda: SGD([w.clone() for w in weights], lr=0.1, momentum=0.9)  # noqa: E731
+    adam = lambda: Adam([w.clone() for w in weights], lr=0.01)  # noqa: E731
+    cases = [(sgd, "momentum", lambda o: OneCycleLR(o, max_lr=0.1, total_steps=20), "OneCycleLR"),
+             (adam, "beta1", lambda o: OneCycleLR(o, max_lr=0.1, total_steps=20), "OneCycleLR"),
+             (sgd, "momentum", lambda o: CyclicLR(o, 0.01, 0.1, step_size_up=4), "CyclicLR"),
+             (adam, "beta1", lambda o: SequentialLR(o, [ExponentialLR(o, 0.9), OneCycleLR(o, 0.1, total_steps=9)],
+                                                    [3]), "OneCycleLR")]
+    for make, name, make_scheduler, cycler in cases:
+        opt = make()
+        with pytest.raises(ValueError, match=rf"{name!r} is written by the scheduler.*{cycler} with cycle_momentum"
+                                             rf"=True.*cycle_momentum=False"):
+            OnlineTuner(opt, train_loss, validation_loss, [name], scheduler=make_scheduler(opt), every=3)
+    for spec, make_scheduler in (("momentum", lambda o: OneCycleLR(o, 0.1, total_steps=20, cycle_momentum=False)),
+                                 ("max_momentum", lambda o: OneCycleLR(o, 0.1, total_steps=20)),
+                                 ("scheduler.max_momentums", lambda o: CyclicLR(o, 0.01, 0.1, step_size_up=4))):
+        opt = sgd()
+        tuner = OnlineTuner(opt, train_loss, validation_loss, [spec], scheduler=make_scheduler(opt), every=3,
+                            meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+        for batch in batches:
+            tuner.step(batch)
+        (g,) = tuner.last_hypergradient.values()
+        assert torch.isfinite(g).all() and float(g.abs().max()) > 0, spec
+
+
+def test_mismatched_values_settings_and_checkpoints_are_named(tmp_path: Any) -> None:
+    """Refused with the shapes, the scheduler or the missing steps named (they had broadcast silently,
+    failed later with a misleading message, raised AttributeError, or loaded another model silently)."""
+    weights, batches, train_loss, validation_loss = problem(0, n_batches=4)
+    sgd = lambda: SGD([w.clone() for w in weights], lr=0.1, momentum=0.5)  # noqa: E731
+    value = lambda *shape: torch.full(shape, 0.1, dtype=F64, requires_grad=True)  # noqa: E731
+    per_element = [value(3), value(4), value(1, 4)]  # (3,) for the (4, 3) weight would broadcast
+    with pytest.raises(ValueError, match=r"values\['lr'\]\[0\] has shape \(3,\), but parameter 0 has shape \(4, 3\)"):
+        hypergradient(sgd(), batches[:2], train_loss, validation_loss, {Tuned("lr", "element"): per_element})
+    with pytest.raises(ValueError, match=r"values\['lr'\] has shape \(5,\); scope 'global' takes one number"):
+        hypergradient(sgd(), batches[:2], train_loss, validation_loss, {"lr": value(5)})
+    for function in (hypergradient, window_loss):
+        with pytest.raises(ValueError, match=rf"{function.__name__}: batches is empty.*no training steps"):
+            function(sgd(), [], train_loss, validation_loss, {"lr": value()})
+    two = SGD([{"params": [w.clone() for w in weights[:2]], "lr": 0.1}, {"params": [weights[2].clone()], "lr": 0.05}])
+    with pytest.raises(ValueError, match=r"ExponentialLR.gamma is one number for all 2 parameter groups.*scope "
+                                         r"'global'"):
+        OnlineTuner(two, train_loss, validation_loss, [Tuned("scheduler.gamma", "group")],
+                    scheduler=ExponentialLR(two, 0.9), every=2)
+
+    def build(params: list[Tensor], scheduled: bool) -> OnlineTuner:
+        opt = SGD(params, lr=0.1, momentum=0.5)
+        return OnlineTuner(opt, train_loss, validation_loss, "momentum", every=2,
+                           scheduler=ExponentialLR(opt, 0.9) if scheduled else None)
+
+    saved = build([w.clone() for w in weights], True)
+    for batch in batches[:3]:
+        saved.step(batch)
+    state = saved.state_dict()
+    with pytest.raises(ValueError, match=r"saved with a scheduler, this tuner has no scheduler="):
+        build([w.clone() for w in weights], False).load_state_dict(state)
+    other = build([torch.zeros(2, dtype=F64)], True)
+    with pytest.raises(ValueError, match=r"3 parameters of shapes \[\(4, 3\), \(4,\), \(1, 4\)\], this tuner's "
+                                         r"optimizer has 1 of shapes \[\(2,\)\]"):
+        other.load_state_dict(state)
+    assert torch.equal(other.params[0], torch.zeros(2, dtype=F64)) and other.step_count == 0  # nothing loaded
 
 
 def test_onecycle_max_lr_trajectory_matches_torch() -> None:

@@ -278,6 +278,32 @@ def test_normal_cg_applies_a_only_as_its_iterations_need():
         assert info.iterations == iterations and len(calls) == 1 + 2 * iterations + 1
 
 
+def test_normal_cg_stops_on_the_residual_it_reports():
+    """NormalCG stops on ‖b − Aw‖/‖b‖ ≤ tol, the residual it reports and checks: on random SPD systems of
+    condition 100 it converges without a warning (a stop on the normal equations' residual had left 14 of
+    40 just above tol, with a 'raise iterations' warning at any budget), to the dense solution; batched
+    over tasks and under vmap (no early stop) it agrees."""
+    n = 25
+    systems = []
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0]
+        systems.append((q @ torch.diag(torch.logspace(0, 2, n, dtype=F64)) @ q.T,
+                        torch.randn(1, n, generator=g, dtype=F64)))
+    for m, b in systems:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            (w,), info = NormalCG(iterations=10_000).solve(lambda u: [u[0] @ m], [b])
+        assert info.converged and info.relative_residual <= 1e-10 and info.iterations < 200, info
+        assert relative(w, torch.linalg.solve(m, b[0])[None]) <= 100 * 1e-10
+    m = torch.stack([m for m, _ in systems[:2]])
+    b = torch.cat([b for _, b in systems[:2]])
+    (w,), info = NormalCG(iterations=200).solve(lambda u: [torch.einsum("tij,tj->ti", m, u[0])], [b])
+    assert info.converged and relative(w, torch.linalg.solve(m, b)) <= 1e-8
+    mapped = torch.func.vmap(lambda mi, bi: NormalCG(iterations=60).solve(lambda u: [u[0] @ mi], [bi[None]])[0][0][0])
+    assert relative(mapped(m, b), torch.linalg.solve(m, b)) <= 1e-8
+
+
 def test_cg_with_float_steps_equals_the_tensor_recurrence():
     """Outside autograd, one system: CG runs with Python-float step sizes (fewer operations); it
     computes the same iterates as the task-batched recurrence (to rounding), and is not used when the
@@ -486,6 +512,69 @@ def test_has_aux_and_keyword_arguments():
     assert relative(grad, torch.func.grad(lambda v: ridge_closed(v, a.detach(), b).sum())(lam.detach())) <= 1e-8
 
 
+def test_keyword_tensors_are_differentiated_implicitly_and_the_solver_never_is():
+    """A keyword tensor that requires grad gets its implicit gradient, with or without a positional one that
+    requires grad (it had got None, or the gradient through the solver's own unrolled iterations); the
+    solver's graph is never returned."""
+    a, b = ridge_data(21, n=8)
+    condition = lambda x, lam, b=None: a.T @ (a @ x - b) + lam * x  # noqa: E731
+
+    def gradient_descent(init, lam, b=None):  # 30 steps: 1e-2 from the root, so its unrolled gradient is off
+        x = torch.zeros(4, dtype=F64)
+        for _ in range(30):
+            x = x - 0.02 * condition(x, lam, b=b)
+        return x
+
+    root = custom_root(condition, on_residual="ignore")(gradient_descent)
+    lam = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    b = b.requires_grad_()
+    exact_b, exact_lam = torch.autograd.grad(ridge_closed(lam, a, b).sum(), (b, lam))
+    for lam_in in (lam, lam.detach()):
+        (grad_b,) = torch.autograd.grad(root(None, lam_in, b=b).sum(), b)
+        # the implicit gradient at the returned point x: (AᵀA + λI)⁻¹ applied through Aᵀ, x-independent here
+        assert relative(grad_b, exact_b) <= 1e-10
+    grad_b, grad_lam = torch.autograd.grad(root(None, lam, b=b).sum(), (b, lam))
+    x = gradient_descent(None, lam.detach(), b=b.detach())
+    expected_lam = -torch.linalg.solve(a.T @ a + 0.5 * torch.eye(4, dtype=F64), x).sum()
+    assert relative(grad_b, exact_b) <= 1e-10 and relative(grad_lam, expected_lam) <= 1e-10
+    # torch.func over a keyword argument (a pytree of them) agrees with the closed form
+    tree = custom_root(lambda x, lam, *, data: ridge_condition(x, lam, data["a"], data["b"]))(
+        lambda init, lam, *, data: ridge_closed(lam, data["a"], data["b"]))
+    jac = torch.func.jacrev(lambda v: tree(None, torch.tensor(0.5, dtype=F64), data={"a": a, "b": v}))(b.detach())
+    assert relative(jac, torch.func.jacrev(lambda v: ridge_closed(torch.tensor(0.5, dtype=F64), a, v))(b.detach())) \
+        <= 1e-10
+    # a solver closing over a tensor that requires grad: its own graph is not returned
+    scale = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    closed = custom_root(ridge_condition)(lambda init, lam, a, b: scale * ridge_closed(lam, a, b))
+    assert closed(None, torch.tensor(0.5, dtype=F64), a, b.detach()).grad_fn is None
+    ignored = custom_root(lambda x, lam, *, extra: ridge_condition(x, lam, a, b.detach()))(
+        lambda init, lam, *, extra: ridge_closed(lam, a, b.detach()))
+    with pytest.raises(ValueError, match=r"does not depend on keyword argument \['extra'\].*pass it detached"):
+        ignored(None, lam, extra=torch.ones(2, dtype=F64, requires_grad=True))
+
+
+@pytest.mark.parametrize("solve", ["cg", "minres", "gmres", "normal_cg", "dense", "neumann"])
+def test_torchs_batched_gradient_api(solve):
+    """autograd.grad(is_grads_batched=True), autograd.functional.jacobian(vectorize=True) and
+    gradcheck(check_batched_grad=True) run on torch's legacy batched tensors, whose values cannot be read
+    (the solvers had called .item() on them): each equals the Jacobian taken column by column."""
+    a, b = ridge_data(22, n=8)
+    options = {"neumann": {"solve": Neumann(iterations=400, alpha=0.5 / float(torch.linalg.matrix_norm(a, 2)) ** 2)},
+               "normal_cg": {"solve": NormalCG(iterations=200)}}.get(solve, {"solve": solve})
+    root = custom_root(ridge_condition, **options)(ridge_solver().__wrapped__)
+    lam = torch.tensor(0.5, dtype=F64)
+    looped = torch.autograd.functional.jacobian(lambda v: root(None, v, a, b), lam)
+    assert relative(looped, torch.autograd.functional.jacobian(lambda v: ridge_closed(v, a, b), lam)) <= 1e-8
+    vectorized = torch.autograd.functional.jacobian(lambda v: root(None, v, a, b), lam, vectorize=True)
+    assert relative(vectorized, looped) <= 1e-12
+    leaf = lam.clone().requires_grad_()
+    (batched,) = torch.autograd.grad(root(None, leaf, a, b), leaf, grad_outputs=torch.eye(4, dtype=F64),
+                                     is_grads_batched=True)
+    assert relative(batched, looped) <= 1e-12
+    two = torch.tensor([0.5, 0.8], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: root(None, v[0] * v[1], a, b), (two,), check_batched_grad=True)
+
+
 def test_damping_is_added_to_the_jacobian():
     """With damping δ the solve is (A + δI)⁻¹: d x*/dλ = −(H + δI)⁻¹ x*."""
     a, b = ridge_data(12)
@@ -567,6 +656,39 @@ def test_a_linear_solve_that_does_not_converge_reports_its_residual():
         CG(iterations=3).solve(lambda u: [u[0] * indefinite[:1]], [torch.ones(1, 6, dtype=F64)])
     (w,), info = MINRES(iterations=50).solve(lambda u: [u[0] * indefinite[:1]], [torch.ones(1, 6, dtype=F64)])
     assert info.converged and info.negative_curvature is None and relative(w, 1 / indefinite[:1]) <= 1e-10
+
+
+def test_a_solve_that_ends_in_nan_is_a_failure_not_unknown():
+    """A diverged solve (nan residual) fails its check; ``converged=None`` is kept for vmap only."""
+    h = torch.tensor([1.0, 10.0, 1e4], dtype=F64)  # λ_max = 1e4: alpha=0.5 > 2/λ_max, the series diverges
+    apply = lambda u: [u[0] * h]  # noqa: E731
+    _, info = Neumann(iterations=200, alpha=0.5, on_fail="ignore").solve(apply, [torch.ones(1, 3, dtype=F64)])
+    assert info.converged is False and np.isnan(info.relative_residual)
+    with pytest.warns(LinearSolveWarning, match=r"neumann linear solve diverged.*below 2/λ_max"):
+        Neumann(iterations=200, alpha=0.5).solve(apply, [torch.ones(1, 3, dtype=F64)])
+    root = custom_root(lambda x, t: h * x - t, solve=Neumann(iterations=200, alpha=0.5, on_fail="raise"))(
+        lambda init, t: t / h)
+    t = torch.ones(3, dtype=F64, requires_grad=True)
+    with pytest.raises(LinearSolveError, match=r"diverged.*lower alpha below 2/λ_max\(A\)"):
+        torch.autograd.grad(root(None, t).sum(), t)
+    # under vmap the residual is unknown: nan with converged=None, and no check
+    infos = []
+
+    def solve_one(v):
+        w, info = CG(iterations=5, on_fail="raise").solve(apply, [v[None]])
+        infos.append(info)
+        return w[0][0]
+
+    (w,) = [torch.func.vmap(solve_one)(torch.ones(2, 3, dtype=F64))]
+    assert infos[0].converged is None and np.isnan(infos[0].relative_residual)
+    assert relative(w, (1 / h).expand(2, 3)) <= 1e-10
+    with pytest.raises(ValueError, match=r"alpha.*positive and finite"):
+        Neumann(alpha=float("inf"))
+    with pytest.raises(ValueError, match=r"damping must be >= 0 and finite"):
+        custom_root(ridge_condition, damping=float("inf"))
+    from diffopt.implicit.ift import damped
+    with pytest.raises(ValueError, match=r"damping must be finite"):
+        damped(apply, float("inf"))
 
 
 def test_arguments_without_grad_cost_nothing():

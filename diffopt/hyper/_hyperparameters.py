@@ -214,6 +214,21 @@ def _is_number(value: Any) -> bool:
         isinstance(value, Tensor) and value.dim() == 0
 
 
+def _momentum_cycler(scheduler: Any, name: str) -> Any:
+    """The scheduler (``scheduler`` or one inside a ``SequentialLR`` / ``ChainedScheduler``) that writes
+    ``name`` (``"momentum"``, or ``"beta1"`` of an Adam-family optimizer) at every step: a CyclicLR or
+    OneCycleLR with ``cycle_momentum=True``; None if there is none."""
+    if scheduler is None:
+        return None
+    if getattr(scheduler, "cycle_momentum", False) and ("beta1" if scheduler.use_beta1 else "momentum") == name:
+        return scheduler
+    for child in getattr(scheduler, "_schedulers", ()):
+        found = _momentum_cycler(child, name)
+        if found is not None:
+            return found
+    return None
+
+
 def parse_hyperparameters(spec: Any, optimizer: DifferentiableOptimizer, scheduler: Any) -> list[Tuned]:
     """``"lr"``, ``["lr", "momentum"]``, ``{"lr": "group"}`` or :class:`Tuned` objects -> a list of
     :class:`Tuned`, each checked against the optimizer (and scheduler); ``"betas"`` means both."""
@@ -257,6 +272,10 @@ def parse_hyperparameters(spec: Any, optimizer: DifferentiableOptimizer, schedul
                                         for v in items):
                 raise ValueError(f"hyperparameters: {type(scheduler).__name__} has no numeric attribute "
                                  f"{t.attribute!r} to tune (found {value!r})")
+            if t.scope == "group" and not isinstance(value, (list, tuple)) and len(optimizer.param_groups) > 1:
+                raise ValueError(f"hyperparameters: {type(scheduler).__name__}.{t.attribute} is one number for all "
+                                 f"{len(optimizer.param_groups)} parameter groups, so {t.name!r} cannot take one "
+                                 "value per group; use scope 'global'")
         elif t.name not in known:
             close = difflib.get_close_matches(t.name, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -268,6 +287,14 @@ def parse_hyperparameters(spec: Any, optimizer: DifferentiableOptimizer, schedul
                              "'scheduler.gamma'), tune 'lr' without a scheduler, or express the schedule as a "
                              "diffopt.optim.lr_scheduler.LambdaLR (lr = base lr * f(step), e.g. a warm-up), "
                              "under which 'lr' tunes the base lr")
+        elif t.name in ("momentum", "beta1") and _momentum_cycler(scheduler, t.name) is not None:
+            cycler = type(_momentum_cycler(scheduler, t.name)).__name__
+            bounds = ("'max_momentum' / 'base_momentum' (the bounds it keeps in the groups)" if cycler == "OneCycleLR"
+                      else "'scheduler.max_momentums' / 'scheduler.base_momentums'" if scheduler.__class__.__name__
+                      == cycler else "the cycle's momentum bounds")
+            raise ValueError(f"hyperparameters: {t.name!r} is written by the scheduler at every step ({cycler} with "
+                             "cycle_momentum=True cycles it), so a tuned value would be overwritten; build the "
+                             f"{cycler} with cycle_momentum=False to tune {t.name!r}, or tune {bounds} instead")
         elif t.scales_schedule(scheduler) and t.scope == "element":
             raise ValueError("hyperparameters: 'lr' under a LambdaLR tunes its base rates, one per group; use "
                              "scope 'global' or 'group'")

@@ -64,7 +64,7 @@ class Snapshot:
     def capture(cls, optimizer: DifferentiableOptimizer, scheduler: Any = None) -> Snapshot:
         return cls([p.detach() for p in optimizer.params], [None if s is None else dict(s) for s in optimizer.state],
                    optimizer.step_count, [dict(g) for g in optimizer.param_groups],
-                   None if scheduler is None else copy.copy(scheduler))
+                   None if scheduler is None else copy_scheduler(scheduler, scheduler.optimizer))
 
     def working_copy(self, template: DifferentiableOptimizer, *, first_order: bool = False
                      ) -> tuple[DifferentiableOptimizer, Any]:
@@ -75,8 +75,7 @@ class Snapshot:
         work.first_order = first_order
         scheduler = None
         if self.scheduler is not None:
-            scheduler = copy.copy(self.scheduler)
-            scheduler.optimizer = work
+            scheduler = copy_scheduler(self.scheduler, work)
         return work, scheduler
 
     def restore(self, optimizer: DifferentiableOptimizer) -> None:
@@ -100,12 +99,24 @@ class Snapshot:
     def from_payload(cls, payload: Mapping[str, Any], scheduler_template: Any = None) -> Snapshot:
         scheduler = None
         if payload["scheduler"] is not None:
-            scheduler = copy.copy(scheduler_template)
+            scheduler = copy_scheduler(scheduler_template, scheduler_template.optimizer)
             scheduler.load_state_dict(payload["scheduler"])
         return cls(list(payload["params"]), [None if s is None else {k: _unplain(v) for k, v in s.items()}
                                              for s in payload["states"]],
                    int(payload["step_count"]), [{k: _unplain(v) for k, v in g.items()} for g in payload["groups"]],
                    scheduler)
+
+
+def copy_scheduler(scheduler: Any, optimizer: Any) -> Any:
+    """A copy of ``scheduler`` that steps ``optimizer``: shallow (a tuned tensor attribute stays the same
+    tensor, on the graph), with a composite's sub-schedulers (``SequentialLR``, ``ChainedScheduler``:
+    ``_schedulers``) copied and rebound the same way, so that stepping the copy never moves the original
+    or the optimizer it drives (a shallow copy had shared the live sub-schedulers)."""
+    twin = copy.copy(scheduler)
+    twin.optimizer = optimizer
+    if hasattr(scheduler, "_schedulers"):
+        twin._schedulers = [copy_scheduler(s, optimizer) for s in scheduler._schedulers]
+    return twin
 
 
 def _plain(value: Any) -> Any:
@@ -288,8 +299,23 @@ def _as_values(values: Mapping[Any, Any], optimizer: DifferentiableOptimizer, mo
         if len(tensors) != expected:
             raise ValueError(f"hypergradient: values[{tuned.name!r}] has {len(tensors)} tensors; scope "
                              f"{tuned.scope!r} takes {expected}")
+        for k, t in enumerate(tensors):  # a wrong shape would broadcast silently (a (3,) lr over a (4, 3) weight)
+            if tuned.scope == "element" and t.dim() > 0 and t.shape != optimizer.params[k].shape:
+                raise ValueError(f"hypergradient: values[{tuned.name!r}][{k}] has shape {tuple(t.shape)}, but "
+                                 f"parameter {k} has shape {tuple(optimizer.params[k].shape)}; scope 'element' "
+                                 "takes one value per element (the parameter's shape) or one number (0-dim)")
+            if tuned.scope != "element" and t.numel() != 1:
+                raise ValueError(f"hypergradient: values[{tuned.name!r}] has shape {tuple(t.shape)}; scope "
+                                 f"{tuned.scope!r} takes one number per tensor (0-dim); use "
+                                 "Tuned(name, 'element') for per-element values")
         out[tuned] = tensors
     return out
+
+
+def _check_batches(batches: Sequence[Any], name: str) -> None:
+    if len(batches) == 0:
+        raise ValueError(f"{name}: batches is empty, so there are no training steps to differentiate through; "
+                         "pass the window's training batches (one per step)")
 
 
 def window_loss(optimizer: DifferentiableOptimizer, batches: Sequence[Any], train_loss: TrainLoss,
@@ -300,6 +326,7 @@ def window_loss(optimizer: DifferentiableOptimizer, batches: Sequence[Any], trai
     [one per group]}``, ...), differentiable with respect to every tensor in ``values``. The optimizer
     and scheduler are left untouched."""
     tuned = _as_values(values, optimizer, "values")
+    _check_batches(batches, "window_loss")
     work, _ = replay(Snapshot.capture(optimizer, scheduler), optimizer, batches, train_loss, tuned,
                      first_order=first_order)
     return validation_loss(work.params)
@@ -323,6 +350,7 @@ def hypergradient(optimizer: DifferentiableOptimizer, batches: Sequence[Any], tr
         raise TypeError(f"hypergradient: optimizer must be a diffopt.optim optimizer, got {type(optimizer).__name__}"
                         "; convert a torch.optim one with diffopt.optim.from_torch(opt)")
     tuned = _as_values(values, optimizer, mode)
+    _check_batches(batches, "hypergradient")
     start = Snapshot.capture(optimizer, scheduler)
     counts = {t: len(tensors) for t, tensors in tuned.items()}
     leaves = [x for tensors in tuned.values() for x in tensors]

@@ -479,6 +479,7 @@ class OnlineTuner:
         if saved != self._config():
             raise ValueError(f"OnlineTuner.load_state_dict: the saved tuner was built with {state.get('config')}, "
                              f"this one with {self._config()}; build it with the same settings")
+        self._check_same_run(state)
         if self.restart_warmup:  # the scheduler is the tuner's own: there iff the saved run had restarted
             self.scheduler = None
             if state.get("warmup_installed"):
@@ -504,6 +505,20 @@ class OnlineTuner:
         self.generator.set_state(state["generator"])
         self.history = list(state["history"])
         self.last_hypergradient = dict(state["last_hypergradient"])
+
+    def _check_same_run(self, state: dict[str, Any]) -> None:
+        """Refuse, before anything is loaded, a checkpoint of other parameters (count, shapes) or one
+        saved with a scheduler into a tuner without one (or the reverse)."""
+        saved = [tuple(p.shape) for p in state["training"]["params"]]
+        here = [tuple(p.shape) for p in self.optimizer.params]
+        if saved != here:
+            raise ValueError(f"OnlineTuner.load_state_dict: the checkpoint trained {len(saved)} parameters of shapes "
+                             f"{saved}, this tuner's optimizer has {len(here)} of shapes {here}; load it into a "
+                             "tuner built over the same model")
+        if not self.restart_warmup and (state["training"]["scheduler"] is None) != (self.scheduler is None):
+            had, has = ("a", "no") if self.scheduler is None else ("no", "a")
+            raise ValueError(f"OnlineTuner.load_state_dict: the checkpoint was saved with {had} scheduler, this "
+                             f"tuner has {has} scheduler=; build it as the saved one was")
 
     def save(self, path: str | PathLike[str]) -> None:
         """Write :meth:`state_dict` atomically (a crash leaves the old file or the new one)."""

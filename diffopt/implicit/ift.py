@@ -13,6 +13,7 @@ of an inner gradient for the engine, where :math:`F = \nabla_\phi G` and :math:`
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 from torch import Tensor
@@ -22,6 +23,9 @@ from .linear_solve import LinearSolver, Operator, SolveInfo, Vector
 
 def damped(apply: Operator, damping: float) -> Operator:
     """``u ↦ apply(u) + damping·u`` (the identity's multiple added to the operator)."""
+    if not math.isfinite(damping):
+        raise ValueError(f"damping must be finite (a ridge added to A's diagonal), got {damping!r}: an infinite "
+                         "damping makes every implicit gradient nan or 0")
     if not damping:
         return apply
     return lambda u: [a + damping * x for a, x in zip(apply(u), u)]

@@ -17,7 +17,9 @@ stops above ``tol`` warns (:class:`~diffopt.errors.LinearSolveWarning`) or raise
 
 Under ``torch.func.vmap`` (for example inside ``jacrev``) a tensor's values cannot steer Python
 control flow: the iterative solvers then run all ``iterations`` (their updates are guarded so a
-converged system stays put), and the residual is reported as ``nan`` (unknown), not checked.
+converged system stays put), and the residual is reported as ``nan`` with ``converged=None``
+(unknown), not checked. Outside ``vmap`` a ``nan`` or infinite residual is a failure: the solve
+diverged (a Neumann series with ``alpha`` above ``2/λ_max``, say), and ``on_fail`` applies.
 
 References: Hestenes & Stiefel 1952 (CG); Saad & Schultz 1986 (GMRES); Paige & Saunders 1975
 (MINRES); Lorraine et al. 2020 (Neumann series for hypergradients).
@@ -55,10 +57,14 @@ def _scale(alpha: Tensor, v: Tensor) -> Tensor:
 
 
 def under_vmap(tensors: Sequence[Tensor]) -> bool:
-    """Whether any tensor is batched by ``torch.func.vmap`` (then its values cannot be read)."""
+    """Whether any tensor is batched by ``torch.func.vmap``, or by the legacy batching of torch's
+    batched-gradient API (``autograd.grad(is_grads_batched=True)``, which ``autograd.functional.jacobian(
+    vectorize=True)`` and ``gradcheck(check_batched_grad=True)`` use): then its values cannot be read."""
     for t in tensors:
+        if _functorch.is_legacy_batchedtensor(t):
+            return True
         while _functorch.is_functorch_wrapped_tensor(t):
-            if _functorch.is_batchedtensor(t):
+            if _functorch.is_batchedtensor(t) or _functorch.is_legacy_batchedtensor(t):
                 return True
             t = _functorch.get_unwrapped(t)
     return False
@@ -81,7 +87,8 @@ def _safe_divide(a: Tensor, b: Tensor) -> Tensor:
 @dataclass
 class SolveInfo:
     """What a linear solve did: ``relative_residual`` is the worst task's ``‖Aw − b‖ / ‖b‖``
-    (``nan`` and ``converged=None`` under ``vmap``, where the values cannot be read).
+    (``nan`` and ``converged=None`` under ``vmap``, where the values cannot be read; elsewhere a ``nan``
+    or infinite residual means the solve diverged, and ``converged`` is ``False``).
     ``negative_curvature``: whether conjugate gradient met a direction with ``pᵀAp < 0``, proof that
     ``A`` is not positive definite and that CG's iterates mean nothing there (``None`` for the other
     solvers, and under ``vmap``)."""
@@ -93,17 +100,22 @@ class SolveInfo:
     negative_curvature: bool | None = None
 
 
-def _relative_residual(apply_a: Operator, w: Vector, b: Vector, b_norm: Tensor) -> float:
+def _relative_residual(apply_a: Operator, w: Vector, b: Vector, b_norm: Tensor) -> float | None:
+    """The worst task's ``‖Aw − b‖/‖b‖``, or ``None`` under ``vmap`` (unknown: the values cannot be read)."""
     if under_vmap(list(w) + list(b)):
-        return math.nan
+        return None
     aw = apply_a(w)
     r = [x - y for x, y in zip(b, aw)]
     return float((task_dot(r, r).sqrt() / b_norm).max().detach())
 
 
-def _info(name: str, iterations: int, residual: float, tol: float,
+def _info(name: str, iterations: int, residual: float | None, tol: float,
           negative_curvature: bool | None = None) -> SolveInfo:
-    return SolveInfo(name, iterations, residual, None if math.isnan(residual) else residual <= tol, negative_curvature)
+    """``converged=None`` only for an unknown residual (``None``: under ``vmap``); a ``nan`` residual (a
+    diverged solve) is not ``<= tol``, so it reads ``converged=False``."""
+    if residual is None:
+        return SolveInfo(name, iterations, math.nan, None, negative_curvature)
+    return SolveInfo(name, iterations, residual, residual <= tol, negative_curvature)
 
 
 def _b_norm(b: Vector) -> Tensor:
@@ -124,8 +136,7 @@ def conjugate_gradient(apply_a: Operator, b: Vector, iterations: int, tol: float
 def _conjugate_gradient_iterations(apply_a: Operator, b: Vector, iterations: int,
                                    tol: float) -> tuple[Vector, int, Tensor, Tensor]:
     """:func:`conjugate_gradient`'s iterations: ``(w, iterations run, per-task ‖b‖, per-task flag of a
-    direction with negative curvature pᵀAp)``, no final residual (:func:`normal_conjugate_gradient`
-    reports the original system's instead)."""
+    direction with negative curvature pᵀAp)``, no final residual."""
     batched = under_vmap(b)
     w = [torch.zeros_like(x) for x in b]
     r = [x.clone() for x in b]
@@ -135,17 +146,19 @@ def _conjugate_gradient_iterations(apply_a: Operator, b: Vector, iterations: int
     negative = torch.zeros_like(rs, dtype=torch.bool)
     # Under vmap the loop cannot stop: a system stays put once converged (α = β = 0), and the
     # unused branches divide by 1, so differentiating the solve (jacrev of jacrev) cannot meet 0/0.
-    bar = (max(tol, torch.finfo(b[0].dtype).eps) * b_norm.detach()) ** 2 if batched else None
+    # (comparisons only, no .detach(): torch's legacy batched tensors, under autograd.grad(is_grads_batched=True),
+    # have no batching rule for it, and a comparison carries no derivative anyway)
+    bar = (max(tol, torch.finfo(b[0].dtype).eps) * b_norm) ** 2 if batched else None
     done = 0
     for done in range(1, iterations + 1):
         ap = apply_a(p)
         curvature = task_dot(p, ap)
-        negative = negative | (curvature.detach() < 0)  # read once at the end: no synchronisation here
+        negative = negative | (curvature < 0)  # read once at the end: no synchronisation here
         if bar is None:
             alpha = torch.where(curvature != 0, rs / torch.where(curvature != 0, curvature, torch.ones_like(curvature)),
                                 torch.zeros_like(rs))
         else:
-            active = rs.detach() > bar  # (no square root: its forward-mode tangent at 0 is not finite)
+            active = rs > bar  # (no square root: its forward-mode tangent at 0 is not finite)
             usable = active & (curvature != 0)
             alpha = torch.where(usable, rs / torch.where(usable, curvature, torch.ones_like(curvature)),
                                 torch.zeros_like(rs))
@@ -195,22 +208,55 @@ def _conjugate_gradient_float_steps(apply_a: Operator, b: Vector, iterations: in
 
 def _nothing_differentiates(b: Vector) -> bool:
     return (b[0].shape[0] == 1 and not torch.is_grad_enabled() and not inside_torch_func()
-            and not any(x.requires_grad for x in b))
+            and not any(x.requires_grad for x in b) and not under_vmap(b))
 
 
 def normal_conjugate_gradient(
     apply_a: Operator, b: Vector, iterations: int, tol: float, apply_at: Operator | None = None,
 ) -> tuple[Vector, SolveInfo]:
-    """Solve ``A w = b`` per task by CG on the normal equations ``AᵀA w = Aᵀb``.
+    r"""Solve ``A w = b`` per task by CG on the normal equations ``AᵀA w = Aᵀb`` (CGNR; Hestenes &
+    Stiefel 1952, §10).
 
-    ``apply_at`` applies ``Aᵀ`` (default: ``apply_a``, for a symmetric ``A`` such as a
-    Hessian). Stops when every task's normal-equation residual ``‖Aᵀ(b − A w)‖`` is below
-    ``tol·‖Aᵀb‖`` or after ``iterations`` CG iterations (two products with ``A`` each); the
-    reported residual is the original system's, ``‖A w − b‖ / ‖b‖``.
+    ``apply_at`` applies ``Aᵀ`` (default: ``apply_a``, for a symmetric ``A`` such as a Hessian). The
+    recurrence carries the original system's residual :math:`r = b - Aw` (and :math:`z = A^\top r`,
+    the normal equations' residual): with :math:`q = Ap`, :math:`\alpha = \|z\|^2/\|q\|^2`,
+    :math:`w \mathrel{+}= \alpha p`, :math:`r \mathrel{-}= \alpha q`, :math:`z = A^\top r`,
+    :math:`p = z + (\|z'\|^2/\|z\|^2)\, p`. It stops when every task's ``‖b − Aw‖/‖b‖`` is below
+    ``tol``, the residual it reports and checks (a stop on the normal equations' ``‖Aᵀr‖ ≤ tol·‖Aᵀb‖``,
+    torchopt's, could leave ``‖r‖/‖b‖`` up to ``cond(A)`` times above ``tol`` and then warn whatever the
+    iteration budget), or after ``iterations`` iterations (two products with ``A`` or ``Aᵀ`` each).
     """
     apply_at = apply_at or apply_a
-    w, done, _, _ = _conjugate_gradient_iterations(lambda u: apply_at(apply_a(u)), apply_at(b), iterations, tol)
-    return w, _info("normal_cg", done, _relative_residual(apply_a, w, b, _b_norm(b)), tol)
+    batched = under_vmap(b)
+    b_norm = _b_norm(b)
+    w = [torch.zeros_like(x) for x in b]
+    r = [x.clone() for x in b]
+    z = apply_at(r)
+    p = [x.clone() for x in z]
+    zz = task_dot(z, z)
+    rr = task_dot(r, r)
+    # under vmap the loop cannot stop: guarded as conjugate_gradient's (comparisons only, see there)
+    bar = (max(tol, torch.finfo(b[0].dtype).eps) * b_norm) ** 2 if batched else None
+    done = 0
+    for done in range(1, iterations + 1):
+        q = apply_a(p)
+        curvature = task_dot(q, q)  # pᵀAᵀA p
+        usable = curvature != 0 if bar is None else (rr > bar) & (curvature != 0)
+        alpha = torch.where(usable, zz / torch.where(usable, curvature, torch.ones_like(curvature)),
+                            torch.zeros_like(zz))
+        w = [x + _scale(alpha, y) for x, y in zip(w, p)]
+        r = [x - _scale(alpha, y) for x, y in zip(r, q)]
+        active = None if bar is None else rr > bar
+        rr = task_dot(r, r)
+        if not batched and _true((rr.sqrt() / b_norm <= tol).all()):
+            break
+        z = apply_at(r)
+        zz_new = task_dot(z, z)
+        usable = zz != 0 if active is None else active & (zz != 0)
+        beta = torch.where(usable, zz_new / torch.where(usable, zz, torch.ones_like(zz)), torch.zeros_like(zz))
+        p = [x + _scale(beta, y) for x, y in zip(z, p)]
+        zz = zz_new
+    return w, _info("normal_cg", done, _relative_residual(apply_a, w, b, b_norm), tol)
 
 
 def neumann(apply_a: Operator, b: Vector, iterations: int, alpha: float, tol: float) -> tuple[Vector, SolveInfo]:
@@ -400,6 +446,10 @@ class _Solver:
 
     def failure_message(self, info: SolveInfo, what: str = "") -> str:
         """What :meth:`check` says of a solve that stopped above its tolerance (``what`` first)."""
+        if not math.isfinite(info.relative_residual):
+            return (f"{what}{self.name} linear solve diverged: relative residual ‖Aw − b‖/‖b‖ = "
+                    f"{info.relative_residual} after {info.iterations} iterations, so the implicit gradient is not "
+                    "finite. " + self.divergence_hint())
         start = (f"{what}{self.name} linear solve did not converge: relative residual ‖Aw − b‖/‖b‖ = "
                  f"{info.relative_residual:.3g} after {info.iterations} iterations (tol={self.tol:g}). ")
         if info.negative_curvature:
@@ -412,6 +462,12 @@ class _Solver:
         return start + ("The implicit gradient is off by about as much: raise iterations, add damping, or choose "
                         "another solver (cg needs a positive definite A; minres a symmetric one; gmres, "
                         "normal_cg and dense take any)")
+
+    def divergence_hint(self) -> str:
+        """How to fix a solve whose result is not finite (:meth:`failure_message`)."""
+        return ("A or b holds a non-finite value, or the iterations overflowed: check the optimality condition "
+                "at the solution, add damping, or choose another solver (minres for a symmetric A, gmres or dense "
+                "for any)")
 
     def __call__(self, apply_a: Operator, b: Vector, apply_at: Operator | None = None) -> tuple[Vector, SolveInfo]:
         raise NotImplementedError  # pragma: no cover
@@ -453,8 +509,13 @@ class Neumann(_Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.alpha > 0:
-            raise ValueError(f"Neumann(alpha=...) must be positive (below 2/λ_max), got {self.alpha!r}")
+        if not 0 < self.alpha < math.inf:
+            raise ValueError(f"Neumann(alpha=...) must be positive and finite (below 2/λ_max(A)), got {self.alpha!r}")
+
+    def divergence_hint(self) -> str:
+        return (f"The Neumann series converges only for 0 < alpha < 2/λ_max(A), and alpha={self.alpha:g} is likely "
+                f"above that for this A (λ_max(A) > {2 / self.alpha:g}): lower alpha below 2/λ_max(A), or choose "
+                "another solver (cg for a positive definite A, minres for a symmetric one, gmres or dense for any)")
 
     def __call__(self, apply_a: Operator, b: Vector, apply_at: Operator | None = None) -> tuple[Vector, SolveInfo]:
         return neumann(apply_a, b, self.iterations, self.alpha, self.tol)
@@ -464,8 +525,10 @@ class Neumann(_Solver):
 class NormalCG(_Solver):
     """Conjugate gradient on the normal equations ``AᵀA w = Aᵀb`` (CGNR), as torchopt's
     ``solve_normal_cg`` and its iMAML example: at most ``iterations`` CG iterations (each two
-    products with ``A``), stopping when every task's normal-equation residual is below
-    ``tol·‖Aᵀb‖``.
+    products with ``A`` or ``Aᵀ``), stopping when every task's relative residual ``‖b − Aw‖/‖b‖``
+    is below ``tol``, the residual it reports and checks (:func:`normal_conjugate_gradient`; torchopt
+    stops on the normal equations' ``‖Aᵀ(b − Aw)‖ ≤ tol·‖Aᵀb‖`` instead, so with ``tol > 0`` the two
+    may stop at different iterations; with ``tol=0`` both run every iteration).
 
     When to use it: when ``A`` is not symmetric positive definite. The implicit systems
     here are symmetric (a Hessian plus damping), but away from a minimum — few inner

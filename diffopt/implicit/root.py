@@ -22,8 +22,9 @@ of jaxopt (Blondel et al. 2022,
 The derivative is an ``autograd.Function`` with a ``jvp`` and a generated ``vmap`` rule, so the
 decorated solver composes with ``torch.autograd``, ``torch.func.grad``, ``jacrev``, ``jacfwd``,
 ``jvp`` and ``vmap`` (under ``vmap`` the user's solver must itself be vmappable, as in JAX).
-``x`` and every positional argument may be a tensor, a 0-dim tensor or a pytree (dict, list,
-tuple) of tensors; keyword arguments are passed to the solver and to ``F`` but not differentiated.
+``x`` and every argument, positional or keyword, may be a tensor, a 0-dim tensor or a pytree (dict,
+list, tuple) of tensors; every floating-point tensor among them is differentiated (implicitly), as in
+jaxopt: pass a tensor detached to leave it out.
 """
 from __future__ import annotations
 
@@ -59,10 +60,9 @@ class RootProblem:
 
     optimality_fn: Callable[..., Any]
     x_spec: Any
-    args_spec: Any
-    arg_leaves: list[Any]          # every leaf of the positional arguments (tensors replaced on call)
+    args_spec: Any                 # the structure of ``(args, kwargs)``
+    arg_leaves: list[Any]          # every leaf of the arguments, positional then keyword (tensors replaced on call)
     tensor_positions: list[int]    # which of them are floating-point tensors (differentiated)
-    kwargs: dict[str, Any]
     solver: LinearSolver
     damping: float
     record: Callable[[SolveInfo], None]
@@ -72,8 +72,8 @@ class RootProblem:
         leaves = list(self.arg_leaves)
         for position, value in zip(self.tensor_positions, theta):
             leaves[position] = value
-        args = pytree.tree_unflatten(leaves, self.args_spec)
-        out = self.optimality_fn(pytree.tree_unflatten(list(x), self.x_spec), *args, **self.kwargs)
+        args, kwargs = pytree.tree_unflatten(leaves, self.args_spec)
+        out = self.optimality_fn(pytree.tree_unflatten(list(x), self.x_spec), *args, **kwargs)
         return pytree.tree_leaves(out)
 
     def _batched(self, op: Callable[[list[Tensor]], list[Tensor]]) -> Callable[[Vector], Vector]:
@@ -156,8 +156,8 @@ class RootProblem:
 
         inputs = [*x, *theta, *cotangent]
         _, w_spec = pytree.tree_flatten([wi[0] for wi in w])
-        _, inputs_spec = pytree.tree_flatten(tuple(inputs))
-        linear = RootProblem(condition, w_spec, inputs_spec, inputs, list(range(len(inputs))), {}, self.solver, 0.0,
+        _, inputs_spec = pytree.tree_flatten((tuple(inputs), {}))
+        linear = RootProblem(condition, w_spec, inputs_spec, inputs, list(range(len(inputs))), self.solver, 0.0,
                              self.record)
         return list(_ImplicitRoot.apply(linear, n_x, *[wi[0].detach() for wi in w], *inputs))
 
@@ -285,8 +285,7 @@ def _residual_check(problem: RootProblem, x: list[Tensor], theta: list[Tensor], 
             every = names()
             raise ValueError(f"{name}: optimality_fn does not depend on {', '.join(every[k] for k in ignored)}, "
                              "which requires grad: its gradient through the solution would be silently zero. Use "
-                             "it in the optimality condition, pass it as a keyword argument (not differentiated), "
-                             "or detach it")
+                             "it in the optimality condition, or pass it detached")
     residual = float(torch.sqrt(sum((o.detach().double() ** 2).sum() for o in out)))
     if on_residual != "ignore" and not residual <= residual_tol:
         message = (f"{name}: the optimality condition is {residual:.3g} from zero at the solver's returned point "
@@ -299,18 +298,19 @@ def _residual_check(problem: RootProblem, x: list[Tensor], theta: list[Tensor], 
     return residual
 
 
-def _argument_names(args: tuple[Any, ...], positions: list[int]) -> list[str]:
-    """``argument [0]``, ``argument [1]['lam']``, ...: the leaves at ``positions`` of the positional
-    arguments, by their paths."""
-    paths, _ = pytree.tree_flatten_with_path(args)
-    return [f"argument {pytree.keystr(paths[i][0])}" for i in positions]
+def _argument_names(args: tuple[Any, ...], kwargs: dict[str, Any], positions: list[int]) -> list[str]:
+    """``argument [0]``, ``argument [1]['lam']``, ``keyword argument ['b']``, ...: the leaves at
+    ``positions`` of the arguments (positional then keyword), by their paths."""
+    paths, _ = pytree.tree_flatten_with_path((args, kwargs))
+    return [f"{'argument' if paths[i][0][0].idx == 0 else 'keyword argument'} {pytree.keystr(paths[i][0][1:])}"
+            for i in positions]
 
 
 def custom_root(optimality_fn: Callable[..., Any], *torchopt_argnums: Any, solve: LinearSolver | str = "cg",
                 damping: float = 0.0, residual_tol: float = 1e-4, on_residual: str = "warn",
                 has_aux: bool = False, argnums: Any = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    r"""Decorate ``solver(init, *args, **kwargs) -> x*`` so that ``x*`` is differentiable in ``args``
-    through ``optimality_fn(x, *args, **kwargs) = 0`` (the implicit function theorem).
+    r"""Decorate ``solver(init, *args, **kwargs) -> x*`` so that ``x*`` is differentiable in ``args`` and
+    ``kwargs`` through ``optimality_fn(x, *args, **kwargs) = 0`` (the implicit function theorem).
 
     Args:
         optimality_fn: ``F(x, *args, **kwargs)``, zero at the solution, with the structure and shapes
@@ -324,15 +324,16 @@ def custom_root(optimality_fn: Callable[..., Any], *torchopt_argnums: Any, solve
             or ``"ignore"`` when that residual is above ``residual_tol``.
         has_aux: the solver returns ``(x*, aux)``; ``aux`` is passed through, not differentiated.
         argnums: torchopt's ``custom_root(F, argnums, ...)`` argument, refused with the port: here, as in
-            jaxopt, every tensor argument that requires grad is differentiated.
+            jaxopt, every tensor argument (positional or keyword) that requires grad is differentiated.
 
-    The solver runs on detached arguments (it is never differentiated) and its first argument
-    ``init`` gets no gradient. When nothing asks for a derivative (no argument requires grad, no
-    forward-mode tangent, no ``torch.func`` transform) the decorator costs nothing. The decorated
-    function records its last solve in ``.last_solve`` (a :class:`SolveInfo`) and the residual in
-    ``.last_residual``. The residual is checked, and an argument that requires grad but that
-    ``optimality_fn`` ignores is refused (``ValueError``: its gradient would be silently zero),
-    wherever the values can be read: not under ``vmap``, and the second check only under plain autograd.
+    The solver runs on detached arguments (it is never differentiated: its result is returned detached,
+    with the implicit derivative only) and its first argument ``init`` gets no gradient. When nothing
+    asks for a derivative (no argument requires grad, no forward-mode tangent, no ``torch.func``
+    transform) the decorator costs nothing. The decorated function records its last solve in
+    ``.last_solve`` (a :class:`SolveInfo`) and the residual in ``.last_residual``. The residual is
+    checked, and an argument that requires grad but that ``optimality_fn`` ignores is refused
+    (``ValueError``: its gradient would be silently zero), wherever the values can be read: not
+    under ``vmap``, and the second check only under plain autograd.
     Under ``vmap`` the iterative solvers run all their iterations (no early stop on batched values).
 
     Example::
@@ -347,15 +348,15 @@ def custom_root(optimality_fn: Callable[..., Any], *torchopt_argnums: Any, solve
     if torchopt_argnums or argnums is not None:
         raise TypeError("custom_root(optimality_fn, argnums): that is torchopt's signature. diffopt's follows jaxopt's: "
                         "custom_root(optimality_fn, solve=..., has_aux=...) differentiates every tensor argument of "
-                        "the solver that requires grad (pass the others detached, or as keyword arguments, which "
-                        "are never differentiated); drop argnums")
+                        "the solver (positional or keyword) that requires grad (pass the others detached); drop "
+                        "argnums")
     if str(getattr(getattr(solve, "func", solve), "__module__", "")).startswith("torchopt"):  # (solve_cg() is a partial)
         raise TypeError(f"custom_root(solve={solve!r}): a torchopt linear solver; use a name ('cg', 'normal_cg', "
                         "'gmres', 'minres', 'neumann', 'dense') or a diffopt solver object: solve_cg(maxiter=n, "
                         "rtol=r) is CG(iterations=n, tol=r), solve_normal_cg(...) is NormalCG(...)")
     solver_object = as_solver(solve)
-    if not damping >= 0:
-        raise ValueError(f"custom_root: damping must be >= 0, got {damping!r}")
+    if not 0 <= damping < math.inf:
+        raise ValueError(f"custom_root: damping must be >= 0 and finite, got {damping!r}")
     if on_residual not in ON_RESIDUAL:
         raise ValueError(f"custom_root: on_residual must be 'warn', 'raise' or 'ignore', got {on_residual!r}")
     if not residual_tol >= 0:
@@ -366,22 +367,24 @@ def custom_root(optimality_fn: Callable[..., Any], *torchopt_argnums: Any, solve
 
         @functools.wraps(solver)
         def wrapped(init: Any, *args: Any, **kwargs: Any) -> Any:
-            arg_leaves, args_spec = pytree.tree_flatten(args)
-            detached = pytree.tree_unflatten([v.detach() if isinstance(v, Tensor) else v for v in arg_leaves],
-                                             args_spec)
-            result = solver(init, *detached, **kwargs)
+            arg_leaves, args_spec = pytree.tree_flatten((args, kwargs))
+            detached_args, detached_kwargs = pytree.tree_unflatten(
+                [v.detach() if isinstance(v, Tensor) else v for v in arg_leaves], args_spec)
+            result = solver(init, *detached_args, **detached_kwargs)
             solution, aux = result if has_aux else (result, None)
             x_leaves, x_spec = pytree.tree_flatten(solution)
             positions = [i for i, v in enumerate(arg_leaves) if isinstance(v, Tensor) and v.is_floating_point()]
             theta = [arg_leaves[i] for i in positions]
             if not all(isinstance(v, Tensor) for v in x_leaves):
                 raise TypeError(f"{name} must return a tensor or a pytree of tensors, got {solution!r}")
-            if not _differentiating(theta):
-                return result
-            problem = RootProblem(optimality_fn, x_spec, args_spec, arg_leaves, positions, kwargs, solver_object,
-                                  damping, record=lambda info: setattr(wrapped, "last_solve", info))
             x = [v.detach() for v in x_leaves]
-            wrapped.last_residual = _residual_check(problem, x, theta, lambda: _argument_names(args, positions),
+            if not _differentiating(theta):  # (detached: a solver that closes over a tensor has its own graph)
+                solution = pytree.tree_unflatten(x, x_spec)
+                return (solution, aux) if has_aux else solution
+            problem = RootProblem(optimality_fn, x_spec, args_spec, arg_leaves, positions, solver_object,
+                                  damping, record=lambda info: setattr(wrapped, "last_solve", info))
+            wrapped.last_residual = _residual_check(problem, x, theta,
+                                                    lambda: _argument_names(args, kwargs, positions),
                                                     residual_tol, on_residual, name)
             out = _ImplicitRoot.apply(problem, len(x), *x, *theta)
             solution = pytree.tree_unflatten(list(out), x_spec)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from ..errors import NonFiniteError
 
@@ -70,9 +71,10 @@ def check_second_order_graph(loss: Tensor, step: int) -> None:
 def loss_gradients(loss: Tensor | None, params: Sequence[Tensor], step: int, *, first_order: bool,
                    check_finite: bool, check_graph: bool = False) -> list[Tensor | None]:
     """``d loss / d params`` (None where a parameter is unused), with a graph through the
-    gradients unless ``first_order``; ``step`` is only for the messages. ``check_graph`` walks the
-    loss's graph for ops without a double backward (fused attention) first: the optimizer asks for
-    it at its first step only, where the model's forward is seen for the first time."""
+    gradients unless ``first_order`` (then without forward-mode tangents too: constants); ``step``
+    is only for the messages. ``check_graph`` walks the loss's graph for ops without a double
+    backward (fused attention) first: the optimizer asks for it at its first step only, where the
+    model's forward is seen for the first time."""
     if loss is None:
         raise TypeError("step(loss): a loss tensor is required (or pass grads=...)")
     if not isinstance(loss, Tensor):
@@ -106,6 +108,10 @@ def loss_gradients(loss: Tensor | None, params: Sequence[Tensor], step: int, *, 
     if all(g is None for g in computed):
         raise ValueError(f"step(loss) at step {step}: the loss does not depend on any of the {len(params)} "
                          f"parameters this step updates, so the step would change nothing; {NOT_CONNECTED_FIX}")
+    if first_order and forward_ad._current_level >= 0:
+        # create_graph=False drops the reverse-mode graph but not forward-mode tangents: under dual
+        # tensors the gradient still carries d(gradient)/dλ, a second-order term first_order excludes
+        computed = tuple(None if g is None else forward_ad.unpack_dual(g).primal for g in computed)
     grads: list[Tensor | None] = [None] * len(params)
     for i, g in zip(wanted, computed):
         grads[i] = g
