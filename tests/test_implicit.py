@@ -686,6 +686,9 @@ def test_a_solve_that_ends_in_nan_is_a_failure_not_unknown():
         Neumann(alpha=float("inf"))
     with pytest.raises(ValueError, match=r"damping must be >= 0 and finite"):
         custom_root(ridge_condition, damping=float("inf"))
+    from diffopt.unroll import Implicit
+    with pytest.raises(ValueError, match=r"damping must be a finite number >= 0, got inf"):
+        Implicit(damping=float("inf"))  # when the mode is built, not at its first solve
     from diffopt.implicit.ift import damped
     with pytest.raises(ValueError, match=r"damping must be finite"):
         damped(apply, float("inf"))

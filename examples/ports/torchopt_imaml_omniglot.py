@@ -43,8 +43,9 @@ def random_batch(task_num: int, n_way: int, k_spt: int, k_qry: int, generator: t
 
 def make_learner(net: nn.Module, inner_steps: int = 5, reg_param: float = 2.0, inner_lr: float = 1e-1,
                  cg_iterations: int = 5, cg_tol: float = 1e-5) -> iMAML:
-    """torchopt's ``InnerNet``: SGD(lr=0.1) on cross-entropy + λ/2‖φ − θ‖², normal-equation CG
-    (torchopt's ``cg`` stops at ``rtol=1e-5`` relative to the normal equations' right-hand side, as here)."""
+    """torchopt's ``InnerNet``: SGD(lr=0.1) on cross-entropy + λ/2‖φ − θ‖², normal-equation CG with
+    torchopt's 5 iterations (its ``cg`` stops at ``rtol=1e-5`` of the normal equations' right-hand side,
+    ``NormalCG`` at ``tol`` of the original system's; with 5 iterations neither stops early)."""
     return iMAML(net, F.cross_entropy, inner_lr=inner_lr, inner_steps=inner_steps, regularization=reg_param,
                  solver="normal_cg", solver_iterations=cg_iterations, solver_tol=cg_tol)
 

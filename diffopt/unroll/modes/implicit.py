@@ -72,8 +72,8 @@ class Implicit(Mode):
 
     def __post_init__(self) -> None:
         self.solver = as_solver(self.solver, "solver")
-        if not self.damping >= 0:
-            raise ValueError(f"damping must be >= 0, got {self.damping!r}")
+        if not (self.damping >= 0 and math.isfinite(self.damping)):
+            raise ValueError(f"damping must be a finite number >= 0, got {self.damping!r}")
         if not self.stationarity_tol >= 0:
             raise ValueError(f"stationarity_tol must be >= 0 (inf: never warn), got {self.stationarity_tol!r}")
 
