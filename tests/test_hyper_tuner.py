@@ -837,3 +837,30 @@ def test_a_hyperparameter_spec_that_is_not_one_is_named(spec, message):
     optimizer = diffopt.optim.SGD([torch.zeros(3, 1, dtype=torch.float64)], lr=0.1)
     with pytest.raises((TypeError, ValueError), match=message):
         diffopt.hyper.OnlineTuner(optimizer, lambda p, b: p[0].sum(), lambda p: p[0].sum(), spec)
+
+
+def test_a_scheduler_attribute_a_later_window_does_not_use_is_left_alone() -> None:
+    """MultiStepLR's gamma acts only at its milestones: a window without one gives it no hypergradient.
+    The tuner had stopped the run with 'the weights do not depend on scheduler.gamma' at step 12 after
+    tuning it at steps 3, 6 and 9; it now keeps its value there (no meta-step, so no momentum either)
+    and warns once. A window before any use still is an error (a scheduler that detaches looks alike)."""
+    from diffopt.optim.lr_scheduler import MultiStepLR
+
+    weights, batches, train_loss, validation_loss = problem(0, n_batches=15)
+    opt = SGD([w.clone() for w in weights], lr=0.2, momentum=0.5)
+    tuner = OnlineTuner(opt, train_loss, validation_loss, "scheduler.gamma", every=3, window=3,
+                        scheduler=MultiStepLR(opt, [2, 5, 8], gamma=0.6))
+    with pytest.warns(UserWarning, match=r"scheduler.gamma got no hypergradient in the window ending at training "
+                                         r"step 12: the scheduler did not use it") as caught:
+        for batch in batches:
+            tuner.step(batch)
+    assert sum("no hypergradient" in str(w.message) for w in caught) == 1  # once, though steps 12 and 15 skip
+    gammas = [h["values"]["scheduler.gamma"] for h in tuner.history]
+    assert len(set(gammas[:3])) == 3 and gammas[2] == gammas[3] == gammas[4]
+    assert [h["hypergradient"]["scheduler.gamma"] for h in tuner.history][3:] == [0.0, 0.0]
+    opt = SGD([w.clone() for w in weights], lr=0.2, momentum=0.5)
+    late = OnlineTuner(opt, train_loss, validation_loss, "scheduler.gamma", every=3, window=3,
+                       scheduler=MultiStepLR(opt, [3], gamma=0.6))
+    with pytest.raises(ValueError, match="the weights after the window do not depend on scheduler.gamma"):
+        for batch in batches[:3]:
+            late.step(batch)

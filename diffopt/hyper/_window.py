@@ -23,7 +23,7 @@ Both are exact for the window and agree to rounding (tests/test_hyper_tuner.py: 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,10 +203,13 @@ def _independent(where: str, dropped: list[str], unused: list[str]) -> ValueErro
 
 
 def hypergradients(run: Callable[[list[Tensor]], tuple[Tensor, DifferentiableOptimizer]], leaves: Sequence[Tensor],
-                   labels: Sequence[str], mode: str, where: str) -> tuple[Tensor, list[Tensor]]:
+                   labels: Sequence[str], mode: str, where: str, tolerate: Collection[str] = (),
+                   skipped: list[str] | None = None) -> tuple[Tensor, list[Tensor]]:
     """``(L, dL/d leaves)`` for ``L, work = run(leaves)``, in reverse or forward mode; an error names
     every leaf ``L`` does not depend on (and whether the optimizer dropped the graph), and a
-    non-finite derivative."""
+    non-finite derivative. A leaf labelled in ``tolerate`` that the weights do not depend on in this
+    window is not an error (a scheduler attribute known to reach the weights in other windows:
+    StepLR's gamma acts only at its decay steps): its gradient is zero and its label goes to ``skipped``."""
     if mode not in MODES:
         raise ValueError(f"{where}: mode must be one of {MODES} here, got {mode!r}")
     dropped: list[str] = []
@@ -255,6 +258,9 @@ def hypergradients(run: Callable[[list[Tensor]], tuple[Tensor, DifferentiableOpt
                         break
                     flat[e] = tangent.reshape(())
                     value = primal.detach()
+    if skipped is not None:
+        skipped.extend(label for label in dropped if label in tolerate)
+    dropped = [label for label in dropped if label not in tolerate]
     if dropped or unused:
         raise _independent(where, dropped, unused)
     for g, label in zip(grads, labels):

@@ -69,6 +69,7 @@ tests/test_hyper_tuner.py replays them in ``torch.optim`` to 1e-10).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from os import PathLike
 from typing import Any
@@ -260,6 +261,11 @@ class OnlineTuner:
         #: the full hypergradient of the last tuning step, per raw tensor (per-element ones included)
         self.last_hypergradient: dict[str, Tensor] = {}
         self.last_standard_error: float = float("nan")
+        #: labels with a hypergradient in some window; scheduler attributes the last window did not use
+        #: (known to reach the weights in another window); those warned of
+        self._connected: set[str] = set()
+        self._skipped_now: set[str] = set()
+        self._warned_skipped: set[str] = set()
         self._start: Snapshot | None = None
         self._batches: list[Any] = []
         self._particles: list[list[Snapshot]] | None = None
@@ -334,7 +340,11 @@ class OnlineTuner:
                                  first_order=self.first_order)
                 return self.validation_loss(work.params), work
 
-            value, grads = hypergradients(run, leaves, self.labels(), self.mode, where)
+            skipped: list[str] = []
+            intermittent = {label for label in self._connected if label.startswith("scheduler.")}
+            value, grads = hypergradients(run, leaves, self.labels(), self.mode, where, intermittent, skipped)
+            self._note_skipped(skipped)
+            self._connected.update(label for label in self.labels() if label not in skipped)
         labels = self.labels()
         self.last_hypergradient = {label: g.detach().clone() for label, g in zip(labels, grads)}
         restart = self._origin is not None and self._lr_too_high(grads)
@@ -342,7 +352,7 @@ class OnlineTuner:
             self._restart()
         else:
             self._origin = None  # the first period that was not too fast: training goes on from here
-            self._meta_step(leaves, grads)
+            self._meta_step(leaves, grads, [label in self._skipped_now for label in labels])
         values = {name: [float(v.mean()) for v in value] if isinstance(value, list) and value
                   and isinstance(value[0], Tensor) else value for name, value in self.values().items()}
         self.history.append({"step": self.step_count, "validation_loss": float(value), "values": values,
@@ -395,10 +405,25 @@ class OnlineTuner:
         ``"lr"`` now tunes (written by :meth:`_commit`)."""
         self.scheduler = LambdaLR(self.optimizer, LinearWarmup(self.restart_warmup))
 
-    def _meta_step(self, leaves: list[Tensor], grads: Sequence[Tensor]) -> None:
+    def _note_skipped(self, skipped: list[str]) -> None:
+        """Scheduler attributes the window's steps did not use: left alone by this meta-step (a zero
+        gradient would still move them through the meta-optimizer's momentum), warned once each."""
+        self._skipped_now = set(skipped)
+        for label in skipped:
+            if label not in self._warned_skipped:
+                self._warned_skipped.add(label)
+                warnings.warn(
+                    f"OnlineTuner: {label} got no hypergradient in the window ending at training step "
+                    f"{self.step_count}: the scheduler did not use it in those steps (StepLR's or MultiStepLR's "
+                    "gamma acts only at a decay step, LinearLR's or ConstantLR's factors only until total_iters, "
+                    "...). It keeps its value until a window contains such a step; a longer window (window=) "
+                    "reaches more of them (warned once per hyperparameter)", UserWarning, stacklevel=4)
+
+    def _meta_step(self, leaves: list[Tensor], grads: Sequence[Tensor], skip: Sequence[bool] = ()) -> None:
         self.meta_optimizer.zero_grad(set_to_none=True)
-        for leaf, g in zip(leaves, grads):
-            leaf.grad = g.detach().clone()
+        for k, (leaf, g) in enumerate(zip(leaves, grads)):
+            if not (k < len(skip) and skip[k]):  # (None: the meta-optimizer leaves it, momentum included)
+                leaf.grad = g.detach().clone()
         self.meta_optimizer.step()
         self.meta_optimizer.zero_grad(set_to_none=True)
         self._commit()
