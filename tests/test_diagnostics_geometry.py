@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from functools import partial
 
 import pytest
@@ -249,6 +250,99 @@ def test_stability_ratio_on_a_quadratic(rho, converges):
     wT = dg.sgd_adapt(model, lr=lr, steps=200, likelihood="gaussian", sigma=1.0)(w0, X, y)
     ratio = ((wT["weight"] - w_star).norm() / (w0["weight"] - w_star).norm()).item()
     assert (ratio < 1e-3) if converges else (ratio > 1e3)
+
+
+def exact_spectrum(model, params, x, y, loss):
+    """Eigenvalues of the dense Hessian of ``loss(model(x), y)`` in the flat weights (the reference)."""
+    names = list(params)
+    sizes = [params[k].numel() for k in names]
+
+    def f(flat):
+        parts = {k: t.reshape(params[k].shape) for k, t in zip(names, flat.split(sizes))}
+        return loss(functional_call(model, parts, (x,)), y)
+
+    flat = torch.cat([params[k].reshape(-1) for k in names])
+    return torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, flat))
+
+
+def test_lambda_max_where_the_most_negative_eigenvalue_dominates():
+    """Review bug: eigenvalues min −3.806, top 0.2779, 0.2787, 0.4112. Power iteration (convergence judged on
+    the Rayleigh quotient's change, the shifted run's flag discarded) reported 0.285 as converged at the
+    defaults. Lanczos with a residual test: the exact top eigenvalue, within the residual it reports."""
+    torch.manual_seed(18)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(6, 3) * 3
+    y = torch.randint(0, 3, (6,))
+    params = {k: v.detach().clone() * 4 for k, v in model.named_parameters()}
+    ev = exact_spectrum(model, params, x, y, nn.functional.cross_entropy)
+    assert ev[0] < -3.8 and 0.41 < ev[-1] < 0.42  # the case the review reproduced
+    d = dg.curvature(model, params, x, y, seed=18, lr=0.5)["curvature/lambda_max"]
+    assert d.estimator["converged"] is True and d.estimator["iterations_run"] <= 50
+    assert abs(d.value - ev[-1].item()) <= d.estimator["residual"] * ev.abs().max().item() + 1e-12
+    assert d.value == pytest.approx(ev[-1].item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lambda_max_at_a_saddle_with_eigenvalues_plus_and_minus_a(seed):
+    """A 1-1-1 linear network at zero weights: the Hessian is [[0, c], [c, 0]], eigenvalues ±c. The power
+    method's Rayleigh quotient is constant there and it stopped after 2 iterations at 2.11 (seed 0) and 4.95
+    (seed 2) for c = 5.75."""
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)).double()
+    params = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+    g = gen(0)
+    x = torch.randn(8, 1, generator=g)
+    y = 2 * x + 0.1 * torch.randn(8, 1, generator=g)
+    mse = lambda out, t: ((out - t) ** 2).mean()  # noqa: E731
+    ev = exact_spectrum(model, params, x, y, mse)
+    assert ev[0].item() == pytest.approx(-ev[1].item(), rel=1e-12) and ev[1] > 5
+    d = dg.curvature(model, params, x, y, loss_fn=mse, seed=seed, samples=0)["curvature/lambda_max"]
+    assert d.estimator["converged"] is True
+    assert d.value == pytest.approx(ev[1].item(), rel=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), h=st.integers(2, 6), scale=st.sampled_from([0.5, 1.0, 3.0, 5.0]),
+       iters=st.sampled_from([3, 8, 50]), tol=st.sampled_from([1e-4, 1e-6, 1e-9]))
+def test_lambda_max_is_right_within_its_residual_or_flagged_unconverged(seed, h, scale, iters, tol):
+    """Over random small tanh networks (with dominant negative eigenvalues among them): a λ_max reported as
+    converged is the largest eigenvalue of the dense Hessian to within tol·max|eigenvalue|; otherwise the
+    estimator says not converged and a CurvatureConvergenceWarning names ``iters``. Never a wrong value
+    passed off as converged."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, h), nn.Tanh(), nn.Linear(h, 3)).double()
+    params = {k: v.detach() * scale for k, v in model.named_parameters()}
+    x, y = torch.randn(6, 3, generator=gen(seed)) * scale, torch.randint(0, 3, (6,), generator=gen(seed + 1))
+    ev = exact_spectrum(model, params, x, y, nn.functional.cross_entropy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d = dg.curvature(model, params, x, y, iters=iters, tol=tol, samples=0, seed=seed)["curvature/lambda_max"]
+    flagged = [w for w in caught if issubclass(w.category, dg.CurvatureConvergenceWarning)]
+    assert d.value <= ev[-1].item() + 1e-12 * ev.abs().max().item()  # a Ritz value never exceeds λ_max
+    if d.estimator["converged"]:
+        assert not flagged
+        assert abs(d.value - ev[-1].item()) <= (tol + 1e-12) * ev.abs().max().item()
+    else:
+        assert len(flagged) == 1 and f"iters={iters}" in str(flagged[0].message)
+        assert d.estimator["iterations_run"] == iters and d.estimator["residual"] > tol
+
+
+def test_unconverged_lambda_max_is_flagged_in_the_report_and_names_power_iters():
+    """diagnose() with too few Lanczos iterations: the warning names power_iters, the report carries a note
+    and the estimator per-task flags; with the default (20) the same tasks converge."""
+    from diffopt.algorithms import MAML
+    from diffopt.recipes import SinusoidSource, sinusoid_mlp
+
+    torch.manual_seed(0)
+    learner = MAML(sinusoid_mlp(16).double(), nn.functional.mse_loss, inner_lr=0.01, inner_steps=1)
+    source = SinusoidSource(test_tasks=3, dtype=F64)
+    with pytest.warns(dg.CurvatureConvergenceWarning, match="power_iters=2 Lanczos"):
+        rep = dg.diagnose(learner, source, sigma=0.5, which=["curvature"], power_iters=2, hutchinson_samples=0)
+    assert rep["curvature/lambda_max"].estimator["converged"] == [False] * 3
+    assert any("not converged on 3 of 3 tasks" in n and "--power-iters" in n for n in rep.settings["notes"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dg.CurvatureConvergenceWarning)
+        rep = dg.diagnose(learner, source, sigma=0.5, which=["curvature"], hutchinson_samples=0)
+    assert rep["curvature/lambda_max"].estimator["converged"] == [True] * 3
 
 
 class OnceTanh(torch.autograd.Function):

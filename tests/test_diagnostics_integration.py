@@ -454,6 +454,12 @@ def test_cli_diagnose_a_train_checkpoint(tmp_path, capsys):
     assert diag_cli.run(_parse(["diagnose", str(ckpt), "--tasks", "2", "--sigma", "0.5", "--which", "kl",
                                 "--plot", str(out_png)])) == 0
     assert out_png.stat().st_size > 0
+    # --power-iters reaches the curvature; too few iterations are flagged in the printed report
+    with pytest.warns(dg.CurvatureConvergenceWarning, match="power_iters=1 Lanczos"):
+        assert diag_cli.run(_parse(["diagnose", str(ckpt), "--tasks", "2", "--sigma", "0.5", "--which", "curvature",
+                                    "--power-iters", "1", "--json", str(out_json)])) == 0
+    assert "curvature/lambda_max is not converged on 2 of 2 tasks" in capsys.readouterr().out
+    assert json.loads(out_json.read_text())["results"]["curvature/lambda_max"]["estimator"]["iterations"] == 1
 
 
 def test_cli_metric_checkpoint_and_anil(tmp_path, capsys):

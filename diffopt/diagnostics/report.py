@@ -254,7 +254,8 @@ def diagnose_adaptation(
         fisher_kind: ``"true"``, ``"empirical"`` or ``"mc"`` for Fisher and 3b.
         orderings, blocks: prequential code settings.
         bald_members: bootstrap resamples of the support set adapted on for BALD.
-        power_iters, power_tol, hutchinson_samples: curvature settings.
+        power_iters, power_tol, hutchinson_samples: curvature settings (Lanczos iterations for λ_max and the
+            residual tolerance of :func:`~diffopt.diagnostics.curvature`'s ``iters``, ``tol``; Hutchinson probes).
         seed: seeds the one explicit generator used for all sampling.
 
     Returns:
@@ -415,9 +416,10 @@ def diagnose_adaptation(
                                      bn_mode)
                     for xs, ys, _, _ in task_list]
             results.update(curvature_group(vals, T, "nats/param^2" if loss_fn is None else "loss/param^2",
-                                           {"power_iterations": settings.power_iters, "tol": settings.power_tol,
+                                           {"iterations": settings.power_iters, "tol": settings.power_tol,
                                             "lr": lr_used,
-                                            "hutchinson_samples": settings.hutchinson_samples, "bn_mode": bn_mode}))
+                                            "hutchinson_samples": settings.hutchinson_samples, "bn_mode": bn_mode},
+                                           ("power_iters", "power_tol")))
         if "metagrad" in chosen:
             pairs = [metagradients_single(model, th, xs, ys, xq, yq, full_adapt, None if loss_fn else lik, loss_fn,
                                           bn_mode) for xs, ys, xq, yq in task_list]
