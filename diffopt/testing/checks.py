@@ -12,12 +12,16 @@
 
 Everything runs in float64; a float32 model is copied to float64 first (the
 report says so). Every check returns a report with the worst relative error,
-where it occurred, and a verdict against the tolerance.
+where it occurred, and a verdict against the tolerance: PASS, FAIL, or
+INCONCLUSIVE when the check could not be made (every finite-difference direction
+crossed a jump or kink; the implicit row's inner problem not converged), with
+the reason and the fix — a check never fails correct code for its own limits.
 """
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +40,11 @@ Data = tuple[Tensor, Tensor, Tensor, Tensor]
 
 @dataclass
 class Report:
-    """Outcome of a check: ``passed`` against ``tolerance``, the worst error and where."""
+    """Outcome of a check: ``passed`` against ``tolerance``, the worst error and where.
+
+    ``inconclusive`` (non-empty: the reason and the fix) marks a check that could not be made; it is
+    then neither ``passed`` nor ``failed`` (``verdict`` ``"INCONCLUSIVE"``).
+    """
 
     name: str
     worst_error: float
@@ -44,19 +52,34 @@ class Report:
     tolerance: float
     details: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    inconclusive: str = ""
 
     @property
     def passed(self) -> bool:
-        return math.isfinite(self.worst_error) and self.worst_error <= self.tolerance
+        return not self.inconclusive and math.isfinite(self.worst_error) and self.worst_error <= self.tolerance
+
+    @property
+    def failed(self) -> bool:
+        return not self.inconclusive and not self.passed
+
+    @property
+    def verdict(self) -> str:
+        return "INCONCLUSIVE" if self.inconclusive else "PASS" if self.passed else "FAIL"
 
     def __str__(self) -> str:
-        verdict = "PASS" if self.passed else "FAIL"
-        text = f"{verdict} {self.name}: worst error {self.worst_error:.2e} (tolerance {self.tolerance:.0e}) at {self.where}"
+        if self.inconclusive:
+            text = f"INCONCLUSIVE {self.name}: {self.inconclusive}"
+        else:
+            text = (f"{self.verdict} {self.name}: worst error {self.worst_error:.2e} (tolerance {self.tolerance:.0e}) "
+                    f"at {self.where}")
         return text + "".join(f"\n  note: {n}" for n in self.notes)
 
     def raise_if_failed(self) -> "Report":
-        if not self.passed:
+        """AssertionError on FAIL; a warning (nothing was verified) on INCONCLUSIVE."""
+        if self.failed:
             raise AssertionError(str(self))
+        if self.inconclusive:
+            warnings.warn(str(self), UserWarning, stacklevel=2)
         return self
 
 
@@ -64,6 +87,44 @@ class Report:
 def _error_or_nan_first(check: "DirectionalCheck") -> float:
     """``max`` key: the worst check, where a NaN error counts as the worst (``max`` would pass over it)."""
     return math.inf if math.isnan(check.relative_error) else check.relative_error
+
+
+def _directional_checks(value: Callable[[], float], wrt: list[Tensor], analytic: Sequence[Tensor],
+                        plan: Sequence[int | None], labels: Sequence[str], generator: torch.Generator, step: float,
+                        tolerance: float, notes: list[str]) -> list[DirectionalCheck]:
+    """``analytic`` against finite differences of ``value`` along one random unit direction per entry of ``plan``
+    (None: over all of ``wrt``; i: over ``wrt[i]`` only, named ``labels[i]``).
+
+    A direction whose finite differences cross a non-smooth point (a ReLU kink, a jump of a sign-based rule
+    such as Rprop) is redrawn, up to three times, and never compared: comparing it would fail correct code.
+    A direction over a single number cannot be redrawn (its line is the same); it is skipped at once. Both are
+    counted in ``notes``; the caller reports INCONCLUSIVE when no direction could be compared.
+    """
+    checks: list[DirectionalCheck] = []
+    redrawn = 0
+    for k, support in enumerate(plan):
+        attempts = 1 if support is not None and wrt[support].numel() == 1 else 4
+        for _attempt in range(attempts):
+            d = random_direction(wrt, generator, support)
+            projected = float(sum((g * v).sum() for g, v in zip(analytic, d)))
+            numeric, error, smooth = best_agreement(value, wrt, d, projected, step, tolerance)
+            if smooth:
+                break
+            redrawn += 1
+        else:
+            where = "all" if support is None else labels[support]
+            notes.append(f"direction {k} over {where}: a non-smooth point (kink or jump) within the finite-difference "
+                         f"step on {'every attempt' if attempts > 1 else 'its only line'}, not compared")
+            continue
+        checks.append(DirectionalCheck(k, projected, numeric, error, "all" if support is None else labels[support]))
+    if redrawn:
+        notes.append(f"{redrawn} direction(s) crossed a non-smooth point (a ReLU kink, a sign flip's jump) and were "
+                     "redrawn or skipped")
+    return checks
+
+
+NO_DIRECTION = ("every finite-difference direction crossed a non-smooth point (kink or jump), so nothing was "
+                "compared; try another seed, fewer steps, or a smooth test problem")
 
 def _float64_copy(model: nn.Module, notes: list[str]) -> nn.Module:
     dtypes = {p.dtype for p in model.parameters()}
@@ -160,30 +221,15 @@ def check_hypergradient(
             return float(meta_loss().detach())
 
     generator = torch.Generator().manual_seed(seed)
-    checks: list[DirectionalCheck] = []
-    kinks = 0
     plan: list[int | None] = [None] * directions + list(range(len(wrt)))
-    for k, support in enumerate(plan):
-        for _attempt in range(4):
-            d = random_direction(wrt, generator, support)
-            projected = float(sum((g * v).sum() for g, v in zip(analytic, d)))
-            numeric, error, smooth = best_agreement(value, wrt, d, projected, step_size, tolerance)
-            if smooth:
-                break
-            kinks += 1
-        else:
-            notes.append(f"direction {k}: non-smooth point on every attempt, not compared")
-            continue
-        checks.append(DirectionalCheck(k, projected, numeric, error, "all" if support is None else names[support]))
-    if kinks:
-        notes.append(f"{kinks} direction(s) crossed a non-smooth point (e.g. a ReLU kink) and were redrawn")
+    checks = _directional_checks(value, wrt, analytic, plan, names, generator, step_size, tolerance, notes)
     worst = max(checks, key=_error_or_nan_first) if checks else None
     report = Report(
         name=f"hypergradient ({mode}, {steps} steps)",
         worst_error=worst.relative_error if worst else float("nan"),
         where=(f"direction {worst.direction} over {worst.tensor}: analytic {worst.analytic:.10e}, "
                f"finite difference {worst.numeric:.10e}") if worst else "no direction compared",
-        tolerance=tolerance, details=checks, notes=notes,
+        tolerance=tolerance, details=checks, notes=notes, inconclusive="" if checks else NO_DIRECTION,
     )
     if gradcheck and report.passed:
         _gradcheck(loop, model, hyper, data, outer_loss, report)
@@ -318,15 +364,14 @@ def _check_optimizer(optimizer: Callable[..., DifferentiableOptimizer],
 
     generator = torch.Generator().manual_seed(seed + 1)
     labels = [f"initial parameter {i}" for i in range(len(params))] + [f"hyperparameter {k}" for k in tensors]
-    checks = []
-    for k, support in enumerate([None] * directions + list(range(len(params), len(wrt)))):
-        d = random_direction(wrt, generator, support)
-        projected = float(sum((g * v).sum() for g, v in zip(analytic, d)))
-        numeric, error, _ = best_agreement(value, wrt, d, projected, 1e-5, hypergradient_tolerance)
-        checks.append(DirectionalCheck(k, projected, numeric, error, "all" if support is None else labels[support]))
-    worst_check = max(checks, key=_error_or_nan_first)
-    reports.append(Report(f"{type(opt).__name__} hypergradients ({steps} steps)", worst_check.relative_error,
-                          f"direction over {worst_check.tensor}", hypergradient_tolerance, checks))
+    notes: list[str] = []
+    plan: list[int | None] = [None] * directions + list(range(len(params), len(wrt)))
+    checks = _directional_checks(value, wrt, analytic, plan, labels, generator, 1e-5, hypergradient_tolerance, notes)
+    worst_check = max(checks, key=_error_or_nan_first) if checks else None
+    reports.append(Report(f"{type(opt).__name__} hypergradients ({steps} steps)",
+                          worst_check.relative_error if worst_check else float("nan"),
+                          f"direction over {worst_check.tensor}" if worst_check else "no direction compared",
+                          hypergradient_tolerance, checks, notes, inconclusive="" if checks else NO_DIRECTION))
     return reports
 
 
