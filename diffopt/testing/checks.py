@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..optim import SGD, DifferentiableOptimizer
 from ..unroll import InnerLoop
+from ..unroll.carry import Carry
 from .finite_differences import DirectionalCheck, best_agreement, random_direction
 
 OptimizerFactory = Callable[[list[Tensor]], DifferentiableOptimizer]
@@ -403,7 +404,11 @@ def check_modes(
     strongly convex proximal problem (iMAML's, with λ = ``implicit_regularization``), both with plain
     SGD at ``implicit_lr``: the implicit hypergradient depends only on the inner solution, and SGD
     converges to it, while an adaptive optimizer at a constant rate (Adam, RMSprop) hovers around it
-    and would make a correct engine fail this row.
+    and would make a correct engine fail this row. Both sides are exact only at the inner solution:
+    the row measures the inner problem's stationarity ``‖∇_φ(L(φ) + λ/2‖φ − θ‖²)‖`` after
+    ``implicit_steps`` (relative to its value at φ = θ, worst task) and, when the two disagree while
+    it is above ``1e-4·implicit_tolerance``, reports the row INCONCLUSIVE with the steps that would
+    converge it (extrapolated from the measured linear rate), never FAIL.
     """
     notes: list[str] = []
     model = _float64_copy(model, notes)
@@ -457,9 +462,61 @@ def check_modes(
         proximal = {"proximal": implicit_regularization, "steps": implicit_steps, "vectorize": False, "_optimizer": sgd}
         unrolled = gradient(mode="second_order", **proximal)
         implicit = gradient(mode="implicit", **proximal)
-        reports.append(compare("implicit vs second order unrolled to convergence (initialisation; plain SGD)", implicit,
-                               unrolled, implicit_tolerance, slice(0, n_model)))
+        report = compare("implicit vs second order unrolled to convergence (initialisation; plain SGD)", implicit,
+                         unrolled, implicit_tolerance, slice(0, n_model))
+        loop = InnerLoop(model, sgd, inner_loss, **{**engine_options, "steps": implicit_steps,
+                                                    "proximal": implicit_regularization, "vectorize": False})
+        _judge_inner_convergence(report, loop, data, implicit_steps, implicit_lr, implicit_tolerance)
+        reports.append(report)
     return reports
+
+
+#: the inner problem counts as converged for the implicit row below this relative stationarity, times its
+#: tolerance: the unrolled Jacobian converges more slowly than the iterate (measured: hypergradient error
+#: up to ~330x the relative stationarity on the kit's own problems, seeds 0-5, 100-1000 steps)
+STATIONARITY_FACTOR = 1e-4
+
+
+def _stationarity(loop: InnerLoop, data: Data, steps: int) -> list[float]:
+    """Per task ``‖∇_φ G_t(φ)‖`` (G the inner objective with the proximal term) after ``steps`` inner steps."""
+    x, y = data[0], data[1]
+    carry = loop.run(loop.initial_carry(x.shape[0]), steps, x, y, "none")
+    leaves = {j: carry.params[j].detach().clone().requires_grad_() for j in loop.positions}
+    params = [leaves.get(j, p) for j, p in enumerate(carry.params)]
+    with torch.enable_grad():
+        losses, _ = loop.inner_objective(Carry(params, carry.states, carry.buffers, carry.step), x, y)
+        grads = torch.autograd.grad(losses.sum(), list(leaves.values()))  # tasks are independent
+    squares = sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads)
+    return [float(v) for v in squares.sqrt()]  # type: ignore[union-attr]
+
+
+def _judge_inner_convergence(report: Report, loop: InnerLoop, data: Data, steps: int, lr: float,
+                             tolerance: float) -> None:
+    """Note the implicit row's inner stationarity; a disagreement at an unconverged inner problem is INCONCLUSIVE
+    (its message names implicit_steps and the steps that would converge it), not a FAIL."""
+    start = _stationarity(loop, data, 0)
+    end = _stationarity(loop, data, steps)
+    relative = [e / s if s > 0 else 0.0 for s, e in zip(start, end)]
+    worst = max(range(len(relative)), key=relative.__getitem__)
+    target = STATIONARITY_FACTOR * tolerance
+    report.notes.append(f"inner stationarity after implicit_steps={steps} SGD steps (lr {lr:g}): "
+                        f"|grad of the proximal objective| / its value at theta = {relative[worst]:.1e} (worst task "
+                        f"{worst}; converged below {target:.0e})")
+    if report.passed or relative[worst] <= target:
+        return
+    half = _stationarity(loop, data, steps // 2)[worst] / start[worst] if steps >= 2 else 1.0
+    rate = (relative[worst] / half) ** (1 / (steps - steps // 2)) if half > 0 and steps >= 2 else math.nan
+    if not 0 < rate < 1:
+        fix = (f"plain SGD at implicit_lr={lr:g} is not converging on it (the stationarity went from {half:.1e} to "
+               f"{relative[worst]:.1e} over the last {steps - steps // 2} steps): lower implicit_lr")
+    else:
+        # the unrolled Jacobian converges more slowly than the iterate: half as many steps again
+        more = 1.5 * (steps + math.log(target / relative[worst]) / math.log(rate))
+        fix = f"raise implicit_steps (to about {50 * math.ceil(more / 50)}, from the measured rate)"
+    report.inconclusive = (f"the inner problem is not converged after implicit_steps={steps} (relative stationarity "
+                           f"{relative[worst]:.1e} > {target:.0e} on task {worst}), so neither side is exact: the "
+                           f"disagreement {report.worst_error:.2e} at {report.where} says nothing about the engine; "
+                           f"{fix}")
 
 
 def _first_order_formula(model: nn.Module, opt: DifferentiableOptimizer, inner_loss: Callable[[Tensor, Tensor], Tensor],
