@@ -435,6 +435,36 @@ def test_metagradient_discrepancy_over_tasks_with_callable_adapt():
         dg.metagradient_discrepancy(model, None, xs, ys, xq, yq, batched=True)
 
 
+def test_metagradient_variances_are_in_nats_squared_for_the_nll_like_alignment():
+    """Review bug: the variances were labelled loss^2/param^2 even for the likelihood's NLL, so to_bits()
+    refused them while alignment labelled the same kind of quantity nats^2/param^2. Reference: the
+    first-order meta-gradient of one SGD step by hand, its task variance, converted by ln 2 squared."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3).double()
+    T, lr = 4, 0.1
+    X, Y = torch.randn(T, 5, 3, generator=gen(0)), torch.randint(0, 3, (T, 5), generator=gen(1))
+    res = dg.metagradient_discrepancy(model, None, X, Y, X, Y, lr=lr, batched=True)
+    rows = []
+    for t in range(T):
+        w, b = (p.detach().clone().requires_grad_() for p in (model.weight, model.bias))
+        gw, gb = torch.autograd.grad(nn.functional.cross_entropy(X[t] @ w.T + b, Y[t]), [w, b])
+        phi = [(w - lr * gw).detach().requires_grad_(), (b - lr * gb).detach().requires_grad_()]
+        g = torch.autograd.grad(nn.functional.cross_entropy(X[t] @ phi[0].T + phi[1], Y[t]), phi)
+        rows.append(torch.cat([v.reshape(-1) for v in g]))
+    reference = torch.stack(rows).var(0).sum().item()
+    variance = res["metagrad/variance_first_order"]
+    assert variance.value == pytest.approx(reference, rel=1e-10)
+    alignment = dg.gradient_alignment(model, None, X, Y)["alignment/sq_norm_mean_grad"]
+    assert variance.units == alignment.units == "nats^2/param^2"
+    bits = variance.to_bits()
+    assert bits.units == "bits^2/param^2" and bits.value == pytest.approx(reference / math.log(2) ** 2, rel=1e-12)
+    mse = lambda out, y: ((out - nn.functional.one_hot(y, 3).to(out)) ** 2).mean()  # noqa: E731
+    own = dg.metagradient_discrepancy(model, None, X, Y, X, Y, lr=lr, loss_fn=mse, batched=True)
+    assert own["metagrad/variance_second_order"].units == "loss^2/param^2"
+    with pytest.raises(ValueError, match="no 'nats'"):
+        own["metagrad/variance_second_order"].to_bits()
+
+
 def test_curvature_of_a_model_with_attention_matches_the_dense_hessian():
     """#14 follow-up: the diagnostics' forwards run attention on a twice-differentiable kernel, so
     Hessian-vector products work on transformers (before: SecondOrderUnavailable from the fused

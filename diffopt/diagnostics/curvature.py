@@ -39,7 +39,7 @@ from ._functional import (
     from_vector,
 )
 from .settings import DiagnosticSettings, diagnostic
-from ._result import Diagnostic, DiagnosticGroup
+from ._result import Diagnostic, DiagnosticGroup, loss_units
 
 __all__ = ["curvature", "hessian_vector_product", "HVPOperator", "top_eigenvalue", "TopEigenvalue",
            "CurvatureConvergenceWarning"]
@@ -253,7 +253,7 @@ def curvature(
     vals = [curvature_single(model, pt["p"], d["x"], d["y"], lik, loss_fn, lr, iters, tol, samples, gen,
                              settings.bn_mode)
             for pt, d in views]
-    units = "nats/param^2" if loss_fn is None else "loss/param^2"
+    units = f"{loss_units(loss_fn)}/param^2"
     est = {"loss": "mean NLL, " + lik.describe() if lik is not None else "loss_fn", "bn_mode": settings.bn_mode,
            "iterations": iters, "tol": tol, "hutchinson_samples": samples, "probes": "Rademacher",
            "start": "Gaussian (explicit generator)", "lr": lr}
