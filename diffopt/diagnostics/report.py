@@ -254,8 +254,8 @@ def diagnose_adaptation(
         fisher_kind: ``"true"``, ``"empirical"`` or ``"mc"`` for Fisher and 3b.
         orderings, blocks: prequential code settings.
         bald_members: bootstrap resamples of the support set adapted on for BALD.
-        power_iters, power_tol, hutchinson_samples: curvature settings (Lanczos iterations for λ_max and the
-            residual tolerance of :func:`~diffopt.diagnostics.curvature`'s ``iters``, ``tol``; Hutchinson probes).
+        power_iters, power_tol: Lanczos iterations and residual tolerance for λ_max (curvature's iters, tol).
+        hutchinson_samples: Rademacher probes for the curvature's tr H.
         seed: seeds the one explicit generator used for all sampling.
 
     Returns:
