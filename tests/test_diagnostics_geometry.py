@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from functools import partial
 
 import pytest
@@ -251,6 +252,99 @@ def test_stability_ratio_on_a_quadratic(rho, converges):
     assert (ratio < 1e-3) if converges else (ratio > 1e3)
 
 
+def exact_spectrum(model, params, x, y, loss):
+    """Eigenvalues of the dense Hessian of ``loss(model(x), y)`` in the flat weights (the reference)."""
+    names = list(params)
+    sizes = [params[k].numel() for k in names]
+
+    def f(flat):
+        parts = {k: t.reshape(params[k].shape) for k, t in zip(names, flat.split(sizes))}
+        return loss(functional_call(model, parts, (x,)), y)
+
+    flat = torch.cat([params[k].reshape(-1) for k in names])
+    return torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, flat))
+
+
+def test_lambda_max_where_the_most_negative_eigenvalue_dominates():
+    """Review bug: eigenvalues min −3.806, top 0.2779, 0.2787, 0.4112. Power iteration (convergence judged on
+    the Rayleigh quotient's change, the shifted run's flag discarded) reported 0.285 as converged at the
+    defaults. Lanczos with a residual test: the exact top eigenvalue, within the residual it reports."""
+    torch.manual_seed(18)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(6, 3) * 3
+    y = torch.randint(0, 3, (6,))
+    params = {k: v.detach().clone() * 4 for k, v in model.named_parameters()}
+    ev = exact_spectrum(model, params, x, y, nn.functional.cross_entropy)
+    assert ev[0] < -3.8 and 0.41 < ev[-1] < 0.42  # the case the review reproduced
+    d = dg.curvature(model, params, x, y, seed=18, lr=0.5)["curvature/lambda_max"]
+    assert d.estimator["converged"] is True and d.estimator["iterations_run"] <= 50
+    assert abs(d.value - ev[-1].item()) <= d.estimator["residual"] * ev.abs().max().item() + 1e-12
+    assert d.value == pytest.approx(ev[-1].item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lambda_max_at_a_saddle_with_eigenvalues_plus_and_minus_a(seed):
+    """A 1-1-1 linear network at zero weights: the Hessian is [[0, c], [c, 0]], eigenvalues ±c. The power
+    method's Rayleigh quotient is constant there and it stopped after 2 iterations at 2.11 (seed 0) and 4.95
+    (seed 2) for c = 5.75."""
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)).double()
+    params = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+    g = gen(0)
+    x = torch.randn(8, 1, generator=g)
+    y = 2 * x + 0.1 * torch.randn(8, 1, generator=g)
+    mse = lambda out, t: ((out - t) ** 2).mean()  # noqa: E731
+    ev = exact_spectrum(model, params, x, y, mse)
+    assert ev[0].item() == pytest.approx(-ev[1].item(), rel=1e-12) and ev[1] > 5
+    d = dg.curvature(model, params, x, y, loss_fn=mse, seed=seed, samples=0)["curvature/lambda_max"]
+    assert d.estimator["converged"] is True
+    assert d.value == pytest.approx(ev[1].item(), rel=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), h=st.integers(2, 6), scale=st.sampled_from([0.5, 1.0, 3.0, 5.0]),
+       iters=st.sampled_from([3, 8, 50]), tol=st.sampled_from([1e-4, 1e-6, 1e-9]))
+def test_lambda_max_is_right_within_its_residual_or_flagged_unconverged(seed, h, scale, iters, tol):
+    """Over random small tanh networks (with dominant negative eigenvalues among them): a λ_max reported as
+    converged is the largest eigenvalue of the dense Hessian to within tol·max|eigenvalue|; otherwise the
+    estimator says not converged and a CurvatureConvergenceWarning names ``iters``. Never a wrong value
+    passed off as converged."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, h), nn.Tanh(), nn.Linear(h, 3)).double()
+    params = {k: v.detach() * scale for k, v in model.named_parameters()}
+    x, y = torch.randn(6, 3, generator=gen(seed)) * scale, torch.randint(0, 3, (6,), generator=gen(seed + 1))
+    ev = exact_spectrum(model, params, x, y, nn.functional.cross_entropy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d = dg.curvature(model, params, x, y, iters=iters, tol=tol, samples=0, seed=seed)["curvature/lambda_max"]
+    flagged = [w for w in caught if issubclass(w.category, dg.CurvatureConvergenceWarning)]
+    assert d.value <= ev[-1].item() + 1e-12 * ev.abs().max().item()  # a Ritz value never exceeds λ_max
+    if d.estimator["converged"]:
+        assert not flagged
+        assert abs(d.value - ev[-1].item()) <= (tol + 1e-12) * ev.abs().max().item()
+    else:
+        assert len(flagged) == 1 and f"iters={iters}" in str(flagged[0].message)
+        assert d.estimator["iterations_run"] == iters and d.estimator["residual"] > tol
+
+
+def test_unconverged_lambda_max_is_flagged_in_the_report_and_names_power_iters():
+    """diagnose() with too few Lanczos iterations: the warning names power_iters, the report carries a note
+    and the estimator per-task flags; with the default (20) the same tasks converge."""
+    from diffopt.algorithms import MAML
+    from diffopt.recipes import SinusoidSource, sinusoid_mlp
+
+    torch.manual_seed(0)
+    learner = MAML(sinusoid_mlp(16).double(), nn.functional.mse_loss, inner_lr=0.01, inner_steps=1)
+    source = SinusoidSource(test_tasks=3, dtype=F64)
+    with pytest.warns(dg.CurvatureConvergenceWarning, match="power_iters=2 Lanczos"):
+        rep = dg.diagnose(learner, source, sigma=0.5, which=["curvature"], power_iters=2, hutchinson_samples=0)
+    assert rep["curvature/lambda_max"].estimator["converged"] == [False] * 3
+    assert any("not converged on 3 of 3 tasks" in n and "--power-iters" in n for n in rep.settings["notes"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dg.CurvatureConvergenceWarning)
+        rep = dg.diagnose(learner, source, sigma=0.5, which=["curvature"], hutchinson_samples=0)
+    assert rep["curvature/lambda_max"].estimator["converged"] == [True] * 3
+
+
 class OnceTanh(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -339,6 +433,36 @@ def test_metagradient_discrepancy_over_tasks_with_callable_adapt():
     assert res["metagrad/variance_first_order"].value == pytest.approx(G1.var(0).sum().item(), rel=1e-10)
     with pytest.raises(ValueError, match="lr="):
         dg.metagradient_discrepancy(model, None, xs, ys, xq, yq, batched=True)
+
+
+def test_metagradient_variances_are_in_nats_squared_for_the_nll_like_alignment():
+    """Review bug: the variances were labelled loss^2/param^2 even for the likelihood's NLL, so to_bits()
+    refused them while alignment labelled the same kind of quantity nats^2/param^2. Reference: the
+    first-order meta-gradient of one SGD step by hand, its task variance, converted by ln 2 squared."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3).double()
+    T, lr = 4, 0.1
+    X, Y = torch.randn(T, 5, 3, generator=gen(0)), torch.randint(0, 3, (T, 5), generator=gen(1))
+    res = dg.metagradient_discrepancy(model, None, X, Y, X, Y, lr=lr, batched=True)
+    rows = []
+    for t in range(T):
+        w, b = (p.detach().clone().requires_grad_() for p in (model.weight, model.bias))
+        gw, gb = torch.autograd.grad(nn.functional.cross_entropy(X[t] @ w.T + b, Y[t]), [w, b])
+        phi = [(w - lr * gw).detach().requires_grad_(), (b - lr * gb).detach().requires_grad_()]
+        g = torch.autograd.grad(nn.functional.cross_entropy(X[t] @ phi[0].T + phi[1], Y[t]), phi)
+        rows.append(torch.cat([v.reshape(-1) for v in g]))
+    reference = torch.stack(rows).var(0).sum().item()
+    variance = res["metagrad/variance_first_order"]
+    assert variance.value == pytest.approx(reference, rel=1e-10)
+    alignment = dg.gradient_alignment(model, None, X, Y)["alignment/sq_norm_mean_grad"]
+    assert variance.units == alignment.units == "nats^2/param^2"
+    bits = variance.to_bits()
+    assert bits.units == "bits^2/param^2" and bits.value == pytest.approx(reference / math.log(2) ** 2, rel=1e-12)
+    mse = lambda out, y: ((out - nn.functional.one_hot(y, 3).to(out)) ** 2).mean()  # noqa: E731
+    own = dg.metagradient_discrepancy(model, None, X, Y, X, Y, lr=lr, loss_fn=mse, batched=True)
+    assert own["metagrad/variance_second_order"].units == "loss^2/param^2"
+    with pytest.raises(ValueError, match="no 'nats'"):
+        own["metagrad/variance_second_order"].to_bits()
 
 
 def test_curvature_of_a_model_with_attention_matches_the_dense_hessian():

@@ -454,6 +454,12 @@ def test_cli_diagnose_a_train_checkpoint(tmp_path, capsys):
     assert diag_cli.run(_parse(["diagnose", str(ckpt), "--tasks", "2", "--sigma", "0.5", "--which", "kl",
                                 "--plot", str(out_png)])) == 0
     assert out_png.stat().st_size > 0
+    # --power-iters reaches the curvature; too few iterations are flagged in the printed report
+    with pytest.warns(dg.CurvatureConvergenceWarning, match="power_iters=1 Lanczos"):
+        assert diag_cli.run(_parse(["diagnose", str(ckpt), "--tasks", "2", "--sigma", "0.5", "--which", "curvature",
+                                    "--power-iters", "1", "--json", str(out_json)])) == 0
+    assert "curvature/lambda_max is not converged on 2 of 2 tasks" in capsys.readouterr().out
+    assert json.loads(out_json.read_text())["results"]["curvature/lambda_max"]["estimator"]["iterations"] == 1
 
 
 def test_cli_metric_checkpoint_and_anil(tmp_path, capsys):
@@ -491,6 +497,26 @@ def test_headline_format():
     assert math.isfinite(float(number)) and float(number) >= 0
     meta_sgd = MetaSGD(sinusoid_mlp(8).double(), F.mse_loss, generator=gen(0))
     assert "stability ratio" in dg.headline(meta_sgd, source, sigma=0.5).splitlines()[-1]
+
+
+def test_headline_marks_an_unconverged_stability_ratio(monkeypatch):
+    """headline's rho line says when lambda_max (Lanczos) stopped unconverged, for a uniform rate (lr *
+    lambda_max) and per-element rates (MetaSGD's preconditioned Hessian) alike; at its own 20 iterations
+    the same learners converge."""
+    import diffopt.diagnostics.learner as learner_module
+
+    source = SinusoidSource(test_tasks=3, dtype=F64)
+    torch.manual_seed(0)
+    learners = [MAML(sinusoid_mlp(16).double(), F.mse_loss, inner_lr=0.01, inner_steps=1),
+                MetaSGD(sinusoid_mlp(8).double(), F.mse_loss, generator=gen(0))]
+    for learner in learners:
+        assert "NOT CONVERGED" not in dg.headline(learner, source, sigma=0.5).splitlines()[-1]
+    original = learner_module.diagnose
+    monkeypatch.setattr(learner_module, "diagnose", lambda *a, **k: original(*a, **{**k, "power_iters": 1}))
+    for learner in learners:
+        with pytest.warns(dg.CurvatureConvergenceWarning, match="power_iters=1"):
+            last = dg.headline(learner, source, sigma=0.5).splitlines()[-1]
+        assert "stability ratio" in last and "NOT CONVERGED on 3 of 3 tasks, a lower bound" in last, last
 
 
 # ----------------------------------------------------------------------------------------------

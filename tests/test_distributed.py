@@ -90,7 +90,7 @@ def test_two_processes_equal_one_process(tmp_path: Path, algorithm: str) -> None
     assert max(abs(x - y) for x, y in zip(losses, rank0["losses"])) <= 1e-12
     # the checkpoint written by rank 0 loads in a single process and matches its weights
     payload = load_checkpoint(tmp_path / "checkpoint.pt")
-    restored = make_trainer(None)
+    restored = make_trainer(None, algorithm=algorithm)  # its optimizer too (Reptile's is SGD, lr 0.5)
     restored.restore(payload)
     for a, b in zip(restored.learner.parameters(), rank0["weights"]):
         assert torch.equal(a.detach(), b)

@@ -325,6 +325,53 @@ def test_checkpoint_from_another_configuration_names_the_field(change, field, tm
     assert other.iteration == 0
 
 
+def test_resume_with_other_outer_optimizer_settings_is_refused_naming_the_setting(tmp_path):
+    """Review bug: Trainer.config recorded only the optimizer's type and optimizer.load_state_dict brings back
+    the checkpoint's param_groups, so resuming with a 10x smaller outer lr silently kept the old one. The
+    hyperparameters as built now travel with the checkpoint and a difference is refused, naming the setting,
+    both values and the fix, before anything is loaded."""
+    def trainer(resume=True, **adam):
+        torch.manual_seed(0)
+        learner = MAML(sinusoid_mlp(hidden=8), F.mse_loss, inner_lr=0.01, inner_steps=1)
+        opt = torch.optim.Adam(learner.parameters(), **{"lr": 1e-3, **adam})
+        return Trainer(learner, sinusoid_source(), opt, iterations=2, seed=3, checkpoint=tmp_path / "x.pt",
+                       resume=resume, eval_steps=(0,), progress=False, checkpoint_every=1)
+
+    first = trainer()
+    first.fit()
+    saved = load_checkpoint(tmp_path / "x.pt")
+    assert saved["optimizer_settings"][0]["lr"] == 1e-3 and saved["optimizer_settings"][0]["betas"] == [0.9, 0.999]
+    for change, message in (({"lr": 1e-4}, "param_groups[0].lr: checkpoint 0.001, now 0.0001"),
+                            ({"betas": (0.5, 0.999)}, "param_groups[0].betas: checkpoint [0.9, 0.999], now [0.5, 0.999]"),
+                            ({"lr": torch.tensor(1e-3)}, "param_groups[0].lr: checkpoint 0.001, now [[], 0.001")):
+        other = trainer(**change)
+        before = weights(other.learner)
+        with pytest.raises(CheckpointError) as info:
+            other.fit()
+        text = str(info.value)
+        assert message in text and "build the optimizer with the checkpoint's settings" in text, text
+        assert other.iteration == 0 and all(torch.equal(a, b) for a, b in zip(before, weights(other.learner)))
+        assert other.optimizer.param_groups[0]["betas"] == change.get("betas", (0.9, 0.999))
+    # the same settings resume (foreach, an implementation flag, may differ); a checkpoint written before the
+    # settings were recorded resumes as before
+    same = trainer(foreach=True)
+    same.fit()
+    assert same.iteration == 2
+    del saved["optimizer_settings"]
+    old = trainer(lr=1e-4)
+    old.restore(saved)
+    assert old.iteration == 2
+    # a deliberate change mid-run: restore with the run's settings, then set the new value; it is saved, and a
+    # later resume (with the settings the run was built with) continues with it
+    again = trainer(resume=False)
+    again.restore(load_checkpoint(tmp_path / "x.pt", again.config))
+    again.optimizer.param_groups[0]["lr"] = 1e-4
+    again.fit()
+    later = trainer()
+    later.restore(load_checkpoint(tmp_path / "x.pt", later.config))
+    assert later.optimizer.param_groups[0]["lr"] == 1e-4
+
+
 # =============================================================================================
 # evaluate()
 # =============================================================================================

@@ -60,8 +60,7 @@ def _check_buildable(cls: Any, flag: str, spec: str, kind: type, lr: float, opti
 
 
 def format_row(subject: str, report: Report) -> str:
-    verdict = "PASS" if report.passed else "FAIL"
-    return f"| {subject} | {report.name} | {report.worst_error:.2e} | {report.tolerance:.0e} | {verdict} |"
+    return f"| {subject} | {report.name} | {report.worst_error:.2e} | {report.tolerance:.0e} | {report.verdict} |"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,8 +88,9 @@ def run(args: argparse.Namespace) -> int:
         print("|---|---|---|---|")
         for name, report, flagged in outcome.self_test:
             print(f"| {name} | {report.name} | {report.worst_error:.2e} | {'FLAGGED' if flagged else 'MISSED'} |")
-    for subject, report in outcome.failures:
+    for subject, report in outcome.failures + outcome.inconclusive:
         print(f"\n{subject}: {report}")
-    total, failed = len(outcome.rows), len(outcome.failures)
-    print(f"\n{total - failed} passed, {failed} failed ({outcome.seconds:.0f} s)")
+    total, failed, unknown = len(outcome.rows), len(outcome.failures), len(outcome.inconclusive)
+    print(f"\n{total - failed - unknown} passed, {failed} failed" + (f", {unknown} inconclusive" if unknown else "")
+          + f" ({outcome.seconds:.0f} s)")
     return 0 if outcome.passed else 1

@@ -42,6 +42,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"diagnostics to compute (default: all that apply): {', '.join(DIAGNOSTICS)}")
     p.add_argument("--steps", type=count(0), default=None, help="inner steps at test time (default: the learner's)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the diagnostics' own generator")
+    p.add_argument("--power-iters", type=count(1), default=None, metavar="N",
+                   help="at most N Lanczos iterations (Hessian-vector products) per task for the curvature's "
+                   "lambda_max and rho (default 20); a value that does not converge is flagged in the report")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
     p.add_argument("--plot", default=None, metavar="PATH", help="also save a plot (needs matplotlib)")
     p.add_argument("--data-root", default=None, help="the Omniglot folder, for checkpoints trained on Omniglot")
@@ -55,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--tasks must be >= 1, got {args.tasks}")
         _check_outputs(args)
         learner, source, payload = rebuild(args.checkpoint, args.tasks, args.data_root)
+        extra = {} if args.power_iters is None else {"power_iters": args.power_iters}
         report = diagnose(learner, source, which=args.which, steps=args.steps, sigma=args.sigma,
-                          max_tasks=args.tasks, seed=args.seed)
+                          max_tasks=args.tasks, seed=args.seed, **extra)
     except (ValueError, TypeError, OSError, CheckpointError, SecondOrderUnavailable) as error:
         print(f"diffopt diagnose: error: {error}", file=sys.stderr)
         return 2

@@ -68,7 +68,7 @@ from ._likelihood import Likelihood, resolve_likelihood
 from ._result import Diagnostic, DiagnosticGroup, bits_to_nats, nats_to_bits
 from .alignment import gradient_alignment, task_gradients
 from .codelength import block_ends, prequential_code_length
-from .curvature import curvature, hessian_vector_product
+from .curvature import CurvatureConvergenceWarning, curvature, hessian_vector_product
 from .entropy import bald, bald_from_logits, entropy_categorical, entropy_change
 from .fisher import adapted_weight_information, fisher_information, weight_information
 from .kl import adaptation_kl, js_categorical, kl_categorical, kl_gaussian
@@ -101,7 +101,7 @@ __all__ = [
     # 6
     "representation_change", "linear_cka", "effective_rank",
     # 7
-    "curvature", "hessian_vector_product",
+    "curvature", "hessian_vector_product", "CurvatureConvergenceWarning",
     # 8
     "metagradient_discrepancy", "metagradients",
     # all

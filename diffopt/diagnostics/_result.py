@@ -22,6 +22,13 @@ LN2 = math.log(2.0)
 Z95 = 1.96
 
 
+def loss_units(loss_fn: Any) -> str:
+    """The unit of a loss in :class:`Diagnostic` labels: ``"nats"`` for the likelihood's mean NLL
+    (``loss_fn=None``; convertible with ``to_bits()``), ``"loss"`` for a user's ``loss_fn`` (units unknown).
+    Gradients' squares are then ``f"{u}^2/param^2"``, Hessians ``f"{u}/param^2"``."""
+    return "nats" if loss_fn is None else "loss"
+
+
 def nats_to_bits(x: Any) -> Any:
     """Convert an information quantity from nats to bits (divide by ln 2)."""
     return x / LN2

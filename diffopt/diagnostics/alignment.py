@@ -34,7 +34,7 @@ from ._functional import (
     split_tasks,
 )
 from .settings import DiagnosticSettings, diagnostic
-from ._result import Diagnostic, DiagnosticGroup
+from ._result import Diagnostic, DiagnosticGroup, loss_units
 from .stats import conflict_rate, cosine_matrix, gradient_diversity, gsnr, unbiased_sq_norm_of_mean
 
 __all__ = ["gradient_alignment", "task_gradients"]
@@ -111,7 +111,7 @@ def gradient_alignment(
 def alignment_group(G: Tensor, like: Dict[str, Tensor], within_dot: list, within_cos: list, lik: Any,
                     loss_fn: Any, bn_mode: str, method: str, unbiased_gsnr: bool = True) -> DiagnosticGroup:
     M = G.shape[0]
-    sq_units = "nats^2/param^2" if loss_fn is None else "loss^2/param^2"
+    sq_units = f"{loss_units(loss_fn)}^2/param^2"
     est = {"loss": "mean NLL, " + lik.describe() if lik is not None else "loss_fn", "gradients": "mean support loss",
            "bn_mode": bn_mode, "per_example": method, "tasks": M}
     group = DiagnosticGroup()

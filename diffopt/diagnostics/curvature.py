@@ -1,11 +1,11 @@
 """(7) Inner-loss curvature and stability.
 
-``λ_max``, the largest eigenvalue of the support-loss Hessian at θ, by power iteration on
-Hessian-vector products (a second, shifted run where the eigenvalue of largest magnitude is
-negative: :func:`power_iteration`), ``tr H`` by Hutchinson's estimator with Rademacher probes
-(explicit generator), and the stability ratio ``ρ = lr·λ_max``: plain gradient
-descent on a quadratic converges for ``0 < ρ < 2`` and diverges for ``ρ > 2``.
-Sharpness is descriptive, not predictive.
+``λ_max``, the largest eigenvalue of the support-loss Hessian at θ, by the Lanczos method on
+Hessian-vector products with a residual convergence test (:func:`top_eigenvalue`; an unconverged
+value is flagged in the estimator and raises :class:`CurvatureConvergenceWarning`), ``tr H`` by
+Hutchinson's estimator with Rademacher probes (explicit generator), and the stability ratio
+``ρ = lr·λ_max``: plain gradient descent on a quadratic converges for ``0 < ρ < 2`` and diverges
+for ``ρ > 2``. Sharpness is descriptive, not predictive.
 
 Needs second derivatives: a model whose loss cannot be differentiated twice
 raises :class:`SecondOrderUnavailable` naming the fix.
@@ -13,7 +13,9 @@ raises :class:`SecondOrderUnavailable` naming the fix.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -37,9 +39,10 @@ from ._functional import (
     from_vector,
 )
 from .settings import DiagnosticSettings, diagnostic
-from ._result import Diagnostic, DiagnosticGroup
+from ._result import Diagnostic, DiagnosticGroup, loss_units
 
-__all__ = ["curvature", "hessian_vector_product", "HVPOperator"]
+__all__ = ["curvature", "hessian_vector_product", "HVPOperator", "top_eigenvalue", "TopEigenvalue",
+           "CurvatureConvergenceWarning"]
 
 
 class HVPOperator:
@@ -94,38 +97,80 @@ def hessian_vector_product(
     return from_vector(op(flat.to(op.dtype)), p)
 
 
-def _power_iteration(op: Any, iters: int, tol: float, generator: torch.Generator,
-                     shift: float = 0.0) -> Tuple[float, int, bool]:
-    """The dominant eigenvalue of ``H + shift·I`` (largest magnitude, signed, a Rayleigh quotient), the
-    iterations run, and whether it stopped by ``tol`` (``tol = 0``: a fixed count, taken as converged)."""
-    v = torch.randn(op.size, generator=generator, dtype=op.dtype, device=generator.device).to(op.device)
-    v = v / v.norm()
-    lam, prev, it = 0.0, None, 0
-    for it in range(1, iters + 1):
-        hv = op(v) + shift * v if shift else op(v)
-        lam = float(v @ hv)
-        norm = float(hv.norm())
-        if norm == 0.0:
-            return lam, it, True
-        v = hv / norm
-        if tol > 0 and prev is not None and abs(lam - prev) <= tol * abs(lam):
-            return lam, it, True
-        prev = lam
-    return lam, it, tol == 0
+class CurvatureConvergenceWarning(RuntimeWarning):
+    """λ_max (Lanczos) stopped at its iteration limit above its tolerance: the value is a lower bound
+    on the largest eigenvalue, of unknown accuracy. Raise the iteration argument named in the message."""
 
 
-def power_iteration(op: Any, iters: int, tol: float, generator: torch.Generator) -> Tuple[float, int]:
-    """``λ_max``, the largest (algebraic) eigenvalue of the symmetric operator, and the iterations run.
-    Power iteration finds the eigenvalue of largest magnitude ``λ₁``; that is ``λ_max`` when it is
-    positive and converged. Otherwise (``λ₁ < 0``, or ``±λ₁`` both eigenvalues, where the Rayleigh
-    quotient does not settle) a second run on ``H + |λ₁|·I``, whose spectrum lies in ``[0, 2|λ₁|]``
-    with ``λ_max + |λ₁|`` on top, gives ``λ_max``."""
-    lam, run, converged = _power_iteration(op, iters, tol, generator)
-    if lam >= 0 and converged:
-        return lam, run
-    shift = abs(lam)
-    top, more, _ = _power_iteration(op, iters, tol, generator, shift)
-    return top - shift, run + more
+@dataclass(frozen=True)
+class TopEigenvalue:
+    """The largest eigenvalue of a symmetric operator as :func:`top_eigenvalue` found it.
+
+    Attributes:
+        value: the largest Ritz value θ (a lower bound on λ_max; |θ − λ| ≤ ``residual`` for some eigenvalue λ).
+        iterations: operator applications (Hessian-vector products) used.
+        converged: ``residual ≤ tol·scale``, or the Krylov space became invariant (the value is then exact to
+            rounding).
+        residual: ‖A y − θ y‖ for the Ritz vector y (the Lanczos estimate β_k |s_k|).
+        scale: max |θ_i| over the Ritz values, a lower bound on ‖A‖₂ (the tolerance is relative to it).
+    """
+
+    value: float
+    iterations: int
+    converged: bool
+    residual: float
+    scale: float
+
+
+def top_eigenvalue(op: Any, iters: int, tol: float, generator: torch.Generator) -> TopEigenvalue:
+    """λ_max, the largest (algebraic) eigenvalue of the symmetric operator ``op`` (flat vector -> flat vector, with
+    ``size``, ``dtype``, ``device``), by the Lanczos method with full reorthogonalisation.
+
+    After k steps from a Gaussian start vector q₁, ``A Q_k = Q_k T_k + β_k q_{k+1} e_kᵀ`` with ``T_k`` tridiagonal
+    (α on the diagonal, β beside it). The largest eigenvalue θ of ``T_k``, with eigenvector s, is the Ritz value; its
+    Ritz vector ``y = Q_k s`` has the residual ``‖A y − θ y‖ = β_k |s_k|`` (Golub & Van Loan, *Matrix
+    Computations*, §10.1), and for a symmetric A some eigenvalue lies within that residual of θ. The iteration
+    stops once ``β_k |s_k| ≤ tol · max_i |θ_i|``, or when the Krylov space is invariant (β_k at rounding level,
+    or k = size: θ is then an eigenvalue to rounding). Lanczos approaches both ends of the spectrum at once, so
+    a dominant negative eigenvalue, or eigenvalues ±a (where the power method's Rayleigh quotient does not
+    move), neither slows nor fools it; it converges in O(√κ) steps where the power method needs O(κ).
+
+    ``tol = 0`` runs exactly ``iters`` steps (fewer only at an invariant space); the result counts as converged
+    only in that invariant case. Memory: ``min(iters, size)`` vectors of ``size`` (the basis kept for
+    reorthogonalisation).
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1 to estimate lambda_max, got {iters}")
+    dim = min(iters, op.size)
+    q = torch.randn(op.size, generator=generator, dtype=op.dtype, device=generator.device).to(op.device)
+    basis = torch.empty(dim, op.size, dtype=op.dtype, device=op.device)
+    basis[0] = q / q.norm()
+    eps = torch.finfo(op.dtype).eps
+    alphas: List[float] = []
+    betas: List[float] = []
+    result = TopEigenvalue(0.0, 0, False, math.inf, 0.0)
+    for k in range(1, dim + 1):
+        w = op(basis[k - 1])
+        alphas.append(float(basis[k - 1] @ w))
+        Q = basis[:k]
+        for _ in range(2):  # classical Gram-Schmidt against the whole basis, twice ("twice is enough")
+            w = w - Q.T @ (Q @ w)
+        beta = float(w.norm())
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, S = torch.linalg.eigh(T)
+        scale = float(theta.abs().max())
+        residual = beta * float(S[-1, -1].abs())
+        invariant = k == op.size or beta <= 4 * k * eps * scale
+        converged = invariant or (tol > 0 and residual <= tol * scale)
+        result = TopEigenvalue(float(theta[-1]), k, converged, residual, scale)
+        if converged or k == dim:
+            break
+        basis[k] = w / beta
+        betas.append(beta)
+    return result
 
 
 def hutchinson(op: HVPOperator, samples: int, generator: torch.Generator) -> Tuple[float, Optional[float]]:
@@ -145,11 +190,11 @@ def curvature_single(model: nn.Module, params: Dict[str, Tensor], x: Tensor, y: 
     op = HVPOperator(model, params, x, y, lik, loss_fn, bn_mode)
     vals: Dict[str, Any] = {}
     if iters > 0:
-        lam, run = power_iteration(op, iters, tol, generator)
-        vals["curvature/lambda_max"] = lam
-        vals["power_iterations_run"] = run
+        top = top_eigenvalue(op, iters, tol, generator)
+        vals["curvature/lambda_max"] = top.value
+        vals["lambda_max"] = top
         if lr is not None:
-            vals["curvature/stability_ratio"] = float(lr) * lam
+            vals["curvature/stability_ratio"] = float(lr) * top.value
     if samples > 0:
         tr, se = hutchinson(op, samples, generator)
         vals["curvature/hessian_trace"] = tr
@@ -158,8 +203,9 @@ def curvature_single(model: nn.Module, params: Dict[str, Tensor], x: Tensor, y: 
 
 
 @documented_cost(
-    where="iters = power iterations run (≤ the maximum; fewer once converged to tol), samples = Hutchinson "
-    "probes, tasks = 1 when nothing is task-batched.",
+    where="iters = Lanczos iterations run (≤ the maximum; fewer once converged to tol), samples = Hutchinson "
+    "probes, tasks = 1 when nothing is task-batched. Memory: min(iters, parameters) parameter-sized vectors "
+    "(the Lanczos basis).",
     default=Cost(forward="tasks", backward="tasks", hvp="tasks*(iters+samples)"),
 )
 @diagnostic("likelihood", "sigma", "num_classes", "seed", "bn_mode", "batched")
@@ -177,12 +223,15 @@ def curvature(
     generator: Optional[torch.Generator] = None,
     settings: DiagnosticSettings,
 ) -> DiagnosticGroup:
-    """λ_max (power iteration), tr H (Hutchinson) and ρ = lr·λ_max of the support loss at ``params``.
+    """λ_max (Lanczos), tr H (Hutchinson) and ρ = lr·λ_max of the support loss at ``params``.
 
     Args:
         x, y: support set(s).
         lr: the inner learning rate (ρ is reported only when given).
-        iters, tol: power iterations (stop early once the Rayleigh quotient changes by ≤ ``tol·|λ|``; tol=0 never).
+        iters, tol: at most ``iters`` Lanczos iterations (Hessian-vector products, 0 to skip λ_max); they stop
+            once the Ritz pair's residual ``‖H y − λ y‖ ≤ tol·max|θ|`` (θ the Ritz values; tol=0: never before
+            ``iters``). When the limit is reached first, ``estimator["converged"]`` is False and a
+            :class:`CurvatureConvergenceWarning` names ``iters``: the value is then a lower bound on λ_max.
         samples: Rademacher probes for Hutchinson's trace (0 to skip).
         loss_fn: the inner loss ``(out, y) -> mean loss``; default the likelihood's mean NLL. Use the loss the
             inner loop minimises, or ρ is not the stability ratio of that loop.
@@ -190,7 +239,9 @@ def curvature(
 
     Returns:
         group ``curvature/lambda_max`` (units of the loss per param²), ``curvature/hessian_trace``
-        (with Hutchinson stderr for a single task) and ``curvature/stability_ratio`` (unitless).
+        (with Hutchinson stderr for a single task) and ``curvature/stability_ratio`` (unitless). The estimator
+        of λ_max and ρ records ``iterations_run``, ``converged`` and the relative ``residual`` (per task when
+        task-batched).
 
     Raises:
         SecondOrderUnavailable: the loss cannot be differentiated twice (message names the fix).
@@ -202,21 +253,61 @@ def curvature(
     vals = [curvature_single(model, pt["p"], d["x"], d["y"], lik, loss_fn, lr, iters, tol, samples, gen,
                              settings.bn_mode)
             for pt, d in views]
-    units = "nats/param^2" if loss_fn is None else "loss/param^2"
+    units = f"{loss_units(loss_fn)}/param^2"
     est = {"loss": "mean NLL, " + lik.describe() if lik is not None else "loss_fn", "bn_mode": settings.bn_mode,
-           "power_iterations": iters, "tol": tol, "hutchinson_samples": samples, "probes": "Rademacher",
+           "iterations": iters, "tol": tol, "hutchinson_samples": samples, "probes": "Rademacher",
            "start": "Gaussian (explicit generator)", "lr": lr}
-    return curvature_group(vals, T, units, est)
+    return curvature_group(vals, T, units, est, ("iters", "tol"))
 
 
-def curvature_group(vals: List[Dict[str, Any]], T: Optional[int], units: str, est: Dict[str, Any]) -> DiagnosticGroup:
+LANCZOS = "Lanczos, full reorthogonalisation; stops at residual <= tol * max|Ritz value|"
+
+
+def eigen_estimator(tops: Sequence[TopEigenvalue], batched: bool) -> Dict[str, Any]:
+    """The estimator entries of a λ_max from :func:`top_eigenvalue` (lists per task when task-batched)."""
+    rel = [t.residual / t.scale if t.scale > 0 else 0.0 for t in tops]
+    e: Dict[str, Any] = {"method": LANCZOS, "iterations_run": [t.iterations for t in tops],
+                         "converged": [t.converged for t in tops], "residual": rel}
+    return e if batched else {k: (v[0] if isinstance(v, list) else v) for k, v in e.items()}
+
+
+def unconverged_message(tops: Sequence[TopEigenvalue], what: str, iters: int, tol: float,
+                        arguments: Tuple[str, str]) -> Optional[str]:
+    """What to say when some task's λ_max did not converge (None when all did); ``arguments`` names the caller's
+    iteration limit and tolerance (``("iters", "tol")`` for :func:`curvature`)."""
+    bad = [i for i, t in enumerate(tops) if not t.converged]
+    if not bad:
+        return None
+    worst = max(tops[i].residual / tops[i].scale if tops[i].scale > 0 else 0.0 for i in bad)
+    where = "" if len(tops) == 1 else f" on {len(bad)} of {len(tops)} tasks (first: task {bad[0]})"
+    return (f"{what}: lambda_max did not converge within {arguments[0]}={iters} Lanczos iterations{where}: "
+            f"relative residual {worst:.2g} > {arguments[1]}={tol:g}, so the value is only a lower bound on the "
+            f"largest eigenvalue (estimator['converged'] is False). Raise {arguments[0]}.")
+
+
+def warn_unconverged(tops: Sequence[TopEigenvalue], what: str, iters: int, tol: float,
+                     arguments: Tuple[str, str]) -> Optional[str]:
+    """Warn (:class:`CurvatureConvergenceWarning`, naming the caller's ``arguments``) when some task's λ_max did
+    not converge; returns the message (None when all converged)."""
+    message = unconverged_message(tops, what, iters, tol, arguments)
+    if message is not None:
+        warnings.warn(message, CurvatureConvergenceWarning, stacklevel=3)
+    return message
+
+
+def curvature_group(vals: List[Dict[str, Any]], T: Optional[int], units: str, est: Dict[str, Any],
+                    arguments: Tuple[str, str]) -> DiagnosticGroup:
+    """The curvature diagnostics from per-task :func:`curvature_single` values; warns (naming ``arguments``,
+    the caller's names of the iteration limit and tolerance) when λ_max did not converge."""
     group = DiagnosticGroup()
+    tops = [v["lambda_max"] for v in vals if "lambda_max" in v]
+    if tops:
+        warn_unconverged(tops, "curvature", est["iterations"], est["tol"], arguments)
     for key in [k for k in vals[0] if k.startswith("curvature/")]:
         u = "1" if key.endswith("stability_ratio") else units
         e = dict(est)
         if key.endswith("lambda_max") or key.endswith("stability_ratio"):
-            e["power_iterations_run"] = [v["power_iterations_run"] for v in vals] if T is not None \
-                else vals[0]["power_iterations_run"]
+            e.update(eigen_estimator(tops, T is not None))
         if T is None:
             se = vals[0]["hutchinson_stderr"] if key.endswith("hessian_trace") else None
             ci = None if se is None else (vals[0][key] - 1.96 * se, vals[0][key] + 1.96 * se)

@@ -41,7 +41,7 @@ from ._functional import (
     split_tasks,
 )
 from .settings import DiagnosticSettings, diagnostic
-from ._result import Diagnostic, DiagnosticGroup
+from ._result import Diagnostic, DiagnosticGroup, loss_units
 
 __all__ = ["metagradient_discrepancy", "metagradients"]
 
@@ -179,11 +179,13 @@ def metagradient_discrepancy(
     est = {"adapt": repr(fn) if adapt is not None else f"SGD lr={lr} steps={steps} (internal)",
            "loss": "mean NLL, " + lik.describe() if lik is not None else "loss_fn", "bn_mode": settings.bn_mode,
            "second_order": "reverse mode through the unrolled adaptation", "first_order": "gradient at phi"}
-    return metagrad_group(pairs, T, est)
+    return metagrad_group(pairs, T, est, loss_fn)
 
 
 def metagrad_group(pairs: List[Tuple[Dict[str, Tensor], Dict[str, Tensor]]], T: Optional[int],
-                   est: Dict[str, Any]) -> DiagnosticGroup:
+                   est: Dict[str, Any], loss_fn: Optional[LossFn]) -> DiagnosticGroup:
+    """The meta-gradient comparisons; the variances are in (query-loss units)²/param², nats² for the
+    likelihood's NLL (``loss_fn=None``), as :func:`~diffopt.diagnostics.gradient_alignment` labels them."""
     vals = [compare_single(g1, g2) for g1, g2 in pairs]
     group = DiagnosticGroup()
     for key in vals[0]:
@@ -196,7 +198,7 @@ def metagrad_group(pairs: List[Tuple[Dict[str, Tensor], Dict[str, Tensor]]], T: 
         G2 = torch.stack([to_vector(g2) for _, g2 in pairs]).to(torch.float64)
         cm = compare_single({"g": G1.mean(0)}, {"g": G2.mean(0)})["metagrad/cosine"]
         group["metagrad/cosine_of_means"] = Diagnostic("metagrad/cosine_of_means", cm, "1", dict(est))
-        units = "loss^2/param^2"
+        units = f"{loss_units(loss_fn)}^2/param^2"
         group["metagrad/variance_first_order"] = Diagnostic(
             "metagrad/variance_first_order", G1.var(0, unbiased=True).sum().item(), units,
             {**est, "variance": "sum over parameters of the sample variance across tasks (ddof=1)"})

@@ -31,7 +31,7 @@ from ._functional import (
     device_of,
 )
 from .settings import REPORT, DiagnosticSettings, with_settings
-from ._result import Diagnostic, DiagnosticGroup, _jsonable
+from ._result import Diagnostic, DiagnosticGroup, _jsonable, loss_units
 from .alignment import alignment_group, task_gradient_single
 from .codelength import block_ends, code_group, first_block, prequential_single
 from .curvature import curvature_group, curvature_single
@@ -254,7 +254,8 @@ def diagnose_adaptation(
         fisher_kind: ``"true"``, ``"empirical"`` or ``"mc"`` for Fisher and 3b.
         orderings, blocks: prequential code settings.
         bald_members: bootstrap resamples of the support set adapted on for BALD.
-        power_iters, power_tol, hutchinson_samples: curvature settings.
+        power_iters, power_tol: Lanczos iterations and residual tolerance for λ_max (curvature's iters, tol).
+        hutchinson_samples: Rademacher probes for the curvature's tr H.
         seed: seeds the one explicit generator used for all sampling.
 
     Returns:
@@ -414,13 +415,14 @@ def diagnose_adaptation(
                                      settings.power_iters, settings.power_tol, settings.hutchinson_samples, gen,
                                      bn_mode)
                     for xs, ys, _, _ in task_list]
-            results.update(curvature_group(vals, T, "nats/param^2" if loss_fn is None else "loss/param^2",
-                                           {"power_iterations": settings.power_iters, "tol": settings.power_tol,
+            results.update(curvature_group(vals, T, f"{loss_units(loss_fn)}/param^2",
+                                           {"iterations": settings.power_iters, "tol": settings.power_tol,
                                             "lr": lr_used,
-                                            "hutchinson_samples": settings.hutchinson_samples, "bn_mode": bn_mode}))
+                                            "hutchinson_samples": settings.hutchinson_samples, "bn_mode": bn_mode},
+                                           ("power_iters", "power_tol")))
         if "metagrad" in chosen:
             pairs = [metagradients_single(model, th, xs, ys, xq, yq, full_adapt, None if loss_fn else lik, loss_fn,
                                           bn_mode) for xs, ys, xq, yq in task_list]
-            results.update(metagrad_group(pairs, T, {"adapt": repr(adapt), "bn_mode": bn_mode}))
+            results.update(metagrad_group(pairs, T, {"adapt": repr(adapt), "bn_mode": bn_mode}, loss_fn))
     ordered = Report({k: results[k] for k in results}, steps, recorded, skipped)
     return ordered

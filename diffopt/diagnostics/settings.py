@@ -53,7 +53,9 @@ class DiagnosticSettings:
         layers: modules whose outputs the representation change compares (default: every child).
         orderings, blocks: prequential code length of the report (random orderings; block ends).
         bald_members: bootstrap resamples adapted on for BALD.
-        power_iters, power_tol, hutchinson_samples: curvature estimators of the report.
+        power_iters, power_tol, hutchinson_samples: curvature estimators of the report (at most ``power_iters``
+            Lanczos iterations for λ_max, stopping at the relative residual ``power_tol``, as
+            :func:`~diffopt.diagnostics.curvature`'s ``iters``, ``tol``; Hutchinson probes for tr H).
     """
 
     likelihood: Any = "categorical"

@@ -123,8 +123,8 @@ def self_test(steps: int) -> list[tuple[str, Report, bool]]:
         reports = check_optimizer(lambda ps, **h: cls(ps, **rest, **h), lambda ps: reference(ps, **options),
                                   steps=steps, hyperparameters={"lr": options["lr"]})
         reports += check_modes(model, lambda ps: cls(ps, **options), data, modes=("independence",))
-        flagged = any(not r.passed for r in reports)
-        worst = max(reports, key=lambda r: (not r.passed, r.worst_error / r.tolerance))
+        flagged = any(r.failed for r in reports)  # an INCONCLUSIVE check flags nothing
+        worst = max(reports, key=lambda r: (r.failed, not r.inconclusive, r.worst_error / r.tolerance))
         out.append((name, worst, flagged))
     return out
 
@@ -140,7 +140,12 @@ class CheckRun:
 
     @property
     def failures(self) -> list[tuple[str, Report]]:
-        return [(subject, report) for subject, report in self.rows if not report.passed]
+        return [(subject, report) for subject, report in self.rows if report.failed]
+
+    @property
+    def inconclusive(self) -> list[tuple[str, Report]]:
+        """Checks that could not be made (the report says why and what to change); not failures."""
+        return [(subject, report) for subject, report in self.rows if report.inconclusive]
 
     @property
     def missed(self) -> list[str]:

@@ -140,6 +140,25 @@ def optimizer_settings(optimizer: Any) -> list[dict[str, Any]]:
     return [{k: describe(v) for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
 
 
+#: param-group entries that choose an implementation, not the maths, and may differ between runs
+#: (another device, another torch); load_state_dict restores them too
+IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+
+def optimizer_settings_differences(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -> list[str]:
+    """``param_groups[i].name: checkpoint X, now Y`` for each hyperparameter that differs between two
+    :func:`optimizer_settings` (implementation flags such as ``foreach`` left out)."""
+    if len(saved) != len(current):
+        return [f"parameter groups: checkpoint {len(saved)}, now {len(current)}"]
+    out = []
+    for i, (old, new) in enumerate(zip(saved, current)):
+        for key in sorted((set(old) | set(new)) - IMPLEMENTATION_FLAGS):
+            before, after = old.get(key, "(unset)"), new.get(key, "(unset)")
+            if _normal(before) != _normal(after):
+                out.append(f"param_groups[{i}].{key}: checkpoint {before!r}, now {after!r}")
+    return out
+
+
 class Trainer:
     """The meta-training loop.
 
@@ -152,7 +171,8 @@ class Trainer:
         eval_every: evaluate on ``tasks.test_batches()`` every n iterations (0: only at the end).
         eval_steps: test-time inner steps for gradient-based learners.
         checkpoint: path of the checkpoint, written every ``checkpoint_every`` iterations and at the end.
-        resume: continue from ``checkpoint`` if it exists.
+        resume: continue from ``checkpoint`` if it exists (same configuration and the same outer-optimizer
+            hyperparameters as built; a difference is refused, naming it: see :meth:`restore`).
         metrics: path of a JSON-lines metrics file.
         callbacks: ``f(trainer, iteration) -> dict | None``, run after every iteration;
             returned entries go into the metrics stream.
@@ -216,13 +236,17 @@ class Trainer:
             "learner": learner.config(), "tasks": tasks.config(), "seed": seed, "iterations": iterations,
             "optimizer": type(optimizer).__name__, **(config or {}),
         }
+        # the outer optimizer's hyperparameters as built, saved with every checkpoint and compared on resume:
+        # optimizer.load_state_dict restores the checkpoint's param_groups, so a changed lr would be dropped
+        self.optimizer_settings = optimizer_settings(optimizer)
 
     # -- checkpoints ---------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config,
             "iteration": self.iteration, "learner": self.learner.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+            "optimizer": self.optimizer.state_dict(), "optimizer_settings": self.optimizer_settings,
+            "rng": torch.get_rng_state(),
             "running": list(self._running), "seconds": self._elapsed(),
         }
 
@@ -243,12 +267,31 @@ class Trainer:
 
     def restore(self, payload: dict[str, Any]) -> None:
         """Load a checkpoint's learner, optimizer, RNG and position; a checkpoint that does not fit
-        this learner or optimizer raises :class:`CheckpointError` and changes nothing."""
+        this learner or optimizer, or was written with other outer-optimizer hyperparameters than this
+        optimizer was built with, raises :class:`CheckpointError` and changes nothing.
+
+        To change a hyperparameter mid-run on purpose, build the optimizer as the run began, ``restore``
+        (``Trainer(..., resume=False)``, then ``trainer.restore(load_checkpoint(path, trainer.config))``),
+        set the new value in ``optimizer.param_groups`` and call ``fit``."""
         where = self.checkpoint or "the checkpoint"
         missing = [k for k in ("learner", "optimizer", "rng", "iteration") if k not in payload]
         if missing:
             raise CheckpointError(f"{where} is not a complete diffopt training checkpoint (it has no "
                                   f"{', '.join(missing)})")
+        changed = optimizer_settings_differences(payload.get("optimizer_settings", self.optimizer_settings),
+                                                 self.optimizer_settings)  # an older checkpoint has none to compare
+        kind, now = payload.get("config", {}).get("optimizer"), self.config.get("optimizer")
+        if kind is not None and _normal(kind) != _normal(now):
+            raise CheckpointError(f"{where} was written with the outer optimizer {kind!r}, this trainer's is "
+                                  f"{now!r}: build that optimizer with the run's settings to resume it, or start "
+                                  "a new run")
+        if changed:
+            raise CheckpointError(
+                f"{where} was written by a run whose {type(self.optimizer).__name__} had other settings: "
+                + "; ".join(changed) + ". Resuming would silently continue with the checkpoint's values "
+                "(optimizer.load_state_dict restores them): build the optimizer with the checkpoint's settings "
+                "to continue the run, or start a new run (another checkpoint path, or resume=False) to train "
+                "with yours; to change a setting mid-run, restore() first, then set it in optimizer.param_groups")
         learner_before = {k: v.clone() for k, v in self.learner.state_dict().items()}
         optimizer_before = self.optimizer.state_dict()
         try:
