@@ -326,6 +326,26 @@ def test_lambda_max_is_right_within_its_residual_or_flagged_unconverged(seed, h,
         assert d.estimator["iterations_run"] == iters and d.estimator["residual"] > tol
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_lambda_max_of_a_model_too_large_for_the_lanczos_basis(seed, monkeypatch):
+    """Above LANCZOS_BASIS_BYTES (a large model: the basis would take iters parameter-sized vectors) the
+    three-term recurrence runs alone, in three vectors: still exact when it says converged, and the
+    saddle's ±a and a dominant negative eigenvalue do not fool it."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("diffopt.diagnostics.curvature"), "LANCZOS_BASIS_BYTES", 0)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    params = {k: v.detach() * 3 for k, v in model.named_parameters()}
+    x, y = torch.randn(6, 3, generator=gen(seed)) * 3, torch.randint(0, 3, (6,), generator=gen(seed + 1))
+    ev = exact_spectrum(model, params, x, y, nn.functional.cross_entropy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.CurvatureConvergenceWarning)
+        d = dg.curvature(model, params, x, y, iters=200, tol=1e-8, samples=0, seed=seed)["curvature/lambda_max"]
+    assert d.estimator["converged"] is True
+    assert abs(d.value - ev[-1].item()) <= 1e-7 * ev.abs().max().item()
+
+
 def test_unconverged_lambda_max_is_flagged_in_the_report_and_names_power_iters():
     """diagnose() with too few Lanczos iterations: the warning names power_iters, the report carries a note
     and the estimator per-task flags; with the default (20) the same tasks converge."""

@@ -122,9 +122,14 @@ class TopEigenvalue:
     scale: float
 
 
+#: Largest Lanczos basis kept for full reorthogonalisation, in bytes; a bigger one (a large model, many
+#: iterations) runs the three-term recurrence alone, whose memory is three vectors.
+LANCZOS_BASIS_BYTES = 256 * 2**20
+
+
 def top_eigenvalue(op: Any, iters: int, tol: float, generator: torch.Generator) -> TopEigenvalue:
     """λ_max, the largest (algebraic) eigenvalue of the symmetric operator ``op`` (flat vector -> flat vector, with
-    ``size``, ``dtype``, ``device``), by the Lanczos method with full reorthogonalisation.
+    ``size``, ``dtype``, ``device``), by the Lanczos method.
 
     After k steps from a Gaussian start vector q₁, ``A Q_k = Q_k T_k + β_k q_{k+1} e_kᵀ`` with ``T_k`` tridiagonal
     (α on the diagonal, β beside it). The largest eigenvalue θ of ``T_k``, with eigenvector s, is the Ritz value; its
@@ -136,25 +141,36 @@ def top_eigenvalue(op: Any, iters: int, tol: float, generator: torch.Generator) 
     move), neither slows nor fools it; it converges in O(√κ) steps where the power method needs O(κ).
 
     ``tol = 0`` runs exactly ``iters`` steps (fewer only at an invariant space); the result counts as converged
-    only in that invariant case. Memory: ``min(iters, size)`` vectors of ``size`` (the basis kept for
-    reorthogonalisation).
+    only in that invariant case. Memory: ``min(iters, size)`` vectors of ``size`` (the basis kept for full
+    reorthogonalisation) while that is at most :data:`LANCZOS_BASIS_BYTES`; above it (a large model) three
+    vectors, the plain three-term recurrence. Without reorthogonalisation the basis loses orthogonality as
+    Ritz values converge and copies of them appear, but the largest Ritz value still converges to λ_max and
+    ``β_k |s_k|`` still bounds its error up to rounding (Paige, 1976), so the test stays sound.
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1 to estimate lambda_max, got {iters}")
     dim = min(iters, op.size)
+    itemsize = torch.empty((), dtype=op.dtype).element_size()
+    keep_basis = dim * op.size * itemsize <= LANCZOS_BASIS_BYTES
     q = torch.randn(op.size, generator=generator, dtype=op.dtype, device=generator.device).to(op.device)
-    basis = torch.empty(dim, op.size, dtype=op.dtype, device=op.device)
-    basis[0] = q / q.norm()
+    q = q / q.norm()
+    basis = torch.empty(dim, op.size, dtype=op.dtype, device=op.device) if keep_basis else None
+    if basis is not None:
+        basis[0] = q
+    previous = torch.zeros_like(q)
     eps = torch.finfo(op.dtype).eps
     alphas: List[float] = []
     betas: List[float] = []
     result = TopEigenvalue(0.0, 0, False, math.inf, 0.0)
     for k in range(1, dim + 1):
-        w = op(basis[k - 1])
-        alphas.append(float(basis[k - 1] @ w))
-        Q = basis[:k]
-        for _ in range(2):  # classical Gram-Schmidt against the whole basis, twice ("twice is enough")
-            w = w - Q.T @ (Q @ w)
+        w = op(q)
+        alphas.append(float(q @ w))
+        if basis is not None:
+            Q = basis[:k]
+            for _ in range(2):  # classical Gram-Schmidt against the whole basis, twice ("twice is enough")
+                w = w - Q.T @ (Q @ w)
+        else:
+            w = w - alphas[-1] * q - (betas[-1] * previous if betas else 0.0)
         beta = float(w.norm())
         T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if betas:
@@ -168,7 +184,9 @@ def top_eigenvalue(op: Any, iters: int, tol: float, generator: torch.Generator) 
         result = TopEigenvalue(float(theta[-1]), k, converged, residual, scale)
         if converged or k == dim:
             break
-        basis[k] = w / beta
+        previous, q = q, w / beta
+        if basis is not None:
+            basis[k] = q
         betas.append(beta)
     return result
 
