@@ -201,6 +201,20 @@ def test_hypothesis_reverse_equals_forward(name: str, window: int, extra: int, d
             assert error <= 1e-10, f"{name} {label} window {window}: reverse {r} vs forward {f}"
 
 
+def interrupted_run(build: Callable[[], OnlineTuner], batches: list, stop: int, path: Any) -> OnlineTuner:
+    """A tuner run through ``batches[:stop]``, saved to ``path``, loaded into a fresh ``build()`` and run
+    through the rest: what an interrupted and resumed run ends with."""
+    first = build()
+    for batch in batches[:stop]:
+        first.step(batch)
+    first.save(path)
+    resumed = build()
+    resumed.load(path)
+    for batch in batches[stop:]:
+        resumed.step(batch)
+    return resumed
+
+
 def run_and_record(opt: Any, tuner: OnlineTuner, batches: list) -> list[list[dict[str, Any]]]:
     """Train through the tuner, recording every group's hyperparameters at every step."""
     used = []
@@ -365,14 +379,7 @@ def test_composite_scheduler_trajectory_matches_torch(kind: str, tmp_path: Any) 
     assert all(torch.equal(a, b.detach()) for a, b in zip(tuner.params, ref_params))
     assert tuner.optimizer.param_groups[0]["lr"] == reference.param_groups[0]["lr"]
 
-    first = build()
-    for batch in batches[:7]:
-        first.step(batch)
-    first.save(tmp_path / "tuner.pt")
-    resumed = build()
-    resumed.load(tmp_path / "tuner.pt")
-    for batch in batches[7:]:
-        resumed.step(batch)
+    resumed = interrupted_run(build, batches, 7, tmp_path / "tuner.pt")
     assert all(torch.equal(a, b) for a, b in zip(tuner.params, resumed.params))
 
     opt = SGD([w.clone() for w in weights], lr=0.2, momentum=0.5)
@@ -626,14 +633,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(mode: str, tmp_path: A
     whole = build()
     for batch in batches:
         whole.step(batch)
-    first = build()
-    for batch in batches[:10]:
-        first.step(batch)
-    first.save(tmp_path / "tuner.pt")
-    resumed = build()
-    resumed.load(tmp_path / "tuner.pt")
-    for batch in batches[10:]:
-        resumed.step(batch)
+    resumed = interrupted_run(build, batches, 10, tmp_path / "tuner.pt")
     assert all(torch.equal(a, b) for a, b in zip(whole.params, resumed.params))
     assert all(torch.equal(a, b) for a, b in zip(whole.raw_tensors(), resumed.raw_tensors()))
     assert [h["values"] for h in whole.history] == [h["values"] for h in resumed.history]

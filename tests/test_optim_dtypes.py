@@ -21,9 +21,14 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 ELEMENTWISE = OPTIMIZER_NAMES  # (Adafactor and Muon refuse complex parameters, as torch's do)
 
 
-def run_both(name: str, init: list[torch.Tensor], loss, steps: int, twin_lr=0.01, torch_foreach=None, **options):
+def run_both(name: str, init: list[torch.Tensor], loss, steps: int, twin_lr=0.01, torch_foreach=None,
+             torch_options: dict | None = None, **options):
+    """The twin's and torch.optim's weights after ``steps`` steps from ``init`` (and the twin). torch's lr
+    is ``twin_lr``'s value (a number, or a tensor the twin differentiates through); ``options`` go to the
+    twin, ``torch_options`` to torch."""
     torch_params = [p.clone().requires_grad_() for p in init]
-    torch_opt = getattr(torch.optim, name)(torch_params, lr=0.01, foreach=torch_foreach)
+    lr = float(twin_lr.detach()) if isinstance(twin_lr, torch.Tensor) else twin_lr
+    torch_opt = getattr(torch.optim, name)(torch_params, lr=lr, foreach=torch_foreach, **(torch_options or {}))
     twin = getattr(diffopt.optim, name)([p.clone().requires_grad_() for p in init], lr=twin_lr, **options)
     current = list(twin.params)
     for _ in range(steps):
@@ -32,6 +37,13 @@ def run_both(name: str, init: list[torch.Tensor], loss, steps: int, twin_lr=0.01
         torch_opt.step()
         current = twin.step(loss(current), params=current)
     return current, torch_params, twin
+
+
+def sgd_against_torch(init: list[torch.Tensor], loss, steps: int, foreach: bool, twin_lr, **options):
+    """SGD with ``options`` for both, ``foreach`` for both: both final weights."""
+    current, torch_params, _ = run_both("SGD", init, loss, steps, twin_lr, torch_foreach=foreach, torch_options=options,
+                                        foreach=foreach, **options)
+    return current, torch_params
 
 
 @pytest.mark.parametrize("name", ELEMENTWISE)
@@ -124,15 +136,7 @@ def test_learnable_tensor_lr_sgd_is_torch_bit_for_bit(dtype, options):
 
     for foreach in (True, False):
         lr = torch.tensor(0.01, dtype=dtype, requires_grad=True)
-        torch_params = [p.clone().requires_grad_() for p in init]
-        torch_opt = torch.optim.SGD(torch_params, lr=0.01, foreach=foreach, **options)
-        twin = diffopt.optim.SGD([p.clone().requires_grad_() for p in init], lr=lr, foreach=foreach, **options)
-        current = list(twin.params)
-        for _ in range(20):
-            torch_opt.zero_grad()
-            loss(torch_params).backward()
-            torch_opt.step()
-            current = twin.step(loss(current), params=current)
+        current, torch_params = sgd_against_torch(init, loss, 20, foreach, lr, **options)
         assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(current, torch_params)), foreach
         assert torch.autograd.grad(loss(current), lr)[0].isfinite()  # and the lr is on the graph
 
@@ -204,13 +208,5 @@ def test_sgd_is_bit_identical_in_every_floating_dtype(dtype, foreach):
 
     for options in ({"momentum": 0.9, "weight_decay": 0.01}, {"momentum": 0.5, "nesterov": True}, {"dampening": 0.1,
                                                                                                     "momentum": 0.3}):
-        torch_params = [p.clone().requires_grad_() for p in init]
-        torch_opt = torch.optim.SGD(torch_params, lr=0.05, foreach=foreach, **options)
-        twin = diffopt.optim.SGD([p.clone().requires_grad_() for p in init], lr=0.05, foreach=foreach, **options)
-        current = list(twin.params)
-        for _ in range(15):
-            torch_opt.zero_grad()
-            loss(torch_params).backward()
-            torch_opt.step()
-            current = twin.step(loss(current), params=current)
+        current, torch_params = sgd_against_torch(init, loss, 15, foreach, 0.05, **options)
         assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(current, torch_params)), options
