@@ -4,6 +4,7 @@ All in float64 on a tiny MLP regression."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -839,7 +840,7 @@ def test_a_hyperparameter_spec_that_is_not_one_is_named(spec, message):
         diffopt.hyper.OnlineTuner(optimizer, lambda p, b: p[0].sum(), lambda p: p[0].sum(), spec)
 
 
-def test_a_scheduler_attribute_a_later_window_does_not_use_is_left_alone() -> None:
+def test_a_scheduler_attribute_a_later_window_does_not_use_is_left_alone(tmp_path: Any) -> None:
     """MultiStepLR's gamma acts only at its milestones: a window without one gives it no hypergradient.
     The tuner had stopped the run with 'the weights do not depend on scheduler.gamma' at step 12 after
     tuning it at steps 3, 6 and 9; it now keeps its value there (no meta-step, so no momentum either)
@@ -847,9 +848,13 @@ def test_a_scheduler_attribute_a_later_window_does_not_use_is_left_alone() -> No
     from diffopt.optim.lr_scheduler import MultiStepLR
 
     weights, batches, train_loss, validation_loss = problem(0, n_batches=15)
-    opt = SGD([w.clone() for w in weights], lr=0.2, momentum=0.5)
-    tuner = OnlineTuner(opt, train_loss, validation_loss, "scheduler.gamma", every=3, window=3,
-                        scheduler=MultiStepLR(opt, [2, 5, 8], gamma=0.6))
+
+    def build() -> OnlineTuner:
+        opt = SGD([w.clone() for w in weights], lr=0.2, momentum=0.5)
+        return OnlineTuner(opt, train_loss, validation_loss, "scheduler.gamma", every=3, window=3,
+                           scheduler=MultiStepLR(opt, [2, 5, 8], gamma=0.6))
+
+    tuner = build()
     with pytest.warns(UserWarning, match=r"scheduler.gamma got no hypergradient in the window ending at training "
                                          r"step 12: the scheduler did not use it") as caught:
         for batch in batches:
@@ -858,6 +863,23 @@ def test_a_scheduler_attribute_a_later_window_does_not_use_is_left_alone() -> No
     gammas = [h["values"]["scheduler.gamma"] for h in tuner.history]
     assert len(set(gammas[:3])) == 3 and gammas[2] == gammas[3] == gammas[4]
     assert [h["hypergradient"]["scheduler.gamma"] for h in tuner.history][3:] == [0.0, 0.0]
+    # resumed before the window that skips it, and after the warning: the same run, warned once in all
+    with pytest.warns(UserWarning, match="scheduler.gamma got no hypergradient"):
+        resumed = interrupted_run(build, batches, 9, tmp_path / "tuner.pt")
+    first = build()
+    with pytest.warns(UserWarning, match="scheduler.gamma got no hypergradient"):
+        for batch in batches[:13]:
+            first.step(batch)
+    first.save(tmp_path / "late.pt")
+    late = build()
+    late.load(tmp_path / "late.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for batch in batches[13:]:
+            late.step(batch)
+    for run in (resumed, late):
+        assert [h["values"] for h in run.history] == [h["values"] for h in tuner.history]
+        assert all(torch.equal(a, b) for a, b in zip(tuner.params, run.params))
     opt = SGD([w.clone() for w in weights], lr=0.2, momentum=0.5)
     late = OnlineTuner(opt, train_loss, validation_loss, "scheduler.gamma", every=3, window=3,
                        scheduler=MultiStepLR(opt, [3], gamma=0.6))

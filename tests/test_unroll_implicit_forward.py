@@ -407,3 +407,26 @@ def test_implicit_reports_and_warns_when_the_inner_loop_is_not_stationary():
         warnings.simplefilter("error", OptimalityResidualWarning)
         loop.meta_loss(sx, sy, qx, qy).backward()
     assert loop.last_info["stationarity"]["relative_gradient_norm"] <= 1e-10
+
+
+def test_rebind_with_forward_mode_dual_tensors_keeps_their_tangents():
+    """rebind(theta=duals) had detached a dual that does not require grad (to make it adapt), losing its
+    tangent: the meta-loss's tangent was None. It equals reverse mode's directional derivative."""
+    from torch.autograd import forward_ad as fwAD
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    loop = InnerLoop(model, SGD(model.parameters(), lr=0.3), F.mse_loss, steps=2)
+    sx, qx = torch.randn(2, 2, 5, 2, dtype=torch.float64)
+    sy, qy = torch.randn(2, 2, 5, 1, dtype=torch.float64)
+    theta = [p.detach().clone() for p in model.parameters()]
+    tangents = [torch.randn_like(t) for t in theta]
+    leaves = [t.clone().requires_grad_() for t in theta]
+    grads = torch.autograd.grad(loop.rebind(theta=leaves).meta_loss(sx, sy, qx, qy), leaves)
+    reverse = sum(float((g * v).sum()) for g, v in zip(grads, tangents))
+    with fwAD.dual_level():
+        for stand_ins in (theta, leaves):
+            out = loop.rebind(theta=[fwAD.make_dual(t, v) for t, v in zip(stand_ins, tangents)]).meta_loss(
+                sx, sy, qx, qy)
+            tangent = fwAD.unpack_dual(out).tangent
+            assert tangent is not None and abs(float(tangent) - reverse) <= 1e-12 * max(1.0, abs(reverse))

@@ -493,6 +493,7 @@ class OnlineTuner:
             "xi": [[x.clone() for x in xi] for xi in self._xi], "windows_since_reset": self._windows_since_reset,
             "generator": self.generator.get_state(), "history": self.history,
             "last_hypergradient": self.last_hypergradient,
+            "connected": sorted(self._connected), "warned_skipped": sorted(self._warned_skipped),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -530,6 +531,9 @@ class OnlineTuner:
         self.generator.set_state(state["generator"])
         self.history = list(state["history"])
         self.last_hypergradient = dict(state["last_hypergradient"])
+        # (checkpoints from before these: every label that has a hypergradient in the history reached the weights)
+        self._connected = set(state.get("connected", {label for h in self.history for label in h["hypergradient"]}))
+        self._warned_skipped = set(state.get("warned_skipped", ()))
 
     def _check_same_run(self, state: dict[str, Any]) -> None:
         """Refuse, before anything is loaded, a checkpoint of other parameters (count, shapes) or one

@@ -456,7 +456,8 @@ class _Solver:
             return start + (
                 "It met a direction of negative curvature (pᵀAp < 0): A is not positive definite, which CG needs "
                 "(a Hessian away from a minimum: few inner steps, a non-convex loss, a small proximal λ or "
-                "damping), so more iterations will not help. Use solver='minres' (symmetric A, indefinite "
+                "damping), so its iterates are unreliable and more iterations may not converge. Use "
+                "solver='minres' (symmetric A, indefinite "
                 "allowed; its residual only falls), add damping or a larger proximal λ above the most negative "
                 "eigenvalue, or solve the inner problem closer to its minimum")
         return start + ("The implicit gradient is off by about as much: raise iterations, add damping, or choose "

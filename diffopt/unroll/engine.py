@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad as fwAD
 
 from ..optim import SGD, DifferentiableOptimizer, NonFiniteError, from_torch
 from ..optim.lbfgs import LBFGS
@@ -96,6 +97,17 @@ def _checks_at_exit(method: Callable[..., Any]) -> Callable[..., Any]:
         return result
 
     return checked
+
+
+def _adaptable(tensor: Tensor) -> Tensor:
+    """``tensor`` as the initialisation of a trainable parameter: a plain tensor (finite differences) still
+    adapts, so it becomes a leaf that requires grad (the inner gradient needs one); a forward-mode dual keeps
+    its tangent; inside a torch.func transform it is left as it is (the loop then says what to use)."""
+    if tensor.requires_grad or inside_torch_func():
+        return tensor
+    primal, tangent = fwAD.unpack_dual(tensor)
+    leaf = primal.detach().requires_grad_()
+    return leaf if tangent is None else fwAD.make_dual(leaf, tangent)
 
 
 class InnerLoop:
@@ -756,8 +768,7 @@ class InnerLoop:
             theta = list(theta)
             if len(theta) != len(self.theta) or any(a.shape != b.shape for a, b in zip(theta, self.theta)):
                 raise ValueError("rebind(theta=...): give one tensor per model parameter, with the same shapes")
-            # a plain tensor in place of a trainable parameter still adapts: the inner gradient needs a leaf
-            clone.theta = [t.detach().requires_grad_() if model.requires_grad and not t.requires_grad else t
+            clone.theta = [_adaptable(t) if model.requires_grad else t
                            for t, model in zip(theta, self.model_parameters)]
         if hyperparameters:
             clone.optimizer = self.with_hyperparameters(hyperparameters)

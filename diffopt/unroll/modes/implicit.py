@@ -54,7 +54,8 @@ class Implicit(Mode):
     warns (or raises, by the solver's ``on_fail``) with its residual.
 
     The theorem holds at a stationary point of the inner objective. The backward measures each task's
-    ``‖∇G‖`` at the returned weights against its value where the steps started, records the worst
+    ``‖∇G‖`` at the returned weights against its value where the steps started (or the tasks' mean
+    there, if larger: a task θ already nearly solves is not judged against its own tiny gradient), records the worst
     task's ratio in ``loop.last_info["stationarity"]``, and warns (once per loop) when it is above
     ``stationarity_tol``: the inner loop did not solve its problem (too few steps, or a rate that
     oscillates or diverges) and the implicit gradient may be far from the true one. iMAML's few inner
@@ -211,17 +212,23 @@ def _task_norms(tensors: Any) -> Tensor:
 
 def _check_stationarity(mode: Implicit, loop: Any, initial: Carry, grad: Any, x: Tensor, y: Tensor,
                         positions: list[int], decays: list[tuple[float | Tensor, float]], info: dict[str, Any]) -> None:
-    """Each task's ``‖∇G‖`` at the solution over its value at the start: the worst in
-    ``info["stationarity"]``, and a warning (once per loop) above ``mode.stationarity_tol``."""
+    """Each task's ``‖∇G‖`` at the solution over its value at the start (or over the tasks' mean start value,
+    where that is larger: a task that θ already nearly solves is not judged against its own tiny gradient):
+    the worst in ``info["stationarity"]``, and a warning (once per loop) above ``mode.stationarity_tol``. The
+    start's gradient is computed with the random number generators forked: a model with dropout draws
+    the same masks later as it would without this check."""
     if not grad or under_vmap(list(grad)):
         return
-    _, start = _objective_gradient(loop, initial, x.detach(), y.detach(), positions, decays, create_graph=False)
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        _, start = _objective_gradient(loop, initial, x.detach(), y.detach(), positions, decays, create_graph=False)
     final, first = _task_norms(grad), _task_norms(start)
-    ratio = torch.where(first > 0, final / first.clamp_min(torch.finfo(final.dtype).tiny),
+    reference = torch.maximum(first, first.mean())
+    ratio = torch.where(reference > 0, final / reference.clamp_min(torch.finfo(final.dtype).tiny),
                         torch.where(final > 0, torch.full_like(final, math.inf), torch.zeros_like(final)))
     task = int(ratio.argmax())
     report = {"relative_gradient_norm": float(ratio[task]), "task": task, "gradient_norm": float(final[task]),
-              "initial_gradient_norm": float(first[task])}
+              "initial_gradient_norm": float(reference[task])}
     info["stationarity"] = report
     if not report["relative_gradient_norm"] <= mode.stationarity_tol and not getattr(mode, "_warned_stationarity",
                                                                                        False):
@@ -229,7 +236,8 @@ def _check_stationarity(mode: Implicit, loop: Any, initial: Carry, grad: Any, x:
         warnings.warn(
             f"{WHAT}the inner loop did not reach a stationary point: on task {task} the inner objective's gradient "
             f"norm is {report['gradient_norm']:.3g} after {loop.steps} steps, {report['relative_gradient_norm']:.3g} "
-            f"times its {report['initial_gradient_norm']:.3g} at the start (stationarity_tol="
+            f"times the {report['initial_gradient_norm']:.3g} at the start (its own, or the tasks' mean if larger; "
+            "stationarity_tol="
             f"{mode.stationarity_tol:g}), so the implicit meta-gradient, which assumes a solved inner problem, may be "
             "far from the true one. Raise steps, lower the inner learning rate if the loop oscillates or diverges, "
             "or use mode='second_order' (warned once per loop; every meta-step's figures are in "
