@@ -210,3 +210,29 @@ def test_sgd_is_bit_identical_in_every_floating_dtype(dtype, foreach):
                                                                                                     "momentum": 0.3}):
         current, torch_params = sgd_against_torch(init, loss, 15, foreach, 0.05, **options)
         assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(current, torch_params)), options
+
+
+@pytest.mark.parametrize("name", [n for n in diffopt.optim.OPTIMIZERS if n not in ("Muon", "LBFGS", "Adafactor")])
+def test_per_element_lr_of_another_dtype_keeps_the_parameters_dtype(name):
+    """A float64 per-element lr on a float32 weight had made SGD's weights float64 and failed inside
+    Adam's lerp; it is rounded to float32 as a number or a 0-dim lr is: the run equals the one with the lr
+    given in float32, bit for bit, and the float64 lr still gets its gradient."""
+    g = torch.Generator().manual_seed(7)
+    init = [torch.randn(4, 3, generator=g), torch.randn(3, generator=g)]
+    rates = [torch.full((4, 3), 0.01, dtype=F64, requires_grad=True), torch.full((3,), 0.02, dtype=F64)]
+
+    def loss(ps):
+        return (torch.tanh(ps[0] @ ps[1]) ** 2).sum()
+
+    def run(lrs):
+        opt = getattr(diffopt.optim, name)([{"params": [p.clone().requires_grad_()], "lr": lr} for p, lr in zip(init, lrs)])
+        current = list(opt.params)
+        for _ in range(3):
+            current = opt.step(loss(current), params=current)
+        return current
+
+    ours = run(rates)
+    assert [p.dtype for p in ours] == [torch.float32, torch.float32]
+    same = run([r.detach().float() for r in rates])
+    assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(ours, same))
+    assert torch.autograd.grad(loss(ours), rates[0])[0].dtype == F64

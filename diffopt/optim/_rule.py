@@ -196,6 +196,26 @@ def _mixes_dtypes_when_0dim(param: Tensor, hp: Hyper) -> bool:
     )
 
 
+def per_element_in_param_dtype(param: Tensor, hp: Hyper) -> Hyper:
+    """``hp`` with every floating hyperparameter tensor of one or more dimensions (per element) in the
+    parameter's real dtype (``float32`` for a ``complex64`` one), also inside tuples (``betas``): rounded
+    (differentiably) as a number or a 0-dim tensor hyperparameter is by type promotion. Left in its own
+    dtype, a float64 lr would make a float32 weight and its state float64 (SGD, Rprop's step sizes) or
+    fail inside torch (Adam's lerp)."""
+    dtype = param.real.dtype if param.is_complex() else param.dtype
+
+    def cast(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.dim() > 0 and value.is_floating_point() and value.dtype != dtype:
+            return value.to(dtype)
+        if isinstance(value, tuple):
+            return tuple(cast(v) for v in value)
+        return value
+
+    if not any(isinstance(leaf, Tensor) and leaf.dim() > 0 for value in hp.values() for leaf in leaves(value)):
+        return hp
+    return {k: cast(v) for k, v in hp.items()}
+
+
 def update_one_like_torch(rule: "UpdateRule", param: Tensor, grad: Tensor, state: State,
                           hp: Hyper) -> tuple[Tensor, State]:
     """``rule.update_one``, with torch.optim's conventions for the two cases its elementwise maths
@@ -206,7 +226,9 @@ def update_one_like_torch(rule: "UpdateRule", param: Tensor, grad: Tensor, state
       the results are viewed back as complex;
     * a 0-dim parameter meeting a 0-dim tensor hyperparameter of another dtype (a float64 ``lr``
       for a float32 scalar) is updated as shape ``(1,)``, where the parameter's dtype wins type
-      promotion as it does for every other shape, and reshaped back.
+      promotion as it does for every other shape, and reshaped back;
+    (a per-element hyperparameter of another dtype is rounded to the parameter's before, by
+    :func:`per_element_in_param_dtype`, in ``DifferentiableOptimizer.tensor_hyperparameters``).
     """
     if param.is_complex():
         complex_keys = {k for k, v in state.items() if isinstance(v, Tensor) and v.is_complex()}

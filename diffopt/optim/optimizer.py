@@ -20,7 +20,7 @@ from ._gradients import check_finite_gradients, loss_gradients
 from ._groups import IGNORED_TORCH_OPTIONS, PAIR_KEYS, ParamGroups  # noqa: F401 - re-exported
 from ._hyper import (VariesByParameter, constants_as_numbers, is_plain, is_plain_number, leaves, resolve,
                      resolve_shared)
-from ._rule import State, UpdateRule, inside_torch_func, update_one_like_torch
+from ._rule import State, UpdateRule, inside_torch_func, per_element_in_param_dtype, update_one_like_torch
 from ._state_dict import StateDict
 from .transforms import GradTransform, build_transforms
 
@@ -239,7 +239,7 @@ class DifferentiableOptimizer(ParamGroups, StateDict):
         in ``group``) at ``step``: the group's hyperparameters resolved for it (``shared``
         when they are the same for the whole group) and ``task_dims``, the number of
         leading task dimensions ``param`` has beyond its shape at construction."""
-        hp = dict(shared) if shared is not None else self._hp(group, position, step)
+        hp = per_element_in_param_dtype(param, dict(shared) if shared is not None else self._hp(group, position, step))
         hp["task_dims"] = param.dim() - self.base_dims[index]
         return hp
 
