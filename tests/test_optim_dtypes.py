@@ -225,7 +225,8 @@ def test_per_element_lr_of_another_dtype_keeps_the_parameters_dtype(name):
         return (torch.tanh(ps[0] @ ps[1]) ** 2).sum()
 
     def run(lrs):
-        opt = getattr(diffopt.optim, name)([{"params": [p.clone().requires_grad_()], "lr": lr} for p, lr in zip(init, lrs)])
+        groups = [{"params": [p.clone().requires_grad_()], "lr": lr} for p, lr in zip(init, lrs)]
+        opt = getattr(diffopt.optim, name)(groups)
         current = list(opt.params)
         for _ in range(3):
             current = opt.step(loss(current), params=current)
