@@ -4,6 +4,7 @@ All in float64 on a tiny MLP regression."""
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -430,8 +431,10 @@ def test_mismatched_values_settings_and_checkpoints_are_named(tmp_path: Any) -> 
     per_element = [value(3), value(4), value(1, 4)]  # (3,) for the (4, 3) weight would broadcast
     with pytest.raises(ValueError, match=r"values\['lr'\]\[0\] has shape \(3,\), but parameter 0 has shape \(4, 3\)"):
         hypergradient(sgd(), batches[:2], train_loss, validation_loss, {Tuned("lr", "element"): per_element})
-    with pytest.raises(ValueError, match=r"values\['lr'\] has shape \(5,\); scope 'global' takes one number"):
-        hypergradient(sgd(), batches[:2], train_loss, validation_loss, {"lr": value(5)})
+    for shape in ((5,), (1, 1)):  # (1, 1) had passed as one number and given a (1, 1) validation loss
+        with pytest.raises(ValueError, match=rf"values\['lr'\] has shape {re.escape(str(shape))}; scope 'global' "
+                                             "takes one number"):
+            hypergradient(sgd(), batches[:2], train_loss, validation_loss, {"lr": value(*shape)})
     for function in (hypergradient, window_loss):
         with pytest.raises(ValueError, match=rf"{function.__name__}: batches is empty.*no training steps"):
             function(sgd(), [], train_loss, validation_loss, {"lr": value()})

@@ -310,7 +310,7 @@ def _as_values(values: Mapping[Any, Any], optimizer: DifferentiableOptimizer, mo
                 raise ValueError(f"hypergradient: values[{tuned.name!r}][{k}] has shape {tuple(t.shape)}, but "
                                  f"parameter {k} has shape {tuple(optimizer.params[k].shape)}; scope 'element' "
                                  "takes one value per element (the parameter's shape) or one number (0-dim)")
-            if tuned.scope != "element" and t.numel() != 1:
+            if tuned.scope != "element" and t.dim() != 0:
                 raise ValueError(f"hypergradient: values[{tuned.name!r}] has shape {tuple(t.shape)}; scope "
                                  f"{tuned.scope!r} takes one number per tensor (0-dim); use "
                                  "Tuned(name, 'element') for per-element values")
