@@ -226,9 +226,10 @@ def update_one_like_torch(rule: "UpdateRule", param: Tensor, grad: Tensor, state
       the results are viewed back as complex;
     * a 0-dim parameter meeting a 0-dim tensor hyperparameter of another dtype (a float64 ``lr``
       for a float32 scalar) is updated as shape ``(1,)``, where the parameter's dtype wins type
-      promotion as it does for every other shape, and reshaped back;
-    (a per-element hyperparameter of another dtype is rounded to the parameter's before, by
-    :func:`per_element_in_param_dtype`, in ``DifferentiableOptimizer.tensor_hyperparameters``).
+      promotion as it does for every other shape, and reshaped back.
+
+    (A per-element hyperparameter of another dtype is rounded to the parameter's before, by
+    :func:`per_element_in_param_dtype`, in ``DifferentiableOptimizer.tensor_hyperparameters``.)
     """
     if param.is_complex():
         complex_keys = {k for k, v in state.items() if isinstance(v, Tensor) and v.is_complex()}
