@@ -109,3 +109,26 @@ def test_autocast_names_the_accepted_dtypes() -> None:
     with pytest.raises(ValueError, match=r"the model's weights are float64, and torch.autocast lowers float32 "
                                          r"operations only.*model.float\(\)"):
         InnerLoop(model.double(), autocast=torch.bfloat16)
+
+
+def test_a_mixed_dtype_model_keeps_a_float32_meta_loss_under_autocast() -> None:
+    """A bfloat16 base with float32 adapters (peft's default): the per-task losses had been cast to the
+    first parameter's dtype, bfloat16, so the meta-loss was a bfloat16 number and its mean over three tasks
+    was taken in bfloat16 (the meta-gradient scaled by 1.002). They are cast to the widest weight dtype."""
+    torch.manual_seed(0)
+    base, adapter = nn.Linear(D, D).to(torch.bfloat16), nn.Linear(D, 1)
+    base.requires_grad_(False)
+    model = nn.Sequential(base, adapter)
+    g = torch.Generator().manual_seed(1)
+    sx, qx = torch.randn(2, 3, 4, D, generator=g)
+    sy, qy = torch.randn(2, 3, 4, 1, generator=g)
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out.float(), target)
+
+    loop = InnerLoop(model, diffopt.optim.SGD(adapter.parameters(), lr=LR), loss, steps=1, autocast=torch.bfloat16)
+    meta = loop.meta_loss(sx, sy, qx, qy)
+    assert meta.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        per_task = torch.stack([loss(o, t) for o, t in zip(loop.predict(loop.adapt_without_graph(sx, sy), qx), qy)])
+    assert float(meta) == float(per_task.float().mean())

@@ -77,6 +77,7 @@ def _checks_at_exit(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def checked(self: InnerLoop, *args: Any, **kwargs: Any) -> Any:
         _refuse_functorch_transform(method.__name__)
+        self.patched.refuse_checkpointing_switched_on(f"InnerLoop.{method.__name__}")
         if self._pending_checks is not None or not self.check_finite:
             return method(self, *args, **kwargs)
         self._pending_checks, self._last_adapted = [], None
@@ -201,6 +202,9 @@ class InnerLoop:
         self.patched = PatchedModel(model, batchnorm, backend)
         self.backend, self.backend_reason = self.patched.backend, self.patched.backend_reason
         self.autocast = _check_autocast(autocast, self.theta)
+        #: the widest floating dtype among the weights (float32 for a bfloat16 base with float32 adapters)
+        self._weights_dtype = functools.reduce(torch.promote_types, [p.dtype for p in self.theta
+                                                                       if p.is_floating_point()], torch.float32)
         self.vectorize, self.vectorize_reason = self._vectorize(vectorize)
         self._backprop = ExplicitBackprop.build(self.patched.lowered)
         self._hessian = ExplicitHessian.build(self._backprop)
@@ -350,8 +354,8 @@ class InnerLoop:
             except RuntimeError as error:
                 raise self._forward_failure(error, params, buffers, x, phase) from error
             losses = self._per_task_loss(loss_fn, outputs, y)
-        if self.autocast is not None and self.theta:
-            losses = losses.to(self.theta[0].dtype)  # a low-precision loss_fn's value, in the weights' dtype
+        if self.autocast is not None and self.theta:  # a low-precision loss_fn's value, at least in the weights'
+            losses = losses.to(torch.promote_types(losses.dtype, self._weights_dtype))  # widest dtype: never down
         if losses.dim() != 1:
             raise ValueError(
                 f"loss_fn must return a scalar per task, got shape {tuple(losses.shape[1:])} per task; reduce "
@@ -709,6 +713,7 @@ class InnerLoop:
             raise ValueError(f"predict: inputs need the adapted tasks' leading dimension ({tasks}) and an example "
                              f"dimension, got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         no_example_dimension(x, "predict")
+        self.patched.refuse_checkpointing_switched_on("InnerLoop.predict")
         outputs, _ = self.patched.forward_tasks(
             adapted.params, [b.clone() for b in adapted.buffers], x, "outer", self.vectorize, self.adapted_mask
         )

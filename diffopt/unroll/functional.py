@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Union
 
@@ -277,8 +278,10 @@ class FunctionalModel:
             self.backend_reason = f"{backend}: requested (backend={backend!r})"
         else:
             raise ValueError(f"backend={backend!r} is not a functional backend; choose 'auto' or one of {BACKENDS}")
-        refuse_activation_checkpointing(model, "InnerLoop", "to save memory over the inner steps use "
-                                        "mode='checkpointed', which recomputes whole inner steps with their weights")
+        refuse_activation_checkpointing(model, "InnerLoop", CHECKPOINTED_INSTEAD)
+        #: modules with a gradient-checkpointing switch (transformers' layer stacks), read at every call:
+        #: the switch may be turned on after the loop is built
+        self._switches = [weakref.ref(m) for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         hooked = hooked_module(model)
         if backend == "higher" and hooked is not None:
             raise ValueError(f"backend='higher': {hooked} has forward hooks, which higher's monkeypatched copy "
@@ -314,6 +317,12 @@ class FunctionalModel:
                 )
 
     # -- per-task BatchNorm statistics -------------------------------------------------
+    def refuse_checkpointing_switched_on(self, where: str) -> None:
+        """Refuse a gradient-checkpointing switch turned on since construction (one attribute read per
+        switch: none for most models, one per layer stack for Hugging Face's)."""
+        if any(getattr(ref(), "gradient_checkpointing", None) is True for ref in self._switches):
+            refuse_activation_checkpointing(self.model, where, CHECKPOINTED_INSTEAD)
+
     def initial_buffers(self, tasks: int) -> list[Tensor]:
         """Per-task copies of the running statistics (``per_task`` policy), else ``[]``."""
         if self.policy != "per_task":
@@ -402,6 +411,10 @@ def checkpointing_module(model: nn.Module) -> str | None:
         if getattr(module, "gradient_checkpointing", None) is True:  # (set on the layer stacks by transformers)
             return name or "the model"
     return None
+
+
+CHECKPOINTED_INSTEAD = ("to save memory over the inner steps use mode='checkpointed', which recomputes whole inner "
+                        "steps with their weights")
 
 
 def refuse_activation_checkpointing(model: nn.Module, where: str, alternative: str) -> None:
