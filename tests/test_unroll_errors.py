@@ -413,3 +413,23 @@ def test_implicit_mode_without_proximal_warns_that_the_initialisation_gets_no_me
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         InnerLoop(model, steps=2, mode="implicit", proximal=1.0)
+
+
+def test_an_inner_optimizer_holding_only_frozen_parameters_is_refused():
+    """Frozen parameters stay put (torch.optim's semantics), so an inner optimizer holding only frozen
+    ones had run K steps that adapted nothing, silently (a meta-loss equal to K = 0's); a peft model's
+    select_parameters(model, 'head') is such a set (the head tied to the frozen embeddings)."""
+    from diffopt.unroll import select_parameters
+
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    model[1].requires_grad_(False)
+    sx, sy = torch.randn(2, 4, 2), torch.randn(2, 4, 1)
+    loop = InnerLoop(model, SGD(model[1].parameters(), lr=0.1), F.mse_loss, steps=2)
+    for call in (lambda: loop.meta_loss(sx, sy, sx, sy), lambda: loop.adapt(sx, sy)):
+        with pytest.raises(ValueError, match=r"InnerLoop\.\w+: every parameter the inner optimizer holds \(2\) is "
+                                             r"frozen .* would adapt nothing"):
+            call()
+    InnerLoop(model, SGD(model[1].parameters(), lr=0.1), F.mse_loss, steps=0).meta_loss(sx, sy, sx, sy)  # K = 0
+    loop = InnerLoop(model, SGD(select_parameters(model, "head"), lr=0.1), F.mse_loss, steps=1)
+    with pytest.raises(ValueError, match="is frozen"):
+        loop.meta_loss(sx, sy, sx, sy)

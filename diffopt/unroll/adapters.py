@@ -122,7 +122,9 @@ def select_parameters(model: nn.Module, which: str | Sequence[str]) -> list[nn.P
     ``"norms"`` (every module whose class name contains ``Norm``: LayerNorm, RMSNorm,
     BatchNorm, GroupNorm); ``"lora"`` (parameters named ``lora_``, from :func:`add_lora`
     or ``peft``); or a list of ``fnmatch`` patterns over parameter names. A selection
-    that finds nothing raises, naming what exists.
+    that finds nothing raises, naming what exists. Frozen parameters are returned too (to unfreeze
+    with ``requires_grad_()``, say); an :class:`InnerLoop` whose optimizer holds only frozen ones refuses
+    to run, since it would adapt nothing (a peft model's ``"head"`` is tied to its frozen embeddings).
     """
     named = list(model.named_parameters())
     if isinstance(which, str):

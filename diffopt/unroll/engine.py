@@ -78,6 +78,7 @@ def _checks_at_exit(method: Callable[..., Any]) -> Callable[..., Any]:
     def checked(self: InnerLoop, *args: Any, **kwargs: Any) -> Any:
         _refuse_functorch_transform(method.__name__)
         self.patched.refuse_checkpointing_switched_on(f"InnerLoop.{method.__name__}")
+        self._refuse_adapting_nothing(method.__name__)
         if self._pending_checks is not None or not self.check_finite:
             return method(self, *args, **kwargs)
         self._pending_checks, self._last_adapted = [], None
@@ -289,6 +290,15 @@ class InnerLoop:
             if isinstance(t, Tensor) and t.requires_grad:
                 found.setdefault(id(t), t)
         return list(found.values())
+
+    def _refuse_adapting_nothing(self, where: str) -> None:
+        """The inner optimizer holds parameters, all frozen (``requires_grad=False``): they stay put as in
+        torch.optim, so K steps would adapt nothing, silently (a meta-loss equal to K = 0's)."""
+        if self.steps and self.positions and not any(self.model_parameters[j].requires_grad for j in self.positions):
+            raise ValueError(
+                f"InnerLoop.{where}: every parameter the inner optimizer holds ({len(self.positions)}) is frozen "
+                "(requires_grad=False), so the inner steps would adapt nothing. Give the optimizer trainable "
+                "parameters (e.g. select_parameters(model, 'lora')), or unfreeze them with requires_grad_()")
 
     # -- data checks ---------------------------------------------------------------
     @staticmethod
