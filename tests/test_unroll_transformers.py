@@ -237,3 +237,13 @@ def test_padded_sequences_refuse_unpacked_inputs() -> None:
         wrapped(torch.randint(0, VOCAB, (3, LENGTH)))
     with pytest.raises(ValueError, match="must have the same shape"):
         diffopt.unroll.PaddedSequences.pack(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4))
+    # an additive mask (0 / finfo.min) had been packed as 0 / int64-min: an IndexError deep in the embedding,
+    # or (positions=False) a silently inverted mask; any value but 0 and 1 is refused, naming the conversion
+    additive = torch.zeros(2, 3).masked_fill(torch.tensor([[False, True, True], [True, True, True]]).logical_not(),
+                                             torch.finfo(torch.float32).min)
+    with pytest.raises(ValueError, match=r"mask must hold 1 for a token and 0 for padding .* \(mask == 0\)\.long\(\)"):
+        diffopt.unroll.PaddedSequences.pack(torch.zeros(2, 3, dtype=torch.long), additive)
+    with pytest.raises(ValueError, match=r"found \[2\]"):
+        diffopt.unroll.PaddedSequences.pack(torch.zeros(2, 3, dtype=torch.long), torch.full((2, 3), 2))
+    packed = diffopt.unroll.PaddedSequences.pack(torch.zeros(2, 3, dtype=torch.long), additive == 0)  # bool: fine
+    assert packed[:, 1].tolist() == [[0, 1, 1], [1, 1, 1]]

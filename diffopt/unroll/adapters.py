@@ -191,6 +191,11 @@ class PaddedSequences(nn.Module):
                              "the same shape")
         if ids.is_floating_point():
             raise TypeError(f"PaddedSequences.pack: ids must be integer token ids, got {ids.dtype}")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            found = torch.unique(mask[(mask != 0) & (mask != 1)])[:3].tolist()
+            raise ValueError(f"PaddedSequences.pack: mask must hold 1 for a token and 0 for padding (Hugging Face's "
+                             f"attention_mask), found {found}; an additive mask (0 / -inf or finfo.min) becomes "
+                             "(mask == 0).long()")
         return torch.stack([ids, mask.to(ids.dtype)], dim=-2)
 
     def forward(self, packed: Tensor) -> object:
