@@ -247,3 +247,22 @@ def test_padded_sequences_refuse_unpacked_inputs() -> None:
         diffopt.unroll.PaddedSequences.pack(torch.zeros(2, 3, dtype=torch.long), torch.full((2, 3), 2))
     packed = diffopt.unroll.PaddedSequences.pack(torch.zeros(2, 3, dtype=torch.long), additive == 0)  # bool: fine
     assert packed[:, 1].tolist() == [[0, 1, 1], [1, 1, 1]]
+
+
+def test_a_base_model_without_logits_and_higher_on_a_sliced_layer_list_are_named() -> None:
+    """Two errors that had come from deep inside: a Hugging Face base model (no .logits) made torch.stack
+    fail on its output object; backend='higher' on LLaMA failed in higher's MonkeyPatched ('root')."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1,
+                                                          num_attention_heads=2, intermediate_size=2 * HIDDEN)).eval()
+    ids = torch.randint(0, VOCAB, (TASKS, BATCH, LENGTH))
+    loop = InnerLoop(bert, diffopt.optim.SGD(bert.parameters(), lr=LR), lambda o, y: o.mean(), steps=1,
+                     vectorize=False)
+    with pytest.raises(TypeError, match=r"returned a BaseModelOutput\w* without logits \(fields \['last_hidden_state'"):
+        loop.meta_loss(ids, ids, ids, ids)
+    llama = decoder("llama")
+    loop = InnerLoop(llama, diffopt.optim.SGD(llama.parameters(), lr=LR), lm_loss, steps=1, backend="higher")
+    with pytest.raises(TypeError, match=r"backend='higher' cannot run LlamaForCausalLM.*backend='auto' or "
+                                        r"'functional_call'"):
+        loop.meta_loss(*data())

@@ -356,7 +356,17 @@ class FunctionalModel:
         # forward that reads a submodule's parameter directly (weight tying such as
         # ``h @ self.embedding.weight.T``) would see stale weights: write them all first.
         self.fmodel.update_params(params)
-        return prediction(self.fmodel(x, params=params, **self.kwargs))
+        try:
+            out = self.fmodel(x, params=params, **self.kwargs)
+        except TypeError as error:
+            if "root" not in str(error):
+                raise
+            raise TypeError(
+                f"backend='higher' cannot run {type(self.model).__name__}: higher's monkeypatched ModuleList "
+                f"rebuilds itself without its root when the model slices it (Hugging Face's decoders slice their "
+                f"layer list; higher: {error}). Use backend='auto' or 'functional_call', which run the module "
+                "itself") from error
+        return prediction(out)
 
     def forward_tasks(
         self,
@@ -500,6 +510,12 @@ def prediction(output: Any) -> Any:
     logits = getattr(output, "logits", None)
     if isinstance(logits, Tensor):
         return logits
+    if callable(getattr(output, "to_tuple", None)) and callable(getattr(output, "keys", None)):
+        raise TypeError(
+            f"the model returned a {type(output).__name__} without logits (fields {list(output.keys())}): the inner "
+            "loop takes one tensor per task, which loss_fn receives. Wrap the model so that it returns the tensor to "
+            "train on, e.g. a module whose forward returns model(x).last_hidden_state, or its pooled output through "
+            "a head")
     return output
 
 
