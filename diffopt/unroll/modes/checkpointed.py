@@ -62,7 +62,10 @@ class _Segment(torch.autograd.Function):
                 *tensors: Tensor) -> Any:
         n_carry = holder[0]
         ctx.loop, ctx.skeleton, ctx.length, ctx.n_carry = loop, skeleton, length, n_carry
+        # the generators the segment may draw from (dropout): the CPU's, and the CUDA devices' of its tensors
+        ctx.devices = sorted({t.device.index or 0 for t in (x, *tensors) if t.device.type == "cuda"})
         ctx.rng_state = torch.get_rng_state()
+        ctx.cuda_rng_states = [torch.cuda.get_rng_state(d) for d in ctx.devices]
         ctx.save_for_backward(x, y, *tensors)
         # Attention as the recomputation will run it (MATH, diffopt.unroll.attention): the same
         # kernel draws the same dropout masks from the restored RNG state.
@@ -79,8 +82,10 @@ class _Segment(torch.autograd.Function):
         x, y, *tensors = ctx.saved_tensors
         carry_in, meta = tensors[: ctx.n_carry], tensors[ctx.n_carry:]
         leaves = [t.detach().requires_grad_(t.requires_grad) for t in carry_in]
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():
             torch.set_rng_state(ctx.rng_state)
+            for device, state in zip(ctx.devices, ctx.cuda_rng_states):
+                torch.cuda.set_rng_state(state, device)
             out = ctx.loop.run(unflatten(leaves, ctx.skeleton), ctx.length, x, y, "full")
             outputs, _ = flatten(out)
             pairs = [(o, g) for o, g in zip(outputs, grad_out) if g is not None and o.requires_grad]
