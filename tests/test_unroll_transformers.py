@@ -266,3 +266,13 @@ def test_a_base_model_without_logits_and_higher_on_a_sliced_layer_list_are_named
     with pytest.raises(TypeError, match=r"backend='higher' cannot run LlamaForCausalLM.*backend='auto' or "
                                         r"'functional_call'"):
         loop.meta_loss(*data())
+
+
+def test_padded_sequences_under_vmap_names_the_mask_code() -> None:
+    """vectorize=True on PaddedSequences fails with any mask (Hugging Face reads the mask's values); the
+    error had blamed 'a layer of the model'."""
+    wrapped = diffopt.unroll.PaddedSequences(decoder("gpt2"))
+    support, support_y, query, query_y = padded_batch()
+    loop = InnerLoop(wrapped, diffopt.optim.SGD(wrapped.parameters(), lr=LR), lm_loss, steps=1, vectorize=True)
+    with pytest.raises(RuntimeError, match=r"vectorize=True failed: the wrapped model's attention-mask code"):
+        loop.meta_loss(support, support_y, query, query_y)

@@ -557,6 +557,9 @@ def choose_vectorize(model: nn.Module, batchnorm: str | None = None, lowered: bo
 def describe_vmap_failure(model: nn.Module, error: Exception, batchnorm: str | None = None) -> str:
     blockers = vectorization_blockers(model, batchnorm)
     layer = blockers[0] if blockers else "a layer of the model"
+    if type(model).__name__ == "PaddedSequences":
+        layer = ("the wrapped model's attention-mask code (Hugging Face builds its mask by reading the mask's "
+                 "values, which torch.func.vmap cannot batch: with any mask, all ones too)")
     return (
         f"vectorize=True failed: {layer} cannot run under torch.func.vmap ({error}). "
         "Use vectorize=False (task loop) or vectorize='auto'."
