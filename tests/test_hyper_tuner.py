@@ -889,3 +889,17 @@ def test_a_scheduler_attribute_a_later_window_does_not_use_is_left_alone(tmp_pat
     with pytest.raises(ValueError, match="the weights after the window do not depend on scheduler.gamma"):
         for batch in batches[:3]:
             late.step(batch)
+
+
+def test_a_meta_step_out_of_range_with_the_identity_transform_leaves_the_values_as_they_were() -> None:
+    """With transform='identity' a meta-step can take the lr below 0: the error came after the raw value had
+    moved (the tuner left inconsistent) and named no fix. The values are restored and the fix is named."""
+    weights, batches, train_loss, validation_loss = problem(0, n_batches=12)
+    opt = SGD([w.clone() for w in weights], lr=0.01, momentum=0.5)
+    tuner = OnlineTuner(opt, train_loss, validation_loss, [Tuned("lr", transform="identity")], every=2, meta_lr=5.0)
+    with pytest.raises(ValueError, match=r"the meta-step took a hyperparameter out of its range \(.*invalid lr "
+                                         r"-[\d.]+.*\); the values are left as they were.*'log' for rates"):
+        for batch in batches:
+            tuner.step(batch)
+    lr = opt.param_groups[0]["lr"]
+    assert float(lr) >= 0 and float(tuner.raw_tensors()[0]) == float(lr)

@@ -424,9 +424,21 @@ class OnlineTuner:
         for k, (leaf, g) in enumerate(zip(leaves, grads)):
             if not (k < len(skip) and skip[k]):  # (None: the meta-optimizer leaves it, momentum included)
                 leaf.grad = g.detach().clone()
+        before = [u.detach().clone() for u in leaves]
         self.meta_optimizer.step()
         self.meta_optimizer.zero_grad(set_to_none=True)
-        self._commit()
+        try:
+            self._commit()
+        except ValueError as error:  # out of the hyperparameter's range (transform='identity' does not keep it in)
+            with torch.no_grad():
+                for u, value in zip(leaves, before):
+                    u.copy_(value)
+            self._commit()
+            raise ValueError(
+                f"OnlineTuner, tuning after training step {self.step_count}: the meta-step took a hyperparameter "
+                f"out of its range ({error}); the values are left as they were before it. A transform keeps each "
+                "value in range (the defaults: 'log' for rates, 'logit' for momenta and betas); with "
+                "transform='identity' nothing does, so use the default or a smaller meta_lr") from error
 
     def _pes(self, leaves: list[Tensor], where: str) -> tuple[Tensor, list[Tensor]]:
         """The PES estimate over this window (module docstring), advancing the particles."""
