@@ -356,3 +356,15 @@ def test_as_schedule_drives_the_inner_loop_engine(vectorize):
     numeric = central_differences(lambda h: float(meta_loss(torch.tensor(0.3 + h, dtype=F64)).detach()), 1.0,
                                   steps=(1e-6, 1e-5))
     assert min(abs(n - float(grad)) for n in numeric) <= 1e-6 * abs(float(grad))
+
+
+def test_a_step_count_the_schedule_divides_by_must_be_positive():
+    """StepLR(step_size=0), CosineAnnealingLR(T_max=0) and CyclicLR(step_size_up=0) had failed at their first
+    step with a bare ZeroDivisionError (torch's do too); they are refused where they are built."""
+    opt = diffopt.optim.SGD([torch.zeros(2)], lr=0.1)
+    for build, name in ((lambda: D.StepLR(opt, 0), "StepLR: step_size"),
+                        (lambda: D.CosineAnnealingLR(opt, T_max=0), "CosineAnnealingLR: T_max"),
+                        (lambda: D.CyclicLR(opt, 0.01, 0.1, step_size_up=0), "CyclicLR: step_size_up"),
+                        (lambda: D.CyclicLR(opt, 0.01, 0.1, step_size_down=0), "CyclicLR: step_size_down")):
+        with pytest.raises(ValueError, match=f"{name} must be a number of steps >= 1, got 0"):
+            build()

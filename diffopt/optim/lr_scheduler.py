@@ -157,8 +157,18 @@ class MultiplicativeLR(_torch.MultiplicativeLR, LRScheduler):
     """``torch.optim.lr_scheduler.MultiplicativeLR``: ``lr *= lr_lambda(step)``."""
 
 
+def _positive_steps(value: Any, name: str, where: str) -> None:
+    """A step count the schedule divides by: a bare ZeroDivisionError at the first step otherwise (torch's too)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
+        raise ValueError(f"{where}: {name} must be a number of steps >= 1, got {value!r}")
+
+
 class StepLR(_torch.StepLR, LRScheduler):
     """``torch.optim.lr_scheduler.StepLR``; ``gamma`` may be a tensor."""
+
+    def __init__(self, optimizer: Any, step_size: int, *args: Any, **kwargs: Any) -> None:
+        _positive_steps(step_size, "step_size", "StepLR")
+        super().__init__(optimizer, step_size, *args, **kwargs)
 
 
 class MultiStepLR(_torch.MultiStepLR, LRScheduler):
@@ -183,6 +193,10 @@ class PolynomialLR(_torch.PolynomialLR, LRScheduler):
 
 class CosineAnnealingLR(_torch.CosineAnnealingLR, LRScheduler):
     """``torch.optim.lr_scheduler.CosineAnnealingLR``; ``eta_min`` may be a tensor."""
+
+    def __init__(self, optimizer: Any, T_max: int, *args: Any, **kwargs: Any) -> None:
+        _positive_steps(T_max, "T_max", "CosineAnnealingLR")
+        super().__init__(optimizer, T_max, *args, **kwargs)
 
 
 class CosineAnnealingWarmRestarts(_torch.CosineAnnealingWarmRestarts, LRScheduler):
@@ -297,6 +311,9 @@ class CyclicLR(_torch.CyclicLR, LRScheduler):
             for lr, group in zip(base_lrs, optimizer.param_groups, strict=True):
                 group["lr"] = lr
         self.max_lrs = _format_param("max_lr", optimizer, max_lr)  # type: ignore[arg-type]
+        _positive_steps(step_size_up, "step_size_up", "CyclicLR")
+        if step_size_down is not None:
+            _positive_steps(step_size_down, "step_size_down", "CyclicLR")
         step_size_up = float(step_size_up)
         step_size_down = float(step_size_down) if step_size_down is not None else step_size_up
         self.total_size = step_size_up + step_size_down
