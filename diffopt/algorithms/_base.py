@@ -181,6 +181,20 @@ def embed_tasks(encoder: nn.Module, x: Tensor) -> Tensor:
     return flat.reshape(x.shape[0], x.shape[1], *flat.shape[1:]).flatten(2)
 
 
+def embed_episode(encoder: nn.Module, support_x: Tensor, query_x: Tensor) -> tuple[Tensor, Tensor]:
+    """Embeddings of a meta-batch's support (T, S, ...) and query (T, Q, ...) inputs: (T, S, D), (T, Q, D).
+
+    Each task's support and query go through the encoder as one batch of S + Q
+    examples, as in Snell et al.'s and learn2learn's Prototypical Networks: an
+    encoder with batch statistics (BatchNorm) then normalises a query with its
+    episode's statistics, so its embedding does not depend on how the queries
+    are grouped (one at a time or all together), and a single query is no batch
+    of one. Encoders without BatchNorm run on all tasks at once.
+    """
+    joint = embed_tasks(encoder, torch.cat([support_x, query_x], dim=1))
+    return joint[:, :support_x.shape[1]], joint[:, support_x.shape[1]:]
+
+
 def check_episode(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor | None = None) -> None:
     """Shapes shared by every learner: a task dimension, matching tasks and examples."""
     if support_x.dim() < 2 or query_x.dim() < 2:
