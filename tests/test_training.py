@@ -400,11 +400,11 @@ def test_evaluate_matches_mean_ci95_of_hand_computed_per_task_losses():
     for k, values in per_step.items():
         n = len(values)
         mean = sum(values) / n
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))  # the sample sd
         entry = summary["loss"][str(k)]
         assert entry["tasks"] == 7
         assert entry["mean"] == pytest.approx(mean, rel=1e-12)
-        assert entry["ci95"] == pytest.approx(1.96 * sd / math.sqrt(n), rel=1e-10)
+        assert entry["ci95"] == pytest.approx(2.4469118511449692 * sd / math.sqrt(n), rel=1e-10)  # t(0.975, 6)
         assert (entry["mean"], entry["ci95"]) == pytest.approx(mean_ci95(values), rel=1e-12)
 
 
