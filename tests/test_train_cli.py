@@ -77,8 +77,8 @@ def test_train_sinusoid_maml_prints_a_json_summary(capsys):
 
 @pytest.mark.parametrize("algo", ["protonet", "maml"])
 def test_train_synthetic(capsys, algo):
-    summary = train(capsys, "--task", "synthetic", "--algo", algo, "--iterations", "5", "--test-tasks", "10",
-                    "--eval-steps", "0,1")
+    steps = () if algo == "protonet" else ("--eval-steps", "0,1")  # protonet has no test-time steps
+    summary = train(capsys, "--task", "synthetic", "--algo", algo, "--iterations", "5", "--test-tasks", "10", *steps)
     check_summary(summary, 5, 10, steps=None if algo == "protonet" else (0, 1), accuracy=True)
 
 
@@ -222,7 +222,7 @@ def test_omniglot_protocol_splits_and_models(omniglot_root):
 def test_omniglot_protocol_end_to_end(capsys, omniglot_root, algo):
     summary = train(capsys, "--task", "omniglot", "--data-root", str(omniglot_root), "--algo", algo,
                     "--iterations", "3", "--meta-batch", "1", "--shots", "1", "--query", "1", "--test-tasks", "2",
-                    "--eval-steps", "0,1")
+                    *(("--eval-steps", "0,1") if algo in ("maml", "fomaml") else ()))
     gradient = algo in ("maml", "fomaml")
     check_summary(summary, 3, 2, steps=(0, 1) if gradient else None, accuracy=True)
 
@@ -240,6 +240,13 @@ def test_omniglot_protocol_end_to_end(capsys, omniglot_root, algo):
     (("--algo", "anil", "--mode", "truncated"), "--mode truncated: truncated back-propagation needs truncate=k"),
     (("--resume",), "--resume continues the run saved at --checkpoint; give --checkpoint PATH"),
     (("--backend", "bogus"), "backend (--backend) must be one of auto, gloo, nccl, mpi, ucc, got 'bogus'"),
+    # silently ignored before: the Omniglot flags on generated tasks, classes on regression, steps without a loop
+    (("--task", "synthetic", "--data-root", "/nonexistent"), "--data-root applies only to --task omniglot"),
+    (("--task", "glyphs", "--omniglot-train-classes", "7"), "--omniglot-train-classes applies only to --task omniglot"),
+    (("--task", "sinusoid", "--ways", "3"), "--ways does not apply to sinusoid, a regression task"),
+    (("--task", "synthetic", "--algo", "protonet", "--eval-steps", "7"),
+     "--eval-steps do not apply to protonet, which has no inner loop"),
+    (("--task", "synthetic", "--algo", "siamese", "--eval-steps", "0,1"), "--eval-steps do not apply to siamese"),
 ])
 def test_a_flag_the_algorithm_would_ignore_or_a_mode_it_cannot_train_in_is_refused(capsys, args, message):
     """They had been ignored (Meta-SGD's --inner-lr, the metric learners' inner flags), or crashed with
