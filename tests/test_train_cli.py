@@ -94,6 +94,23 @@ def test_train_mamlpp_anneals_by_epoch_and_evaluates_beyond_its_inner_steps(caps
     check_summary(summary, 5, 4, steps=(0, 1, 10))
 
 
+def test_a_diverged_test_task_prints_standard_json_with_null_and_the_count(capsys):
+    """The summary had bare Infinity / NaN tokens (not JSON), and the diverged tasks' accuracy as a number."""
+    with pytest.warns(RuntimeWarning, match="fine-tuning diverged"):
+        assert main(["train", "--task", "synthetic", "--ways", "3", "--inner-lr", "1e5", "--eval-steps", "0,10",
+                     "--iterations", "1", "--meta-batch", "2", "--test-tasks", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+
+    def refuse(token: str):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    final = json.loads(out, parse_constant=refuse)["final"]
+    for metric in ("loss", "accuracy"):
+        entry = final[metric]["10"]
+        assert entry["mean"] is None and entry["ci95"] is None and entry["diverged"] >= 1 and entry["tasks"] == 3
+        assert final[metric]["0"]["mean"] is not None and "diverged" not in final[metric]["0"]
+
+
 def test_demo_runs_and_prints_the_table(capsys):
     assert main(["demo", "--iterations", "50", "--plot", "", "--no-progress"]) == 0
     out = capsys.readouterr().out

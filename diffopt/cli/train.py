@@ -1,4 +1,5 @@
-"""``diffopt train``: meta-train an algorithm on a task family and print a JSON summary.
+"""``diffopt train``: meta-train an algorithm on a task family and print a JSON summary (standard JSON:
+non-finite numbers, a diverged test task's mean and interval, print as ``null``).
 
 The run itself is :mod:`diffopt.training.experiment` (:class:`TrainSettings`,
 :func:`~diffopt.training.experiment.train`); with ``--nproc N`` this process
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._measure import _standard_json
 from ..errors import DistributedError, PeerFailure
 from ..recipes import ALGORITHMS
 from ..tasks import OmniglotLayoutError
@@ -110,7 +112,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
     except (OSError, PeerFailure, DistributedError) as error:  # a full disk, a dead or hung rank: one line
         parser.exit(2, f"diffopt train: error: {error}\n")
     if summary is not None:
-        print(json.dumps(summary, indent=2, default=float))
+        # standard JSON: a diverged test task's inf / nan mean and interval print as null (not Infinity / NaN)
+        print(json.dumps(_standard_json(summary), indent=2, allow_nan=False))
     return 0
 
 
