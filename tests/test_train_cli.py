@@ -235,6 +235,14 @@ def test_omniglot_protocol_splits_and_models(omniglot_root):
     assert len(convolutions) == 4 and learner.model[-1].out_features == 5 and config["inner_lr"] == 0.4
 
 
+def test_omniglot_too_few_test_characters_names_the_test_split_and_the_flag(capsys, omniglot_root):
+    """1204 of 1205 characters for training leave 4 test classes for 5 ways: the error had said "this split"."""
+    err = fails(capsys, "train", "--task", "omniglot", "--data-root", str(omniglot_root), "--omniglot-train-classes",
+                "1204", "--iterations", "1", "--no-progress")
+    assert ("--ways 5: the Omniglot test split has only 4 classes (1 character(s) × their rotations) with "
+            "--omniglot-train-classes 1204 of the folder's 1205 characters; lower --omniglot-train-classes") in err
+
+
 @pytest.mark.parametrize("algo", ["maml", "fomaml", "protonet", "matching", "siamese"])
 def test_omniglot_protocol_end_to_end(capsys, omniglot_root, algo):
     summary = train(capsys, "--task", "omniglot", "--data-root", str(omniglot_root), "--algo", algo,

@@ -189,6 +189,14 @@ def build(settings: TrainSettings) -> tuple[Any, Any, dict[str, Any]]:
                 )
             splits = omniglot_splits(characters, seed=settings.seed, num_train=settings.omniglot_train_classes)
             train, test = splits.train, splits.test
+            for name, split, fix in (("training", train, "raise"), ("test", test, "lower")):
+                if split.num_classes < settings.ways:
+                    raise ValueError(
+                        f"--ways {settings.ways}: the Omniglot {name} split has only {split.num_classes} classes "
+                        f"({split.num_groups} character(s) × their rotations) with --omniglot-train-classes "
+                        f"{settings.omniglot_train_classes} of the folder's {characters.num_groups} characters; "
+                        f"{fix} --omniglot-train-classes or lower --ways"
+                    )
         source = EpisodeSource(train, test, meta_batch=meta_batch, ways=settings.ways, shots=shots, query=query,
                                test_tasks=settings.test_tasks, name=settings.task)
         classification = True
