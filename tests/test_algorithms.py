@@ -753,3 +753,54 @@ def test_mamlpp_refuses_a_mode_it_would_ignore_and_names_inner_steps():
             MAMLPlusPlus(model, mode=mode)
     with pytest.raises(ValueError, match="MAMLPlusPlus: inner_steps must be an integer >= 1.*got 0"):
         MAMLPlusPlus(model, inner_steps=0)
+
+
+# =============================================================================================
+# Sequence labelling: (N, L, C) logits, per-token loss_fn, targets −100 on padding
+# =============================================================================================
+
+def token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-token cross-entropy over every labelled position (−100 ignored, F.cross_entropy's default)."""
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
+
+
+@pytest.mark.parametrize("length", [3, 4])  # L == C (silently wrong before) and L != C (crashed before)
+def test_sequence_labelling_evaluate_uses_loss_fn_and_scores_labelled_tokens_only(length):
+    classes, d_in, tasks, n = 3, 2, 2, 3
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d_in, 4), nn.Tanh(), nn.Linear(4, classes)).to(F64)  # (N, L, D) -> (N, L, C)
+    learner = MAML(model, token_loss, inner_lr=0.3, inner_steps=1)
+    g = torch.Generator().manual_seed(length)
+    sx, qx = (torch.randn(tasks, n, length, d_in, generator=g, dtype=F64) for _ in range(2))
+    sy, qy = (torch.randint(0, classes, (tasks, n, length), generator=g) for _ in range(2))
+    sy[:, 0, -1] = -100  # padding in the support and the query
+    qy[:, 0, :2] = -100
+    qy[1, 2, 0] = -100
+    names = [name for name, _ in model.named_parameters()]
+    for steps in (0, 1):
+        losses, accuracies = [], []
+        for t in range(tasks):  # by hand: SGD on the support's token loss, then the query's tokens
+            params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+            for _ in range(steps):
+                loss = token_loss(functional_call(model, dict(zip(names, params)), (sx[t],)), sy[t])
+                params = [(p - 0.3 * g_).detach().requires_grad_()
+                          for p, g_ in zip(params, torch.autograd.grad(loss, params))]
+            logits = functional_call(model, dict(zip(names, params)), (qx[t],)).detach()
+            manual = sum(-torch.log_softmax(logits[i, j], -1)[qy[t, i, j]] for i in range(n) for j in range(length)
+                         if qy[t, i, j] != -100) / int((qy[t] != -100).sum())
+            hits = [bool(logits[i, j].argmax() == qy[t, i, j]) for i in range(n) for j in range(length)
+                    if qy[t, i, j] != -100]
+            losses.append(float(manual))
+            accuracies.append(sum(hits) / len(hits))
+        along = learner.evaluate_steps(sx, sy, qx, qy, steps=(steps,))
+        assert along["loss"].shape == along["accuracy"].shape == (1, tasks)
+        torch.testing.assert_close(along["loss"][0], torch.tensor(losses, dtype=F64), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(along["accuracy"][0], torch.tensor(accuracies, dtype=F64), rtol=1e-12, atol=1e-12)
+        if steps == 1:  # evaluate: after the learner's K = 1 inner step
+            metrics = learner.evaluate(sx, sy, qx, qy)
+            assert metrics["loss"].shape == metrics["accuracy"].shape == (tasks,)
+            torch.testing.assert_close(metrics["loss"], torch.tensor(losses, dtype=F64), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(metrics["accuracy"], torch.tensor(accuracies, dtype=F64), rtol=1e-12,
+                                       atol=1e-12)
+    with pytest.raises(ValueError, match="every query label of a task is -100"):
+        learner.evaluate(sx, sy, qx, torch.full_like(qy, -100))

@@ -275,3 +275,69 @@ def test_recipes_build_metric_learners(name, cls):
     learner = make_learner(name, encoder(0), classification=True, embedding_dim=4)
     assert isinstance(learner, cls) and learner.config()["algorithm"] == cls.__name__
     assert math.isfinite(float(learner.to(F64).meta_loss(*episode(1, 2, 3, 1, 2)).detach()))
+
+
+# =============================================================================================
+# Encoders with batch statistics: a task's support and query are embedded as one batch
+# =============================================================================================
+
+def bn_encoder(seed: int, d_in: int = 3, d_out: int = 4) -> nn.Module:
+    """An MLP with BatchNorm1d on batch statistics (as recipes.conv_block's BatchNorm2d)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Tanh(),
+                         nn.Linear(6, d_out)).to(F64)
+
+
+def bn_learners() -> dict[str, nn.Module]:
+    return {
+        "PrototypicalNetwork": PrototypicalNetwork(bn_encoder(0)),
+        "MatchingNetwork": MatchingNetwork(bn_encoder(0)),
+        "SiameseNetwork": SiameseNetwork(bn_encoder(0), embedding_dim=4).to(F64),
+    }
+
+
+def test_batchnorm_protonet_matches_a_hand_written_joint_batch_reference():
+    """Snell et al.'s code: per task, encoder(cat(support, query)), prototypes from the support rows."""
+    learner = bn_learners()["PrototypicalNetwork"].eval()
+    sx, sy, qx, qy = episode(3, 2, 3, 2, 2)
+    logits = learner.predict(sx, sy, qx)
+    for t in range(2):
+        z = learner.encoder(torch.cat([sx[t], qx[t]]))
+        zs, zq = z[:sx.shape[1]], z[sx.shape[1]:]
+        centres = torch.stack([zs[sy[t] == k].mean(0) for k in range(3)])
+        reference = torch.stack([torch.stack([-((q - c) ** 2).sum() for c in centres]) for q in zq])
+        close(logits[t], reference)
+
+
+@pytest.mark.parametrize("name", ["PrototypicalNetwork", "MatchingNetwork", "SiameseNetwork"])
+def test_batchnorm_query_equal_to_a_support_example_is_recognised_alone_or_with_others(name):
+    """A query that is support example 0 has the same embedding, so (ProtoNet, 1-shot) is at distance 0
+    from its prototype whether asked alone, with the others, or as the only query (a batch of one
+    had crashed BatchNorm1d, and separate batches had put it at distance² −9.35 with Conv-4)."""
+    learner = bn_learners()[name].eval()
+    sx, sy, _, _ = episode(4, 1, 3, 1, 1)
+    label = int(sy[0, 0])
+    with torch.no_grad():
+        for query in (sx[:, :1], sx):  # alone, and with the other support examples
+            if name == "PrototypicalNetwork":
+                assert float(learner.predict(sx, sy, query)[0, 0, label]) == pytest.approx(0.0, abs=1e-12)
+            elif name == "MatchingNetwork":  # cosine 1 with itself: the most attended support example
+                assert int(learner.attention(sx, sy, query)[0, 0].argmax()) == 0
+            else:  # |f(x) − f(x)| = 0: the verifier's logit is its bias
+                close(learner.similarity(sx, query)[0, 0, 0], learner.verifier.bias[0])
+    assert math.isfinite(float(learner.meta_loss(sx, sy, sx[:, :1], sy[:, :1]).detach()))
+
+
+@pytest.mark.parametrize("name", ["PrototypicalNetwork", "MatchingNetwork", "SiameseNetwork"])
+def test_predictions_do_not_depend_on_how_queries_are_ordered_or_grouped(name):
+    """With batch statistics the support and query of a task share one batch, so permuting the queries
+    permutes the predictions; without BatchNorm, asking the queries one at a time gives the batch's."""
+    sx, sy, qx, _ = episode(5, 2, 3, 2, 2)
+    perm = torch.randperm(qx.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        learner = bn_learners()[name].eval()
+        close(learner.predict(sx, sy, qx[:, perm]), learner.predict(sx, sy, qx)[:, perm])
+        plain = metric_learners()[name].eval()
+        batch = plain.predict(sx, sy, qx)
+        one_by_one = torch.cat([plain.predict(sx, sy, qx[:, j:j + 1]) for j in range(qx.shape[1])], dim=1)
+        close(one_by_one, batch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import math
+import statistics
 import struct
 import zlib
 from pathlib import Path
@@ -150,12 +151,41 @@ def test_sinusoid_argument_errors():
         SinusoidTasks(amplitude_range=(5.0, 0.1))
 
 
-def test_mean_ci95_matches_official_formula():
-    v = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    mean, ci = mean_ci95(v)
-    assert mean == 2.5 and ci == pytest.approx(1.96 * np.std([1, 2, 3, 4]) / 2)
+def t975_closed_form(dof: int) -> float:
+    """Student's t 0.975 quantile in closed form for 1, 2 and 4 degrees of freedom (Hill 1970;
+    Shaw 2006, "Sampling Student's T distribution"), independent of scipy."""
+    p = 0.975
+    if dof == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if dof == 2:
+        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    alpha = 4 * p * (1 - p)  # dof == 4
+    q = math.cos(math.acos(math.sqrt(alpha)) / 3) / math.sqrt(alpha)
+    return 2 * math.sqrt(q - 1)
+
+
+T975 = {n: t975_closed_form(n - 1) for n in (2, 3, 5)}
+
+
+@pytest.mark.parametrize("n", sorted(T975))
+def test_mean_ci95_is_the_student_t_interval_with_the_sample_sd(n):
+    values = [float(v) for v in torch.randn(n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)]
+    mean, ci = mean_ci95(torch.tensor(values, dtype=torch.float64))
+    assert mean == pytest.approx(statistics.fmean(values), rel=1e-14)
+    assert ci == pytest.approx(T975[n] * statistics.stdev(values) / math.sqrt(n), rel=1e-12)
+
+
+def test_mean_ci95_of_one_value_has_no_interval_and_600_tasks_match_the_official_formula():
+    # one task: no interval (the old 1.96·population-sd formula gave ±0.0)
+    mean, ci = mean_ci95([0.7])
+    assert mean == 0.7 and math.isnan(ci)
     with pytest.raises(ValueError, match="empty"):
         mean_ci95([])
+    # MAML's 600 test tasks: within 0.3% of 1.96·np.std/√600, the official evaluation's
+    v = np.random.default_rng(0).normal(size=600)
+    _, ci = mean_ci95(torch.tensor(v))
+    assert ci == pytest.approx(1.96 * np.std(v) / math.sqrt(600), rel=3e-3)
+    assert ci > 1.96 * np.std(v) / math.sqrt(600)
 
 
 # ============================================================================ episodes

@@ -77,8 +77,8 @@ def test_train_sinusoid_maml_prints_a_json_summary(capsys):
 
 @pytest.mark.parametrize("algo", ["protonet", "maml"])
 def test_train_synthetic(capsys, algo):
-    summary = train(capsys, "--task", "synthetic", "--algo", algo, "--iterations", "5", "--test-tasks", "10",
-                    "--eval-steps", "0,1")
+    steps = () if algo == "protonet" else ("--eval-steps", "0,1")  # protonet has no test-time steps
+    summary = train(capsys, "--task", "synthetic", "--algo", algo, "--iterations", "5", "--test-tasks", "10", *steps)
     check_summary(summary, 5, 10, steps=None if algo == "protonet" else (0, 1), accuracy=True)
 
 
@@ -92,6 +92,23 @@ def test_train_mamlpp_anneals_by_epoch_and_evaluates_beyond_its_inner_steps(caps
                     "--test-tasks", "4", "--eval-steps", "0,1,10")
     assert epochs == [0, 0, 1, 1, 2]
     check_summary(summary, 5, 4, steps=(0, 1, 10))
+
+
+def test_a_diverged_test_task_prints_standard_json_with_null_and_the_count(capsys):
+    """The summary had bare Infinity / NaN tokens (not JSON), and the diverged tasks' accuracy as a number."""
+    with pytest.warns(RuntimeWarning, match="fine-tuning diverged"):
+        assert main(["train", "--task", "synthetic", "--ways", "3", "--inner-lr", "1e5", "--eval-steps", "0,10",
+                     "--iterations", "1", "--meta-batch", "2", "--test-tasks", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+
+    def refuse(token: str):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    final = json.loads(out, parse_constant=refuse)["final"]
+    for metric in ("loss", "accuracy"):
+        entry = final[metric]["10"]
+        assert entry["mean"] is None and entry["ci95"] is None and entry["diverged"] >= 1 and entry["tasks"] == 3
+        assert final[metric]["0"]["mean"] is not None and "diverged" not in final[metric]["0"]
 
 
 def test_demo_runs_and_prints_the_table(capsys):
@@ -218,11 +235,19 @@ def test_omniglot_protocol_splits_and_models(omniglot_root):
     assert len(convolutions) == 4 and learner.model[-1].out_features == 5 and config["inner_lr"] == 0.4
 
 
+def test_omniglot_too_few_test_characters_names_the_test_split_and_the_flag(capsys, omniglot_root):
+    """1204 of 1205 characters for training leave 4 test classes for 5 ways: the error had said "this split"."""
+    err = fails(capsys, "train", "--task", "omniglot", "--data-root", str(omniglot_root), "--omniglot-train-classes",
+                "1204", "--iterations", "1", "--no-progress")
+    assert ("--ways 5: the Omniglot test split has only 4 classes (1 character(s) × their rotations) with "
+            "--omniglot-train-classes 1204 of the folder's 1205 characters; lower --omniglot-train-classes") in err
+
+
 @pytest.mark.parametrize("algo", ["maml", "fomaml", "protonet", "matching", "siamese"])
 def test_omniglot_protocol_end_to_end(capsys, omniglot_root, algo):
     summary = train(capsys, "--task", "omniglot", "--data-root", str(omniglot_root), "--algo", algo,
                     "--iterations", "3", "--meta-batch", "1", "--shots", "1", "--query", "1", "--test-tasks", "2",
-                    "--eval-steps", "0,1")
+                    *(("--eval-steps", "0,1") if algo in ("maml", "fomaml") else ()))
     gradient = algo in ("maml", "fomaml")
     check_summary(summary, 3, 2, steps=(0, 1) if gradient else None, accuracy=True)
 
@@ -240,6 +265,13 @@ def test_omniglot_protocol_end_to_end(capsys, omniglot_root, algo):
     (("--algo", "anil", "--mode", "truncated"), "--mode truncated: truncated back-propagation needs truncate=k"),
     (("--resume",), "--resume continues the run saved at --checkpoint; give --checkpoint PATH"),
     (("--backend", "bogus"), "backend (--backend) must be one of auto, gloo, nccl, mpi, ucc, got 'bogus'"),
+    # silently ignored before: the Omniglot flags on generated tasks, classes on regression, steps without a loop
+    (("--task", "synthetic", "--data-root", "/nonexistent"), "--data-root applies only to --task omniglot"),
+    (("--task", "glyphs", "--omniglot-train-classes", "7"), "--omniglot-train-classes applies only to --task omniglot"),
+    (("--task", "sinusoid", "--ways", "3"), "--ways does not apply to sinusoid, a regression task"),
+    (("--task", "synthetic", "--algo", "protonet", "--eval-steps", "7"),
+     "--eval-steps do not apply to protonet, which has no inner loop"),
+    (("--task", "synthetic", "--algo", "siamese", "--eval-steps", "0,1"), "--eval-steps do not apply to siamese"),
 ])
 def test_a_flag_the_algorithm_would_ignore_or_a_mode_it_cannot_train_in_is_refused(capsys, args, message):
     """They had been ignored (Meta-SGD's --inner-lr, the metric learners' inner flags), or crashed with

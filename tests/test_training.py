@@ -33,6 +33,7 @@ from diffopt.training import (
     iteration_generator,
     load_checkpoint,
     save_checkpoint,
+    summary_text,
 )
 
 F64 = torch.float64
@@ -399,11 +400,11 @@ def test_evaluate_matches_mean_ci95_of_hand_computed_per_task_losses():
     for k, values in per_step.items():
         n = len(values)
         mean = sum(values) / n
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))  # the sample sd
         entry = summary["loss"][str(k)]
         assert entry["tasks"] == 7
         assert entry["mean"] == pytest.approx(mean, rel=1e-12)
-        assert entry["ci95"] == pytest.approx(1.96 * sd / math.sqrt(n), rel=1e-10)
+        assert entry["ci95"] == pytest.approx(2.4469118511449692 * sd / math.sqrt(n), rel=1e-10)  # t(0.975, 6)
         assert (entry["mean"], entry["ci95"]) == pytest.approx(mean_ci95(values), rel=1e-12)
 
 
@@ -425,6 +426,36 @@ def test_a_test_task_whose_fine_tuning_diverges_counts_as_inf_and_is_reported():
         assert summary["loss"][k]["mean"] == math.inf and summary["loss"][k]["diverged"] == 1
         assert summary["loss"][k]["tasks"] == 3
     assert learner.loop.check_finite  # the checks are back on for training
+
+
+def test_a_diverged_test_tasks_accuracy_is_nan_and_counted_not_read_from_nan_logits():
+    # Its accuracy had been the argmax of NaN logits (class 0), reported as an ordinary 0.333 ± 0.0.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).to(F64)
+    learner = MAML(model, F.cross_entropy, inner_lr=0.5, inner_steps=1)
+    g = torch.Generator().manual_seed(0)
+    sx, qx = torch.randn(3, 6, 4, generator=g, dtype=F64), torch.randn(3, 9, 4, generator=g, dtype=F64)
+    sy, qy = torch.arange(3).repeat(2).expand(3, -1).clone(), torch.arange(3).repeat(3).expand(3, -1).clone()
+    sx[1] *= 1e200  # task 1's weights reach ~1e200 at the first inner step, its logits overflow at the next
+    with pytest.warns(RuntimeWarning, match="fine-tuning diverged"):
+        summary = evaluate(learner, [(sx, sy, qx, qy)], steps=(0, 2))
+    assert "diverged" not in summary["accuracy"]["0"] and math.isfinite(summary["accuracy"]["0"]["mean"])
+    entry = summary["accuracy"]["2"]
+    assert entry["diverged"] == 1 and entry["tasks"] == 3 and math.isnan(entry["mean"]) and math.isnan(entry["ci95"])
+    assert summary["loss"]["2"]["mean"] == math.inf and summary["loss"]["2"]["diverged"] == 1
+    assert summary_text(entry) == "nan (1 of 3 tasks diverged)"
+    # the finite tasks' accuracies are the hand-computed ones (plain SGD steps on the support loss)
+    names = [n for n, _ in model.named_parameters()]
+    for t in (0, 2):
+        params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        for _ in range(2):
+            loss = F.cross_entropy(torch.func.functional_call(model, dict(zip(names, params)), (sx[t],)), sy[t])
+            params = [(p - 0.5 * g_).detach().requires_grad_()
+                      for p, g_ in zip(params, torch.autograd.grad(loss, params))]
+        logits = torch.func.functional_call(model, dict(zip(names, params)), (qx[t],))
+        alone = evaluate(learner, [(sx[t:t + 1], sy[t:t + 1], qx[t:t + 1], qy[t:t + 1])], steps=(2,))
+        assert alone["accuracy"]["2"]["mean"] == pytest.approx(float((logits.argmax(-1) == qy[t]).double().mean()),
+                                                               rel=1e-12)
 
 
 def test_evaluate_metric_learner_reports_loss_and_accuracy():

@@ -14,9 +14,28 @@ def is_classification(targets: Tensor) -> bool:
     return not (targets.is_floating_point() or targets.is_complex())
 
 
+#: Targets equal to this are not counted (``F.cross_entropy``'s default ``ignore_index``: padding).
+IGNORE_INDEX = -100
+
+
+def correct_fraction(logits: Tensor, labels: Tensor) -> Tensor:
+    """The fraction of labelled positions whose arg-max class (last dimension of ``logits``) is the label.
+
+    ``logits`` (..., C), ``labels`` (...): one task's (N, C) and (N,), or a sequence task's
+    (N, L, C) and (N, L); positions labelled ``IGNORE_INDEX`` (−100) are not counted.
+    """
+    counted = labels != IGNORE_INDEX
+    total = counted.sum()
+    if int(total) == 0:
+        raise ValueError(f"every query label of a task is {IGNORE_INDEX} (ignored): no position to score accuracy on")
+    dtype = logits.dtype if logits.is_floating_point() else torch.float32
+    return ((logits.argmax(-1) == labels) & counted).sum().to(dtype) / total.to(dtype)
+
+
 def accuracy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-task accuracy, shape (T,), for logits (T, N, C) and labels (T, N)."""
-    return (logits.argmax(-1) == targets).to(logits.dtype if logits.is_floating_point() else torch.float32).mean(-1)
+    """Per-task accuracy, shape (T,), for logits (T, N, ..., C) and labels (T, N, ...): the classes are the
+    last dimension, and positions labelled −100 (``F.cross_entropy``'s ``ignore_index``) are not counted."""
+    return torch.stack([correct_fraction(o, y) for o, y in zip(logits, targets)])
 
 
 class MetaLearner(nn.Module):
@@ -58,12 +77,14 @@ class MetaLearner(nn.Module):
         return self._metrics(out, query_y)
 
     def _metrics(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        loss_fn = getattr(self, "loss_fn", None)
+        """Per-task loss with the learner's ``loss_fn`` (the one it trains on; cross-entropy or MSE for a
+        learner without one), and :func:`accuracy` for integer targets."""
+        fn = getattr(self, "loss_fn", None) or (nn.functional.cross_entropy if is_classification(targets)
+                                                else nn.functional.mse_loss)
+        losses = torch.stack([fn(o, y) for o, y in zip(outputs, targets)])
         if is_classification(targets):
-            losses = torch.stack([nn.functional.cross_entropy(o, y) for o, y in zip(outputs, targets)])
             return {"loss": losses, "accuracy": accuracy(outputs, targets)}
-        fn = loss_fn or nn.functional.mse_loss
-        return {"loss": torch.stack([fn(o, y) for o, y in zip(outputs, targets)])}
+        return {"loss": losses}
 
     def config(self) -> dict[str, Any]:
         """The settings that must match for a checkpoint to be loaded into this learner."""
@@ -151,10 +172,8 @@ class InnerLoopLearner(MetaLearner):
             support, query = self.inputs(support_x), self.inputs(query_x)
         out = {"loss": self.loop.query_losses_along(support, support_y, query, query_y, steps)}
         if is_classification(query_y):
-            def correct(logits: Tensor, labels: Tensor) -> Tensor:
-                return (logits.argmax(-1) == labels).to(logits.dtype).mean()
-
-            out["accuracy"] = self.loop.query_losses_along(support, support_y, query, query_y, steps, metric=correct)
+            out["accuracy"] = self.loop.query_losses_along(support, support_y, query, query_y, steps,
+                                                           metric=correct_fraction)
         return out
 
     def config(self) -> dict[str, Any]:
@@ -179,6 +198,20 @@ def embed_tasks(encoder: nn.Module, x: Tensor) -> Tensor:
         return torch.stack([encoder(xt) for xt in x])
     flat = encoder(x.flatten(0, 1))
     return flat.reshape(x.shape[0], x.shape[1], *flat.shape[1:]).flatten(2)
+
+
+def embed_episode(encoder: nn.Module, support_x: Tensor, query_x: Tensor) -> tuple[Tensor, Tensor]:
+    """Embeddings of a meta-batch's support (T, S, ...) and query (T, Q, ...) inputs: (T, S, D), (T, Q, D).
+
+    Each task's support and query go through the encoder as one batch of S + Q
+    examples, as in Snell et al.'s and learn2learn's Prototypical Networks: an
+    encoder with batch statistics (BatchNorm) then normalises a query with its
+    episode's statistics, so its embedding does not depend on how the queries
+    are grouped (one at a time or all together), and a single query is no batch
+    of one. Encoders without BatchNorm run on all tasks at once.
+    """
+    joint = embed_tasks(encoder, torch.cat([support_x, query_x], dim=1))
+    return joint[:, :support_x.shape[1]], joint[:, support_x.shape[1]:]
 
 
 def check_episode(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor | None = None) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import MetaLearner, check_episode, embed_tasks, ways_of
+from ._base import MetaLearner, check_episode, embed_episode, ways_of
 
 
 def one_hot(labels: Tensor, ways: int, dtype: torch.dtype) -> Tensor:
@@ -48,7 +48,7 @@ class PrototypicalNetwork(MetaLearner):
 
     def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         check_episode(support_x, support_y, query_x)
-        support, query = embed_tasks(self.encoder, support_x), embed_tasks(self.encoder, query_x)
+        support, query = embed_episode(self.encoder, support_x, query_x)
         centres = self.prototypes(support, support_y)
         if self.distance == "cosine":
             return F.normalize(query, dim=-1) @ F.normalize(centres, dim=-1).transpose(1, 2)
@@ -111,7 +111,7 @@ class MatchingNetwork(MetaLearner):
 
     def attention(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Attention of every query over the support set: (T, Q, S)."""
-        support, query = embed_tasks(self.encoder, support_x), embed_tasks(self.encoder, query_x)
+        support, query = embed_episode(self.encoder, support_x, query_x)
         if self.full_context:
             support = self.fce.support(support)
             query = self.fce.query(query, support)
@@ -151,7 +151,7 @@ class SiameseNetwork(MetaLearner):
 
     def similarity(self, support_x: Tensor, query_x: Tensor) -> Tensor:
         """Same-class logits for every (query, support) pair: (T, Q, S)."""
-        support, query = embed_tasks(self.encoder, support_x), embed_tasks(self.encoder, query_x)
+        support, query = embed_episode(self.encoder, support_x, query_x)
         distance = (query.unsqueeze(2) - support.unsqueeze(1)).abs()
         return self.verifier(distance).squeeze(-1)
 

@@ -1,4 +1,5 @@
-"""``diffopt train``: meta-train an algorithm on a task family and print a JSON summary.
+"""``diffopt train``: meta-train an algorithm on a task family and print a JSON summary (standard JSON:
+non-finite numbers, a diverged test task's mean and interval, print as ``null``).
 
 The run itself is :mod:`diffopt.training.experiment` (:class:`TrainSettings`,
 :func:`~diffopt.training.experiment.train`); with ``--nproc N`` this process
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._measure import _standard_json
 from ..errors import DistributedError, PeerFailure
 from ..recipes import ALGORITHMS
 from ..tasks import OmniglotLayoutError
@@ -36,16 +38,17 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     train.add_argument("--inner-lr", type=number(0), default=None)
     train.add_argument("--outer-lr", type=number(0), default=None,
                        help="outer learning rate (default 1e-3 for Adam; Reptile's step size ε, default 1.0)")
-    train.add_argument("--ways", type=count(1), default=5)
+    train.add_argument("--ways", type=count(1), default=None, help="classes per task (default 5; not for sinusoid)")
     train.add_argument("--shots", type=count(1), default=None)
     train.add_argument("--query", type=count(1), default=None)
     train.add_argument("--test-tasks", type=count(1), default=600)
     train.add_argument("--eval-every", type=count(0), default=0)
-    train.add_argument("--eval-steps", type=int_list, default=(0, 1, 5, 10), help="test-time inner steps, comma-separated")
+    train.add_argument("--eval-steps", type=int_list, default=None,
+                       help="test-time inner steps, comma-separated (default 0,1,5,10; not for the metric learners)")
     train.add_argument("--seed", type=seed, default=0)
     train.add_argument("--data-root", default=None, help="Omniglot folder (images_background/, images_evaluation/)")
-    train.add_argument("--omniglot-train-classes", type=count(1), default=1200,
-                       help="characters used for meta-training (the protocol's 1200); the rest are test classes")
+    train.add_argument("--omniglot-train-classes", type=count(1), default=None,
+                       help="characters used for meta-training (default: the protocol's 1200); the rest are test classes")
     train.add_argument("--checkpoint", default=None, help="checkpoint path (written atomically)")
     train.add_argument("--checkpoint-every", type=count(1), default=1000)
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
@@ -67,7 +70,7 @@ def settings_from_args(args: argparse.Namespace) -> experiment.TrainSettings:
         task=args.task, algo=args.algo, mode=args.mode, iterations=args.iterations, meta_batch=args.meta_batch,
         inner_steps=args.inner_steps, inner_lr=args.inner_lr, outer_lr=args.outer_lr, ways=args.ways,
         shots=args.shots, query=args.query, test_tasks=args.test_tasks, eval_every=args.eval_every,
-        eval_steps=tuple(args.eval_steps), seed=args.seed,
+        eval_steps=None if args.eval_steps is None else tuple(args.eval_steps), seed=args.seed,
         data_root=args.data_root, omniglot_train_classes=args.omniglot_train_classes, checkpoint=args.checkpoint,
         checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite, metrics=args.metrics, threads=args.threads,
         progress=not args.no_progress, backend=args.backend, timeout=args.timeout,
@@ -109,7 +112,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
     except (OSError, PeerFailure, DistributedError) as error:  # a full disk, a dead or hung rank: one line
         parser.exit(2, f"diffopt train: error: {error}\n")
     if summary is not None:
-        print(json.dumps(summary, indent=2, default=float))
+        # standard JSON: a diverged test task's inf / nan mean and interval print as null (not Infinity / NaN)
+        print(json.dumps(_standard_json(summary), indent=2, allow_nan=False))
     return 0
 
 

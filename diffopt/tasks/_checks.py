@@ -32,14 +32,22 @@ def derive_seed(*parts: int) -> int:
 
 
 def mean_ci95(values: Tensor | Sequence[float]) -> tuple[float, float]:
-    """Mean and 95% confidence half-width ``1.96·sd/√n`` over tasks, as MAML's official evaluation.
+    r"""Mean and 95% confidence half-width :math:`t_{0.975,\,n-1}\cdot s/\sqrt n` over ``n`` tasks.
 
-    ``sd`` is the population standard deviation (``np.std``, ddof 0), as in the
-    official code; MAML reports 600 test tasks. Returns ``(mean, half_width)``.
+    ``s`` is the sample standard deviation (``ddof=1``, as the diagnostics' intervals) and
+    :math:`t_{0.975,\,n-1}` Student's t quantile (``scipy.stats.t.ppf(0.975, n - 1)``): the
+    exact interval for normally distributed per-task values, which covers the mean 95% of the
+    time at any ``n`` (``1.96·sd/√n`` with the population sd, MAML's official evaluation, covered
+    it 60% of the time at ``n = 2`` and 91% at ``n = 10``). At MAML's 600 test tasks the two agree
+    within 0.3%. One value gives no interval: the half-width is ``nan``. Returns
+    ``(mean, half_width)``.
     """
     t = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
-    if t.numel() == 0:
+    n = t.numel()
+    if n == 0:
         raise ValueError("values is empty: pass one number per evaluated task")
     mean = float(t.mean())
-    sd = float(t.std(correction=0)) if t.numel() > 1 else 0.0
-    return mean, 1.96 * sd / math.sqrt(t.numel())
+    if n == 1:
+        return mean, math.nan
+    import scipy.stats  # here, not at import: ``import diffopt`` does not load scipy.stats
+    return mean, float(scipy.stats.t.ppf(0.975, n - 1)) * float(t.std(correction=1)) / math.sqrt(n)

@@ -8,7 +8,8 @@ which the first ``K`` are the support (training) points and the rest the query
 
 Evaluation (official code): 600 test tasks, ``K`` query points per task,
 mean squared error after each of up to 10 gradient steps, 95% confidence
-interval ``1.96·sd/√600`` (:func:`diffopt.tasks.mean_ci95`). Use
+interval ``t·sd/√600`` (Student's t, sample sd; within 0.3% of the official
+``1.96·sd/√600``; :func:`diffopt.tasks.mean_ci95`). Use
 :meth:`SinusoidTasks.test_set` for that fixed set and :meth:`SinusoidBatch.grid`
 for dense curves to plot.
 

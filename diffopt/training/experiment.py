@@ -33,6 +33,7 @@ TASKS = tuple(PROTOCOL_DEFAULTS)
 OMNIGLOT_NEEDS_ROOT = "--task omniglot needs --data-root (the folder with images_background/ and images_evaluation/)"
 METRIC_ALGORITHMS = ("protonet", "matching", "siamese")  # learners that need an embedding, not a classifier head
 BACKENDS = ("auto", "gloo", "nccl", "mpi", "ucc")  # torch.distributed's; auto: nccl with CUDA, else gloo
+DEFAULT_WAYS, DEFAULT_EVAL_STEPS, DEFAULT_OMNIGLOT_TRAIN_CLASSES = 5, (0, 1, 5, 10), 1200  # for settings left None
 UNTRAINABLE_MODES = {  # engine modes 'diffopt train' cannot meta-train the initialisation in, and why
     "implicit": "implicit differentiation needs a proximal term to give the initialisation a meta-gradient; "
                 "train iMAML with --algo imaml",
@@ -48,7 +49,10 @@ class TrainSettings:
     """A ``diffopt train`` run. ``None`` means the task family's protocol default
     (:data:`PROTOCOL_DEFAULTS`: meta-batch, shots, query, inner learning rate; the outer
     learning rate is 1.0 for Reptile's ε, 1e-3 for Adam otherwise; 5 inner steps for MAML++, 1
-    for the others).
+    for the others; 5 ways for the classification families; test-time steps 0, 1, 5 and 10; 1200
+    Omniglot training characters). A setting the run would ignore is refused by :meth:`validate`
+    (``ways`` on sinusoid, ``data_root`` or ``omniglot_train_classes`` off Omniglot, ``eval_steps``,
+    ``inner_lr`` or ``inner_steps`` for the metric learners); :meth:`with_defaults` fills the rest.
 
     ``overwrite`` allows a run without ``resume`` to replace an existing checkpoint
     and metrics file; without it such a run is refused."""
@@ -61,15 +65,15 @@ class TrainSettings:
     inner_steps: int | None = None
     inner_lr: float | None = None
     outer_lr: float | None = None
-    ways: int = 5
+    ways: int | None = None
     shots: int | None = None
     query: int | None = None
     test_tasks: int = 600
     eval_every: int = 0
-    eval_steps: tuple[int, ...] = (0, 1, 5, 10)
+    eval_steps: tuple[int, ...] | None = None
     seed: int = 0
     data_root: str | None = None
-    omniglot_train_classes: int = 1200
+    omniglot_train_classes: int | None = None
     checkpoint: str | None = None
     checkpoint_every: int = 1000
     resume: bool = False
@@ -87,8 +91,7 @@ class TrainSettings:
                   "threads": 1}
         for name, minimum in counts.items():
             value = getattr(self, name)
-            if value is None and name not in ("iterations", "ways", "test_tasks", "eval_every",
-                                              "omniglot_train_classes", "checkpoint_every"):
+            if value is None and name not in ("iterations", "test_tasks", "eval_every", "checkpoint_every"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an integer >= {minimum}, got {value!r}")
@@ -98,8 +101,9 @@ class TrainSettings:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a finite number > 0, got {value!r}")
         if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
             raise ValueError(f"timeout (--timeout) must be a finite number of seconds > 0, got {self.timeout!r}")
-        steps = tuple(self.eval_steps)
-        if not steps or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in steps):
+        steps = None if self.eval_steps is None else tuple(self.eval_steps)
+        if steps is not None and (not steps or any(isinstance(k, bool) or not isinstance(k, int) or k < 0
+                                                   for k in steps)):
             raise ValueError(f"eval_steps (--eval-steps) must be one or more integers >= 0, got {list(steps)}")
         if self.resume and self.checkpoint is None:
             raise ValueError("--resume continues the run saved at --checkpoint; give --checkpoint PATH")
@@ -108,18 +112,39 @@ class TrainSettings:
         self._validate_for_algorithm()
 
     def _validate_for_algorithm(self) -> None:
-        """Refuse a flag the algorithm would ignore, and an engine mode it cannot be trained in here."""
+        """Refuse a flag the task or algorithm would ignore, and an engine mode it cannot be trained in here."""
+        if self.task != "omniglot":
+            for flag, value in (("--data-root", self.data_root), ("--omniglot-train-classes",
+                                                                  self.omniglot_train_classes)):
+                if value is not None:
+                    raise ValueError(f"{flag} applies only to --task omniglot (the Omniglot images and their class "
+                                     f"split); {self.task}'s tasks are generated")
+        if self.task == "sinusoid" and self.ways is not None:
+            raise ValueError("--ways does not apply to sinusoid, a regression task (one output, no classes)")
         if self.algo in METRIC_ALGORITHMS:
-            given = [flag for flag, value in (("--inner-lr", self.inner_lr), ("--inner-steps", self.inner_steps))
-                     if value is not None]
+            given = [flag for flag, value in (("--inner-lr", self.inner_lr), ("--inner-steps", self.inner_steps),
+                                              ("--eval-steps", self.eval_steps)) if value is not None]
             if given:
-                raise ValueError(f"{' and '.join(given)} do not apply to {self.algo}, which has no inner loop")
+                raise ValueError(f"{' and '.join(given)} do not apply to {self.algo}, which has no inner loop "
+                                 "(it is evaluated once, with no test-time steps)")
         elif self.algo not in recipes.INNER_LR_ALGORITHMS and self.inner_lr is not None:
             raise ValueError(f"--inner-lr does not apply to {self.algo}: its per-parameter inner rates start uniform "
                              "in (0.005, 0.1) and are meta-learned")
         why = UNTRAINABLE_MODES.get(self.mode or "")
         if why is not None:
             raise ValueError(f"--mode {self.mode}: {why}")
+
+
+    def with_defaults(self) -> TrainSettings:
+        """These settings with ``ways``, ``eval_steps`` and ``omniglot_train_classes`` left ``None`` set to
+        their defaults (5 ways for classification; steps 0, 1, 5, 10; 1200 Omniglot training characters)."""
+        return dataclasses.replace(
+            self,
+            ways=self.ways if self.ways is not None or self.task == "sinusoid" else DEFAULT_WAYS,
+            eval_steps=tuple(self.eval_steps) if self.eval_steps is not None else DEFAULT_EVAL_STEPS,
+            omniglot_train_classes=(self.omniglot_train_classes if self.omniglot_train_classes is not None
+                                    or self.task != "omniglot" else DEFAULT_OMNIGLOT_TRAIN_CLASSES),
+        )
 
 
 def set_epoch(learner: Any, iteration: int) -> None:
@@ -132,6 +157,7 @@ def build(settings: TrainSettings) -> tuple[Any, Any, dict[str, Any]]:
     if settings.task not in PROTOCOL_DEFAULTS:
         raise ValueError(f"task={settings.task!r}: choose one of {', '.join(PROTOCOL_DEFAULTS)}")
     settings.validate()
+    settings = settings.with_defaults()
     meta_batch, shots, query, inner_lr = PROTOCOL_DEFAULTS[settings.task]
     meta_batch = settings.meta_batch or meta_batch
     shots = settings.shots if settings.shots is not None else shots
@@ -163,6 +189,14 @@ def build(settings: TrainSettings) -> tuple[Any, Any, dict[str, Any]]:
                 )
             splits = omniglot_splits(characters, seed=settings.seed, num_train=settings.omniglot_train_classes)
             train, test = splits.train, splits.test
+            for name, split, fix in (("training", train, "raise"), ("test", test, "lower")):
+                if split.num_classes < settings.ways:
+                    raise ValueError(
+                        f"--ways {settings.ways}: the Omniglot {name} split has only {split.num_classes} classes "
+                        f"({split.num_groups} character(s) × their rotations) with --omniglot-train-classes "
+                        f"{settings.omniglot_train_classes} of the folder's {characters.num_groups} characters; "
+                        f"{fix} --omniglot-train-classes or lower --ways"
+                    )
         source = EpisodeSource(train, test, meta_batch=meta_batch, ways=settings.ways, shots=shots, query=query,
                                test_tasks=settings.test_tasks, name=settings.task)
         classification = True
@@ -233,7 +267,7 @@ def _train(settings: TrainSettings, context: Any) -> dict[str, Any] | None:
     optimizer = (torch.optim.SGD(learner.parameters(), lr=outer_lr) if settings.algo == "reptile"
                  else outer_adam(learner.parameters(), lr=outer_lr))
     trainer = Trainer(learner, source, optimizer, iterations=settings.iterations, seed=settings.seed,
-                      eval_every=settings.eval_every, eval_steps=tuple(settings.eval_steps),
+                      eval_every=settings.eval_every, eval_steps=settings.with_defaults().eval_steps,
                       checkpoint=settings.checkpoint,
                       checkpoint_every=settings.checkpoint_every, resume=settings.resume, metrics=settings.metrics,
                       progress=settings.progress, config=config, distributed=context,
@@ -255,12 +289,12 @@ def settings_from_checkpoint(config: dict[str, Any], tasks: int, data_root: str 
     source, learner, algo = config["tasks"], config.get("learner", {}), config["algo"]
     return TrainSettings(
         task=source["task"], algo=algo, meta_batch=source.get("meta_batch"), shots=source.get("shots"),
-        query=source.get("query"), ways=source.get("ways", 5), test_tasks=tasks, seed=config.get("seed", 0),
+        query=source.get("query"), ways=source.get("ways"), test_tasks=tasks, seed=config.get("seed", 0),
         inner_lr=config.get("inner_lr") if algo in recipes.INNER_LR_ALGORITHMS else None,
         inner_steps=None if algo in METRIC_ALGORITHMS else learner.get("inner_steps", 1),
         mode=learner.get("mode") if algo in recipes.MODE_ALGORITHMS else None,
         data_root=data_root, outer_lr=config.get("outer_lr", 1e-3),
-        omniglot_train_classes=config.get("omniglot_train_classes", 1200),
+        omniglot_train_classes=config.get("omniglot_train_classes"),
     )
 
 

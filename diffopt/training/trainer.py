@@ -474,9 +474,11 @@ def evaluate(learner: MetaLearner, batches: Iterable[Batch], steps: Sequence[int
 
     Test-time fine-tuning that diverges on a test task is a result, not a crash: that batch
     is evaluated again without the inner loop's non-finite checks, the task's loss counts as
-    ``inf`` from the step where it diverged (so the mean is ``inf``), the step's summary
-    gets ``"diverged"``: the number of such tasks, and a :class:`RuntimeWarning` repeats the
-    inner loop's error (which step, which task). Training's own divergence still raises.
+    ``inf`` from the step where it diverged (so the mean is ``inf``) and its other metrics
+    (accuracy, computed from non-finite predictions) as ``nan`` (so their mean is ``nan``),
+    the step's summary of every metric gets ``"diverged"``: the number of such tasks, and a
+    :class:`RuntimeWarning` repeats the inner loop's error (which step, which task).
+    Training's own divergence still raises.
     """
     per_task: dict[str, list[Tensor]] = {}
     stepwise = hasattr(learner, "evaluate_steps")
@@ -509,20 +511,24 @@ def _evaluate_steps(learner: MetaLearner, batch: Batch, steps: Sequence[int]) ->
             values = learner.evaluate_steps(*batch, steps)  # type: ignore[attr-defined]
         finally:
             loop.check_finite = True
-    loss = values["loss"]
-    return {**values, "loss": torch.where(torch.isfinite(loss), loss, torch.inf)}
+    finite = torch.isfinite(values["loss"])
+    # a diverged task's other metrics (accuracy) were computed from non-finite predictions: NaN, counted
+    return {name: torch.where(finite, value, torch.inf if name == "loss" else torch.nan)
+            for name, value in values.items()}
 
 
 def summary_text(entry: dict[str, float]) -> str:
-    """One :func:`evaluate` summary as text: ``"0.596 ± 0.057"``, or ``"inf (3 of 600 tasks diverged)"``."""
+    """One :func:`evaluate` summary as text: ``"0.596 ± 0.057"``, or ``"inf (3 of 600 tasks diverged)"``
+    (``"nan (…)"`` for an accuracy)."""
     if entry.get("diverged"):
-        return f"inf ({entry['diverged']} of {entry['tasks']} tasks diverged)"
+        return f"{entry['mean']} ({entry['diverged']} of {entry['tasks']} tasks diverged)"
     return f"{entry['mean']:.3f} ± {entry['ci95']:.3f}"
 
 
 def _summary(values: Tensor) -> dict[str, float]:
     diverged = int((~torch.isfinite(values)).sum())
-    if diverged:  # the mean is inf: no interval to give
-        return {"mean": math.inf, "ci95": math.nan, "tasks": int(values.numel()), "diverged": diverged}
+    if diverged:  # the mean is inf (a loss) or nan (another metric): no interval to give
+        mean = math.inf if bool((values == math.inf).any()) and not bool(values.isnan().any()) else math.nan
+        return {"mean": mean, "ci95": math.nan, "tasks": int(values.numel()), "diverged": diverged}
     mean, half = mean_ci95(values)
     return {"mean": mean, "ci95": half, "tasks": int(values.numel())}
