@@ -22,7 +22,7 @@ on 10-way 30-shot episodes of ``synthetic_vectors`` (8 dimensions, 4 informative
 overlapping classes: 300 examples it cannot fit exactly), baselines re-tuned on
 that family's training classes; the learned rules are used as trained.
 
-Reported: mean ± 95% CI (1.96·sd/√n over tasks, pooled over evaluation seeds
+Reported: mean ± 95% CI (Student t over tasks, t₀.₉₇₅ · sample sd / √n, pooled over evaluation seeds
 and training seeds) of the training loss, the mean log₁₀ loss, and the paired
 mean log₁₀(L_rule / L_Adam) on the same tasks with its CI (< 0: better than
 tuned Adam). A diverged optimizee counts as loss = inf (then the mean is inf).

@@ -74,9 +74,9 @@ class MetaLearner(nn.Module):
         check_episode(support_x, support_y, query_x, query_y)
         with torch.no_grad():
             out = self.predict(support_x, support_y, query_x)
-        return self._metrics(out, query_y)
+        return self.query_metrics(out, query_y)
 
-    def _metrics(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    def query_metrics(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """Per-task loss with the learner's ``loss_fn`` (the one it trains on; cross-entropy or MSE for a
         learner without one), and :func:`accuracy` for integer targets."""
         fn = getattr(self, "loss_fn", None) or (nn.functional.cross_entropy if is_classification(targets)

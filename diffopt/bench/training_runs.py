@@ -11,11 +11,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..algorithms._base import accuracy as batch_accuracy
-from ..algorithms._base import is_classification
 from ..tasks import mean_ci95
 from ..training import evaluate, iteration_generator
 from .baselines import BASELINE_BUILDERS, Batch
@@ -41,11 +38,8 @@ class _OneAdaptation:
         for k in steps:
             adapted = loop.adapt_without_graph(sx, sy, k)
             with torch.no_grad():
-                out = loop.predict(adapted, qx)
-                loss_fn = F.cross_entropy if is_classification(qy) else self.learner.loss_fn
-                rows.setdefault("loss", []).append(torch.stack([loss_fn(o, y) for o, y in zip(out, qy)]))
-                if is_classification(qy):
-                    rows.setdefault("accuracy", []).append(batch_accuracy(out, qy))
+                for name, value in self.learner.query_metrics(loop.predict(adapted, qx), qy).items():
+                    rows.setdefault(name, []).append(value)  # (the learner's loss_fn; accuracy for labels)
         result = {name: torch.stack(values) for name, values in rows.items()}
         for name, value in result.items():
             self.values.setdefault(name, []).append(value[-1].double())
