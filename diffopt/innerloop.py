@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -63,13 +64,26 @@ class _Layout:
                 self.flat.append(weakref.ref(module))
         self.buffer_slots = [(module._buffers, name) for module in model.modules()
                              for name, b in module._buffers.items() if b is not None]
+        #: where each buffer sits in a block's copy (``fmodel.bn.running_mean`` reads the block's)
+        self.buffer_index = {(id(d), name): k for k, (d, name) in enumerate(self.buffer_slots)}
+        #: each module's name prefix (``"0.1."``), for the views of submodules a method returns
+        self.prefixes = {id(m): f"{name}." if name else "" for name, m in model.named_modules(remove_duplicate=False)}
         #: modules with a gradient-checkpointing switch (transformers' layer stacks), read at every block
         self.checkpointing = [weakref.ref(m) for m in model.modules() if hasattr(m, "gradient_checkpointing")]
-        self.buffer_count = sum(1 for _ in model.buffers())
+        self.buffer_keys = buffer_keys(model)
 
-    def matches(self, named: Sequence[tuple[str, Tensor]], buffers: int) -> bool:
-        return (len(named) == len(self._tensors) and buffers == self.buffer_count
+    def matches(self, named: Sequence[tuple[str, Tensor]], buffers: list[tuple[int, str]]) -> bool:
+        """Whether the model still has these parameters and these buffer slots (a replaced module with
+        buffers and no parameters, such as BatchNorm1d(affine=False), has new ones)."""
+        return (len(named) == len(self._tensors) and buffers == self.buffer_keys
                 and all(n == m and p is r() for (n, p), m, r in zip(named, self.names, self._tensors)))
+
+
+def buffer_keys(model: nn.Module) -> list[tuple[int, str]]:
+    """Each buffer slot of ``model``: its module's buffer dictionary (by identity; a layout keeps the
+    dictionaries alive, so an identity is not reused) and its name."""
+    return [(id(module._buffers), name) for module in model.modules() for name, b in module._buffers.items()
+            if b is not None]
 
 
 _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
@@ -79,7 +93,7 @@ def _layout(model: nn.Module) -> tuple[_Layout, list[Tensor]]:
     """The model's kept layout (rebuilt if it no longer matches) and its parameters."""
     named = list(model.named_parameters())
     layout = _LAYOUTS.get(model)
-    if layout is None or not layout.matches(named, sum(1 for _ in model.buffers())):
+    if layout is None or not layout.matches(named, buffer_keys(model)):
         layout = _LAYOUTS[model] = _Layout(model)
     return layout, [p for _, p in named]
 
@@ -138,16 +152,20 @@ class _View:
             root, method = self._root, value
 
             def with_fast_weights(*args: Any, **kwargs: Any) -> Any:
-                return root._run(method, args, kwargs)
+                return root._run(lambda *a, **k: root._eager(method(*a, **k)), args, kwargs)
             return with_fast_weights
         return value
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in ("_root", "_module", "_prefix"):
             raise AttributeError(name)  # (copy and pickle probe before __init__ has run)
-        position = self._root._layout.index.get(self._prefix + name)
+        root = self._root
+        position = root._layout.index.get(self._prefix + name)
         if position is not None and name in self._module._parameters:
-            return self._root.fast_params[position]
+            return root.fast_params[position]
+        buffer = root._layout.buffer_index.get((id(self._module._buffers), name))
+        if buffer is not None:
+            return root._buffers[buffer]  # this block's statistics, not the model's
         return self._wrap(getattr(self._module, name), name)
 
     def __getitem__(self, key: Any) -> Any:
@@ -253,6 +271,21 @@ class PatchedModule(_View):
             saved.append((module, module.training))
             module.training = mode
         return saved
+
+    def _eager(self, value: Any) -> Any:
+        """A method's generator (``parameters()``, ``buffers()``, ``children()``, ``named_modules()``) read
+        while the fast weights are in place, its modules as views: run lazily, after the call, it would
+        give the model's own tensors, and its modules would run with the slow weights."""
+        if not isinstance(value, types.GeneratorType):
+            return value
+
+        def view(item: Any) -> Any:
+            if isinstance(item, nn.Module):
+                return _View(self, item, self._layout.prefixes.get(id(item), ""))
+            if isinstance(item, tuple):
+                return tuple(view(x) for x in item)
+            return item
+        return iter([view(item) for item in value])
 
     # -- higher's interface ---------------------------------------------------------------
     @property
@@ -402,8 +435,23 @@ class PatchedOptimizer:
         return getattr(self.optimizer, name)
 
 
+def _on(actual: torch.device, wanted: torch.device) -> bool:
+    """Whether a tensor on ``actual`` is on ``wanted``: ``'cuda'`` (no index) means the current CUDA device,
+    as ``tensor.to('cuda')`` does; ``'cpu:0'`` is the CPU."""
+    if actual.type != wanted.type:
+        return False
+    if wanted.index is None:
+        return actual.type != "cuda" or actual.index == torch.cuda.current_device()
+    return actual.type == "cpu" or actual.index == wanted.index
+
+
 def _same(a: Any, b: Any) -> bool:
-    """``a`` and ``b`` are the same setting: the same object, or equal plain values."""
+    """``a`` and ``b`` are the same setting: the same object, or equal plain values. A tensor that does not
+    require grad is compared by value (``b`` is a copy kept by :meth:`_Conversion.snapshot`): torch's
+    schedulers change a tensor lr in place, keeping the object."""
+    if isinstance(a, Tensor) and not a.requires_grad:
+        return (isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                and bool(torch.equal(a, b)))
     if a is b:
         return True
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
@@ -423,7 +471,14 @@ class _Conversion:
 
     @staticmethod
     def snapshot(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-        return [{k: (tuple(v) if isinstance(v, list) else v) for k, v in g.items()} for g in optimizer.param_groups]
+        def kept(value: Any, key: str) -> Any:
+            if key == "params":
+                return tuple(value)
+            if isinstance(value, (list, tuple)):
+                return tuple(kept(v, key) for v in value)
+            return value.clone() if isinstance(value, Tensor) and not value.requires_grad else value
+
+        return [{k: kept(v, k) for k, v in g.items()} for g in optimizer.param_groups]
 
     def still_valid(self, optimizer: torch.optim.Optimizer, options: dict[str, Any]) -> bool:
         if optimizer.state or len(optimizer.param_groups) != len(self.groups):
@@ -529,7 +584,7 @@ def innerloop(
         refuse_activation_checkpointing(model, "innerloop", "to save memory over the inner steps, "
                                         "diffopt.unroll.InnerLoop(mode='checkpointed') recomputes whole steps "
                                         "correctly")
-    if device is not None and any(p.device != torch.device(device) for p in params):
+    if device is not None and not all(_on(p.device, torch.device(device)) for p in params):
         where = sorted({str(p.device) for p in params})
         raise ValueError(f"innerloop(device={str(device)!r}): the model's parameters are on {', '.join(where)}; "
                          "fmodel runs the model itself (higher runs a copy moved there), so move the model first: "

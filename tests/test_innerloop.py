@@ -690,3 +690,63 @@ def test_a_non_finite_inner_loss_is_reported_when_the_block_ends():
         with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, dopt):
             dopt.step(mse(fmodel(bad), y_s))
             raise KeyError("the block's own error")
+
+
+def test_a_tensor_lr_changed_in_place_between_blocks_is_used():
+    """torch's schedulers change a tensor lr in place; the optimizer conversion kept across blocks had
+    compared it by identity and stepped with the old value (0.1 instead of 0.01)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.1, dtype=F64))
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 1, dtype=F64)
+    for lr in (0.1, 0.01):
+        opt.param_groups[0]["lr"].fill_(lr)
+        with diffopt.innerloop(model, opt, copy_initial_weights=False) as (fmodel, dopt):
+            grads = torch.autograd.grad(F.mse_loss(model(x), y), list(model.parameters()))
+            dopt.step(F.mse_loss(fmodel(x), y))
+            for new, old, g in zip(fmodel.parameters(), model.parameters(), grads):
+                assert torch.allclose(new, old - lr * g, rtol=0, atol=1e-15), lr
+
+
+def test_fmodel_submodule_buffers_and_generators_are_the_blocks():
+    """fmodel[1].running_mean, fmodel.buffers(), fmodel[2].parameters() and fmodel.children() had given the
+    model's own tensors and modules (a generator runs after the call has put them back): an L2 term over
+    fmodel[2].parameters() did not depend on the fast weights, and a loop over children() ran the slow
+    weights. They equal higher's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
+    x, y = torch.randn(6, 4, dtype=F64), torch.randn(6, 1, dtype=F64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with higher.innerloop_ctx(model, opt) as (hmodel, hopt), diffopt.innerloop(model, opt) as (fmodel, dopt):
+        for f, o in ((hmodel, hopt), (fmodel, dopt)):
+            o.step(F.mse_loss(f(x), y))
+        assert torch.equal(fmodel[1].running_mean, hmodel[1].running_mean)
+        assert fmodel[1].running_mean.abs().sum() > 0 and model[1].running_mean.abs().sum() == 0
+        assert [int(b) for b in fmodel.buffers() if b.dim() == 0] == [1]
+        assert all(a is b for a, b in zip(fmodel[2].parameters(), fmodel.fast_params[4:]))
+        h = x
+        for layer in fmodel.children():
+            h = layer(h)
+        assert torch.equal(h, fmodel(x))
+        penalty = sum(p.pow(2).sum() for p in fmodel[2].parameters())
+        assert torch.autograd.grad(penalty, fmodel.fast_params[4])[0].abs().sum() > 0
+
+
+def test_a_replaced_module_with_buffers_only_gets_a_new_layout():
+    """Replacing BatchNorm1d(affine=False) (buffers, no parameters) had kept the cached layout: the next
+    block wrote the old module's statistics into the new one's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 1))
+    x, y = torch.randn(6, 4), torch.randn(6, 1)
+    for block in range(2):
+        with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, dopt):
+            dopt.step(F.mse_loss(fmodel(x), y))
+        if block == 0:
+            model[1] = nn.BatchNorm1d(4, affine=False)
+    assert model[1].running_mean.abs().sum() == 0 and int(model[1].num_batches_tracked) == 0
+
+
+def test_the_device_check_accepts_the_models_own_device_however_it_is_named():
+    model = nn.Linear(2, 1)
+    with diffopt.innerloop(model, torch.optim.SGD(model.parameters(), lr=0.1), device="cpu:0"):
+        pass
