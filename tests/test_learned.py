@@ -592,3 +592,64 @@ def test_rules_take_empty_parameters_as_torch_optim_does():
                         (L.meta_sgd([empty_vector, w], init=0.1), [empty_vector, w])):
         new, _ = opt.update(params, [torch.ones_like(p) for p in params], opt.initial_states(params), 0)
         assert new[0].shape == params[0].shape and torch.allclose(new[1], torch.full_like(w, 0.9))
+
+
+def test_hypergradient_dropin_with_a_missing_gradient_equals_the_functional_rule():
+    """The drop-in had skipped a tensor without a gradient, dropping the state the global-scope rule computed
+    for it (a zero gradient): its α went stale and split from the others', and the other tensor moved
+    differently (-1.30 against -1.15)."""
+    grads_a = [torch.tensor([1.0, 2.0], dtype=F64), None, torch.tensor([3.0, -1.0], dtype=F64),
+               torch.tensor([0.5, 0.5], dtype=F64), torch.tensor([1.0, 1.0], dtype=F64)]
+    grad_b = torch.tensor([1.0], dtype=F64)
+    functional = L.HypergradientSGD([torch.zeros(2, dtype=F64), torch.zeros(1, dtype=F64)], lr=0.1, hyper_lr=0.05)
+    for g in grads_a:
+        functional.step(grads=[g, grad_b])
+    a, b = torch.zeros(2, dtype=F64, requires_grad=True), torch.zeros(1, dtype=F64, requires_grad=True)
+    dropin = L.DropInOptimizer(L.HypergradientSGD([a, b], lr=0.1, hyper_lr=0.05))
+    for g in grads_a:
+        a.grad, b.grad = g, grad_b
+        dropin.step()
+    assert torch.equal(a.detach(), functional.params[0]) and torch.equal(b.detach(), functional.params[1])
+    assert [float(dropin.state[p]["lr"]) for p in (a, b)] == [float(s["lr"]) for s in functional.state]
+
+
+def test_global_hypergradient_descent_keeps_one_rate_per_group():
+    """∂f/∂α_g = −∇_g f · u_g: the dot product had summed over every group, so one group's rate moved by
+    another's gradients (α = [10.2, 10.11] instead of [0.2, 10.01])."""
+    a, b = torch.zeros(1, dtype=F64), torch.zeros(1, dtype=F64)
+    opt = L.HypergradientSGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.01}], hyper_lr=0.1)
+    for _ in range(2):
+        opt.step(grads=[torch.tensor([1.0], dtype=F64), torch.tensor([10.0], dtype=F64)])
+    assert [float(s["lr"]) for s in opt.state] == pytest.approx([0.1 + 0.1 * 1 * 1, 0.01 + 0.1 * 10 * 10], abs=1e-15)
+
+
+def test_saving_keeps_every_setting_or_refuses(tmp_path):
+    """A saved rule keeps one value per option: groups that differ were saved with group 0's (a second
+    group's lr lost); a 0-dim tensor momentum of meta_sgd was dropped; LSTM's output_scale took NaN."""
+    w = [torch.zeros(2, dtype=F64), torch.zeros(2, dtype=F64)]
+    two = L.HypergradientSGD([{"params": [w[0]], "lr": 0.1}, {"params": [w[1]], "lr": 0.5}])
+    with pytest.raises(L.LearnedRuleError, match=r"group 1 sets lr=0.5, group 0 0.1.*one rule per group"):
+        L.save(two, tmp_path / "two.pt")
+    opt = L.meta_sgd([torch.ones(2, dtype=F64)], 0.1, momentum=torch.tensor(0.9, dtype=F64))
+    L.save(opt, tmp_path / "sgd.pt")
+    loaded = L.load_differentiable(tmp_path / "sgd.pt", [torch.ones(2, dtype=F64)])
+    def two_steps(rule) -> list[Tensor]:
+        current = list(rule.params)
+        for _ in range(2):
+            current = rule.step(grads=[torch.ones(2, dtype=F64)], params=current)
+        return current
+
+    assert torch.equal(two_steps(opt)[0], two_steps(loaded)[0])  # (0.71 each; the momentum had been lost: 0.8)
+    with pytest.raises(ValueError, match="output_scale contains NaN"):
+        L.LSTMOptimizer([torch.zeros(2, dtype=F64)], output_scale=float("nan"))
+
+
+def test_rules_built_for_real_tensors_refuse_complex_parameters():
+    """Four rules had crashed inside their maths on a complex parameter ('size of tensor a (3) must match',
+    'mat1 and mat2 shapes cannot be multiplied'); they refuse it where it is given, naming the fix."""
+    z = torch.zeros(3, dtype=torch.complex128)
+    for build in (lambda: L.HypergradientSGD([z]), lambda: L.HypergradientAdam([z]), lambda: L.MetaCurvature([z]),
+                  lambda: L.LSTMOptimizer([z])):
+        with pytest.raises(TypeError, match=r"params\[0\] is complex .*view_as_real"):
+            build()
+    assert L.meta_sgd([z.clone()], 0.1).params[0].dtype == torch.complex128  # elementwise rules take them

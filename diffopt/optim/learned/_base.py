@@ -55,9 +55,16 @@ class LearnedOptimizer(DifferentiableOptimizer):
 
     kind: ClassVar[str] = "learned"
     rule: LearnedRule
+    #: whether the rule runs on complex parameters (as ``view_as_real`` pairs); those whose state or network
+    #: is built for real tensors refuse them where they are given
+    supports_complex: ClassVar[bool] = True
 
     # -- construction ----------------------------------------------------------------
     def _check_hyper_shapes(self, group: Mapping[str, Any], param: Tensor, position: int, where: str) -> None:
+        if param.is_complex() and not self.supports_complex:
+            raise TypeError(f"{where}: params[{position}] is complex ({param.dtype}); {type(self).__name__} supports "
+                            "real parameters only: optimize torch.view_as_real(p) instead (MLPOptimizer and "
+                            "meta_sgd take complex parameters)")
         plain = {k: v for k, v in group.items() if k not in self.rule.structured}
         super()._check_hyper_shapes(plain, param, position, where)
         self.rule.check_param(group, param, position, where)

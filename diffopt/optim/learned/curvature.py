@@ -134,6 +134,7 @@ class MetaCurvature(LearnedOptimizer):
         max_factor: the largest factor side accepted (a clear error above it).
         weight_decay, maximize: as in SGD.
     """
+    supports_complex = False  # (its state or network is built for real tensors)
 
     rule_class = MetaCurvatureRule
     kind = "meta_curvature"

@@ -85,9 +85,9 @@ class DropInOptimizer(torch.optim.Optimizer):
         states = [self.state[p] if self.state.get(p) else None for p in self._params]
         new_params, new_states = self.functional.update([p.detach() for p in self._params], grads, states,
                                                         self.step_count)
-        for p, g, new, state in zip(self._params, grads, new_params, new_states):
-            if g is None:
-                continue
+        for p, g, new, state, old in zip(self._params, grads, new_params, new_states, states):
+            if g is None and state is old:  # no gradient, no step (torch.optim's rule); a rule that steps
+                continue                    # without one (hypergradient descent's global α) moved it: kept
             p.copy_(new)
             self.state[p] = state
         self.step_count += 1

@@ -16,7 +16,8 @@ with :math:`u_{-1} = 0` (the first step uses :math:`\alpha_0`), and
 The learning rate :math:`\alpha` is *state* of the rule (``state["lr"]``), so it
 is carried across steps (and across truncations in meta-training) and saved
 by ``state_dict``. ``scope="global"`` (the paper's) shares one α over all
-parameters — the dot product sums over every parameter; ``scope="tensor"``
+parameters of a parameter group — the dot product sums over the group (each group keeps its own
+α, from its own α₀ and β, as ``torch.optim`` keeps one lr per group); ``scope="tensor"``
 adapts one α per parameter tensor. On task-batched weights every task has its
 own α (the dot products never mix tasks). :math:`\alpha_0` (``lr``) and
 :math:`\beta` (``hyper_lr``) may be tensors and then receive meta-gradients.
@@ -106,8 +107,9 @@ class HypergradientAdamRule(HypergradientSGDRule):
 
 
 class _Hypergradient(LearnedOptimizer):
-    #: during :meth:`update`, the hypergradient summed over every tensor of the "global" groups
-    _shared_hypergradient: Tensor | None = None
+    supports_complex = False  # (its state is built for real tensors)
+    #: during :meth:`update`, per "global" group (by id), the hypergradient summed over its tensors
+    _shared_hypergradient: dict[int, Tensor] | None = None
 
     def update(
         self,
@@ -127,8 +129,9 @@ class _Hypergradient(LearnedOptimizer):
             for i in group["params"]:
                 if grads[i] is None:
                     grads[i] = torch.zeros_like(params[i])
-        # One α for all parameters of the "global" groups: sum the per-tensor dot products first.
-        total: Tensor | None = None
+        # One α per "global" group: ∂f/∂α_g = −∇_g f · u_g sums the group's own per-tensor dot products (a
+        # sum over every group would move one group's rate by another's gradients).
+        totals: dict[int, Tensor] = {}
         for group in global_groups:
             for position, i in enumerate(group["params"]):
                 if grads[i] is None or states[i] is None:
@@ -137,8 +140,8 @@ class _Hypergradient(LearnedOptimizer):
                     grads[i], states[i], self.tensor_hyperparameters(group, position, i, params[i], step)
                 )
                 if h is not None:
-                    total = h if total is None else total + h
-        self._shared_hypergradient = total
+                    totals[id(group)] = h if id(group) not in totals else totals[id(group)] + h
+        self._shared_hypergradient = totals
         try:
             return super().update(params, grads, states, step)
         finally:
@@ -150,7 +153,9 @@ class _Hypergradient(LearnedOptimizer):
     ) -> dict[str, Any]:
         hp = super().tensor_hyperparameters(group, position, index, param, step, shared)
         if group["scope"] == "global" and self._shared_hypergradient is not None:
-            hp["shared_hypergradient"] = self._shared_hypergradient
+            total = self._shared_hypergradient.get(id(group))
+            if total is not None:
+                hp["shared_hypergradient"] = total
         return hp
 
     def config(self) -> dict[str, Any]:
@@ -171,7 +176,7 @@ class HypergradientSGD(_Hypergradient):
         params: parameters or groups.
         lr: α₀ (a number or a tensor).
         hyper_lr: β, the learning rate of the learning rate.
-        scope: ``"global"`` (one α for all parameters, the paper's) or ``"tensor"``.
+        scope: ``"global"`` (one α for all parameters of a group, the paper's) or ``"tensor"``.
     """
 
     rule_class = HypergradientSGDRule

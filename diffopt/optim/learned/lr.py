@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .._hyper import PerParameter, Schedule
+from ...errors import LearnedRuleError
 from ..sgd import SGD
 
 __all__ = ["LearnedSGD", "meta_sgd", "per_layer_per_step"]
@@ -56,9 +57,18 @@ class LearnedSGD(SGD):
         return [t for t in self.lrs if t.requires_grad]
 
     def sgd_options(self) -> dict[str, Any]:
-        group = self.param_groups[0]
-        return {k: group[k] for k in ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
-                if not isinstance(group[k], Tensor)}
+        """The SGD options a saved rule keeps: numbers, and a 0-dim tensor's value (the saved rule's
+        constant); a tensor of more elements is refused, since the file holds one number per option."""
+        out = {}
+        for key in ("momentum", "dampening", "weight_decay", "nesterov", "maximize"):
+            value = self.param_groups[0][key]
+            if isinstance(value, Tensor):
+                if value.numel() != 1:
+                    raise LearnedRuleError(f"save: {key} is a tensor of shape {tuple(value.shape)}; a saved rule "
+                                           "keeps one number per SGD option: set a number (or a 0-dim tensor)")
+                value = float(value.detach())
+            out[key] = value
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         groups = self.param_groups

@@ -157,6 +157,7 @@ class LSTMRule(LearnedRule):
         if not isinstance(weights, tuple) or len(weights) < 5 or (len(weights) - 2) % 3:
             raise TypeError(f"{where}: weights must be the tuple LSTMRuleNet.weights(), got {type(weights).__name__}")
         check_range(group["preprocess"], "preprocess", where, low=0.0, low_inclusive=False)
+        check_range(group["output_scale"], "output_scale", where)  # (NaN or inf: NaN weights after one step)
         check_nonfinite_policy(group["nonfinite"], where)
 
 
@@ -171,6 +172,7 @@ class LSTMOptimizer(LearnedOptimizer):
         output_scale: s, the update is ``s · (wᵀh + b)`` (0.1 in the paper).
         nonfinite: ``"raise"`` or ``"skip"`` (see the module docstring).
     """
+    supports_complex = False  # (its state or network is built for real tensors)
 
     rule_class = LSTMRule
     kind = "lstm"

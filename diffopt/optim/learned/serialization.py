@@ -97,6 +97,25 @@ def live_tensors(optimizer: Any) -> dict[str, Tensor]:
     )
 
 
+def _one_setting_per_option(opt: Any) -> None:
+    """A saved rule holds one value per option (group 0's): refuse groups that set another, which a save
+    would drop silently (a second group's lr or output_scale). (A drop-in optimizer's ``state_dict`` keeps
+    every group's settings in its ``param_groups`` and is not refused.)"""
+    first = opt.param_groups[0]
+    for k, group in enumerate(opt.param_groups[1:], 1):
+        for key, value in group.items():
+            other = first.get(key)
+            if key == "params" or value is other:
+                continue
+            same = (torch.equal(value, other) if isinstance(value, Tensor) and isinstance(other, Tensor)
+                    and value.shape == other.shape else not isinstance(value, Tensor) and value == other)
+            if not same:
+                raise LearnedRuleError(
+                    f"save: parameter group {k} sets {key}={value!r}, group 0 {other!r}; a saved rule keeps one "
+                    f"value per option, so the file would lose group {k}'s. Give every group the same settings, "
+                    "or save one rule per group")
+
+
 def export(optimizer: Any) -> SavedRule:
     """The learned rule of ``optimizer`` (a learned optimizer or a drop-in wrapping one) as a :class:`SavedRule`."""
     opt = _unwrap(optimizer)
@@ -127,7 +146,9 @@ def to_payload(optimizer: Any, metadata: dict[str, Any] | None = None) -> dict[s
 
 
 def save(optimizer: Any, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None) -> None:
-    """Write the learned rule of ``optimizer`` to ``path`` (atomically; see the module docstring)."""
+    """Write the learned rule of ``optimizer`` to ``path`` (atomically; see the module docstring). The file
+    keeps one value per option: parameter groups with different settings are refused."""
+    _one_setting_per_option(_unwrap(optimizer))
     atomic_save(path, to_payload(optimizer, metadata))
 
 
@@ -341,6 +362,7 @@ def transfer(optimizer: Any, params: Iterable[Any]) -> DifferentiableOptimizer:
         keys = ("preprocess", "output_scale") if isinstance(opt, LSTMOptimizer) else ("eps", "magnitude_scale")
         return type(opt)(params, opt.net, nonfinite=config["nonfinite"], maximize=config["maximize"],
                          **{k: config[k] for k in keys})
+    _one_setting_per_option(opt)
     return build(export(opt), params)
 
 
