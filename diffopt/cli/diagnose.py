@@ -33,7 +33,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "diagnose", help="information-theoretic diagnostics of a saved meta-learner's adaptation",
         description="Rebuild the learner and task source of a checkpoint written by 'diffopt train', draw "
-        "held-out test tasks and print the diagnostics of adaptation (mean and 95%% CI across tasks).")
+        "held-out test tasks and print the diagnostics of adaptation (mean and 95% CI across tasks).")
     p.add_argument("checkpoint", help="a checkpoint written by 'diffopt train --checkpoint PATH'")
     p.add_argument("--tasks", type=count(1), default=25, help="held-out test tasks to diagnose (default 25)")
     p.add_argument("--sigma", type=number(0), default=None,
