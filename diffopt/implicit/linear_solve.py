@@ -241,12 +241,12 @@ def normal_conjugate_gradient(
     for done in range(1, iterations + 1):
         q = apply_a(p)
         curvature = task_dot(q, q)  # pᵀAᵀA p
-        usable = curvature != 0 if bar is None else (rr > bar) & (curvature != 0)
+        active = None if bar is None else rr > bar
+        usable = curvature != 0 if active is None else active & (curvature != 0)
         alpha = torch.where(usable, zz / torch.where(usable, curvature, torch.ones_like(curvature)),
                             torch.zeros_like(zz))
         w = [x + _scale(alpha, y) for x, y in zip(w, p)]
         r = [x - _scale(alpha, y) for x, y in zip(r, q)]
-        active = None if bar is None else rr > bar
         rr = task_dot(r, r)
         if not batched and _true((rr.sqrt() / b_norm <= tol).all()):
             break
@@ -457,9 +457,9 @@ class _Solver:
                 "It met a direction of negative curvature (pᵀAp < 0): A is not positive definite, which CG needs "
                 "(a Hessian away from a minimum: few inner steps, a non-convex loss, a small proximal λ or "
                 "damping), so its iterates are unreliable and more iterations may not converge. Use "
-                "solver='minres' (symmetric A, indefinite "
-                "allowed; its residual only falls), add damping or a larger proximal λ above the most negative "
-                "eigenvalue, or solve the inner problem closer to its minimum")
+                "solver='minres' (symmetric A, indefinite allowed; its residual only falls), add damping or a "
+                "larger proximal λ above the most negative eigenvalue, or solve the inner problem closer to its "
+                "minimum")
         return start + ("The implicit gradient is off by about as much: raise iterations, add damping, or choose "
                         "another solver (cg needs a positive definite A; minres a symmetric one; gmres, "
                         "normal_cg and dense take any)")

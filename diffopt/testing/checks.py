@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..optim import SGD, DifferentiableOptimizer
 from ..unroll import InnerLoop
-from ..unroll.carry import Carry
+from ..unroll.modes.implicit import inner_gradient_norms
 from .finite_differences import DirectionalCheck, best_agreement, random_direction
 
 OptimizerFactory = Callable[[list[Tensor]], DifferentiableOptimizer]
@@ -481,13 +481,7 @@ def _stationarity(loop: InnerLoop, data: Data, steps: int) -> list[float]:
     """Per task ``‖∇_φ G_t(φ)‖`` (G the inner objective with the proximal term) after ``steps`` inner steps."""
     x, y = data[0], data[1]
     carry = loop.run(loop.initial_carry(x.shape[0]), steps, x, y, "none")
-    leaves = {j: carry.params[j].detach().clone().requires_grad_() for j in loop.positions}
-    params = [leaves.get(j, p) for j, p in enumerate(carry.params)]
-    with torch.enable_grad():
-        losses, _ = loop.inner_objective(Carry(params, carry.states, carry.buffers, carry.step), x, y)
-        grads = torch.autograd.grad(losses.sum(), list(leaves.values()))  # tasks are independent
-    squares = sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads)
-    return [float(v) for v in squares.sqrt()]  # type: ignore[union-attr]
+    return inner_gradient_norms(loop, carry, x, y).tolist()
 
 
 def _judge_inner_convergence(report: Report, loop: InnerLoop, data: Data, steps: int, lr: float,
