@@ -78,9 +78,10 @@ def _norm(v: Sequence[Tensor]) -> Tensor:
                        torch.zeros_like(squared))
 
 
-def _safe_divide(a: Tensor, b: Tensor) -> Tensor:
-    """``a / b`` where ``b != 0``, else 0 (an exactly solved system stays put)."""
-    nonzero = b != 0
+def _safe_divide(a: Tensor, b: Tensor, active: Tensor | None = None) -> Tensor:
+    """``a / b`` where ``b != 0`` (and ``active``, the systems still iterating under ``vmap``), else 0: an
+    exactly solved system stays put, and no branch divides by 0 (whose derivatives would be 0/0)."""
+    nonzero = b != 0 if active is None else active & (b != 0)
     return torch.where(nonzero, a / torch.where(nonzero, b, torch.ones_like(b)), torch.zeros_like(a))
 
 
@@ -154,14 +155,8 @@ def _conjugate_gradient_iterations(apply_a: Operator, b: Vector, iterations: int
         ap = apply_a(p)
         curvature = task_dot(p, ap)
         negative = negative | (curvature < 0)  # read once at the end: no synchronisation here
-        if bar is None:
-            alpha = torch.where(curvature != 0, rs / torch.where(curvature != 0, curvature, torch.ones_like(curvature)),
-                                torch.zeros_like(rs))
-        else:
-            active = rs > bar  # (no square root: its forward-mode tangent at 0 is not finite)
-            usable = active & (curvature != 0)
-            alpha = torch.where(usable, rs / torch.where(usable, curvature, torch.ones_like(curvature)),
-                                torch.zeros_like(rs))
+        active = None if bar is None else rs > bar  # (no square root: its forward-mode tangent at 0 is not finite)
+        alpha = _safe_divide(rs, curvature, active)
         w = [x + _scale(alpha, y) for x, y in zip(w, p)]
         r = [x - _scale(alpha, y) for x, y in zip(r, ap)]
         rs_new = task_dot(r, r)
@@ -171,8 +166,7 @@ def _conjugate_gradient_iterations(apply_a: Operator, b: Vector, iterations: int
         if bar is None:
             beta = rs_new / torch.where(rs != 0, rs, torch.ones_like(rs))
         else:
-            usable = active & (rs != 0)
-            beta = torch.where(usable, rs_new / torch.where(usable, rs, torch.ones_like(rs)), torch.zeros_like(rs))
+            beta = _safe_divide(rs_new, rs, active)
         p = [x + _scale(beta, y) for x, y in zip(r, p)]
         rs = rs_new
     return w, done, b_norm, negative
@@ -242,9 +236,7 @@ def normal_conjugate_gradient(
         q = apply_a(p)
         curvature = task_dot(q, q)  # pᵀAᵀA p
         active = None if bar is None else rr > bar
-        usable = curvature != 0 if active is None else active & (curvature != 0)
-        alpha = torch.where(usable, zz / torch.where(usable, curvature, torch.ones_like(curvature)),
-                            torch.zeros_like(zz))
+        alpha = _safe_divide(zz, curvature, active)
         w = [x + _scale(alpha, y) for x, y in zip(w, p)]
         r = [x - _scale(alpha, y) for x, y in zip(r, q)]
         rr = task_dot(r, r)
@@ -252,8 +244,7 @@ def normal_conjugate_gradient(
             break
         z = apply_at(r)
         zz_new = task_dot(z, z)
-        usable = zz != 0 if active is None else active & (zz != 0)
-        beta = torch.where(usable, zz_new / torch.where(usable, zz, torch.ones_like(zz)), torch.zeros_like(zz))
+        beta = _safe_divide(zz_new, zz, active)
         p = [x + _scale(beta, y) for x, y in zip(z, p)]
         zz = zz_new
     return w, _info("normal_cg", done, _relative_residual(apply_a, w, b, b_norm), tol)
